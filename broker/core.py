@@ -1,0 +1,278 @@
+"""The broker's decisions: sessions, names, rooms, ``seq``, who may do what.
+
+Pure: state in, actions out. No sockets, no store, no clock of its own. The
+socket loop (``broker.server``) feeds it frames with the time, persists the
+events it publishes, and only then performs the actions in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from zchat import protocol as p
+from zchat.protocol import Envelope, ErrorCode, ProtocolError
+
+log = logging.getLogger("zchat.broker")
+
+#: How many (name, id) pairs of recent messages are remembered so that a
+#: resent message is acknowledged again instead of stored twice.
+DEDUP_WINDOW = 100_000
+#: ``rooms`` lists at most this many rooms.
+MAX_ROOMS_LISTED = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send ``env`` to one connection over ROUTER."""
+
+    identity: bytes
+    env: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Store ``env`` (a room event with a fresh ``seq``), then fan it out over PUB."""
+
+    room: str
+    env: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """Answer a ``history`` request from the store, once this batch is committed."""
+
+    identity: bytes
+    room: str
+    after: int
+    limit: int
+    request_id: str | None
+
+
+Action = Reply | Publish | HistoryQuery
+
+
+@dataclass(slots=True)
+class Session:
+    identity: bytes
+    name: str
+    sender: str
+    last_seen: int
+    rooms: set[str] = field(default_factory=set)
+
+
+def _ident(identity: bytes) -> str:
+    return identity.hex()
+
+
+class Core:
+    """All broker state and every rule of DESIGN.md's "Rules the broker enforces"."""
+
+    def __init__(
+        self,
+        *,
+        epoch: str,
+        heartbeat_ms: int,
+        room_seqs: dict[str, int] | None = None,
+        new_sender: Callable[[], str] = lambda: secrets.token_hex(8),
+    ) -> None:
+        self.epoch = epoch
+        self.heartbeat_ms = heartbeat_ms
+        self.expiry_ms = 3 * heartbeat_ms
+        self._new_sender = new_sender
+        #: room -> last seq given out (continues what the store holds).
+        self.seqs: dict[str, int] = dict(room_seqs or {})
+        self.by_identity: dict[bytes, Session] = {}
+        self.by_name: dict[str, Session] = {}
+        #: room -> name -> session, for membership checks, who and presence.
+        self.members: dict[str, dict[str, Session]] = {}
+        #: (name, id) -> the ack first given for that message.
+        self._acked: OrderedDict[tuple[str, str], Envelope] = OrderedDict()
+        self._handlers: dict[str, Callable[[Session, Envelope, int], list[Action]]] = {
+            "join": self._join,
+            "leave": self._leave,
+            "msg": self._msg,
+            "dm": self._dm,
+            "history": self._history,
+            "who": self._who,
+            "rooms": self._rooms,
+            "ping": self._ping,
+            "bye": self._bye,
+        }
+
+    # ------------------------------------------------------------------ input
+
+    def handle(self, identity: bytes, frame: bytes, now: int) -> list[Action]:
+        """One envelope frame from ``identity`` at time ``now`` (ms)."""
+        try:
+            env = p.decode_request(frame)
+        except ProtocolError as exc:
+            return self.reject(identity, exc)
+        kind: str = env["type"]
+        session = self.by_identity.get(identity)
+        if kind == "hello":
+            return self._hello(identity, session, env, now)
+        if session is None:
+            return self.reject(
+                identity,
+                ProtocolError(ErrorCode.NOT_REGISTERED, f"say hello before {kind!r}", env.get("id")),
+            )
+        session.last_seen = now
+        try:
+            return self._handlers[kind](session, env, now)
+        except ProtocolError as exc:
+            exc.request_id = env.get("id")
+            return self.reject(identity, exc)
+
+    def reject(self, identity: bytes, exc: ProtocolError) -> list[Action]:
+        """Answer bad input with a coded error; the one log line per rejected input."""
+        session = self.by_identity.get(identity)
+        who = session.name if session else "-"
+        log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
+        return [Reply(identity, exc.to_envelope())]
+
+    def expire(self, now: int) -> list[Action]:
+        """End the sessions that have been silent for 3 x heartbeat."""
+        deadline = now - self.expiry_ms
+        stale = [s for s in self.by_identity.values() if s.last_seen < deadline]
+        actions: list[Action] = []
+        for session in stale:
+            log.info("session expired: %s (%s)", session.name, _ident(session.identity))
+            actions.extend(self._end(session, now))
+        return actions
+
+    def room_seq(self, room: str) -> int:
+        return self.seqs.get(room, 0)
+
+    # ------------------------------------------------------------- helpers
+
+    def _next_seq(self, room: str) -> int:
+        seq = self.seqs.get(room, 0) + 1
+        self.seqs[room] = seq
+        return seq
+
+    def _presence(self, room: str, name: str, event: str, now: int) -> Publish:
+        return Publish(room, p.presence_event(room, self._next_seq(room), now, name, event))
+
+    def _end(self, session: Session, now: int) -> list[Action]:
+        del self.by_identity[session.identity]
+        del self.by_name[session.name]
+        actions: list[Action] = []
+        for room in sorted(session.rooms):
+            self._drop_member(room, session.name)
+            actions.append(self._presence(room, session.name, "leave", now))
+        return actions
+
+    def _drop_member(self, room: str, name: str) -> None:
+        members = self.members.get(room)
+        if members is not None:
+            members.pop(name, None)
+            if not members:
+                del self.members[room]
+
+    @staticmethod
+    def _reply(session: Session, env: Envelope, request: Envelope) -> Reply:
+        rid = request.get("id")
+        if rid is not None:
+            env["id"] = rid
+        return Reply(session.identity, env)
+
+    # ------------------------------------------------------------ requests
+
+    def _hello(self, identity: bytes, session: Session | None, env: Envelope, now: int) -> list[Action]:
+        name: str = env["name"]
+        rid = env.get("id")
+        if session is not None:
+            # A client that lost our welcome may say hello again: same answer.
+            if session.name != name:
+                return self.reject(
+                    identity,
+                    ProtocolError(ErrorCode.ALREADY_REGISTERED, f"this connection is already {session.name!r}", rid),
+                )
+            session.last_seen = now
+            return [Reply(identity, p.welcome(name, session.sender, self.epoch, self.heartbeat_ms, rid))]
+        if name in self.by_name:
+            return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
+        session = Session(identity, name, self._new_sender(), now)
+        self.by_identity[identity] = session
+        self.by_name[name] = session
+        log.info("session start: %s (%s) sender=%s", name, _ident(identity), session.sender)
+        return [Reply(identity, p.welcome(name, session.sender, self.epoch, self.heartbeat_ms, rid))]
+
+    def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        actions: list[Action] = []
+        if room not in session.rooms:
+            session.rooms.add(room)
+            self.members.setdefault(room, {})[session.name] = session
+            actions.append(self._presence(room, session.name, "join", now))
+        members = sorted(self.members[room])
+        actions.append(
+            self._reply(session, {"type": "joined", "room": room, "members": members, "seq": self.seqs[room]}, env)
+        )
+        return actions
+
+    def _leave(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        if room not in session.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"not in #{room}")
+        session.rooms.discard(room)
+        self._drop_member(room, session.name)
+        return [
+            self._presence(room, session.name, "leave", now),
+            self._reply(session, {"type": "left", "room": room}, env),
+        ]
+
+    def _msg(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        msg_id: str = env["id"]
+        if room not in session.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
+        key = (session.name, msg_id)
+        first = self._acked.get(key)
+        if first is not None:
+            # A resend of a message we already stored: acknowledge it again,
+            # with its original seq, and publish nothing.
+            return [Reply(session.identity, dict(first))]
+        seq = self._next_seq(room)
+        event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id)
+        ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
+        self._acked[key] = ack
+        if len(self._acked) > DEDUP_WINDOW:
+            self._acked.popitem(last=False)
+        return [Publish(room, event), Reply(session.identity, ack)]
+
+    def _dm(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        to: str = env["to"]
+        target = self.by_name.get(to)
+        if target is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
+        event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
+        # Private: ROUTER to the recipient only, never PUB, never the store.
+        return [Reply(target.identity, event), Reply(session.identity, {"type": "ack", "id": env["id"], "ts": now})]
+
+    def _history(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        return [HistoryQuery(session.identity, env["room"], env["after"], env["limit"], env.get("id"))]
+
+    def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        members = sorted(self.members.get(room, ()))
+        return [self._reply(session, {"type": "who", "room": room, "members": members}, env)]
+
+    def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        names: Iterable[str] = sorted(set(self.seqs) | set(self.members))
+        listed = [
+            {"room": room, "members": len(self.members.get(room, ())), "seq": self.seqs.get(room, 0)}
+            for room in list(names)[:MAX_ROOMS_LISTED]
+        ]
+        return [self._reply(session, {"type": "rooms", "rooms": listed}, env)]
+
+    def _ping(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        return [self._reply(session, {"type": "pong"}, env)]
+
+    def _bye(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        log.info("session end: %s (%s) said bye", session.name, _ident(session.identity))
+        return self._end(session, now)

@@ -1,0 +1,239 @@
+"""The broker's socket loop: receive, let the core decide, commit, then send.
+
+One thread owns every socket here. The loop holds no policy: what to answer is
+the core's business, what is durable is the store's. Its only rules are about
+order: everything read in one pass is committed in one transaction before any
+of it is acknowledged or published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from broker.core import Action, Core, HistoryQuery, Publish, Reply
+from broker.store import Durability, Store
+from zchat import protocol as p
+from zchat.protocol import ErrorCode, ProtocolError
+
+log = logging.getLogger("zchat.broker")
+
+#: Most messages read from ROUTER in one pass (one transaction).
+BATCH = 1024
+#: How often (at most) the loop wakes up with nothing to do, in ms.
+IDLE_WAKE_MS = 200
+#: Frames larger than this make libzmq drop the connection before we see them;
+#: smaller oversize frames reach the protocol and get a coded ``too_large``.
+SOCKET_MAX_MSG_BYTES = 1024 * 1024
+#: Per-subscriber queue on PUB: a subscriber this far behind loses live events
+#: (and recovers them with ``history``); the broker's memory stays bounded.
+PUB_SNDHWM = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 5555
+    pub_port: int = 5556
+    data_dir: Path | None = None
+    heartbeat_ms: int = 5000
+    durability: Durability = "full"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"tcp://{host}:{'*' if port == 0 else port}"
+
+
+class Broker:
+    """Binds on construction; :meth:`run` serves until :meth:`stop` is called.
+
+    ``stop`` is the one method that may be called from another thread (or a
+    signal handler): it only sets a flag the loop checks at least every
+    ``IDLE_WAKE_MS``.
+    """
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._stop = threading.Event()
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.pub = self.ctx.socket(zmq.PUB)
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.LINGER, 500)
+            sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MSG_BYTES)
+        # An unreachable peer raises instead of silently eating the reply.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
+        try:
+            self.router.bind(_endpoint(config.host, config.port))
+            self.pub.bind(_endpoint(config.host, config.pub_port))
+        except zmq.ZMQError:
+            self._close_sockets()
+            raise
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pub_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.port = int(self.endpoint.rsplit(":", 1)[1])
+        self.pub_port = int(self.pub_endpoint.rsplit(":", 1)[1])
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        self._monitors = {
+            self.router.get_monitor_socket(events): "client",
+            self.pub.get_monitor_socket(events): "subscriber",
+        }
+        self._peers: dict[tuple[str, int], str] = {}
+        self.core = Core(epoch=secrets.token_hex(8), heartbeat_ms=config.heartbeat_ms, room_seqs=store.room_seqs())
+        self._encode = p.Encoder()
+
+    # --------------------------------------------------------------- control
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._close_sockets()
+
+    # ------------------------------------------------------------------ loop
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        for mon in self._monitors:
+            poller.register(mon, zmq.POLLIN)
+        router = self.router
+        tick_every = max(50, self.config.heartbeat_ms // 4)
+        next_tick = now_ms() + tick_every
+        while not self._stop.is_set():
+            ready = dict(poller.poll(IDLE_WAKE_MS))
+            now = now_ms()
+            actions: list[Action] = []
+            if router in ready:
+                actions = self._drain(now)
+            for mon in self._monitors:
+                if mon in ready:
+                    self._log_connections(mon)
+            if now >= next_tick:
+                actions.extend(self.core.expire(now))
+                next_tick = now + tick_every
+            if actions:
+                self._perform(actions)
+
+    def _drain(self, now: int) -> list[Action]:
+        """Read every message that is ready (up to BATCH) and let the core decide."""
+        router = self.router
+        handle = self.core.handle
+        actions: list[Action] = []
+        for _ in range(BATCH):
+            try:
+                # Two recv() calls, not recv_multipart(): about twice as fast.
+                identity = router.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            frame = router.recv() if router.rcvmore else b""
+            if router.rcvmore:
+                while router.rcvmore:
+                    router.recv()
+                actions.extend(
+                    self.core.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
+                )
+                continue
+            actions.extend(handle(identity, frame, now))
+        return actions
+
+    def _perform(self, actions: list[Action]) -> None:
+        encode = self._encode
+        published: list[tuple[str, bytes]] = []
+        rows: list[tuple[str, int, int, bytes]] = []
+        for action in actions:
+            if isinstance(action, Publish):
+                body = encode(action.env)
+                published.append((action.room, body))
+                rows.append((action.room, action.env["seq"], action.env["ts"], body))
+        if rows:
+            # Raises StoreError: the broker stops rather than ack what it lost.
+            self.store.append(rows)
+        pub = self.pub
+        bodies = iter(published)
+        for action in actions:
+            if isinstance(action, Reply):
+                self._send(action.identity, encode(action.env))
+            elif isinstance(action, Publish):
+                room, body = next(bodies)
+                pub.send(p.room_topic(room), zmq.SNDMORE)
+                pub.send(body)
+            else:
+                self._answer_history(action)
+
+    def _answer_history(self, q: HistoryQuery) -> None:
+        bodies = self.store.history(q.room, q.after, q.limit)
+        size = 0
+        for i, body in enumerate(bodies):
+            size += len(body)
+            if size > p.MAX_HISTORY_BYTES:
+                # The client sees the last seq it got below the reply's seq and asks again.
+                bodies = bodies[: max(i, 1)]
+                break
+        self._send(q.identity, p.encode_history(q.room, bodies, self.core.room_seq(q.room), q.request_id))
+
+    def _send(self, identity: bytes, frame: bytes) -> None:
+        try:
+            self.router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)
+            self.router.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # Gone (EHOSTUNREACH) or not reading (EAGAIN): never block everyone
+            # else for one peer. Its requests are safe to resend.
+            log.info("reply to %s dropped: %s", identity.hex(), exc.strerror)
+
+    def _log_connections(self, mon: zmq.Socket[bytes]) -> None:
+        kind = self._monitors[mon]
+        while True:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fd = int(event["value"])
+            key = (kind, fd)
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._peers[key] = peer = _peer_name(fd)
+                log.info("%s connected from %s (fd %d)", kind, peer, fd)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                peer = self._peers.pop(key, "?")
+                log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
+
+    def _close_sockets(self) -> None:
+        for mon in getattr(self, "_monitors", {}):
+            mon.close(linger=0)
+        for sock in (self.router, self.pub):
+            if not sock.closed:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+                sock.close()
+        self.ctx.term()
+
+
+def _peer_name(fd: int) -> str:
+    """The remote address of a socket libzmq just accepted, for the log only."""
+    try:
+        # A duplicate of the descriptor, so closing ours leaves libzmq's open;
+        # socket() reads the address family from it (IPv4 or IPv6).
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            host, port = sock.getpeername()[:2]
+            return f"{host}:{port}"
+    except OSError:
+        return "?"

@@ -1,0 +1,173 @@
+"""``zchat``: the command-line client (pipe mode, one-shot ``--send``, interactive)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from client import render
+from client.commands import Commands
+from client.lib import BrokerUnreachable, Client, Event, RequestError
+from zchat import __version__
+from zchat import protocol as p
+from zchat.protocol import ProtocolError
+
+#: Pipe mode stops reading input while this many messages await their ack.
+SEND_WINDOW = 1000
+#: At end of input, wait at most this long for outstanding acks.
+ACK_WAIT_S = 10.0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise SystemExit(f"zchat: {name}={value!r} is not a number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zchat",
+        description="Chat through a zchat broker. With a terminal on stdin: interactive. "
+        "With a pipe: every input line is sent, every event is printed as one line.",
+        epilog="Lines starting with / are commands: /msg NAME TEXT, /join ROOM, /leave [ROOM], /who [ROOM], "
+        "/rooms, /help, /quit.",
+    )
+    parser.add_argument("--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . -")
+    parser.add_argument("--host", default=os.environ.get("ZCHAT_HOST", "127.0.0.1"), help="broker host (ZCHAT_HOST)")
+    parser.add_argument("--port", type=int, default=_env_int("ZCHAT_PORT", 5555), help="request port (ZCHAT_PORT)")
+    parser.add_argument(
+        "--pub-port", type=int, default=_env_int("ZCHAT_PUB_PORT", 5556), help="room event port (ZCHAT_PUB_PORT)"
+    )
+    parser.add_argument("--room", default="general", help="room to join first (default general)")
+    parser.add_argument(
+        "--backlog", type=int, default=50, help="show this many of the room's latest events first (default 50)"
+    )
+    parser.add_argument("--json", action="store_true", help="print each event as one JSON object per line")
+    parser.add_argument("--send", metavar="TEXT", help="send TEXT to the room, wait for its ack, exit")
+    parser.add_argument("--version", action="version", version=f"zchat {__version__}")
+    return parser
+
+
+class Printer:
+    """Writes events and notices; flushes per line so pipes see them at once."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def event(self, event: Event) -> None:
+        if event.type == "error":
+            self.err(f"{event.code}: {event.message}")
+            return
+        self.out(render.json_line(event) if self.as_json else render.text_line(event))
+
+    def out(self, line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    @staticmethod
+    def err(line: str) -> None:
+        sys.stderr.write(f"zchat: {line}\n")
+        sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    printer = Printer(args.json)
+    try:
+        room = p.parse_room(args.room)
+    except ProtocolError as exc:
+        printer.err(exc.message)
+        return 2
+    try:
+        client = Client(args.name, args.host, args.port, args.pub_port)
+    except RequestError as exc:
+        printer.err(exc.message)
+        return 2
+    try:
+        client.connect()
+    except BrokerUnreachable as exc:
+        printer.err(f"{exc} (is zchat-broker running there?)")
+        client.close()
+        return 1
+    except RequestError as exc:
+        if exc.code == "name_taken":
+            printer.err(f"the name {args.name!r} is already in use on {client.endpoint}; pick another with --name")
+        else:
+            printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
+        client.close()
+        return 1
+    try:
+        if args.send is not None:
+            return _send_once(client, room, args.send, printer)
+        client.join(room, backlog=0 if args.backlog < 0 else args.backlog)
+        if sys.stdin.isatty():
+            from client.interactive import run_interactive  # noqa: PLC0415  (prompt_toolkit only when needed)
+
+            return run_interactive(client, room, args.backlog)
+        return _run_pipe(client, room, args, printer)
+    except BrokerUnreachable as exc:
+        printer.err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
+    try:
+        client.join(room)
+        client.drain_events()
+        printer.event(client.send_wait(room, text))
+    except RequestError as exc:
+        printer.err(f"not sent: {exc.code}: {exc.message}")
+        return 1
+    return 0
+
+
+def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:
+    commands = Commands(client, room, printer.out, printer.err, as_json=args.json, backlog=max(0, args.backlog))
+    fd = sys.stdin.fileno()
+    pending = b""
+    reading = True
+    while reading:
+        for event in client.drain_events():
+            printer.event(event)
+        # Back-pressure: stop reading input while too much is unacknowledged.
+        want = [fd] if client.unacked < SEND_WINDOW else []
+        if not client.pump(0.5, want):
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            reading = False
+            lines = [pending] if pending else []
+        else:
+            *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            if not commands.handle(raw.decode("utf-8", errors="replace")):
+                reading = False
+                break
+    return _finish(client, printer)
+
+
+def _finish(client: Client, printer: Printer) -> int:
+    """End of input: wait (bounded) for every ack, print what came, then exit."""
+    deadline = time.monotonic() + ACK_WAIT_S
+    while client.unacked and time.monotonic() < deadline:
+        client.pump(0.1)
+        for event in client.drain_events():
+            printer.event(event)
+    for event in client.drain_events():
+        printer.event(event)
+    if client.unacked:
+        printer.err(f"{client.unacked} message(s) not acknowledged within {ACK_WAIT_S:g} s")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

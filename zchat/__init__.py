@@ -1,0 +1,26 @@
+"""zchat: a multi-user chat over ZeroMQ.
+
+Bots import the client library from here::
+
+    from zchat import Client
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from client.lib import BrokerUnreachable, Client, Event, RequestError, ZchatError
+
+__all__ = ["BrokerUnreachable", "Client", "Event", "RequestError", "ZchatError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that the broker (which imports zchat.protocol) never loads the client.
+    if name in __all__:
+        from client import lib  # noqa: PLC0415
+
+        return getattr(lib, name)
+    raise AttributeError(name)

@@ -1,0 +1,410 @@
+"""zchat wire protocol, version 1: the only module that knows the envelope format.
+
+Pure by design: no zmq import, no I/O, no clock. Both the broker and the client
+import it, so a rule written here holds on both sides of the wire.
+
+Every function that reads bytes from the network raises :class:`ProtocolError`
+(and nothing else) on bad input; the error carries the coded reason that goes
+back to the sender. See ``docs/protocol.md`` for the messages themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any, Final, NoReturn
+
+import msgpack
+
+VERSION: Final = 1
+
+#: An encoded envelope may not be larger than this (bytes).
+MAX_FRAME_BYTES: Final = 64 * 1024
+#: A broker-to-client envelope (a ``history`` reply) may be up to this large.
+MAX_REPLY_BYTES: Final = 2 * 1024 * 1024
+#: A ``history`` reply stops adding events once their bodies pass this size.
+MAX_HISTORY_BYTES: Final = 1024 * 1024
+#: Longest chat text, in characters (code points).
+MAX_TEXT_CHARS: Final = 4000
+#: Longest request ``id``.
+MAX_ID_CHARS: Final = 64
+#: Most events one ``history`` reply carries; larger limits are clamped.
+MAX_HISTORY_LIMIT: Final = 500
+DEFAULT_HISTORY_LIMIT: Final = 100
+#: Lists and maps may nest this deep inside the envelope (the envelope is 1).
+MAX_DEPTH: Final = 4
+
+#: One envelope as it travels: a map with ``str`` keys and a ``type``.
+Envelope = dict[str, Any]
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+_ROOM_RE: Final = re.compile(r"[a-z0-9_-]{1,32}")
+_MAX_INT: Final = 2**63 - 1
+_MIN_INT: Final = -(2**63)
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an ``error`` envelope."""
+
+    BAD_ENVELOPE = "bad_envelope"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    BAD_NAME = "bad_name"
+    NAME_TAKEN = "name_taken"
+    NOT_REGISTERED = "not_registered"
+    ALREADY_REGISTERED = "already_registered"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_ROOM = "bad_room"
+    NOT_JOINED = "not_joined"
+    NO_SUCH_USER = "no_such_user"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+
+
+class ProtocolError(Exception):
+    """Input that breaks the protocol: always the peer's fault, never ours.
+
+    ``request_id`` is the ``id`` of the offending request when it could be read,
+    so the error reply can be matched to the request that caused it.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def to_envelope(self) -> Envelope:
+        return error(self.code, self.message, self.request_id)
+
+
+def _fail(code: ErrorCode, message: str) -> NoReturn:
+    raise ProtocolError(code, message)
+
+
+# --------------------------------------------------------------------------
+# names and rooms
+
+
+def is_name(value: object) -> bool:
+    return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
+
+
+def is_room(value: object) -> bool:
+    return isinstance(value, str) and _ROOM_RE.fullmatch(value) is not None
+
+
+def parse_room(text: str) -> str:
+    """A room as a person types it (``#General``) to its wire form (``general``).
+
+    Raises ``ProtocolError(bad_room)`` when no valid room results.
+    """
+    room = text.strip().removeprefix("#").lower()
+    if not is_room(room):
+        _fail(ErrorCode.BAD_ROOM, f"{text!r} is not a room: use 1-32 of a-z 0-9 _ -")
+    return room
+
+
+def room_topic(room: str) -> bytes:
+    """The PUB/SUB topic of a room: its name and one NUL, so a prefix match is exact."""
+    return room.encode() + b"\x00"
+
+
+def topic_room(topic: bytes) -> str:
+    if not topic.endswith(b"\x00"):
+        _fail(ErrorCode.BAD_ENVELOPE, "topic does not end in NUL")
+    try:
+        room = topic[:-1].decode()
+    except UnicodeDecodeError:
+        _fail(ErrorCode.BAD_ENVELOPE, "topic is not UTF-8")
+    if not is_room(room):
+        _fail(ErrorCode.BAD_ROOM, "topic is not a room")
+    return room
+
+
+# --------------------------------------------------------------------------
+# bytes <-> envelope
+
+
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
+    _fail(ErrorCode.BAD_ENVELOPE, f"msgpack ext type {code} is not allowed")
+
+
+def _check_value(value: object, depth: int) -> None:
+    """Only nil/bool/int/str/list/map, str keys, bounded depth (no bin, float, ext)."""
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        # msgpack decodes uint64 up to 2**64-1; keep to signed 64-bit for peers.
+        if not _MIN_INT <= value <= _MAX_INT:
+            _fail(ErrorCode.BAD_ENVELOPE, "integer out of the signed 64-bit range")
+        return
+    if depth >= MAX_DEPTH and isinstance(value, (list, dict)):
+        _fail(ErrorCode.BAD_ENVELOPE, f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, list):
+        for item in value:
+            _check_value(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                _fail(ErrorCode.BAD_ENVELOPE, "map keys must be strings")
+            _check_value(item, depth + 1)
+        return
+    _fail(ErrorCode.BAD_ENVELOPE, f"values of msgpack type {type(value).__name__} are not allowed")
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
+    """Bytes from the network to an envelope, with every generic check applied.
+
+    The result is a map with ``str`` keys and a ``str`` ``type``; what the type
+    requires is checked by :func:`validate_request` (broker side).
+    """
+    if len(frame) > max_bytes:
+        _fail(ErrorCode.TOO_LARGE, f"envelope of {len(frame)} bytes, the limit is {max_bytes}")
+    if not frame:
+        _fail(ErrorCode.BAD_ENVELOPE, "empty frame")
+    try:
+        env = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_refuse_ext,
+            timestamp=0,
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        # ValueError covers ExtraData, FormatError, StackError, bad UTF-8 and
+        # truncated input; the message says which.
+        raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"not a msgpack envelope ({exc})") from None
+    if not isinstance(env, dict):
+        _fail(ErrorCode.BAD_ENVELOPE, f"envelope is a msgpack {type(env).__name__}, not a map")
+    _check_value(env, 1)
+    kind = env.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.BAD_ENVELOPE, "missing or non-string 'type'", _read_id(env))
+    return env
+
+
+class Encoder:
+    """Packs envelopes with one reused ``msgpack.Packer`` (about 2x ``packb``).
+
+    Not thread-safe: each thread (broker loop, client) owns its own.
+    """
+
+    __slots__ = ("_pack",)
+
+    def __init__(self) -> None:
+        self._pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True, datetime=False).pack
+
+    def __call__(self, env: Mapping[str, Any]) -> bytes:
+        return self._pack(env)
+
+
+def encode(env: Mapping[str, Any]) -> bytes:
+    """Pack one envelope (for code that is not on a hot path)."""
+    data: bytes = msgpack.packb(env, use_bin_type=True)
+    return data
+
+
+# --------------------------------------------------------------------------
+# requests (client -> broker)
+
+
+def _read_id(env: Mapping[str, Any]) -> str | None:
+    rid = env.get("id")
+    if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS:
+        return rid
+    return None
+
+
+def _check_id(env: Envelope, required: bool) -> None:
+    rid = env.get("id")
+    if rid is None:
+        if required:
+            _fail(ErrorCode.BAD_ENVELOPE, "'id' is required")
+        return
+    if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_CHARS:
+        _fail(ErrorCode.BAD_ENVELOPE, f"'id' must be a string of 1-{MAX_ID_CHARS} characters")
+
+
+def _check_room(env: Envelope, key: str = "room") -> None:
+    room = env.get(key)
+    if not isinstance(room, str):
+        _fail(ErrorCode.BAD_ROOM, f"'{key}' must be a string")
+    if not is_room(room):
+        _fail(ErrorCode.BAD_ROOM, f"{room[:40]!r} is not a room: use 1-32 of a-z 0-9 _ -")
+
+
+def _check_name(env: Envelope, key: str) -> None:
+    name = env.get(key)
+    if not isinstance(name, str):
+        _fail(ErrorCode.BAD_NAME, f"'{key}' must be a string")
+    if not is_name(name):
+        _fail(
+            ErrorCode.BAD_NAME,
+            f"{name[:40]!r} is not a name: use 1-32 of A-Z a-z 0-9 _ . -, not starting with . or -",
+        )
+
+
+def check_text(text: object) -> str:
+    """A chat text: a non-empty ``str`` of at most :data:`MAX_TEXT_CHARS`."""
+    if not isinstance(text, str):
+        _fail(ErrorCode.BAD_ENVELOPE, "'text' must be a string")
+    if not text:
+        _fail(ErrorCode.BAD_ENVELOPE, "'text' is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        _fail(ErrorCode.TOO_LARGE, f"text of {len(text)} characters, the limit is {MAX_TEXT_CHARS}")
+    return text
+
+
+def _check_int(env: Envelope, key: str, default: int, low: int, high: int | None = None) -> None:
+    value = env.get(key, default)
+    # bool is an int subclass in Python but a distinct msgpack type.
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        _fail(ErrorCode.BAD_ENVELOPE, f"'{key}' must be an integer >= {low}")
+    env[key] = value if high is None else min(value, high)
+
+
+def _v_hello(env: Envelope) -> None:
+    v = env.get("v")
+    if not isinstance(v, int) or isinstance(v, bool):
+        _fail(ErrorCode.BAD_ENVELOPE, "'v' must be an integer")
+    if v != VERSION:
+        _fail(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {v} is not supported; this broker speaks {VERSION}")
+    _check_name(env, "name")
+
+
+def _v_room(env: Envelope) -> None:
+    _check_room(env)
+
+
+def _v_msg(env: Envelope) -> None:
+    _check_room(env)
+    check_text(env.get("text"))
+
+
+def _v_dm(env: Envelope) -> None:
+    _check_name(env, "to")
+    check_text(env.get("text"))
+
+
+def _v_history(env: Envelope) -> None:
+    _check_room(env)
+    _check_int(env, "after", 0, 0)
+    _check_int(env, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
+
+
+def _v_none(env: Envelope) -> None:
+    pass
+
+
+#: type -> (validator, is ``id`` required)
+_REQUESTS: Final[dict[str, tuple[Callable[[Envelope], None], bool]]] = {
+    "hello": (_v_hello, False),
+    "join": (_v_room, False),
+    "leave": (_v_room, False),
+    "msg": (_v_msg, True),
+    "dm": (_v_dm, True),
+    "history": (_v_history, False),
+    "who": (_v_room, False),
+    "rooms": (_v_none, False),
+    "ping": (_v_none, False),
+    "bye": (_v_none, False),
+}
+
+REQUEST_TYPES: Final = frozenset(_REQUESTS)
+
+
+def validate_request(env: Envelope) -> Envelope:
+    """Check a decoded envelope against its request type; fills defaults in place.
+
+    Keys a request does not define are ignored (``from`` and ``sender`` among
+    them: the broker writes those).
+    """
+    kind = env["type"]
+    spec = _REQUESTS.get(kind)
+    try:
+        if spec is None:
+            _fail(ErrorCode.UNKNOWN_TYPE, f"unknown request type {kind[:40]!r}")
+        check, id_required = spec
+        _check_id(env, id_required)
+        check(env)
+    except ProtocolError as exc:
+        exc.request_id = _read_id(env)
+        raise
+    return env
+
+
+def decode_request(frame: bytes) -> Envelope:
+    """Bytes from a client to a valid request envelope, or ``ProtocolError``."""
+    return validate_request(decode(frame))
+
+
+# --------------------------------------------------------------------------
+# envelope builders (one place for every message shape)
+
+
+def _with_id(env: Envelope, request_id: str | None) -> Envelope:
+    if request_id is not None:
+        env["id"] = request_id
+    return env
+
+
+def error(code: ErrorCode, message: str, request_id: str | None = None) -> Envelope:
+    return _with_id({"type": "error", "code": str(code), "message": message}, request_id)
+
+
+def hello(name: str, request_id: str | None = None) -> Envelope:
+    return _with_id({"type": "hello", "v": VERSION, "name": name}, request_id)
+
+
+def welcome(name: str, sender: str, epoch: str, heartbeat_ms: int, request_id: str | None) -> Envelope:
+    return _with_id(
+        {"type": "welcome", "v": VERSION, "name": name, "sender": sender, "epoch": epoch, "heartbeat_ms": heartbeat_ms},
+        request_id,
+    )
+
+
+def msg_event(room: str, seq: int, ts: int, name: str, sender: str, text: str, msg_id: str) -> Envelope:
+    return {
+        "type": "msg",
+        "room": room,
+        "seq": seq,
+        "ts": ts,
+        "from": name,
+        "sender": sender,
+        "text": text,
+        "id": msg_id,
+    }
+
+
+def presence_event(room: str, seq: int, ts: int, name: str, event: str) -> Envelope:
+    return {"type": "presence", "room": room, "seq": seq, "ts": ts, "name": name, "event": event}
+
+
+def dm_event(name: str, sender: str, to: str, text: str, ts: int, msg_id: str) -> Envelope:
+    return {"type": "dm", "from": name, "sender": sender, "to": to, "text": text, "ts": ts, "id": msg_id}
+
+
+def encode_history(room: str, bodies: list[bytes], seq: int, request_id: str | None) -> bytes:
+    """A ``history`` reply built around stored event bodies without re-packing them.
+
+    Each body is already one packed event map, so the reply is the map header,
+    the scalar fields, an array header and the bodies back to back.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    head: dict[str, Any] = {"type": "history", "room": room, "seq": seq}
+    if request_id is not None:
+        head["id"] = request_id
+    parts = [packer.pack_map_header(len(head) + 1)]
+    for key, value in head.items():
+        parts.append(packer.pack(key))
+        parts.append(packer.pack(value))
+    parts.append(packer.pack("messages"))
+    parts.append(packer.pack_array_header(len(bodies)))
+    parts.extend(bodies)
+    return b"".join(parts)
