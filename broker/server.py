@@ -169,6 +169,11 @@ class Broker:
             # Raises StoreError: the broker stops rather than ack what it lost.
             self.store.append(rows)
         pub = self.pub
+        if published:
+            # Make PUB take in the subscriptions that have arrived: libzmq applies
+            # them lazily, and a client that subscribed before joining must get
+            # what is published right after its join.
+            pub.getsockopt(zmq.EVENTS)
         bodies = iter(published)
         for action in actions:
             if isinstance(action, Reply):

@@ -36,6 +36,10 @@ from zchat.protocol import Envelope, ErrorCode, ProtocolError
 CONNECT_TIMEOUT_S = 5.0
 #: Longest wait for any other reply.
 REQUEST_TIMEOUT_S = 10.0
+#: Until a room's first event arrives on SUB, history is polled this often
+#: (growing linearly), at most PROBE_LIMIT times; see Client._probe_rooms.
+PROBE_INTERVAL_S = 0.25
+PROBE_LIMIT = 12
 
 
 class ZchatError(Exception):
@@ -137,6 +141,10 @@ class _Room:
     #: Live events waiting for the ones before them.
     pending: dict[int, Envelope] = field(default_factory=dict)
     fetching: bool = False
+    #: Whether the SUB stream has shown this room's events yet (subscription live).
+    confirmed: bool = False
+    probes: int = 0
+    next_probe: float = 0.0
 
 
 def endpoint(host: str, port: int) -> str:
@@ -270,6 +278,7 @@ class Client:
             self._forget_room(room)
             raise
         state.last = top
+        state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self._flush(room, state)
         return list(joined["members"])
 
@@ -346,6 +355,7 @@ class Client:
         returned, so a program can wait on the chat and its own input at once.
         """
         self._keepalive()
+        self._probe_rooms()
         # Never sleep past a heartbeat: we must wake up in time to ping.
         poll_ms = self.heartbeat_ms if timeout is None else min(self.heartbeat_ms, max(0, int(timeout * 1000)))
         for fd in fds:
@@ -374,6 +384,25 @@ class Client:
     def _keepalive(self) -> None:
         if self._connected and time.monotonic() - self._last_send >= self.heartbeat_ms / 1000:
             self._send({"type": "ping"})
+
+    def _probe_rooms(self) -> None:
+        """Cover the slow-joiner window of PUB/SUB for quiet rooms.
+
+        A subscription reaches the broker on another connection than our join,
+        so events published just after the join can miss us. A busy room shows
+        that as a gap at its next event; a quiet room would not show it at all.
+        So until the SUB stream has shown a room's event (normally our own
+        join, at once), ask history for anything after what we have.
+        """
+        now = time.monotonic()
+        for room, state in self._rooms.items():
+            if state.confirmed or state.fetching or state.last is None or now < state.next_probe:
+                continue
+            state.probes += 1
+            if state.probes >= PROBE_LIMIT:
+                state.confirmed = True
+            state.next_probe = now + PROBE_INTERVAL_S * (state.probes + 1)
+            self._fetch(room, state, state.last, p.MAX_HISTORY_LIMIT)
 
     @staticmethod
     def _check_text(text: str) -> None:
@@ -494,6 +523,7 @@ class Client:
             state = self._rooms.get(room)
             if state is None or not _is_event(env) or env.get("room") != room:
                 continue
+            state.confirmed = True
             seq: int = env["seq"]
             if state.last is None or seq > state.last:
                 state.pending[seq] = env
@@ -509,22 +539,16 @@ class Client:
             state.last += 1
             self._deliver(env)
         if state.pending and not state.fetching:
-            state.fetching = True
-            first_missing = state.last
-            upto = min(state.pending)
-            rid = self._new_id()
-            self._callbacks[rid] = lambda reply: self._on_gap_fill(room, reply, upto)
-            self._send(
-                {
-                    "type": "history",
-                    "room": room,
-                    "after": first_missing,
-                    "limit": min(upto - first_missing, p.MAX_HISTORY_LIMIT),
-                    "id": rid,
-                }
-            )
+            self._fetch(room, state, state.last, min(min(state.pending) - state.last, p.MAX_HISTORY_LIMIT))
 
-    def _on_gap_fill(self, room: str, reply: Envelope, upto: int) -> None:
+    def _fetch(self, room: str, state: _Room, after: int, limit: int) -> None:
+        """Ask history for events after ``after``; the reply goes through the room's pending set."""
+        state.fetching = True
+        rid = self._new_id()
+        self._callbacks[rid] = lambda reply: self._on_gap_fill(room, reply)
+        self._send({"type": "history", "room": room, "after": after, "limit": limit, "id": rid})
+
+    def _on_gap_fill(self, room: str, reply: Envelope) -> None:
         state = self._rooms.get(room)
         if state is None:
             return
@@ -535,9 +559,10 @@ class Client:
                 if _is_event(env) and state.last is not None and env["seq"] > state.last:
                     state.pending.setdefault(env["seq"], env)
                     got = True
-        if not got and state.pending and state.last is not None:
-            # The broker has nothing for the gap (it cannot, unless its store was
-            # lost): skip it rather than stall the room forever.
+        top = reply.get("seq")
+        if not got and state.pending and state.last is not None and isinstance(top, int) and top >= min(state.pending):
+            # The broker is past the gap yet has nothing for it (only if its
+            # store was lost): skip it rather than stall the room forever.
             state.last = min(state.pending) - 1
         self._flush(room, state)
 

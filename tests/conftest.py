@@ -1,0 +1,237 @@
+"""Shared fixtures: real brokers on 127.0.0.1 with ephemeral ports, real clients.
+
+No mocks of zmq. Every socket a test opens has linger 0 and every context is
+terminated; waits are for events with deadlines, never bare sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from broker.server import Broker, Config
+from broker.store import Store
+from client.lib import Client
+from zchat import protocol as p
+
+HOST = "127.0.0.1"
+READY_RE = re.compile(r"ready: requests on tcp://[^:]+:(\d+), room events on tcp://[^:]+:(\d+)")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@dataclass
+class RunningBroker:
+    """An in-process broker on its own thread (fast to start; same code as the real one)."""
+
+    data_dir: Path
+    heartbeat_ms: int = 5000
+    broker: Broker = field(init=False)
+    thread: threading.Thread = field(init=False)
+
+    def start(self) -> RunningBroker:
+        self.store = Store(self.data_dir, "normal")
+        self.broker = Broker(Config(host=HOST, port=0, pub_port=0, heartbeat_ms=self.heartbeat_ms), self.store)
+        self.thread = threading.Thread(target=self.broker.run, name="broker", daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    @property
+    def pub_port(self) -> int:
+        return self.broker.pub_port
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(timeout=5)
+        assert not self.thread.is_alive(), "broker thread did not stop"
+        self.store.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    running = RunningBroker(tmp_path / "data").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def short_heartbeat_broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    running = RunningBroker(tmp_path / "data", heartbeat_ms=200).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_client(broker: RunningBroker) -> Iterator[Callable[..., Client]]:
+    """Connected clients of the ``broker`` fixture, closed at the end of the test."""
+    made: list[Client] = []
+
+    def make(name: str, **kwargs: Any) -> Client:
+        client = Client(name, HOST, broker.port, broker.pub_port, **kwargs)
+        made.append(client)
+        client.connect()
+        return client
+
+    yield make
+    for client in made:
+        client.close(flush_timeout=0.2)
+
+
+class Raw:
+    """A bare DEALER (and optionally SUB) speaking the wire protocol by hand."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], port: int) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://{HOST}:{port}")
+
+    def send(self, env: dict[str, Any] | bytes) -> None:
+        self.sock.send(env if isinstance(env, bytes) else p.encode(env))
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise AssertionError(f"no reply within {timeout} s")
+        return p.decode(self.sock.recv(), p.MAX_REPLY_BYTES)
+
+    def request(self, env: dict[str, Any] | bytes, timeout: float = 5.0) -> dict[str, Any]:
+        self.send(env)
+        return self.recv(timeout)
+
+    def silent(self, timeout: float = 0.3) -> bool:
+        """True when nothing arrives within ``timeout`` (used sparingly: proving absence needs a wait)."""
+        return not self.sock.poll(int(timeout * 1000))
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def raw(ctx: zmq.Context[zmq.Socket[bytes]], broker: RunningBroker) -> Callable[[], Raw]:
+    return lambda: Raw(ctx, broker.port)
+
+
+@pytest.fixture
+def spy(ctx: zmq.Context[zmq.Socket[bytes]], broker: RunningBroker) -> Iterator[zmq.Socket[bytes]]:
+    """A SUB subscribed to every topic: what anyone on the network can see."""
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://{HOST}:{broker.pub_port}")
+    yield sub
+    sub.close()
+
+
+def recv_all(sock: zmq.Socket[bytes], quiet: float = 0.3, timeout: float = 5.0) -> list[list[bytes]]:
+    """Every multipart message until ``quiet`` seconds pass with none."""
+    out: list[list[bytes]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and sock.poll(int(quiet * 1000)):
+        out.append(sock.recv_multipart())
+    return out
+
+
+# ---------------------------------------------------------------- processes
+
+
+def bin_path(name: str) -> str:
+    """A console script of this install, next to the running interpreter."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+@dataclass
+class BrokerProcess:
+    """``zchat-broker`` as a real subprocess, for CLI and crash tests."""
+
+    data_dir: Path
+    extra: list[str] = field(default_factory=list)
+    port: int = 0
+    pub_port: int = 0
+    proc: subprocess.Popen[str] | None = None
+    log: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 10.0) -> BrokerProcess:
+        args = [
+            bin_path("zchat-broker"),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--pub-port",
+            str(self.pub_port),
+            "--data",
+            str(self.data_dir),
+            *self.extra,
+        ]
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                match = READY_RE.search(line)
+                if match:
+                    self.port, self.pub_port = int(match[1]), int(match[2])
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout):
+            self.kill()
+            raise AssertionError("broker did not start:\n" + "".join(self.log))
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=10)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "ZCHAT_HOST": HOST, "ZCHAT_PORT": str(self.port), "ZCHAT_PUB_PORT": str(self.pub_port)}
+
+
+@pytest.fixture
+def broker_proc(tmp_path: Path) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(tmp_path / "data").start()
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_broker_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="zchat.broker")

@@ -1,0 +1,187 @@
+"""End to end through a real broker with real client-library clients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from client.lib import Client, Event, RequestError
+from tests.conftest import RunningBroker, wait_for
+
+MakeClient = Callable[..., Client]
+
+
+def collect(client: Client, count: int, timeout: float = 5.0, kind: str | None = None) -> list[Event]:
+    """The next ``count`` events (of ``kind``, if given), or fail at the deadline."""
+    got: list[Event] = []
+
+    def enough() -> bool:
+        client.pump(0.05)
+        got.extend(e for e in client.drain_events() if kind is None or e.type == kind)
+        return len(got) >= count
+
+    wait_for(enough, timeout, interval=0)
+    return got
+
+
+def test_two_clients_talk_and_sender_sees_own_message_once(make_client: MakeClient) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.join("general")
+    bob.join("general")
+    alice.send("general", "hello bob")
+    [seen_by_bob] = collect(bob, 1, kind="msg")
+    assert (seen_by_bob.name, seen_by_bob.text, seen_by_bob.room) == ("alice", "hello bob", "general")
+    assert not seen_by_bob.own
+    # Alice sees hers exactly once (from the ack), never again from the SUB stream.
+    mine = collect(alice, 1, kind="msg")
+    assert mine[0].own and mine[0].text == "hello bob" and mine[0].seq == seen_by_bob.seq
+    bob.send_wait("general", "after")  # something later, so alice's stream has moved on
+    later = collect(alice, 1, kind="msg")
+    assert [e.text for e in later] == ["after"]
+
+
+def test_presence_and_who(make_client: MakeClient) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    assert alice.join("#Lobby") == ["alice"]
+    assert bob.join("lobby") == ["alice", "bob"]
+    [joined] = collect(alice, 1, kind="presence")
+    assert (joined.name, joined.event, joined.room) == ("bob", "join", "lobby")
+    assert alice.who("lobby") == ["alice", "bob"]
+    bob.leave("lobby")
+    [left] = collect(alice, 1, kind="presence")
+    assert (left.name, left.event) == ("bob", "leave")
+    assert alice.who("lobby") == ["alice"]
+    rooms = {r["room"]: r for r in alice.rooms()}
+    assert rooms["lobby"]["members"] == 1 and rooms["lobby"]["seq"] == joined.seq + 1
+
+
+def test_seq_is_contiguous_across_senders(make_client: MakeClient) -> None:
+    alice, bob, carol = make_client("alice"), make_client("bob"), make_client("carol")
+    for c in (alice, bob, carol):
+        c.join("room")
+    for i in range(50):
+        alice.send("room", f"a{i}")
+        bob.send("room", f"b{i}")
+    events = collect(carol, 100, kind="msg", timeout=10)
+    seqs = [e.seq for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + 100))
+    assert [e.text for e in events if e.name == "alice"] == [f"a{i}" for i in range(50)]
+    assert [e.text for e in events if e.name == "bob"] == [f"b{i}" for i in range(50)]
+
+
+def test_late_joiner_gets_backlog_once_in_order(make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    alice.join("general")
+    for i in range(30):
+        alice.send_wait("general", f"m{i}")
+    late = make_client("late")
+    late.join("general", backlog=10)
+    alice.send_wait("general", "live")
+    # seq 1 is alice's join, m0..m29 are 2..31, late's join is 32: the last
+    # ten events are m21..m29 and that join.
+    events = collect(late, 10, kind="msg")
+    assert [e.text for e in events] == [f"m{i}" for i in range(21, 30)] + ["live"]
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs))
+    assert all(e.backlog for e in events[:-1]) and not events[-1].backlog
+
+
+def test_backlog_larger_than_one_history_page(make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    alice.join("big")
+    for i in range(700):
+        alice.send("big", f"m{i}")
+    wait_for(lambda: alice.pump(0.05) is not None and alice.unacked == 0, timeout=20)
+    late = make_client("late")
+    late.join("big", backlog=1000)
+    events = [e for e in late.drain_events() if e.type == "msg"]
+    assert [e.text for e in events] == [f"m{i}" for i in range(700)]
+
+
+def test_dm_reaches_only_the_recipient(make_client: MakeClient) -> None:
+    alice, bob, eve = make_client("alice"), make_client("bob"), make_client("eve")
+    for c in (alice, bob, eve):
+        c.join("general")
+    ack = alice.dm_wait("bob", "psst")
+    assert ack.own and ack.to == "bob"
+    [dm] = collect(bob, 1, kind="dm")
+    assert (dm.name, dm.to, dm.text) == ("alice", "bob", "psst")
+    eve.send_wait("general", "marker")
+    collect(bob, 1, kind="msg")
+    assert not [e for e in eve.drain_events() if e.type == "dm"]
+
+
+def test_dm_to_nobody_is_refused(make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    with pytest.raises(RequestError) as err:
+        alice.dm_wait("ghost", "hello?")
+    assert err.value.code == "no_such_user"
+
+
+def test_name_taken_and_freed_by_bye(broker: RunningBroker, make_client: MakeClient) -> None:
+    make_client("alice").close()
+    # bye frees the name at once
+    again = make_client("alice")
+    with pytest.raises(RequestError) as err:
+        make_client("alice")
+    assert err.value.code == "name_taken"
+    assert again.who("general") == []
+
+
+def test_too_long_text_refused_locally_and_next_works(make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    alice.join("general")
+    with pytest.raises(RequestError) as err:
+        alice.send("general", "x" * 4001)
+    assert err.value.code == "too_large"
+    assert alice.send_wait("general", "x" * 4000).seq is not None
+
+
+def test_history_after_and_limit(make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    alice.join("h")  # seq 1 is the join
+    for i in range(5):
+        alice.send_wait("h", f"m{i}")
+    events, top = alice.history("h", after=2, limit=2)
+    assert top == 6
+    assert [(e.seq, e.text) for e in events] == [(3, "m1"), (4, "m2")]
+
+
+def test_expired_session_publishes_leave(short_heartbeat_broker: RunningBroker) -> None:
+    b = short_heartbeat_broker
+    watcher = Client("watcher", "127.0.0.1", b.port, b.pub_port)
+    silent = Client("silent", "127.0.0.1", b.port, b.pub_port)
+    try:
+        watcher.connect()
+        silent.connect()
+        watcher.join("general")
+        silent.join("general")
+        collect(watcher, 1, kind="presence")
+        # The silent client stops pumping (so it stops pinging); the watcher keeps going.
+        events = collect(watcher, 1, kind="presence", timeout=5)
+        assert (events[0].name, events[0].event) == ("silent", "leave")
+        assert watcher.who("general") == ["watcher"]
+    finally:
+        watcher.close(0.2)
+        silent.close(0.2)
+
+
+def test_gap_is_filled_from_history(make_client: MakeClient) -> None:
+    """Events lost on the SUB stream (here: dropped by hand) are fetched and shown in order."""
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.join("g")
+    bob.join("g")
+    collect(alice, 1, kind="presence")
+    bob.send_wait("g", "one")
+    collect(alice, 1, kind="msg")
+    # Simulate loss: unsubscribe alice's SUB, let two messages pass, resubscribe.
+    topic = b"g\x00"
+    alice._sub.unsubscribe(topic)
+    bob.send_wait("g", "two")
+    bob.send_wait("g", "three")
+    alice._sub.subscribe(topic)
+    wait_for(lambda: alice.pump(0.05) is not None and alice.who("g") == ["alice", "bob"])
+    bob.send_wait("g", "four")
+    events = collect(alice, 3, kind="msg")
+    assert [e.text for e in events] == ["two", "three", "four"]
