@@ -1,0 +1,259 @@
+"""The real ``zchat`` and ``zchat-broker`` commands, as subprocesses, in pipe mode."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HOST, BrokerProcess, bin_path
+from zchat import protocol as p
+
+
+class Chat:
+    """One ``zchat`` process in pipe mode, its output read line by line."""
+
+    def __init__(self, broker: BrokerProcess, name: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [bin_path("zchat"), "--name", name, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=broker.env(),
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.errors: list[str] = []
+        threading.Thread(target=self._read, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.errors.append), daemon=True).start()
+
+    @staticmethod
+    def _read(stream: Any, sink: Any) -> None:
+        for line in stream:
+            sink(line.rstrip("\n"))
+
+    def say(self, *lines: str) -> None:
+        assert self.proc.stdin is not None
+        for line in lines:
+            self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def close_input(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
+    def expect(self, predicate: Any, timeout: float = 10.0) -> list[str]:
+        """Lines read until one satisfies ``predicate`` (inclusive), or fail."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"expected line not seen; got {seen!r}, stderr {self.errors!r}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if predicate(line):
+                return seen
+
+    def expect_json(self, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        def match(line: str) -> bool:
+            data = json.loads(line)
+            return all(data.get(k) == v for k, v in fields.items())
+
+        return json.loads(self.expect(match, timeout)[-1])
+
+    def rest(self, timeout: float = 15.0) -> list[str]:
+        """Wait for exit; every line not read yet."""
+        self.proc.wait(timeout=timeout)
+        time.sleep(0)  # let reader threads finish the pipes
+        out = []
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                out.append(self.lines.get(timeout=0.1))
+            except queue.Empty:
+                if self.proc.stdout is None or self.proc.stdout.closed:
+                    break
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                with contextlib.suppress(BrokenPipeError):
+                    stream.close()
+
+
+@pytest.fixture
+def chats(broker_proc: BrokerProcess) -> Iterator[Any]:
+    started: list[Chat] = []
+
+    def start(name: str, *args: str) -> Chat:
+        chat = Chat(broker_proc, name, *args)
+        started.append(chat)
+        return chat
+
+    yield start
+    for chat in started:
+        chat.stop()
+
+
+def test_two_pipe_clients_talk_sender_sees_own_once(chats: Any) -> None:
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob", event="join")
+    alice = chats("alice", "--json")
+    bob.expect_json(type="presence", name="alice", event="join")
+    alice.say("hello bob")
+    got = bob.expect_json(type="msg", text="hello bob")
+    assert got["from"] == "alice" and got["room"] == "general" and isinstance(got["seq"], int)
+    assert set(got) >= {"type", "room", "seq", "ts", "from", "text"}
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 0
+    alice_lines = [json.loads(line) for line in alice.rest()]
+    own = [e for e in alice_lines if e.get("type") == "msg" and e.get("text") == "hello bob"]
+    assert len(own) == 1 and own[0]["from"] == "alice" and own[0]["seq"] == got["seq"]
+    bob.expect_json(type="presence", name="alice", event="leave")
+
+
+def test_text_mode_lines(chats: Any) -> None:
+    bob = chats("bob")
+    bob.expect(lambda line: "bob joined #general" in line)
+    alice = chats("alice")
+    alice.say("plain text")
+    line = bob.expect(lambda line: "plain text" in line)[-1]
+    assert "#general <alice> plain text" in line
+
+
+def test_dm_and_commands_in_pipe_mode(chats: Any) -> None:
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    alice = chats("alice", "--json")
+    bob.expect_json(type="presence", name="alice")
+    alice.say("/msg bob psst", "/join #side", "/who", "in side", "/leave side", "/quit", "never sent")
+    dm = bob.expect_json(type="dm")
+    assert (dm["from"], dm["to"], dm["text"]) == ("alice", "bob", "psst")
+    assert alice.proc.wait(timeout=15) == 0
+    out = [json.loads(line) for line in alice.rest()]
+    assert {"type": "who", "room": "side", "members": ["alice"]} in out
+    texts = [e.get("text") for e in out if e["type"] in ("msg", "dm")]
+    assert "psst" in texts and "in side" in texts and "never sent" not in texts
+    side = [e for e in out if e.get("text") == "in side"]
+    assert side[0]["room"] == "side"
+
+
+def test_over_long_line_is_refused_next_line_delivered(chats: Any) -> None:
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    alice = chats("alice", "--json")
+    alice.say("x" * (p.MAX_TEXT_CHARS + 1), "short one")
+    got = bob.expect_json(type="msg")
+    assert got["text"] == "short one"
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 0
+    alice.rest()
+    assert any("too_large" in e and str(p.MAX_TEXT_CHARS) in e for e in alice.errors), alice.errors
+
+
+def test_late_joiner_sees_backlog_once_in_order(chats: Any, broker_proc: BrokerProcess) -> None:
+    writer = chats("writer")
+    writer.say(*[f"m{i}" for i in range(20)])
+    writer.close_input()
+    assert writer.proc.wait(timeout=15) == 0
+    late = chats("late", "--json", "--backlog", "15")
+    late.close_input()
+    assert late.proc.wait(timeout=15) == 0
+    events = [json.loads(line) for line in late.rest()]
+    msgs = [e for e in events if e["type"] == "msg"]
+    seqs = [e["seq"] for e in events if e.get("room") == "general"]
+    assert seqs == sorted(set(seqs)), "each once, in seq order"
+    assert [m["text"] for m in msgs] == [f"m{i}" for i in range(7, 20)]
+
+
+def test_send_once(chats: Any, broker_proc: BrokerProcess) -> None:
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    result = subprocess.run(
+        [bin_path("zchat"), "--name", "carol", "--send", "one shot", "--json"],
+        env=broker_proc.env(),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["text"] == "one shot"
+    assert bob.expect_json(type="msg")["from"] == "carol"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_unreachable_broker_fails_fast_and_says_where(tmp_path: Path) -> None:
+    port = _free_port()
+    start = time.monotonic()
+    result = subprocess.run(
+        [bin_path("zchat"), "--name", "bob", "--host", HOST, "--port", str(port), "--pub-port", str(_free_port())],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - start < 10
+    assert f"tcp://{HOST}:{port}" in result.stderr
+
+
+def test_name_taken_and_bad_name(chats: Any, broker_proc: BrokerProcess) -> None:
+    bob = chats("bob")
+    bob.expect(lambda line: "joined" in line)
+    for name, needle in (("bob", "already in use"), ("-bad", "not a name")):
+        result = subprocess.run(
+            [bin_path("zchat"), f"--name={name}"],
+            input="",
+            env=broker_proc.env(),
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        assert result.returncode != 0
+        assert needle in result.stderr, result.stderr
+
+
+def test_broker_help_and_bad_port() -> None:
+    out = subprocess.run([bin_path("zchat-broker"), "--help"], capture_output=True, text=True, timeout=15, check=True)
+    for flag in ("--host", "--port", "--pub-port", "--data", "--log-level", "ZCHAT_DATA"):
+        assert flag in out.stdout
+    bad = subprocess.run(
+        [bin_path("zchat-broker"), "--port", "70000"], capture_output=True, text=True, timeout=15, check=False
+    )
+    assert bad.returncode == 2 and "not a TCP port" in bad.stderr
+
+
+def test_broker_exits_quickly_on_sigterm(tmp_path: Path) -> None:
+    broker = BrokerProcess(tmp_path / "d").start()
+    start = time.monotonic()
+    import signal
+
+    assert broker.kill(signal.SIGTERM) == 0
+    assert time.monotonic() - start < 3
+    assert any("shutting down" in line for line in broker.log)

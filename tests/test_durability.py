@@ -1,0 +1,78 @@
+"""What is acknowledged survives ``kill -9`` of the broker, and ``seq`` continues."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from client.lib import BrokerUnreachable, Client
+from tests.conftest import HOST, BrokerProcess
+
+
+def all_history(client: Client, room: str) -> list[tuple[int, str | None, str | None]]:
+    out: list[tuple[int, str | None, str | None]] = []
+    after, top = 0, 1
+    while after < top:
+        events, top = client.history(room, after=after, limit=500)
+        if not events:
+            break
+        out.extend((e.seq or 0, e.type, e.text) for e in events)
+        after = events[-1].seq or after
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_acked_messages_survive_kill_9_and_seq_continues(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = BrokerProcess(data).start()
+    acked: dict[int, str] = {}
+    writer = Client("writer", HOST, first.port, first.pub_port, request_timeout=2)
+    try:
+        writer.connect()
+        writer.join("general")
+        for i in range(3000):
+            writer.send("general", f"m{i}")
+            if i % 50 == 0:
+                writer.pump(0)
+                acked.update({e.seq: e.text for e in writer.drain_events() if e.own and e.seq and e.text})
+            if len(acked) >= 300 and first.proc is not None and first.proc.poll() is None:
+                first.kill(signal.SIGKILL)  # mid-traffic, messages still in flight
+                break
+        # Collect the acks that made it out before the crash.
+        for _ in range(20):
+            writer.pump(0.05)
+            acked.update({e.seq: e.text for e in writer.drain_events() if e.own and e.seq and e.text})
+    finally:
+        writer.close(0)
+    first.kill()
+    assert len(acked) >= 300
+
+    second = BrokerProcess(data, port=first.port, pub_port=first.pub_port).start()
+    try:
+        with Client("reader", HOST, second.port, second.pub_port) as reader:
+            stored = all_history(reader, "general")
+            by_seq = {seq: text for seq, kind, text in stored if kind == "msg"}
+            missing = {seq: text for seq, text in acked.items() if by_seq.get(seq) != text}
+            assert not missing, f"{len(missing)} acknowledged messages lost"
+            seqs = [seq for seq, _, _ in stored]
+            assert seqs == list(range(1, len(seqs) + 1)), "seq contiguous from 1"
+            reader.join("general")
+            new = reader.send_wait("general", "after restart")
+            assert new.seq == seqs[-1] + 2  # our join presence, then the message
+            assert all_history(reader, "general")[-1] == (new.seq, "msg", "after restart")
+    finally:
+        second.kill(signal.SIGTERM)
+
+
+def test_client_reports_unreachable_broker_after_crash(tmp_path: Path) -> None:
+    broker = BrokerProcess(tmp_path / "d").start()
+    client = Client("alice", HOST, broker.port, broker.pub_port, request_timeout=1)
+    try:
+        client.connect()
+        broker.kill(signal.SIGKILL)
+        with pytest.raises(BrokerUnreachable):
+            client.who("general")
+    finally:
+        client.close(0)

@@ -1,0 +1,216 @@
+"""Hostile input over real sockets: every bad frame gets a coded error, and the
+broker keeps serving everyone else. Identity is the broker's word, not the client's."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+
+import msgpack
+import pytest
+import zmq
+
+from client.lib import Client
+from tests.conftest import HOST, Raw, RunningBroker, recv_all
+from zchat import protocol as p
+
+MakeRaw = Callable[[], Raw]
+
+
+def registered(make_raw: MakeRaw, name: str) -> Raw:
+    raw = make_raw()
+    welcome = raw.request(p.hello(name, "h"))
+    assert welcome["type"] == "welcome" and welcome["name"] == name
+    return raw
+
+
+def assert_still_serving(broker: RunningBroker) -> None:
+    """A fresh, well-behaved client can still chat end to end."""
+    with Client("witness", HOST, broker.port, broker.pub_port) as c:
+        c.join("general")
+        assert c.send_wait("general", "still here").seq is not None
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# (frame, expected code) — before hello, so even not_registered shows decode ran first.
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("not msgpack", b"\xc1\xc1\xc1", "bad_envelope"),
+    ("plain text", b"hello broker", "bad_envelope"),
+    ("truncated", pack({"type": "hello", "v": 1, "name": "mallory"})[:-3], "bad_envelope"),
+    ("empty frame", b"", "bad_envelope"),
+    ("top-level list", pack(["hello"]), "bad_envelope"),
+    ("top-level int", pack(42), "bad_envelope"),
+    ("missing type", pack({"name": "x"}), "bad_envelope"),
+    ("int type", pack({"type": 7}), "bad_envelope"),
+    ("unknown type", pack({"type": "launch_missiles"}), "unknown_type"),
+    ("hello no name", pack({"type": "hello", "v": 1}), "bad_name"),
+    ("hello bad name", pack({"type": "hello", "v": 1, "name": "-rm -rf"}), "bad_name"),
+    ("hello long name", pack({"type": "hello", "v": 1, "name": "a" * 33}), "bad_name"),
+    ("hello v2", pack({"type": "hello", "v": 2, "name": "x"}), "unsupported_version"),
+    ("hello v str", pack({"type": "hello", "v": "1", "name": "x"}), "bad_envelope"),
+    ("huge str header", b"\x81\xa4type\xdb\xff\xff\xff\xff" + b"x" * 10, "bad_envelope"),
+    ("huge array header", b"\xdd\xff\xff\xff\xff\x01", "bad_envelope"),
+    ("huge map header", b"\xdf\xff\xff\xff\xff\x01", "bad_envelope"),
+    ("deep nesting", b"\x91" * 10_000, "bad_envelope"),
+    ("nesting past depth", pack({"type": "ping", "x": [[[[1]]]]}), "bad_envelope"),
+    ("int key", pack({1: "x", "type": "ping"}), "bad_envelope"),
+    ("bin key", b"\x82\xc4\x01k\x01\xa4type\xa4ping", "bad_envelope"),
+    ("bin value", pack({"type": "ping", "x": b"\x00"}), "bad_envelope"),
+    ("ext value", pack({"type": "ping", "x": msgpack.ExtType(5, b"ab")}), "bad_envelope"),
+    ("timestamp ext", b"\x82\xa4type\xa4ping\xa1t\xd6\xff\x00\x00\x00\x01", "bad_envelope"),
+    ("float", pack({"type": "ping", "x": 1.5}), "bad_envelope"),
+    ("invalid utf-8", b"\x81\xa4type\xa4\xff\xfe\xfd\xfc", "bad_envelope"),
+    ("trailing bytes", pack({"type": "ping"}) + b"\x00", "bad_envelope"),
+    ("over frame limit", pack({"type": "ping", "pad": "x" * (p.MAX_FRAME_BYTES + 1)}), "too_large"),
+]
+
+
+@pytest.mark.parametrize(("label", "frame", "code"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_frame_gets_coded_error(
+    label: str, frame: bytes, code: str, raw: MakeRaw, broker: RunningBroker
+) -> None:
+    bad = raw()
+    reply = bad.request(frame)
+    assert reply["type"] == "error"
+    assert reply["code"] == code, reply
+    # The same connection may still register and be served afterwards.
+    assert bad.request(p.hello("mallory", "h2"))["type"] == "welcome"
+
+
+# Requests by a registered session with bad fields.
+BAD_REQUESTS: list[tuple[str, dict[str, object], str]] = [
+    ("join bad room", {"type": "join", "room": "Bad Room"}, "bad_room"),
+    ("join no room", {"type": "join"}, "bad_room"),
+    ("join room int", {"type": "join", "room": 5}, "bad_room"),
+    ("msg not joined", {"type": "msg", "room": "elsewhere", "text": "hi", "id": "1"}, "not_joined"),
+    ("msg id nil", {"type": "msg", "room": "general", "text": "hi", "id": None}, "bad_envelope"),
+    ("msg long id", {"type": "msg", "room": "general", "text": "hi", "id": "i" * 65}, "bad_envelope"),
+    ("msg text int", {"type": "msg", "room": "general", "text": 5, "id": "1"}, "bad_envelope"),
+    ("msg empty text", {"type": "msg", "room": "general", "text": "", "id": "1"}, "bad_envelope"),
+    ("msg over-long text", {"type": "msg", "room": "general", "text": "x" * 4001, "id": "1"}, "too_large"),
+    ("dm no such user", {"type": "dm", "to": "ghost", "text": "hi", "id": "1"}, "no_such_user"),
+    ("dm bad name", {"type": "dm", "to": "../etc", "text": "hi", "id": "1"}, "bad_name"),
+    ("history negative", {"type": "history", "room": "general", "after": -1}, "bad_envelope"),
+    ("history bool", {"type": "history", "room": "general", "limit": True}, "bad_envelope"),
+    ("leave not joined", {"type": "leave", "room": "nowhere"}, "not_joined"),
+    ("second hello other name", {"type": "hello", "v": 1, "name": "other"}, "already_registered"),
+]
+
+
+@pytest.mark.parametrize(("label", "env", "code"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_coded_error_with_id(
+    label: str, env: dict[str, object], code: str, raw: MakeRaw, broker: RunningBroker
+) -> None:
+    mallory = registered(raw, "mallory")
+    assert mallory.request({"type": "join", "room": "general"})["type"] == "joined"
+    request = {"id": "req-1", **env}
+    reply = mallory.request(request)
+    assert reply["type"] == "error" and reply["code"] == code, reply
+    readable_id = isinstance(request["id"], str) and len(request["id"]) <= p.MAX_ID_CHARS
+    assert reply.get("id") == (request["id"] if readable_id else None)
+
+
+def test_msg_without_id_is_refused(raw: MakeRaw) -> None:
+    mallory = registered(raw, "mallory")
+    mallory.request({"type": "join", "room": "general"})
+    reply = mallory.request({"type": "msg", "room": "general", "text": "hi"})
+    assert (reply["type"], reply["code"]) == ("error", "bad_envelope")
+    assert "'id'" in reply["message"]
+
+
+def test_requests_before_hello_are_refused(raw: MakeRaw) -> None:
+    stranger = raw()
+    for env in ({"type": "join", "room": "general"}, {"type": "msg", "room": "general", "text": "x", "id": "1"}):
+        reply = stranger.request(env)
+        assert (reply["type"], reply["code"]) == ("error", "not_registered")
+
+
+def test_extra_frames_are_refused(raw: MakeRaw, broker: RunningBroker) -> None:
+    bad = raw()
+    bad.send_frames([p.encode(p.hello("mallory")), b"second frame"])
+    reply = bad.recv()
+    assert (reply["type"], reply["code"]) == ("error", "bad_envelope")
+    assert "one frame" in reply["message"]
+    assert_still_serving(broker)
+
+
+def test_forged_from_and_sender_are_overwritten(raw: MakeRaw, broker: RunningBroker, spy: zmq.Socket[bytes]) -> None:
+    with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+        alice.join("general")
+        mallory = registered(raw, "mallory")
+        mallory.request({"type": "join", "room": "general"})
+        ack = mallory.request(
+            {
+                "type": "msg",
+                "room": "general",
+                "text": "I am alice",
+                "id": "f1",
+                "from": "alice",
+                "sender": alice.sender,
+            }
+        )
+        assert ack["type"] == "ack"
+        events, _ = alice.history("general", after=ack["seq"] - 1, limit=1)
+        assert (events[0].name, events[0].text) == ("mallory", "I am alice")
+        assert events[0].sender != alice.sender
+        published = [p.decode(body) for _, body in recv_all(spy)]
+        forged = [e for e in published if e.get("text") == "I am alice"]
+        assert forged and all(e["from"] == "mallory" and e["sender"] != alice.sender for e in forged)
+
+
+def test_taken_name_refused_while_live(raw: MakeRaw) -> None:
+    registered(raw, "alice")
+    reply = raw().request(p.hello("alice", "x"))
+    assert (reply["type"], reply["code"], reply["id"]) == ("error", "name_taken", "x")
+
+
+def test_dm_never_on_pub(raw: MakeRaw, broker: RunningBroker, spy: zmq.Socket[bytes]) -> None:
+    alice = registered(raw, "alice")
+    bob = registered(raw, "bob")
+    bob.request({"type": "join", "room": "general"})
+    ack = alice.request({"type": "dm", "to": "bob", "text": "secret-4711", "id": "d1"})
+    assert ack["type"] == "ack" and ack["id"] == "d1"
+    dm = bob.recv()
+    assert (dm["type"], dm["from"], dm["to"], dm["text"]) == ("dm", "alice", "bob", "secret-4711")
+    # Something published after the DM, so the spy has seen everything up to it.
+    bob.request({"type": "msg", "room": "general", "text": "marker", "id": "m"})
+    seen = recv_all(spy)
+    assert any(b"marker" in body for _, body in seen)
+    assert not any(b"secret-4711" in b"".join(frames) for frames in seen)
+    events, _ = bob.request({"type": "history", "room": "general"})["messages"], None
+    assert not any("secret" in str(e) for e in events)
+
+
+def test_raw_tcp_garbage_on_both_ports(broker: RunningBroker) -> None:
+    for port in (broker.port, broker.pub_port):
+        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\xff" * 4096, struct.pack(">Q", 2**63) * 64):
+            with socket.create_connection((HOST, port), timeout=5) as s:
+                s.sendall(junk)
+                s.settimeout(2)
+                try:
+                    while s.recv(4096):
+                        pass
+                except (TimeoutError, ConnectionResetError):
+                    pass
+    assert_still_serving(broker)
+
+
+def test_zmtp_frame_over_socket_limit_drops_only_that_peer(
+    ctx: zmq.Context[zmq.Socket[bytes]], raw: MakeRaw, broker: RunningBroker
+) -> None:
+    hog = raw()
+    hog.send(b"\x00" * (2 * 1024 * 1024))  # over ZMQ_MAXMSGSIZE: libzmq drops the connection
+    assert_still_serving(broker)
+
+
+def test_flood_of_garbage_does_not_stop_others(raw: MakeRaw, broker: RunningBroker) -> None:
+    bad = raw()
+    for i in range(2000):
+        bad.send(bytes([i % 256]) * (i % 50))
+    with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+        alice.join("general")
+        assert alice.send_wait("general", "fine", timeout=10).seq is not None
