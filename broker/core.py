@@ -238,7 +238,7 @@ class Core:
             # with its original seq, and publish nothing.
             return [Reply(session.identity, dict(first))]
         seq = self._next_seq(room)
-        event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id)
+        event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id, env.get("action", False))
         ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
         self._acked[key] = ack
         if len(self._acked) > DEDUP_WINDOW:

@@ -82,6 +82,8 @@ class Event:
     message: str | None = None
     own: bool = False
     backlog: bool = False
+    #: A ``/me`` action ("* bob waves") rather than a plain message.
+    action: bool = False
 
     @classmethod
     def from_envelope(cls, env: Envelope, *, own: bool = False, backlog: bool = False) -> Event:
@@ -109,6 +111,7 @@ class Event:
             message=s("message"),
             own=own,
             backlog=backlog,
+            action=env.get("action") is True,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +130,8 @@ class Event:
             value = self.name if key in ("from", "name") else getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.action:
+            out["action"] = True
         if self.own:
             out["own"] = True
         if self.backlog:
@@ -287,13 +292,19 @@ class Client:
         self._request({"type": "leave", "room": room})
         self._forget_room(room)
 
-    def send(self, room: str, text: str) -> str:
-        """Send a room message without waiting; returns its id. The ack arrives as an own ``msg`` event."""
+    def send(self, room: str, text: str, *, action: bool = False) -> str:
+        """Send a room message without waiting; returns its id. The ack arrives as an own ``msg`` event.
+
+        ``action=True`` sends an IRC-style ``/me`` action.
+        """
         room = p.parse_room(room)
         self._check_text(text)
         if room not in self._rooms:
             raise RequestError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
-        return self._send_tracked({"type": "msg", "room": room, "text": text})
+        env: Envelope = {"type": "msg", "room": room, "text": text}
+        if action:
+            env["action"] = True
+        return self._send_tracked(env)
 
     def dm(self, to: str, text: str) -> str:
         """Send a direct message without waiting; returns its id. The ack arrives as an own ``dm`` event."""
@@ -505,6 +516,7 @@ class Client:
             sender=self.sender,
             id=sent["id"],
             own=True,
+            action=sent.get("action") is True,
         )
 
     def _read_sub(self) -> None:

@@ -285,6 +285,8 @@ def _v_room(env: Envelope) -> None:
 def _v_msg(env: Envelope) -> None:
     _check_room(env)
     check_text(env.get("text"))
+    if not isinstance(env.get("action", False), bool):
+        _fail(ErrorCode.BAD_ENVELOPE, "'action' must be a boolean")
 
 
 def _v_dm(env: Envelope) -> None:
@@ -369,8 +371,11 @@ def welcome(name: str, sender: str, epoch: str, heartbeat_ms: int, request_id: s
     )
 
 
-def msg_event(room: str, seq: int, ts: int, name: str, sender: str, text: str, msg_id: str) -> Envelope:
-    return {
+def msg_event(
+    room: str, seq: int, ts: int, name: str, sender: str, text: str, msg_id: str, action: bool = False
+) -> Envelope:
+    """A room message; ``action`` marks an IRC-style ``/me`` (only present when true)."""
+    env: Envelope = {
         "type": "msg",
         "room": room,
         "seq": seq,
@@ -380,6 +385,9 @@ def msg_event(room: str, seq: int, ts: int, name: str, sender: str, text: str, m
         "text": text,
         "id": msg_id,
     }
+    if action:
+        env["action"] = True
+    return env
 
 
 def presence_event(room: str, seq: int, ts: int, name: str, event: str) -> Envelope:
