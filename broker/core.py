@@ -60,6 +60,8 @@ class Session:
     identity: bytes
     name: str
     sender: str
+    #: Secret: whoever presents it in a hello takes this session over.
+    token: str
     last_seen: int
     rooms: set[str] = field(default_factory=set)
 
@@ -77,12 +79,15 @@ class Core:
         epoch: str,
         heartbeat_ms: int,
         room_seqs: dict[str, int] | None = None,
+        recent_acks: Iterable[Envelope] = (),
         new_sender: Callable[[], str] = lambda: secrets.token_hex(8),
+        new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
     ) -> None:
         self.epoch = epoch
         self.heartbeat_ms = heartbeat_ms
         self.expiry_ms = 3 * heartbeat_ms
         self._new_sender = new_sender
+        self._new_token = new_token
         #: room -> last seq given out (continues what the store holds).
         self.seqs: dict[str, int] = dict(room_seqs or {})
         self.by_identity: dict[bytes, Session] = {}
@@ -91,6 +96,8 @@ class Core:
         self.members: dict[str, dict[str, Session]] = {}
         #: (name, id) -> the ack first given for that message.
         self._acked: OrderedDict[tuple[str, str], Envelope] = OrderedDict()
+        for ack in recent_acks:  # oldest first, as the store hands them over
+            self._remember_ack(ack.pop("from"), ack)
         self._handlers: dict[str, Callable[[Session, Envelope, int], list[Action]]] = {
             "join": self._join,
             "leave": self._leave,
@@ -182,6 +189,14 @@ class Core:
 
     # ------------------------------------------------------------ requests
 
+    def _welcome(self, session: Session, resumed: bool, rid: str | None) -> list[Action]:
+        return [
+            Reply(
+                session.identity,
+                p.welcome(session.name, session.sender, self.epoch, self.heartbeat_ms, session.token, resumed, rid),
+            )
+        ]
+
     def _hello(self, identity: bytes, session: Session | None, env: Envelope, now: int) -> list[Action]:
         name: str = env["name"]
         rid = env.get("id")
@@ -193,14 +208,26 @@ class Core:
                     ProtocolError(ErrorCode.ALREADY_REGISTERED, f"this connection is already {session.name!r}", rid),
                 )
             session.last_seen = now
-            return [Reply(identity, p.welcome(name, session.sender, self.epoch, self.heartbeat_ms, rid))]
-        if name in self.by_name:
-            return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
-        session = Session(identity, name, self._new_sender(), now)
+            return self._welcome(session, False, rid)
+        holder = self.by_name.get(name)
+        if holder is not None:
+            token = env.get("resume")
+            if token is None or not secrets.compare_digest(token, holder.token):
+                return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
+            # The same client on a new connection (a blip, a reconnect) takes its
+            # session over. Nobody left or joined, so nothing is published; the
+            # old connection is nobody from now on.
+            log.info("session resumed: %s (%s -> %s)", name, _ident(holder.identity), _ident(identity))
+            del self.by_identity[holder.identity]
+            holder.identity = identity
+            holder.last_seen = now
+            self.by_identity[identity] = holder
+            return self._welcome(holder, True, rid)
+        session = Session(identity, name, self._new_sender(), self._new_token(), now)
         self.by_identity[identity] = session
         self.by_name[name] = session
         log.info("session start: %s (%s) sender=%s", name, _ident(identity), session.sender)
-        return [Reply(identity, p.welcome(name, session.sender, self.epoch, self.heartbeat_ms, rid))]
+        return self._welcome(session, False, rid)
 
     def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
@@ -240,10 +267,13 @@ class Core:
         seq = self._next_seq(room)
         event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id, env.get("action", False))
         ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
-        self._acked[key] = ack
+        self._remember_ack(session.name, ack)
+        return [Publish(room, event), Reply(session.identity, ack)]
+
+    def _remember_ack(self, name: str, ack: Envelope) -> None:
+        self._acked[(name, ack["id"])] = ack
         if len(self._acked) > DEDUP_WINDOW:
             self._acked.popitem(last=False)
-        return [Publish(room, event), Reply(session.identity, ack)]
 
     def _dm(self, session: Session, env: Envelope, now: int) -> list[Action]:
         to: str = env["to"]

@@ -21,8 +21,8 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from broker.core import Action, Core, HistoryQuery, Publish, Reply
-from broker.store import Durability, Store
+from broker.core import DEDUP_WINDOW, Action, Core, HistoryQuery, Publish, Reply
+from broker.store import Durability, Row, Store
 from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
 
@@ -95,7 +95,12 @@ class Broker:
             self.pub.get_monitor_socket(events): "subscriber",
         }
         self._peers: dict[tuple[str, int], str] = {}
-        self.core = Core(epoch=secrets.token_hex(8), heartbeat_ms=config.heartbeat_ms, room_seqs=store.room_seqs())
+        self.core = Core(
+            epoch=secrets.token_hex(8),
+            heartbeat_ms=config.heartbeat_ms,
+            room_seqs=store.room_seqs(),
+            recent_acks=store.recent_acks(DEDUP_WINDOW),
+        )
         self._encode = p.Encoder()
 
     # --------------------------------------------------------------- control
@@ -159,12 +164,14 @@ class Broker:
     def _perform(self, actions: list[Action]) -> None:
         encode = self._encode
         published: list[tuple[str, bytes]] = []
-        rows: list[tuple[str, int, int, bytes]] = []
+        rows: list[Row] = []
         for action in actions:
             if isinstance(action, Publish):
-                body = encode(action.env)
+                env = action.env
+                body = encode(env)
                 published.append((action.room, body))
-                rows.append((action.room, action.env["seq"], action.env["ts"], body))
+                author = env["from"] if env["type"] == "msg" else None
+                rows.append((action.room, env["seq"], env["ts"], author, env.get("id"), body))
         if rows:
             # Raises StoreError: the broker stops rather than ack what it lost.
             self.store.append(rows)

@@ -11,7 +11,7 @@ import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 DB_NAME = "zchat.sqlite3"
 SCHEMA_VERSION = 1
@@ -20,13 +20,19 @@ Durability = Literal["full", "normal"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    room   TEXT    NOT NULL,
-    seq    INTEGER NOT NULL,
-    ts     INTEGER NOT NULL,
-    body   BLOB    NOT NULL,   -- the envelope exactly as published
+    room    TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    ts      INTEGER NOT NULL,
+    name    TEXT,              -- author of a msg (NULL for presence)
+    msg_id  TEXT,              -- the author's id of a msg, for resend detection
+    body    BLOB    NOT NULL,  -- the envelope exactly as published
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
 """
+
+#: One stored event: (room, seq, ts, name, msg_id, body).
+Row = tuple[str, int, int, str | None, str | None, bytes]
 
 
 def default_data_dir() -> Path:
@@ -64,11 +70,28 @@ class Store:
         rows = self._db.execute("SELECT room, MAX(seq) FROM events GROUP BY room")
         return {room: seq for room, seq in rows}
 
-    def append(self, rows: Iterable[tuple[str, int, int, bytes]]) -> None:
-        """Commit (room, seq, ts, body) rows in one transaction, or raise StoreError."""
+    def recent_acks(self, limit: int) -> list[dict[str, Any]]:
+        """The acks of the last ``limit`` messages, oldest first, with their author in ``from``.
+
+        They seed the broker's resend detection, so a message resent across a
+        broker restart is acknowledged again instead of stored twice.
+        """
+        rows = self._db.execute(
+            "SELECT name, msg_id, room, seq, ts FROM events WHERE msg_id IS NOT NULL ORDER BY ts DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            {"type": "ack", "from": name, "id": msg_id, "room": room, "seq": seq, "ts": ts}
+            for name, msg_id, room, seq, ts in reversed(rows)
+        ]
+
+    def append(self, rows: Iterable[Row]) -> None:
+        """Commit rows in one transaction, or raise StoreError."""
         try:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO events (room, seq, ts, body) VALUES (?, ?, ?, ?)", rows)
+            self._db.executemany(
+                "INSERT INTO events (room, seq, ts, name, msg_id, body) VALUES (?, ?, ?, ?, ?, ?)", rows
+            )
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:

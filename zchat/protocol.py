@@ -276,6 +276,9 @@ def _v_hello(env: Envelope) -> None:
     if v != VERSION:
         _fail(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {v} is not supported; this broker speaks {VERSION}")
     _check_name(env, "name")
+    token = env.get("resume")
+    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= MAX_ID_CHARS):
+        _fail(ErrorCode.BAD_ENVELOPE, f"'resume' must be a string of 1-{MAX_ID_CHARS} characters")
 
 
 def _v_room(env: Envelope) -> None:
@@ -360,13 +363,28 @@ def error(code: ErrorCode, message: str, request_id: str | None = None) -> Envel
     return _with_id({"type": "error", "code": str(code), "message": message}, request_id)
 
 
-def hello(name: str, request_id: str | None = None) -> Envelope:
-    return _with_id({"type": "hello", "v": VERSION, "name": name}, request_id)
+def hello(name: str, request_id: str | None = None, resume: str | None = None) -> Envelope:
+    env: Envelope = {"type": "hello", "v": VERSION, "name": name}
+    if resume is not None:
+        env["resume"] = resume
+    return _with_id(env, request_id)
 
 
-def welcome(name: str, sender: str, epoch: str, heartbeat_ms: int, request_id: str | None) -> Envelope:
+def welcome(
+    name: str, sender: str, epoch: str, heartbeat_ms: int, resume: str, resumed: bool, request_id: str | None
+) -> Envelope:
+    """``resume`` is the session's secret token; ``resumed`` says an existing session was taken over."""
     return _with_id(
-        {"type": "welcome", "v": VERSION, "name": name, "sender": sender, "epoch": epoch, "heartbeat_ms": heartbeat_ms},
+        {
+            "type": "welcome",
+            "v": VERSION,
+            "name": name,
+            "sender": sender,
+            "epoch": epoch,
+            "heartbeat_ms": heartbeat_ms,
+            "resume": resume,
+            "resumed": resumed,
+        },
         request_id,
     )
 
