@@ -12,11 +12,14 @@ from types import FrameType
 
 import zmq
 
-from broker.server import Broker, Config
+from broker.server import PUB_SNDHWM, Broker, Config
 from broker.store import Store, StoreError, default_data_dir
 from zchat import __version__
 
 log = logging.getLogger("zchat.broker")
+#: Start, ready and stop lines are shown whatever --log-level says: an operator
+#: (and a test) must always learn where the broker listens and when it is gone.
+lifecycle = logging.getLogger("zchat.broker.lifecycle")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -77,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "but maybe not of the machine, and is faster (ZCHAT_DURABILITY; default full)",
     )
     parser.add_argument(
+        "--pub-hwm",
+        type=int,
+        default=_env_int("ZCHAT_PUB_HWM", PUB_SNDHWM),
+        help="room events queued per subscriber before a slow one loses live events, which it then "
+        f"fetches from history; bounds the broker's memory (ZCHAT_PUB_HWM; default {PUB_SNDHWM})",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("ZCHAT_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    lifecycle.setLevel(logging.INFO)
     if args.heartbeat_ms < 100:
         log.error("--heartbeat-ms must be at least 100")
         return 2
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=data_dir,
         heartbeat_ms=args.heartbeat_ms,
         durability=args.durability,
+        pub_hwm=args.pub_hwm,
     )
     try:
         store = Store(data_dir, config.durability)
@@ -118,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received, shutting down", signal.Signals(signum).name)
+        lifecycle.info("%s received, shutting down", signal.Signals(signum).name)
         broker.stop()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     log.warning("traffic is unauthenticated and unencrypted: expose these ports only to a trusted network")
-    log.info(
+    lifecycle.info(
         "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s",
         __version__,
         broker.endpoint,
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         store.close()
-    log.info("stopped")
+    lifecycle.info("stopped")
     return 0
 
 

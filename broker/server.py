@@ -48,6 +48,7 @@ class Config:
     data_dir: Path | None = None
     heartbeat_ms: int = 5000
     durability: Durability = "full"
+    pub_hwm: int = PUB_SNDHWM
 
 
 def now_ms() -> int:
@@ -78,7 +79,7 @@ class Broker:
             sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MSG_BYTES)
         # An unreachable peer raises instead of silently eating the reply.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
+        self.pub.setsockopt(zmq.SNDHWM, config.pub_hwm)
         try:
             self.router.bind(_endpoint(config.host, config.port))
             self.pub.bind(_endpoint(config.host, config.pub_port))

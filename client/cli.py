@@ -62,6 +62,9 @@ class Printer:
         if event.type == "error":
             self.err(f"{event.code}: {event.message}")
             return
+        if event.type == "status":
+            self.err(event.text or "")
+            return
         self.out(render.json_line(event) if self.as_json else render.text_line(event))
 
     def out(self, line: str) -> None:

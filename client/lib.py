@@ -15,6 +15,14 @@ Guarantees it gives on top of the wire (DESIGN.md "Client rules"):
 * Your own room messages arrive once, as ``msg`` events with ``own=True``,
   when the broker acknowledges them; their copies on the SUB stream (matched
   by ``sender``) are dropped.
+* A message is kept until acknowledged and resent with the same ``id`` after
+  a timeout or a reconnect; the broker stores a given (name, id) once.
+* It pings when quiet; a broker silent for 3 heartbeats, or one that no
+  longer knows the session, is lost: the client opens fresh sockets, says
+  hello again with its resume token (taking its old session back if the
+  broker still has it), rejoins its rooms, fetches what it missed from
+  history and resends what was not acknowledged. ``state`` tells where it
+  is, and ``status`` events tell the user.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,28 +48,37 @@ REQUEST_TIMEOUT_S = 10.0
 #: (growing linearly), at most PROBE_LIMIT times; see Client._probe_rooms.
 PROBE_INTERVAL_S = 0.25
 PROBE_LIMIT = 12
+#: An unacknowledged message is resent after this long (or 2 heartbeats, if longer).
+ACK_RESEND_S = 5.0
+#: How many ids of our own shown messages are remembered to drop their copies.
+SHOWN_WINDOW = 10_000
 
 
 class ZchatError(Exception):
-    """Base of every error this library raises."""
+    """Base of every error this library raises; ``code`` and ``message`` say what went wrong."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}" if code else message)
+        self.code = code
+        self.message = message
 
 
 class BrokerUnreachable(ZchatError):
-    """The broker did not answer in time (not running, wrong address, or gone)."""
+    """The broker did not answer in time (not running, wrong address, gone, or reconnecting)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("", message)
+        self.code = "unreachable"
 
 
 class RequestError(ZchatError):
     """The broker refused a request (or it was refused before sending, for the same reason)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
 
 @dataclass(slots=True)
 class Event:
-    """Something to show: a room message or presence change, a DM, or an error.
+    """Something to show: a room message or presence change, a DM, an error, or a
+    ``status`` change of the connection (``event`` is "reconnecting" or "connected").
 
     ``name`` is who wrote or joined/left (the wire's ``from`` or ``name``).
     ``own`` marks your own messages (delivered on their ack); ``backlog``
@@ -124,6 +141,8 @@ class Event:
             fields = ("from", "to", "text", "ts", "id")
         elif self.type == "error":
             fields = ("code", "message", "id")
+        elif self.type == "status":
+            fields = ("event", "text")
         else:
             fields = ("room", "seq", "ts", "from", "text", "id")
         for key in fields:
@@ -169,7 +188,11 @@ class Client:
         connect_timeout: float = CONNECT_TIMEOUT_S,
         request_timeout: float = REQUEST_TIMEOUT_S,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        sub_hwm: int = 10_000,
     ) -> None:
+        """``sub_hwm`` bounds the room events queued locally; beyond it ZeroMQ drops
+        them and the client fetches them from history instead (as after any gap).
+        """
         if not p.is_name(name):
             raise RequestError(
                 ErrorCode.BAD_NAME, f"{name!r} is not a name: use 1-32 of A-Z a-z 0-9 _ . -, not starting with . or -"
@@ -179,62 +202,59 @@ class Client:
         self.pub_endpoint = endpoint(host, pub_port)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        #: "new", then "connected" / "reconnecting", finally "closed".
+        self.state = "new"
         self.sender: str | None = None
         self.epoch: str | None = None
         self.heartbeat_ms = 5000
+        self._sub_hwm = sub_hwm
+        self._resume: str | None = None
         self._own_context = context is None
         self._ctx = context or zmq.Context()
-        self._dealer = self._ctx.socket(zmq.DEALER)
-        self._sub = self._ctx.socket(zmq.SUB)
-        for sock in (self._dealer, self._sub):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-            sock.setsockopt(zmq.MAXMSGSIZE, 2 * p.MAX_REPLY_BYTES)
         self._poller = zmq.Poller()
-        self._poller.register(self._dealer, zmq.POLLIN)
-        self._poller.register(self._sub, zmq.POLLIN)
+        self._dealer, self._sub = self._open_sockets()
         self._encode = p.Encoder()
         self._id_prefix = secrets.token_hex(4)
         self._id_count = 0
-        self._last_send = time.monotonic()
+        now = time.monotonic()
+        self._last_send = now
+        self._last_recv = now
+        self._next_hello = now
         self._events: deque[Event] = deque()
         self._rooms: dict[str, _Room] = {}
         #: id -> reply, for requests someone is waiting on.
         self._replies: dict[str, Envelope | None] = {}
-        #: id -> callback, for replies handled in the background (gap fills).
+        #: id -> callback, for replies handled in the background.
         self._callbacks: dict[str, Callable[[Envelope], None]] = {}
-        #: id -> request, for messages and DMs sent and not yet acknowledged.
+        #: id -> request, for messages and DMs not yet acknowledged (in send order).
         self._unacked: dict[str, Envelope] = {}
-        self._connected = False
-        self._closed = False
+        self._sent_at: dict[str, float] = {}
+        #: ids of our own messages already shown, so no copy shows them again.
+        self._shown: OrderedDict[str, None] = OrderedDict()
 
     # ------------------------------------------------------------ lifecycle
 
     def connect(self) -> None:
         """Connect both sockets and say hello; raises BrokerUnreachable or RequestError."""
-        self._dealer.connect(self.endpoint)
-        self._sub.connect(self.pub_endpoint)
         try:
             welcome = self._request(p.hello(self.name), timeout=self.connect_timeout)
         except BrokerUnreachable:
             raise BrokerUnreachable(
                 f"no answer from a zchat broker at {self.endpoint} within {self.connect_timeout:g} s"
             ) from None
-        self.sender = welcome["sender"]
-        self.epoch = welcome["epoch"]
-        self.heartbeat_ms = int(welcome["heartbeat_ms"])
-        self._connected = True
+        self._welcomed(welcome)
 
     def close(self, flush_timeout: float = 1.0) -> None:
         """Say bye (so the room sees the leave now, not at expiry) and release the sockets."""
-        if self._closed:
+        if self.state == "closed":
             return
-        self._closed = True
-        if self._connected:
+        said_bye = False
+        if self.state == "connected":
             with contextlib.suppress(zmq.ZMQError):
                 self._dealer.send(self._encode({"type": "bye"}), zmq.NOBLOCK)
-        self._dealer.close(linger=int(flush_timeout * 1000) if self._connected else 0)
+                said_bye = True
+        self.state = "closed"
+        self._dealer.close(linger=int(flush_timeout * 1000) if said_bye else 0)
         self._sub.close(linger=0)
         if self._own_context:
             self._ctx.term()
@@ -252,14 +272,14 @@ class Client:
 
     @property
     def unacked(self) -> int:
-        """Messages and DMs sent and not acknowledged yet."""
+        """Messages and DMs sent and not acknowledged yet (they are resent until they are)."""
         return len(self._unacked)
 
     # ------------------------------------------------------------- requests
 
     def join(self, room: str, backlog: int = 0) -> list[str]:
         """Join ``room``; queue its last ``backlog`` events; return its members."""
-        room = p.parse_room(room) if not p.is_room(room) else room
+        room = p.parse_room(room)
         if room in self._rooms:
             return list(self._request({"type": "join", "room": room})["members"])
         state = self._rooms[room] = _Room()
@@ -273,7 +293,7 @@ class Client:
                 reply = self._request(
                     {"type": "history", "room": room, "after": after, "limit": min(top - after, p.MAX_HISTORY_LIMIT)}
                 )
-                got = [m for m in reply["messages"] if isinstance(m, dict) and after < m.get("seq", 0) <= top]
+                got = [m for m in reply["messages"] if _is_event(m) and after < m["seq"] <= top]
                 if not got:
                     break
                 for env in got:
@@ -293,9 +313,11 @@ class Client:
         self._forget_room(room)
 
     def send(self, room: str, text: str, *, action: bool = False) -> str:
-        """Send a room message without waiting; returns its id. The ack arrives as an own ``msg`` event.
+        """Send a room message without waiting; returns its id.
 
-        ``action=True`` sends an IRC-style ``/me`` action.
+        The ack arrives as an own ``msg`` event. Until then the message is kept
+        and resent (same id, so never stored twice) after a timeout or a
+        reconnect. ``action=True`` sends an IRC-style ``/me``.
         """
         room = p.parse_room(room)
         self._check_text(text)
@@ -313,9 +335,9 @@ class Client:
         self._check_text(text)
         return self._send_tracked({"type": "dm", "to": to, "text": text})
 
-    def send_wait(self, room: str, text: str, timeout: float | None = None) -> Event:
+    def send_wait(self, room: str, text: str, timeout: float | None = None, *, action: bool = False) -> Event:
         """Send a room message and wait for its ack; returns the own ``msg`` event."""
-        return self._wait_ack(self.send(room, text), timeout)
+        return self._wait_ack(self.send(room, text, action=action), timeout)
 
     def dm_wait(self, to: str, text: str, timeout: float | None = None) -> Event:
         return self._wait_ack(self.dm(to, text), timeout)
@@ -361,14 +383,18 @@ class Client:
     def pump(self, timeout: float | None = 0, fds: Sequence[int] = ()) -> list[int]:
         """Read whatever the sockets have, waiting up to ``timeout`` s for something.
 
-        Also pings the broker when we have been quiet for a heartbeat. ``fds``
-        are extra file descriptors to wait on (stdin, say); the ready ones are
-        returned, so a program can wait on the chat and its own input at once.
+        Also keeps the session alive: pings when quiet, resends what is not
+        acknowledged, notices a lost broker and reconnects (see the module
+        docstring). ``fds`` are extra file descriptors to wait on (stdin, say);
+        the ready ones are returned, so a program can wait on the chat and its
+        own input at once.
         """
-        self._keepalive()
-        self._probe_rooms()
-        # Never sleep past a heartbeat: we must wake up in time to ping.
-        poll_ms = self.heartbeat_ms if timeout is None else min(self.heartbeat_ms, max(0, int(timeout * 1000)))
+        if self.state == "closed":
+            raise ZchatError("closed", "this client is closed")
+        self._maintain()
+        # Never sleep long: we must wake up in time to ping and to notice loss.
+        cap = min(self.heartbeat_ms, 1000)
+        poll_ms = cap if timeout is None else min(cap, max(0, int(timeout * 1000)))
         for fd in fds:
             self._poller.register(fd, zmq.POLLIN)
         try:
@@ -382,6 +408,114 @@ class Client:
             self._read_sub()
         return [fd for fd in fds if fd in ready]
 
+    # ------------------------------------------------------- the session
+
+    def _open_sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        dealer = self._ctx.socket(zmq.DEALER)
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, self._sub_hwm)
+        for sock in (dealer, sub):
+            sock.setsockopt(zmq.LINGER, 0)
+            # Back off up to 5 s, so a broker restart is not met by a reconnect storm.
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+            sock.setsockopt(zmq.MAXMSGSIZE, 2 * p.MAX_REPLY_BYTES)
+            self._poller.register(sock, zmq.POLLIN)
+        dealer.connect(self.endpoint)
+        sub.connect(self.pub_endpoint)
+        for room in getattr(self, "_rooms", ()):
+            sub.subscribe(p.room_topic(room))
+        return dealer, sub
+
+    def _welcomed(self, welcome: Envelope) -> None:
+        restarted = self.epoch is not None and welcome["epoch"] != self.epoch
+        self.sender = welcome["sender"]
+        self.epoch = welcome["epoch"]
+        self.heartbeat_ms = max(100, int(welcome["heartbeat_ms"]))
+        token = welcome.get("resume")
+        self._resume = token if isinstance(token, str) else None
+        self._last_recv = time.monotonic()
+        was = self.state
+        self.state = "connected"
+        if was == "reconnecting":
+            how = "broker restarted" if restarted else ("session resumed" if welcome.get("resumed") else "new session")
+            self._status("connected", f"reconnected to {self.endpoint} ({how})")
+
+    def _status(self, state: str, text: str) -> None:
+        self._events.append(Event(type="status", event=state, text=text))
+
+    def _maintain(self) -> None:
+        """Timers: ping when quiet, notice a silent broker, retry hello, resend, probe."""
+        now = time.monotonic()
+        hb = self.heartbeat_ms / 1000
+        if self.state == "connected":
+            if now - self._last_recv > 3 * hb:
+                self._lost(f"no answer from {self.endpoint} for {now - self._last_recv:.0f} s")
+            else:
+                if now - self._last_send >= hb:
+                    self._send({"type": "ping"})
+                self._resend(now - max(ACK_RESEND_S, 2 * hb))
+                self._probe_rooms(now)
+        if self.state == "reconnecting" and now >= self._next_hello:
+            self._next_hello = now + max(1.0, min(self.connect_timeout, 3 * hb))
+            rid = self._new_id()
+            self._callbacks[rid] = self._on_rehello
+            self._send(p.hello(self.name, rid, self._resume))
+
+    def _lost(self, why: str) -> None:
+        """The broker is gone or has forgotten us: start over on fresh sockets."""
+        if self.state != "connected":
+            return
+        self.state = "reconnecting"
+        self._status("reconnecting", f"connection lost ({why}); reconnecting")
+        # Fresh sockets: a half-dead TCP connection could hold our requests for
+        # minutes; anything queued on the old ones is resent after the hello.
+        for sock in (self._dealer, self._sub):
+            self._poller.unregister(sock)
+            sock.close(linger=0)
+        self._dealer, self._sub = self._open_sockets()
+        for rid in [r for r in self._replies if self._replies[r] is None]:
+            self._replies[rid] = {"type": "error", "code": "unreachable", "message": f"connection lost ({why})"}
+        self._callbacks.clear()
+        for state in self._rooms.values():
+            state.fetching = False
+        self._next_hello = time.monotonic()
+
+    def _on_rehello(self, reply: Envelope) -> None:
+        if self.state != "reconnecting":
+            return
+        if reply["type"] != "welcome":
+            # name_taken: someone else holds our name now; keep trying (they may leave).
+            self._events.append(Event.from_envelope(reply))
+            return
+        self._welcomed(reply)
+        for room in self._rooms:
+            rid = self._new_id()
+            self._callbacks[rid] = lambda r, room=room: self._on_rejoin(room, r)  # type: ignore[misc]
+            self._send({"type": "join", "room": room, "id": rid})
+        self._resend(time.monotonic())
+
+    def _on_rejoin(self, room: str, reply: Envelope) -> None:
+        state = self._rooms.get(room)
+        if state is None or state.last is None:
+            return
+        if reply["type"] != "joined":
+            self._events.append(Event.from_envelope(reply))
+            return
+        top = reply["seq"]
+        if top < state.last:
+            # The broker lost its store: its numbering starts again below ours.
+            state.last = top
+            state.pending.clear()
+        elif top > state.last and not state.fetching:
+            self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
+
+    def _resend(self, sent_before: float) -> None:
+        for rid, env in self._unacked.items():
+            if self._sent_at.get(rid, 0.0) <= sent_before:
+                self._send(env)
+                self._sent_at[rid] = time.monotonic()
+
     # ------------------------------------------------------------ internals
 
     def _new_id(self) -> str:
@@ -392,11 +526,7 @@ class Client:
         self._dealer.send(self._encode(env))
         self._last_send = time.monotonic()
 
-    def _keepalive(self) -> None:
-        if self._connected and time.monotonic() - self._last_send >= self.heartbeat_ms / 1000:
-            self._send({"type": "ping"})
-
-    def _probe_rooms(self) -> None:
+    def _probe_rooms(self, now: float) -> None:
         """Cover the slow-joiner window of PUB/SUB for quiet rooms.
 
         A subscription reaches the broker on another connection than our join,
@@ -405,7 +535,6 @@ class Client:
         So until the SUB stream has shown a room's event (normally our own
         join, at once), ask history for anything after what we have.
         """
-        now = time.monotonic()
         for room, state in self._rooms.items():
             if state.confirmed or state.fetching or state.last is None or now < state.next_probe:
                 continue
@@ -425,8 +554,20 @@ class Client:
     def _send_tracked(self, env: Envelope) -> str:
         rid = env["id"] = self._new_id()
         self._unacked[rid] = env
-        self._send(env)
+        if self.state == "connected":
+            self._send(env)
+            self._sent_at[rid] = time.monotonic()
+        # Otherwise it goes out with the resend after the next welcome.
         return rid
+
+    def _acked(self, rid: str) -> Envelope | None:
+        self._sent_at.pop(rid, None)
+        sent = self._unacked.pop(rid, None)
+        if sent is not None:
+            self._shown[rid] = None
+            if len(self._shown) > SHOWN_WINDOW:
+                self._shown.popitem(last=False)
+        return sent
 
     def _wait_ack(self, rid: str, timeout: float | None) -> Event:
         deadline = time.monotonic() + (self.request_timeout if timeout is None else timeout)
@@ -444,6 +585,8 @@ class Client:
 
     def _request(self, env: Envelope, timeout: float | None = None) -> Envelope:
         """Send a request and pump until its reply; other traffic is queued meanwhile."""
+        if self.state not in ("new", "connected"):
+            raise BrokerUnreachable(f"not connected to {self.endpoint} ({self.state})")
         rid = env["id"] = self._new_id()
         self._replies[rid] = None
         try:
@@ -457,6 +600,8 @@ class Client:
         finally:
             self._replies.pop(rid, None)
         if reply["type"] == "error":
+            if reply.get("code") == "unreachable":
+                raise BrokerUnreachable(str(reply.get("message")))
             raise RequestError(str(reply.get("code")), str(reply.get("message")))
         return reply
 
@@ -474,11 +619,17 @@ class Client:
                 env = p.decode(frame, p.MAX_REPLY_BYTES)
             except ProtocolError:
                 continue  # a broker that speaks garbage is not worth crashing for
+            self._last_recv = time.monotonic()
             self._on_direct(env)
 
     def _on_direct(self, env: Envelope) -> None:
         kind = env["type"]
         rid = env.get("id")
+        if kind == "error" and env.get("code") == ErrorCode.NOT_REGISTERED and self.state == "connected":
+            # The broker no longer knows us (it restarted, or expired us while we
+            # were stopped): whatever this was, it is redone after a new hello.
+            self._lost("the broker has ended our session")
+            return
         if isinstance(rid, str):
             if rid in self._replies:
                 self._replies[rid] = env
@@ -487,12 +638,10 @@ class Client:
             if callback is not None:
                 callback(env)
                 return
-            sent = self._unacked.pop(rid, None) if kind in ("ack", "error") else None
-            if sent is not None:
-                if kind == "error":
-                    self._events.append(Event.from_envelope(env))
-                else:
-                    self._events.append(self._own_event(sent, env))
+            if kind in ("ack", "error") and rid in self._unacked:
+                sent = self._acked(rid)
+                assert sent is not None
+                self._events.append(Event.from_envelope(env) if kind == "error" else self._own_event(sent, env))
                 return
         if kind == "dm":
             if env.get("sender") != self.sender:  # a DM to ourselves shows once, on its ack
@@ -550,37 +699,50 @@ class Client:
         while (env := state.pending.pop(state.last + 1, None)) is not None:
             state.last += 1
             self._deliver(env)
-        if state.pending and not state.fetching:
+        if state.pending and not state.fetching and self.state == "connected":
             self._fetch(room, state, state.last, min(min(state.pending) - state.last, p.MAX_HISTORY_LIMIT))
 
     def _fetch(self, room: str, state: _Room, after: int, limit: int) -> None:
         """Ask history for events after ``after``; the reply goes through the room's pending set."""
         state.fetching = True
         rid = self._new_id()
-        self._callbacks[rid] = lambda reply: self._on_gap_fill(room, reply)
+        self._callbacks[rid] = lambda reply: self._on_fetched(room, reply)
         self._send({"type": "history", "room": room, "after": after, "limit": limit, "id": rid})
 
-    def _on_gap_fill(self, room: str, reply: Envelope) -> None:
+    def _on_fetched(self, room: str, reply: Envelope) -> None:
         state = self._rooms.get(room)
-        if state is None:
+        if state is None or state.last is None:
             return
         state.fetching = False
+        if reply.get("type") != "history" or not isinstance(reply.get("messages"), list):
+            return
         got = False
-        if reply.get("type") == "history" and isinstance(reply.get("messages"), list):
-            for env in reply["messages"]:
-                if _is_event(env) and state.last is not None and env["seq"] > state.last:
-                    state.pending.setdefault(env["seq"], env)
-                    got = True
+        for env in reply["messages"]:
+            if _is_event(env) and env["seq"] > state.last:
+                state.pending.setdefault(env["seq"], env)
+                got = True
         top = reply.get("seq")
-        if not got and state.pending and state.last is not None and isinstance(top, int) and top >= min(state.pending):
-            # The broker is past the gap yet has nothing for it (only if its
-            # store was lost): skip it rather than stall the room forever.
-            state.last = min(state.pending) - 1
+        top = top if isinstance(top, int) else state.last
+        if not got and top > state.last:
+            # The broker is past what we have yet gives us nothing for it (only
+            # if its store was lost): skip rather than stall the room forever.
+            state.last = min([top, *state.pending]) - (1 if state.pending else 0)
         self._flush(room, state)
+        if not state.fetching and not state.pending and state.last < top:
+            # One page of a longer catch-up (after a reconnect): ask for the next.
+            self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
 
     def _deliver(self, env: Envelope) -> None:
-        if env.get("sender") == self.sender and env["type"] == "msg":
-            return  # our own: shown once, when its ack arrived
+        if env["type"] == "msg" and env.get("from") == self.name:
+            rid = env.get("id")
+            if isinstance(rid, str) and rid in self._unacked:
+                # Stored, but the ack was lost (broker crash): this is our ack.
+                sent = self._acked(rid)
+                assert sent is not None
+                self._events.append(self._own_event(sent, env))
+                return
+            if env.get("sender") == self.sender or rid in self._shown:
+                return  # our own, shown once when its ack arrived
         self._events.append(Event.from_envelope(env))
 
 

@@ -49,12 +49,14 @@ class RunningBroker:
 
     data_dir: Path
     heartbeat_ms: int = 5000
+    pub_hwm: int = 10_000
     broker: Broker = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def start(self) -> RunningBroker:
         self.store = Store(self.data_dir, "normal")
-        self.broker = Broker(Config(host=HOST, port=0, pub_port=0, heartbeat_ms=self.heartbeat_ms), self.store)
+        config = Config(host=HOST, port=0, pub_port=0, heartbeat_ms=self.heartbeat_ms, pub_hwm=self.pub_hwm)
+        self.broker = Broker(config, self.store)
         self.thread = threading.Thread(target=self.broker.run, name="broker", daemon=True)
         self.thread.start()
         return self

@@ -1,0 +1,320 @@
+"""Nothing lost, nothing twice: real processes under crashes, stops, floods and slow readers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from client.lib import Client, Event
+from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, bin_path, recv_all, wait_for
+from zchat import protocol as p
+
+FAST = ["--heartbeat-ms", "300"]
+
+
+def pump_until(clients: list[Client], done: Callable[[], bool], timeout: float) -> None:
+    def step() -> bool:
+        for c in clients:
+            c.pump(0.02)
+        return done()
+
+    wait_for(step, timeout, interval=0)
+
+
+class Inbox:
+    """Everything one library client has shown, in order."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.events: list[Event] = []
+
+    def pump(self) -> None:
+        self.client.pump(0.02)
+        self.events.extend(self.client.drain_events())
+
+    def texts(self, kind: str = "msg") -> list[str | None]:
+        return [e.text for e in self.events if e.type == kind]
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_and_restart_no_client_restarted(tmp_path: Path) -> None:
+    first = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
+    bob = Inbox(Client("bob", HOST, first.port, first.pub_port))
+    second: BrokerProcess | None = None
+    try:
+        for box in (alice, bob):
+            box.client.connect()
+            box.client.join("general")
+        alice.client.send("general", "before")
+        pump_until([], lambda: (alice.pump(), bob.pump()) and "before" in bob.texts() and "before" in alice.texts(), 10)
+
+        first.kill(signal.SIGKILL)
+        # Written while the broker is down: kept, and sent once it is back.
+        alice.client.send("general", "during")
+        second = BrokerProcess(tmp_path / "data", extra=FAST, port=first.port, pub_port=first.pub_port).start()
+
+        def reconnected() -> bool:
+            alice.pump()
+            bob.pump()
+            return alice.client.state == "connected" and bob.client.state == "connected"
+
+        wait_for(reconnected, 20, interval=0)
+        bob.client.send("general", "after")
+
+        def all_seen() -> bool:
+            alice.pump()
+            bob.pump()
+            want = {"before", "during", "after"}
+            return want <= set(alice.texts()) and want <= set(bob.texts())
+
+        wait_for(all_seen, 20, interval=0)
+        # A little longer, so a duplicate would have time to show up.
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            alice.pump()
+            bob.pump()
+        for box in (alice, bob):
+            counts = Counter(box.texts())
+            assert counts == Counter({"before": 1, "during": 1, "after": 1}), (box.client.name, counts)
+            seqs = [e.seq for e in box.events if e.type == "msg"]
+            assert len(set(seqs)) == 3
+            states = [e.event for e in box.events if e.type == "status"]
+            assert states[:1] == ["reconnecting"] and states[-1] == "connected"
+    finally:
+        alice.client.close(0)
+        bob.client.close(0)
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+def _pipe_listener(broker: BrokerProcess, name: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [bin_path("zchat"), "--name", name, "--json", "--backlog", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=broker.env(),
+    )
+
+
+@pytest.mark.timeout(240)
+def test_two_senders_flat_out_three_listeners(tmp_path: Path) -> None:
+    """2 senders x 5,000 messages, 3 pipe-mode listeners: all 10,000 each, once, in order."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--durability", "normal", "--log-level", "warning"]).start()
+    per_sender = 5000
+    listeners = {f"l{i}": _pipe_listener(broker, f"l{i}") for i in range(3)}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in listeners}
+    try:
+
+        def read(name: str, proc: subprocess.Popen[str]) -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event["type"] == "msg" and event["from"] in ("s1", "s2"):
+                    results[name].append(event)
+                    if len(results[name]) == 2 * per_sender:
+                        return
+
+        readers = [threading.Thread(target=read, args=item, daemon=True) for item in listeners.items()]
+        for t in readers:
+            t.start()
+        with Client("checker", HOST, broker.port, broker.pub_port) as checker:
+            wait_for(lambda: set(listeners) <= set(checker.who("general")), 15)
+        senders = [
+            subprocess.Popen(
+                [bin_path("zchat"), "--name", s, "--backlog", "0"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=broker.env(),
+            )
+            for s in ("s1", "s2")
+        ]
+        for s, proc in zip(("s1", "s2"), senders, strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write("".join(f"{s}-{i}\n" for i in range(per_sender)))
+            proc.stdin.close()
+        for proc in senders:
+            assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+        for t in readers:
+            t.join(timeout=120)
+        for name, events in results.items():
+            assert len(events) == 2 * per_sender, (name, len(events))
+            seqs = [e["seq"] for e in events]
+            assert len(set(seqs)) == len(seqs), f"{name}: duplicates"
+            # Contiguous apart from presence events interleaved by other clients.
+            assert seqs == sorted(seqs)
+            for s in ("s1", "s2"):
+                assert [e["text"] for e in events if e["from"] == s] == [f"{s}-{i}" for i in range(per_sender)]
+    finally:
+        for proc in listeners.values():
+            proc.kill()
+            proc.wait()
+        broker.kill()
+
+
+def test_seq_contiguous_across_all_events(broker: RunningBroker, make_client: Callable[..., Client]) -> None:
+    a = make_client("a")
+    a.join("r")
+    for i in range(20):
+        a.send("r", f"x{i}")
+    wait_for(lambda: a.pump(0.05) is not None and a.unacked == 0)
+    events, top = a.history("r", 0, 500)
+    assert [e.seq for e in events] == list(range(1, top + 1))
+
+
+@pytest.mark.timeout(60)
+def test_sigstopped_client_expires_then_resumes(tmp_path: Path) -> None:
+    broker = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    watcher = Inbox(Client("watcher", HOST, broker.port, broker.pub_port))
+    watcher.client.connect()
+    watcher.client.join("general")
+    alice = _pipe_listener(broker, "alice")
+    lines: list[dict[str, Any]] = []
+
+    def read() -> None:
+        assert alice.stdout is not None
+        for line in alice.stdout:
+            lines.append(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+
+        def alice_joined() -> bool:
+            watcher.pump()
+            return any(e.type == "presence" and e.name == "alice" for e in watcher.events)
+
+        wait_for(alice_joined, 10, interval=0)
+        alice.send_signal(signal.SIGSTOP)
+
+        def alice_left() -> bool:
+            watcher.pump()
+            return any(e.type == "presence" and e.name == "alice" and e.event == "leave" for e in watcher.events)
+
+        wait_for(alice_left, 10, interval=0)
+        watcher.client.send_wait("general", "while you were away")
+        alice.send_signal(signal.SIGCONT)
+
+        def alice_back() -> bool:
+            watcher.pump()
+            joins = [e for e in watcher.events if e.type == "presence" and e.name == "alice" and e.event == "join"]
+            return len(joins) == 2
+
+        wait_for(alice_back, 15, interval=0)
+        assert alice.stdin is not None
+        alice.stdin.write("back again\n")
+        alice.stdin.flush()
+
+        def heard() -> bool:
+            watcher.pump()
+            return "back again" in watcher.texts()
+
+        wait_for(heard, 10, interval=0)
+        wait_for(lambda: [e.get("text") for e in lines].count("while you were away") >= 1, 10)
+        watcher.client.send_wait("general", "final")
+        wait_for(lambda: any(e.get("text") == "final" for e in lines), 10)
+        texts = [e.get("text") for e in lines if e["type"] == "msg"]
+        assert texts.count("while you were away") == 1
+        assert texts.count("back again") == 1
+        seqs = [e["seq"] for e in lines if "seq" in e]
+        assert len(seqs) == len(set(seqs)), "no event shown twice"
+    finally:
+        watcher.client.close(0)
+        alice.send_signal(signal.SIGCONT)
+        alice.kill()
+        alice.wait()
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
+def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    running = RunningBroker(tmp_path / "data", pub_hwm=20).start()
+    # A raw subscriber with the same tiny queues, as a control: it does lose events.
+    control = ctx.socket(zmq.SUB)
+    control.setsockopt(zmq.LINGER, 0)
+    control.setsockopt(zmq.RCVHWM, 5)
+    control.setsockopt(zmq.RCVBUF, 4096)
+    control.setsockopt(zmq.SUBSCRIBE, b"flood\x00")
+    control.connect(f"tcp://{HOST}:{running.pub_port}")
+    slow = Client("slow", HOST, running.port, running.pub_port, sub_hwm=5)
+    fast = Client("fast", HOST, running.port, running.pub_port)
+    try:
+        slow.connect()
+        fast.connect()
+        slow.join("flood")
+        fast.join("flood")
+        count = 3000
+        for i in range(count):
+            fast.send("flood", f"f{i}")
+            if i % 100 == 0:
+                fast.pump(0)
+        wait_for(lambda: fast.pump(0.05) is not None and fast.unacked == 0, 30)
+        seen_by_control = sum(1 for frames in recv_all(control, quiet=0.5) if b'"flood' not in frames[0])
+        assert seen_by_control < count, "control subscriber should have lost events"
+        got: list[Event] = []
+
+        def caught_up() -> bool:
+            slow.pump(0.05)
+            got.extend(e for e in slow.drain_events() if e.type == "msg")
+            return len(got) >= count
+
+        wait_for(caught_up, 30, interval=0)
+        assert [e.text for e in got] == [f"f{i}" for i in range(count)]
+    finally:
+        slow.close(0)
+        fast.close(0)
+        control.close()
+        running.stop()
+
+
+def test_resend_after_restart_is_not_stored_twice(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    data = tmp_path / "data"
+    first = RunningBroker(data).start()
+    raw = Raw(ctx, first.port)
+    raw.request(p.hello("alice"))
+    raw.request({"type": "join", "room": "general"})
+    ack = raw.request({"type": "msg", "room": "general", "text": "once", "id": "m-1"})
+    first.stop()
+    second = RunningBroker(data).start()
+    try:
+        again = Raw(ctx, second.port)
+        assert again.request(p.hello("alice"))["type"] == "welcome"
+        again.request({"type": "join", "room": "general"})
+        reack = again.request({"type": "msg", "room": "general", "text": "once", "id": "m-1"})
+        assert (reack["type"], reack["seq"], reack["ts"]) == ("ack", ack["seq"], ack["ts"])
+        history = again.request({"type": "history", "room": "general", "after": 0, "limit": 100})
+        assert [m.get("text") for m in history["messages"] if m["type"] == "msg"] == ["once"]
+    finally:
+        second.stop()
+
+
+def test_resume_token_takes_session_over(broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    old = Raw(ctx, broker.port)
+    welcome = old.request(p.hello("alice"))
+    old.request({"type": "join", "room": "general"})
+    token = welcome["resume"]
+    assert isinstance(token, str) and len(token) >= 16
+    thief = Raw(ctx, broker.port)
+    refused = thief.request(p.hello("alice", "t", resume="not-the-token"))
+    assert (refused["type"], refused["code"]) == ("error", "name_taken")
+    new = Raw(ctx, broker.port)
+    resumed = new.request(p.hello("alice", "r", resume=token))
+    assert resumed["type"] == "welcome" and resumed["resumed"] is True
+    assert resumed["sender"] == welcome["sender"]
+    # The old connection is nobody now; the new one is alice, still in her room.
+    assert old.request({"type": "ping"})["code"] == "not_registered"
+    assert new.request({"type": "who", "room": "general"})["members"] == ["alice"]
