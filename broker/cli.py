@@ -12,9 +12,12 @@ from types import FrameType
 
 import zmq
 
-from broker.server import PUB_SNDHWM, Broker, Config
+from broker.auth import KeysError
+from broker.core import Limits
+from broker.server import PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config
 from broker.store import Store, StoreError, default_data_dir
 from zchat import __version__
+from zchat import protocol as p
 
 log = logging.getLogger("zchat.broker")
 #: Start, ready and stop lines are shown whatever --log-level says: an operator
@@ -28,6 +31,16 @@ def _env_int(name: str, default: int) -> int:
         return default
     try:
         return int(value)
+    except ValueError:
+        raise SystemExit(f"zchat-broker: {name}={value!r} is not a number") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
     except ValueError:
         raise SystemExit(f"zchat-broker: {name}={value!r} is not a number") from None
 
@@ -86,6 +99,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="room events queued per subscriber before a slow one loses live events, which it then "
         f"fetches from history; bounds the broker's memory (ZCHAT_PUB_HWM; default {PUB_SNDHWM})",
     )
+    limits = Limits()
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        default=Path(os.environ["ZCHAT_KEYS"]) if os.environ.get("ZCHAT_KEYS") else None,
+        help="directory with broker.key_secret and authorized/NAME.key: turns on CURVE encryption and lets in "
+        "only those users, each under its own name; SIGHUP re-reads authorized/ (ZCHAT_KEYS; default: off)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=_env_float("ZCHAT_RATE_LIMIT", limits.rate),
+        help="messages + DMs a second per session, sustained; 0 turns it off "
+        f"(ZCHAT_RATE_LIMIT; default {limits.rate:g})",
+    )
+    parser.add_argument(
+        "--rate-burst",
+        type=int,
+        default=_env_int("ZCHAT_RATE_BURST", limits.burst),
+        help=f"messages a session may send at once above that rate (ZCHAT_RATE_BURST; default {limits.burst})",
+    )
+    parser.add_argument(
+        "--join-rate",
+        type=float,
+        default=_env_float("ZCHAT_JOIN_RATE", limits.join_rate),
+        help="joins + leaves a second per session, sustained, with a burst of "
+        f"{limits.join_burst}; 0 turns it off (ZCHAT_JOIN_RATE; default {limits.join_rate:g})",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=_env_int("ZCHAT_MAX_SESSIONS", limits.max_sessions),
+        help=f"live sessions at most (ZCHAT_MAX_SESSIONS; default {limits.max_sessions})",
+    )
+    parser.add_argument(
+        "--max-rooms",
+        type=int,
+        default=_env_int("ZCHAT_MAX_ROOMS", limits.max_rooms),
+        help=f"rooms one session may be in (ZCHAT_MAX_ROOMS; default {limits.max_rooms})",
+    )
+    parser.add_argument(
+        "--max-text",
+        type=int,
+        default=_env_int("ZCHAT_MAX_TEXT", limits.max_text),
+        help=f"longest message text in characters, at most {p.MAX_TEXT_CHARS} "
+        f"(ZCHAT_MAX_TEXT; default {limits.max_text})",
+    )
+    parser.add_argument(
+        "--max-msg-bytes",
+        type=int,
+        default=_env_int("ZCHAT_MAX_MSG_BYTES", SOCKET_MAX_MSG_BYTES),
+        help="a ZeroMQ frame larger than this drops the sender's connection (ZMQ_MAXMSGSIZE); smaller "
+        f"oversize envelopes get a too_large error (ZCHAT_MAX_MSG_BYTES; default {SOCKET_MAX_MSG_BYTES})",
+    )
     parser.add_argument(
         "--log-level",
         default=os.environ.get("ZCHAT_LOG_LEVEL", "info"),
@@ -107,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.heartbeat_ms < 100:
         log.error("--heartbeat-ms must be at least 100")
         return 2
+    if not 1 <= args.max_text <= p.MAX_TEXT_CHARS:
+        log.error("--max-text must be between 1 and %d", p.MAX_TEXT_CHARS)
+        return 2
+    if min(args.rate_burst, args.max_sessions, args.max_rooms) < 1 or args.max_msg_bytes < p.MAX_FRAME_BYTES:
+        log.error(
+            "--rate-burst, --max-sessions and --max-rooms must be positive, --max-msg-bytes >= %d", p.MAX_FRAME_BYTES
+        )
+        return 2
     data_dir: Path = args.data or default_data_dir()
     config = Config(
         host=args.host,
@@ -116,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_ms=args.heartbeat_ms,
         durability=args.durability,
         pub_hwm=args.pub_hwm,
+        limits=Limits(
+            rate=args.rate_limit,
+            burst=args.rate_burst,
+            join_rate=args.join_rate,
+            max_sessions=args.max_sessions,
+            max_rooms=args.max_rooms,
+            max_text=args.max_text,
+        ),
+        max_msg_bytes=args.max_msg_bytes,
+        keys_dir=args.keys,
     )
     try:
         store = Store(data_dir, config.durability)
@@ -128,14 +213,29 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, exc.strerror)
         store.close()
         return 1
+    except KeysError as exc:
+        log.error("%s", exc)
+        store.close()
+        return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         lifecycle.info("%s received, shutting down", signal.Signals(signum).name)
         broker.stop()
 
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        broker.reload()
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    log.warning("traffic is unauthenticated and unencrypted: expose these ports only to a trusted network")
+    signal.signal(signal.SIGHUP, on_hup)
+    if broker.keys is None:
+        log.warning(
+            "no --keys: traffic is unauthenticated and unencrypted; expose these ports only to a trusted network"
+        )
+    else:
+        lifecycle.info(
+            "CURVE on: %d authorized users; broker public key %s", len(broker.keys.users), broker.keys.public.decode()
+        )
     lifecycle.info(
         "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s",
         __version__,

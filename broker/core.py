@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,44 @@ class HistoryQuery:
 Action = Reply | Publish | HistoryQuery
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one session may do; exceeding a limit costs the abuser only (a coded error).
+
+    The defaults never trip a person typing, or pasting a screenful of lines.
+    A rate of 0 turns that bucket off (benchmarks, trusted bots).
+    """
+
+    #: Sustained messages + DMs per second, and the burst allowed above it.
+    rate: float = 10.0
+    burst: int = 50
+    #: Sustained joins + leaves per second, and their burst.
+    join_rate: float = 2.0
+    join_burst: int = 20
+    max_sessions: int = 10_000
+    max_rooms: int = 100
+    #: Longest text accepted (at most the protocol's MAX_TEXT_CHARS).
+    max_text: int = p.MAX_TEXT_CHARS
+
+
+@dataclass(slots=True)
+class Bucket:
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    tokens: float
+    stamp: int
+
+    def take(self, now: int, rate: float, burst: int) -> bool:
+        if rate <= 0:
+            return True
+        self.tokens = min(float(burst), self.tokens + (now - self.stamp) * rate / 1000)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 @dataclass(slots=True)
 class Session:
     identity: bytes
@@ -63,11 +102,36 @@ class Session:
     #: Secret: whoever presents it in a hello takes this session over.
     token: str
     last_seen: int
+    sends: Bucket
+    joins: Bucket
     rooms: set[str] = field(default_factory=set)
 
 
 def _ident(identity: bytes) -> str:
     return identity.hex()
+
+
+#: Most "rejected input" log lines a second; the rest are counted in a summary.
+LOG_REJECTS_PER_S = 20
+
+
+class _LogBudget:
+    def __init__(self) -> None:
+        self.second = 0
+        self.used = 0
+        self.dropped = 0
+
+    def allow(self, now: float) -> bool:
+        second = int(now)
+        if second != self.second:
+            if self.dropped:
+                log.warning("... and %d more rejected inputs not logged", self.dropped)
+            self.second, self.used, self.dropped = second, 0, 0
+        self.used += 1
+        if self.used > LOG_REJECTS_PER_S:
+            self.dropped += 1
+            return False
+        return True
 
 
 class Core:
@@ -80,12 +144,18 @@ class Core:
         heartbeat_ms: int,
         room_seqs: dict[str, int] | None = None,
         recent_acks: Iterable[Envelope] = (),
+        limits: Limits | None = None,
+        authenticated: bool = False,
         new_sender: Callable[[], str] = lambda: secrets.token_hex(8),
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
     ) -> None:
         self.epoch = epoch
         self.heartbeat_ms = heartbeat_ms
         self.expiry_ms = 3 * heartbeat_ms
+        self.limits = limits or Limits()
+        #: With CURVE on, every request carries the name its key belongs to.
+        self.authenticated = authenticated
+        self._log_budget = _LogBudget()
         self._new_sender = new_sender
         self._new_token = new_token
         #: room -> last seq given out (continues what the store holds).
@@ -112,17 +182,32 @@ class Core:
 
     # ------------------------------------------------------------------ input
 
-    def handle(self, identity: bytes, frame: bytes, now: int) -> list[Action]:
-        """One envelope frame from ``identity`` at time ``now`` (ms)."""
+    def handle(self, identity: bytes, frame: bytes, now: int, user: str | None = None) -> list[Action]:
+        """One envelope frame from ``identity`` at time ``now`` (ms).
+
+        ``user`` is the name the connection's CURVE key belongs to (ZeroMQ's
+        ``User-Id``); when the broker runs with keys it is the only name that
+        connection may use.
+        """
         try:
             env = p.decode_request(frame)
         except ProtocolError as exc:
             return self.reject(identity, exc)
         kind: str = env["type"]
         session = self.by_identity.get(identity)
+        if self.authenticated and not user:
+            return self.reject(identity, ProtocolError(ErrorCode.NOT_REGISTERED, "not authenticated", env.get("id")))
         if kind == "hello":
+            if user and env["name"] != user:
+                return self.reject(
+                    identity,
+                    ProtocolError(
+                        ErrorCode.BAD_NAME, f"your key is {user!r}'s; you cannot be {env['name']!r}", env.get("id")
+                    ),
+                )
             return self._hello(identity, session, env, now)
-        if session is None:
+        if session is None or (user and session.name != user):
+            # (A connection that took over a departed peer's routing id is not that peer.)
             return self.reject(
                 identity,
                 ProtocolError(ErrorCode.NOT_REGISTERED, f"say hello before {kind!r}", env.get("id")),
@@ -135,7 +220,10 @@ class Core:
             return self.reject(identity, exc)
 
     def reject(self, identity: bytes, exc: ProtocolError) -> list[Action]:
-        """Answer bad input with a coded error; the one log line per rejected input."""
+        """Answer bad input with a coded error; the one log line per rejected input
+        (at most LOG_REJECTS_PER_S a second, so a flood cannot fill the disk)."""
+        if not self._log_budget.allow(time.monotonic()):
+            return [Reply(identity, exc.to_envelope())]
         session = self.by_identity.get(identity)
         who = session.name if session else "-"
         log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
@@ -153,6 +241,16 @@ class Core:
 
     def room_seq(self, room: str) -> int:
         return self.seqs.get(room, 0)
+
+    def revoke(self, names: Iterable[str], now: int) -> list[Action]:
+        """End the live sessions of users whose keys were withdrawn."""
+        actions: list[Action] = []
+        for name in names:
+            session = self.by_name.get(name)
+            if session is not None:
+                log.warning("session ended, key revoked: %s (%s)", name, _ident(session.identity))
+                actions.extend(self._end(session, now))
+        return actions
 
     # ------------------------------------------------------------- helpers
 
@@ -223,7 +321,20 @@ class Core:
             holder.last_seen = now
             self.by_identity[identity] = holder
             return self._welcome(holder, True, rid)
-        session = Session(identity, name, self._new_sender(), self._new_token(), now)
+        if len(self.by_name) >= self.limits.max_sessions:
+            return self.reject(
+                identity, ProtocolError(ErrorCode.LIMIT_REACHED, "the broker is full; try again later", rid)
+            )
+        limits = self.limits
+        session = Session(
+            identity,
+            name,
+            self._new_sender(),
+            self._new_token(),
+            now,
+            sends=Bucket(float(limits.burst), now),
+            joins=Bucket(float(limits.join_burst), now),
+        )
         self.by_identity[identity] = session
         self.by_name[name] = session
         log.info("session start: %s (%s) sender=%s", name, _ident(identity), session.sender)
@@ -233,6 +344,11 @@ class Core:
         room: str = env["room"]
         actions: list[Action] = []
         if room not in session.rooms:
+            if len(session.rooms) >= self.limits.max_rooms:
+                raise ProtocolError(
+                    ErrorCode.LIMIT_REACHED, f"already in {self.limits.max_rooms} rooms; leave one first"
+                )
+            self._throttle_join(session, now)
             session.rooms.add(room)
             self.members.setdefault(room, {})[session.name] = session
             actions.append(self._presence(room, session.name, "join", now))
@@ -246,6 +362,7 @@ class Core:
         room: str = env["room"]
         if room not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"not in #{room}")
+        self._throttle_join(session, now)
         session.rooms.discard(room)
         self._drop_member(room, session.name)
         return [
@@ -264,11 +381,33 @@ class Core:
             # A resend of a message we already stored: acknowledge it again,
             # with its original seq, and publish nothing.
             return [Reply(session.identity, dict(first))]
+        self._check_text(env["text"])
+        self._throttle_send(session, now)
         seq = self._next_seq(room)
         event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id, env.get("action", False))
         ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
         self._remember_ack(session.name, ack)
         return [Publish(room, event), Reply(session.identity, ack)]
+
+    def _check_text(self, text: str) -> None:
+        if len(text) > self.limits.max_text:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"text of {len(text)} characters, the limit is {self.limits.max_text}"
+            )
+
+    def _throttle_send(self, session: Session, now: int) -> None:
+        limits = self.limits
+        if not session.sends.take(now, limits.rate, limits.burst):
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, f"slow down: at most {limits.rate:g} messages a second (burst {limits.burst})"
+            )
+
+    def _throttle_join(self, session: Session, now: int) -> None:
+        limits = self.limits
+        if not session.joins.take(now, limits.join_rate, limits.join_burst):
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, f"slow down: at most {limits.join_rate:g} joins/leaves a second"
+            )
 
     def _remember_ack(self, name: str, ack: Envelope) -> None:
         self._acked[(name, ack["id"])] = ack
@@ -280,6 +419,8 @@ class Core:
         target = self.by_name.get(to)
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
+        self._check_text(env["text"])
+        self._throttle_send(session, now)
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         # Private: ROUTER to the recipient only, never PUB, never the store.
         return [Reply(target.identity, event), Reply(session.identity, {"type": "ack", "id": env["id"], "ts": now})]

@@ -15,13 +15,14 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from broker.core import DEDUP_WINDOW, Action, Core, HistoryQuery, Publish, Reply
+from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, secure_server
+from broker.core import DEDUP_WINDOW, Action, Core, HistoryQuery, Limits, Publish, Reply
 from broker.store import Durability, Row, Store
 from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
@@ -49,6 +50,11 @@ class Config:
     heartbeat_ms: int = 5000
     durability: Durability = "full"
     pub_hwm: int = PUB_SNDHWM
+    limits: Limits = field(default_factory=Limits)
+    #: Frames larger than this make libzmq drop the sender's connection.
+    max_msg_bytes: int = SOCKET_MAX_MSG_BYTES
+    #: With a key directory, CURVE on both sockets and only authorized users.
+    keys_dir: Path | None = None
 
 
 def now_ms() -> int:
@@ -71,12 +77,20 @@ class Broker:
         self.config = config
         self.store = store
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.keys = load_keys(config.keys_dir) if config.keys_dir else None
         self.ctx = zmq.Context()
+        self.auth: Authenticator | None = None
+        if self.keys is not None:
+            self.auth = Authenticator(self.ctx, self.keys.users)
+            self.auth.start()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.pub = self.ctx.socket(zmq.PUB)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 500)
-            sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MSG_BYTES)
+            sock.setsockopt(zmq.MAXMSGSIZE, config.max_msg_bytes)
+            if self.keys is not None:
+                secure_server(sock, self.keys)
         # An unreachable peer raises instead of silently eating the reply.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pub.setsockopt(zmq.SNDHWM, config.pub_hwm)
@@ -101,6 +115,8 @@ class Broker:
             heartbeat_ms=config.heartbeat_ms,
             room_seqs=store.room_seqs(),
             recent_acks=store.recent_acks(DEDUP_WINDOW),
+            limits=config.limits,
+            authenticated=self.keys is not None,
         )
         self._encode = p.Encoder()
 
@@ -108,6 +124,10 @@ class Broker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload(self) -> None:
+        """Ask the loop to re-read the authorized keys (SIGHUP); safe from any thread."""
+        self._reload.set()
 
     def run(self) -> None:
         try:
@@ -137,6 +157,9 @@ class Broker:
             if now >= next_tick:
                 actions.extend(self.core.expire(now))
                 next_tick = now + tick_every
+            if self._reload.is_set():
+                self._reload.clear()
+                actions.extend(self._reload_keys(now))
             if actions:
                 self._perform(actions)
 
@@ -144,6 +167,7 @@ class Broker:
         """Read every message that is ready (up to BATCH) and let the core decide."""
         router = self.router
         handle = self.core.handle
+        secured = self.keys is not None
         actions: list[Action] = []
         for _ in range(BATCH):
             try:
@@ -151,7 +175,16 @@ class Broker:
                 identity = router.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            frame = router.recv() if router.rcvmore else b""
+            user = None
+            if not router.rcvmore:
+                frame = b""
+            elif secured:
+                # The name the connection's key belongs to, set by our ZAP handler.
+                part = router.recv(copy=False)
+                user = str(part.get("User-Id") or "") or None
+                frame = part.bytes
+            else:
+                frame = router.recv()
             if router.rcvmore:
                 while router.rcvmore:
                     router.recv()
@@ -159,8 +192,31 @@ class Broker:
                     self.core.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
                 )
                 continue
-            actions.extend(handle(identity, frame, now))
+            actions.extend(handle(identity, frame, now, user))
         return actions
+
+    def _reload_keys(self, now: int) -> list[Action]:
+        """Re-read the authorized users; end the sessions, and cut the connections, of removed ones."""
+        if self.keys is None or self.auth is None or self.config.keys_dir is None:
+            log.info("reload requested, but the broker runs without keys: nothing to do")
+            return []
+        try:
+            users = load_users(self.config.keys_dir / "authorized")
+        except KeysError as exc:
+            log.error("reload failed, keeping the old keys: %s", exc)
+            return []
+        removed = set(self.keys.users.values()) - set(users.values())
+        self.keys = Keys(self.keys.public, self.keys.secret, users)
+        self.auth.users = users  # swapped whole: the ZAP thread only ever reads it
+        log.warning("reloaded %d authorized keys; revoked: %s", len(users), ", ".join(sorted(removed)) or "none")
+        if not removed:
+            return []
+        # ZeroMQ cannot close one peer of a bound socket, so rebind both: every
+        # client reconnects (and resumes) at once, a revoked key no longer can.
+        for sock, endpoint in ((self.router, self.endpoint), (self.pub, self.pub_endpoint)):
+            sock.unbind(endpoint)
+            sock.bind(endpoint)
+        return self.core.revoke(removed, now)
 
     def _perform(self, actions: list[Action]) -> None:
         encode = self._encode
@@ -237,6 +293,8 @@ class Broker:
                 with contextlib.suppress(zmq.ZMQError):
                     sock.disable_monitor()
                 sock.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 

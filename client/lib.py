@@ -28,6 +28,7 @@ Guarantees it gives on top of the wire (DESIGN.md "Client rules"):
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
@@ -52,6 +55,8 @@ PROBE_LIMIT = 12
 ACK_RESEND_S = 5.0
 #: How many ids of our own shown messages are remembered to drop their copies.
 SHOWN_WINDOW = 10_000
+#: After a ``rate_limited`` refusal, new and refused messages wait this long.
+RATE_RETRY_S = 1.0
 
 
 class ZchatError(Exception):
@@ -171,6 +176,38 @@ class _Room:
     next_probe: float = 0.0
 
 
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CurveKeys:
+    """Our CURVE keypair and the broker's public key (all z85, as in ZeroMQ certificates)."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+    @classmethod
+    def load(cls, secret_file: str | os.PathLike[str], broker_public_file: str | os.PathLike[str]) -> CurveKeys:
+        """From ``NAME.key_secret`` and the broker's ``broker.key`` (as made by ``zchat-keygen``)."""
+        try:
+            public, secret = zmq.auth.load_certificate(secret_file)
+        except (OSError, ValueError) as exc:
+            raise RequestError("bad_key", f"cannot read the secret key {secret_file}: {exc}") from None
+        if not secret:
+            raise RequestError("bad_key", f"{secret_file} holds no secret key (use the .key_secret file)")
+        try:
+            server, _ = zmq.auth.load_certificate(broker_public_file)
+        except (OSError, ValueError) as exc:
+            raise RequestError("bad_key", f"cannot read the broker key {broker_public_file}: {exc}") from None
+        return cls(public, secret, server)
+
+
 def endpoint(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
@@ -189,6 +226,7 @@ class Client:
         request_timeout: float = REQUEST_TIMEOUT_S,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         sub_hwm: int = 10_000,
+        curve: CurveKeys | None = None,
     ) -> None:
         """``sub_hwm`` bounds the room events queued locally; beyond it ZeroMQ drops
         them and the client fetches them from history instead (as after any gap).
@@ -208,6 +246,11 @@ class Client:
         self.epoch: str | None = None
         self.heartbeat_ms = 5000
         self._sub_hwm = sub_hwm
+        self._curve = curve
+        self._auth_failure: str | None = None
+        self._hold_until = 0.0
+        self._rooms: dict[str, _Room] = {}
+        self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
         self._resume: str | None = None
         self._own_context = context is None
         self._ctx = context or zmq.Context()
@@ -221,7 +264,6 @@ class Client:
         self._last_recv = now
         self._next_hello = now
         self._events: deque[Event] = deque()
-        self._rooms: dict[str, _Room] = {}
         #: id -> reply, for requests someone is waiting on.
         self._replies: dict[str, Envelope | None] = {}
         #: id -> callback, for replies handled in the background.
@@ -254,8 +296,9 @@ class Client:
                 self._dealer.send(self._encode({"type": "bye"}), zmq.NOBLOCK)
                 said_bye = True
         self.state = "closed"
-        self._dealer.close(linger=int(flush_timeout * 1000) if said_bye else 0)
-        self._sub.close(linger=0)
+        if said_bye:
+            self._dealer.setsockopt(zmq.LINGER, int(flush_timeout * 1000))
+        self._close_sockets()
         if self._own_context:
             self._ctx.term()
 
@@ -406,6 +449,8 @@ class Client:
             self._read_dealer()
         if self._sub in ready:
             self._read_sub()
+        for monitor in [m for m in self._monitors if m in ready]:
+            self._on_monitor(monitor)
         return [fd for fd in fds if fd in ready]
 
     # ------------------------------------------------------- the session
@@ -420,12 +465,53 @@ class Client:
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * p.MAX_REPLY_BYTES)
+            if self._curve is not None:
+                sock.curve_publickey = self._curve.public
+                sock.curve_secretkey = self._curve.secret
+                sock.curve_serverkey = self._curve.server_public
             self._poller.register(sock, zmq.POLLIN)
+            # Handshake outcomes: a refused key must be an error, not a silent hang.
+            monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            self._monitors[monitor] = sock
+            self._poller.register(monitor, zmq.POLLIN)
         dealer.connect(self.endpoint)
         sub.connect(self.pub_endpoint)
-        for room in getattr(self, "_rooms", ()):
+        for room in self._rooms:
             sub.subscribe(p.room_topic(room))
         return dealer, sub
+
+    def _close_sockets(self) -> None:
+        for monitor, sock in list(self._monitors.items()):
+            self._poller.unregister(monitor)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
+        self._monitors.clear()
+        for sock in (self._dealer, self._sub):
+            self._poller.unregister(sock)
+            sock.close(linger=0)
+
+    def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
+        sock = self._monitors.get(monitor)
+        while sock is not None:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            where = self.endpoint if sock is self._dealer else self.pub_endpoint
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if sock is self._sub:
+                    # A (re)connected SUB may have missed events while it was away.
+                    for state in self._rooms.values():
+                        state.confirmed, state.probes, state.next_probe = False, 0, time.monotonic()
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._auth_failure = f"the broker at {where} does not accept our key (is it in its authorized/?)"
+            elif self._curve is not None:
+                self._auth_failure = (
+                    f"the CURVE handshake with {where} failed: is the broker key the broker's public key?"
+                )
+            else:
+                self._auth_failure = f"the broker at {where} requires CURVE keys (--key and --broker-key)"
 
     def _welcomed(self, welcome: Envelope) -> None:
         restarted = self.epoch is not None and welcome["epoch"] != self.epoch
@@ -470,9 +556,7 @@ class Client:
         self._status("reconnecting", f"connection lost ({why}); reconnecting")
         # Fresh sockets: a half-dead TCP connection could hold our requests for
         # minutes; anything queued on the old ones is resent after the hello.
-        for sock in (self._dealer, self._sub):
-            self._poller.unregister(sock)
-            sock.close(linger=0)
+        self._close_sockets()
         self._dealer, self._sub = self._open_sockets()
         for rid in [r for r in self._replies if self._replies[r] is None]:
             self._replies[rid] = {"type": "error", "code": "unreachable", "message": f"connection lost ({why})"}
@@ -511,6 +595,8 @@ class Client:
             self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
 
     def _resend(self, sent_before: float) -> None:
+        if time.monotonic() < self._hold_until:
+            return  # rate limited: wait, then send everything held, in order
         for rid, env in self._unacked.items():
             if self._sent_at.get(rid, 0.0) <= sent_before:
                 self._send(env)
@@ -554,10 +640,10 @@ class Client:
     def _send_tracked(self, env: Envelope) -> str:
         rid = env["id"] = self._new_id()
         self._unacked[rid] = env
-        if self.state == "connected":
+        if self.state == "connected" and time.monotonic() >= self._hold_until:
             self._send(env)
             self._sent_at[rid] = time.monotonic()
-        # Otherwise it goes out with the resend after the next welcome.
+        # Otherwise it goes out with the next resend (after a welcome, or a hold).
         return rid
 
     def _acked(self, rid: str) -> Envelope | None:
@@ -593,6 +679,8 @@ class Client:
             self._send(env)
             deadline = time.monotonic() + (self.request_timeout if timeout is None else timeout)
             while (reply := self._replies[rid]) is None:
+                if self._auth_failure:
+                    raise RequestError("auth_failed", self._auth_failure)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BrokerUnreachable(f"no reply from {self.endpoint} to {env['type']!r}")
@@ -637,6 +725,11 @@ class Client:
             callback = self._callbacks.pop(rid, None)
             if callback is not None:
                 callback(env)
+                return
+            if kind == "error" and env.get("code") == ErrorCode.RATE_LIMITED and rid in self._unacked:
+                # Not lost, only early: hold new sends, then resend in order.
+                self._hold_until = time.monotonic() + RATE_RETRY_S
+                self._sent_at[rid] = 0.0
                 return
             if kind in ("ack", "error") and rid in self._unacked:
                 sent = self._acked(rid)

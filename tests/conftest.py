@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import zmq
 
+from broker.core import Limits
 from broker.server import Broker, Config
 from broker.store import Store
 from client.lib import Client
@@ -50,12 +51,23 @@ class RunningBroker:
     data_dir: Path
     heartbeat_ms: int = 5000
     pub_hwm: int = 10_000
+    #: Tests that flood turn the per-session limits off; test_limits sets its own.
+    limits: Limits = field(default_factory=lambda: Limits(rate=0, join_rate=0))
+    keys_dir: Path | None = None
     broker: Broker = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def start(self) -> RunningBroker:
         self.store = Store(self.data_dir, "normal")
-        config = Config(host=HOST, port=0, pub_port=0, heartbeat_ms=self.heartbeat_ms, pub_hwm=self.pub_hwm)
+        config = Config(
+            host=HOST,
+            port=0,
+            pub_port=0,
+            heartbeat_ms=self.heartbeat_ms,
+            pub_hwm=self.pub_hwm,
+            limits=self.limits,
+            keys_dir=self.keys_dir,
+        )
         self.broker = Broker(config, self.store)
         self.thread = threading.Thread(target=self.broker.run, name="broker", daemon=True)
         self.thread.start()

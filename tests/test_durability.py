@@ -26,7 +26,7 @@ def all_history(client: Client, room: str) -> list[tuple[int, str | None, str | 
 @pytest.mark.timeout(90)
 def test_acked_messages_survive_kill_9_and_seq_continues(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    first = BrokerProcess(data).start()
+    first = BrokerProcess(data, extra=["--rate-limit", "0"]).start()
     acked: dict[int, str] = {}
     writer = Client("writer", HOST, first.port, first.pub_port, request_timeout=2)
     try:

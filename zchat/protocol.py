@@ -59,6 +59,7 @@ class ErrorCode(StrEnum):
     NO_SUCH_USER = "no_such_user"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
+    LIMIT_REACHED = "limit_reached"
 
 
 class ProtocolError(Exception):

@@ -1,0 +1,141 @@
+"""CURVE keys and who may connect: ZeroMQ's own security (CurveZMQ + ZAP).
+
+Layout of a key directory (``zchat-broker --keys DIR``)::
+
+    DIR/broker.key_secret      the broker's keypair (give DIR/broker.key to users)
+    DIR/authorized/alice.key   one public certificate per user, named after the user
+
+The ZAP handler runs on its own thread with its own socket (pyzmq's
+``ThreadAuthenticator``), on the broker's context; it only reads the table of
+authorized keys, which the broker loop replaces wholesale on reload, so no
+socket or mutable state is shared between threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from zchat import protocol as p
+
+log = logging.getLogger("zchat.broker")
+
+ZAP_DOMAIN = "zchat"
+BROKER_CERT = "broker"
+
+
+class KeysError(Exception):
+    """A key file is missing or unreadable; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The broker's keypair and the authorized users (z85 public key -> name)."""
+
+    public: bytes
+    secret: bytes
+    users: dict[bytes, str]
+
+
+def load_secret(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` certificate."""
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise KeysError(f"cannot read the secret key {path}: {exc}") from None
+    if not secret:
+        raise KeysError(f"{path} holds no secret key (use the .key_secret file)")
+    return public, secret
+
+
+def load_public(path: Path) -> bytes:
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise KeysError(f"cannot read the public key {path}: {exc}") from None
+    return public
+
+
+def load_users(directory: Path) -> dict[bytes, str]:
+    """Every ``NAME.key`` in ``directory``: public key -> NAME. Bad files are skipped, loudly."""
+    if not directory.is_dir():
+        raise KeysError(f"no authorized-users directory {directory} (put users' NAME.key files there)")
+    users: dict[bytes, str] = {}
+    for path in sorted(directory.glob("*.key")):
+        name = path.stem
+        if not p.is_name(name):
+            log.warning("skipping %s: %r is not a valid user name", path, name)
+            continue
+        try:
+            users[load_public(path)] = name
+        except KeysError as exc:
+            log.warning("skipping %s", exc)
+    return users
+
+
+def load_keys(directory: Path) -> Keys:
+    public, secret = load_secret(directory / f"{BROKER_CERT}.key_secret")
+    return Keys(public, secret, load_users(directory / "authorized"))
+
+
+class Authenticator(ThreadAuthenticator):
+    """Accepts exactly the authorized keys and names each connection after its user.
+
+    The name becomes the ZeroMQ ``User-Id`` of every message on that
+    connection, which is what the broker trusts for who is speaking.
+    """
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], users: dict[bytes, str]) -> None:
+        super().__init__(context, log=logging.getLogger("zchat.broker.zap"))
+        self.users = users
+        self.configure_curve_callback(ZAP_DOMAIN, self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self.users
+        if not allowed:
+            log.warning("refused a CURVE key that is not authorized: %s", key.decode("ascii", "replace"))
+        return allowed
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.users.get(zmq.utils.z85.encode(client_public_key), "")
+
+
+def secure_server(sock: zmq.Socket[bytes], keys: Keys) -> None:
+    sock.curve_server = True
+    sock.curve_publickey = keys.public
+    sock.curve_secretkey = keys.secret
+    sock.zap_domain = ZAP_DOMAIN.encode()
+
+
+def keygen_main(argv: list[str] | None = None) -> int:
+    """``zchat-keygen``: make a CURVE keypair in ZeroMQ's certificate format."""
+    parser = argparse.ArgumentParser(
+        prog="zchat-keygen",
+        description="Create a CURVE keypair: NAME.key (public, to share) and NAME.key_secret (keep private).",
+        epilog="For the broker use the name 'broker' and keep both files in its --keys directory; for a user, "
+        "copy NAME.key into the broker's KEYS/authorized/ and give the user NAME.key_secret and broker.key.",
+    )
+    parser.add_argument("name", help="the user's chat name, or 'broker'")
+    parser.add_argument("--dir", type=Path, default=Path("."), help="where to write the files (default .)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    args = parser.parse_args(argv)
+    if args.name != BROKER_CERT and not p.is_name(args.name):
+        print(f"zchat-keygen: {args.name!r} is not a valid chat name", file=sys.stderr)
+        return 2
+    public = args.dir / f"{args.name}.key"
+    secret = args.dir / f"{args.name}.key_secret"
+    if not args.force and (public.exists() or secret.exists()):
+        print(f"zchat-keygen: {public} or {secret} exists; --force overwrites", file=sys.stderr)
+        return 1
+    args.dir.mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(args.dir, args.name)
+    secret.chmod(0o600)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+    return 0
