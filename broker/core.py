@@ -310,7 +310,8 @@ class Core:
         holder = self.by_name.get(name)
         if holder is not None:
             token = env.get("resume")
-            if token is None or not secrets.compare_digest(token, holder.token):
+            # Bytes, not str: compare_digest refuses non-ASCII str, and the token is untrusted.
+            if token is None or not secrets.compare_digest(token.encode(), holder.token.encode()):
                 return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
             # The same client on a new connection (a blip, a reconnect) takes its
             # session over. Nobody left or joined, so nothing is published; the

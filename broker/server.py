@@ -192,7 +192,12 @@ class Broker:
                     self.core.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
                 )
                 continue
-            actions.extend(handle(identity, frame, now, user))
+            try:
+                actions.extend(handle(identity, frame, now, user))
+            except Exception:
+                # A bug of ours must cost one request, not the broker: log it whole.
+                log.exception("internal error handling a request from %s", identity.hex())
+                actions.append(Reply(identity, p.error(ErrorCode.INTERNAL, "internal error; it has been logged")))
         return actions
 
     def _reload_keys(self, now: int) -> list[Action]:
@@ -214,8 +219,7 @@ class Broker:
         # ZeroMQ cannot close one peer of a bound socket, so rebind both: every
         # client reconnects (and resumes) at once, a revoked key no longer can.
         for sock, endpoint in ((self.router, self.endpoint), (self.pub, self.pub_endpoint)):
-            sock.unbind(endpoint)
-            sock.bind(endpoint)
+            _rebind(sock, endpoint)
         return self.core.revoke(removed, now)
 
     def _perform(self, actions: list[Action]) -> None:
@@ -296,6 +300,20 @@ class Broker:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def _rebind(sock: zmq.Socket[bytes], endpoint: str, timeout: float = 5.0) -> None:
+    """Unbind and bind again; libzmq closes the listener asynchronously, so retry briefly."""
+    sock.unbind(endpoint)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _peer_name(fd: int) -> str:

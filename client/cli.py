@@ -9,7 +9,7 @@ import time
 
 from client import render
 from client.commands import Commands
-from client.lib import BrokerUnreachable, Client, Event, RequestError
+from client.lib import BrokerUnreachable, Client, CurveKeys, Event, RequestError
 from zchat import __version__
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print each event as one JSON object per line")
     parser.add_argument("--send", metavar="TEXT", help="send TEXT to the room, wait for its ack, exit")
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("ZCHAT_KEY"),
+        metavar="FILE",
+        help="your CURVE secret key, NAME.key_secret from zchat-keygen, for a broker run with --keys (ZCHAT_KEY)",
+    )
+    parser.add_argument(
+        "--broker-key",
+        default=os.environ.get("ZCHAT_BROKER_KEY"),
+        metavar="FILE",
+        help="the broker's public key, broker.key (ZCHAT_BROKER_KEY)",
+    )
     parser.add_argument("--version", action="version", version=f"zchat {__version__}")
     return parser
 
@@ -86,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         printer.err(exc.message)
         return 2
     try:
-        client = Client(args.name, args.host, args.port, args.pub_port)
+        curve = None
+        if args.key or args.broker_key:
+            if not (args.key and args.broker_key):
+                printer.err("--key and --broker-key go together")
+                return 2
+            curve = CurveKeys.load(args.key, args.broker_key)
+        client = Client(args.name, args.host, args.port, args.pub_port, curve=curve)
     except RequestError as exc:
         printer.err(exc.message)
         return 2

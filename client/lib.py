@@ -493,6 +493,16 @@ class Client:
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         sock = self._monitors.get(monitor)
+        before = self._auth_failure
+        try:
+            self._read_monitor(monitor, sock)
+        finally:
+            if self._auth_failure and self._auth_failure != before:
+                self._events.append(Event(type="error", code="auth_failed", message=self._auth_failure))
+                # Refused on a reconnect (say, our key was revoked): we are not connected.
+                self._lost("the broker refused our key")
+
+    def _read_monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes] | None) -> None:
         while sock is not None:
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]

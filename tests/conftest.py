@@ -32,15 +32,24 @@ HOST = "127.0.0.1"
 READY_RE = re.compile(r"ready: requests on tcp://[^:]+:(\d+), room events on tcp://[^:]+:(\d+)")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test at the deadline."""
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    what: Callable[[], object] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test at the deadline.
+
+    ``what`` describes the state on failure, for the assertion message.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            detail = f": {what()!r}" if what is not None else ""
+            raise AssertionError(f"condition not met within {timeout} s{detail}")
         time.sleep(interval)
 
 
@@ -69,7 +78,16 @@ class RunningBroker:
             keys_dir=self.keys_dir,
         )
         self.broker = Broker(config, self.store)
-        self.thread = threading.Thread(target=self.broker.run, name="broker", daemon=True)
+        self.failure: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.broker.run()
+            except BaseException as exc:
+                self.failure = exc
+                raise
+
+        self.thread = threading.Thread(target=run, name="broker", daemon=True)
         self.thread.start()
         return self
 
@@ -86,6 +104,7 @@ class RunningBroker:
         self.thread.join(timeout=5)
         assert not self.thread.is_alive(), "broker thread did not stop"
         self.store.close()
+        assert self.failure is None, f"the broker loop died: {self.failure!r}"
 
 
 @pytest.fixture

@@ -113,7 +113,9 @@ def _pipe_listener(broker: BrokerProcess, name: str) -> subprocess.Popen[str]:
 @pytest.mark.timeout(240)
 def test_two_senders_flat_out_three_listeners(tmp_path: Path) -> None:
     """2 senders x 5,000 messages, 3 pipe-mode listeners: all 10,000 each, once, in order."""
-    broker = BrokerProcess(tmp_path / "data", extra=["--durability", "normal", "--log-level", "warning", "--rate-limit", "0"]).start()
+    broker = BrokerProcess(
+        tmp_path / "data", extra=["--durability", "normal", "--log-level", "warning", "--rate-limit", "0"]
+    ).start()
     per_sender = 5000
     listeners = {f"l{i}": _pipe_listener(broker, f"l{i}") for i in range(3)}
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in listeners}

@@ -60,6 +60,8 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     LIMIT_REACHED = "limit_reached"
+    #: A bug on the broker's side, never the client's; it is logged there.
+    INTERNAL = "internal_error"
 
 
 class ProtocolError(Exception):
@@ -140,7 +142,7 @@ def _check_value(value: object, depth: int) -> None:
         if not _MIN_INT <= value <= _MAX_INT:
             _fail(ErrorCode.BAD_ENVELOPE, "integer out of the signed 64-bit range")
         return
-    if depth >= MAX_DEPTH and isinstance(value, (list, dict)):
+    if depth > MAX_DEPTH and isinstance(value, (list, dict)):
         _fail(ErrorCode.BAD_ENVELOPE, f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, list):
         for item in value:
@@ -183,7 +185,11 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"not a msgpack envelope ({exc})") from None
     if not isinstance(env, dict):
         _fail(ErrorCode.BAD_ENVELOPE, f"envelope is a msgpack {type(env).__name__}, not a map")
-    _check_value(env, 1)
+    try:
+        _check_value(env, 1)
+    except ProtocolError as exc:
+        exc.request_id = _read_id(env)
+        raise
     kind = env.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, "missing or non-string 'type'", _read_id(env))

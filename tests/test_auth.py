@@ -1,0 +1,218 @@
+"""CURVE on: only authorized keys get in, each under its own name; revocation ends a session."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from client.lib import Client, CurveKeys, RequestError
+from tests.conftest import HOST, BrokerProcess, RunningBroker, bin_path, recv_all, wait_for
+from zchat import protocol as p
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """A broker key directory with alice and bob authorized; mallory has a key of her own."""
+    root = tmp_path / "keys"
+    (root / "authorized").mkdir(parents=True)
+    users = tmp_path / "users"
+    users.mkdir()
+    result = subprocess.run(
+        [bin_path("zchat-keygen"), "broker", "--dir", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (root / "broker.key_secret").stat().st_mode & 0o077 == 0, "secret key readable by others"
+    for name in ("alice", "bob", "mallory"):
+        zmq.auth.create_certificates(users, name)
+    for name in ("alice", "bob"):
+        (root / "authorized" / f"{name}.key").write_bytes((users / f"{name}.key").read_bytes())
+    return tmp_path
+
+
+def curve(keys: Path, user: str, broker_key: str = "keys/broker.key") -> CurveKeys:
+    return CurveKeys.load(keys / "users" / f"{user}.key_secret", keys / broker_key)
+
+
+@pytest.fixture
+def secure(keys: Path) -> Iterator[RunningBroker]:
+    running = RunningBroker(keys / "data", keys_dir=keys / "keys").start()
+    yield running
+    running.stop()
+
+
+def client(b: RunningBroker, name: str, keys: CurveKeys | None, **kw: object) -> Client:
+    return Client(name, HOST, b.port, b.pub_port, curve=keys, connect_timeout=3, **kw)  # type: ignore[arg-type]
+
+
+def test_authorized_users_chat(secure: RunningBroker, keys: Path) -> None:
+    with client(secure, "alice", curve(keys, "alice")) as alice, client(secure, "bob", curve(keys, "bob")) as bob:
+        alice.join("general")
+        bob.join("general")
+        alice.send("general", "encrypted hello")
+
+        def got() -> bool:
+            bob.pump(0.05)
+            return any(e.text == "encrypted hello" for e in bob.drain_events())
+
+        wait_for(got, 5, interval=0)
+
+
+@pytest.mark.parametrize(
+    ("who", "broker_key", "needle"),
+    [
+        ("mallory", "keys/broker.key", "does not accept our key"),
+        ("alice", "users/bob.key", "handshake"),
+        (None, None, "requires CURVE keys"),
+    ],
+    ids=["unknown key", "wrong broker key", "no key"],
+)
+def test_refused_clients_get_a_clear_error(
+    secure: RunningBroker, keys: Path, who: str | None, broker_key: str | None, needle: str
+) -> None:
+    c = client(secure, who or "nobody", curve(keys, who, broker_key) if who and broker_key else None)
+    try:
+        with pytest.raises(RequestError) as err:
+            c.connect()
+        assert err.value.code == "auth_failed"
+        assert needle in err.value.message
+    finally:
+        c.close(0)
+
+
+def test_outsiders_cannot_read_rooms(secure: RunningBroker, keys: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    spies = []
+    for user in (None, "mallory"):
+        spy = ctx.socket(zmq.SUB)
+        spy.setsockopt(zmq.LINGER, 0)
+        if user:
+            k = curve(keys, user)
+            spy.curve_publickey, spy.curve_secretkey, spy.curve_serverkey = k.public, k.secret, k.server_public
+        spy.setsockopt(zmq.SUBSCRIBE, b"")
+        spy.connect(f"tcp://{HOST}:{secure.pub_port}")
+        spies.append(spy)
+    with client(secure, "alice", curve(keys, "alice")) as alice:
+        alice.join("general")
+        for i in range(5):
+            alice.send_wait("general", f"secret {i}")
+    for spy in spies:
+        assert recv_all(spy, quiet=0.5) == []
+
+
+def test_key_decides_the_name(secure: RunningBroker, keys: Path) -> None:
+    c = client(secure, "bob", curve(keys, "alice"))  # alice's key, bob's name
+    try:
+        with pytest.raises(RequestError) as err:
+            c.connect()
+        assert err.value.code == "bad_name" and "alice" in err.value.message
+    finally:
+        c.close(0)
+
+
+def test_revoked_key_is_refused_and_session_ended(secure: RunningBroker, keys: Path) -> None:
+    alice = client(secure, "alice", curve(keys, "alice"))
+    bob = client(secure, "bob", curve(keys, "bob"))
+    try:
+        alice.connect()
+        bob.connect()
+        alice.join("general")
+        bob.join("general")
+        (keys / "keys" / "authorized" / "bob.key").unlink()
+        secure.broker.reload()
+        seen = []
+
+        def bob_left() -> bool:
+            alice.pump(0.05)
+            bob.pump(0.01)
+            seen.extend(alice.drain_events())
+            return any(e.type == "presence" and e.name == "bob" and e.event == "leave" for e in seen)
+
+        wait_for(bob_left, 10, interval=0, what=lambda: (seen, alice.state, alice._rooms))
+
+        def bob_refused() -> bool:
+            bob.pump(0.05)
+            alice.pump(0.01)
+            return any(e.type == "error" and e.code == "auth_failed" for e in bob.drain_events())
+
+        wait_for(bob_refused, 15, interval=0)
+        assert bob.state != "connected"
+        # alice was reconnected by the rebind and goes on chatting.
+        wait_for(lambda: alice.pump(0.05) is not None and alice.state == "connected", 15)
+        assert alice.send_wait("general", "still here").seq is not None
+        assert alice.who("general") == ["alice"]
+        fresh = client(secure, "bob", curve(keys, "bob"))
+        with pytest.raises(RequestError):
+            fresh.connect()
+        fresh.close(0)
+    finally:
+        alice.close(0)
+        bob.close(0)
+
+
+def test_cli_with_keys(keys: Path) -> None:
+    broker = BrokerProcess(keys / "data", extra=["--keys", str(keys / "keys")]).start()
+    try:
+        assert any("CURVE on: 2 authorized users" in line for line in broker.log)
+        ok = subprocess.run(
+            [bin_path("zchat"), "--name", "alice", "--send", "hi", "--key", str(keys / "users/alice.key_secret")],
+            env={**broker.env(), "ZCHAT_BROKER_KEY": str(keys / "keys/broker.key")},
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert ok.returncode == 0, ok.stderr
+        assert "<alice> hi" in ok.stdout
+        bad = subprocess.run(
+            [bin_path("zchat"), "--name", "mallory", "--send", "hi"],
+            env={**broker.env(), "ZCHAT_BROKER_KEY": str(keys / "keys/broker.key")},
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert bad.returncode == 2 and "go together" in bad.stderr
+        missing = subprocess.run(
+            [bin_path("zchat"), "--name", "x", "--key", "/nonexistent", "--broker-key", str(keys / "keys/broker.key")],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert missing.returncode == 2 and "/nonexistent" in missing.stderr
+    finally:
+        broker.kill()
+
+
+def test_broker_without_keys_warns(tmp_path: Path) -> None:
+    broker = BrokerProcess(tmp_path / "d").start()
+    try:
+        assert any("unauthenticated and unencrypted" in line for line in broker.log)
+    finally:
+        broker.kill()
+
+
+def test_keygen_refuses_bad_names_and_overwrites(tmp_path: Path) -> None:
+    bad = subprocess.run(
+        [bin_path("zchat-keygen"), "-x", "--dir", str(tmp_path)], capture_output=True, timeout=15, check=False
+    )
+    assert bad.returncode != 0
+    ok = subprocess.run(
+        [bin_path("zchat-keygen"), "carol", "--dir", str(tmp_path)], capture_output=True, timeout=15, check=False
+    )
+    assert ok.returncode == 0
+    public, secret = zmq.auth.load_certificate(tmp_path / "carol.key_secret")
+    assert secret and p.is_name("carol") and public == zmq.auth.load_certificate(tmp_path / "carol.key")[0]
+    again = subprocess.run(
+        [bin_path("zchat-keygen"), "carol", "--dir", str(tmp_path)], capture_output=True, timeout=15, check=False
+    )
+    assert again.returncode == 1

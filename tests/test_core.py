@@ -1,0 +1,680 @@
+"""The broker core on its own: encoded envelopes in, actions out. No sockets, no store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from broker.core import Action, Core, HistoryQuery, Publish, Reply
+from zchat import protocol as p
+from zchat.protocol import ErrorCode
+
+HB = 1000
+A, B, C = b"id-a", b"id-b", b"id-c"
+
+
+def enc(**env: Any) -> bytes:
+    return p.encode(env)
+
+
+def make_core(**room_seqs: int) -> Core:
+    return Core(epoch="e", heartbeat_ms=HB, room_seqs=dict(room_seqs))
+
+
+def publishes(actions: list[Action]) -> list[Publish]:
+    return [a for a in actions if isinstance(a, Publish)]
+
+
+def replies(actions: list[Action]) -> list[Reply]:
+    return [a for a in actions if isinstance(a, Reply)]
+
+
+def only_reply(actions: list[Action], identity: bytes) -> dict[str, Any]:
+    assert len(actions) == 1, actions
+    action = actions[0]
+    assert isinstance(action, Reply)
+    assert action.identity == identity
+    return action.env
+
+
+def error_code(actions: list[Action], identity: bytes) -> str:
+    env = only_reply(actions, identity)
+    assert env["type"] == "error"
+    assert ErrorCode(env["code"])
+    return str(env["code"])
+
+
+def hello(core: Core, identity: bytes, name: str, now: int = 0, **extra: Any) -> dict[str, Any]:
+    env = only_reply(core.handle(identity, enc(type="hello", v=1, name=name, **extra), now), identity)
+    assert env["type"] == "welcome", env
+    return env
+
+
+def join(core: Core, identity: bytes, room: str, now: int = 0) -> list[Action]:
+    return core.handle(identity, enc(type="join", room=room), now)
+
+
+def msg(core: Core, identity: bytes, room: str, text: str, msg_id: str, now: int = 0, **extra: Any) -> list[Action]:
+    return core.handle(identity, enc(type="msg", room=room, text=text, id=msg_id, **extra), now)
+
+
+# --------------------------------------------------------------------------
+# hello
+
+
+def test_hello_welcome() -> None:
+    core = make_core()
+    actions = core.handle(A, enc(type="hello", v=1, name="alice", id="h1"), 123)
+    env = only_reply(actions, A)
+    assert env["type"] == "welcome"
+    assert env["v"] == 1
+    assert env["name"] == "alice"
+    assert env["epoch"] == "e"
+    assert env["heartbeat_ms"] == HB
+    assert env["id"] == "h1"
+    assert isinstance(env["sender"], str) and env["sender"]
+    assert env["resumed"] is False
+    assert isinstance(env["resume"], str) and env["resume"]
+    assert core.by_name["alice"].identity == A
+    assert core.by_identity[A].name == "alice"
+
+
+def test_hello_without_id_has_no_id() -> None:
+    core = make_core()
+    assert "id" not in hello(core, A, "alice")
+
+
+def test_senders_and_tokens_differ_per_session() -> None:
+    core = make_core()
+    a, b = hello(core, A, "alice"), hello(core, B, "bob")
+    assert a["sender"] != b["sender"]
+    assert a["resume"] != b["resume"]
+
+
+def test_name_taken() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    actions = core.handle(B, enc(type="hello", v=1, name="alice", id="h2"), 5)
+    env = only_reply(actions, B)
+    assert env["code"] == "name_taken"
+    assert env["id"] == "h2"
+    assert core.by_name["alice"].identity == A
+    assert B not in core.by_identity
+
+
+def test_second_hello_same_name_same_welcome() -> None:
+    core = make_core()
+    first = hello(core, A, "alice", 0)
+    again = hello(core, A, "alice", 10)
+    assert again == first
+    assert len(core.by_identity) == 1
+
+
+def test_second_hello_other_name_already_registered() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    actions = core.handle(A, enc(type="hello", v=1, name="bob", id="h3"), 5)
+    env = only_reply(actions, A)
+    assert env["code"] == "already_registered"
+    assert env["id"] == "h3"
+    assert core.by_identity[A].name == "alice"
+    assert "bob" not in core.by_name
+
+
+@pytest.mark.parametrize(
+    ("env", "code"),
+    [
+        ({"type": "hello", "v": 2, "name": "alice"}, "unsupported_version"),
+        ({"type": "hello", "v": 1, "name": "-alice"}, "bad_name"),
+        ({"type": "hello", "v": 1, "name": "a" * 33}, "bad_name"),
+    ],
+)
+def test_bad_hello(env: dict[str, Any], code: str) -> None:
+    core = make_core()
+    assert error_code(core.handle(A, p.encode(env), 0), A) == code
+    assert not core.by_identity
+    assert not core.by_name
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"type": "join", "room": "general", "id": "x1"},
+        {"type": "leave", "room": "general", "id": "x1"},
+        {"type": "msg", "room": "general", "text": "hi", "id": "x1"},
+        {"type": "dm", "to": "bob", "text": "hi", "id": "x1"},
+        {"type": "history", "room": "general", "id": "x1"},
+        {"type": "who", "room": "general", "id": "x1"},
+        {"type": "rooms", "id": "x1"},
+        {"type": "ping", "id": "x1"},
+        {"type": "bye", "id": "x1"},
+    ],
+    ids=lambda env: env["type"],
+)
+def test_requests_before_hello(env: dict[str, Any]) -> None:
+    core = make_core(general=3)
+    hello(core, B, "bob")
+    actions = core.handle(A, p.encode(env), 0)
+    reply = only_reply(actions, A)
+    assert reply["code"] == "not_registered"
+    assert reply["id"] == "x1"
+    assert core.seqs == {"general": 3}
+    assert set(core.by_identity) == {B}
+
+
+# --------------------------------------------------------------------------
+# resume
+
+
+def test_resume_takes_the_session_over() -> None:
+    core = make_core()
+    first = hello(core, A, "alice")
+    join(core, A, "general")
+    seq = core.seqs["general"]
+    actions = core.handle(B, enc(type="hello", v=1, name="alice", resume=first["resume"], id="h"), 50)
+    env = only_reply(actions, B)
+    assert env["type"] == "welcome"
+    assert env["resumed"] is True
+    assert env["sender"] == first["sender"]
+    assert env["id"] == "h"
+    assert core.seqs["general"] == seq  # nobody left or joined
+    assert core.by_name["alice"].identity == B
+    assert A not in core.by_identity
+    assert error_code(core.handle(A, enc(type="ping"), 60), A) == "not_registered"
+    # the rooms came along: B may write to general at once
+    assert [pub.env["from"] for pub in publishes(msg(core, B, "general", "back", "m1"))] == ["alice"]
+
+
+@pytest.mark.parametrize("token", ["wrong", "x" * 64, "é", "tok\u00e9n", "😀"])
+def test_resume_with_a_wrong_token_is_name_taken(token: str) -> None:
+    core = make_core()
+    first = hello(core, A, "alice")
+    assert first["resume"] != token
+    actions = core.handle(B, enc(type="hello", v=1, name="alice", resume=token, id="h"), 1)
+    reply = only_reply(actions, B)
+    assert reply["code"] == "name_taken"
+    assert reply["id"] == "h"
+    assert core.by_name["alice"].identity == A
+
+
+def test_resume_token_for_a_free_name_is_ignored() -> None:
+    core = make_core()
+    env = hello(core, A, "alice", resume="stale")
+    assert env["resumed"] is False
+    assert env["resume"] != "stale"
+
+
+# --------------------------------------------------------------------------
+# join / leave
+
+
+def test_join_publishes_presence_and_replies_joined() -> None:
+    core = make_core(general=41)
+    hello(core, A, "alice")
+    actions = core.handle(A, enc(type="join", room="general", id="j1"), 777)
+    assert len(actions) == 2
+    pub, reply = actions
+    assert isinstance(pub, Publish)
+    assert pub.room == "general"
+    assert pub.env == {"type": "presence", "room": "general", "seq": 42, "ts": 777, "name": "alice", "event": "join"}
+    assert isinstance(reply, Reply)
+    assert reply.identity == A
+    assert reply.env == {"type": "joined", "room": "general", "members": ["alice"], "seq": 42, "id": "j1"}
+
+
+def test_join_new_room_starts_at_seq_1_and_lists_members_sorted() -> None:
+    core = make_core()
+    hello(core, A, "zed")
+    hello(core, B, "amy")
+    assert publishes(join(core, A, "fresh"))[0].env["seq"] == 1
+    actions = join(core, B, "fresh")
+    assert publishes(actions)[0].env["seq"] == 2
+    joined = replies(actions)[0].env
+    assert joined["members"] == ["amy", "zed"]
+    assert joined["seq"] == 2
+
+
+def test_rejoin_is_idempotent() -> None:
+    core = make_core(general=5)
+    hello(core, A, "alice")
+    join(core, A, "general")
+    actions = join(core, A, "general")
+    assert publishes(actions) == []
+    env = only_reply(actions, A)
+    assert env == {"type": "joined", "room": "general", "members": ["alice"], "seq": 6}
+    assert core.seqs["general"] == 6
+
+
+def test_leave() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, A, "general")
+    join(core, B, "general")
+    actions = core.handle(A, enc(type="leave", room="general", id="l1"), 9)
+    assert [a.env for a in publishes(actions)] == [
+        {"type": "presence", "room": "general", "seq": 3, "ts": 9, "name": "alice", "event": "leave"}
+    ]
+    assert replies(actions) == [Reply(A, {"type": "left", "room": "general", "id": "l1"})]
+    assert list(core.members["general"]) == ["bob"]
+    assert error_code(msg(core, A, "general", "hi", "m1"), A) == "not_joined"
+
+
+def test_leave_not_joined() -> None:
+    core = make_core(general=2)
+    hello(core, A, "alice")
+    reply = only_reply(core.handle(A, enc(type="leave", room="general", id="l"), 0), A)
+    assert reply["code"] == "not_joined"
+    assert reply["id"] == "l"
+    assert core.seqs["general"] == 2
+
+
+def test_bad_room_from_registered_session() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    assert error_code(join(core, A, "General"), A) == "bad_room"
+    assert core.by_identity[A].rooms == set()
+
+
+# --------------------------------------------------------------------------
+# msg
+
+
+def test_msg_not_joined() -> None:
+    core = make_core(general=10)
+    hello(core, A, "alice")
+    reply = only_reply(msg(core, A, "general", "hi", "m1"), A)
+    assert reply["code"] == "not_joined"
+    assert reply["id"] == "m1"
+    assert core.seqs["general"] == 10
+
+
+def test_msg_publish_and_ack() -> None:
+    core = make_core(general=100)
+    welcome = hello(core, A, "alice")
+    join(core, A, "general", 0)  # seq 101
+    for i, now in enumerate([1000, 1000, 2500]):
+        actions = msg(core, A, "general", f"hello {i}", f"m{i}", now, **{"from": "mallory", "sender": "forged"})
+        assert len(actions) == 2
+        pub, ack = actions
+        assert isinstance(pub, Publish)
+        assert pub.room == "general"
+        assert pub.env == {
+            "type": "msg",
+            "room": "general",
+            "seq": 102 + i,
+            "ts": now,
+            "from": "alice",
+            "sender": welcome["sender"],
+            "text": f"hello {i}",
+            "id": f"m{i}",
+        }
+        assert isinstance(ack, Reply)
+        assert ack.identity == A
+        assert ack.env == {"type": "ack", "id": f"m{i}", "room": "general", "seq": 102 + i, "ts": now}
+    assert core.seqs["general"] == 104
+
+
+def test_msg_action_is_published() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    join(core, A, "general")
+    assert publishes(msg(core, A, "general", "waves", "m1", action=True))[0].env["action"] is True
+    assert "action" not in publishes(msg(core, A, "general", "hi", "m2", action=False))[0].env
+
+
+def test_msg_resend_is_acked_again_without_publish() -> None:
+    core = make_core(general=7)
+    hello(core, A, "alice")
+    join(core, A, "general")
+    first = replies(msg(core, A, "general", "once", "m1", 100))[0].env
+    assert first["seq"] == 9
+    actions = msg(core, A, "general", "once", "m1", 200)
+    assert publishes(actions) == []
+    assert only_reply(actions, A) == first
+    assert core.seqs["general"] == 9
+    # a different id is a new message
+    assert publishes(msg(core, A, "general", "twice", "m2", 300))[0].env["seq"] == 10
+
+
+def test_same_id_from_another_name_is_a_new_message() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, A, "general")
+    join(core, B, "general")
+    seq_a = publishes(msg(core, A, "general", "a", "same"))[0].env["seq"]
+    seq_b = publishes(msg(core, B, "general", "b", "same"))[0].env["seq"]
+    assert seq_b == seq_a + 1
+
+
+def test_resend_after_reconnect_is_acked_again() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    join(core, A, "general")
+    first = replies(msg(core, A, "general", "x", "m1", 10))[0].env
+    core.handle(A, enc(type="bye"), 20)
+    hello(core, B, "alice", 30)
+    join(core, B, "general", 30)
+    seq = core.seqs["general"]
+    actions = msg(core, B, "general", "x", "m1", 40)
+    assert publishes(actions) == []
+    assert only_reply(actions, B) == first
+    assert core.seqs["general"] == seq
+
+
+def test_recent_acks_from_the_store_are_remembered() -> None:
+    stored = {"type": "ack", "from": "alice", "id": "m1", "room": "general", "seq": 5, "ts": 99}
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={"general": 5}, recent_acks=[dict(stored)])
+    hello(core, A, "alice")
+    join(core, A, "general")
+    actions = msg(core, A, "general", "again", "m1")
+    assert publishes(actions) == []
+    assert only_reply(actions, A) == {"type": "ack", "id": "m1", "room": "general", "seq": 5, "ts": 99}
+
+
+@pytest.mark.parametrize(
+    ("env", "code"),
+    [
+        ({"type": "msg", "room": "general", "text": "", "id": "m"}, "bad_envelope"),
+        ({"type": "msg", "room": "general", "text": "x" * 4001, "id": "m"}, "too_large"),
+        ({"type": "msg", "room": "general", "text": "x"}, "bad_envelope"),
+        ({"type": "msg", "room": "Gen", "text": "x", "id": "m"}, "bad_room"),
+        ({"type": "nope", "id": "m"}, "unknown_type"),
+    ],
+)
+def test_bad_msg_from_member(env: dict[str, Any], code: str) -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    join(core, A, "general")
+    seq = core.seqs["general"]
+    assert error_code(core.handle(A, p.encode(env), 0), A) == code
+    assert core.seqs["general"] == seq
+    assert A in core.by_identity
+
+
+@pytest.mark.parametrize("frame", [b"", b"\xc1", b"\x91\x01", p.encode({"type": "ping", "x": 1.5})])
+def test_garbage_from_a_session_keeps_it(frame: bytes) -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    assert error_code(core.handle(A, frame, 0), A) == "bad_envelope"
+    assert core.by_identity[A].name == "alice"
+    assert only_reply(core.handle(A, enc(type="ping", id="p"), 1), A) == {"type": "pong", "id": "p"}
+
+
+# --------------------------------------------------------------------------
+# dm
+
+
+def test_dm_goes_to_the_recipient_only() -> None:
+    core = make_core()
+    welcome = hello(core, A, "alice")
+    hello(core, B, "bob")
+    hello(core, C, "carol")
+    join(core, A, "general")
+    join(core, B, "general")
+    seqs = dict(core.seqs)
+    actions = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1", sender="forged", **{"from": "x"}), 55)
+    assert publishes(actions) == []
+    assert actions == [
+        Reply(
+            B,
+            {
+                "type": "dm",
+                "from": "alice",
+                "sender": welcome["sender"],
+                "to": "bob",
+                "text": "psst",
+                "ts": 55,
+                "id": "d1",
+            },
+        ),
+        Reply(A, {"type": "ack", "id": "d1", "ts": 55}),
+    ]
+    assert core.seqs == seqs
+
+
+def test_dm_to_self() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    actions = core.handle(A, enc(type="dm", to="alice", text="note", id="d"), 1)
+    assert [r.identity for r in replies(actions)] == [A, A]
+    assert [r.env["type"] for r in replies(actions)] == ["dm", "ack"]
+    assert publishes(actions) == []
+
+
+def test_dm_to_unknown_name() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    reply = only_reply(core.handle(A, enc(type="dm", to="nobody", text="hi", id="d2"), 0), A)
+    assert reply["code"] == "no_such_user"
+    assert reply["id"] == "d2"
+
+
+def test_dm_to_someone_who_left() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    core.handle(B, enc(type="bye"), 1)
+    assert error_code(core.handle(A, enc(type="dm", to="bob", text="hi", id="d"), 2), A) == "no_such_user"
+
+
+# --------------------------------------------------------------------------
+# history, who, rooms, ping
+
+
+@pytest.mark.parametrize(
+    ("fields", "after", "limit"),
+    [
+        ({}, 0, p.DEFAULT_HISTORY_LIMIT),
+        ({"after": 5, "limit": 10}, 5, 10),
+        ({"limit": 100_000}, 0, p.MAX_HISTORY_LIMIT),
+        ({"limit": p.MAX_HISTORY_LIMIT + 1}, 0, p.MAX_HISTORY_LIMIT),
+    ],
+)
+def test_history_query(fields: dict[str, int], after: int, limit: int) -> None:
+    core = make_core(general=3)
+    hello(core, A, "alice")
+    actions = core.handle(A, enc(type="history", room="general", id="q", **fields), 0)
+    assert actions == [HistoryQuery(A, "general", after, limit, "q")]
+
+
+def test_history_query_without_id() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    assert core.handle(A, enc(type="history", room="dev"), 0) == [HistoryQuery(A, "dev", 0, 100, None)]
+
+
+def test_who() -> None:
+    core = make_core()
+    hello(core, A, "zed")
+    hello(core, B, "amy")
+    join(core, A, "general")
+    join(core, B, "general")
+    env = only_reply(core.handle(A, enc(type="who", room="general", id="w"), 0), A)
+    assert env == {"type": "who", "room": "general", "members": ["amy", "zed"], "id": "w"}
+    assert only_reply(core.handle(A, enc(type="who", room="empty"), 0), A) == {
+        "type": "who",
+        "room": "empty",
+        "members": [],
+    }
+
+
+def test_rooms() -> None:
+    core = make_core(old=17)
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, A, "general")
+    join(core, B, "general")
+    join(core, B, "dev")
+    env = only_reply(core.handle(A, enc(type="rooms", id="r"), 0), A)
+    assert env == {
+        "type": "rooms",
+        "rooms": [
+            {"room": "dev", "members": 1, "seq": 1},
+            {"room": "general", "members": 2, "seq": 2},
+            {"room": "old", "members": 0, "seq": 17},
+        ],
+        "id": "r",
+    }
+
+
+@pytest.mark.parametrize("request_id", [None, "p1", "x" * 64])
+def test_ping_pong(request_id: str | None) -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    env: dict[str, Any] = {"type": "ping"}
+    if request_id is not None:
+        env["id"] = request_id
+    expected: dict[str, Any] = {"type": "pong"}
+    if request_id is not None:
+        expected["id"] = request_id
+    assert only_reply(core.handle(A, p.encode(env), 0), A) == expected
+
+
+# --------------------------------------------------------------------------
+# bye and expiry
+
+
+def test_bye_leaves_every_room_and_frees_the_name() -> None:
+    core = make_core(general=10, dev=20)
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, A, "general")
+    join(core, A, "dev")
+    join(core, B, "general")
+    actions = core.handle(A, enc(type="bye"), 500)
+    assert all(isinstance(a, Publish) for a in actions)
+    assert [a.env for a in publishes(actions)] == [
+        {"type": "presence", "room": "dev", "seq": 22, "ts": 500, "name": "alice", "event": "leave"},
+        {"type": "presence", "room": "general", "seq": 13, "ts": 500, "name": "alice", "event": "leave"},
+    ]
+    assert "alice" not in core.by_name
+    assert A not in core.by_identity
+    assert list(core.members["general"]) == ["bob"]
+    assert "dev" not in core.members
+    assert error_code(core.handle(A, enc(type="ping"), 501), A) == "not_registered"
+    assert hello(core, C, "alice", 502)["name"] == "alice"
+
+
+def test_bye_without_rooms() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    assert core.handle(A, enc(type="bye"), 0) == []
+    assert not core.by_name
+
+
+def test_expire_ends_silent_sessions_only() -> None:
+    core = make_core()
+    hello(core, A, "alice", 0)
+    hello(core, B, "bob", 0)
+    hello(core, C, "carol", 0)
+    join(core, A, "general", 0)
+    join(core, B, "general", 0)
+    join(core, A, "dev", 0)
+    core.handle(B, enc(type="ping"), 2000)  # bob stays active
+    seq_general = core.seqs["general"]
+    assert core.expire(3 * HB) == []  # silent exactly 3 x heartbeat: not yet
+    assert len(core.by_identity) == 3
+    actions = core.expire(3 * HB + 1)
+    assert all(isinstance(a, Publish) for a in actions)
+    assert sorted((a.room, a.env["name"], a.env["event"], a.env["seq"]) for a in publishes(actions)) == [
+        ("dev", "alice", "leave", 2),
+        ("general", "alice", "leave", seq_general + 1),
+    ]
+    assert all(a.env["ts"] == 3 * HB + 1 for a in publishes(actions))
+    assert set(core.by_name) == {"bob"}
+    assert list(core.members["general"]) == ["bob"]
+    # bob expires too once silent long enough
+    assert [a.env["name"] for a in publishes(core.expire(2000 + 3 * HB + 1))] == ["bob"]
+    assert not core.by_identity
+    assert not core.members
+
+
+def test_any_request_counts_as_activity() -> None:
+    core = make_core()
+    hello(core, A, "alice", 0)
+    join(core, A, "general", 0)
+    now = 0
+    requests: list[dict[str, Any]] = [
+        {"type": "who", "room": "general"},
+        {"type": "rooms"},
+        {"type": "history", "room": "general"},
+        {"type": "msg", "room": "general", "text": "x", "id": "m"},
+        {"type": "hello", "v": 1, "name": "alice"},
+    ]
+    for request in requests:
+        now += 3 * HB
+        core.handle(A, p.encode(request), now)
+        assert core.expire(now + 3 * HB) == []
+        assert A in core.by_identity
+    assert len(publishes(core.expire(now + 3 * HB + 1))) == 1
+
+
+def test_expired_name_is_free_and_old_identity_is_not_registered() -> None:
+    core = make_core()
+    hello(core, A, "alice", 0)
+    core.expire(3 * HB + 1)
+    assert error_code(core.handle(A, enc(type="ping"), 3 * HB + 2), A) == "not_registered"
+    hello(core, B, "alice", 3 * HB + 3)
+    assert core.by_name["alice"].identity == B
+
+
+# --------------------------------------------------------------------------
+# seq across everything
+
+
+def test_seq_is_contiguous_across_joins_leaves_msgs() -> None:
+    core = make_core(general=1000)
+    published: list[Publish] = []
+    now = 0
+
+    def run(identity: bytes, **env: Any) -> list[Action]:
+        nonlocal now
+        now += 10
+        actions = core.handle(identity, p.encode(env), now)
+        published.extend(publishes(actions))
+        return actions
+
+    for identity, name in [(A, "alice"), (B, "bob"), (C, "carol")]:
+        run(identity, type="hello", v=1, name=name)
+    run(A, type="join", room="general")
+    run(B, type="join", room="general")
+    run(B, type="join", room="dev")
+    for i in range(5):
+        run(A, type="msg", room="general", text=f"a{i}", id=f"a{i}")
+        run(B, type="msg", room="dev", text=f"b{i}", id=f"b{i}")
+        run(B, type="msg", room="dev", text=f"b{i}", id=f"b{i}")  # resend: no seq
+        run(C, type="msg", room="general", text="not joined", id=f"c{i}")  # error: no seq
+    run(C, type="join", room="general")
+    run(C, type="join", room="general")  # rejoin: no seq
+    run(A, type="leave", room="general")
+    run(A, type="leave", room="general")  # not joined: no seq
+    run(A, type="join", room="general")
+    run(C, type="dm", to="bob", text="private", id="d")  # never a seq
+    run(B, type="bye")
+    now += 10 * HB
+    run(A, type="ping")
+    published.extend(publishes(core.expire(now)))  # carol expires
+
+    by_room: dict[str, list[int]] = {}
+    for pub in published:
+        assert pub.env["room"] == pub.room
+        assert pub.env["type"] in {"msg", "presence"}
+        by_room.setdefault(pub.room, []).append(pub.env["seq"])
+    assert by_room["general"] == list(range(1001, 1001 + len(by_room["general"])))
+    assert by_room["dev"] == list(range(1, 1 + len(by_room["dev"])))
+    # general: 2 joins, 5 msgs, carol join, alice leave + join, bob leave, carol leave
+    assert len(by_room["general"]) == 12
+    # dev: bob join, 5 msgs, bob leave
+    assert len(by_room["dev"]) == 7
+    assert core.seqs == {"general": 1012, "dev": 7}
+
+
+def test_reject_answers_with_an_error_envelope() -> None:
+    core = make_core()
+    exc = p.ProtocolError(ErrorCode.RATE_LIMITED, "slow down", "r1")
+    assert core.reject(A, exc) == [
+        Reply(A, {"type": "error", "code": "rate_limited", "message": "slow down", "id": "r1"})
+    ]

@@ -1,0 +1,400 @@
+"""Property tests: the wire module only ever raises ProtocolError, and the core keeps its invariants.
+
+Every property is bounded (``max_examples``, ``deadline=None``) so the whole file
+runs in a few seconds: it is pure code, no sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.core import Action, Core, HistoryQuery, Publish, Reply
+from zchat import protocol as p
+from zchat.protocol import ErrorCode, ProtocolError
+
+CODES = {str(code) for code in ErrorCode}
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --------------------------------------------------------------------------
+# (a) decode_request on hostile input
+
+ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+scalars = st.none() | st.booleans() | ints | st.floats() | st.text(max_size=40) | st.binary(max_size=40)
+values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10) | ints, children, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+FIELDS = ["v", "name", "room", "text", "id", "to", "after", "limit", "resume", "action", "from", "sender"]
+plausible: st.SearchStrategy[Any] = st.sampled_from(
+    [
+        *[1, 0, 2, -1, 500, 501, 2**63 - 1, True, False, None],
+        *["", "alice", "general", "General", "-x", ".x", "x" * 33, "hi", "é", "x" * 65, "x" * 4001],
+        *[[], {}, [[[[]]]]],
+    ]
+)
+envelopes = st.fixed_dictionaries(
+    {"type": st.sampled_from([*sorted(p.REQUEST_TYPES), "welcome", "nope", ""]) | st.text(max_size=8)},
+    optional={key: plausible | values for key in FIELDS},
+)
+
+
+def check_decode(frame: bytes) -> None:
+    """``decode_request`` returns a valid request or raises a coded ProtocolError: nothing else."""
+    try:
+        env = p.decode_request(frame)
+    except ProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+        assert str(exc.code) in CODES
+        assert exc.request_id is None or (isinstance(exc.request_id, str) and 0 < len(exc.request_id) <= 64)
+        reply = exc.to_envelope()
+        assert reply["type"] == "error"
+        assert p.decode(p.encode(reply)) == reply
+        return
+    assert isinstance(env, dict)
+    assert env["type"] in p.REQUEST_TYPES
+    assert all(isinstance(key, str) for key in env)
+    rid = env.get("id")
+    assert rid is None or (isinstance(rid, str) and 0 < len(rid) <= p.MAX_ID_CHARS)
+    if env["type"] in {"join", "leave", "msg", "history", "who"}:
+        assert p.is_room(env["room"])
+    if env["type"] == "dm":
+        assert p.is_name(env["to"])
+    if env["type"] in {"msg", "dm"}:
+        assert isinstance(env["text"], str) and 0 < len(env["text"]) <= p.MAX_TEXT_CHARS
+        assert isinstance(env["id"], str)
+    if env["type"] == "history":
+        assert env["after"] >= 0 and 1 <= env["limit"] <= p.MAX_HISTORY_LIMIT
+    if env["type"] == "hello":
+        assert env["v"] == p.VERSION and p.is_name(env["name"])
+    # an accepted request is a fixed point of encode/decode
+    assert p.decode_request(p.encode(env)) == env
+
+
+@FAST
+@given(st.binary(max_size=512))
+def test_decode_arbitrary_bytes(frame: bytes) -> None:
+    check_decode(frame)
+
+
+@FAST
+@given(values)
+def test_decode_arbitrary_msgpack(value: object) -> None:
+    check_decode(msgpack.packb(value, use_bin_type=True))
+
+
+@FAST
+@given(envelopes)
+def test_decode_envelope_shaped_maps(env: dict[str, Any]) -> None:
+    check_decode(msgpack.packb(env, use_bin_type=True))
+
+
+@FAST
+@given(
+    envelopes,
+    st.lists(
+        st.tuples(st.sampled_from(["flip", "cut", "insert", "delete"]), st.integers(0, 10_000), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_decode_mutated_frames(env: dict[str, Any], edits: list[tuple[str, int, int]]) -> None:
+    frame = bytearray(msgpack.packb(env, use_bin_type=True))
+    for op, where, byte in edits:
+        i = where % (len(frame) + 1)
+        if op == "flip" and i < len(frame):
+            frame[i] = byte
+        elif op == "cut":
+            del frame[i:]
+        elif op == "insert":
+            frame.insert(i, byte)
+        elif op == "delete" and i < len(frame):
+            del frame[i]
+    check_decode(bytes(frame))
+
+
+# --------------------------------------------------------------------------
+# (b) the core under random sequences of operations
+
+HB = 1000
+IDENTS = [b"\x00k0", b"\x00k1", b"\x00k2", b"\x00k3"]
+NAMES = ["alice", "bob", "carol", ".bad"]
+ROOMS = ["general", "dev", "Bad"]
+MSG_IDS = ["m0", "m1", "m2"]
+REPLY_TYPES = {"welcome", "joined", "left", "ack", "dm", "who", "rooms", "pong", "error"}
+
+ident_i = st.integers(0, len(IDENTS) - 1)
+name_i = st.integers(0, len(NAMES) - 1)
+room_i = st.integers(0, len(ROOMS) - 1)
+dt = st.integers(0, 20) | st.integers(0, 20) | st.integers(0, 4000)
+
+hellos = st.tuples(st.just("hello"), dt, ident_i, name_i)
+joins = st.tuples(st.just("join"), dt, ident_i, room_i)
+msgs = st.tuples(st.just("msg"), dt, ident_i, room_i, st.sampled_from(MSG_IDS))
+operations = st.one_of(
+    # the common operations are listed more than once to weigh them up
+    hellos,
+    hellos,
+    st.tuples(st.just("resume"), dt, ident_i, name_i, st.booleans()),
+    joins,
+    joins,
+    st.tuples(st.just("leave"), dt, ident_i, room_i),
+    msgs,
+    msgs,
+    msgs,
+    st.tuples(st.just("dm"), dt, ident_i, name_i),
+    st.tuples(st.just("history"), dt, ident_i, room_i, st.integers(1, 2000)),
+    st.tuples(st.just("who"), dt, ident_i, room_i),
+    st.tuples(st.just("rooms"), dt, ident_i),
+    st.tuples(st.just("ping"), dt, ident_i),
+    st.tuples(st.just("bye"), dt, ident_i),
+    st.tuples(st.just("expire"), st.integers(0, 4000)),
+    st.tuples(st.just("garbage"), dt, ident_i, st.binary(max_size=40)),
+    st.tuples(st.just("junk"), dt, ident_i, envelopes),
+)
+
+
+@dataclass
+class World:
+    core: Core = field(default_factory=lambda: Core(epoch="e", heartbeat_ms=HB, room_seqs={"general": 10}))
+    now: int = 0
+    last_seq: dict[str, int] = field(default_factory=lambda: {"general": 10})
+    #: the resume token of each name's live session, as its welcome said
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def send(self, identity: bytes, env: dict[str, Any] | bytes) -> list[Action]:
+        frame = env if isinstance(env, bytes) else p.encode(env)
+        return self.core.handle(identity, frame, self.now)
+
+
+def check_state(core: Core) -> None:
+    assert len(core.by_name) == len(core.by_identity)
+    for name, session in core.by_name.items():
+        assert session.name == name
+        assert core.by_identity[session.identity] is session
+    for identity, session in core.by_identity.items():
+        assert session.identity == identity
+        assert core.by_name[session.name] is session
+        for room in session.rooms:
+            assert core.members[room][session.name] is session
+    for room, members in core.members.items():
+        assert members, f"empty member map left for {room}"
+        for name, session in members.items():
+            assert core.by_name.get(name) is session
+            assert room in session.rooms
+
+
+def check_actions(world: World, actions: list[Action]) -> None:
+    core = world.core
+    for action in actions:
+        if isinstance(action, Publish):
+            env = action.env
+            assert env["type"] in {"msg", "presence"}, env
+            assert env["type"] != "dm"
+            assert env["room"] == action.room
+            assert p.is_room(action.room)
+            assert env["seq"] == world.last_seq.get(action.room, 0) + 1, (env, world.last_seq)
+            assert env["ts"] == world.now
+            world.last_seq[action.room] = env["seq"]
+        elif isinstance(action, Reply):
+            env = action.env
+            assert env["type"] in REPLY_TYPES, env
+            if env["type"] == "error":
+                assert env["code"] in CODES, env
+            if env["type"] == "dm":
+                target = core.by_name.get(env["to"])
+                assert target is not None and target.identity == action.identity
+            # every reply travels as a valid envelope
+            assert p.decode(p.encode(env), p.MAX_REPLY_BYTES) == env
+        else:
+            assert isinstance(action, HistoryQuery)
+            assert 1 <= action.limit <= p.MAX_HISTORY_LIMIT
+            assert action.after >= 0
+            assert p.is_room(action.room)
+    for room, seq in world.last_seq.items():
+        assert core.seqs.get(room, 0) == seq
+    for room, seq in core.seqs.items():
+        assert world.last_seq.get(room, 0) == seq
+
+
+def errors(actions: list[Action]) -> list[str]:
+    return [a.env["code"] for a in actions if isinstance(a, Reply) and a.env["type"] == "error"]
+
+
+def reply_envs(actions: list[Action]) -> list[dict[str, Any]]:
+    assert all(isinstance(a, Reply) for a in actions)
+    return [a.env for a in actions if isinstance(a, Reply)]
+
+
+def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
+    core = world.core
+    kind = op[0]
+    if kind == "expire":
+        world.now += op[1]
+        before = {s.identity: (s.name, s.last_seen, len(s.rooms)) for s in core.by_identity.values()}
+        actions = core.expire(world.now)
+        deadline = world.now - 3 * HB
+        gone = set(before) - set(core.by_identity)
+        assert all(before[i][1] < deadline for i in gone)
+        assert all(s.last_seen >= deadline for s in core.by_identity.values())
+        assert len(actions) == sum(before[i][2] for i in gone)
+        assert all(isinstance(a, Publish) and a.env["event"] == "leave" for a in actions)
+        return actions
+
+    world.now += op[1]
+    identity = IDENTS[op[2]]
+    pre = core.by_identity.get(identity)
+    pre_name = pre.name if pre else None
+    pre_rooms = set(pre.rooms) if pre else set()
+
+    if kind in {"hello", "resume"}:
+        name = NAMES[op[3]]
+        env: dict[str, Any] = {"type": "hello", "v": 1, "name": name}
+        holder = core.by_name.get(name)
+        real = kind == "resume" and op[4] and name in world.tokens
+        if kind == "resume":
+            env["resume"] = world.tokens[name] if real else "not-the-token"
+        actions = world.send(identity, env)
+        assert len(actions) == 1
+        reply = reply_envs(actions)[0]
+        if not p.is_name(name):
+            assert errors(actions) == ["bad_name"]
+        elif pre is not None:
+            assert errors(actions) == ([] if pre_name == name else ["already_registered"])
+        elif holder is not None:
+            if real:
+                assert reply["type"] == "welcome" and reply["resumed"] is True
+                assert core.by_name[name].identity == identity
+                assert holder.identity == identity
+            else:
+                assert errors(actions) == ["name_taken"]
+                assert core.by_name[name] is holder
+        else:
+            assert reply["type"] == "welcome" and reply["resumed"] is False
+        if reply["type"] == "welcome":
+            world.tokens[name] = reply["resume"]
+        return actions
+
+    if kind == "garbage":
+        return world.send(identity, op[3])
+    if kind == "junk":
+        try:
+            frame = msgpack.packb(op[3], use_bin_type=True)
+        except (OverflowError, ValueError, TypeError):
+            return []
+        return world.send(identity, frame)
+
+    if kind in {"join", "leave", "who"}:
+        env = {"type": kind, "room": ROOMS[op[3]]}
+    elif kind == "msg":
+        env = {"type": "msg", "room": ROOMS[op[3]], "text": "hi", "id": op[4], "from": "x", "sender": "y"}
+    elif kind == "dm":
+        env = {"type": "dm", "to": NAMES[op[3]], "text": "psst", "id": "d"}
+    elif kind == "history":
+        env = {"type": "history", "room": ROOMS[op[3]], "limit": op[4]}
+    else:
+        env = {"type": kind}
+    actions = world.send(identity, env)
+
+    room = env.get("room")
+    if pre is None:
+        if room is not None and not p.is_room(room):
+            assert errors(actions) == ["bad_room"]
+        elif kind == "dm" and not p.is_name(env["to"]):
+            assert errors(actions) == ["bad_name"]
+        else:
+            assert errors(actions) == ["not_registered"]
+        return actions
+    if room is not None and not p.is_room(room):
+        assert errors(actions) == ["bad_room"]
+        return actions
+    pubs = [a for a in actions if isinstance(a, Publish)]
+    # a session over one of the broker's limits gets a coded error and nothing happens
+    limited = errors(actions) in (["rate_limited"], ["limit_reached"])
+    if limited:
+        assert not pubs
+        assert core.by_identity[identity].rooms == pre_rooms
+    if kind == "msg":
+        if room not in pre_rooms:
+            assert errors(actions) == ["not_joined"] and not pubs
+        elif not limited:
+            assert errors(actions) == []
+            assert len(pubs) <= 1
+            for pub in pubs:
+                assert pub.env["from"] == pre_name
+                assert pub.env["sender"] == pre.sender
+    elif kind == "join" and not limited:
+        assert len(pubs) == (0 if room in pre_rooms else 1)
+        assert room in core.by_identity[identity].rooms
+    elif kind == "leave" and not limited:
+        assert errors(actions) == ([] if room in pre_rooms else ["not_joined"])
+        assert room not in core.by_identity[identity].rooms
+    elif kind == "dm":
+        if not p.is_name(env["to"]):
+            assert errors(actions) == ["bad_name"]
+        elif env["to"] not in core.by_name:
+            assert errors(actions) == ["no_such_user"]
+        elif not limited:
+            assert [env["type"] for env in reply_envs(actions)] == ["dm", "ack"]
+        assert not pubs
+    elif kind == "bye":
+        assert identity not in core.by_identity
+        assert pre_name not in core.by_name
+        assert len(pubs) == len(pre_rooms)
+        if pre_name is not None:
+            world.tokens.pop(pre_name, None)
+    elif kind == "ping":
+        assert reply_envs(actions) == [{"type": "pong"}]
+    return actions
+
+
+#: Three sessions in two rooms to start from, so short sequences reach the interesting states.
+PRELUDE: list[tuple[Any, ...]] = [
+    ("hello", 0, 0, 0),
+    ("hello", 0, 1, 1),
+    ("hello", 0, 2, 2),
+    ("join", 0, 0, 0),
+    ("join", 0, 1, 0),
+    ("join", 0, 1, 1),
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.booleans(), st.lists(operations, min_size=10, max_size=80))
+def test_core_random_sequences(prelude: bool, ops: list[tuple[Any, ...]]) -> None:
+    world = World()
+    for op in (PRELUDE if prelude else []) + ops:
+        actions = run_op(world, op)
+        check_actions(world, actions)
+        check_state(world.core)
+        # tokens of sessions that ended (expired, bye) are forgotten by the core
+        for name in list(world.tokens):
+            if name not in world.core.by_name:
+                del world.tokens[name]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=p.MAX_ID_CHARS))
+def test_hello_with_any_resume_token_never_raises(token: str) -> None:
+    """A stranger presenting any well-formed token for a live name gets ``name_taken``, never a crash."""
+    core = Core(epoch="e", heartbeat_ms=HB)
+    core.handle(b"owner", p.encode(p.hello("alice")), 0)
+    real = core.by_name["alice"].token
+    actions = core.handle(b"stranger", p.encode(p.hello("alice", "h", token)), 1)
+    assert len(actions) == 1
+    reply = actions[0]
+    assert isinstance(reply, Reply) and reply.identity == b"stranger"
+    if token == real:
+        assert reply.env["type"] == "welcome"
+    else:
+        assert reply.env["type"] == "error"
+        assert reply.env["code"] == "name_taken"
+        assert core.by_name["alice"].identity == b"owner"

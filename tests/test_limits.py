@@ -1,0 +1,179 @@
+"""Abuse limits: each exceeded yields its coded error to the abuser while others keep chatting."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from broker.core import Limits
+from client.lib import Client
+from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, wait_for
+from zchat import protocol as p
+
+
+def start(tmp_path: Path, **limits: float) -> RunningBroker:
+    return RunningBroker(tmp_path / "data", limits=Limits(**limits)).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[Callable[..., RunningBroker]]:
+    started: list[RunningBroker] = []
+
+    def make(**limits: float) -> RunningBroker:
+        b = start(tmp_path, **limits)
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+def registered(ctx: zmq.Context[zmq.Socket[bytes]], b: RunningBroker, name: str, room: str | None = None) -> Raw:
+    raw = Raw(ctx, b.port)
+    assert raw.request(p.hello(name))["type"] == "welcome"
+    if room:
+        assert raw.request({"type": "join", "room": room})["type"] == "joined"
+    return raw
+
+
+def bystander_ok(b: RunningBroker) -> None:
+    with Client("bystander", HOST, b.port, b.pub_port) as c:
+        c.join("general")
+        assert c.send_wait("general", "unaffected").seq is not None
+
+
+def test_default_limits_let_a_person_paste(limited: Callable[..., RunningBroker]) -> None:
+    b = limited()
+    with Client("human", HOST, b.port, b.pub_port) as c:
+        c.join("general")
+        ids = [c.send("general", f"pasted line {i}") for i in range(30)]
+        wait_for(lambda: c.pump(0.05) is not None and c.unacked == 0, 10)
+        errors = [e for e in c.drain_events() if e.type == "error"]
+        assert not errors and len(ids) == 30
+
+
+def test_message_flood_is_rate_limited(
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    b = limited(rate=5, burst=10)
+    flooder = registered(ctx, b, "flooder", "general")
+    for i in range(40):
+        flooder.send({"type": "msg", "room": "general", "text": f"spam {i}", "id": f"s{i}"})
+    replies = [flooder.recv() for _ in range(40)]
+    codes = [r.get("code") for r in replies if r["type"] == "error"]
+    assert len([r for r in replies if r["type"] == "ack"]) in range(10, 13)
+    assert codes and set(codes) == {"rate_limited"}
+    bystander_ok(b)
+
+
+def test_library_backs_off_and_loses_nothing(limited: Callable[..., RunningBroker]) -> None:
+    b = limited(rate=20, burst=10)
+    with Client("bot", HOST, b.port, b.pub_port) as bot:
+        bot.join("general")
+        for i in range(40):
+            bot.send("general", f"m{i}")
+        wait_for(lambda: bot.pump(0.05) is not None and bot.unacked == 0, 20)
+        assert not [e for e in bot.drain_events() if e.type == "error"]
+        events, _ = bot.history("general", 0, 100)
+        assert sorted(e.text for e in events if e.type == "msg") == sorted(f"m{i}" for i in range(40))
+
+
+def test_join_flood_is_rate_limited(limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    b = limited(join_rate=1, join_burst=5)
+    hopper = registered(ctx, b, "hopper")
+    replies = [hopper.request({"type": "join", "room": f"r{i}"}) for i in range(10)]
+    assert [r["type"] for r in replies[:5]] == ["joined"] * 5
+    assert {r.get("code") for r in replies[6:]} == {"rate_limited"}
+    bystander_ok(b)
+
+
+def test_rooms_per_session(limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    b = limited(rate=0, join_rate=0, max_rooms=3)
+    greedy = registered(ctx, b, "greedy")
+    replies = [greedy.request({"type": "join", "room": f"r{i}"}) for i in range(4)]
+    assert [r["type"] for r in replies] == ["joined", "joined", "joined", "error"]
+    assert replies[3]["code"] == "limit_reached"
+    assert greedy.request({"type": "leave", "room": "r0"})["type"] == "left"
+    assert greedy.request({"type": "join", "room": "r3"})["type"] == "joined"
+
+
+def test_max_sessions(limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    b = limited(rate=0, join_rate=0, max_sessions=2)
+    registered(ctx, b, "one")
+    last = registered(ctx, b, "two")
+    third = Raw(ctx, b.port).request(p.hello("three"))
+    assert (third["type"], third["code"]) == ("error", "limit_reached")
+    last.send({"type": "bye"})
+    wait_for(lambda: Raw(ctx, b.port).request(p.hello("three"))["type"] == "welcome")
+
+
+def test_max_text(limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    b = limited(rate=0, join_rate=0, max_text=10)
+    talker = registered(ctx, b, "talker", "general")
+    long = talker.request({"type": "msg", "room": "general", "text": "x" * 11, "id": "1"})
+    assert (long["type"], long["code"], long["id"]) == ("error", "too_large", "1")
+    assert talker.request({"type": "msg", "room": "general", "text": "x" * 10, "id": "2"})["type"] == "ack"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+#: The broker's resident memory may not grow by more than this under the abuse below.
+RSS_CEILING_KIB = 64 * 1024
+
+
+@pytest.mark.timeout(120)
+def test_bogus_connections_and_garbage_leave_memory_bounded(tmp_path: Path) -> None:
+    broker = BrokerProcess(tmp_path / "d", extra=["--log-level", "warning", "--heartbeat-ms", "500"]).start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    sockets: list[zmq.Socket[bytes]] = []
+    try:
+        assert broker.proc is not None
+        with Client("warmup", HOST, broker.port, broker.pub_port) as w:
+            w.join("general")
+            w.send_wait("general", "warm")
+        before = _rss_kib(broker.proc.pid)
+        # 1,000 ZeroMQ connections that register bogus sessions and send garbage...
+        for i in range(1000):
+            s = ctx.socket(zmq.DEALER)
+            s.connect(f"tcp://{HOST}:{broker.port}")
+            s.send(p.encode(p.hello(f"bogus{i}")))
+            s.send(os.urandom(200))
+            sockets.append(s)
+        # ...and 500 raw TCP connections that send junk and hang around.
+        raw_tcp = []
+        for _ in range(500):
+            t = socket.create_connection((HOST, broker.port), timeout=5)
+            t.sendall(b"\xff" + os.urandom(64))
+            raw_tcp.append(t)
+        for s in sockets:
+            assert s.poll(10_000), "every bogus client is answered"
+        peak = _rss_kib(broker.proc.pid)
+        for t in raw_tcp:
+            t.close()
+        assert peak - before < RSS_CEILING_KIB, f"grew by {(peak - before) // 1024} MiB"
+        # The bogus sessions expire (3 x 500 ms) and a real client is served throughout.
+        bystander = Client("real", HOST, broker.port, broker.pub_port)
+        try:
+            bystander.connect()
+            bystander.join("general")
+            assert bystander.send_wait("general", "served").seq is not None
+            wait_for(lambda: bystander.rooms() and len(bystander.who("general")) == 1, 15)
+        finally:
+            bystander.close(0)
+    finally:
+        for s in sockets:
+            s.close()
+        ctx.term()
+        broker.kill()
