@@ -6,6 +6,12 @@ address, so a live broker sends back an ``error`` envelope (code
 ``not_registered``): a valid envelope in return proves that the broker is up,
 its loop is turning and it decodes the wire format. Exit status 0 then;
 otherwise the reason goes to stderr and the status is 1.
+
+A broker run with CURVE keys (``--keys DIR`` / ``ZCHAT_KEYS``) talks only to
+authorized keys, so the check then connects with CURVE as the user whose
+secret key is ``DIR/health.key_secret`` (made with ``zchat-keygen health``, its
+``health.key`` copied into ``DIR/authorized/``). It reads the same
+``ZCHAT_KEYS`` as the broker, so in a container it needs no flags.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import zmq
 
+from broker.auth import BROKER_CERT, KeysError, load_secret
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
 
 PING_ID = "health"
+#: The user name of the health check's own key when the broker runs with keys.
+HEALTH_USER = "health"
 
 
 def _default_port() -> int:
@@ -33,28 +43,48 @@ def _default_port() -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m broker.health",
-        description="Exit 0 if a zchat broker answers a ping on its request port, else 1.",
+        description="Exit 0 if a zchat broker answers a ping on its request port, else 1 (the reason on stderr).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="broker host (default 127.0.0.1)")
     parser.add_argument(
         "--port", type=int, default=_default_port(), help="broker request port (default ZCHAT_PORT, else 5555)"
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        default=Path(os.environ["ZCHAT_KEYS"]) if os.environ.get("ZCHAT_KEYS") else None,
+        help="the broker's key directory: connect with CURVE as the user of KEYS/health.key_secret "
+        "(ZCHAT_KEYS; default: no CURVE)",
+    )
+    parser.add_argument(
+        "--key", type=Path, default=None, help="the secret key to connect with (default KEYS/health.key_secret)"
+    )
     return parser
 
 
-def probe(host: str, port: int, timeout: float) -> str | None:
-    """Ping the broker at ``host:port``; ``None`` when it answered, else why not."""
-    endpoint = f"tcp://{host}:{port}"
+def _endpoint(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes] | None = None) -> str | None:
+    """Ping the broker at ``host:port``; ``None`` when it answered, else why not.
+
+    ``curve`` is (our public key, our secret key, the broker's public key), z85.
+    """
+    endpoint = _endpoint(host, port)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            if curve is not None:
+                sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
             sock.connect(endpoint)
             sock.send(p.encode({"type": "ping", "id": PING_ID}))
             if not sock.poll(int(timeout * 1000)):
-                return f"no answer from {endpoint} within {timeout:g} s"
+                hint = " (is our key in the broker's authorized/?)" if curve is not None else ""
+                return f"no answer from {endpoint} within {timeout:g} s{hint}"
             frame = sock.recv()
         finally:
             sock.close()
@@ -71,12 +101,35 @@ def probe(host: str, port: int, timeout: float) -> str | None:
     return None
 
 
+def load_curve(keys: Path, key: Path | None) -> tuple[bytes, bytes, bytes]:
+    """(our public, our secret, broker public) for a broker run with ``--keys keys``."""
+    broker_public, _ = load_secret(keys / f"{BROKER_CERT}.key_secret")
+    ours = key or keys / f"{HEALTH_USER}.key_secret"
+    if key is None and not ours.exists():
+        raise KeysError(
+            f"the broker runs with keys ({keys}) but {ours} is missing: "
+            f"run `zchat-keygen {HEALTH_USER} --dir {keys}` and copy {HEALTH_USER}.key into {keys}/authorized/"
+        )
+    public, secret = load_secret(ours)
+    return public, secret, broker_public
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.timeout <= 0:
         print("broker.health: --timeout must be positive", file=sys.stderr)
         return 2
-    problem = probe(args.host, args.port, args.timeout)
+    curve = None
+    if args.keys is not None or args.key is not None:
+        if args.keys is None:
+            print("broker.health: --key needs --keys (the broker's public key is read from there)", file=sys.stderr)
+            return 2
+        try:
+            curve = load_curve(args.keys, args.key)
+        except KeysError as exc:
+            print(f"broker.health: unhealthy: {exc}", file=sys.stderr)
+            return 1
+    problem = probe(args.host, args.port, args.timeout, curve)
     if problem is not None:
         print(f"broker.health: unhealthy: {problem}", file=sys.stderr)
         return 1

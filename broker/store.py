@@ -28,7 +28,6 @@ CREATE TABLE IF NOT EXISTS events (
     body    BLOB    NOT NULL,  -- the envelope exactly as published
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
 """
 
 #: One stored event: (room, seq, ts, name, msg_id, body).
@@ -76,13 +75,22 @@ class Store:
         They seed the broker's resend detection, so a message resent across a
         broker restart is acknowledged again instead of stored twice.
         """
-        rows = self._db.execute(
-            "SELECT name, msg_id, room, seq, ts FROM events WHERE msg_id IS NOT NULL ORDER BY ts DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
+        # Per room along the primary key (no extra index to slow every insert),
+        # then the newest ``limit`` of all of them.
+        rows: list[tuple[int, int, str, str, str]] = []
+        for room in self.room_seqs():
+            rows.extend(
+                (ts, seq, room, name, msg_id)
+                for name, msg_id, seq, ts in self._db.execute(
+                    "SELECT name, msg_id, seq, ts FROM events WHERE room = ? AND msg_id IS NOT NULL "
+                    "ORDER BY seq DESC LIMIT ?",
+                    (room, limit),
+                )
+            )
+        rows.sort()
         return [
             {"type": "ack", "from": name, "id": msg_id, "room": room, "seq": seq, "ts": ts}
-            for name, msg_id, room, seq, ts in reversed(rows)
+            for ts, seq, room, name, msg_id in rows[-limit:]
         ]
 
     def append(self, rows: Iterable[Row]) -> None:

@@ -134,27 +134,34 @@ def _refuse_ext(code: int, data: bytes) -> NoReturn:
 
 
 def _check_value(value: object, depth: int) -> None:
-    """Only nil/bool/int/str/list/map, str keys, bounded depth (no bin, float, ext)."""
-    if value is None or isinstance(value, (bool, str)):
+    """Only nil/bool/int/str/list/map, str keys, bounded depth (no bin, float, ext).
+
+    On the broker's hot path, so exact ``type() is`` tests: msgpack only ever
+    builds these exact types, and anything else (bytes, float, ExtType,
+    Timestamp) falls through to the refusal at the end.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
         return
-    if isinstance(value, int):
+    if kind is int:
         # msgpack decodes uint64 up to 2**64-1; keep to signed 64-bit for peers.
-        if not _MIN_INT <= value <= _MAX_INT:
+        if not _MIN_INT <= value <= _MAX_INT:  # type: ignore[operator]
             _fail(ErrorCode.BAD_ENVELOPE, "integer out of the signed 64-bit range")
         return
-    if depth > MAX_DEPTH and isinstance(value, (list, dict)):
-        _fail(ErrorCode.BAD_ENVELOPE, f"nested deeper than {MAX_DEPTH} levels")
-    if isinstance(value, list):
-        for item in value:
-            _check_value(item, depth + 1)
+    if kind is dict or kind is list:
+        if depth > MAX_DEPTH:
+            _fail(ErrorCode.BAD_ENVELOPE, f"nested deeper than {MAX_DEPTH} levels")
+        if kind is dict:
+            for key, item in value.items():  # type: ignore[attr-defined]
+                if type(key) is not str:
+                    _fail(ErrorCode.BAD_ENVELOPE, "map keys must be strings")
+                if type(item) is not str:
+                    _check_value(item, depth + 1)
+        else:
+            for item in value:  # type: ignore[attr-defined]
+                _check_value(item, depth + 1)
         return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                _fail(ErrorCode.BAD_ENVELOPE, "map keys must be strings")
-            _check_value(item, depth + 1)
-        return
-    _fail(ErrorCode.BAD_ENVELOPE, f"values of msgpack type {type(value).__name__} are not allowed")
+    _fail(ErrorCode.BAD_ENVELOPE, f"values of msgpack type {kind.__name__} are not allowed")
 
 
 def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
@@ -196,19 +203,14 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     return env
 
 
-class Encoder:
-    """Packs envelopes with one reused ``msgpack.Packer`` (about 2x ``packb``).
+def Encoder() -> Callable[[Mapping[str, Any]], bytes]:
+    """A packer for envelopes: one reused ``msgpack.Packer`` (about 2x ``packb``).
 
-    Not thread-safe: each thread (broker loop, client) owns its own.
+    The bound ``pack`` itself, with no wrapper around it, since it runs for
+    every message. Not thread-safe: each thread (broker loop, client) owns its own.
     """
-
-    __slots__ = ("_pack",)
-
-    def __init__(self) -> None:
-        self._pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True, datetime=False).pack
-
-    def __call__(self, env: Mapping[str, Any]) -> bytes:
-        return self._pack(env)
+    pack: Callable[[Mapping[str, Any]], bytes] = msgpack.Packer(use_bin_type=True, datetime=False).pack
+    return pack
 
 
 def encode(env: Mapping[str, Any]) -> bytes:
