@@ -56,6 +56,10 @@ class HistoryQuery(NamedTuple):
 
 Action = Reply | Publish | HistoryQuery
 
+#: What resend detection remembers of a message: its ack, where it went (room,
+#: or "@" + recipient) and the hash of its text (None when reloaded from the store).
+_Acked = tuple[Envelope, str, int | None]
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -167,9 +171,9 @@ class Core:
         self.members: dict[str, dict[str, Session]] = {}
         #: (name, id) -> the ack first given for that message.
         # A plain dict keeps insertion order too, and is faster than OrderedDict.
-        self._acked: dict[tuple[str, str], Envelope] = {}
+        self._acked: dict[tuple[str, str], _Acked] = {}
         for ack in recent_acks:  # oldest first, as the store hands them over
-            self._remember_ack(ack.pop("from"), ack)
+            self._remember_ack(ack.pop("from"), ack, ack["room"], None)
         self._handlers: dict[str, Callable[[Session, Envelope, int], list[Action]]] = {
             "join": self._join,
             "leave": self._leave,
@@ -376,21 +380,31 @@ class Core:
     def _msg(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
         msg_id: str = env["id"]
+        first = self._acked.get((session.name, msg_id))
+        if first is not None:
+            # Before the membership check: a stored message whose ack was lost
+            # is acknowledged again even if we have left the room since.
+            return self._resent(session, first, room, env["text"])
         if room not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
-        key = (session.name, msg_id)
-        first = self._acked.get(key)
-        if first is not None:
-            # A resend of a message we already stored: acknowledge it again,
-            # with its original seq, and publish nothing.
-            return [Reply(session.identity, dict(first))]
         self._check_text(env["text"])
         self._throttle_send(session, now)
         seq = self._next_seq(room)
         event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id, env.get("action", False))
         ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
-        self._remember_ack(session.name, ack)
+        self._remember_ack(session.name, ack, room, hash(env["text"]))
         return [Publish(room, event), Reply(session.identity, ack)]
+
+    def _resent(self, session: Session, first: _Acked, where: str, text: str) -> list[Action]:
+        """A (name, id) seen before: the same message again gets its first ack again
+        (nothing stored or delivered twice); another message under a used id is refused."""
+        ack, first_where, text_hash = first
+        if first_where != where or (text_hash is not None and text_hash != hash(text)):
+            raise ProtocolError(
+                ErrorCode.BAD_ENVELOPE,
+                f"id {ack['id']!r} was already used for another message: ids must be unique per name",
+            )
+        return [Reply(session.identity, dict(ack))]
 
     def _check_text(self, text: str) -> None:
         if len(text) > self.limits.max_text:
@@ -412,22 +426,27 @@ class Core:
                 ErrorCode.RATE_LIMITED, f"slow down: at most {limits.join_rate:g} joins/leaves a second"
             )
 
-    def _remember_ack(self, name: str, ack: Envelope) -> None:
+    def _remember_ack(self, name: str, ack: Envelope, where: str, text_hash: int | None) -> None:
         acked = self._acked
-        acked[(name, ack["id"])] = ack
+        acked[(name, ack["id"])] = (ack, where, text_hash)
         if len(acked) > DEDUP_WINDOW:
             del acked[next(iter(acked))]  # the oldest
 
     def _dm(self, session: Session, env: Envelope, now: int) -> list[Action]:
         to: str = env["to"]
         target = self.by_name.get(to)
+        first = self._acked.get((session.name, env["id"]))
+        if first is not None:
+            return self._resent(session, first, "@" + to, env["text"])
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
         self._check_text(env["text"])
         self._throttle_send(session, now)
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
+        ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
+        self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
         # Private: ROUTER to the recipient only, never PUB, never the store.
-        return [Reply(target.identity, event), Reply(session.identity, {"type": "ack", "id": env["id"], "ts": now})]
+        return [Reply(target.identity, event), Reply(session.identity, ack)]
 
     def _history(self, session: Session, env: Envelope, now: int) -> list[Action]:
         return [HistoryQuery(session.identity, env["room"], env["after"], env["limit"], env.get("id"))]
@@ -438,12 +457,13 @@ class Core:
         return [self._reply(session, {"type": "who", "room": room, "members": members}, env)]
 
     def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
-        names: Iterable[str] = sorted(set(self.seqs) | set(self.members))
+        names = sorted(set(self.seqs) | set(self.members))
         listed = [
             {"room": room, "members": len(self.members.get(room, ())), "seq": self.seqs.get(room, 0)}
-            for room in list(names)[:MAX_ROOMS_LISTED]
+            for room in names[:MAX_ROOMS_LISTED]
         ]
-        return [self._reply(session, {"type": "rooms", "rooms": listed}, env)]
+        reply: Envelope = {"type": "rooms", "rooms": listed, "truncated": len(names) > MAX_ROOMS_LISTED}
+        return [self._reply(session, reply, env)]
 
     def _ping(self, session: Session, env: Envelope, now: int) -> list[Action]:
         return [self._reply(session, {"type": "pong"}, env)]

@@ -214,7 +214,9 @@ class Broker:
             except Exception:
                 # A bug of ours must cost one request, not the broker: log it whole.
                 log.exception("internal error handling a request from %s", identity.hex())
-                actions.append(Reply(identity, p.error(ErrorCode.INTERNAL, "internal error; it has been logged")))
+                actions.append(
+                    Reply(identity, p.error(ErrorCode.INTERNAL, "internal error; it has been logged", _id_of(frame)))
+                )
         return actions
 
     def _reload_keys(self, now: int) -> list[Action]:
@@ -318,6 +320,15 @@ class Broker:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def _id_of(frame: bytes) -> str | None:
+    """The request id of a frame, if it has a readable one (for an error reply)."""
+    try:
+        rid = p.decode(frame).get("id")
+    except p.ProtocolError:
+        return None
+    return rid if isinstance(rid, str) and len(rid) <= p.MAX_ID_CHARS else None
 
 
 def _rebind(sock: zmq.Socket[bytes], endpoint: str, timeout: float = 5.0) -> None:

@@ -722,6 +722,12 @@ class Client:
 
     def _on_direct(self, env: Envelope) -> None:
         kind = env["type"]
+        if kind == "dm":
+            # Before any id matching: a DM's id is its author's, and must never be
+            # mistaken for the reply to one of our requests.
+            if env.get("sender") != self.sender:  # a DM to ourselves shows once, on its ack
+                self._events.append(Event.from_envelope(env))
+            return
         rid = env.get("id")
         if kind == "error" and env.get("code") == ErrorCode.NOT_REGISTERED and self.state == "connected":
             # The broker no longer knows us (it restarted, or expired us while we
@@ -746,10 +752,7 @@ class Client:
                 assert sent is not None
                 self._events.append(Event.from_envelope(env) if kind == "error" else self._own_event(sent, env))
                 return
-        if kind == "dm":
-            if env.get("sender") != self.sender:  # a DM to ourselves shows once, on its ack
-                self._events.append(Event.from_envelope(env))
-        elif kind == "error":
+        if kind == "error":
             self._events.append(Event.from_envelope(env))
         # pong, and acks of requests we no longer track, need nothing.
 

@@ -516,6 +516,7 @@ def test_rooms() -> None:
             {"room": "general", "members": 2, "seq": 2},
             {"room": "old", "members": 0, "seq": 17},
         ],
+        "truncated": False,
         "id": "r",
     }
 

@@ -169,6 +169,9 @@ class World:
     last_seq: dict[str, int] = field(default_factory=lambda: {"general": 10})
     #: the resume token of each name's live session, as its welcome said
     tokens: dict[str, str] = field(default_factory=dict)
+    #: (name, id) -> where that message went ("room" or "@name"): resend detection
+    used_ids: dict[tuple[str, str], str] = field(default_factory=dict)
+    dm_count: int = 0
 
     def send(self, identity: bytes, env: dict[str, Any] | bytes) -> list[Action]:
         frame = env if isinstance(env, bytes) else p.encode(env)
@@ -297,7 +300,8 @@ def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
     elif kind == "msg":
         env = {"type": "msg", "room": ROOMS[op[3]], "text": "hi", "id": op[4], "from": "x", "sender": "y"}
     elif kind == "dm":
-        env = {"type": "dm", "to": NAMES[op[3]], "text": "psst", "id": "d"}
+        world.dm_count += 1
+        env = {"type": "dm", "to": NAMES[op[3]], "text": "psst", "id": f"d{world.dm_count}"}
     elif kind == "history":
         env = {"type": "history", "room": ROOMS[op[3]], "limit": op[4]}
     else:
@@ -322,7 +326,14 @@ def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
     if limited:
         assert not pubs
         assert core.by_identity[identity].rooms == pre_rooms
-    if kind == "msg":
+    used = world.used_ids.get((pre_name, env.get("id", ""))) if pre_name is not None else None
+    if kind == "msg" and used is not None:
+        # a (name, id) seen before: the same message is re-acked, another one refused
+        if used == room:
+            assert [e["type"] for e in reply_envs(actions)] == ["ack"] and not pubs
+        else:
+            assert errors(actions) == ["bad_envelope"] and not pubs
+    elif kind == "msg":
         if room not in pre_rooms:
             assert errors(actions) == ["not_joined"] and not pubs
         elif not limited:
@@ -331,6 +342,8 @@ def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
             for pub in pubs:
                 assert pub.env["from"] == pre_name
                 assert pub.env["sender"] == pre.sender
+            if pubs:
+                world.used_ids[(pre_name, env["id"])] = room
     elif kind == "join" and not limited:
         assert len(pubs) == (0 if room in pre_rooms else 1)
         assert room in core.by_identity[identity].rooms

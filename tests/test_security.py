@@ -214,3 +214,48 @@ def test_flood_of_garbage_does_not_stop_others(raw: MakeRaw, broker: RunningBrok
     with Client("alice", HOST, broker.port, broker.pub_port) as alice:
         alice.join("general")
         assert alice.send_wait("general", "fine", timeout=10).seq is not None
+
+
+def test_dm_cannot_hijack_a_pending_request(raw: MakeRaw, broker: RunningBroker) -> None:
+    """A DM's id is its author's: it must not be taken for the reply to our request."""
+    with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+        mallory = registered(raw, "mallory")
+        # Ids are published with every message, so the next one is guessable.
+        next_id = f"{alice._id_prefix}{alice._id_count + 1:x}"
+        mallory.request({"type": "dm", "to": "alice", "text": "gotcha", "id": next_id})
+        assert alice.join("general") == ["alice"]
+        dms = [e for e in alice.drain_events() if e.type == "dm"]
+        assert [(e.name, e.text) for e in dms] == [("mallory", "gotcha")]
+
+
+def test_id_reuse_for_another_message_is_refused(raw: MakeRaw) -> None:
+    alice = registered(raw, "alice")
+    alice.request({"type": "join", "room": "general"})
+    alice.request({"type": "join", "room": "other"})
+    first = alice.request({"type": "msg", "room": "general", "text": "one", "id": "x1"})
+    same = alice.request({"type": "msg", "room": "general", "text": "one", "id": "x1"})
+    assert same == first, "a resend gets the same ack"
+    for env in (
+        {"type": "msg", "room": "general", "text": "two", "id": "x1"},
+        {"type": "msg", "room": "other", "text": "one", "id": "x1"},
+    ):
+        reply = alice.request(env)
+        assert (reply["type"], reply["code"]) == ("error", "bad_envelope") and "already used" in reply["message"]
+
+
+def test_resend_after_leaving_still_acked(raw: MakeRaw) -> None:
+    alice = registered(raw, "alice")
+    alice.request({"type": "join", "room": "general"})
+    ack = alice.request({"type": "msg", "room": "general", "text": "hi", "id": "r1"})
+    alice.request({"type": "leave", "room": "general"})
+    assert alice.request({"type": "msg", "room": "general", "text": "hi", "id": "r1"}) == ack
+
+
+def test_dm_resend_is_delivered_once(raw: MakeRaw) -> None:
+    alice = registered(raw, "alice")
+    bob = registered(raw, "bob")
+    first = alice.request({"type": "dm", "to": "bob", "text": "once", "id": "d1"})
+    again = alice.request({"type": "dm", "to": "bob", "text": "once", "id": "d1"})
+    assert again == first
+    assert bob.recv()["text"] == "once"
+    assert bob.silent(0.3)
