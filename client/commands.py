@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from client.lib import Client, RequestError
+from client.lib import Client, ZchatError
 from zchat.protocol import ProtocolError
 
 HELP = """\
@@ -45,7 +45,7 @@ class Commands:
             if line.startswith("/") and not line.startswith("//"):
                 return self._command(line)
             self._say(line[1:] if line.startswith("//") else line)
-        except (RequestError, ProtocolError) as exc:
+        except (ZchatError, ProtocolError) as exc:  # refused, or the broker is away: say so, go on
             self.err(f"{exc.code}: {exc.message}")
         return True
 
