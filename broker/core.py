@@ -212,6 +212,12 @@ class Core:
                     ),
                 )
             return self._hello(identity, session, env, now)
+        if session is None and kind == "ping":
+            # A liveness probe (the container healthcheck, every 10 s): answered
+            # with the usual error, which proves the broker decodes and replies,
+            # but not worth a warning line each time.
+            log.debug("ping without a session from %s", _ident(identity))
+            return [Reply(identity, p.error(ErrorCode.NOT_REGISTERED, "say hello before 'ping'", env.get("id")))]
         if session is None or (user and session.name != user):
             # (A connection that took over a departed peer's routing id is not that peer.)
             return self.reject(
