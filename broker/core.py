@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -126,8 +125,7 @@ class _LogBudget:
         self.used = 0
         self.dropped = 0
 
-    def allow(self, now: float) -> bool:
-        second = int(now)
+    def allow(self, second: int) -> bool:
         if second != self.second:
             if self.dropped:
                 log.warning("... and %d more rejected inputs not logged", self.dropped)
@@ -161,6 +159,8 @@ class Core:
         #: With CURVE on, every request carries the name its key belongs to.
         self.authenticated = authenticated
         self._log_budget = _LogBudget()
+        #: The latest time we were given (ms), for log throttling: no clock of our own.
+        self._clock = 0
         self._new_sender = new_sender
         self._new_token = new_token
         #: room -> last seq given out (continues what the store holds).
@@ -195,6 +195,7 @@ class Core:
         ``User-Id``); when the broker runs with keys it is the only name that
         connection may use.
         """
+        self._clock = now
         try:
             env = p.decode_request(frame)
         except ProtocolError as exc:
@@ -234,7 +235,7 @@ class Core:
     def reject(self, identity: bytes, exc: ProtocolError) -> list[Action]:
         """Answer bad input with a coded error; the one log line per rejected input
         (at most LOG_REJECTS_PER_S a second, so a flood cannot fill the disk)."""
-        if not self._log_budget.allow(time.monotonic()):
+        if not self._log_budget.allow(self._clock // 1000):
             return [Reply(identity, exc.to_envelope())]
         session = self.by_identity.get(identity)
         who = session.name if session else "-"
