@@ -1,0 +1,1 @@
+"""zchat benchmark suite: ``python -m bench`` (see ``docs/benchmarks.md``)."""

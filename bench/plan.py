@@ -1,0 +1,140 @@
+"""What the suite runs: groups of points (step tests, fixed rates, idle clients) per mode.
+
+A step test ("ladder") starts at a rate scaled to the fan-out, doubles while
+the system keeps up and halves while it does not, then (full mode) bisects the
+bracket twice in log scale (to within 2^(1/4), +-19%). Capacity is the best delivered rate of a step
+the system kept up with. Every group that has zchat in it then measures every
+target at 30% of zchat's capacity, so latencies compare at the same load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bench.harness import Point, Timing
+
+ZCHAT = "zchat"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    timing: Timing
+    #: Most steps of a ladder, then how many times to halve the final bracket (in log scale).
+    max_steps: int
+    refine: int
+    #: Targets measured at 30% of zchat's capacity (None: every target of the group).
+    lat30_targets: tuple[str, ...] | None
+    #: Targets of the 1 KiB ladders and of the fixed-rate group.
+    size_1k_targets: tuple[str, ...]
+    fixed_targets: tuple[str, ...]
+    idle_clients: int
+    peer_idle_clients: int
+    fanouts: tuple[int, ...] = (1, 10, 100, 1000)
+    fixed_rates: tuple[float, ...] = (1000, 10_000, 30_000)
+
+
+#: One point per target and workload: proves every workload runs (numbers are rough).
+QUICK = Mode(
+    "quick",
+    Timing(warmup=0.3, duration=1.0, grace=0.5),
+    max_steps=1,
+    refine=0,
+    lat30_targets=(ZCHAT,),
+    size_1k_targets=(ZCHAT,),
+    fixed_targets=(ZCHAT,),
+    idle_clients=1000,
+    peer_idle_clients=50,
+)
+FULL = Mode(
+    "full",
+    Timing(warmup=1.0, duration=4.0, grace=1.5),
+    max_steps=6,
+    refine=2,
+    lat30_targets=None,
+    size_1k_targets=(ZCHAT, "naive", "raw"),
+    fixed_targets=(ZCHAT, "zchat-normal", "naive", "raw"),
+    idle_clients=1000,
+    peer_idle_clients=1000,
+)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Points that share a workload; ``kind`` is "ladder", "fixed" or "idle"."""
+
+    key: str
+    title: str
+    kind: str
+    targets: tuple[str, ...]
+    rooms: int = 1
+    members: int = 1
+    size: int = 100
+    sessions: bool = False
+    rates: tuple[float, ...] = ()
+    clients: int = 0
+    #: Compare with the peers here (the 1 room x 100 workload).
+    headline: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def point(self, target: str, rate: float | None, tag: str) -> Point:
+        return Point(target, self.rooms, self.members, self.size, rate, self.sessions, tag=tag)
+
+
+def start_rate(members: int) -> float:
+    """First step of a ladder: ~30k msg/s at fan-out 1, scaled down by sqrt(fan-out)."""
+    return nice(30_000 / math.sqrt(members))
+
+
+def nice(rate: float) -> float:
+    """Round to 2 significant digits."""
+    if rate <= 0:
+        return rate
+    digits = 10 ** (math.floor(math.log10(rate)) - 1)
+    return float(round(rate / digits) * digits)
+
+
+def groups(mode: Mode, peers: tuple[str, ...]) -> list[Group]:
+    limits = ("zchat", "zchat-normal", "naive", "raw")
+    out: list[Group] = []
+    for f in mode.fanouts:
+        targets = limits if f in (1, 100) else ("zchat", "naive", "raw")
+        if f == 100:
+            targets = (*targets, *peers)
+        out.append(
+            Group(
+                f"fanout-{f}",
+                f"1 room x {f} subscriber{'s' * (f > 1)}, 100 B",
+                "ladder",
+                targets,
+                1,
+                f,
+                100,
+                headline=f == 100,
+            )
+        )
+    for f in (1, 100):
+        out.append(
+            Group(f"fanout-{f}-1k", f"1 room x {f}, 1 KiB texts", "ladder", ("zchat", "naive", "raw"), 1, f, 1024)
+        )
+    out.append(
+        Group(
+            "rooms-100x10",
+            "100 rooms x 10 members (1,000 clients with sessions), fixed offered rates",
+            "fixed",
+            mode.fixed_targets,
+            rooms=100,
+            members=10,
+            sessions=True,
+            rates=mode.fixed_rates,
+        )
+    )
+    out.append(
+        Group("idle", f"{mode.idle_clients} idle clients", "idle", ("zchat", "naive"), clients=mode.idle_clients)
+    )
+    if peers:
+        out.append(
+            Group("idle-peers", f"{mode.peer_idle_clients} idle clients", "idle", peers, clients=mode.peer_idle_clients)
+        )
+    return out

@@ -1,0 +1,120 @@
+"""Runs the plan's groups point by point, with the step-test logic, and keeps every result."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.harness import Pinning, Point, Result, run_point
+from bench.plan import ZCHAT, Group, Mode, nice, start_rate
+from bench.targets import get_target
+
+#: A step the system "kept up with": this little loss, this much of the offered rate delivered.
+MAX_LOSS = 0.01
+MIN_DELIVERED = 0.95
+
+
+def saturated(r: Result) -> bool:
+    if r.error or r.offered is None:
+        return True
+    p = r.point
+    return (
+        r.loss > MAX_LOSS
+        or r.sent_rate < MIN_DELIVERED * r.offered
+        or r.deliveries < MIN_DELIVERED * r.sent_rate * p.members
+        or bool(r.errors)
+    )
+
+
+@dataclass
+class Run:
+    mode: Mode
+    pins: Pinning
+    workers: int
+    root: Path
+    results: list[Result] = field(default_factory=list)
+    #: (group key, target) -> capacity in delivered msg/s.
+    capacity: dict[tuple[str, str], float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def point(self, point: Point) -> Result:
+        r = run_point(point, self.mode.timing, self.pins, self.workers, self.root)
+        self.results.append(r)
+        self._log(r)
+        return r
+
+    def _log(self, r: Result) -> None:
+        p = r.point
+        lat = r.latency_us.get("p99")
+        what = (
+            f"rss {r.rss_before_kib}->{r.rss_after_kib} KiB, connect {r.connect_s}"
+            if p.idle
+            else f"offered {r.offered or 0:>8.0f} sent {r.sent_rate:>8.0f} delivered {r.delivered:>8.0f} msg/s"
+            f" loss {r.loss:6.2%} p99 {lat if lat is None else round(lat)} us"
+        )
+        elapsed = time.monotonic() - self.started
+        flag = "  SATURATED" if not p.idle and saturated(r) else ""
+        error = f"  ERROR {r.error}" if r.error else ""
+        print(
+            f"[{elapsed:6.0f}s] {p.target:>12} {p.workload:<16} {p.size:>5}B {p.tag:<6} {what}{flag}{error}",
+            file=sys.stderr,
+        )
+
+    def group(self, g: Group) -> None:
+        if g.kind == "idle":
+            for target in g.targets:
+                clients = min(g.clients, get_target(target).max_idle_clients)
+                self.point(Point(target, 1, clients, g.size, None, sessions=True, idle=True, tag="idle"))
+            return
+        if g.kind == "fixed":
+            for rate in g.rates:
+                for target in g.targets:
+                    self.point(g.point(target, rate, "fixed"))
+            return
+        for target in g.targets:
+            if g.size > get_target(target).max_text:
+                continue
+            best = self.ladder(g, target)
+            if best is not None:
+                self.capacity[(g.key, target)] = best
+        base = self.capacity.get((g.key, ZCHAT))
+        if base is not None:
+            rate = nice(0.3 * base)
+            for target in g.targets:
+                if self.mode.lat30_targets is None or target in self.mode.lat30_targets:
+                    self.point(g.point(target, rate, "lat30"))
+
+    def ladder(self, g: Group, target: str) -> float | None:
+        """Step test: double while keeping up, halve while not; then bisect the bracket."""
+        rate = start_rate(g.members)
+        low = high = None
+        best: float | None = None
+        for _ in range(self.mode.max_steps):
+            r = self.point(g.point(target, rate, "step"))
+            if saturated(r):
+                high = rate
+                if low is not None:
+                    break
+                rate = nice(rate / 2)
+            else:
+                low = rate
+                best = max(best or 0.0, r.delivered)
+                if high is not None:
+                    break
+                rate = nice(rate * 2)
+        if low is None or high is None:
+            return best
+        for _ in range(self.mode.refine):
+            middle = nice(math.sqrt(low * high))
+            if not low < middle < high:
+                break
+            r = self.point(g.point(target, middle, "step"))
+            if saturated(r):
+                high = middle
+            else:
+                low = middle
+                best = max(best or 0.0, r.delivered)
+        return best

@@ -1,0 +1,72 @@
+"""The systems under test, by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bench.targets.base import Target
+
+
+def _zchat() -> Target:
+    from bench.targets.zmq_family import Zchat
+
+    return Zchat("full")
+
+
+def _zchat_normal() -> Target:
+    from bench.targets.zmq_family import Zchat
+
+    return Zchat("normal")
+
+
+def _naive() -> Target:
+    from bench.targets.zmq_family import Naive
+
+    return Naive()
+
+
+def _raw() -> Target:
+    from bench.targets.zmq_family import RawPubSub
+
+    return RawPubSub()
+
+
+def _redis() -> Target:
+    from bench.targets.redis_t import Redis
+
+    return Redis()
+
+
+def _mosquitto() -> Target:
+    from bench.targets.mqtt_t import Mosquitto
+
+    return Mosquitto()
+
+
+def _nats() -> Target:
+    from bench.targets.nats_t import Nats
+
+    return Nats()
+
+
+def _irc() -> Target:
+    from bench.targets.irc_t import Ngircd
+
+    return Ngircd()
+
+
+FACTORIES: dict[str, Callable[[], Target]] = {
+    "zchat": _zchat,
+    "zchat-normal": _zchat_normal,
+    "naive": _naive,
+    "raw": _raw,
+    "redis": _redis,
+    "mosquitto": _mosquitto,
+    "nats": _nats,
+    "ngircd": _irc,
+}
+PEERS = ("redis", "mosquitto", "nats", "ngircd")
+
+
+def get_target(name: str) -> Target:
+    return FACTORIES[name]()
