@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the broker's public key, broker.key (ZCHAT_BROKER_KEY)",
     )
+    parser.add_argument("--no-color", action="store_true", help="interactive: no colours (also when NO_COLOR is set)")
+    parser.add_argument(
+        "--no-bell", action="store_true", help="interactive: no terminal bell on a mention of your name or a DM"
+    )
     parser.add_argument("--version", action="version", version=f"zchat {__version__}")
     return parser
 
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stdin.isatty():
             from client.interactive import run_interactive  # noqa: PLC0415  (prompt_toolkit only when needed)
 
-            return run_interactive(client, room, args.backlog)
+            return run_interactive(client, room, args.backlog, color=not args.no_color, bell=not args.no_bell)
         return _run_pipe(client, room, args, printer)
     except BrokerUnreachable as exc:
         printer.err(str(exc))

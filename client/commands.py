@@ -1,28 +1,52 @@
 """What a typed line means: a message to the current room or an IRC-style command.
 
 Shared by pipe mode and the interactive terminal, so both understand the same
-lines. Output goes through two callables, so this module never prints.
+lines. Output goes through callables, so this module never prints. A wrong
+command gets one line of usage on ``err``, never an exception.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from client.lib import Client, ZchatError
+from client import render
+from client.lib import Client, Event, ZchatError
+from zchat import protocol as p
 from zchat.protocol import ProtocolError
 
 HELP = """\
 commands:
   TEXT               send TEXT to the current room (//TEXT sends a text starting with /)
+  /me ACTION         an action in the current room, shown as * NAME ACTION
   /msg NAME TEXT     direct message to NAME
   /join ROOM         join ROOM and make it the current room
+  /switch ROOM       make ROOM (one you are in) the current room
   /leave [ROOM]      leave ROOM (default: the current room)
   /who [ROOM]        who is in ROOM (default: the current room)
   /rooms             list rooms
+  /history [N]       the last N events of the current room (default 20)
   /help              this help
   /quit              leave the chat"""
+
+#: The argument hint of each command, for usage lines and completion.
+USAGE = {
+    "me": "/me ACTION",
+    "msg": "/msg NAME TEXT",
+    "join": "/join ROOM",
+    "switch": "/switch ROOM",
+    "leave": "/leave [ROOM]",
+    "who": "/who [ROOM]",
+    "rooms": "/rooms",
+    "history": "/history [N]",
+    "help": "/help",
+    "quit": "/quit",
+}
+#: Other spellings people bring from IRC.
+ALIASES = {"part": "leave", "exit": "quit", "query": "msg", "names": "who", "action": "me"}
+COMMANDS = tuple(USAGE)
+HISTORY_DEFAULT = 20
 
 
 @dataclass
@@ -35,6 +59,14 @@ class Commands:
     err: Callable[[str], None]
     as_json: bool = False
     backlog: int = 0
+    #: How events fetched by /history are shown (default: a line on ``out``).
+    show: Callable[[Event], None] | None = None
+    #: Appended to /help (the interactive client lists its keys there).
+    help_extra: str = ""
+    #: Members of rooms as last learnt from /join and /who (the UI adds presence).
+    members: dict[str, set[str]] = field(default_factory=dict)
+    #: Rooms seen in /rooms and /join replies.
+    known_rooms: set[str] = field(default_factory=set)
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
@@ -49,60 +81,112 @@ class Commands:
             self.err(f"{exc.code}: {exc.message}")
         return True
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, *, action: bool = False) -> None:
         if self.current is None:
             self.err("not in a room: /join ROOM first")
             return
-        self.client.send(self.current, text)
+        if action:
+            self.client.send(self.current, text, action=True)
+        else:
+            self.client.send(self.current, text)
+
+    def _usage(self, name: str) -> None:
+        self.err(f"usage: {USAGE[name]}")
 
     def _command(self, line: str) -> bool:
         name, _, rest = line[1:].partition(" ")
         rest = rest.strip()
         name = name.lower()
-        if name in ("quit", "exit"):
+        name = ALIASES.get(name, name)
+        args = rest.split()
+        if name == "quit":
             return False
         if name == "help":
-            self._info(HELP, {"type": "help", "text": HELP})
+            text = HELP + ("\n" + self.help_extra if self.help_extra else "")
+            self._info(text, {"type": "help", "text": text})
+        elif name == "me":
+            if not rest:
+                self._usage(name)
+            else:
+                self._say(rest, action=True)
         elif name == "msg":
             to, _, text = rest.partition(" ")
             if not to or not text.strip():
-                self.err("usage: /msg NAME TEXT")
+                self._usage(name)
             else:
                 self.client.dm(to, text)
         elif name == "join":
-            if not rest:
-                self.err("usage: /join ROOM")
+            if len(args) != 1:
+                self._usage(name)
             else:
-                room = rest.split()[0]
-                self.client.join(room, backlog=self.backlog)
-                self.current = room.removeprefix("#").lower()
+                room = p.parse_room(args[0])
+                members = self.client.join(room, backlog=self.backlog)
+                self.members[room] = set(members)
+                self.known_rooms.add(room)
+                self.current = room
+        elif name == "switch":
+            if len(args) != 1:
+                self._usage(name)
+            else:
+                room = p.parse_room(args[0])
+                if room not in self.client.rooms_joined:
+                    self.err(f"not in #{room}: /join #{room} first")
+                else:
+                    self.current = room
         elif name == "leave":
-            target = rest.split()[0] if rest else self.current
-            if target is None:
-                self.err("usage: /leave ROOM")
+            target = args[0] if args else self.current
+            if target is None or len(args) > 1:
+                self._usage(name)
             else:
-                self.client.leave(target)
-                left = target.removeprefix("#").lower()
-                if left == self.current:
+                room = p.parse_room(target)
+                self.client.leave(room)
+                self.members.pop(room, None)
+                if room == self.current:
                     joined = self.client.rooms_joined
                     self.current = joined[-1] if joined else None
         elif name == "who":
-            target = rest.split()[0] if rest else self.current
-            if target is None:
-                self.err("usage: /who ROOM")
+            target = args[0] if args else self.current
+            if target is None or len(args) > 1:
+                self._usage(name)
             else:
-                members = self.client.who(target)
-                room = target.removeprefix("#").lower()
+                room = p.parse_room(target)
+                members = self.client.who(room)
+                if room in self.client.rooms_joined:
+                    self.members[room] = set(members)
                 self._info(
                     f"-!- #{room}: {', '.join(members) or 'nobody'}", {"type": "who", "room": room, "members": members}
                 )
         elif name == "rooms":
             rooms = self.client.rooms()
+            self.known_rooms.update(r["room"] for r in rooms if isinstance(r.get("room"), str))
             text = "\n".join(f"-!- #{r['room']}: {r['members']} online, {r['seq']} events" for r in rooms)
             self._info(text or "-!- no rooms yet", {"type": "rooms", "rooms": rooms})
+        elif name == "history":
+            self._history(args)
         else:
             self.err(f"unknown command /{name}; /help lists them")
         return True
+
+    def _history(self, args: list[str]) -> None:
+        count = HISTORY_DEFAULT
+        if len(args) > 1 or (args and not (args[0].isdigit() and int(args[0]) > 0)):
+            self._usage("history")
+            return
+        if args:
+            count = min(int(args[0]), p.MAX_HISTORY_LIMIT)
+        room = self.current
+        if room is None:
+            self.err("not in a room: /join ROOM first")
+            return
+        _, top = self.client.history(room, after=0, limit=1)  # the room's latest seq
+        events, _ = self.client.history(room, after=max(0, top - count), limit=count)
+        if not self.as_json:
+            self.out(f"-!- #{room}: the last {len(events)} event{'' if len(events) == 1 else 's'}")
+        for event in events:
+            if self.show is not None:
+                self.show(event)
+            else:
+                self.out(render.json_line(event) if self.as_json else render.text_line(event))
 
     def _info(self, text: str, data: dict[str, object]) -> None:
         self.out(json.dumps(data, ensure_ascii=False, separators=(",", ":")) if self.as_json else text)

@@ -1,62 +1,482 @@
 """The interactive terminal client: events print above a prompt that typing keeps intact.
 
-prompt_toolkit owns the terminal; the client's sockets are read from the same
-thread (an asyncio task), so no zmq socket is ever shared between threads.
+prompt_toolkit owns the terminal. One asyncio loop thread does everything: it
+runs the prompt, and a task on it pumps the client's sockets every few
+milliseconds, so no zmq socket is ever touched from another thread. Events
+are printed above the prompt in batches with ``in_terminal`` (erase the
+prompt, print, draw the prompt again with the half-typed line and its cursor
+as they were, all in one write), so however fast messages arrive the input
+line is never broken.
+
+The prompt never returns a line: Enter (and a multi-line paste) hand the line
+to :class:`~client.commands.Commands` while the prompt keeps running; /quit,
+Ctrl-D on an empty line or Ctrl-C on an empty line end it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.application import in_terminal
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
+from prompt_toolkit.input import Input
+from prompt_toolkit.input.vt100 import Vt100Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
+from prompt_toolkit.output import ColorDepth, Output
+from prompt_toolkit.renderer import print_formatted_text
+from prompt_toolkit.shortcuts import CompleteStyle
+from prompt_toolkit.styles import Attrs, Style
 
 from client import render
-from client.commands import Commands
-from client.lib import Client, Event
+from client.commands import ALIASES, COMMANDS, Commands
+from client.lib import Client, Event, ZchatError
 
-PUMP_INTERVAL_S = 0.03
+#: How often the client's sockets are read (the loop sleeps in between).
+PUMP_INTERVAL_S = 0.02
+#: Plain copies of the last lines shown (``ChatUI.transcript``).
+TRANSCRIPT_LINES = 2000
+
+KEYS_HELP = """\
+keys:
+  Alt-1 … Alt-9      switch to the 1st … 9th room you are in (the bar below lists them)
+  Tab                complete a command, a name or a #room
+  Up / Down          recall earlier lines
+  Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit"""
+
+_DIM = "dim" if "dim" in Attrs._fields else ""
+#: Readable on dark and light backgrounds: the terminal's own 16 colours, minus black, white, grey.
+_PALETTE = (
+    "ansired",
+    "ansigreen",
+    "ansiyellow",
+    "ansiblue",
+    "ansimagenta",
+    "ansicyan",
+    "ansibrightred",
+    "ansibrightgreen",
+    "ansibrightyellow",
+    "ansibrightblue",
+    "ansibrightmagenta",
+    "ansibrightcyan",
+)
+assert len(_PALETTE) == render.PALETTE_SIZE
+
+STYLE = Style.from_dict(
+    {
+        "time": "ansibrightblack",
+        "room": "ansicyan bold",
+        "punct": "ansibrightblack",
+        **{f"nick.{i}": colour for i, colour in enumerate(_PALETTE)},
+        "nick.own": "bold",
+        "text": "",
+        "text.own": "ansibrightblack",
+        "text.mention": "bold ansiyellow",
+        "text.dm": "ansimagenta",
+        "action": "italic",
+        "dm": "ansimagenta bold",
+        "dm.own": "ansimagenta",
+        "presence": f"ansibrightblack {_DIM}",
+        "status": "ansiyellow",
+        "info": "ansicyan",
+        "error": "ansired bold",
+        "prompt.room": "ansicyan bold",
+        "prompt.name": "bold",
+        "prompt.state": "ansiyellow bold",
+        "bottom-toolbar": "reverse",
+        "bottom-toolbar.current": "bold",
+        "bottom-toolbar.unread": "bold underline",
+        "bottom-toolbar.state": "",
+        "bottom-toolbar.state.away": "bold",
+    }
+)
+
+#: Client.state (lib.py) in words for the prompt and the bar.
+_STATE_WORDS = {"new": "connecting", "connected": "connected", "reconnecting": "reconnecting", "closed": "disconnected"}
 
 
-def run_interactive(client: Client, room: str, backlog: int) -> int:
-    return asyncio.run(_main(client, room, backlog))
+def connection_status(client: object) -> str:
+    """The connection state of ``client`` as shown to the user: "connected", "reconnecting", ….
+
+    A client without a ``state`` attribute (a library without reconnect) counts as connected.
+    """
+    state = getattr(client, "state", "connected")
+    return _STATE_WORDS.get(str(state), str(state))
 
 
-async def _main(client: Client, room: str, backlog: int) -> int:
-    def show(line: str) -> None:
-        print(line, flush=True)
+def run_interactive(
+    client: Client,
+    room: str,
+    backlog: int,
+    *,
+    color: bool = True,
+    bell: bool = True,
+    input: Input | None = None,
+    output: Output | None = None,
+) -> int:
+    """Run the terminal UI until the user quits; returns the exit status."""
+    return asyncio.run(ChatUI(client, room, backlog, color=color, bell=bell, input=input, output=output).run())
 
-    def show_err(line: str) -> None:
-        print(f"zchat: {line}", flush=True)
 
-    def show_event(event: Event) -> None:
-        if event.type == "error":
-            show_err(f"{event.code}: {event.message}")
-        else:
-            show(render.text_line(event))
+class _RawInput(Vt100Input):
+    """The terminal, kept in raw mode while we print above the prompt.
 
-    commands = Commands(client, room, show, show_err, backlog=max(0, backlog))
-    session: PromptSession[str] = PromptSession()
+    prompt_toolkit's ``in_terminal`` switches to cooked mode around a print (it
+    expects arbitrary programs to run there). For a few lines of chat that is
+    harmful: a key typed at that instant would be echoed into the chat, and
+    Ctrl-C would raise SIGINT. In raw mode the key simply waits to be read.
+    """
 
-    async def pump() -> None:
-        while True:
-            client.pump(0)
-            for event in client.drain_events():
-                show_event(event)
-            await asyncio.sleep(PUMP_INTERVAL_S)
+    def cooked_mode(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
-    with patch_stdout(raw=True):
-        task = asyncio.create_task(pump())
+
+class ChatUI:
+    """One terminal session: a prompt at the bottom, the chat scrolling above it."""
+
+    def __init__(
+        self,
+        client: Client,
+        room: str | None,
+        backlog: int = 0,
+        *,
+        color: bool = True,
+        bell: bool = True,
+        input: Input | None = None,
+        output: Output | None = None,
+    ) -> None:
+        self.client = client
+        if input is None and sys.stdin.isatty():
+            input = _RawInput(sys.stdin)
+        self.bell = bell
+        self.color = color and not os.environ.get("NO_COLOR")
+        self.commands = Commands(
+            client,
+            room,
+            self._out,
+            self._err,
+            backlog=max(0, backlog),
+            show=self._show,
+            help_extra=KEYS_HELP,
+        )
+        #: Plain text of the lines shown, newest last (one per event, before wrapping).
+        self.transcript: deque[str] = deque(maxlen=TRANSCRIPT_LINES)
+        #: Names we have exchanged DMs with (for completion).
+        self.dm_peers: set[str] = set()
+        #: Room -> messages that arrived there while another room was current.
+        self.unread: dict[str, int] = {}
+        #: Lines queued to be shown, and lines printed to the terminal so far.
+        self.lines_shown = 0
+        self.lines_printed = 0
+        self._pending: list[render.Styled] = []
+        self._ring = False
+        self._quit = False
+        self._failure: BaseException | None = None
+        self.session: PromptSession[str] = PromptSession(
+            self.prompt,
+            bottom_toolbar=self.toolbar,
+            completer=_ChatCompleter(self),
+            complete_style=CompleteStyle.READLINE_LIKE,
+            complete_while_typing=False,
+            erase_when_done=True,
+            key_bindings=self._key_bindings(),
+            style=STYLE,
+            color_depth=None if self.color else ColorDepth.DEPTH_1_BIT,
+            input=input,
+            output=output,
+        )
+        # Enter hands the line over and keeps the prompt (and its history) going.
+        self.session.default_buffer.accept_handler = self._accept
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def current(self) -> str | None:
+        return self.commands.current
+
+    @property
+    def rooms(self) -> list[str]:
+        return self.client.rooms_joined
+
+    def names(self) -> list[str]:
+        """Everyone we know of: members of our rooms and DM partners, not us."""
+        joined = set(self.rooms)
+        found = set(self.dm_peers)
+        for room, members in self.commands.members.items():
+            if room in joined:
+                found |= members
+        found.discard(self.client.name)
+        return sorted(found, key=str.lower)
+
+    def switch(self, room: str) -> None:
+        self.commands.current = room
+        self.unread.pop(room, None)
+        self.session.app.invalidate()
+
+    # ------------------------------------------------------------ running
+
+    async def run(self) -> int:
+        self._learn()
+        pump = asyncio.create_task(self._pump_loop())
+        try:
+            await self.session.prompt_async()
+        except (EOFError, KeyboardInterrupt):
+            pass
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        await self._flush()  # what came with the last pump (the app is gone: printed directly)
+        if self._failure is not None:
+            print(f"zchat: internal error: {self._failure!r}", file=sys.stderr)
+            return 1
+        return 0
+
+    def _learn(self) -> None:
+        """Who is in our first room and which rooms exist, for completion."""
+        with contextlib.suppress(ZchatError):
+            for room in self.rooms:
+                self.commands.members[room] = set(self.client.who(room))
+            self.commands.known_rooms.update(r["room"] for r in self.client.rooms() if isinstance(r.get("room"), str))
+
+    async def _pump_loop(self) -> None:
+        state = connection_status(self.client)
         try:
             while True:
-                try:
-                    line = await session.prompt_async(lambda: f"[#{commands.current or '-'}] {client.name}> ")
-                except EOFError:
-                    break
-                except KeyboardInterrupt:
-                    break
-                if not commands.handle(line):
-                    break
-        finally:
-            task.cancel()
-    return 0
+                self.client.pump(0)
+                for event in self.client.drain_events():
+                    self._show(event)
+                now = connection_status(self.client)
+                if now != state:
+                    state = now
+                    self.session.app.invalidate()
+                await self._flush()
+                await asyncio.sleep(PUMP_INTERVAL_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug, not a chat condition: end cleanly and say so
+            self._failure = exc
+            if self.session.app.is_running:
+                self.session.app.exit(result="")
+
+    async def _flush(self) -> None:
+        """Print what is pending above the prompt, in one go, wrapped to the terminal's width.
+
+        ``in_terminal`` erases the prompt, lets us print, and draws the prompt
+        again (typed text and cursor as they were) in the same write, with the
+        keyboard detached meanwhile; the terminal stays in raw mode (see
+        :class:`_RawInput`), so a key typed at that instant waits, unechoed.
+        """
+        if not self._pending:
+            return
+        output = self.session.app.output
+        async with in_terminal():
+            # Taken only now: in_terminal may first wait for an earlier print.
+            pending, self._pending = self._pending, []
+            ring, self._ring = self._ring, False
+            width = output.get_size().columns
+            fragments: StyleAndTextTuples = []
+            for line in pending:
+                for part in render.wrap(line.fragments, width, line.indent):
+                    fragments.extend(part)
+                    fragments.append(("", "\n"))
+            depth = ColorDepth.DEPTH_1_BIT if not self.color else None
+            print_formatted_text(output, FormattedText(fragments), STYLE, color_depth=depth)
+        output.flush()  # (when no prompt is running; otherwise its redraw has flushed)
+        if ring and self.bell:
+            output.bell()
+        self.lines_printed += len(pending)
+
+    # ------------------------------------------------------------ events and lines
+
+    def _emit(self, line: render.Styled) -> None:
+        self._pending.append(line)
+        self.transcript.append(line.plain)
+        self.lines_shown += 1
+
+    def _show(self, event: Event) -> None:
+        """Track what an event tells us (members, unread rooms), then queue its line."""
+        if event.type == "presence" and event.room and event.name:
+            members = self.commands.members.setdefault(event.room, set())
+            if event.event == "join":
+                members.add(event.name)
+            else:
+                members.discard(event.name)
+        elif event.type == "msg" and event.room and event.name:
+            self.commands.members.setdefault(event.room, set()).add(event.name)
+            if event.room != self.current and not event.own and not event.backlog:
+                self.unread[event.room] = self.unread.get(event.room, 0) + 1
+                self.session.app.invalidate()
+        elif event.type == "dm":
+            peer = event.to if event.own else event.name
+            if peer:
+                self.dm_peers.add(peer)
+        elif event.type == "status":
+            self.session.app.invalidate()
+        line = render.styled(event, self.client.name, self.current)
+        self._ring |= line.alert
+        self._emit(line)
+
+    def _out(self, text: str) -> None:
+        for part in text.splitlines() or [""]:
+            self._emit(render.notice(part.removeprefix("-!- ")))
+
+    def _err(self, text: str) -> None:
+        self._emit(render.notice(text, error=True))
+
+    def handle(self, line: str) -> None:
+        """One line typed (or pasted): a message or a command."""
+        if self._quit:
+            return
+        before = self.current
+        try:
+            keep_going = self.commands.handle(line)
+        except Exception as exc:  # never a traceback in the user's face; the chat goes on
+            self._err(f"internal error: {exc!r}")
+            keep_going = True
+        if self.current != before and self.current is not None:
+            self.switch(self.current)
+        if not keep_going:
+            self._quit = True
+            self.session.app.exit(result="")
+        self.session.app.invalidate()
+
+    def _accept(self, buffer: Buffer) -> bool:
+        self.handle(buffer.text)
+        return False  # clear the line (it is added to the history)
+
+    # ------------------------------------------------------------ prompt, bar, keys
+
+    def prompt(self) -> StyleAndTextTuples:
+        state = connection_status(self.client)
+        out: StyleAndTextTuples = [
+            ("class:prompt.room", f"[#{self.current or '-'}]"),
+            ("", " "),
+            ("class:prompt.name", self.client.name),
+        ]
+        if state != "connected":
+            out.append(("class:prompt.state", f" ({state})"))
+        out.append(("", "> "))
+        return out
+
+    def toolbar(self) -> StyleAndTextTuples:
+        state = connection_status(self.client)
+        out: StyleAndTextTuples = [
+            ("class:bottom-toolbar.state" + (".away" if state != "connected" else ""), f" {state} "),
+            ("", "|"),
+        ]
+        for i, room in enumerate(self.rooms, 1):
+            unread = self.unread.get(room, 0)
+            style = "class:bottom-toolbar.current" if room == self.current else ""
+            if unread:
+                style = "class:bottom-toolbar.unread"
+            label = f"{i}:#{room}" if i <= 9 else f"#{room}"
+            out.append((style, f" {label}" + (f"({unread})" if unread else "")))
+        out.append(("", "  | /help"))
+        return out
+
+    def _key_bindings(self) -> KeyBindings:
+        kb = KeyBindings()
+
+        for digit in range(1, 10):
+
+            @kb.add("escape", str(digit))
+            def _alt_digit(event: KeyPressEvent, index: int = digit - 1) -> None:
+                rooms = self.rooms
+                if index < len(rooms):
+                    self.switch(rooms[index])
+
+        @kb.add("c-c")
+        def _interrupt(event: KeyPressEvent) -> None:
+            buffer = event.current_buffer
+            if buffer.text:
+                buffer.reset(append_to_history=False)
+            else:
+                self._quit = True
+                event.app.exit(result="")
+
+        @kb.add(Keys.BracketedPaste)
+        def _paste(event: KeyPressEvent) -> None:
+            self.paste(event.current_buffer, event.data)
+
+        return kb
+
+    def paste(self, buffer: Buffer, data: str) -> None:
+        """Pasted text: every complete line is sent as typed; a last line without a newline waits in the input."""
+        data = data.replace("\r\n", "\n").replace("\r", "\n")
+        if "\n" not in data:
+            buffer.insert_text(data)
+            return
+        doc = buffer.document
+        *lines, last = (doc.text_before_cursor + data).split("\n")
+        rest = last + doc.text_after_cursor
+        buffer.document = Document(rest, len(last))
+        for line in lines:
+            if line.strip():
+                buffer.history.append_string(line)
+            self.handle(line)
+            if self._quit:
+                return
+
+
+class _ChatCompleter(Completer):
+    """Commands after a leading /, rooms where a command wants one (or after #), names elsewhere."""
+
+    _ROOM_ARG = frozenset({"join", "switch", "leave", "part", "who", "names"})
+    _NAME_ARG = frozenset({"msg", "query"})
+
+    def __init__(self, ui: ChatUI) -> None:
+        self.ui = ui
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
+        word = document.get_word_before_cursor(WORD=True)
+        before = document.text_before_cursor[: len(document.text_before_cursor) - len(word)]
+        words = before.split()
+        start = -len(word)
+        if not words:
+            if word.startswith("/") and not word.startswith("//"):
+                typed = word[1:].lower()
+                for name in (*COMMANDS, *ALIASES):
+                    if name.startswith(typed):
+                        yield Completion(f"/{name} ", start, display=f"/{name}")
+                return
+            if word.startswith("#"):
+                yield from self._rooms(word, self.ui.rooms)
+                return
+            # A name first on the line addresses that person, IRC-style: "alice: ".
+            yield from self._names(word, ": ")
+            return
+        command = words[0][1:].lower() if words[0].startswith("/") else None
+        if command in self._ROOM_ARG and len(words) == 1:
+            joined = self.ui.rooms
+            rooms = joined if command in ("switch", "leave", "part") else {*joined, *self.ui.commands.known_rooms}
+            yield from self._rooms(word, rooms)
+        elif command in self._NAME_ARG and len(words) == 1:
+            yield from self._names(word, " ")
+        elif word.startswith("#"):
+            yield from self._rooms(word, {*self.ui.rooms, *self.ui.commands.known_rooms})
+        else:
+            yield from self._names(word, " ")
+
+    def _names(self, word: str, suffix: str) -> Iterator[Completion]:
+        typed = word.lower()
+        for name in self.ui.names():
+            if name.lower().startswith(typed):
+                yield Completion(name + suffix, -len(word), display=name)
+
+    @staticmethod
+    def _rooms(word: str, rooms: Iterable[str]) -> Iterator[Completion]:
+        typed = word.removeprefix("#").lower()
+        for room in sorted(set(rooms)):
+            if room.startswith(typed):
+                yield Completion(f"#{room} ", -len(word), display=f"#{room}")

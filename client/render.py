@@ -1,12 +1,32 @@
-"""Turning events into lines for people (text) and programs (JSON). No I/O here."""
+"""Turning events into lines for people (text, styled) and programs (JSON). No I/O here.
+
+:func:`text_line` and :func:`json_line` are pipe mode's plain lines. :func:`styled`
+is the interactive terminal's line: ``(style, text)`` fragments in prompt_toolkit's
+format (plain tuples, so this module does not import prompt_toolkit), with the
+indent that :func:`wrap` gives continuation lines. Every text that came over the
+wire goes through :func:`clean` first.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import unicodedata
+import zlib
+from dataclasses import dataclass
 
 from client.lib import Event
+
+#: A piece of a styled line: (prompt_toolkit style string, text).
+Fragment = tuple[str, str]
+
+#: Names get one of this many colours (``class:nick.0`` … ``class:nick.11``), by a
+#: hash of the name that is the same in every process and on every machine.
+PALETTE_SIZE = 12
+
+#: Invisible but harmless: joins emoji into one (👩‍💻); it cannot drive a terminal.
+_ZWJ = "\u200d"
 
 
 def clean(text: str) -> str:
@@ -17,7 +37,7 @@ def clean(text: str) -> str:
     for ch in text:
         if ch == "\t":
             out.append("    ")
-        elif ch.isprintable() or ch == " ":
+        elif ch.isprintable() or ch in (" ", _ZWJ):
             out.append(ch)
         elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
             out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
@@ -37,6 +57,8 @@ def text_line(event: Event) -> str:
     name = clean(event.name or "?")
     text = clean(event.text or "")
     if event.type == "msg":
+        if event.action:
+            return f"{when} #{event.room} * {name} {text}"
         return f"{when} #{event.room} <{name}> {text}"
     if event.type == "presence":
         verb = "joined" if event.event == "join" else "left"
@@ -47,8 +69,151 @@ def text_line(event: Event) -> str:
         return f"{when} *{name}* {text}"
     if event.type == "error":
         return f"error {event.code}: {clean(event.message or '')}"
+    if event.type == "status":
+        return f"{when} -!- {text}"
     return f"{when} {event.type}"
 
 
 def json_line(event: Event) -> str:
     return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+# ------------------------------------------------------------ the terminal UI
+
+
+def name_colour(name: str) -> int:
+    """A stable palette index for ``name`` (crc32: Python's ``hash`` differs per process)."""
+    return zlib.crc32(name.encode("utf-8")) % PALETTE_SIZE
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``text`` names ``name`` as a word ("bob:", "hi Bob!", not "bobcat")."""
+    pattern = r"(?<![\w.-])" + re.escape(name) + r"(?![\w-])"
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Styled:
+    """One event as the terminal shows it."""
+
+    fragments: list[Fragment]
+    #: Continuation lines of a wrapped line start this many cells in (under the text).
+    indent: int = 0
+    #: A mention of you or a DM to you (the terminal rings the bell for these).
+    alert: bool = False
+
+    @property
+    def plain(self) -> str:
+        return "".join(text for _, text in self.fragments)
+
+
+def styled(event: Event, me: str, current: str | None) -> Styled:
+    """``event`` as styled fragments, irssi-style.
+
+    ``me`` is our name (own messages and mentions look different); a room
+    message from a room other than ``current`` is labelled with its room.
+    """
+    when: Fragment = ("class:time", clock(event.ts) + " ")
+    name = clean(event.name or "?")
+    text = clean(event.text or "")
+    fresh = not event.own and not event.backlog
+    if event.type == "msg":
+        head = [when]
+        if event.room != current:
+            head.append(("class:room", f"#{event.room} "))
+        nick = "class:nick.own" if event.own else f"class:nick.{name_colour(name)}"
+        mention = not event.own and mentions(text, me)
+        body_style = "class:text.own" if event.own else "class:text.mention" if mention else "class:text"
+        if event.action:
+            head += [("class:action", "* "), (nick, name), ("class:action", " ")]
+            body_style += " class:action"
+        else:
+            head += [("class:punct", "<"), (nick, name), ("class:punct", ">"), ("", " ")]
+        return Styled([*head, (body_style, text)], _width(head), alert=mention and fresh)
+    if event.type == "dm":
+        if event.own:
+            head = [when, ("class:dm.own", f"-> *{clean(event.to or '?')}*"), ("", " ")]
+            return Styled([*head, ("class:text.own", text)], _width(head))
+        head = [when, ("class:dm", f"*{name}*"), ("", " ")]
+        return Styled([*head, ("class:text.dm", text)], _width(head), alert=fresh)
+    if event.type == "presence":
+        verb = "joined" if event.event == "join" else "left"
+        return Styled([when, ("class:presence", f"-!- {name} {verb} #{event.room}")], 10)
+    if event.type == "status":
+        return Styled([when, ("class:status", f"-!- {text}")], 10)
+    if event.type == "error":
+        return notice(f"{clean(event.code or 'error')}: {clean(event.message or '')}", error=True)
+    return Styled([when, ("class:info", f"-!- {clean(event.type)}")], 10)
+
+
+def notice(text: str, *, error: bool = False) -> Styled:
+    """A line of our own (command output, a refusal): ``-!- text``."""
+    head: list[Fragment] = [("class:time", clock(None) + " "), ("class:error" if error else "class:info", "-!- ")]
+    return Styled([*head, ("class:error" if error else "class:info", clean(text))], _width(head))
+
+
+# ------------------------------------------------------------------ wrapping
+
+
+def cell_width(ch: str) -> int:
+    """Terminal cells ``ch`` takes: 2 for wide (CJK, most emoji), 0 for combining marks."""
+    if unicodedata.combining(ch) or ch == _ZWJ or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def text_width(text: str) -> int:
+    return sum(cell_width(ch) for ch in text)
+
+
+def _width(fragments: list[Fragment]) -> int:
+    return sum(text_width(text) for _, text in fragments)
+
+
+def wrap(fragments: list[Fragment], width: int, indent: int = 0) -> list[list[Fragment]]:
+    """Split a styled line into lines of at most ``width`` cells.
+
+    Breaks at the last space that fits (after the first ``indent`` cells, so the
+    time and name stay with some text), else between characters; a wide character
+    never straddles two lines. Continuation lines start with ``indent`` spaces
+    (fewer when the terminal is narrow).
+    """
+    width = max(width, 2)
+    if indent > width // 2:
+        indent = min(2, width // 2)
+    lines: list[list[Fragment]] = []
+    line: list[Fragment] = []  # one character per fragment while building
+    col = 0
+    brk = -1  # index in ``line`` of the last space we may break at
+    for style, text in fragments:
+        for ch in text:
+            w = cell_width(ch)
+            if col + w > width and line:
+                if brk >= 0:
+                    rest = line[brk + 1 :]
+                    del line[brk:]
+                else:
+                    rest = []
+                lines.append(line)
+                line = [("", " ")] * indent + rest
+                col = indent + _width(rest)
+                brk = -1
+            line.append((style, ch))
+            col += w
+            if ch == " " and col - 1 > indent:
+                brk = len(line) - 1
+    lines.append(line)
+    return [_merge(chars) for chars in lines]
+
+
+def _merge(chars: list[Fragment]) -> list[Fragment]:
+    """Join neighbouring characters of the same style back into fragments."""
+    out: list[Fragment] = []
+    for style, ch in chars:
+        if out and out[-1][0] == style:
+            out[-1] = (style, out[-1][1] + ch)
+        else:
+            out.append((style, ch))
+    while out and not out[-1][1].strip() and out[-1][0] == "":
+        out.pop()  # no trailing blanks (a line of only the indent stays empty)
+    return out

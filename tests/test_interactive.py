@@ -1,0 +1,682 @@
+"""The interactive client, driven through prompt_toolkit's pipe input against a real broker.
+
+Each test runs the UI (``client.interactive.ChatUI``) on an asyncio loop in the
+test's thread, types into it with ``create_pipe_input`` and renders to a
+``DummyOutput`` (or a VT100 output on a string, to see colours). Other
+people are library clients used from the same thread. ``ChatUI.transcript``
+holds the plain text of every line the UI printed above the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import time
+import types
+import zlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prompt_toolkit.data_structures import Size
+from prompt_toolkit.input import PipeInput, create_pipe_input
+from prompt_toolkit.output import DummyOutput, Output
+from prompt_toolkit.output.vt100 import Vt100_Output
+
+from client import render
+from client.commands import Commands
+from client.interactive import ChatUI, connection_status
+from client.lib import Client, Event
+from tests.conftest import HOST, RunningBroker
+
+ENTER = "\r"
+UP, DOWN, LEFT = "\x1b[A", "\x1b[B", "\x1b[D"
+CTRL_C, CTRL_D, CTRL_U = "\x03", "\x04", "\x15"
+
+
+def paste(text: str) -> str:
+    """What a terminal sends for a bracketed paste of ``text``."""
+    return f"\x1b[200~{text}\x1b[201~"
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+class BellOutput(DummyOutput):
+    """Renders nothing, counts bells."""
+
+    def __init__(self) -> None:
+        self.bells = 0
+
+    def bell(self) -> None:
+        self.bells += 1
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 5.0, what: Callable[[], object] | None = None) -> Any:
+    """Poll ``predicate`` (letting the UI run in between) until truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s" + (f": {what()!r}" if what else ""))
+        await asyncio.sleep(0.01)
+    return value
+
+
+async def receive_n(
+    client: Client, predicate: Callable[[Event], bool], count: int, timeout: float = 5.0
+) -> list[Event]:
+    """The first ``count`` events of ``client`` that satisfy ``predicate`` (others are dropped)."""
+    found: list[Event] = []
+
+    def check() -> bool:
+        client.pump(0)
+        found.extend(e for e in client.drain_events() if predicate(e))
+        return len(found) >= count
+
+    await until(check, timeout, what=lambda: found)
+    return found[:count]
+
+
+async def receive(client: Client, predicate: Callable[[Event], bool], timeout: float = 5.0) -> Event:
+    return (await receive_n(client, predicate, 1, timeout))[0]
+
+
+@dataclass
+class Driver:
+    ui: ChatUI
+    input: PipeInput
+    output: Output
+    task: asyncio.Task[int]
+
+    @property
+    def buffer(self) -> Any:
+        return self.ui.session.default_buffer
+
+    def keys(self, text: str) -> None:
+        self.input.send_text(text)
+
+    def line(self, text: str) -> None:
+        self.input.send_text(text + ENTER)
+
+    def prompt(self) -> str:
+        return "".join(fragment[1] for fragment in self.ui.prompt())
+
+    def toolbar(self) -> str:
+        return "".join(fragment[1] for fragment in self.ui.toolbar())
+
+    def lines(self) -> list[str]:
+        return list(self.ui.transcript)
+
+    async def shows(self, needle: str, timeout: float = 5.0) -> str:
+        """The first line shown that contains ``needle``."""
+        found = await until(lambda: [x for x in self.ui.transcript if needle in x], timeout, what=self.lines)
+        return str(found[0])
+
+    async def settled(self) -> None:
+        """Every line shown so far has been printed (and its bell rung)."""
+        await until(lambda: self.ui.lines_printed == self.ui.lines_shown)
+
+
+@asynccontextmanager
+async def chat_ui(client: Client, room: str | None = "general", **kwargs: Any) -> AsyncIterator[Driver]:
+    output = kwargs.pop("output", None) or BellOutput()
+    with create_pipe_input() as pipe:
+        ui = ChatUI(client, room, input=pipe, output=output, **kwargs)
+        task = asyncio.create_task(ui.run())
+        driver = Driver(ui, pipe, output, task)
+        await until(lambda: ui.session.app.is_running or task.done())
+        try:
+            yield driver
+        finally:
+            if not task.done() and ui.session.app.is_running:
+                ui.session.app.exit(result="")
+            await asyncio.wait_for(task, 5)
+
+
+@pytest.fixture
+def alice(make_client: Callable[..., Client]) -> Client:
+    client = make_client("alice")
+    client.join("general")
+    return client
+
+
+@pytest.fixture
+def bob(make_client: Callable[..., Client]) -> Client:
+    client = make_client("bob")
+    client.join("general")
+    return client
+
+
+# ------------------------------------------------------------------ the prompt
+
+
+def test_incoming_messages_never_touch_the_half_typed_line(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.keys("half a line" + LEFT + LEFT)
+            await until(lambda: t.buffer.text == "half a line", what=lambda: t.buffer.text)
+            for i in range(3):
+                bob.send_wait("general", f"incoming {i}")
+            for i in range(3):
+                await t.shows(f"<bob> incoming {i}")
+            assert t.buffer.text == "half a line"
+            assert t.buffer.cursor_position == len("half a line") - 2
+            t.keys("\x05" + ENTER)  # Ctrl-E: to the end, then send
+            got = await receive(bob, lambda e: e.type == "msg" and e.name == "alice")
+            assert got.text == "half a line"
+            assert t.buffer.text == ""
+            await t.shows("<alice> half a line")
+
+    run(main())
+
+
+def test_prompt_shows_room_and_name_bar_shows_state_and_rooms(alice: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            assert t.prompt() == "[#general] alice> "
+            assert "connected" in t.toolbar() and "1:#general" in t.toolbar()
+
+    run(main())
+    assert connection_status(types.SimpleNamespace(state="reconnecting")) == "reconnecting"
+    assert connection_status(types.SimpleNamespace(state="new")) == "connecting"
+    assert connection_status(object()) == "connected"  # a library without reconnect
+
+
+def test_lost_broker_shows_in_prompt_and_status_line(tmp_path: Path) -> None:
+    broker = RunningBroker(tmp_path / "data", heartbeat_ms=200).start()
+    client = Client("alice", HOST, broker.port, broker.pub_port)
+    stopped = False
+    try:
+        client.connect()
+        client.join("general")
+
+        async def main() -> None:
+            nonlocal stopped
+            async with chat_ui(client) as t:
+                assert t.prompt() == "[#general] alice> "
+                broker.stop()
+                stopped = True
+                await until(lambda: "(reconnecting)" in t.prompt(), what=t.prompt)
+                assert t.prompt() == "[#general] alice (reconnecting)> "
+                assert "reconnecting" in t.toolbar()
+                await t.shows("reconnecting")
+
+        run(main())
+    finally:
+        client.close(0)
+        if not stopped:
+            broker.stop()
+
+
+def test_enter_sends_and_up_down_recall_earlier_lines(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("first")
+            t.line("second")
+            await t.shows("<alice> second")
+            t.keys(UP)
+            await until(lambda: t.buffer.text == "second", what=lambda: t.buffer.text)
+            t.keys(UP)
+            await until(lambda: t.buffer.text == "first", what=lambda: t.buffer.text)
+            t.keys(DOWN)
+            await until(lambda: t.buffer.text == "second", what=lambda: t.buffer.text)
+            t.keys(ENTER)  # a recalled line is sent again
+            got = await receive_n(bob, lambda e: e.type == "msg" and e.name == "alice", 3)
+            assert [e.text for e in got] == ["first", "second", "second"]
+
+    run(main())
+
+
+def test_multi_line_paste_sends_each_line(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.keys("typed: ")
+            t.keys(paste("one\ntwo\r\nthree"))
+            got = await receive_n(bob, lambda e: e.type == "msg" and e.name == "alice", 2)
+            assert [e.text for e in got] == ["typed: one", "two"]
+            # The last line has no newline yet: it waits in the input, whole.
+            await until(lambda: t.buffer.text == "three", what=lambda: t.buffer.text)
+            t.keys(paste(" and more"))  # a one-line paste is just typing
+            await until(lambda: t.buffer.text == "three and more", what=lambda: t.buffer.text)
+            t.keys(ENTER)
+            assert (await receive(bob, lambda e: e.type == "msg")).text == "three and more"
+            assert not any("\n" in line for line in t.lines())
+
+    run(main())
+
+
+# ------------------------------------------------------------------ commands
+
+
+def test_join_makes_the_room_current(alice: Client, make_client: Callable[..., Client]) -> None:
+    carol = make_client("carol")
+    carol.join("dev")
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/join #dev")
+            await until(lambda: t.ui.current == "dev")
+            assert t.prompt() == "[#dev] alice> "
+            assert alice.rooms_joined == ["general", "dev"]
+            t.line("hello dev")
+            got = await receive(carol, lambda e: e.type == "msg" and e.name == "alice")
+            assert (got.room, got.text) == ("dev", "hello dev")
+
+    run(main())
+
+
+def test_leave_current_or_named_room(alice: Client, bob: Client) -> None:
+    bob.join("dev")
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/join dev")
+            await until(lambda: t.ui.current == "dev")
+            t.line("/leave")
+            await until(lambda: alice.rooms_joined == ["general"], what=lambda: alice.rooms_joined)
+            assert t.ui.current == "general" and t.prompt() == "[#general] alice> "
+            got = await receive(bob, lambda e: e.type == "presence" and e.event == "leave")
+            assert (got.room, got.name) == ("dev", "alice")
+            t.line("/leave #general")
+            await until(lambda: alice.rooms_joined == [])
+            assert t.ui.current is None and t.prompt() == "[#-] alice> "
+            t.line("anyone?")
+            await t.shows("not in a room: /join ROOM first")
+
+    run(main())
+
+
+def test_rooms_lists_rooms_with_members(alice: Client, bob: Client) -> None:
+    bob.join("dev")
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/rooms")
+            assert "#dev: 1 online" in await t.shows("#dev:")
+            assert "#general: 2 online" in await t.shows("#general:")
+
+    run(main())
+
+
+def test_who_lists_members_of_current_or_named_room(alice: Client, bob: Client) -> None:
+    bob.join("dev")
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/who")
+            line = await t.shows("#general:")
+            assert line.endswith("#general: alice, bob") or line.endswith("#general: bob, alice"), line
+            t.line("/who #dev")
+            assert (await t.shows("#dev:")).endswith("#dev: bob")
+
+    run(main())
+
+
+def test_msg_sends_a_dm(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/msg bob psst, a secret")
+            got = await receive(bob, lambda e: e.type == "dm")
+            assert (got.name, got.to, got.text) == ("alice", "bob", "psst, a secret")
+            assert (await t.shows("psst")).endswith("-> *bob* psst, a secret")
+
+    run(main())
+
+
+def test_me_sends_an_action(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/me waves at everyone")
+            got = await receive(bob, lambda e: e.type == "msg" and e.name == "alice")
+            assert got.action and got.text == "waves at everyone"
+            assert (await t.shows("waves")).endswith(" * alice waves at everyone")
+            bob.send_wait("general", "nods", action=True)
+            assert (await t.shows("nods")).endswith(" * bob nods")
+
+    run(main())
+
+
+def test_history_shows_last_n_events_of_current_room(bob: Client, make_client: Callable[..., Client]) -> None:
+    for i in range(10):
+        bob.send_wait("general", f"old {i}")
+    carol = make_client("carol")
+    carol.join("general")  # no backlog: none of the old messages is shown
+
+    async def main() -> None:
+        async with chat_ui(carol) as t:
+            assert not any("old" in line for line in t.lines())
+            t.line("/history 3")
+            await t.shows("the last 3 events")
+            await t.settled()
+            shown = t.lines()
+            start = next(i for i, line in enumerate(shown) if "the last 3 events" in line)
+            assert [line[len("HH:MM ") :] for line in shown[start + 1 : start + 4]] == [
+                "<bob> old 8",
+                "<bob> old 9",
+                "-!- carol joined #general",
+            ]
+            t.line("/history")  # default 20: the two joins and the 10 messages
+            await t.shows("the last 12 events")
+
+    run(main())
+
+
+def test_switch_and_alt_digits_move_among_joined_rooms(alice: Client, bob: Client) -> None:
+    bob.join("ops")
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/join dev")
+            t.line("/join ops")
+            await until(lambda: t.ui.current == "ops")
+            t.line("/switch #general")
+            await until(lambda: t.ui.current == "general")
+            t.keys("\x1b2")  # Alt-2
+            await until(lambda: t.ui.current == "dev")
+            assert t.prompt() == "[#dev] alice> "
+            # A message in another room is labelled with it and counted in the bar.
+            bob.send_wait("ops", "in ops")
+            assert "#ops <bob> in ops" in await t.shows("in ops")
+            await until(lambda: "3:#ops(1)" in t.toolbar(), what=t.toolbar)
+            t.keys("\x1b3")  # Alt-3
+            await until(lambda: t.ui.current == "ops")
+            assert "3:#ops(1)" not in t.toolbar() and "3:#ops" in t.toolbar()
+            t.keys("\x1b9")  # no ninth room: nothing happens
+            t.line("/switch #nowhere")
+            await t.shows("not in #nowhere")
+            assert t.ui.current == "ops"
+            t.line("in ops too")
+            got = await receive(bob, lambda e: e.type == "msg" and e.name == "alice")
+            assert (got.room, got.text) == ("ops", "in ops too")
+
+    run(main())
+
+
+def test_help_lists_commands_and_keys(alice: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/help")
+            await t.shows("Alt-1")
+            text = "\n".join(t.lines())
+            for command in ("/me", "/msg", "/join", "/switch", "/leave", "/who", "/rooms", "/history", "/quit"):
+                assert command in text
+
+    run(main())
+
+
+def test_quit_ends_with_status_0(alice: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/quit")
+            assert await asyncio.wait_for(t.task, 5) == 0
+
+    run(main())
+
+
+def test_ctrl_c_clears_a_line_then_quits_ctrl_d_quits(alice: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.keys("oops")
+            await until(lambda: t.buffer.text == "oops")
+            t.keys(CTRL_C)
+            await until(lambda: t.buffer.text == "")
+            assert not t.task.done()
+            t.keys(CTRL_C)
+            assert await asyncio.wait_for(t.task, 5) == 0
+        async with chat_ui(alice) as t:
+            t.keys(CTRL_D)
+            assert await asyncio.wait_for(t.task, 5) == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("line", "hint"),
+    [
+        ("/bogus", "unknown command /bogus; /help lists them"),
+        ("/msg", "usage: /msg NAME TEXT"),
+        ("/msg bob", "usage: /msg NAME TEXT"),
+        ("/msg not/a/name hi", "bad_name"),
+        ("/join", "usage: /join ROOM"),
+        ("/join two rooms", "usage: /join ROOM"),
+        ("/join #Not!A!Room", "bad_room"),
+        ("/switch", "usage: /switch ROOM"),
+        ("/leave a b", "usage: /leave [ROOM]"),
+        ("/who a b", "usage: /who [ROOM]"),
+        ("/history -1", "usage: /history [N]"),
+        ("/history x", "usage: /history [N]"),
+        ("/me", "usage: /me ACTION"),
+    ],
+)
+def test_wrong_commands_get_one_line_hint(alice: Client, line: str, hint: str) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            before = len(t.lines())
+            t.line(line)
+            await t.shows(hint)
+            await t.settled()
+            assert len(t.lines()) == before + 1, t.lines()[before:]
+            assert not t.task.done()
+
+    run(main())
+
+
+def test_tab_completes_commands_names_and_rooms(alice: Client, bob: Client, make_client: Callable[..., Client]) -> None:
+    make_client("bobby").join("general")
+    make_client("carol").join("devops")
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            await t.shows("bobby joined")  # alice learns who is around from presence too
+
+            async def complete(typed: str, expected: str) -> None:
+                t.keys(CTRL_U + typed + "\t")
+                await until(lambda: t.buffer.text == expected, what=lambda: t.buffer.text)
+
+            await complete("/hi", "/history ")
+            await complete("/sw", "/switch ")
+            await complete("/msg ca", "/msg ca")  # carol is in no room of ours: unknown
+            await complete("/msg bobb", "/msg bobby ")
+            await complete("/msg b", "/msg bob")  # bob and bobby: the common part
+            await complete("bobb", "bobby: ")  # first on the line: addressing someone
+            await complete("hi Bobb", "hi bobby ")
+            await complete("/join #dev", "/join #devops ")
+            await complete("/switch #g", "/switch #general ")
+            await complete("see #ge", "see #general ")
+
+    run(main())
+
+
+# ------------------------------------------------------------------ bell and colour
+
+
+def test_bell_rings_for_mentions_and_dms_only(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            assert isinstance(t.output, BellOutput)
+            bob.send_wait("general", "nothing for her here (alicea is not her)")
+            await t.shows("nothing for her")
+            await t.settled()
+            assert t.output.bells == 0
+            bob.send_wait("general", "hey Alice, look")
+            await until(lambda: t.output.bells == 1)  # type: ignore[attr-defined]
+            bob.dm_wait("alice", "psst")
+            await until(lambda: t.output.bells == 2)  # type: ignore[attr-defined]
+            t.line("talking about alice myself")
+            await t.shows("<alice> talking about alice")
+            await t.settled()
+            assert t.output.bells == 2
+
+    run(main())
+
+
+def test_no_bell(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice, bell=False) as t:
+            assert isinstance(t.output, BellOutput)
+            bob.dm_wait("alice", "alice: psst")
+            await t.shows("psst")
+            await t.settled()
+            assert t.output.bells == 0
+
+    run(main())
+
+
+def _terminal() -> tuple[io.StringIO, Vt100_Output]:
+    screen = io.StringIO()
+    return screen, Vt100_Output(screen, lambda: Size(rows=30, columns=60), term="xterm-256color")
+
+
+@pytest.mark.parametrize("how", ["color", "--no-color", "NO_COLOR"])
+def test_colour_and_no_colour(alice: Client, bob: Client, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    if how == "NO_COLOR":
+        monkeypatch.setenv("NO_COLOR", "1")
+    screen, output = _terminal()
+
+    async def main() -> None:
+        async with chat_ui(alice, output=output, color=how == "color") as t:
+            bob.send_wait("general", "coloured?")
+            await t.shows("coloured?")
+            await t.settled()
+
+    run(main())
+    written = screen.getvalue()
+    assert "coloured?" in written
+    if how == "color":
+        assert _sgr_colours(written)
+    else:
+        assert _sgr_colours(written) == set()
+
+
+def test_long_lines_wrap_under_the_text_on_a_real_vt100_output(alice: Client, bob: Client) -> None:
+    screen, output = _terminal()  # 60 columns
+    text = "lorem ipsum " * 8 + "漢字かな交じり文😀" * 3
+
+    async def main() -> None:
+        async with chat_ui(alice, output=output, color=False) as t:
+            bob.send_wait("general", text)
+            await t.shows("lorem")
+            await t.settled()
+
+    run(main())
+    lines = [_strip_escapes(line).rstrip("\r") for line in screen.getvalue().split("\n")]
+    first = next(i for i, line in enumerate(lines) if "<bob> lorem" in line)
+    indent = " " * len("HH:MM <bob> ")
+    shown = [lines[first][re.search(r"\d\d:\d\d <bob>", lines[first]).start() :]]  # type: ignore[union-attr]
+    for line in lines[first + 1 :]:
+        if not line.startswith(indent):
+            break
+        shown.append(line)
+    assert len(shown) >= 3, shown
+    assert all(render.text_width(line) <= 60 for line in shown), shown
+    assert all(line[len(indent)] != " " for line in shown[1:]), shown
+    assert "".join(shown).replace(" ", "").endswith(text.replace(" ", "")), shown
+
+
+def _strip_escapes(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def _sgr_colours(text: str) -> set[str]:
+    """The colour parameters of every SGR escape in ``text`` (not the "default colour" ones)."""
+    found = set()
+    for params in re.findall(r"\x1b\[([0-9;]*)m", text):
+        for param in params.split(";"):
+            if param.isdigit() and (30 <= int(param) <= 38 or 40 <= int(param) <= 48 or 90 <= int(param) <= 107):
+                found.add(param)
+    return found
+
+
+# ------------------------------------------------------------------ pipe mode shares the commands
+
+
+def test_pipe_mode_understands_the_same_commands(alice: Client, bob: Client) -> None:
+    """``Commands`` as ``zchat`` pipe mode uses it: lines in, printed lines (or JSON) out."""
+    out: list[str] = []
+    err: list[str] = []
+    commands = Commands(alice, "general", out.append, err.append, as_json=True)
+    assert commands.handle("/me stretches")
+    got = next(e for e in bob.events(5) if e.type == "msg" and e.name == "alice")
+    assert got.action and got.text == "stretches"
+    assert commands.handle("/history 2")
+    events = [json.loads(line) for line in out]
+    assert [(e["type"], e.get("text"), e.get("action")) for e in events] == [
+        ("presence", None, None),
+        ("msg", "stretches", True),
+    ]
+    assert all(e["backlog"] for e in events)
+    assert commands.handle("/switch #dev") and err == ["not in #dev: /join #dev first"]
+    assert commands.handle("/join dev") and commands.handle("/switch general") and commands.current == "general"
+    assert not commands.handle("/quit")
+    text = Commands(alice, "general", out.append, err.append)
+    text.handle("/history 1")
+    assert out[-2] == "-!- #general: the last 1 event"
+    assert out[-1].endswith("#general * alice stretches")
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _event(**kwargs: Any) -> Event:
+    defaults: dict[str, Any] = {"type": "msg", "room": "general", "seq": 1, "ts": 1_764_054_000_000, "name": "bob"}
+    return Event(**{**defaults, **kwargs})
+
+
+def test_render_styles_own_others_dms_presence_actions_and_rooms() -> None:
+    when = render.clock(1_764_054_000_000)
+    other = render.styled(_event(text="hi"), "alice", "general")
+    assert other.plain == f"{when} <bob> hi"
+    assert (f"class:nick.{render.name_colour('bob')}", "bob") in other.fragments
+    own = render.styled(_event(name="alice", text="hi", own=True), "alice", "general")
+    assert ("class:nick.own", "alice") in own.fragments and ("class:text.own", "hi") in own.fragments
+    assert render.styled(_event(room="dev", text="hi"), "alice", "general").plain == f"{when} #dev <bob> hi"
+    assert render.styled(_event(text="waves", action=True), "alice", "general").plain == f"{when} * bob waves"
+    dm = render.styled(_event(type="dm", room=None, text="psst", to="alice"), "alice", "general")
+    assert dm.plain == f"{when} *bob* psst" and ("class:dm", "*bob*") in dm.fragments and dm.alert
+    own_dm = render.styled(_event(type="dm", room=None, name="alice", to="bob", text="x", own=True), "alice", None)
+    assert own_dm.plain == f"{when} -> *bob* x" and not own_dm.alert
+    presence = render.styled(_event(type="presence", event="join"), "alice", "general")
+    assert presence.plain == f"{when} -!- bob joined #general"
+    assert any(style == "class:presence" for style, _ in presence.fragments)
+    mention = render.styled(_event(text="alice: ping"), "alice", "general")
+    assert mention.alert and ("class:text.mention", "alice: ping") in mention.fragments
+    assert not render.styled(_event(text="alice: ping", backlog=True), "alice", "general").alert
+    assert not render.styled(_event(text="malice aforethought"), "alice", "general").alert
+
+
+def test_render_neutralises_control_characters() -> None:
+    line = render.styled(_event(name="bob", text="\x1b[2J\x1b]0;pwned\x07 \u202eevil\r\nnext"), "alice", "general")
+    assert "\x1b" not in line.plain and "\x07" not in line.plain and "\u202e" not in line.plain
+    assert "\n" not in line.plain and "\r" not in line.plain
+    assert "\\x1b[2J" in line.plain
+    assert render.clean("👩\u200d💻") == "👩\u200d💻"  # emoji sequences survive
+
+
+def test_name_colour_is_stable_and_spread() -> None:
+    # Python's hash() changes per process; the colour must not.
+    assert render.name_colour("bob") == zlib.crc32(b"bob") % render.PALETTE_SIZE == 8
+    names = [f"user{i}" for i in range(40)]
+    assert len({render.name_colour(n) for n in names}) >= 8
+    assert render.name_colour("bob") == render.name_colour("bob")
+
+
+def test_wrap_counts_wide_characters_and_keeps_every_character() -> None:
+    head = [("class:time", "12:00 "), ("", "<bob> ")]
+    text = "short words then " + "漢字" * 12 + " and 😀😀😀 emoji at the end"
+    for width in (10, 17, 20, 33, 80):
+        lines = render.wrap([*head, ("", text)], width, indent=12)
+        plain = ["".join(t for _, t in line) for line in lines]
+        assert all(render.text_width(line) <= width for line in plain), (width, plain)
+        indent = 12 if width // 2 >= 12 else min(2, width // 2)
+        assert all(line.startswith(" " * indent) for line in plain[1:])
+        joined = "".join(line[indent:] if i else line for i, line in enumerate(plain))
+        assert joined.replace(" ", "") == ("12:00 <bob> " + text).replace(" ", "")
+    # Words are not cut when a space is available.
+    lines = render.wrap([("", "aaaa bbbb cccc")], 10)
+    assert ["".join(t for _, t in line) for line in lines] == ["aaaa bbbb", "cccc"]

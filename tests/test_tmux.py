@@ -1,0 +1,297 @@
+"""The real ``zchat`` in a real terminal: tmux on a private socket, a fixed 100x30 window.
+
+Keys go in with ``send-keys``, the screen comes out with ``capture-pane -p``.
+Every wait is a bounded poll; the tmux server is killed in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shlex
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.lib import Client, Event
+from tests.conftest import HOST, BrokerProcess, bin_path, wait_for
+
+WIDTH, HEIGHT = 100, 30
+
+
+class Tmux:
+    """One tmux server on a private socket running ``zchat`` in window 0; its exit status goes to a file."""
+
+    def __init__(self, broker: BrokerProcess, tmp_path: Path, name: str, *flags: str) -> None:
+        if shutil.which("tmux") is None:
+            raise AssertionError("tmux is not installed (.ci/run installs it)")
+        self.socket = f"zchat-tmux-{uuid.uuid4().hex[:10]}"
+        self.exit_file = tmp_path / f"exit-{name}"
+        env = {k: v for k, v in broker.env().items() if k.startswith("ZCHAT_") or k in ("PATH", "HOME", "LANG")}
+        env.pop("NO_COLOR", None)
+        env["TERM"] = "xterm-256color"
+        env.setdefault("LANG", "C.UTF-8")
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        zchat = " ".join(shlex.quote(a) for a in (bin_path("zchat"), "--name", name, *flags))
+        script = f"{zchat}; echo EXIT=$? > {shlex.quote(str(self.exit_file))}"
+        # -f /dev/null: no user configuration; -u: UTF-8 whatever the locale.
+        size = ("-x", str(WIDTH), "-y", str(HEIGHT))
+        self.run("-f", "/dev/null", "-u", "new-session", "-d", *size, f"env -i {exports} sh -c {shlex.quote(script)}")
+
+    def run(self, *args: str) -> str:
+        result = subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=10, check=True
+        )
+        return result.stdout
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", ":0", *keys)
+
+    def type(self, text: str) -> None:
+        self.run("send-keys", "-t", ":0", "-l", text)
+
+    def paste(self, text: str) -> None:
+        """Paste as a terminal does: bracketed (``-p``), since zchat asks for it."""
+        self.run("set-buffer", "--", text)
+        self.run("paste-buffer", "-p", "-t", ":0")
+
+    def screen(self, escapes: bool = False) -> list[str]:
+        return self.run("capture-pane", "-p", *(["-e"] if escapes else []), "-t", ":0").splitlines()
+
+    def text(self) -> str:
+        return "\n".join(self.screen())
+
+    def exit_status(self) -> str | None:
+        return self.exit_file.read_text().strip() if self.exit_file.exists() else None
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10, check=False)
+
+
+class PipeChat:
+    """``zchat --json`` in pipe mode: lines in on stdin, events out as JSON."""
+
+    def __init__(self, broker: BrokerProcess, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [bin_path("zchat"), "--name", name, "--json"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=broker.env(),
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.put(json.loads(line))
+
+    def say(self, *lines: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("".join(line + "\n" for line in lines))
+        self.proc.stdin.flush()
+
+    def expect(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        seen: list[dict[str, Any]] = []
+
+        def found() -> dict[str, Any] | None:
+            while True:
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    return None
+                seen.append(event)
+                if predicate(event):
+                    return event
+
+        result: dict[str, Any] = wait_for(found, timeout, what=lambda: seen)
+        return result
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def term(broker_proc: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., Tmux]]:
+    started: list[Tmux] = []
+
+    def start(name: str, *flags: str) -> Tmux:
+        tmux = Tmux(broker_proc, tmp_path, name, *flags)
+        started.append(tmux)
+        wait_for(lambda: any(f"] {name}> " in line + " " for line in tmux.screen()), 15, what=tmux.screen)
+        return tmux
+
+    try:
+        yield start
+    finally:
+        for tmux in started:
+            tmux.kill()
+
+
+def prompt_line(screen: list[str], name: str) -> list[str]:
+    return [line for line in screen if re.match(rf"\[#[a-z0-9_-]*\] {name}(?: \([a-z]+\))?> ", line + " ")]
+
+
+@pytest.mark.timeout(60)
+def test_half_typed_line_survives_a_pipe_client_then_enter_sends_and_quit_exits_0(
+    term: Callable[..., Tmux], broker_proc: BrokerProcess
+) -> None:
+    alice = term("alice")
+    bob = PipeChat(broker_proc, "bob")
+    try:
+        half = "half a line: ünïcödé 漢字 😀, not sent yet"
+        alice.type(half)
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == [f"[#general] alice> {half}"], 10, what=alice.screen)
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        bob.say("incoming 0", "incoming 1", "incoming 2")
+
+        def all_three_and_the_prompt() -> list[str] | None:
+            screen = alice.screen()
+            text = "\n".join(screen)
+            shown = all(f"<bob> incoming {i}" in text for i in range(3))
+            return screen if shown and prompt_line(screen, "alice") else None
+
+        screen = wait_for(all_three_and_the_prompt, 10, what=alice.screen)
+        # The half-typed line is intact, alone on its own line, below every message.
+        assert prompt_line(screen, "alice") == [f"[#general] alice> {half}"], screen
+        row = screen.index(f"[#general] alice> {half}")
+        assert row > max(i for i, line in enumerate(screen) if "<bob> incoming" in line)
+        assert not any(half[:10] in line for i, line in enumerate(screen) if i != row), screen
+        assert any("connected" in line for line in screen[row + 1 :]), screen  # the status bar
+
+        alice.keys("Enter")
+        got = bob.expect(lambda e: e.get("type") == "msg" and e.get("from") == "alice")
+        assert got["text"] == half
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#general] alice>"], 10, what=alice.screen)
+        wait_for(lambda: f"<alice> {half}" in alice.text(), 10, what=alice.screen)
+
+        alice.type("/quit")
+        alice.keys("Enter")
+        assert wait_for(alice.exit_status, 10) == "EXIT=0"
+    finally:
+        bob.stop()
+
+
+def _pump_until(client: Client, predicate: Callable[[Event], bool], count: int = 1) -> list[Event]:
+    found: list[Event] = []
+
+    def check() -> bool:
+        client.pump(0.05)
+        found.extend(e for e in client.drain_events() if predicate(e))
+        return len(found) >= count
+
+    wait_for(check, 10, interval=0, what=lambda: found)
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_paste_wrap_rooms_and_alt_keys_in_a_real_terminal(
+    term: Callable[..., Tmux], broker_proc: BrokerProcess
+) -> None:
+    alice = term("alice")
+    bob = Client("bob", HOST, broker_proc.port, broker_proc.pub_port)
+    try:
+        bob.connect()
+        bob.join("general")
+        bob.join("dev")
+        wait_for(lambda: "bob joined #general" in alice.text(), 10, what=alice.screen)
+
+        # A multi-line paste: each complete line is a message; the last one waits in the input.
+        alice.paste("pasted one\npasted two\npasted three")
+        got = _pump_until(bob, lambda e: e.type == "msg" and e.name == "alice", 2)
+        assert [e.text for e in got] == ["pasted one", "pasted two"]
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#general] alice> pasted three"], 10)
+        alice.keys("C-u")
+
+        # A long line with wide characters wraps under the text, nothing cut or lost.
+        long_text = "word " * 25 + "漢字かな交じり文😀 " * 6 + "end."
+        bob.send_wait("general", long_text)
+        wait_for(lambda: "end." in alice.text(), 10, what=alice.screen)
+        screen = alice.screen()
+        first = next(i for i, line in enumerate(screen) if "<bob> word word" in line)
+        indent = " " * len("HH:MM <bob> ")
+        rows = [screen[first]]
+        for line in screen[first + 1 :]:
+            if not line.startswith(indent):
+                break
+            rows.append(line)
+        assert len(rows) >= 3, screen
+        assert all(row[len(indent)] != " " for row in rows[1:]), rows
+        shown = "".join(row[len(indent) :] for row in rows)
+        assert shown.replace(" ", "") == long_text.replace(" ", ""), rows
+
+        # /join makes #dev current; Alt-1 and Alt-2 switch; other rooms are labelled.
+        alice.type("/join #dev")
+        alice.keys("Enter")
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#dev] alice>"], 10, what=alice.screen)
+        alice.keys("M-1")
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#general] alice>"], 10, what=alice.screen)
+        bob.send_wait("dev", "over in dev")
+        wait_for(lambda: "#dev <bob> over in dev" in alice.text(), 10, what=alice.screen)
+        wait_for(lambda: any("2:#dev(1)" in line for line in alice.screen()), 10, what=alice.screen)  # unread
+        alice.keys("M-2")
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#dev] alice>"], 10, what=alice.screen)
+        alice.type("/me waves")
+        alice.keys("Enter")
+        got = _pump_until(bob, lambda e: e.type == "msg" and e.name == "alice" and e.room == "dev")
+        assert got[0].action and got[0].text == "waves"
+        wait_for(lambda: "* alice waves" in alice.text(), 10, what=alice.screen)
+
+        alice.keys("C-d")
+        assert wait_for(alice.exit_status, 10) == "EXIT=0"
+    finally:
+        bob.close(0)
+
+
+def _colours(lines: list[str]) -> set[str]:
+    """Colour parameters of the SGR escapes in ``lines`` (tmux's ``capture-pane -e``)."""
+    found = set()
+    for params in re.findall(r"\x1b\[([0-9;:]*)m", "\n".join(lines)):
+        parts = re.split(r"[;:]", params)
+        for i, param in enumerate(parts):
+            if not param.isdigit():
+                continue
+            n = int(param)
+            if (30 <= n <= 37 or 40 <= n <= 47 or 90 <= n <= 107) or (n in (38, 48) and i + 1 < len(parts)):
+                found.add(param)
+    return found
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flags", [(), ("--no-color", "--no-bell")])
+def test_colours_and_bell_follow_the_flags(
+    term: Callable[..., Tmux], broker_proc: BrokerProcess, flags: tuple[str, ...]
+) -> None:
+    alice = term("alice", *flags)
+    # Another window in front: tmux flags a bell only in a window that is not current.
+    alice.run("new-window", "sleep 60")
+    bob = Client("bob", HOST, broker_proc.port, broker_proc.pub_port)
+    try:
+        bob.connect()
+        bob.join("general")
+        bob.send_wait("general", "a plain message")
+        wait_for(lambda: "<bob> a plain message" in alice.text(), 10, what=alice.screen)
+        colours = _colours([line for line in alice.screen(escapes=True) if "a plain message" in line])
+        assert bool(colours) == (not flags), colours
+        bell = alice.run("display", "-p", "-t", ":0", "#{window_bell_flag}").strip()
+        assert bell == "0"
+
+        bob.dm_wait("alice", "psst")
+        bob.send_wait("general", "after the dm")  # once this shows, the DM's bell (if any) was written
+        wait_for(lambda: "<bob> after the dm" in alice.text(), 10, what=alice.screen)
+        assert "*bob* psst" in alice.text()
+        bell = alice.run("display", "-p", "-t", ":0", "#{window_bell_flag}").strip()
+        assert bell == ("0" if flags else "1")
+    finally:
+        bob.close(0)
