@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zchat",
         description="Chat through a zchat broker. With a terminal on stdin: interactive. "
         "With a pipe: every input line is sent, every event is printed as one line.",
-        epilog="Lines starting with / are commands: /msg NAME TEXT, /join ROOM, /leave [ROOM], /who [ROOM], "
-        "/rooms, /help, /quit.",
+        epilog="Lines starting with / are commands: /msg NAME TEXT, /me ACTION, /join ROOM, /leave [ROOM], "
+        "/switch ROOM, /who [ROOM], /rooms, /history [N], /help, /quit (//TEXT sends a text starting with /).",
     )
     parser.add_argument("--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . -")
     parser.add_argument("--host", default=os.environ.get("ZCHAT_HOST", "127.0.0.1"), help="broker host (ZCHAT_HOST)")
