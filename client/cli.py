@@ -84,8 +84,13 @@ class Printer:
         self.out(render.json_line(event) if self.as_json else render.text_line(event))
 
     def out(self, line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader went away (`zchat ... | head`): stop quietly, as Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
 
     @staticmethod
     def err(line: str) -> None:
@@ -137,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerUnreachable as exc:
         printer.err(str(exc))
         return 1
+    except RequestError as exc:
+        printer.err(f"{exc.code}: {exc.message}")
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:
@@ -180,16 +188,21 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
 
 
 def _finish(client: Client, printer: Printer) -> int:
-    """End of input: wait (bounded) for every ack, print what came, then exit."""
+    """End of input: wait for every ack while they keep coming (a rate-limited burst
+    drains slowly but surely); give up after ACK_WAIT_S without progress."""
     deadline = time.monotonic() + ACK_WAIT_S
+    left = client.unacked
     while client.unacked and time.monotonic() < deadline:
         client.pump(0.1)
         for event in client.drain_events():
             printer.event(event)
+        if client.unacked < left:
+            left = client.unacked
+            deadline = time.monotonic() + ACK_WAIT_S
     for event in client.drain_events():
         printer.event(event)
     if client.unacked:
-        printer.err(f"{client.unacked} message(s) not acknowledged within {ACK_WAIT_S:g} s")
+        printer.err(f"{client.unacked} message(s) not acknowledged: no progress for {ACK_WAIT_S:g} s")
         return 1
     return 0
 

@@ -28,6 +28,7 @@ Guarantees it gives on top of the wire (DESIGN.md "Client rules"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import time
@@ -175,6 +176,9 @@ class _Room:
     probes: int = 0
     next_probe: float = 0.0
 
+
+#: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ECONNREFUSED})
 
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -505,11 +509,21 @@ class Client:
     def _read_monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes] | None) -> None:
         while sock is not None:
             try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+                message = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            event = message["event"]
+            if (
+                self.state != "new"
+                and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                and message.get("value") in _TRANSIENT_ERRNOS
+            ):
+                # Once we have been in, a connection dying mid-handshake (a broker
+                # restart, a proxy) is not a key problem: the reconnect goes on.
+                continue
             where = self.endpoint if sock is self._dealer else self.pub_endpoint
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._auth_failure = None
                 if sock is self._sub:
                     # A (re)connected SUB may have missed events while it was away.
                     for state in self._rooms.values():
@@ -650,10 +664,14 @@ class Client:
     def _send_tracked(self, env: Envelope) -> str:
         rid = env["id"] = self._new_id()
         self._unacked[rid] = env
-        if self.state == "connected" and time.monotonic() >= self._hold_until:
+        held = any(at == 0.0 for at in self._sent_at.values()) if self._hold_until else False
+        if self.state == "connected" and time.monotonic() >= self._hold_until and not held:
             self._send(env)
             self._sent_at[rid] = time.monotonic()
-        # Otherwise it goes out with the next resend (after a welcome, or a hold).
+        else:
+            # Goes out with the next resend (after a welcome, or after a rate-limit
+            # hold), behind the held ones: a newer line never overtakes an older one.
+            self._sent_at[rid] = 0.0
         return rid
 
     def _acked(self, rid: str) -> Envelope | None:

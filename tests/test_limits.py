@@ -177,3 +177,16 @@ def test_bogus_connections_and_garbage_leave_memory_bounded(tmp_path: Path) -> N
             s.close()
         ctx.term()
         broker.kill()
+
+
+def test_rate_limited_lines_keep_their_order(limited: Callable[..., RunningBroker]) -> None:
+    """Lines trickling in faster than the rate: held, resent, and stored in the order written."""
+    b = limited(rate=10, burst=5)
+    with Client("piper", HOST, b.port, b.pub_port) as c:
+        c.join("general")
+        for i in range(40):
+            c.send("general", f"{i}")
+            c.pump(0.04)  # a line every ~40 ms, 25 a second
+        wait_for(lambda: c.pump(0.05) is not None and c.unacked == 0, 20)
+        events, _ = c.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == [f"{i}" for i in range(40)]
