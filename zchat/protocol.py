@@ -62,6 +62,9 @@ class ErrorCode(StrEnum):
     LIMIT_REACHED = "limit_reached"
     #: A bug on the broker's side, never the client's; it is logged there.
     INTERNAL = "internal_error"
+    #: The broker cannot reach its backplane (``--backplane``): nothing was
+    #: stored or delivered; retry after a moment (or on another broker).
+    UNAVAILABLE = "unavailable"
 
 
 class ProtocolError(Exception):
