@@ -13,6 +13,8 @@ from types import FrameType
 import zmq
 
 from broker.auth import KeysError
+from broker.backplane import DEFAULT_RETENTION
+from broker.backplane import Errors as BackplaneErrors
 from broker.core import Limits
 from broker.server import PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config
 from broker.store import Store, StoreError, default_data_dir
@@ -108,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         "only those users, each under its own name; SIGHUP re-reads authorized/ (ZCHAT_KEYS; default: off)",
     )
     parser.add_argument(
+        "--backplane",
+        default=os.environ.get("ZCHAT_BACKPLANE") or None,
+        metavar="URL",
+        help="redis://HOST:PORT/DB: share one chat among several brokers through Redis (a server or a Cluster); "
+        "room logs, seq, names and DMs live there and --data is not used (ZCHAT_BACKPLANE)",
+    )
+    parser.add_argument(
+        "--retention",
+        type=int,
+        default=_env_int("ZCHAT_RETENTION", DEFAULT_RETENTION),
+        metavar="N",
+        help=f"with --backplane: events kept per room (ZCHAT_RETENTION; default {DEFAULT_RETENTION})",
+    )
+    parser.add_argument(
         "--rate-limit",
         type=float,
         default=_env_float("ZCHAT_RATE_LIMIT", limits.rate),
@@ -201,21 +217,31 @@ def main(argv: list[str] | None = None) -> int:
         ),
         max_msg_bytes=args.max_msg_bytes,
         keys_dir=args.keys,
+        backplane=args.backplane,
+        retention=args.retention,
     )
-    try:
-        store = Store(data_dir, config.durability)
-    except StoreError as exc:
-        log.error("%s", exc)
-        return 1
+    if args.retention < 1:
+        log.error("--retention must be positive")
+        return 2
+    store: Store | None = None
+    if not config.backplane:
+        try:
+            store = Store(data_dir, config.durability)
+        except StoreError as exc:
+            log.error("%s", exc)
+            return 1
     try:
         broker = Broker(config, store)
     except zmq.ZMQError as exc:
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, exc.strerror)
-        store.close()
+        _close(store)
         return 1
     except KeysError as exc:
         log.error("%s", exc)
-        store.close()
+        _close(store)
+        return 1
+    except BackplaneErrors as exc:
+        log.error("cannot reach the backplane %s: %s", config.backplane, exc)
         return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -241,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         __version__,
         broker.endpoint,
         broker.pub_endpoint,
-        store.path,
+        store.path if store is not None else f"backplane {config.backplane} (broker {broker.core_id})",
         broker.core.epoch,
     )
     try:
@@ -250,9 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("%s; stopping so that nothing unstored is acknowledged", exc)
         return 1
     finally:
-        store.close()
+        _close(store)
     lifecycle.info("stopped")
     return 0
+
+
+def _close(store: Store | None) -> None:
+    if store is not None:
+        store.close()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, secure_server
+from broker.backplane import DEFAULT_RETENTION, Backplane
+from broker.backplane import Errors as bp_errors
+from broker.cluster import ClusterCore
 from broker.core import DEDUP_WINDOW, Action, Core, HistoryQuery, Limits, Publish, Reply
+from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.store import Durability, Row, Store
 from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
@@ -70,6 +74,10 @@ class Config:
     max_msg_bytes: int = SOCKET_MAX_MSG_BYTES
     #: With a key directory, CURVE on both sockets and only authorized users.
     keys_dir: Path | None = None
+    #: ``redis://HOST:PORT/DB``: share the chat with other brokers (no SQLite store).
+    backplane: str | None = None
+    #: Events kept per room on the backplane.
+    retention: int = DEFAULT_RETENTION
 
 
 def now_ms() -> int:
@@ -88,9 +96,21 @@ class Broker:
     ``IDLE_WAKE_MS``.
     """
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store | None) -> None:
         self.config = config
         self.store = store
+        self.backplane: Backplane | None = None
+        if config.backplane:
+            # Connect before binding: a broker that cannot reach its backplane
+            # says so and exits, rather than serving clients it cannot serve.
+            self.backplane = Backplane(
+                config.backplane,
+                secrets.token_hex(6),
+                retention=config.retention,
+                alive_ms=6 * config.heartbeat_ms,
+            )
+        elif store is None:
+            raise ValueError("a broker needs a store or a backplane")
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.keys = load_keys(config.keys_dir) if config.keys_dir else None
@@ -126,17 +146,49 @@ class Broker:
             self.pub.get_monitor_socket(events): "subscriber",
         }
         self._peers: dict[tuple[str, int], str] = {}
-        self.core = Core(
-            epoch=secrets.token_hex(8),
-            heartbeat_ms=config.heartbeat_ms,
-            room_seqs=store.room_seqs(),
-            recent_acks=store.recent_acks(DEDUP_WINDOW),
-            limits=config.limits,
-            authenticated=self.keys is not None,
-        )
+        self._fanin_stop = threading.Event()
+        self._fanin: zmq.Socket[bytes] | None = None
+        self._listeners: list[threading.Thread] = []
+        #: room -> last seq published on our PUB (backplane mode): in order, once.
+        self._published: dict[str, int] = {}
+        self.core: Core
+        if self.backplane is not None:
+            bp = self.backplane
+            self.core = ClusterCore(
+                backplane=bp,
+                epoch=bp.register(now_ms()),
+                heartbeat_ms=config.heartbeat_ms,
+                limits=config.limits,
+                authenticated=self.keys is not None,
+            )
+            self._fanin = self.ctx.socket(zmq.PULL)
+            self._fanin.setsockopt(zmq.LINGER, 0)
+            self._fanin.bind(FANIN_ENDPOINT)
+            self._listeners = [
+                EventListener(self.ctx, bp.url, self._fanin_stop),
+                InboxListener(self.ctx, bp.url, self._fanin_stop, bp.id),
+            ]
+            for listener in self._listeners:
+                listener.start()
+            log.info("backplane %s: this broker is %s", bp.url, bp.id)
+        else:
+            assert store is not None
+            self.core = Core(
+                epoch=secrets.token_hex(8),
+                heartbeat_ms=config.heartbeat_ms,
+                room_seqs=store.room_seqs(),
+                recent_acks=store.recent_acks(DEDUP_WINDOW),
+                limits=config.limits,
+                authenticated=self.keys is not None,
+            )
         self._encode = p.Encoder()
 
     # --------------------------------------------------------------- control
+
+    @property
+    def core_id(self) -> str:
+        """This broker's id on the backplane ("-" without one)."""
+        return self.backplane.id if self.backplane is not None else "-"
 
     def stop(self) -> None:
         self._stop.set()
@@ -158,6 +210,10 @@ class Broker:
         poller.register(self.router, zmq.POLLIN)
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
+        fanin = self._fanin
+        if fanin is not None:
+            poller.register(fanin, zmq.POLLIN)
+        cluster = self.core if isinstance(self.core, ClusterCore) else None
         router = self.router
         tick_every = max(50, self.config.heartbeat_ms // 4)
         next_tick = now_ms() + tick_every
@@ -172,12 +228,16 @@ class Broker:
                     self._log_connections(mon)
             if now >= next_tick:
                 actions.extend(self.core.expire(now))
+                if cluster is not None:
+                    actions.extend(cluster.tick(now))
                 next_tick = now + tick_every
             if self._reload.is_set():
                 self._reload.clear()
                 actions.extend(self._reload_keys(now))
             if actions:
                 self._perform(actions)
+            if fanin is not None and fanin in ready:
+                self._fan_in(now)
 
     def _drain(self, now: int) -> list[Action]:
         """Read every message that is ready (up to BATCH) and let the core decide."""
@@ -242,6 +302,10 @@ class Broker:
         return self.core.revoke(removed, now)
 
     def _perform(self, actions: list[Action]) -> None:
+        if isinstance(self.core, ClusterCore):
+            # Room messages of this pass go to the backplane in one round trip;
+            # their acks are filled in (or made errors) before anything is sent.
+            self.core.flush()
         encode = self._encode
         published: list[tuple[str, bytes]] = []
         rows: list[Row] = []
@@ -254,6 +318,7 @@ class Broker:
                 rows.append((action.room, env["seq"], env["ts"], author, env.get("id"), body))
         if rows:
             # Raises StoreError: the broker stops rather than ack what it lost.
+            assert self.store is not None
             self.store.append(rows)
         pub = self.pub
         send = _send
@@ -274,7 +339,18 @@ class Broker:
                 self._answer_history(action)
 
     def _answer_history(self, q: HistoryQuery) -> None:
-        bodies = self.store.history(q.room, q.after, q.limit)
+        if self.backplane is not None:
+            try:
+                bodies, seq = self.backplane.history(q.room, q.after, q.limit)
+            except bp_errors as exc:
+                log.warning("history of #%s from the backplane failed: %s", q.room, exc)
+                self._send(
+                    q.identity, self._encode(p.error(ErrorCode.UNAVAILABLE, "backplane unreachable", q.request_id))
+                )
+                return
+        else:
+            assert self.store is not None
+            bodies, seq = self.store.history(q.room, q.after, q.limit), self.core.room_seq(q.room)
         size = 0
         for i, body in enumerate(bodies):
             size += len(body)
@@ -282,7 +358,75 @@ class Broker:
                 # The client sees the last seq it got below the reply's seq and asks again.
                 bodies = bodies[: max(i, 1)]
                 break
-        self._send(q.identity, p.encode_history(q.room, bodies, self.core.room_seq(q.room), q.request_id))
+        self._send(q.identity, p.encode_history(q.room, bodies, seq, q.request_id))
+
+    # ------------------------------------------------------- backplane mode
+
+    def _fan_in(self, now: int) -> None:
+        """Publish what the listeners heard: each room's events in seq order, once each."""
+        assert self._fanin is not None and isinstance(self.core, ClusterCore)
+        core = self.core
+        out: list[tuple[str, bytes]] = []
+        actions: list[Action] = []
+        for _ in range(BATCH):
+            try:
+                frames = self._fanin.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            kind = frames[0]
+            if kind == b"ev":
+                room_b, seq_b, body = frames[1].split(b" ", 2)
+                self._sequence(room_b.decode(), int(seq_b), body, out)
+            elif kind == b"in":
+                actions.extend(core.inbox(frames[1].decode(), frames[2].decode(), frames[3], now))
+            elif kind == b"sync":
+                self._catch_up(out)
+        if out:
+            pub = self.pub
+            pub.getsockopt(zmq.EVENTS)  # take in new subscriptions first (see _perform)
+            for room, body in out:
+                _send(pub, p.room_topic(room), _SNDMORE)
+                _send(pub, body)
+        if actions:
+            self._perform(actions)
+
+    def _sequence(self, room: str, seq: int, body: bytes, out: list[tuple[str, bytes]]) -> None:
+        last = self._published.get(room)
+        if last is not None:
+            if seq <= last:
+                return  # heard twice (a catch-up overlapped pub/sub)
+            if seq > last + 1:
+                self._fill(room, last, seq - 1, out)
+        out.append((room, body))
+        self._published[room] = seq
+        if seq > self.core.seqs.get(room, 0):
+            self.core.seqs[room] = seq
+
+    def _fill(self, room: str, after: int, upto: int, out: list[tuple[str, bytes]]) -> None:
+        """Events pub/sub did not bring (a reconnect): read them from the room's log."""
+        assert self.backplane is not None
+        try:
+            while after < upto:
+                bodies, _ = self.backplane.history(room, after, min(upto - after, p.MAX_HISTORY_LIMIT))
+                if not bodies:
+                    break  # trimmed away: clients see the gap and ask history themselves
+                for body in bodies:
+                    after += 1
+                    out.append((room, body))
+        except bp_errors as exc:
+            log.warning("cannot fill #%s %d..%d from the backplane: %s", room, after + 1, upto, exc)
+
+    def _catch_up(self, out: list[tuple[str, bytes]]) -> None:
+        """After (re)subscribing: publish what each known room got meanwhile."""
+        assert self.backplane is not None
+        for room, last in list(self._published.items()):
+            try:
+                seq = self.backplane.room_seq(room)
+            except bp_errors:
+                return
+            if seq > last:
+                self._fill(room, last, seq, out)
+                self._published[room] = seq
 
     def _send(self, identity: bytes, frame: bytes) -> None:
         try:
@@ -310,6 +454,15 @@ class Broker:
                 log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
 
     def _close_sockets(self) -> None:
+        self._fanin_stop.set()
+        for listener in getattr(self, "_listeners", ()):
+            listener.join(timeout=5)
+        if getattr(self, "_fanin", None) is not None:
+            assert self._fanin is not None
+            self._fanin.close()
+        if self.backplane is not None:
+            with contextlib.suppress(*bp_errors):
+                self.backplane.close()
         for mon in getattr(self, "_monitors", {}):
             mon.close(linger=0)
         for sock in (self.router, self.pub):

@@ -1,0 +1,434 @@
+"""The Redis backplane: what several brokers share when they serve one chat.
+
+Everything here is I/O against Redis (a single server or a Redis Cluster); the
+decisions stay in :mod:`broker.cluster`. Every key of one room shares the hash
+tag ``{r.ROOM}``, every key of one user ``{u.NAME}``, every key of one broker
+``{b.ID}``, so each script touches one slot and works unchanged on a Cluster.
+
+- ``seq`` is assigned by a Lua script that increments the room's counter,
+  appends the event to the room's Stream (entry id ``SEQ-0``) and publishes it
+  to every broker, atomically: contiguous, never reused, whichever broker
+  accepted the message. A message is acknowledged only after that script ran.
+- Resend detection lives in the same script (per room, by ``name id``, for at
+  least :data:`DEDUP_WINDOW_S`), so a message resent to another broker after a
+  failover is acknowledged again, not stored twice.
+- Names are claimed with a script, and each session's secret resume token is
+  kept only as a hash; the owner broker is recorded with it, so a resume on
+  any broker takes the session over.
+- DMs to a user on another broker go through that broker's inbox Stream.
+- Every broker refreshes an ``alive`` key; the sessions of a broker whose key
+  expired are ended by a survivor (their leaves published, their names freed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import redis
+from redis.cluster import RedisCluster
+
+log = logging.getLogger("zchat.broker")
+
+PREFIX = "zchat:"
+#: Where every broker hears every room event (``ROOM SEQ BODY``).
+EVENTS_CHANNEL = PREFIX + "events"
+#: All rooms that ever had an event (for ``rooms``).
+ROOMS_KEY = PREFIX + "rooms"
+#: broker id -> when it registered (ms), for the reaper and operators.
+BROKERS_KEY = PREFIX + "brokers"
+EPOCH_KEY = PREFIX + "epoch"
+#: A resend is recognised for at least this long (two buckets of this size).
+DEDUP_WINDOW_S = 600
+#: A broker's inbox (DMs for its users, takeovers) keeps at most about this many entries.
+INBOX_MAXLEN = 10_000
+#: Default number of events kept per room (a Stream trimmed approximately).
+DEFAULT_RETENTION = 100_000
+
+#: What a failing backplane raises; the broker answers ``unavailable``.
+Errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+
+
+def room_key(room: str, part: str) -> str:
+    return f"{PREFIX}{{r.{room}}}:{part}"
+
+
+def user_key(name: str) -> str:
+    return f"{PREFIX}{{u.{name}}}"
+
+
+def broker_key(broker: str, part: str) -> str:
+    return f"{PREFIX}{{b.{broker}}}:{part}"
+
+
+def token_hash(token: str) -> str:
+    """Only a hash of a resume token is stored: whoever reads Redis cannot take sessions over."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def text_digest(text: str, action: bool) -> str:
+    """A digest that is the same on every broker (``hash()`` is salted per process)."""
+    return hashlib.blake2b(text.encode(), digest_size=8, person=b"me" if action else b"").hexdigest()
+
+
+# KEYS: seq, log, ids (this bucket), ids (previous bucket)
+# ARGV: body without its seq value, "name id", "ts digest", maxlen, ttl, channel, room
+_APPEND = """
+local v = redis.call('HGET', KEYS[3], ARGV[2])
+if not v then v = redis.call('HGET', KEYS[4], ARGV[2]) end
+if v then return {0, v} end
+local seq = redis.call('INCR', KEYS[1])
+local body = ARGV[1] .. cmsgpack.pack(seq)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'b', body)
+redis.call('HSET', KEYS[3], ARGV[2], seq .. ' ' .. ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. seq .. ' ' .. body)
+return {1, seq}
+"""
+
+# KEYS: seq, log, members
+# ARGV: 'join' | 'leave', name, body without its seq value, maxlen, channel, room
+# Returns {changed, seq, members...}: no event when the name already was
+# (join) or was not (leave) a member, e.g. a session resumed on another broker.
+_PRESENCE = """
+local changed
+if ARGV[1] == 'join' then
+  changed = redis.call('SADD', KEYS[3], ARGV[2])
+else
+  changed = redis.call('SREM', KEYS[3], ARGV[2])
+end
+local seq
+if changed == 1 then
+  seq = redis.call('INCR', KEYS[1])
+  local body = ARGV[3] .. cmsgpack.pack(seq)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'b', body)
+  redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. seq .. ' ' .. body)
+else
+  seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+end
+local out = {changed, seq}
+if ARGV[1] == 'join' then
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do out[#out + 1] = m end
+end
+return out
+"""
+
+# KEYS: user ; ARGV: broker, hash of the presented token ('' if none), hash of a new token, new sender
+_CLAIM = """
+local cur = redis.call('HMGET', KEYS[1], 'token', 'broker', 'sender', 'rooms')
+if not cur[1] then
+  redis.call('HSET', KEYS[1], 'token', ARGV[3], 'broker', ARGV[1], 'sender', ARGV[4], 'rooms', '')
+  return {'new', ARGV[4], '', ''}
+end
+if ARGV[2] ~= '' and ARGV[2] == cur[1] then
+  redis.call('HSET', KEYS[1], 'broker', ARGV[1])
+  return {'resumed', cur[3], cur[2], cur[4] or ''}
+end
+return {'taken', '', cur[2], ''}
+"""
+
+# KEYS: user ; ARGV: broker. Deletes the name only if that broker still owns it.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'broker') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: user ; ARGV: broker, rooms (space-separated). Only the owner writes.
+_SET_ROOMS = """
+if redis.call('HGET', KEYS[1], 'broker') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'rooms', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+# KEYS: user ; ARGV: broker, token hash, sender, rooms. After an outage: the
+# session is ours again (recreated if Redis lost it), unless another broker has it.
+_ASSERT = """
+local b = redis.call('HGET', KEYS[1], 'broker')
+if not b then
+  redis.call('HSET', KEYS[1], 'token', ARGV[2], 'broker', ARGV[1], 'sender', ARGV[3], 'rooms', ARGV[4])
+  return 1
+end
+if b == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'rooms', ARGV[4])
+  return 1
+end
+return 0
+"""
+
+
+class Claim(NamedTuple):
+    """The answer to a ``hello`` on the backplane."""
+
+    #: "new", "resumed" or "taken".
+    outcome: str
+    sender: str
+    #: The broker that held the name before (resumed, taken).
+    previous: str
+    rooms: list[str]
+
+
+class Appended(NamedTuple):
+    """What the append script said: a new seq, or the first ack of a resent message."""
+
+    new: bool
+    seq: int
+    ts: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMsg:
+    room: str
+    name: str
+    msg_id: str
+    digest: str
+    ts: int
+    head: bytes
+
+
+def connect(url: str, timeout: float = 2.0) -> redis.Redis | RedisCluster:
+    """A client for ``url``: a Redis Cluster when the server says it is part of one."""
+    opts: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 0,
+    }
+    single = redis.Redis.from_url(url, **opts)
+    try:
+        clustered = single.info("cluster").get("cluster_enabled") == 1
+    except Errors:
+        single.close()
+        raise
+    if not clustered:
+        return single
+    single.close()
+    return RedisCluster.from_url(url, **opts)
+
+
+class Backplane:
+    """The broker loop's handle on Redis; used by one thread only (the loop).
+
+    The fan-in threads make their own connections with :func:`connect`.
+    """
+
+    def __init__(self, url: str, broker_id: str, *, retention: int = DEFAULT_RETENTION, alive_ms: int = 15_000):
+        self.url = url
+        self.id = broker_id
+        self.retention = retention
+        self.alive_ms = alive_ms
+        self.r = connect(url)
+        self._append = self.r.register_script(_APPEND)
+        self._presence = self.r.register_script(_PRESENCE)
+        self._claim = self.r.register_script(_CLAIM)
+        self._release = self.r.register_script(_RELEASE)
+        self._set_rooms = self.r.register_script(_SET_ROOMS)
+        self._assert = self.r.register_script(_ASSERT)
+        self.cluster = isinstance(self.r, RedisCluster)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def register(self, now: int) -> str:
+        """Announce this broker; returns the chat's epoch (made by the first broker ever)."""
+        self.r.set(EPOCH_KEY, hashlib.sha256(f"{self.id}{time.time_ns()}".encode()).hexdigest()[:16], nx=True)
+        self.r.hset(BROKERS_KEY, self.id, now)
+        self.alive()
+        epoch = self.r.get(EPOCH_KEY)
+        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    def alive(self) -> None:
+        self.r.set(broker_key(self.id, "alive"), 1, px=self.alive_ms)
+
+    def close(self) -> None:
+        self.r.close()
+
+    def deregister(self) -> None:
+        """A clean stop: our sessions have ended, so our keys can go."""
+        self.r.delete(broker_key(self.id, "alive"), broker_key(self.id, "names"), broker_key(self.id, "inbox"))
+        self.r.hdel(BROKERS_KEY, self.id)
+
+    # --------------------------------------------------------------- names
+
+    def claim(self, name: str, presented: str | None, new_token: str, new_sender: str) -> Claim:
+        # Listed under this broker before the claim: if we die in between, the
+        # reaper finds the entry and sees the name is not ours (harmless).
+        self.r.sadd(broker_key(self.id, "names"), name)
+        res = self._claim(
+            keys=[user_key(name)],
+            args=[self.id, token_hash(presented) if presented else "", token_hash(new_token), new_sender],
+        )
+        outcome, sender, previous, rooms = (_s(x) for x in res)
+        if outcome == "taken":
+            self.r.srem(broker_key(self.id, "names"), name)
+        return Claim(outcome, sender, previous, rooms.split())
+
+    def release(self, name: str) -> bool:
+        """Free the name if this broker still owns it; False when another broker took it over."""
+        owned = bool(self._release(keys=[user_key(name)], args=[self.id]))
+        self.r.srem(broker_key(self.id, "names"), name)
+        return owned
+
+    def owns(self, name: str) -> bool:
+        return _s(self.r.hget(user_key(name), "broker")) == self.id
+
+    def set_rooms(self, name: str, rooms: Iterable[str]) -> None:
+        self._set_rooms(keys=[user_key(name)], args=[self.id, " ".join(sorted(rooms))])
+
+    def owner(self, name: str) -> str | None:
+        """The broker a live user is on, or None."""
+        owner = self.r.hget(user_key(name), "broker")
+        return None if owner is None else _s(owner)
+
+    def assert_session(self, name: str, token: str, sender: str, rooms: Iterable[str]) -> bool:
+        """Re-assert a live session after an outage; False if another broker has taken it over."""
+        self.r.sadd(broker_key(self.id, "names"), name)
+        ok = bool(
+            self._assert(keys=[user_key(name)], args=[self.id, token_hash(token), sender, " ".join(sorted(rooms))])
+        )
+        if not ok:
+            self.r.srem(broker_key(self.id, "names"), name)
+        return ok
+
+    def listed_names(self) -> set[str]:
+        """The names listed under this broker on the backplane."""
+        return {_s(n) for n in self.r.smembers(broker_key(self.id, "names"))}
+
+    def forget_session(self, name: str) -> None:
+        """A session taken over elsewhere is no longer listed under this broker."""
+        self.r.srem(broker_key(self.id, "names"), name)
+
+    # --------------------------------------------------------------- rooms
+
+    def presence(self, op: str, room: str, name: str, head: bytes) -> tuple[bool, int, list[str]]:
+        """Join or leave; the presence event is stored and published only if membership changed."""
+        if op == "join":
+            self.r.sadd(ROOMS_KEY, room)
+        res = self._presence(
+            keys=[room_key(room, "seq"), room_key(room, "log"), room_key(room, "members")],
+            args=[op, name, head, self.retention, EVENTS_CHANNEL, room],
+        )
+        return bool(res[0]), int(res[1]), sorted(_s(m) for m in res[2:])
+
+    def append(self, msgs: Sequence[PendingMsg]) -> list[Appended | Exception]:
+        """Run the append script for each message, pipelined in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for m in msgs:
+            bucket = m.ts // (DEDUP_WINDOW_S * 1000)
+            self._append(
+                keys=[
+                    room_key(m.room, "seq"),
+                    room_key(m.room, "log"),
+                    room_key(m.room, f"ids:{bucket}"),
+                    room_key(m.room, f"ids:{bucket - 1}"),
+                ],
+                args=[
+                    m.head,
+                    f"{m.name} {m.msg_id}",
+                    f"{m.ts} {m.digest}",
+                    self.retention,
+                    3 * DEDUP_WINDOW_S,
+                    EVENTS_CHANNEL,
+                    m.room,
+                ],
+                client=pipe,
+            )
+        out: list[Appended | Exception] = []
+        for m, res in zip(msgs, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(res, Exception):
+                out.append(res)
+            elif int(res[0]) == 1:
+                out.append(Appended(True, int(res[1]), m.ts, m.digest))
+            else:
+                seq, ts, digest = _s(res[1]).split()
+                out.append(Appended(False, int(seq), int(ts), digest))
+        return out
+
+    def history(self, room: str, after: int, limit: int) -> tuple[list[bytes], int]:
+        """Bodies of the events with ``seq > after`` (oldest first), and the room's last seq."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xrange(room_key(room, "log"), min=f"{after + 1}-0", count=limit)
+        pipe.get(room_key(room, "seq"))
+        entries, seq = pipe.execute()
+        return [fields[b"b"] for _id, fields in entries], int(seq or 0)
+
+    def members(self, room: str) -> list[str]:
+        return sorted(_s(m) for m in self.r.smembers(room_key(room, "members")))
+
+    def rooms(self, most: int) -> tuple[list[tuple[str, int, int]], bool]:
+        """(room, members, seq) for up to ``most`` rooms, and whether there were more."""
+        names = sorted(_s(r) for r in self.r.smembers(ROOMS_KEY))
+        listed = names[:most]
+        pipe = self.r.pipeline(transaction=False)
+        for room in listed:
+            pipe.scard(room_key(room, "members"))
+            pipe.get(room_key(room, "seq"))
+        res = pipe.execute() if listed else []
+        return [(room, int(res[2 * i]), int(res[2 * i + 1] or 0)) for i, room in enumerate(listed)], len(names) > most
+
+    def room_seq(self, room: str) -> int:
+        return int(self.r.get(room_key(room, "seq")) or 0)
+
+    # ----------------------------------------------------------------- DMs
+
+    def send_to_broker(self, broker: str, kind: str, name: str, body: bytes = b"") -> None:
+        """Put a DM (``kind`` "dm", body the event) or a takeover notice into a broker's inbox."""
+        self.r.xadd(
+            broker_key(broker, "inbox"),
+            {"k": kind, "to": name, "b": body},
+            maxlen=INBOX_MAXLEN,
+            approximate=True,
+        )
+
+    # -------------------------------------------------------------- reaper
+
+    def dead_brokers(self) -> list[str]:
+        """Registered brokers whose ``alive`` key has expired."""
+        ids = [_s(b) for b in self.r.hkeys(BROKERS_KEY)]
+        others = [b for b in ids if b != self.id]
+        if not others:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for b in others:
+            pipe.exists(broker_key(b, "alive"))
+        return [b for b, alive in zip(others, pipe.execute(), strict=True) if not alive]
+
+    def reap(self, dead: str, leave_head: Any) -> int:
+        """End the sessions a dead broker left behind: publish their leaves, free their names.
+
+        ``leave_head(room, name)`` makes the unsequenced presence body. Only one
+        survivor reaps a given broker (a lock with a lease). Returns how many
+        sessions were ended.
+        """
+        if not self.r.set(broker_key(dead, "reaping"), self.id, nx=True, px=60_000):
+            return 0
+        names = {_s(n) for n in self.r.smembers(broker_key(dead, "names"))}
+        ended = self.end_sessions(dead, names, leave_head)
+        self.r.delete(broker_key(dead, "names"), broker_key(dead, "inbox"), broker_key(dead, "alive"))
+        self.r.hdel(BROKERS_KEY, dead)
+        return ended
+
+    def end_sessions(self, broker: str, names: Iterable[str], leave_head: Any) -> int:
+        """End the named sessions that ``broker`` still owns: leaves published, names freed."""
+        ended = 0
+        for name in names:
+            user = self.r.hgetall(user_key(name))
+            if _s(user.get(b"broker", b"")) == broker:  # else resumed elsewhere: alive and well
+                for room in _s(user.get(b"rooms", b"")).split():
+                    self.presence("leave", room, name, leave_head(room, name))
+                self._release(keys=[user_key(name)], args=[broker])
+                ended += 1
+            self.r.srem(broker_key(broker, "names"), name)
+        return ended
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

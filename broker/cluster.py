@@ -1,0 +1,367 @@
+"""The broker's decisions when several brokers share one chat over a backplane.
+
+:class:`ClusterCore` keeps every rule of :class:`broker.core.Core` (validation,
+limits, who may do what) and moves what must be shared to the backplane:
+``seq`` and the room logs, names and resume tokens, membership, DM routing.
+The local state it keeps is only about this broker's own connections.
+
+Unlike ``Core`` it is not pure: hellos, joins, leaves, ``who``, ``rooms`` and
+DMs to other brokers ask the backplane synchronously (they are rare), while
+room messages, the hot path, are queued and appended in one pipelined round
+trip per loop pass by :meth:`flush`, before any reply of that pass is sent.
+Any synchronous call first flushes what is queued, so one client's requests
+keep their order. When the backplane fails, the request gets ``unavailable``
+and the core stops asking for a backoff period; :meth:`tick` reconnects and
+re-asserts this broker's sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from broker import backplane as bpmod
+from broker.backplane import Backplane, PendingMsg
+from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, Reply, Session
+from zchat import protocol as p
+from zchat.protocol import Envelope, ErrorCode, ProtocolError
+
+log = logging.getLogger("zchat.broker")
+
+#: After a backplane failure, requests are refused at once for this long (ms),
+#: doubling up to BACKOFF_MAX_MS until a reconnect succeeds.
+BACKOFF_MIN_MS = 250
+BACKOFF_MAX_MS = 5000
+
+
+class BackplaneDown(Exception):
+    """The backplane is known to be unreachable (within the backoff period)."""
+
+
+#: What makes a request fail with ``unavailable``.
+_Failures: tuple[type[Exception], ...] = (BackplaneDown, *bpmod.Errors)
+
+
+class ClusterCore(Core):
+    def __init__(self, *, backplane: Backplane, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bp = backplane
+        self._pack: Callable[[Any], bytes] = p.Encoder()
+        #: Room messages of this pass, appended by flush(): (message, its ack).
+        self._pending: list[tuple[PendingMsg, Envelope]] = []
+        self.down_until = 0
+        self._backoff = BACKOFF_MIN_MS
+        self.down = False
+
+    # ------------------------------------------------------------ plumbing
+
+    def handle(self, identity: bytes, frame: bytes, now: int, user: str | None = None) -> list[Action]:
+        try:
+            return super().handle(identity, frame, now, user)
+        except _Failures as exc:
+            if not isinstance(exc, BackplaneDown):
+                self._failed(exc, now)
+            return [Reply(identity, p.error(ErrorCode.UNAVAILABLE, _UNAVAILABLE, _request_id(frame)))]
+
+    def _up(self) -> None:
+        """Raise BackplaneDown during the backoff after a failure; flush queued messages first."""
+        if self.down and self._clock < self.down_until:
+            raise BackplaneDown
+        self.flush()
+
+    def _failed(self, exc: BaseException, now: int) -> None:
+        if not self.down:
+            log.error("backplane %s unreachable: %s; answering 'unavailable' until it is back", self.bp.url, exc)
+        self.down = True
+        self.down_until = now + self._backoff
+        self._backoff = min(BACKOFF_MAX_MS, self._backoff * 2)
+
+    def _head(self, env: Envelope) -> bytes:
+        """The event without its ``seq`` value: the backplane's script appends it.
+
+        ``env`` has no ``seq`` key; the head is a map of one more entry whose last
+        key is ``seq``, so head + packed int is the complete envelope.
+        """
+        body = self._pack(env)
+        if body[0] & 0xF0 != 0x80 or body[0] & 0x0F >= 15:
+            raise AssertionError("events are small fixmaps")
+        return bytes((body[0] + 1,)) + body[1:] + b"\xa3seq"
+
+    def _presence_head(self, room: str, name: str, event: str, now: int) -> bytes:
+        env = p.presence_event(room, 0, now, name, event)
+        del env["seq"]
+        return self._head(env)
+
+    def flush(self) -> None:
+        """Append the queued room messages; fill in their acks (or turn them into errors)."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        results: list[bpmod.Appended | Exception]
+        try:
+            if self.down and self._clock < self.down_until:
+                raise BackplaneDown
+            results = self.bp.append([m for m, _ in batch])
+        except _Failures as exc:
+            if not isinstance(exc, BackplaneDown):
+                self._failed(exc, self._clock)
+            results = [exc] * len(batch)
+        for (m, ack), res in zip(batch, results, strict=True):
+            if isinstance(res, Exception):
+                if not isinstance(res, _Failures):
+                    log.error("append to #%s failed: %s", m.room, res)
+                _become(ack, p.error(ErrorCode.UNAVAILABLE, _UNAVAILABLE, m.msg_id))
+            elif res.new or res.digest == m.digest:
+                # New, or a resend (maybe to another broker): the first ack again.
+                ack["seq"], ack["ts"] = res.seq, res.ts
+                if res.seq > self.seqs.get(m.room, 0):
+                    self.seqs[m.room] = res.seq
+            else:
+                _become(
+                    ack,
+                    p.error(
+                        ErrorCode.BAD_ENVELOPE,
+                        f"id {m.msg_id!r} was already used for another message: ids must be unique per name",
+                        m.msg_id,
+                    ),
+                )
+
+    def tick(self, now: int) -> list[Action]:
+        """Every few hundred ms: stay alive on the backplane, reap dead brokers, recover."""
+        self._clock = now
+        if self.down:
+            if now < self.down_until:
+                return []
+            try:
+                self.bp.r.ping()
+                self._resync(now)
+            except bpmod.Errors as exc:
+                self._failed(exc, now)
+                return []
+            log.warning("backplane %s is back; sessions re-asserted", self.bp.url)
+            self.down = False
+            self._backoff = BACKOFF_MIN_MS
+            return []
+        try:
+            self.bp.alive()
+            for dead in self.bp.dead_brokers():
+                ended = self.bp.reap(dead, lambda room, name: self._presence_head(room, name, "leave", now))
+                if ended:
+                    log.warning("broker %s is gone: ended its %d sessions", dead, ended)
+        except bpmod.Errors as exc:
+            self._failed(exc, now)
+        return []
+
+    def _resync(self, now: int) -> None:
+        """After an outage: our live sessions are ours again, and the ones that ended meanwhile end there too."""
+        epoch = self.bp.register(now)
+        if epoch != self.epoch:
+            log.warning("the backplane's epoch changed (%s -> %s): it lost its data", self.epoch, epoch)
+            self.epoch = epoch
+        for session in list(self.by_name.values()):
+            if not self.bp.assert_session(session.name, session.token, session.sender, session.rooms):
+                log.info("session %s was taken over elsewhere during the outage", session.name)
+                self._drop_local(session)
+                continue
+            for room in sorted(session.rooms):
+                self.bp.presence("join", room, session.name, self._presence_head(room, session.name, "join", now))
+        gone = self.bp.listed_names() - set(self.by_name)
+        if gone:
+            self.bp.end_sessions(self.bp.id, gone, lambda room, name: self._presence_head(room, name, "leave", now))
+
+    # --------------------------------------------------- from other brokers
+
+    def inbox(self, kind: str, name: str, body: bytes, now: int) -> list[Action]:
+        """A DM for one of our users, or word that another broker took a session over."""
+        self._clock = now
+        session = self.by_name.get(name)
+        try:
+            if kind == "takeover":
+                if session is not None and not self.bp.owns(name):
+                    log.info("session moved to another broker: %s (%s)", name, session.identity.hex())
+                    self._drop_local(session)
+                    self.bp.forget_session(name)
+                return []
+            if kind == "dm":
+                if session is not None:
+                    return [Reply(session.identity, p.decode(body, p.MAX_REPLY_BYTES))]
+                owner = self.bp.owner(name)
+                if owner is not None and owner != self.bp.id:
+                    self.bp.send_to_broker(owner, "dm", name, body)  # moved on meanwhile: follow it
+                else:
+                    log.info("DM for %s dropped: the session ended before it arrived", name)
+        except bpmod.Errors as exc:
+            self._failed(exc, now)
+        return []
+
+    def _drop_local(self, session: Session) -> None:
+        """Forget a session here without a word to anyone (it lives on elsewhere)."""
+        self.by_identity.pop(session.identity, None)
+        self.by_name.pop(session.name, None)
+        for room in session.rooms:
+            self._drop_member(room, session.name)
+
+    # ------------------------------------------------------------ requests
+
+    def _end(self, session: Session, now: int) -> list[Action]:
+        self._drop_local(session)
+        try:
+            self._up()
+            if self.bp.owns(session.name):
+                for room in sorted(session.rooms):
+                    self.bp.presence("leave", room, session.name, self._presence_head(room, session.name, "leave", now))
+                self.bp.release(session.name)
+            else:
+                self.bp.forget_session(session.name)
+        except BackplaneDown:
+            pass  # _resync ends it on the backplane once it is back
+        except bpmod.Errors as exc:
+            self._failed(exc, now)
+        return []
+
+    def _hello(self, identity: bytes, session: Session | None, env: Envelope, now: int) -> list[Action]:
+        name: str = env["name"]
+        if session is not None or name in self.by_name:
+            # A second hello on this connection, or a resume on this broker: local rules.
+            return super()._hello(identity, session, env, now)
+        rid = env.get("id")
+        if len(self.by_name) >= self.limits.max_sessions:
+            return self.reject(
+                identity, ProtocolError(ErrorCode.LIMIT_REACHED, "the broker is full; try again later", rid)
+            )
+        self._up()
+        token, sender = self._new_token(), self._new_sender()
+        presented: str | None = env.get("resume")
+        claim = self.bp.claim(name, presented, token, sender)
+        if claim.outcome == "taken":
+            return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
+        resumed = claim.outcome == "resumed"
+        if resumed and presented is not None:
+            token, sender = presented, claim.sender
+            if claim.previous and claim.previous != self.bp.id:
+                self.bp.send_to_broker(claim.previous, "takeover", name)
+            log.info("session resumed from broker %s: %s (%s)", claim.previous or "?", name, identity.hex())
+        limits = self.limits
+        session = Session(
+            identity,
+            name,
+            sender,
+            token,
+            now,
+            sends=_bucket(limits.burst, now),
+            joins=_bucket(limits.join_burst, now),
+        )
+        if resumed:
+            session.rooms = set(claim.rooms)
+            for room in session.rooms:
+                self.members.setdefault(room, {})[name] = session
+        self.by_identity[identity] = session
+        self.by_name[name] = session
+        if not resumed:
+            log.info("session start: %s (%s) sender=%s", name, identity.hex(), sender)
+        return self._welcome(session, resumed, rid)
+
+    def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        self._up()
+        if room not in session.rooms:
+            if len(session.rooms) >= self.limits.max_rooms:
+                raise ProtocolError(
+                    ErrorCode.LIMIT_REACHED, f"already in {self.limits.max_rooms} rooms; leave one first"
+                )
+            self._throttle_join(session, now)
+            _, seq, members = self.bp.presence(
+                "join", room, session.name, self._presence_head(room, session.name, "join", now)
+            )
+            session.rooms.add(room)
+            self.members.setdefault(room, {})[session.name] = session
+            self.bp.set_rooms(session.name, session.rooms)
+        else:
+            seq, members = self.bp.room_seq(room), self.bp.members(room)
+        if seq > self.seqs.get(room, 0):
+            self.seqs[room] = seq
+        return [self._reply(session, {"type": "joined", "room": room, "members": members, "seq": seq}, env)]
+
+    def _leave(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        if room not in session.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"not in #{room}")
+        self._up()
+        self._throttle_join(session, now)
+        self.bp.presence("leave", room, session.name, self._presence_head(room, session.name, "leave", now))
+        session.rooms.discard(room)
+        self._drop_member(room, session.name)
+        self.bp.set_rooms(session.name, session.rooms)
+        return [self._reply(session, {"type": "left", "room": room}, env)]
+
+    def _msg(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        if room not in session.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
+        if self.down and now < self.down_until:
+            raise BackplaneDown
+        text: str = env["text"]
+        self._check_text(text)
+        self._throttle_send(session, now)
+        msg_id: str = env["id"]
+        action: bool = env.get("action", False)
+        event = p.msg_event(room, 0, now, session.name, session.sender, text, msg_id, action)
+        del event["seq"]
+        ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": 0, "ts": now}
+        pending = PendingMsg(room, session.name, msg_id, bpmod.text_digest(text, action), now, self._head(event))
+        self._pending.append((pending, ack))
+        # Sent after flush() has filled in the seq (or made it an error).
+        return [Reply(session.identity, ack)]
+
+    def _dm(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        to: str = env["to"]
+        if to in self.by_name:
+            return super()._dm(session, env, now)
+        first = self._acked.get((session.name, env["id"]))
+        if first is not None:
+            return self._resent(session, first, "@" + to, env["text"])
+        self._up()
+        owner = self.bp.owner(to)
+        if owner is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
+        self._check_text(env["text"])
+        self._throttle_send(session, now)
+        event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
+        # Private: through the recipient's broker's inbox, never a room log or PUB.
+        self.bp.send_to_broker(owner, "dm", to, self._pack(event))
+        ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
+        self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
+        return [Reply(session.identity, ack)]
+
+    def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        room: str = env["room"]
+        self._up()
+        return [self._reply(session, {"type": "who", "room": room, "members": self.bp.members(room)}, env)]
+
+    def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        self._up()
+        rooms, truncated = self.bp.rooms(MAX_ROOMS_LISTED)
+        listed = [{"room": room, "members": members, "seq": seq} for room, members, seq in rooms]
+        return [self._reply(session, {"type": "rooms", "rooms": listed, "truncated": truncated}, env)]
+
+
+_UNAVAILABLE = "the broker cannot reach its backplane; nothing was stored, retry shortly"
+
+
+def _bucket(burst: int, now: int) -> Bucket:
+    return Bucket(float(burst), now)
+
+
+def _become(env: Envelope, other: Envelope) -> None:
+    """Turn a reply that is already queued into another one (it is encoded only after flush)."""
+    env.clear()
+    env.update(other)
+
+
+def _request_id(frame: bytes) -> str | None:
+    try:
+        rid = p.decode(frame).get("id")
+    except ProtocolError:
+        return None
+    return rid if isinstance(rid, str) and len(rid) <= p.MAX_ID_CHARS else None

@@ -1,0 +1,102 @@
+"""Threads that listen to the backplane and hand what they hear to the broker loop.
+
+Each thread owns one Redis connection and one inproc PUSH socket (never shared:
+one socket per thread); the loop owns the PULL end. Frames sent to the loop:
+
+- ``[b"ev", b"ROOM SEQ BODY"]``: a room event, from any broker (ours included);
+- ``[b"sync"]``: the event subscription was (re)made: events may have been missed;
+- ``[b"in", kind, name, body]``: an entry of this broker's inbox (a DM for one
+  of our users, or a takeover notice).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from broker import backplane as bpmod
+
+log = logging.getLogger("zchat.broker")
+
+FANIN_ENDPOINT = "inproc://zchat-fanin"
+#: How long a blocking read waits, so a stop is noticed within this (s).
+POLL_S = 0.2
+
+
+class _Listener(threading.Thread):
+    def __init__(self, ctx: zmq.Context[Any], url: str, stop: threading.Event, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.ctx = ctx
+        self.url = url
+        self.stop = stop
+
+    def run(self) -> None:
+        push = self.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(FANIN_ENDPOINT)
+        backoff = 0.1
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.listen(push.send_multipart)
+                    backoff = 0.1
+                except bpmod.Errors as exc:
+                    log.warning("%s: backplane connection lost (%s); retrying in %.1f s", self.name, exc, backoff)
+                    self.stop.wait(backoff)
+                    backoff = min(5.0, backoff * 2)
+        finally:
+            push.close()
+
+    def listen(self, send: Callable[[list[bytes]], Any]) -> None:
+        raise NotImplementedError
+
+
+class EventListener(_Listener):
+    """Every room event of the chat, from Redis pub/sub."""
+
+    def __init__(self, ctx: zmq.Context[Any], url: str, stop: threading.Event) -> None:
+        super().__init__(ctx, url, stop, "zchat-events")
+
+    def listen(self, send: Callable[[list[bytes]], Any]) -> None:
+        r: Any = bpmod.connect(self.url)
+        pubsub = r.pubsub()
+        try:
+            pubsub.subscribe(bpmod.EVENTS_CHANNEL)
+            while not self.stop.is_set():
+                m = pubsub.get_message(timeout=POLL_S)
+                if m is None:
+                    continue
+                if m["type"] == "message":
+                    send([b"ev", m["data"]])
+                elif m["type"] == "subscribe":
+                    # Pub/sub is at-most-once: whatever was published while we were
+                    # not subscribed is recovered from the room logs by the loop.
+                    send([b"sync"])
+        finally:
+            pubsub.close()
+            r.close()
+
+
+class InboxListener(_Listener):
+    """This broker's inbox Stream: DMs for its users and takeover notices."""
+
+    def __init__(self, ctx: zmq.Context[Any], url: str, stop: threading.Event, broker_id: str) -> None:
+        super().__init__(ctx, url, stop, "zchat-inbox")
+        self.key = bpmod.broker_key(broker_id, "inbox")
+        self.last = "0-0"
+
+    def listen(self, send: Callable[[list[bytes]], Any]) -> None:
+        r: Any = bpmod.connect(self.url, timeout=POLL_S + 2)
+        try:
+            while not self.stop.is_set():
+                res = r.xread({self.key: self.last}, count=256, block=int(POLL_S * 1000))
+                for _key, entries in res or ():
+                    for entry_id, fields in entries:
+                        send([b"in", fields.get(b"k", b""), fields.get(b"to", b""), fields.get(b"b", b"")])
+                        self.last = entry_id
+        finally:
+            r.close()
