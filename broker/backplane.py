@@ -75,19 +75,28 @@ def text_digest(text: str, action: bool) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8, person=b"me" if action else b"").hexdigest()
 
 
+# All the messages one loop pass has for one room, in one call.
 # KEYS: seq, log, ids (this bucket), ids (previous bucket)
-# ARGV: body without its seq value, "name id", "ts digest", maxlen, ttl, channel, room
+# ARGV: maxlen, ttl, channel, room, then per message: body without its seq
+# value, "name id", "ts digest". Returns per message the new seq (a number),
+# or for a resend the "seq ts digest" first recorded for it (a string).
 _APPEND = """
-local v = redis.call('HGET', KEYS[3], ARGV[2])
-if not v then v = redis.call('HGET', KEYS[4], ARGV[2]) end
-if v then return {0, v} end
-local seq = redis.call('INCR', KEYS[1])
-local body = ARGV[1] .. cmsgpack.pack(seq)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'b', body)
-redis.call('HSET', KEYS[3], ARGV[2], seq .. ' ' .. ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. seq .. ' ' .. body)
-return {1, seq}
+local out = {}
+for i = 5, #ARGV, 3 do
+  local v = redis.call('HGET', KEYS[3], ARGV[i + 1]) or redis.call('HGET', KEYS[4], ARGV[i + 1])
+  if v then
+    out[#out + 1] = v
+  else
+    local seq = redis.call('INCR', KEYS[1])
+    local body = ARGV[i] .. cmsgpack.pack(seq)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-0', 'b', body)
+    redis.call('HSET', KEYS[3], ARGV[i + 1], seq .. ' ' .. ARGV[i + 2])
+    redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. seq .. ' ' .. body)
+    out[#out + 1] = seq
+  end
+end
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return out
 """
 
 # KEYS: seq, log, members
@@ -319,37 +328,51 @@ class Backplane:
         return bool(res[0]), int(res[1]), sorted(_s(m) for m in res[2:])
 
     def append(self, msgs: Sequence[PendingMsg]) -> list[Appended | Exception]:
-        """Run the append script for each message, pipelined in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        for m in msgs:
-            bucket = m.ts // (DEDUP_WINDOW_S * 1000)
-            self._append(
-                keys=[
-                    room_key(m.room, "seq"),
-                    room_key(m.room, "log"),
-                    room_key(m.room, f"ids:{bucket}"),
-                    room_key(m.room, f"ids:{bucket - 1}"),
-                ],
-                args=[
-                    m.head,
-                    f"{m.name} {m.msg_id}",
-                    f"{m.ts} {m.digest}",
-                    self.retention,
-                    3 * DEDUP_WINDOW_S,
-                    EVENTS_CHANNEL,
-                    m.room,
-                ],
-                client=pipe,
-            )
-        out: list[Appended | Exception] = []
-        for m, res in zip(msgs, pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(res, Exception):
-                out.append(res)
-            elif int(res[0]) == 1:
-                out.append(Appended(True, int(res[1]), m.ts, m.digest))
+        """Append messages (in their order), one script call per room.
+
+        On a single server the calls are pipelined into one round trip; a
+        Cluster client cannot pipeline scripts, so there it is one round trip
+        per room of the batch.
+        """
+        by_room: dict[str, list[int]] = {}
+        for i, m in enumerate(msgs):
+            by_room.setdefault(m.room, []).append(i)
+        target: Any = self.r if self.cluster else self.r.pipeline(transaction=False)
+        replies: list[Any] = []
+        for room, indexes in by_room.items():
+            bucket = msgs[indexes[0]].ts // (DEDUP_WINDOW_S * 1000)
+            args: list[Any] = [self.retention, 3 * DEDUP_WINDOW_S, EVENTS_CHANNEL, room]
+            for i in indexes:
+                m = msgs[i]
+                args += [m.head, f"{m.name} {m.msg_id}", f"{m.ts} {m.digest}"]
+            keys = [
+                room_key(room, "seq"),
+                room_key(room, "log"),
+                room_key(room, f"ids:{bucket}"),
+                room_key(room, f"ids:{bucket - 1}"),
+            ]
+            if self.cluster:
+                try:
+                    replies.append(self._append(keys=keys, args=args))
+                except Errors as exc:
+                    replies.append(exc)
             else:
-                seq, ts, digest = _s(res[1]).split()
-                out.append(Appended(False, int(seq), int(ts), digest))
+                self._append(keys=keys, args=args, client=target)
+        if not self.cluster:
+            replies = target.execute(raise_on_error=False)
+        out: list[Appended | Exception] = [RuntimeError("not appended")] * len(msgs)
+        for (_room, indexes), reply in zip(by_room.items(), replies, strict=True):
+            for i, res in zip(
+                indexes, reply if not isinstance(reply, Exception) else [reply] * len(indexes), strict=True
+            ):
+                m = msgs[i]
+                if isinstance(res, Exception):
+                    out[i] = res
+                elif isinstance(res, int):
+                    out[i] = Appended(True, res, m.ts, m.digest)
+                else:
+                    seq, ts, digest = _s(res).split()
+                    out[i] = Appended(False, int(seq), int(ts), digest)
         return out
 
     def history(self, room: str, after: int, limit: int) -> tuple[list[bytes], int]:

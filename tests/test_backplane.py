@@ -1,0 +1,333 @@
+"""Several brokers, one chat, over a real Redis: a single server and a 3-node Redis Cluster.
+
+Every test runs against both (``backplane`` is parametrized); Redis is started
+from Debian's ``redis-server`` on loopback with free ports (tests/redis_servers.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import zmq
+
+from broker import backplane as bpmod
+from broker.core import Limits
+from broker.server import Broker, Config
+from client.lib import Client, Event
+from tests.conftest import HOST, Raw, wait_for
+from tests.redis_servers import RedisCluster, RedisServer, redis_available
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not redis_available(), reason="redis-server is not installed (.ci/run installs it)"),
+]
+
+HEARTBEAT_MS = 300
+
+
+@dataclass
+class Backend:
+    kind: str
+    url: str
+    servers: RedisServer | RedisCluster
+
+    def flush(self) -> None:
+        nodes = self.servers.nodes if isinstance(self.servers, RedisCluster) else [self.servers]
+        for node in nodes:
+            r = redis.Redis(host=HOST, port=node.port)
+            r.flushall()
+            r.close()
+
+
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def backend_servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    workdir = tmp_path_factory.mktemp(request.param)
+    servers: RedisServer | RedisCluster
+    servers = RedisServer(workdir).start() if request.param == "redis" else RedisCluster(workdir).start()
+    try:
+        yield Backend(request.param, servers.url, servers)
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def backend(backend_servers: Backend) -> Backend:
+    backend_servers.flush()
+    return backend_servers
+
+
+@dataclass
+class Node:
+    """An in-process broker on the backplane."""
+
+    url: str
+    heartbeat_ms: int = HEARTBEAT_MS
+    broker: Broker = field(init=False)
+
+    def start(self) -> Node:
+        config = Config(
+            host=HOST,
+            port=0,
+            pub_port=0,
+            heartbeat_ms=self.heartbeat_ms,
+            backplane=self.url,
+            limits=Limits(rate=0, join_rate=0),
+        )
+        self.broker = Broker(config, None)
+        self.failure: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.broker.run()
+            except BaseException as exc:
+                self.failure = exc
+                raise
+
+        self.thread = threading.Thread(target=run, name=f"broker-{self.broker.core_id}", daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.broker.port}:{self.broker.pub_port}"
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "broker thread did not stop"
+        assert self.failure is None, f"the broker loop died: {self.failure!r}"
+
+
+@pytest.fixture
+def nodes(backend: Backend) -> Iterator[Callable[[], Node]]:
+    started: list[Node] = []
+
+    def make() -> Node:
+        node = Node(backend.url).start()
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def make(name: str, node: Node, **kwargs: Any) -> Client:
+        client = Client(name, HOST, node.broker.port, node.broker.pub_port, **kwargs)
+        made.append(client)
+        client.connect()
+        return client
+
+    yield make
+    for client in made:
+        client.close(flush_timeout=0.2)
+
+
+def collect(client: Client, into: list[Event], until: Callable[[], bool], timeout: float = 10.0) -> None:
+    def step() -> bool:
+        client.pump(0.02)
+        into.extend(client.drain_events())
+        return until()
+
+    wait_for(step, timeout, what=lambda: [(e.type, e.seq, e.name, e.text) for e in into])
+
+
+def texts(events: list[Event], room: str = "general") -> list[str]:
+    return [e.text or "" for e in events if e.type == "msg" and e.room == room]
+
+
+# ------------------------------------------------------------------ the chat
+
+
+def test_two_brokers_one_room_and_dms(nodes: Callable[[], Node], clients: Callable[..., Client]) -> None:
+    """alice on A and bob on B chat in one room and by DM; seq is one sequence across both."""
+    a, b = nodes(), nodes()
+    alice, bob = clients("alice", a), clients("bob", b)
+    alice.join("general")
+    bob.join("general")
+    for i in range(20):
+        alice.send("general", f"a{i}")
+        bob.send("general", f"b{i}")
+    alice.dm("bob", "psst bob")
+    bob.dm("alice", "psst alice")
+    seen_a: list[Event] = []
+    seen_b: list[Event] = []
+    collect(alice, seen_a, lambda: len(texts(seen_a)) == 40 and any(e.type == "dm" and not e.own for e in seen_a))
+    collect(bob, seen_b, lambda: len(texts(seen_b)) == 40 and any(e.type == "dm" and not e.own for e in seen_b))
+    # Each saw every message once, and both agree on one numbering.
+    for seen in (seen_a, seen_b):
+        assert sorted(texts(seen)) == sorted([f"a{i}" for i in range(20)] + [f"b{i}" for i in range(20)])
+    by_seq_a = {e.seq: e.text for e in seen_a if e.type == "msg"}
+    by_seq_b = {e.seq: e.text for e in seen_b if e.type == "msg"}
+    assert by_seq_a == by_seq_b
+    # seq is contiguous across both brokers: 2 joins + 40 messages, 1..42, no gap, no reuse.
+    events_a, last_a = alice.history("general", 0, 500)
+    events_b, last_b = bob.history("general", 0, 500)
+    assert [e.seq for e in events_a] == list(range(1, 43)) == [e.seq for e in events_b]
+    assert last_a == last_b == 42
+    assert [e.text for e in events_a] == [e.text for e in events_b]
+    assert [e.text for e in seen_a if e.type == "dm" and not e.own] == ["psst alice"]
+    assert [e.text for e in seen_b if e.type == "dm" and not e.own] == ["psst bob"]
+    assert alice.who("general") == ["alice", "bob"] == bob.who("general")
+    assert {r["room"]: r["seq"] for r in alice.rooms()} == {"general": 42}
+
+
+def test_dms_never_go_over_pub_or_into_room_logs(
+    nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]], backend: Backend
+) -> None:
+    a, b = nodes(), nodes()
+    spies = []
+    for node in (a, b):
+        spy = ctx.socket(zmq.SUB)
+        spy.setsockopt(zmq.LINGER, 0)
+        spy.setsockopt(zmq.SUBSCRIBE, b"")
+        spy.connect(f"tcp://{HOST}:{node.broker.pub_port}")
+        spies.append(spy)
+    alice, bob = clients("alice", a), clients("bob", b)
+    alice.join("general")
+    bob.join("general")
+    alice.dm_wait("bob", "the secret word is swordfish")
+    alice.send_wait("general", "public")
+    got: list[Event] = []
+    collect(bob, got, lambda: "public" in texts(got) and any(e.type == "dm" for e in got))
+    frames: list[bytes] = []
+    for spy in spies:
+        while spy.poll(300):
+            frames.extend(spy.recv_multipart())
+    assert any(b"public" in f for f in frames), "the spies must hear room traffic, or the check proves nothing"
+    assert not any(b"swordfish" in f for f in frames)
+    history, _ = bob.history("general", 0, 500)
+    assert not any("swordfish" in (e.text or "") for e in history)
+
+
+def test_names_are_unique_across_brokers(nodes: Callable[[], Node], clients: Callable[..., Client]) -> None:
+    a, b = nodes(), nodes()
+    alice = clients("alice", a)
+    with pytest.raises(Exception, match="name_taken"):
+        clients("alice", b)
+    alice.close()
+    # Said bye: the name is free again, on any broker.
+    again = clients("alice", b)
+    assert again.name == "alice"
+
+
+def test_resume_on_another_broker_takes_the_session_over_silently(
+    nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    a, b = nodes(), nodes()
+    bob = clients("bob", b)
+    bob.join("general")
+    on_a = Raw(ctx, a.broker.port)
+    welcome = on_a.request({"type": "hello", "v": 1, "name": "carol", "id": "h1"})
+    assert welcome["type"] == "welcome" and not welcome["resumed"]
+    assert on_a.request({"type": "join", "room": "general", "id": "j1"})["type"] == "joined"
+    ack = on_a.request({"type": "msg", "room": "general", "text": "first", "id": "m1"})
+    assert ack["type"] == "ack"
+    # carol's connection moves to B and resumes with her token.
+    on_b = Raw(ctx, b.broker.port)
+    assert on_b.request({"type": "hello", "v": 1, "name": "carol", "id": "h2"})["code"] == "name_taken"
+    resumed = on_b.request({"type": "hello", "v": 1, "name": "carol", "resume": welcome["resume"], "id": "h3"})
+    assert resumed["type"] == "welcome" and resumed["resumed"] and resumed["sender"] == welcome["sender"]
+    # Still in #general (no second join event), and her resend of m1 gets the first ack again.
+    joined = on_b.request({"type": "join", "room": "general", "id": "j2"})
+    assert "carol" in joined["members"]
+    again = on_b.request({"type": "msg", "room": "general", "text": "first", "id": "m1"})
+    assert (again["type"], again["seq"], again["ts"]) == ("ack", ack["seq"], ack["ts"])
+    other = on_b.request({"type": "msg", "room": "general", "text": "not the same", "id": "m1"})
+    assert other["type"] == "error" and other["code"] == "bad_envelope"
+    assert on_b.request({"type": "msg", "room": "general", "text": "second", "id": "m2"})["seq"] == ack["seq"] + 1
+    # A forgets carol without a leave; B keeps her: who still lists her after A's expiry.
+    wait_for(lambda: "carol" not in a.broker.core.by_name, 5)
+    assert bob.who("general") == ["bob", "carol"]
+    events, _ = bob.history("general", 0, 100)
+    presence = [(e.name, e.event) for e in events if e.type == "presence"]
+    assert presence == [("bob", "join"), ("carol", "join")]
+    assert [e.text for e in events if e.type == "msg"] == ["first", "second"]
+    # A's old connection is nobody now.
+    assert on_a.request({"type": "who", "room": "general", "id": "w"})["code"] == "not_registered"
+    on_b.send({"type": "bye"})
+    for raw in (on_a, on_b):
+        raw.sock.close(linger=0)
+
+
+def test_a_dead_brokers_sessions_are_ended_by_a_survivor(
+    nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]], backend: Backend
+) -> None:
+    """A broker that vanishes (no bye, no expiry of its own) leaves no ghosts behind."""
+    a = Node(backend.url).start()
+    b = nodes()
+    bob = clients("bob", b)
+    bob.join("general")
+    raw = Raw(ctx, a.broker.port)
+    assert raw.request({"type": "hello", "v": 1, "name": "ghost", "id": "h"})["type"] == "welcome"
+    assert raw.request({"type": "join", "room": "general", "id": "j"})["type"] == "joined"
+    raw.sock.close(linger=0)
+    assert bob.who("general") == ["bob", "ghost"]
+    # Stop A's loop the hard way: its thread ends without ending any session.
+    _vanish(a)
+    got: list[Event] = []
+    collect(bob, got, lambda: any(e.type == "presence" and e.name == "ghost" and e.event == "leave" for e in got), 15)
+    assert bob.who("general") == ["bob"]
+    assert clients("ghost", b).name == "ghost"  # the name is free again
+
+
+def _vanish(node: Node) -> None:
+    """Make a broker disappear as a crash would: its alive key is not refreshed, nothing is cleaned up."""
+    core: Any = node.broker.core
+    core.tick = lambda now: []  # no more heartbeats
+    core._end = lambda session, now: []  # a crash ends no session
+    core.bp.deregister = lambda: None
+    node.stop()
+
+
+def test_backplane_lost_and_back(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """Redis restarts: the broker answers 'unavailable' meanwhile, then serves again; no acked message is lost."""
+    server = RedisServer(tmp_path / "redis").start()
+    node = Node(server.url).start()
+    try:
+        raw = Raw(ctx, node.broker.port)
+        assert raw.request({"type": "hello", "v": 1, "name": "dora", "id": "h"})["type"] == "welcome"
+        assert raw.request({"type": "join", "room": "general", "id": "j"})["type"] == "joined"
+        acked = [raw.request({"type": "msg", "room": "general", "text": f"t{i}", "id": f"m{i}"}) for i in range(5)]
+        assert [a["type"] for a in acked] == ["ack"] * 5
+        server.kill()
+        refused = raw.request({"type": "msg", "room": "general", "text": "during", "id": "d1"})
+        assert (refused["type"], refused["code"], refused["id"]) == ("error", "unavailable", "d1")
+        assert raw.request({"type": "ping", "id": "p"})["type"] == "pong"  # the broker itself is alive
+        server.start()  # same port, same directory: the AOF brings the log back
+
+        def delivered() -> dict[str, Any] | None:
+            reply = raw.request({"type": "msg", "room": "general", "text": "during", "id": "d1"})
+            return reply if reply["type"] == "ack" else None
+
+        ack = wait_for(delivered, 15, interval=0.2)
+        assert ack["seq"] == acked[-1]["seq"] + 1
+        history = raw.request({"type": "history", "room": "general", "after": 0, "id": "hist"})
+        texts_ = [e["text"] for e in history["messages"] if e["type"] == "msg"]
+        assert texts_ == ["t0", "t1", "t2", "t3", "t4", "during"]
+        # Still dora's session after the outage: the name is held, membership kept.
+        assert raw.request({"type": "who", "room": "general", "id": "w"})["members"] == ["dora"]
+        raw.sock.close(linger=0)
+    finally:
+        node.stop()
+        server.stop()
+
+
+def test_keys_of_a_room_share_one_slot() -> None:
+    """What makes every script a single-slot operation on a Redis Cluster."""
+    from redis.crc import key_slot
+
+    for room in ("general", "x", "a-b_c"):
+        keys = [bpmod.room_key(room, part) for part in ("seq", "log", "members", "ids:1", "ids:0")]
+        assert len({key_slot(k.encode()) for k in keys}) == 1
+    assert len({key_slot(bpmod.broker_key("b1", p).encode()) for p in ("names", "inbox", "alive")}) == 1
