@@ -144,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"{limits.join_burst}; 0 turns it off (ZCHAT_JOIN_RATE; default {limits.join_rate:g})",
     )
     parser.add_argument(
+        "--history-rate",
+        type=float,
+        default=_env_float("ZCHAT_HISTORY_RATE", limits.history_bytes / 1048576),
+        metavar="MIB",
+        help="MiB of history replies a second per session, with a burst of "
+        f"{limits.history_burst // 1048576} MiB; 0 turns it off (ZCHAT_HISTORY_RATE; "
+        f"default {limits.history_bytes / 1048576:g})",
+    )
+    parser.add_argument(
         "--max-sessions",
         type=int,
         default=_env_int("ZCHAT_MAX_SESSIONS", limits.max_sessions),
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             rate=args.rate_limit,
             burst=args.rate_burst,
             join_rate=args.join_rate,
+            history_bytes=args.history_rate * 1048576,
             max_sessions=args.max_sessions,
             max_rooms=args.max_rooms,
             max_text=args.max_text,

@@ -78,6 +78,11 @@ class Limits:
     max_rooms: int = 100
     #: Longest text accepted (at most the protocol's MAX_TEXT_CHARS).
     max_text: int = p.MAX_TEXT_CHARS
+    #: Bytes of ``history`` replies per second, and the burst above it: what a
+    #: session that asks for history and never reads the replies can make the
+    #: broker queue for it. A catch-up of 100 busy rooms fits in the burst.
+    history_bytes: float = 1024 * 1024
+    history_burst: int = 32 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -108,6 +113,8 @@ class Session:
     last_seen: int
     sends: Bucket
     joins: Bucket
+    #: In bytes of history replies; charged after the reply is built (see charge_history).
+    history: Bucket | None = None
     rooms: set[str] = field(default_factory=set)
 
 
@@ -199,6 +206,9 @@ class Core:
         try:
             env = p.decode_request(frame)
         except ProtocolError as exc:
+            session = self.by_identity.get(identity)
+            if session is not None:
+                session.last_seen = now  # wrong, but alive
             return self.reject(identity, exc)
         kind: str = env["type"]
         session = self.by_identity.get(identity)
@@ -454,6 +464,39 @@ class Core:
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
         # Private: ROUTER to the recipient only, never PUB, never the store.
         return [Reply(target.identity, event), Reply(session.identity, ack)]
+
+    def history_refused(self, identity: bytes, now: int) -> Envelope | None:
+        """Asked by the loop just before it answers a history query (queries of one
+        pass are answered in turn, so each sees the charges of the ones before)."""
+        session = self.by_identity.get(identity)
+        limits = self.limits
+        if session is None or session.history is None or limits.history_bytes <= 0:
+            return None
+        self._refill(session.history, now)
+        if session.history.tokens >= 0:
+            return None
+        return p.error(
+            ErrorCode.RATE_LIMITED,
+            f"slow down: history replies are limited to {limits.history_bytes / 1048576:g} MiB a second",
+        )
+
+    def charge_history(self, identity: bytes, size: int, now: int) -> None:
+        """The loop sent a history reply of ``size`` bytes to ``identity``: charge its session."""
+        session = self.by_identity.get(identity)
+        limits = self.limits
+        if session is None or limits.history_bytes <= 0:
+            return
+        if session.history is None:
+            session.history = Bucket(float(limits.history_burst), now)
+        self._refill(session.history, now)
+        session.history.tokens -= size  # may go below zero: later queries wait until it is back above
+
+    def _refill(self, bucket: Bucket, now: int) -> None:
+        limits = self.limits
+        bucket.tokens = min(
+            float(limits.history_burst), bucket.tokens + (now - bucket.stamp) * limits.history_bytes / 1000
+        )
+        bucket.stamp = now
 
     def _history(self, session: Session, env: Envelope, now: int) -> list[Action]:
         return [HistoryQuery(session.identity, env["room"], env["after"], env["limit"], env.get("id"))]

@@ -339,6 +339,12 @@ class Broker:
                 self._answer_history(action)
 
     def _answer_history(self, q: HistoryQuery) -> None:
+        refused = self.core.history_refused(q.identity, now_ms())
+        if refused is not None:
+            if q.request_id is not None:
+                refused["id"] = q.request_id
+            self._send(q.identity, self._encode(refused))
+            return
         if self.backplane is not None:
             try:
                 bodies, seq = self.backplane.history(q.room, q.after, q.limit)
@@ -358,7 +364,9 @@ class Broker:
                 # The client sees the last seq it got below the reply's seq and asks again.
                 bodies = bodies[: max(i, 1)]
                 break
-        self._send(q.identity, p.encode_history(q.room, bodies, seq, q.request_id))
+        reply = p.encode_history(q.room, bodies, seq, q.request_id)
+        self.core.charge_history(q.identity, len(reply), now_ms())
+        self._send(q.identity, reply)
 
     # ------------------------------------------------------- backplane mode
 

@@ -190,3 +190,24 @@ def test_rate_limited_lines_keep_their_order(limited: Callable[..., RunningBroke
         wait_for(lambda: c.pump(0.05) is not None and c.unacked == 0, 20)
         events, _ = c.history("general", 0, 100)
         assert [e.text for e in events if e.type == "msg"] == [f"{i}" for i in range(40)]
+
+
+def test_history_a_session_never_reads_is_bounded(
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """Asking for history without reading the replies cannot make the broker queue without bound."""
+    b = limited(rate=0, join_rate=0, history_bytes=64 * 1024, history_burst=256 * 1024)
+    writer = registered(ctx, b, "writer", "general")
+    for i in range(300):
+        writer.send({"type": "msg", "room": "general", "text": f"{i:04d}" + "x" * 1000, "id": f"m{i}"})
+    acks = [writer.recv() for _ in range(300)]
+    assert all(a["type"] == "ack" for a in acks)
+    hog = registered(ctx, b, "hog", "general")
+    for i in range(50):  # ~300 KiB each if answered
+        hog.send({"type": "history", "room": "general", "after": 0, "limit": 500, "id": f"h{i}"})
+    replies = [hog.recv() for _ in range(50)]
+    kinds = [r["type"] if r["type"] != "error" else r["code"] for r in replies]
+    # The first reply drains the burst; the rest are refused until it refills.
+    assert kinds == ["history"] + ["rate_limited"] * 49
+    assert len(replies[0]["messages"]) == 302  # 2 joins and 300 messages
+    bystander_ok(b)
