@@ -21,7 +21,7 @@ from broker import backplane as bpmod
 from broker.core import Limits
 from broker.server import Broker, Config
 from client.lib import Client, Event
-from tests.conftest import HOST, Raw, wait_for
+from tests.conftest import HOST, BrokerProcess, Raw, wait_for
 from tests.redis_servers import RedisCluster, RedisServer, redis_available
 
 pytestmark = [
@@ -335,3 +335,58 @@ def test_keys_of_a_room_share_one_slot() -> None:
         keys = [bpmod.room_key(room, part) for part in ("seq", "log", "members", "ids:1", "ids:0")]
         assert len({key_slot(k.encode()) for k in keys}) == 1
     assert len({key_slot(bpmod.broker_key("b1", p).encode()) for p in ("names", "inbox", "alive")}) == 1
+
+
+# ---------------------------------------------------------------- failover
+
+
+def test_kill_9_of_a_broker_while_alice_talks(backend: Backend, tmp_path: Path) -> None:
+    """alice's client moves from A to B by itself; nothing is lost or shown twice, for her or for bob."""
+    extra = ["--backplane", backend.url, "--heartbeat-ms", str(HEARTBEAT_MS), "--rate-limit", "0", "--join-rate", "0"]
+    a = BrokerProcess(tmp_path / "a", extra=extra).start()
+    b = BrokerProcess(tmp_path / "b", extra=extra).start()
+    addr_a, addr_b = f"{HOST}:{a.port}:{a.pub_port}", f"{HOST}:{b.port}:{b.pub_port}"
+    alice = Client("alice", hosts=[addr_a, addr_b])
+    bob = Client("bob", hosts=[addr_b])
+    try:
+        alice.connect()
+        bob.connect()
+        alice.join("general")
+        bob.join("general")
+        seen_a: list[Event] = []
+        seen_b: list[Event] = []
+        total = 300
+        for i in range(total):
+            alice.send("general", f"line {i:03d}")
+            if i == 100:
+                a.kill()  # SIGKILL, mid-stream: some lines acked, some in flight, some not sent yet
+            if i % 10 == 0:
+                alice.pump(0.01)
+                seen_a.extend(alice.drain_events())
+                bob.pump(0)
+                seen_b.extend(bob.drain_events())
+
+        def both_done() -> bool:
+            # One thread serves both clients here: pump both, or bob's session expires.
+            bob.pump(0)
+            seen_b.extend(bob.drain_events())
+            return alice.unacked == 0 and len(texts(seen_a)) == total and len(texts(seen_b)) == total
+
+        collect(alice, seen_a, both_done, 30)
+        expected = [f"line {i:03d}" for i in range(total)]
+        assert texts(seen_b) == expected  # once each, in order
+        assert texts(seen_a) == expected
+        statuses = [e.text or "" for e in seen_a if e.type == "status"]
+        assert any(str(b.port) in s for s in statuses), statuses
+        events, last = bob.history("general", 0, 500)
+        assert [e.seq for e in events] == list(range(1, last + 1))  # contiguous across both brokers
+        assert [e.text for e in events if e.type == "msg"] == expected
+        # alice never left #general: no leave, and no second join, in the log.
+        presence = [(e.name, e.event) for e in events if e.type == "presence"]
+        assert presence == [("alice", "join"), ("bob", "join")], "".join(b.log[-30:])
+        assert bob.who("general") == ["alice", "bob"]
+    finally:
+        alice.close(flush_timeout=0.2)
+        bob.close(flush_timeout=0.2)
+        a.kill()
+        b.kill()
