@@ -254,8 +254,9 @@ class Backplane:
         epoch = self.r.get(EPOCH_KEY)
         return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
-    def alive(self) -> None:
-        self.r.set(broker_key(self.id, "alive"), 1, px=self.alive_ms)
+    def alive(self) -> bool:
+        """Refresh this broker's ``alive`` key; False if it had expired (others may have reaped us)."""
+        return self.r.set(broker_key(self.id, "alive"), 1, px=self.alive_ms, get=True) is not None
 
     def close(self) -> None:
         self.r.close()
@@ -424,6 +425,17 @@ class Backplane:
             pipe.exists(broker_key(b, "alive"))
         return [b for b, alive in zip(others, pipe.execute(), strict=True) if not alive]
 
+    def lock_reap(self, broker: str) -> bool:
+        """Take the lock on ending ``broker``'s sessions (a lease: whoever holds it may go on)."""
+        return bool(self.r.set(broker_key(broker, "reaping"), self.id, nx=True, px=60_000))
+
+    def unlock_reap(self, broker: str) -> None:
+        self.r.delete(broker_key(broker, "reaping"))
+
+    def registered(self, broker: str) -> bool:
+        """Whether ``broker`` is still listed (a reaper unlists it when done)."""
+        return bool(self.r.hexists(BROKERS_KEY, broker))
+
     def reap(self, dead: str, leave_head: Any) -> int:
         """End the sessions a dead broker left behind: publish their leaves, free their names.
 
@@ -431,7 +443,7 @@ class Backplane:
         survivor reaps a given broker (a lock with a lease). Returns how many
         sessions were ended.
         """
-        if not self.r.set(broker_key(dead, "reaping"), self.id, nx=True, px=60_000):
+        if not self.lock_reap(dead):
             return 0
         names = {_s(n) for n in self.r.smembers(broker_key(dead, "names"))}
         ended = self.end_sessions(dead, names, leave_head)

@@ -53,6 +53,7 @@ class ClusterCore(Core):
         self.down_until = 0
         self._backoff = BACKOFF_MIN_MS
         self.down = False
+        self._presumed_dead = False
 
     # ------------------------------------------------------------ plumbing
 
@@ -144,7 +145,8 @@ class ClusterCore(Core):
             self._backoff = BACKOFF_MIN_MS
             return []
         try:
-            self.bp.alive()
+            if not self.bp.alive() or self._presumed_dead:
+                self._come_back(now)
             for dead in self.bp.dead_brokers():
                 ended = self.bp.reap(dead, lambda room, name: self._presence_head(room, name, "leave", now))
                 if ended:
@@ -152,6 +154,26 @@ class ClusterCore(Core):
         except bpmod.Errors as exc:
             self._failed(exc, now)
         return []
+
+    def _come_back(self, now: int) -> None:
+        """Our alive key had expired (the loop stalled longer than its lifetime):
+        survivors may be ending our sessions. Once nobody is (we hold the reaping
+        lock ourselves, or a reaper has finished), make our sessions ours again."""
+        if not self._presumed_dead:
+            log.warning("this broker was presumed dead on the backplane; taking its sessions back")
+            self._presumed_dead = True
+        me = self.bp.id
+        if self.bp.lock_reap(me):
+            try:
+                self._resync(now)
+            finally:
+                self.bp.unlock_reap(me)
+        elif self.bp.registered(me):
+            return  # a survivor is ending our sessions right now: after it is done
+        else:
+            self._resync(now)  # it is done: start over, joins and all
+        self._presumed_dead = False
+        log.warning("sessions re-asserted after this broker was presumed dead")
 
     def _resync(self, now: int) -> None:
         """After an outage: our live sessions are ours again, and the ones that ended meanwhile end there too."""

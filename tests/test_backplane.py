@@ -390,3 +390,30 @@ def test_kill_9_of_a_broker_while_alice_talks(backend: Backend, tmp_path: Path) 
         bob.close(flush_timeout=0.2)
         a.kill()
         b.kill()
+
+
+def test_a_broker_presumed_dead_takes_its_sessions_back(
+    nodes: Callable[[], Node], clients: Callable[..., Client], backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If a live broker's alive key lapses (a stalled loop), survivors may reap its sessions; it re-asserts them."""
+    a, b = nodes(), nodes()
+    carol, bob = clients("carol", a), clients("bob", b)
+    carol.join("general")
+    bob.join("general")
+    r = redis.Redis.from_url(backend.url) if backend.kind == "redis" else redis.RedisCluster.from_url(backend.url)
+    try:
+        r.delete(bpmod.broker_key(a.broker.core_id, "alive"))
+
+        def healed() -> bool:
+            carol.pump(0)
+            bob.pump(0)
+            return any("sessions re-asserted" in rec.getMessage() for rec in caplog.records)
+
+        wait_for(healed, 10)
+        assert r.hget(bpmod.user_key("carol"), "broker") == a.broker.core_id.encode()
+        wait_for(lambda: bob.who("general") == ["bob", "carol"], 10)
+        bob.dm_wait("carol", "still there?")
+        got: list[Event] = []
+        collect(carol, got, lambda: any(e.type == "dm" and e.text == "still there?" for e in got))
+    finally:
+        r.close()
