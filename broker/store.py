@@ -7,9 +7,11 @@ key makes a reused ``seq`` impossible rather than merely unlikely.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,22 +77,23 @@ class Store:
         They seed the broker's resend detection, so a message resent across a
         broker restart is acknowledged again instead of stored twice.
         """
+
         # Per room along the primary key (no extra index to slow every insert),
-        # then the newest ``limit`` of all of them.
-        rows: list[tuple[int, int, str, str, str]] = []
-        for room in self.room_seqs():
-            rows.extend(
-                (ts, seq, room, name, msg_id)
-                for name, msg_id, seq, ts in self._db.execute(
-                    "SELECT name, msg_id, seq, ts FROM events WHERE room = ? AND msg_id IS NOT NULL "
-                    "ORDER BY seq DESC LIMIT ?",
-                    (room, limit),
-                )
-            )
-        rows.sort()
+        # streamed through a heap of the newest ``limit``: memory stays bounded
+        # by ``limit`` however many rooms there are.
+        def rows_of(room: str) -> Iterator[tuple[int, int, str, str, str]]:
+            for name, msg_id, seq, ts in self._db.execute(
+                "SELECT name, msg_id, seq, ts FROM events WHERE room = ? AND msg_id IS NOT NULL "
+                "ORDER BY seq DESC LIMIT ?",
+                (room, limit),
+            ):
+                yield ts, seq, room, name, msg_id
+
+        newest = heapq.nlargest(limit, itertools.chain.from_iterable(rows_of(room) for room in self.room_seqs()))
+        newest.reverse()
         return [
             {"type": "ack", "from": name, "id": msg_id, "room": room, "seq": seq, "ts": ts}
-            for ts, seq, room, name, msg_id in rows[-limit:]
+            for ts, seq, room, name, msg_id in newest
         ]
 
     def append(self, rows: Iterable[Row]) -> None:

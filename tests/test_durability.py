@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.store import Store
 from client.lib import BrokerUnreachable, Client
 from tests.conftest import HOST, BrokerProcess
 
@@ -76,3 +77,20 @@ def test_client_reports_unreachable_broker_after_crash(tmp_path: Path) -> None:
             client.who("general")
     finally:
         client.close(0)
+
+
+def test_recent_acks_are_the_newest_across_rooms_oldest_first(tmp_path: Path) -> None:
+    """What seeds resend detection after a restart: bounded by the limit, however many rooms."""
+    store = Store(tmp_path, "normal")
+    try:
+        rows = []
+        for i in range(30):
+            room = f"r{i % 3}"
+            rows.append((room, i // 3 + 1, 1000 + i, "ann", f"m{i}", b"x"))
+        rows.append(("r0", 11, 2000, None, None, b"presence"))  # not a message: never an ack
+        store.append(rows)
+        acks = store.recent_acks(5)
+        assert [a["id"] for a in acks] == ["m25", "m26", "m27", "m28", "m29"]
+        assert acks[0] == {"type": "ack", "from": "ann", "id": "m25", "room": "r1", "seq": 9, "ts": 1025}
+    finally:
+        store.close()
