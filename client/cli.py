@@ -37,10 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
         "/switch ROOM, /who [ROOM], /rooms, /history [N], /help, /quit (//TEXT sends a text starting with /).",
     )
     parser.add_argument("--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . -")
-    parser.add_argument("--host", default=os.environ.get("ZCHAT_HOST", "127.0.0.1"), help="broker host (ZCHAT_HOST)")
-    parser.add_argument("--port", type=int, default=_env_int("ZCHAT_PORT", 5555), help="request port (ZCHAT_PORT)")
     parser.add_argument(
-        "--pub-port", type=int, default=_env_int("ZCHAT_PUB_PORT", 5556), help="room event port (ZCHAT_PUB_PORT)"
+        "--host",
+        default=os.environ.get("ZCHAT_HOST", "127.0.0.1"),
+        metavar="H[,H...]",
+        help="broker address: HOST, HOST:PORT or HOST:PORT:PUBPORT (IPv6 in brackets, [::1]:5555); "
+        "several, separated by commas, are tried in order and the client fails over to the next "
+        "when it loses one (ZCHAT_HOST; default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env_int("ZCHAT_PORT", 5555),
+        help="request port of addresses without one (ZCHAT_PORT)",
+    )
+    parser.add_argument(
+        "--pub-port",
+        type=int,
+        default=_env_int("ZCHAT_PUB_PORT", 5556),
+        help="room event port of addresses without one (ZCHAT_PUB_PORT)",
     )
     parser.add_argument("--room", default="general", help="room to join first (default general)")
     parser.add_argument(
@@ -113,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                 printer.err("--key and --broker-key go together")
                 return 2
             curve = CurveKeys.load(args.key, args.broker_key)
-        client = Client(args.name, args.host, args.port, args.pub_port, curve=curve)
+        client = Client(args.name, port=args.port, pub_port=args.pub_port, hosts=args.host, curve=curve)
     except RequestError as exc:
         printer.err(exc.message)
+        return 2
+    except ValueError as exc:
+        printer.err(f"--host: {exc}")
         return 2
     try:
         client.connect()
@@ -189,15 +207,16 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
 
 def _finish(client: Client, printer: Printer) -> int:
     """End of input: wait for every ack while they keep coming (a rate-limited burst
-    drains slowly but surely); give up after ACK_WAIT_S without progress."""
+    drains slowly but surely), and for every own message to be shown (in its
+    room's order); give up after ACK_WAIT_S without progress."""
     deadline = time.monotonic() + ACK_WAIT_S
-    left = client.unacked
-    while client.unacked and time.monotonic() < deadline:
+    left = client.unacked + client.own_pending
+    while left and time.monotonic() < deadline:
         client.pump(0.1)
         for event in client.drain_events():
             printer.event(event)
-        if client.unacked < left:
-            left = client.unacked
+        if client.unacked + client.own_pending < left:
+            left = client.unacked + client.own_pending
             deadline = time.monotonic() + ACK_WAIT_S
     for event in client.drain_events():
         printer.event(event)

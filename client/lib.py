@@ -13,23 +13,42 @@ Guarantees it gives on top of the wire (DESIGN.md "Client rules"):
 * Events of a room are delivered in ``seq`` order, each once; a jump in
   ``seq`` is filled from ``history`` before later events are delivered.
 * Your own room messages arrive once, as ``msg`` events with ``own=True``,
-  when the broker acknowledges them; their copies on the SUB stream (matched
-  by ``sender``) are dropped.
+  once the broker has acknowledged them, in their place in the room's ``seq``
+  order (after every earlier event of the room); their copies on the SUB
+  stream (matched by ``sender`` or ``id``) are dropped. Your own DMs arrive
+  on their ack.
 * A message is kept until acknowledged and resent with the same ``id`` after
-  a timeout or a reconnect; the broker stores a given (name, id) once.
+  a timeout or a reconnect; the broker stores a given (name, id) once. A DM
+  delivered twice (resent across a failover) is shown once: the last
+  :data:`DM_WINDOW` (author, id) pairs are remembered.
 * It pings when quiet; a broker silent for 3 heartbeats, or one that no
-  longer knows the session, is lost: the client opens fresh sockets, says
-  hello again with its resume token (taking its old session back if the
-  broker still has it), rejoins its rooms, fetches what it missed from
-  history and resends what was not acknowledged. ``state`` tells where it
-  is, and ``status`` events tell the user.
+  longer knows the session, is lost: the client opens fresh sockets to the
+  next broker address (round-robin over ``hosts``; the same one when there is
+  only one), says hello again with its resume token (taking its old session
+  back if that broker, or its cluster, still has it), rejoins its rooms
+  (retrying a join refused as ``rate_limited``, ``unavailable`` or
+  ``internal_error`` after a growing delay, and holding the room's messages
+  until it is back in; another refusal drops the room, with an ``error``
+  event), fetches what
+  it missed from history and resends what was not acknowledged. A broker that
+  does not answer the hello within the backoff (1 to 5 s) is left for the next
+  one. ``state`` tells where it is, ``address`` which broker it uses, and
+  ``status`` events tell the user (with the broker in ``Event.broker``).
+* A broker that answers ``unavailable`` (it lost its backplane; nothing was
+  stored) is retried: messages and DMs are held and resent in order after
+  :data:`UNAVAILABLE_RETRY_S`, like ``rate_limited`` ones; hello and join are
+  asked again. After :data:`FAILOVER_UNAVAILABLE_COUNT` such answers in a row
+  over at least :data:`FAILOVER_UNAVAILABLE_S` seconds the client fails over to
+  the next broker address, if it has more than one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
+import re
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -44,7 +63,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
 
-#: Longest wait for the broker's ``welcome``.
+#: Longest wait for the broker's ``welcome`` (per broker address).
 CONNECT_TIMEOUT_S = 5.0
 #: Longest wait for any other reply.
 REQUEST_TIMEOUT_S = 10.0
@@ -56,8 +75,18 @@ PROBE_LIMIT = 12
 ACK_RESEND_S = 5.0
 #: How many ids of our own shown messages are remembered to drop their copies.
 SHOWN_WINDOW = 10_000
+#: How many (author, id) of received DMs are remembered to drop a second delivery.
+DM_WINDOW = 10_000
 #: After a ``rate_limited`` refusal, new and refused messages wait this long.
 RATE_RETRY_S = 1.0
+#: After an ``unavailable`` answer, the refused request is asked again after this long.
+UNAVAILABLE_RETRY_S = 1.0
+#: A refused rejoin is retried after a delay growing by half each time, up to this.
+REJOIN_RETRY_MAX_S = 5.0
+#: This many ``unavailable`` answers in a row, spread over at least this many
+#: seconds, make the client fail over to the next broker (when it has several).
+FAILOVER_UNAVAILABLE_COUNT = 3
+FAILOVER_UNAVAILABLE_S = 3.0
 
 
 class ZchatError(Exception):
@@ -81,6 +110,110 @@ class RequestError(ZchatError):
     """The broker refused a request (or it was refused before sending, for the same reason)."""
 
 
+# ------------------------------------------------------------ broker addresses
+
+
+def endpoint(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """Where one broker listens: its host, request (ROUTER) port and room-event (PUB) port."""
+
+    host: str
+    port: int
+    pub_port: int
+
+    @property
+    def endpoint(self) -> str:
+        return endpoint(self.host, self.port)
+
+    @property
+    def pub_endpoint(self) -> str:
+        return endpoint(self.host, self.pub_port)
+
+    def __str__(self) -> str:
+        """``HOST:PORT:PUBPORT`` (IPv6 in brackets): the form :func:`parse_address` reads back."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}:{self.pub_port}"
+
+
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_ADDRESS_FORMS = "HOST, HOST:PORT or HOST:PORT:PUBPORT (IPv6 in brackets: [::1]:5555:5556)"
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_address(text: str, port: int = 5555, pub_port: int = 5556) -> BrokerAddress:
+    """One broker address as a person writes it: ``HOST``, ``HOST:PORT`` or ``HOST:PORT:PUBPORT``.
+
+    An IPv6 address goes in brackets when ports follow (``[::1]:5555:5556``);
+    alone it may also be written bare (``::1``). Ports that are not given are
+    ``port`` and ``pub_port``. Pure (no I/O, no name lookup); raises
+    ``ValueError`` with a message saying what is wrong.
+    """
+    spec = text.strip()
+    if not spec:
+        raise ValueError(f"empty broker address: expected {_ADDRESS_FORMS}")
+    if "://" in spec:
+        raise ValueError(f"broker address {text!r}: write {_ADDRESS_FORMS}, without a scheme like tcp://")
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close < 0:
+            raise ValueError(f"broker address {text!r}: no ']' after the IPv6 address")
+        host, rest = spec[1:close], spec[close + 1 :]
+        if not _is_ipv6(host):
+            raise ValueError(f"broker address {text!r}: {host!r} (in brackets) is not an IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"broker address {text!r}: expected ':PORT' after ']'")
+        ports = rest[1:].split(":") if rest else []
+    elif spec.count(":") >= 2 and _is_ipv6(spec):
+        host, ports = spec, []
+    elif spec.count(":") > 2:
+        raise ValueError(
+            f"broker address {text!r}: too many ':' (an IPv6 address followed by ports goes in brackets: [::1]:5555)"
+        )
+    else:
+        host, *ports = spec.split(":")
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"broker address {text!r}: {host!r} is not a host name or IP address")
+    if len(ports) > 2:
+        raise ValueError(f"broker address {text!r}: too many ports; expected {_ADDRESS_FORMS}")
+    numbers = [port, pub_port]
+    for i, value in enumerate(ports):
+        what = ("PORT", "PUBPORT")[i]
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 65535):
+            raise ValueError(f"broker address {text!r}: {what} {value!r} is not a port number (1-65535)")
+        numbers[i] = int(value)
+    return BrokerAddress(host, numbers[0], numbers[1])
+
+
+def parse_hosts(
+    hosts: str | Sequence[str | BrokerAddress], port: int = 5555, pub_port: int = 5556
+) -> list[BrokerAddress]:
+    """Broker addresses from ``"a,b:5555,[::1]:5555:5556"`` or a sequence of such items.
+
+    Each item is read by :func:`parse_address` (missing ports from ``port`` and
+    ``pub_port``); a :class:`BrokerAddress` is taken as is. Order is kept: it is
+    the order the client tries them in. Raises ``ValueError``.
+    """
+    items: Sequence[str | BrokerAddress] = hosts.split(",") if isinstance(hosts, str) else hosts
+    out = [item if isinstance(item, BrokerAddress) else parse_address(item, port, pub_port) for item in items]
+    if not out:
+        raise ValueError(f"no broker address given: expected {_ADDRESS_FORMS}, separated by commas")
+    return out
+
+
+# ------------------------------------------------------------------ events
+
+
 @dataclass(slots=True)
 class Event:
     """Something to show: a room message or presence change, a DM, an error, or a
@@ -88,7 +221,9 @@ class Event:
 
     ``name`` is who wrote or joined/left (the wire's ``from`` or ``name``).
     ``own`` marks your own messages (delivered on their ack); ``backlog``
-    marks events replayed from history when joining.
+    marks events replayed from history when joining. A ``status`` event names
+    in ``broker`` the broker address (``HOST:PORT:PUBPORT``) it is about: the
+    one being tried, or the one now connected.
     """
 
     type: str
@@ -107,6 +242,7 @@ class Event:
     backlog: bool = False
     #: A ``/me`` action ("* bob waves") rather than a plain message.
     action: bool = False
+    broker: str | None = None
 
     @classmethod
     def from_envelope(cls, env: Envelope, *, own: bool = False, backlog: bool = False) -> Event:
@@ -148,7 +284,7 @@ class Event:
         elif self.type == "error":
             fields = ("code", "message", "id")
         elif self.type == "status":
-            fields = ("event", "text")
+            fields = ("event", "text", "broker")
         else:
             fields = ("room", "seq", "ts", "from", "text", "id")
         for key in fields:
@@ -168,13 +304,27 @@ class Event:
 class _Room:
     #: Highest seq delivered (or covered by history); None while joining.
     last: int | None = None
-    #: Live events waiting for the ones before them.
-    pending: dict[int, Envelope] = field(default_factory=dict)
+    #: Events waiting for the ones before them: live or fetched envelopes, and
+    #: our own acknowledged messages (already made into their ``Event``).
+    pending: dict[int, Envelope | Event] = field(default_factory=dict)
     fetching: bool = False
+    #: ``after`` of the history request in flight.
+    fetch_after: int = 0
     #: Whether the SUB stream has shown this room's events yet (subscription live).
     confirmed: bool = False
     probes: int = 0
     next_probe: float = 0.0
+    #: Whether the broker has us in the room in this session (False from a lost
+    #: connection until the rejoin is answered; messages to it wait meanwhile).
+    joined: bool = False
+    #: When to retry a refused rejoin (0: none due), and how many were refused.
+    rejoin_at: float = 0.0
+    rejoin_tries: int = 0
+    #: When to ask history again (0: not scheduled): after a refused history
+    #: request, or to confirm an empty reply before skipping what the store lost.
+    refetch_at: float = 0.0
+    #: ``after`` of an empty history reply that showed the room ahead of its store.
+    empty_after: int | None = None
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -212,10 +362,6 @@ class CurveKeys:
         return cls(public, secret, server)
 
 
-def endpoint(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
 class Client:
     """One chat session. Use it from one thread; see the module docstring."""
 
@@ -226,13 +372,22 @@ class Client:
         port: int = 5555,
         pub_port: int = 5556,
         *,
+        hosts: str | Sequence[str | BrokerAddress] | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
         request_timeout: float = REQUEST_TIMEOUT_S,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         sub_hwm: int = 10_000,
         curve: CurveKeys | None = None,
     ) -> None:
-        """``sub_hwm`` bounds the room events queued locally; beyond it ZeroMQ drops
+        """``hosts`` lists several brokers of one chat (a cluster sharing a
+        backplane, or independent ones): ``"a,b:5555,[::1]:5555:5556"`` or a
+        sequence of such items (see :func:`parse_hosts`; missing ports are
+        ``port`` and ``pub_port``; a bad one raises ``ValueError``). They are
+        tried in order by :meth:`connect`, and the client fails over to the next
+        one when it loses the broker it uses. Without ``hosts``, the one broker
+        is ``host``, ``port``, ``pub_port``.
+
+        ``sub_hwm`` bounds the room events queued locally; beyond it ZeroMQ drops
         them and the client fetches them from history instead (as after any gap).
         """
         if not p.is_name(name):
@@ -240,8 +395,11 @@ class Client:
                 ErrorCode.BAD_NAME, f"{name!r} is not a name: use 1-32 of A-Z a-z 0-9 _ . -, not starting with . or -"
             )
         self.name = name
-        self.endpoint = endpoint(host, port)
-        self.pub_endpoint = endpoint(host, pub_port)
+        #: The brokers to use, in order of preference.
+        self.addresses: list[BrokerAddress] = (
+            [BrokerAddress(host, port, pub_port)] if hosts is None else parse_hosts(hosts, port, pub_port)
+        )
+        self._index = 0
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         #: "new", then "connected" / "reconnecting", finally "closed".
@@ -252,10 +410,19 @@ class Client:
         self._sub_hwm = sub_hwm
         self._curve = curve
         self._auth_failure: str | None = None
+        #: The DEALER's connection was refused (or dropped) since the sockets were opened.
+        self._refused = False
         self._hold_until = 0.0
         self._rooms: dict[str, _Room] = {}
         self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
         self._resume: str | None = None
+        #: The broker of the last welcome.
+        self._welcomed_by: BrokerAddress | None = None
+        #: Hellos sent to the current address while reconnecting.
+        self._hellos_here = 0
+        #: ``unavailable`` answers in a row, and when the first of them came.
+        self._unavailable = 0
+        self._unavailable_since = 0.0
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._poller = zmq.Poller()
@@ -274,21 +441,85 @@ class Client:
         self._callbacks: dict[str, Callable[[Envelope], None]] = {}
         #: id -> request, for messages and DMs not yet acknowledged (in send order).
         self._unacked: dict[str, Envelope] = {}
+        #: id -> when it was last sent; 0.0 while it waits to be (re)sent.
         self._sent_at: dict[str, float] = {}
-        #: ids of our own messages already shown, so no copy shows them again.
+        #: ids waiting to be (re)sent (those with ``_sent_at`` 0.0): a newer message waits behind them.
+        self._queued: dict[str, None] = {}
+        #: ids of our own shown messages, so no copy shows them again.
         self._shown: OrderedDict[str, None] = OrderedDict()
+        #: (author, id) of DMs shown, so a second delivery is dropped.
+        self._dms_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ------------------------------------------------------------ lifecycle
 
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker in use (or being tried)."""
+        return self.addresses[self._index]
+
+    @property
+    def endpoint(self) -> str:
+        return self.address.endpoint
+
+    @property
+    def pub_endpoint(self) -> str:
+        return self.address.pub_endpoint
+
     def connect(self) -> None:
-        """Connect both sockets and say hello; raises BrokerUnreachable or RequestError."""
-        try:
-            welcome = self._request(p.hello(self.name), timeout=self.connect_timeout)
-        except BrokerUnreachable:
-            raise BrokerUnreachable(
-                f"no answer from a zchat broker at {self.endpoint} within {self.connect_timeout:g} s"
-            ) from None
-        self._welcomed(welcome)
+        """Say hello to the first broker address that answers; raises BrokerUnreachable or RequestError.
+
+        Each address gets up to ``connect_timeout`` seconds (one whose connection
+        is refused is left at once when another follows it); ``unavailable``
+        answers are retried after :data:`UNAVAILABLE_RETRY_S`, and, with another
+        address to try, given up after :data:`FAILOVER_UNAVAILABLE_COUNT` of them
+        over :data:`FAILOVER_UNAVAILABLE_S`. A refusal (``name_taken``, a bad key)
+        is an answer: it is raised at once. ``BrokerUnreachable`` names every
+        address tried and why it failed.
+        """
+        tried: list[tuple[BrokerAddress, str]] = []
+        for i in range(len(self.addresses)):
+            if i != self._index:
+                self._use_address(i)
+            try:
+                welcome = self._hello_here(last=i == len(self.addresses) - 1)
+            except BrokerUnreachable as exc:
+                tried.append((self.address, exc.message))
+                continue
+            except RequestError as exc:
+                if exc.code != ErrorCode.UNAVAILABLE:
+                    raise
+                tried.append((self.address, f"unavailable: {exc.message}"))
+                continue
+            self._welcomed(welcome)
+            return
+        if len(tried) == 1:
+            reason = tried[0][1]
+            if reason.startswith("no answer"):
+                raise BrokerUnreachable(f"no answer from a zchat broker at {self.endpoint} {reason[10:]}")
+            raise BrokerUnreachable(f"the zchat broker at {self.endpoint} is {reason}")
+        raise BrokerUnreachable(
+            "no zchat broker answered; tried " + ", ".join(f"{addr} ({reason})" for addr, reason in tried)
+        )
+
+    def _hello_here(self, *, last: bool) -> Envelope:
+        """Hello to the current address until it welcomes us, within ``connect_timeout``."""
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise BrokerUnreachable("")
+                return self._request(p.hello(self.name), timeout=remaining, give_up_if_refused=not last)
+            except BrokerUnreachable:
+                if self._refused:
+                    raise BrokerUnreachable("connection refused") from None
+                raise BrokerUnreachable(f"no answer within {self.connect_timeout:g} s") from None
+            except RequestError as exc:
+                if exc.code != ErrorCode.UNAVAILABLE:
+                    raise
+                if self._unavailable_exhausted() or time.monotonic() + UNAVAILABLE_RETRY_S > deadline:
+                    raise
+            self._idle(UNAVAILABLE_RETRY_S)
 
     def close(self, flush_timeout: float = 1.0) -> None:
         """Say bye (so the room sees the leave now, not at expiry) and release the sockets."""
@@ -322,18 +553,31 @@ class Client:
         """Messages and DMs sent and not acknowledged yet (they are resent until they are)."""
         return len(self._unacked)
 
+    @property
+    def own_pending(self) -> int:
+        """Own messages acknowledged but not shown yet: they wait for earlier events of their room."""
+        return sum(isinstance(item, Event) for state in self._rooms.values() for item in state.pending.values())
+
     # ------------------------------------------------------------- requests
 
     def join(self, room: str, backlog: int = 0) -> list[str]:
-        """Join ``room``; queue its last ``backlog`` events; return its members."""
+        """Join ``room``; queue its last ``backlog`` events; return its members.
+
+        An ``unavailable`` answer is asked again after :data:`UNAVAILABLE_RETRY_S`,
+        within the request timeout.
+        """
         room = p.parse_room(room)
         if room in self._rooms:
-            return list(self._request({"type": "join", "room": room})["members"])
+            reply = self._join_request(room)
+            if not self._rooms[room].joined:
+                self._on_rejoin(room, reply)  # it was waiting for a retry: this was it
+            return list(reply["members"])
         state = self._rooms[room] = _Room()
         # Subscribe before asking, so nothing published after our join is missed.
         self._sub.subscribe(p.room_topic(room))
         try:
-            joined = self._request({"type": "join", "room": room})
+            joined = self._join_request(room)
+            state.joined = True
             top: int = joined["seq"]
             after = max(0, top - max(0, backlog))
             while after < top:
@@ -354,6 +598,16 @@ class Client:
         self._flush(room, state)
         return list(joined["members"])
 
+    def _join_request(self, room: str) -> Envelope:
+        deadline = time.monotonic() + self.request_timeout
+        while True:
+            try:
+                return self._request({"type": "join", "room": room}, timeout=max(0.0, deadline - time.monotonic()))
+            except RequestError as exc:
+                if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() + UNAVAILABLE_RETRY_S > deadline:
+                    raise
+            self._idle(UNAVAILABLE_RETRY_S)
+
     def leave(self, room: str) -> None:
         room = p.parse_room(room)
         self._request({"type": "leave", "room": room})
@@ -364,7 +618,9 @@ class Client:
 
         The ack arrives as an own ``msg`` event. Until then the message is kept
         and resent (same id, so never stored twice) after a timeout or a
-        reconnect. ``action=True`` sends an IRC-style ``/me``.
+        reconnect; refused as ``rate_limited`` or ``unavailable``, it is held and
+        resent after a moment, and newer messages wait behind it (order is
+        kept). ``action=True`` sends an IRC-style ``/me``.
         """
         room = p.parse_room(room)
         self._check_text(text)
@@ -376,7 +632,10 @@ class Client:
         return self._send_tracked(env)
 
     def dm(self, to: str, text: str) -> str:
-        """Send a direct message without waiting; returns its id. The ack arrives as an own ``dm`` event."""
+        """Send a direct message without waiting; returns its id. The ack arrives as an own ``dm`` event.
+
+        Kept, resent and held like a room message (see :meth:`send`).
+        """
         if not p.is_name(to):
             raise RequestError(ErrorCode.BAD_NAME, f"{to!r} is not a name")
         self._check_text(text)
@@ -457,6 +716,12 @@ class Client:
             self._on_monitor(monitor)
         return [fd for fd in fds if fd in ready]
 
+    def _idle(self, seconds: float) -> None:
+        """Pump (queueing what arrives) for ``seconds``."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.pump(left)
+
     # ------------------------------------------------------- the session
 
     def _open_sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
@@ -474,12 +739,16 @@ class Client:
                 sock.curve_secretkey = self._curve.secret
                 sock.curve_serverkey = self._curve.server_public
             self._poller.register(sock, zmq.POLLIN)
-            # Handshake outcomes: a refused key must be an error, not a silent hang.
-            monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            # Handshake outcomes: a refused key must be an error, not a silent hang;
+            # and a refused connection lets connect() go on to the next address.
+            events = _HANDSHAKE_EVENTS | (zmq.EVENT_CONNECT_RETRIED if sock is dealer else 0)
+            monitor = sock.get_monitor_socket(events)
             self._monitors[monitor] = sock
             self._poller.register(monitor, zmq.POLLIN)
-        dealer.connect(self.endpoint)
-        sub.connect(self.pub_endpoint)
+        self._refused = False
+        address = self.address
+        dealer.connect(address.endpoint)
+        sub.connect(address.pub_endpoint)
         for room in self._rooms:
             sub.subscribe(p.room_topic(room))
         return dealer, sub
@@ -494,6 +763,16 @@ class Client:
         for sock in (self._dealer, self._sub):
             self._poller.unregister(sock)
             sock.close(linger=0)
+
+    def _use_address(self, index: int) -> None:
+        """Fresh sockets to ``addresses[index]``; what was in flight on the old ones is gone."""
+        self._index = index
+        self._close_sockets()
+        self._dealer, self._sub = self._open_sockets()
+        self._auth_failure = None
+        self._callbacks.clear()
+        self._hellos_here = 0
+        self._unavailable = 0
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         sock = self._monitors.get(monitor)
@@ -513,6 +792,9 @@ class Client:
             except zmq.Again:
                 return
             event = message["event"]
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                self._refused = True
+                continue
             if (
                 self.state != "new"
                 and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -539,23 +821,26 @@ class Client:
 
     def _welcomed(self, welcome: Envelope) -> None:
         restarted = self.epoch is not None and welcome["epoch"] != self.epoch
+        moved = self._welcomed_by is not None and self._welcomed_by != self.address
         self.sender = welcome["sender"]
         self.epoch = welcome["epoch"]
         self.heartbeat_ms = max(100, int(welcome["heartbeat_ms"]))
         token = welcome.get("resume")
         self._resume = token if isinstance(token, str) else None
         self._last_recv = time.monotonic()
+        self._welcomed_by = self.address
         was = self.state
         self.state = "connected"
         if was == "reconnecting":
-            how = "broker restarted" if restarted else ("session resumed" if welcome.get("resumed") else "new session")
-            self._status("connected", f"reconnected to {self.endpoint} ({how})")
+            resumed = "session resumed" if welcome.get("resumed") else "new session"
+            how = f"another broker; {resumed}" if moved else ("broker restarted" if restarted else resumed)
+            self._status("connected", f"reconnected to {self.address} ({how})")
 
     def _status(self, state: str, text: str) -> None:
-        self._events.append(Event(type="status", event=state, text=text))
+        self._events.append(Event(type="status", event=state, text=text, broker=str(self.address)))
 
     def _maintain(self) -> None:
-        """Timers: ping when quiet, notice a silent broker, retry hello, resend, probe."""
+        """Timers: ping when quiet, notice a silent broker, retry hello, resend, rejoin, probe."""
         now = time.monotonic()
         hb = self.heartbeat_ms / 1000
         if self.state == "connected":
@@ -565,66 +850,138 @@ class Client:
                 if now - self._last_send >= hb:
                     self._send({"type": "ping"})
                 self._resend(now - max(ACK_RESEND_S, 2 * hb))
+                self._retry_rooms(now)
                 self._probe_rooms(now)
         if self.state == "reconnecting" and now >= self._next_hello:
+            if self._hellos_here and len(self.addresses) > 1:
+                # No welcome from this one within the backoff: on to the next.
+                silent = self.address
+                self._use_address((self._index + 1) % len(self.addresses))
+                self._status("reconnecting", f"no welcome from {silent}; trying {self.address}")
             self._next_hello = now + max(1.0, min(self.connect_timeout, 3 * hb))
             rid = self._new_id()
             self._callbacks[rid] = self._on_rehello
             self._send(p.hello(self.name, rid, self._resume))
+            self._hellos_here += 1
 
     def _lost(self, why: str) -> None:
-        """The broker is gone or has forgotten us: start over on fresh sockets."""
+        """The broker is gone or has forgotten us: start over on fresh sockets, to the next broker."""
         if self.state != "connected":
             return
         self.state = "reconnecting"
-        self._status("reconnecting", f"connection lost ({why}); reconnecting")
-        # Fresh sockets: a half-dead TCP connection could hold our requests for
-        # minutes; anything queued on the old ones is resent after the hello.
-        self._close_sockets()
-        self._dealer, self._sub = self._open_sockets()
         for rid in [r for r in self._replies if self._replies[r] is None]:
             self._replies[rid] = {"type": "error", "code": "unreachable", "message": f"connection lost ({why})"}
-        self._callbacks.clear()
         for state in self._rooms.values():
             state.fetching = False
+            state.joined = False
+            state.rejoin_at = 0.0
+            state.rejoin_tries = 0
+        # Fresh sockets: a half-dead TCP connection could hold our requests for
+        # minutes; anything queued on the old ones is resent after the hello.
+        self._use_address((self._index + 1) % len(self.addresses))
+        self._status("reconnecting", f"connection lost ({why}); reconnecting to {self.address}")
         self._next_hello = time.monotonic()
 
     def _on_rehello(self, reply: Envelope) -> None:
         if self.state != "reconnecting":
             return
         if reply["type"] != "welcome":
-            # name_taken: someone else holds our name now; keep trying (they may leave).
-            self._events.append(Event.from_envelope(reply))
-            return
+            if reply.get("code") != ErrorCode.UNAVAILABLE:
+                # name_taken: someone else holds our name now; keep trying (they may leave).
+                self._events.append(Event.from_envelope(reply))
+            return  # asked again after the backoff (of another broker, if there are several)
+        moved = self._welcomed_by is not None and self._welcomed_by != self.address
         self._welcomed(reply)
+        if moved and not reply.get("resumed"):
+            # Maybe an independent broker, numbering its rooms its own way: what
+            # waited for a gap to fill is fetched again from its history if it
+            # is the same chat. Own messages already acknowledged stay.
+            for state in self._rooms.values():
+                state.pending = {s: e for s, e in state.pending.items() if isinstance(e, Event)}
         for room in self._rooms:
-            rid = self._new_id()
-            self._callbacks[rid] = lambda r, room=room: self._on_rejoin(room, r)  # type: ignore[misc]
-            self._send({"type": "join", "room": room, "id": rid})
-        self._resend(time.monotonic())
+            self._rejoin(room)
+        # Everything unacknowledged goes again, in order, each once its room is rejoined.
+        for rid in self._unacked:
+            self._queue(rid)
+        self._resend(0.0)
+
+    def _rejoin(self, room: str) -> None:
+        state = self._rooms[room]
+        state.rejoin_at = 0.0
+        rid = self._new_id()
+        self._callbacks[rid] = lambda r, room=room: self._on_rejoin(room, r)  # type: ignore[misc]
+        self._send({"type": "join", "room": room, "id": rid})
 
     def _on_rejoin(self, room: str, reply: Envelope) -> None:
         state = self._rooms.get(room)
         if state is None or state.last is None:
             return
         if reply["type"] != "joined":
-            self._events.append(Event.from_envelope(reply))
+            code = reply.get("code")
+            if code in (ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL):
+                # Many rooms after a restart meet the join rate limit: try again later.
+                base = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
+                state.rejoin_at = time.monotonic() + min(REJOIN_RETRY_MAX_S, base * 1.5**state.rejoin_tries)
+                state.rejoin_tries += 1
+                return
+            # Refused for good (limit_reached, say): we are not in it any more.
+            message = reply.get("message")
+            self._events.append(Event(type="error", code=str(code), message=f"cannot rejoin #{room}: {message}"))
+            self._forget_room(room)
+            self._resend(0.0)  # what waited for the room is sent, and refused (not_joined)
             return
+        state.joined = True
+        state.rejoin_at, state.rejoin_tries = 0.0, 0
         top = reply["seq"]
         if top < state.last:
-            # The broker lost its store: its numbering starts again below ours.
+            # The broker lost its store (or numbers the room its own way): its
+            # numbering starts again below ours.
+            self._release_own(state)
             state.last = top
             state.pending.clear()
         elif top > state.last and not state.fetching:
             self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
+        self._resend(0.0)
+
+    def _retry_rooms(self, now: float) -> None:
+        """Refused rejoins and history requests whose retry is due."""
+        for room, state in list(self._rooms.items()):
+            if not state.joined and state.rejoin_at and now >= state.rejoin_at:
+                self._rejoin(room)
+            if state.refetch_at and now >= state.refetch_at and not state.fetching and state.last is not None:
+                state.refetch_at = 0.0
+                gap = min(state.pending) - state.last if state.pending else p.MAX_HISTORY_LIMIT
+                self._fetch(room, state, state.last, min(gap, p.MAX_HISTORY_LIMIT))
 
     def _resend(self, sent_before: float) -> None:
-        if time.monotonic() < self._hold_until:
-            return  # rate limited: wait, then send everything held, in order
-        for rid, env in self._unacked.items():
-            if self._sent_at.get(rid, 0.0) <= sent_before:
+        """(Re)send, in order, what was last sent at or before ``sent_before`` (0.0: only what waits)."""
+        if self.state != "connected" or time.monotonic() < self._hold_until:
+            return  # rate limited or unavailable: wait, then send everything held, in order
+        for rid, env in list(self._unacked.items()):
+            if self._sent_at.get(rid, 0.0) <= sent_before and self._room_ready(env):
                 self._send(env)
-                self._sent_at[rid] = time.monotonic()
+                self._mark_sent(rid)
+
+    def _room_ready(self, env: Envelope) -> bool:
+        """Whether a message may go now: not to a room we are still rejoining."""
+        state = self._rooms.get(env["room"]) if env["type"] == "msg" else None
+        return state is None or state.joined
+
+    def _note_unavailable(self) -> None:
+        """An ``unavailable`` answer: count it; too many in a row make us try the next broker."""
+        now = time.monotonic()
+        if not self._unavailable:
+            self._unavailable_since = now
+        self._unavailable += 1
+        if self.state == "connected" and self._unavailable_exhausted():
+            self._lost(f"{self.address} is unavailable: it has lost its backplane")
+
+    def _unavailable_exhausted(self) -> bool:
+        return (
+            len(self.addresses) > 1
+            and self._unavailable >= FAILOVER_UNAVAILABLE_COUNT
+            and time.monotonic() - self._unavailable_since >= FAILOVER_UNAVAILABLE_S
+        )
 
     # ------------------------------------------------------------ internals
 
@@ -664,18 +1021,31 @@ class Client:
     def _send_tracked(self, env: Envelope) -> str:
         rid = env["id"] = self._new_id()
         self._unacked[rid] = env
-        held = any(at == 0.0 for at in self._sent_at.values()) if self._hold_until else False
-        if self.state == "connected" and time.monotonic() >= self._hold_until and not held:
+        if (
+            self.state == "connected"
+            and time.monotonic() >= self._hold_until
+            and not self._queued
+            and self._room_ready(env)
+        ):
             self._send(env)
-            self._sent_at[rid] = time.monotonic()
+            self._mark_sent(rid)
         else:
-            # Goes out with the next resend (after a welcome, or after a rate-limit
-            # hold), behind the held ones: a newer line never overtakes an older one.
-            self._sent_at[rid] = 0.0
+            # Goes out with the next resend (after a welcome, a rejoin, or a
+            # rate-limit hold), behind the held ones: a newer line never overtakes an older one.
+            self._queue(rid)
         return rid
+
+    def _queue(self, rid: str) -> None:
+        self._sent_at[rid] = 0.0
+        self._queued[rid] = None
+
+    def _mark_sent(self, rid: str) -> None:
+        self._sent_at[rid] = time.monotonic()
+        self._queued.pop(rid, None)
 
     def _acked(self, rid: str) -> Envelope | None:
         self._sent_at.pop(rid, None)
+        self._queued.pop(rid, None)
         sent = self._unacked.pop(rid, None)
         if sent is not None:
             self._shown[rid] = None
@@ -697,7 +1067,7 @@ class Client:
                 raise BrokerUnreachable(f"no ack from {self.endpoint} within the timeout")
             self.pump(remaining)
 
-    def _request(self, env: Envelope, timeout: float | None = None) -> Envelope:
+    def _request(self, env: Envelope, timeout: float | None = None, *, give_up_if_refused: bool = False) -> Envelope:
         """Send a request and pump until its reply; other traffic is queued meanwhile."""
         if self.state not in ("new", "connected"):
             raise BrokerUnreachable(f"not connected to {self.endpoint} ({self.state})")
@@ -710,7 +1080,7 @@ class Client:
                 if self._auth_failure:
                     raise RequestError("auth_failed", self._auth_failure)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (give_up_if_refused and self._refused):
                     raise BrokerUnreachable(f"no reply from {self.endpoint} to {env['type']!r}")
                 self.pump(remaining)
         finally:
@@ -722,8 +1092,17 @@ class Client:
         return reply
 
     def _forget_room(self, room: str) -> None:
-        if self._rooms.pop(room, None) is not None:
+        state = self._rooms.pop(room, None)
+        if state is not None:
+            self._release_own(state)
             self._sub.unsubscribe(p.room_topic(room))
+
+    def _release_own(self, state: _Room) -> None:
+        """Show now the own messages still waiting in ``state`` (the room's order is being given up)."""
+        for seq in sorted(s for s, item in state.pending.items() if isinstance(item, Event)):
+            item = state.pending.pop(seq)
+            assert isinstance(item, Event)
+            self._events.append(item)
 
     def _read_dealer(self) -> None:
         while True:
@@ -740,14 +1119,23 @@ class Client:
 
     def _on_direct(self, env: Envelope) -> None:
         kind = env["type"]
+        unavailable = kind == "error" and env.get("code") == ErrorCode.UNAVAILABLE
+        if kind in ("ack", "welcome", "joined"):
+            self._unavailable = 0
+        self._dispatch(env)
+        if unavailable:
+            self._note_unavailable()  # last: it may fail over to the next broker
+
+    def _dispatch(self, env: Envelope) -> None:
+        kind = env["type"]
         if kind == "dm":
             # Before any id matching: a DM's id is its author's, and must never be
             # mistaken for the reply to one of our requests.
-            if env.get("sender") != self.sender:  # a DM to ourselves shows once, on its ack
-                self._events.append(Event.from_envelope(env))
+            self._on_dm(env)
             return
         rid = env.get("id")
-        if kind == "error" and env.get("code") == ErrorCode.NOT_REGISTERED and self.state == "connected":
+        code = env.get("code") if kind == "error" else None
+        if code == ErrorCode.NOT_REGISTERED and self.state == "connected":
             # The broker no longer knows us (it restarted, or expired us while we
             # were stopped): whatever this was, it is redone after a new hello.
             self._lost("the broker has ended our session")
@@ -760,19 +1148,36 @@ class Client:
             if callback is not None:
                 callback(env)
                 return
-            if kind == "error" and env.get("code") == ErrorCode.RATE_LIMITED and rid in self._unacked:
-                # Not lost, only early: hold new sends, then resend in order.
-                self._hold_until = time.monotonic() + RATE_RETRY_S
-                self._sent_at[rid] = 0.0
+            if code in (ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE) and rid in self._unacked:
+                # Not lost, only early (or the broker's backplane is away): hold new
+                # sends, then resend in order.
+                wait = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
+                self._hold_until = max(self._hold_until, time.monotonic() + wait)
+                self._queue(rid)
                 return
             if kind in ("ack", "error") and rid in self._unacked:
                 sent = self._acked(rid)
                 assert sent is not None
-                self._events.append(Event.from_envelope(env) if kind == "error" else self._own_event(sent, env))
+                if kind == "error":
+                    self._events.append(Event.from_envelope(env))
+                else:
+                    self._show_own(self._own_event(sent, env))
                 return
-        if kind == "error":
+        if kind == "error" and code != ErrorCode.UNAVAILABLE:
             self._events.append(Event.from_envelope(env))
-        # pong, and acks of requests we no longer track, need nothing.
+        # pong, acks of requests we no longer track, and an ``unavailable`` that
+        # answers nothing we track (it is counted) need nothing.
+
+    def _on_dm(self, env: Envelope) -> None:
+        if env.get("sender") == self.sender or env.get("from") == self.name:
+            return  # a DM to ourselves shows once, on its ack
+        key = (str(env.get("from")), str(env.get("id")))
+        if key in self._dms_seen:
+            return  # delivered again (resent by its author across a failover): shown already
+        self._dms_seen[key] = None
+        if len(self._dms_seen) > DM_WINDOW:
+            self._dms_seen.popitem(last=False)
+        self._events.append(Event.from_envelope(env))
 
     def _own_event(self, sent: Envelope, ack: Envelope) -> Event:
         if sent["type"] == "dm":
@@ -791,6 +1196,17 @@ class Client:
             own=True,
             action=sent.get("action") is True,
         )
+
+    def _show_own(self, event: Event) -> None:
+        """An own message just acknowledged: into its room's seq order (DMs: at once)."""
+        state = self._rooms.get(event.room) if event.type == "msg" and event.room else None
+        if state is None or state.last is None or event.seq is None or event.seq <= state.last:
+            self._events.append(event)
+            return
+        # Replaces a copy of it that may be waiting there (it would be dropped as ours).
+        state.pending[event.seq] = event
+        assert event.room is not None
+        self._flush(event.room, state)
 
     def _read_sub(self) -> None:
         while True:
@@ -811,7 +1227,7 @@ class Client:
             state.confirmed = True
             seq: int = env["seq"]
             if state.last is None or seq > state.last:
-                state.pending[seq] = env
+                state.pending.setdefault(seq, env)  # an own acknowledged message there stays
                 self._flush(room, state)
 
     def _flush(self, room: str, state: _Room) -> None:
@@ -820,15 +1236,16 @@ class Client:
             return
         for seq in [s for s in state.pending if s <= state.last]:
             del state.pending[seq]
-        while (env := state.pending.pop(state.last + 1, None)) is not None:
+        while (item := state.pending.pop(state.last + 1, None)) is not None:
             state.last += 1
-            self._deliver(env)
+            self._deliver(item)
         if state.pending and not state.fetching and self.state == "connected":
             self._fetch(room, state, state.last, min(min(state.pending) - state.last, p.MAX_HISTORY_LIMIT))
 
     def _fetch(self, room: str, state: _Room, after: int, limit: int) -> None:
         """Ask history for events after ``after``; the reply goes through the room's pending set."""
         state.fetching = True
+        state.fetch_after = after
         rid = self._new_id()
         self._callbacks[rid] = lambda reply: self._on_fetched(room, reply)
         self._send({"type": "history", "room": room, "after": after, "limit": limit, "id": rid})
@@ -838,29 +1255,45 @@ class Client:
         if state is None or state.last is None:
             return
         state.fetching = False
+        after = state.fetch_after
         if reply.get("type") != "history" or not isinstance(reply.get("messages"), list):
+            # Refused (unavailable, say): ask again in a moment rather than leave a gap open.
+            state.refetch_at = time.monotonic() + UNAVAILABLE_RETRY_S
             return
-        got = False
-        for env in reply["messages"]:
-            if _is_event(env) and env["seq"] > state.last:
+        events = [env for env in reply["messages"] if _is_event(env)]
+        for env in events:
+            if env["seq"] > state.last:
                 state.pending.setdefault(env["seq"], env)
-                got = True
         top = reply.get("seq")
-        top = top if isinstance(top, int) else state.last
-        if not got and top > state.last:
-            # The broker is past what we have yet gives us nothing for it (only
-            # if its store was lost): skip rather than stall the room forever.
-            state.last = min([top, *state.pending]) - (1 if state.pending else 0)
+        top = top if isinstance(top, int) and not isinstance(top, bool) else state.last
+        if not events and after <= state.last < top:
+            # The room is at ``top`` but the store has nothing after ``after``: only
+            # if the broker lost (part of) its store. Only an empty reply says so:
+            # one whose events we already have (SUB overtook it) says nothing about
+            # the events after them. Asked twice, a moment apart, before skipping
+            # them rather than stalling the room forever.
+            if state.empty_after != after:
+                state.empty_after = after
+                state.refetch_at = time.monotonic() + PROBE_INTERVAL_S
+                return
+            state.empty_after = None
+            state.last = min(top, min(state.pending) - 1) if state.pending else top
+        else:
+            state.empty_after = None
         self._flush(room, state)
         if not state.fetching and not state.pending and state.last < top:
             # One page of a longer catch-up (after a reconnect): ask for the next.
             self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
 
-    def _deliver(self, env: Envelope) -> None:
+    def _deliver(self, item: Envelope | Event) -> None:
+        if isinstance(item, Event):
+            self._events.append(item)  # our own, acknowledged: its turn has come
+            return
+        env = item
         if env["type"] == "msg" and env.get("from") == self.name:
             rid = env.get("id")
             if isinstance(rid, str) and rid in self._unacked:
-                # Stored, but the ack was lost (broker crash): this is our ack.
+                # Stored, but the ack was lost (broker crash) or is still on its way: this is our ack.
                 sent = self._acked(rid)
                 assert sent is not None
                 self._events.append(self._own_event(sent, env))

@@ -185,3 +185,67 @@ def test_gap_is_filled_from_history(make_client: MakeClient) -> None:
     bob.send_wait("g", "four")
     events = collect(alice, 3, kind="msg")
     assert [e.text for e in events] == ["two", "three", "four"]
+
+
+def test_own_message_waits_for_earlier_events_of_its_room(make_client: MakeClient) -> None:
+    """Under pipelined traffic the ack of our message can be read before the SUB events
+    that precede it: it is shown in its seq place, after them, once."""
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.join("r")
+    bob.join("r")
+    collect(alice, 1, kind="presence")  # bob's join: alice's SUB is live (no more history probes)
+    for i in range(5):
+        bob.send_wait("r", f"b{i}")  # published; waiting, unread, on alice's SUB
+    alice.send("r", "mine")
+    # Its ack is in too, unread: the next pump reads the DEALER (the ack) before the SUB.
+    wait_for(lambda: alice._dealer.poll(0) and alice._sub.poll(0))
+    events = collect(alice, 6, kind="msg")
+    assert [e.text for e in events] == ["b0", "b1", "b2", "b3", "b4", "mine"]
+    assert [e.own for e in events] == [False] * 5 + [True]
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs))
+    bob.send_wait("r", "later")  # the SUB copy of "mine" has passed by now: it is not shown again
+    assert [e.text for e in collect(alice, 1, kind="msg")] == ["later"]
+
+
+def test_history_page_overtaken_by_sub_skips_nothing(make_client: MakeClient) -> None:
+    """A history reply whose events SUB has already delivered says nothing about the
+    events after them: they must not be skipped as if the store had lost them."""
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.join("r")
+    bob.join("r")
+    for i in range(5):
+        bob.send_wait("r", f"b{i}")
+    collect(alice, 5, kind="msg")
+    state = alice._rooms["r"]
+    last = state.last
+    assert last is not None
+    # The reply to a fetch "after last - 3" arrives once SUB has delivered those
+    # events, while the room has moved on by three more (still on their way).
+    old = [
+        {"type": "msg", "room": "r", "seq": s, "ts": 1, "from": "bob", "sender": "x", "text": "old", "id": f"o{s}"}
+        for s in range(last - 2, last + 1)
+    ]
+    state.fetching = True
+    alice._on_fetched("r", {"type": "history", "room": "r", "seq": last + 3, "messages": old})
+    assert state.last == last, "events after the page were skipped"
+    for i in range(3):
+        bob.send_wait("r", f"c{i}")
+    assert [e.text for e in collect(alice, 3, kind="msg")] == ["c0", "c1", "c2"]
+
+
+def test_empty_history_reply_skips_only_when_confirmed(make_client: MakeClient) -> None:
+    """An empty reply while the room is ahead means the store lost those events: skipped
+    (rather than stalling the room), but only once a second reply says the same."""
+    alice = make_client("alice")
+    alice.join("r")
+    state = alice._rooms["r"]
+    last = state.last
+    assert last is not None
+    empty = {"type": "history", "room": "r", "seq": last + 3, "messages": []}
+    state.fetching, state.fetch_after = True, last
+    alice._on_fetched("r", empty)
+    assert state.last == last and state.refetch_at > 0, "asked again before skipping"
+    state.fetching, state.fetch_after = True, last
+    alice._on_fetched("r", dict(empty))
+    assert state.last == last + 3

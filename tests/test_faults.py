@@ -320,3 +320,42 @@ def test_resume_token_takes_session_over(broker: RunningBroker, ctx: zmq.Context
     # The old connection is nobody now; the new one is alice, still in her room.
     assert old.request({"type": "ping"})["code"] == "not_registered"
     assert new.request({"type": "who", "room": "general"})["members"] == ["alice"]
+
+
+@pytest.mark.timeout(90)
+def test_rejoins_refused_by_the_join_rate_limit_are_retried(tmp_path: Path) -> None:
+    """30 rooms, and after a restart a join bucket of 20: the other 10 rejoins are
+    refused as rate_limited at first, retried until they succeed, and the messages
+    written to those rooms meanwhile wait for them (no not_joined)."""
+    first = BrokerProcess(tmp_path / "data", extra=[*FAST, "--join-rate", "0"]).start()
+    rooms = [f"r{i}" for i in range(30)]
+    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
+    second: BrokerProcess | None = None
+    try:
+        alice.client.connect()
+        for room in rooms:
+            alice.client.join(room)
+        first.kill(signal.SIGKILL)
+        for room in rooms:
+            alice.client.send(room, f"hi {room}")
+        # Restarted with the default join rate (2/s, burst 20).
+        second = BrokerProcess(tmp_path / "data", extra=FAST, port=first.port, pub_port=first.pub_port).start()
+
+        def all_acked() -> bool:
+            alice.pump()
+            return alice.client.state == "connected" and alice.client.unacked == 0
+
+        wait_for(all_acked, 45, interval=0, what=lambda: (alice.client.unacked, alice.events[-3:]))
+        assert not [e for e in alice.events if e.type == "error"]
+        own = [e.text for e in alice.events if e.type == "msg" and e.own]
+        assert sorted(own) == sorted(f"hi {room}" for room in rooms)
+        with Client("checker", HOST, second.port, second.pub_port) as checker:
+            for room in rooms:
+                assert "alice" in checker.who(room), room
+                events, _ = checker.history(room, 0, 100)
+                assert [e.text for e in events if e.type == "msg"] == [f"hi {room}"]
+    finally:
+        alice.client.close(0)
+        first.kill()
+        if second is not None:
+            second.kill()

@@ -1,0 +1,656 @@
+"""Several brokers: address parsing, failover on loss, ``unavailable`` answers, DMs delivered twice.
+
+The brokers here are independent (no backplane): the client must still move
+from one to the next and go on chatting there. Answers the real broker has no
+reason to give (``unavailable``, a DM delivered twice) come from a scripted
+broker on real ZeroMQ sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from client.lib import BrokerAddress, BrokerUnreachable, Client, Event, parse_address, parse_hosts
+from tests.conftest import HOST, BrokerProcess, RunningBroker, bin_path, wait_for
+from zchat import protocol as p
+
+FAST = ["--heartbeat-ms", "300"]
+
+# ------------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("broker", ("broker", 5555, 5556)),
+        ("  broker.example.com  ", ("broker.example.com", 5555, 5556)),
+        ("10.0.0.7:6000", ("10.0.0.7", 6000, 5556)),
+        ("chat_1:6000:6001", ("chat_1", 6000, 6001)),
+        ("::1", ("::1", 5555, 5556)),
+        ("fe80::1%eth0", ("fe80::1%eth0", 5555, 5556)),
+        ("[::1]", ("::1", 5555, 5556)),
+        ("[::1]:7000", ("::1", 7000, 5556)),
+        ("[2001:db8::2]:7000:7001", ("2001:db8::2", 7000, 7001)),
+    ],
+)
+def test_parse_address_forms(text: str, want: tuple[str, int, int]) -> None:
+    address = parse_address(text, 5555, 5556)
+    assert (address.host, address.port, address.pub_port) == want
+    # str() is the HOST:PORT:PUBPORT form, and reads back to the same address.
+    assert parse_address(str(address)) == address
+
+
+def test_parse_address_default_ports_and_endpoints() -> None:
+    address = parse_address("[::1]:7000", port=1, pub_port=2)
+    assert address == BrokerAddress("::1", 7000, 2)
+    assert (address.endpoint, address.pub_endpoint) == ("tcp://[::1]:7000", "tcp://[::1]:2")
+    assert str(address) == "[::1]:7000:2"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("", "empty broker address"),
+        ("   ", "empty broker address"),
+        ("host:", "PORT '' is not a port number"),
+        ("host:0", "PORT '0' is not a port number"),
+        ("host:65536", "PORT '65536' is not a port number"),
+        ("host:http", "PORT 'http' is not a port number"),
+        ("host:5555:x", "PUBPORT 'x' is not a port number"),
+        ("host:5555:²", "PUBPORT '²' is not a port number"),
+        ("host:1:2:3", "too many"),
+        ("2001:db8::1:5555:5556x", "brackets"),
+        ("[::1", "no ']'"),
+        ("[broker]:5555", "not an IPv6 address"),
+        ("[::1]5555", "expected ':PORT' after ']'"),
+        ("[::1]:1:2:3", "too many ports"),
+        ("bad host", "not a host name"),
+        ("tcp://host:5555", "without a scheme"),
+        (":5555", "not a host name"),
+    ],
+)
+def test_parse_address_errors_say_what_is_wrong(text: str, needle: str) -> None:
+    with pytest.raises(ValueError) as err:
+        parse_address(text)
+    assert needle in str(err.value), str(err.value)
+    if text.strip():
+        assert repr(text) in str(err.value)  # names the address it refused
+
+
+def test_parse_hosts_lists() -> None:
+    got = parse_hosts("a, b:6000 ,[::1]:7000:7001", port=1, pub_port=2)
+    assert got == [BrokerAddress("a", 1, 2), BrokerAddress("b", 6000, 2), BrokerAddress("::1", 7000, 7001)]
+    mixed = parse_hosts(["a:5", BrokerAddress("z", 8, 9)])
+    assert mixed == [BrokerAddress("a", 5, 5556), BrokerAddress("z", 8, 9)]
+    for bad, needle in (("a,,b", "empty broker address"), ("a,", "empty broker address"), ([], "no broker address")):
+        with pytest.raises(ValueError) as err:
+            parse_hosts(bad)
+        assert needle in str(err.value)
+
+
+def test_client_takes_hosts_and_keeps_host_port() -> None:
+    one = Client("alice", "::1", 7000, 7001)
+    several = Client("alice", port=1, pub_port=2, hosts="127.0.0.1:6000,[::1]")
+    try:
+        assert one.addresses == [BrokerAddress("::1", 7000, 7001)]
+        assert one.endpoint == "tcp://[::1]:7000" and one.pub_endpoint == "tcp://[::1]:7001"
+        assert several.addresses == [BrokerAddress("127.0.0.1", 6000, 2), BrokerAddress("::1", 1, 2)]
+        assert several.address == several.addresses[0] and several.endpoint == "tcp://127.0.0.1:6000"
+    finally:
+        one.close(0)
+        several.close(0)
+    with pytest.raises(ValueError, match="not a port number"):
+        Client("alice", hosts="127.0.0.1:99999")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def dead_address() -> str:
+    """An address where nothing listens (connections are refused)."""
+    return f"{HOST}:{free_port()}:{free_port()}"
+
+
+def address_of(broker: RunningBroker | BrokerProcess) -> str:
+    return f"{HOST}:{broker.port}:{broker.pub_port}"
+
+
+class Inbox:
+    """Everything one library client has shown, in order."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.events: list[Event] = []
+
+    def pump(self) -> None:
+        self.client.pump(0.02)
+        self.events.extend(self.client.drain_events())
+
+    def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        def step() -> bool:
+            self.pump()
+            return predicate()
+
+        wait_for(step, timeout, interval=0, what=lambda: (self.client.state, self.events[-5:]))
+
+    def texts(self, kind: str = "msg") -> list[str | None]:
+        return [e.text for e in self.events if e.type == kind]
+
+    def statuses(self) -> list[Event]:
+        return [e for e in self.events if e.type == "status"]
+
+
+@pytest.fixture
+def two_brokers(tmp_path: Path) -> Iterator[tuple[RunningBroker, RunningBroker]]:
+    """Two independent brokers (own stores, no backplane), quick to notice silence."""
+    a = RunningBroker(tmp_path / "a", heartbeat_ms=200).start()
+    b = RunningBroker(tmp_path / "b", heartbeat_ms=200).start()
+    yield a, b
+    for running in (a, b):
+        if running.thread.is_alive():
+            running.stop()
+
+
+# ------------------------------------------------------------------ failover, live
+
+
+@pytest.mark.timeout(30)
+def test_client_moves_to_the_next_broker_when_its_broker_stops(
+    two_brokers: tuple[RunningBroker, RunningBroker],
+) -> None:
+    a, b = two_brokers
+    alice = Inbox(Client("alice", hosts=[address_of(a), address_of(b)]))
+    bob: Client | None = None
+    try:
+        alice.client.connect()
+        assert alice.client.address == parse_address(address_of(a))
+        alice.client.join("general")
+        assert alice.client.send_wait("general", "on a").seq is not None
+        a.stop()
+        # Written while the client has no broker: kept, and sent on the next one.
+        alice.client.send("general", "during the move")
+
+        def moved() -> bool:
+            return any(e.event == "connected" for e in alice.statuses())
+
+        alice.until(moved, 15)
+        lost, *_ = alice.statuses()
+        connected = [e for e in alice.statuses() if e.event == "connected"][-1]
+        # Both status events say which broker it moved to.
+        assert lost.event == "reconnecting" and lost.broker == address_of(b) and address_of(b) in (lost.text or "")
+        assert connected.broker == address_of(b) and address_of(b) in (connected.text or "")
+        assert "new session" in (connected.text or "")  # independent brokers: no session to resume
+        assert alice.client.state == "connected"
+        assert alice.client.address == parse_address(address_of(b))
+        assert alice.client.rooms_joined == ["general"]
+
+        bob = Client("bob", HOST, b.port, b.pub_port)
+        bob.connect()
+        bob.join("general")
+        wait_for(lambda: "alice" in bob.who("general"), 5)  # alice rejoined her room on b
+        mine = alice.client.send_wait("general", "on b")
+        assert mine.own and mine.seq is not None
+
+        heard: list[Event] = []
+
+        def bob_heard() -> bool:
+            bob.pump(0.02)
+            heard.extend(e for e in bob.drain_events() if e.type == "msg")
+            return "on b" in [e.text for e in heard]
+
+        wait_for(bob_heard, 10, interval=0)
+        events, _ = bob.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == ["during the move", "on b"]
+        alice.pump()
+        assert alice.texts().count("during the move") == 1
+        assert not [e for e in alice.events if e.type == "error"]
+    finally:
+        alice.client.close(0)
+        if bob is not None:
+            bob.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_connect_skips_a_dead_first_address(broker: RunningBroker) -> None:
+    dead = dead_address()
+    client = Client("alice", hosts=[dead, address_of(broker)])
+    try:
+        start = time.monotonic()
+        client.connect()
+        # The refused connection is left at once, not after connect_timeout (5 s).
+        assert time.monotonic() - start < 3
+        assert client.address == parse_address(address_of(broker))
+        assert client.state == "connected"
+        client.join("general")
+        assert client.send_wait("general", "hi").seq is not None
+    finally:
+        client.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_connect_with_every_address_dead_names_them_all() -> None:
+    dead = [dead_address(), dead_address()]
+    client = Client("alice", hosts=dead, connect_timeout=1)
+    try:
+        with pytest.raises(BrokerUnreachable) as err:
+            client.connect()
+        for address in dead:
+            assert address in err.value.message
+        assert "connection refused" in err.value.message
+        assert client.state == "new"
+    finally:
+        client.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_connect_again_starts_from_the_first_address(tmp_path: Path) -> None:
+    """A failed connect() leaves the client on the last address; the next one starts over at the first."""
+    first, pub = free_port(), free_port()
+    client = Client("alice", hosts=[f"{HOST}:{first}:{pub}", dead_address()], connect_timeout=0.5)
+    broker: BrokerProcess | None = None
+    try:
+        with pytest.raises(BrokerUnreachable):
+            client.connect()
+        broker = BrokerProcess(tmp_path / "data", port=first, pub_port=pub).start()
+        client.connect()
+        assert client.state == "connected" and client.address.port == first
+        client.join("general")
+        assert client.send_wait("general", "hi").seq is not None
+    finally:
+        client.close(0)
+        if broker is not None:
+            broker.kill()
+
+
+@pytest.mark.timeout(60)
+def test_rotation_goes_round_and_back_to_the_first(tmp_path: Path) -> None:
+    """Lost on the last address, the client starts again from the first: round-robin, past a dead one."""
+    dead = dead_address()
+    a = BrokerProcess(tmp_path / "a", extra=FAST).start()
+    b = RunningBroker(tmp_path / "b", heartbeat_ms=200).start()
+    alice = Inbox(Client("alice", hosts=[dead, address_of(a), address_of(b)], connect_timeout=1))
+    a2: BrokerProcess | None = None
+    try:
+        alice.client.connect()
+        assert alice.client.address == parse_address(address_of(a))
+        alice.client.join("general")
+        a.kill(signal.SIGKILL)
+        alice.until(lambda: alice.client.state == "connected" and alice.client.address == parse_address(address_of(b)))
+        # a is back on its ports, and b goes: after b comes the dead one, then a.
+        a2 = BrokerProcess(tmp_path / "a", extra=FAST, port=a.port, pub_port=a.pub_port).start()
+        b.stop()
+        alice.until(
+            lambda: alice.client.state == "connected" and alice.client.address == parse_address(address_of(a)), 20
+        )
+        tried = [e.broker for e in alice.statuses() if e.event == "reconnecting"]
+        assert tried == [address_of(b), dead, address_of(a)], tried
+        assert alice.client.send_wait("general", "back on a").seq is not None
+    finally:
+        alice.client.close(0)
+        a.kill()
+        if a2 is not None:
+            a2.kill()
+        if b.thread.is_alive():
+            b.stop()
+
+
+# ------------------------------------------------------------------ a scripted broker
+
+
+class ScriptedBroker:
+    """A broker double on real ZeroMQ sockets: ``answer`` maps each request to the envelopes sent back."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.pub = self.ctx.socket(zmq.PUB)
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.router.bind_to_random_port(f"tcp://{HOST}")
+        self.pub_port = self.pub.bind_to_random_port(f"tcp://{HOST}")
+        self.answer = answer
+        self.requests: list[tuple[float, dict[str, Any]]] = []
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scripted-broker", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}:{self.pub_port}"
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.router.poll(20):
+                    continue
+                identity, frame = self.router.recv_multipart()
+                env = p.decode(frame)
+                self.requests.append((time.monotonic(), env))
+                for reply in self.answer(env):
+                    self.router.send_multipart([identity, p.encode(reply)])
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [env for _, env in self.requests if env["type"] == kind]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.router.close()
+        self.pub.close()
+        self.ctx.term()
+        assert self.failure is None, repr(self.failure)
+
+
+def unavailable(env: dict[str, Any]) -> dict[str, Any]:
+    return p.error(p.ErrorCode.UNAVAILABLE, "this broker has lost its backplane; nothing was stored", env.get("id"))
+
+
+class Script:
+    """Ordinary answers for everything; ``refuse[type]`` says how many of that type get ``unavailable`` first
+    (-1: all of them)."""
+
+    def __init__(self, **refuse: int) -> None:
+        self.refuse = refuse
+        self.seq = 0
+        self.extra: dict[str, list[dict[str, Any]]] = {}
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        kind, rid = env["type"], env.get("id")
+        left = self.refuse.get(kind, 0)
+        if left:
+            self.refuse[kind] = left - 1 if left > 0 else left
+            return [unavailable(env)]
+        if kind == "hello":
+            out = [p.welcome(env["name"], "f" * 16, "e" * 16, 5000, "token", False, rid)]
+        elif kind == "join":
+            out = [{"type": "joined", "room": env["room"], "members": ["alice"], "seq": self.seq, "id": rid}]
+        elif kind == "msg":
+            self.seq += 1
+            out = [{"type": "ack", "id": rid, "room": env["room"], "seq": self.seq, "ts": 1}]
+        elif kind == "history":
+            out = [{"type": "history", "room": env["room"], "seq": self.seq, "messages": [], "id": rid}]
+        elif kind == "ping":
+            out = [{"type": "pong", "id": rid}]
+        else:
+            out = []
+        return out + self.extra.pop(kind, [])
+
+
+# ------------------------------------------------------------------ unavailable
+
+
+@pytest.mark.timeout(30)
+def test_unavailable_messages_are_held_and_resent_in_order() -> None:
+    script = Script(msg=2)
+    fake = ScriptedBroker(script)
+    alice = Inbox(Client("alice", hosts=[fake.address]))
+    try:
+        alice.client.connect()
+        alice.client.join("general")
+        first = alice.client.send("general", "one")
+        second = alice.client.send("general", "two")
+        alice.until(lambda: alice.client.unacked == 0 and len(alice.texts()) == 2)
+        # Both refused (pipelined), then both again in their order, once each.
+        ids = [env["id"] for env in fake.of_type("msg")]
+        assert ids == [first, second, first, second]
+        times = [t for t, env in fake.requests if env["type"] == "msg"]
+        assert times[2] - times[1] >= 0.5, "resent after a backoff, not at once"
+        assert alice.texts() == ["one", "two"]
+        assert [e.seq for e in alice.events if e.type == "msg"] == [1, 2]
+        assert not [e for e in alice.events if e.type == "error"]
+        assert alice.client.state == "connected"
+    finally:
+        alice.client.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
+def test_unavailable_hello_and_join_are_retried() -> None:
+    fake = ScriptedBroker(Script(hello=2, join=1))
+    client = Client("alice", hosts=[fake.address])
+    try:
+        client.connect()
+        assert client.join("general") == ["alice"]
+        assert [env["type"] for _, env in fake.requests][:5] == ["hello", "hello", "hello", "join", "join"]
+    finally:
+        client.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
+def test_unavailable_first_broker_at_connect_moves_on(broker: RunningBroker) -> None:
+    fake = ScriptedBroker(Script(hello=-1))
+    client = Client("alice", hosts=[fake.address, address_of(broker)])
+    try:
+        client.connect()
+        assert client.address == parse_address(address_of(broker))
+        assert len(fake.of_type("hello")) >= 3
+    finally:
+        client.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
+def test_only_broker_unavailable_at_connect_is_reported() -> None:
+    fake = ScriptedBroker(Script(hello=-1))
+    client = Client("alice", hosts=[fake.address], connect_timeout=2.5)
+    try:
+        with pytest.raises(BrokerUnreachable) as err:
+            client.connect()
+        assert "unavailable" in err.value.message and f"tcp://{HOST}:{fake.port}" in err.value.message
+        assert len(fake.of_type("hello")) >= 2  # retried, not given up at the first answer
+    finally:
+        client.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
+def test_broker_unavailable_for_long_fails_over_to_the_next(broker: RunningBroker) -> None:
+    fake = ScriptedBroker(Script(msg=-1))
+    alice = Inbox(Client("alice", hosts=[fake.address, address_of(broker)]))
+    bob = Client("bob", HOST, broker.port, broker.pub_port)
+    try:
+        alice.client.connect()
+        alice.client.join("general")
+        assert alice.client.address == parse_address(fake.address)
+        start = time.monotonic()
+        rid = alice.client.send("general", "kept until stored")
+        alice.until(lambda: "kept until stored" in alice.texts(), 20)
+        refused = [t for t, env in fake.requests if env["type"] == "msg"]
+        assert len(refused) >= 3, "several tries before giving up on that broker"
+        assert refused[-1] - refused[0] >= 2.5
+        assert time.monotonic() - start >= 3
+        assert {env["id"] for env in fake.of_type("msg")} == {rid}
+        assert alice.client.address == parse_address(address_of(broker))
+        moved = [e for e in alice.statuses() if e.event == "reconnecting"]
+        assert moved and "unavailable" in (moved[0].text or "") and moved[0].broker == address_of(broker)
+        bob.connect()
+        events, _ = bob.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == ["kept until stored"]
+        assert not [e for e in alice.events if e.type == "error"]
+    finally:
+        alice.client.close(0)
+        bob.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
+def test_dm_delivered_twice_is_shown_once() -> None:
+    script = Script()
+    dm = {"type": "dm", "from": "bob", "sender": "b" * 16, "to": "alice", "text": "psst", "ts": 1, "id": "bob-1"}
+    later = {**dm, "text": "and again, new", "id": "bob-2"}
+    other = {**dm, "from": "carol", "text": "same id, other author"}
+    # As brokers of a cluster may after bob resent it across a failover.
+    script.extra["join"] = [dm, dict(dm), other, later]
+    fake = ScriptedBroker(script)
+    alice = Inbox(Client("alice", hosts=[fake.address]))
+    try:
+        alice.client.connect()
+        alice.client.join("general")
+        alice.until(lambda: "and again, new" in alice.texts("dm"))
+        assert alice.texts("dm") == ["psst", "same id, other author", "and again, new"]
+    finally:
+        alice.client.close(0)
+        fake.stop()
+
+
+# ------------------------------------------------------------------ the command
+
+
+class Pipe:
+    """``zchat`` in pipe mode with JSON output; stdout and stderr read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [bin_path("zchat"), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.err: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._read_out, daemon=True),
+            threading.Thread(target=self._read_err, daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.out.put(json.loads(line))
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.err.append(line.rstrip("\n"))
+
+    def say(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def rest(self) -> list[dict[str, Any]]:
+        """After exit: every output line not read yet."""
+        for reader in self.readers:
+            reader.join(timeout=5)
+        out = []
+        while not self.out.empty():
+            out.append(self.out.get_nowait())
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def heard_by(client: Client, text: str, timeout: float = 10.0) -> Event:
+    seen: list[Event] = []
+
+    def got() -> bool:
+        client.pump(0.02)
+        seen.extend(e for e in client.drain_events() if e.type == "msg" and e.text == text)
+        return bool(seen)
+
+    wait_for(got, timeout, interval=0)
+    return seen[0]
+
+
+@pytest.mark.timeout(60)
+def test_cli_pipe_mode_fails_over_when_its_broker_is_killed(tmp_path: Path) -> None:
+    a = BrokerProcess(tmp_path / "a", extra=FAST).start()
+    b = BrokerProcess(tmp_path / "b", extra=FAST).start()
+    alice = Pipe("--name", "alice", "--json", "--backlog", "0", "--host", f"{address_of(a)},{address_of(b)}")
+    on_a = Client("watch-a", HOST, a.port, a.pub_port)
+    on_b = Client("watch-b", HOST, b.port, b.pub_port)
+    try:
+        on_a.connect()
+        on_a.join("general")
+        wait_for(lambda: "alice" in on_a.who("general"), 10)
+        alice.say("one")
+        assert heard_by(on_a, "one").name == "alice"
+        a.kill(signal.SIGKILL)
+        wait_for(lambda: any(f"reconnected to {address_of(b)}" in line for line in alice.err), 15)
+        assert any(f"reconnecting to {address_of(b)}" in line for line in alice.err), alice.err
+        on_b.connect()
+        on_b.join("general")
+        alice.say("two")
+        assert heard_by(on_b, "two").name == "alice"
+        assert alice.proc.stdin is not None
+        alice.proc.stdin.close()
+        assert alice.proc.wait(timeout=15) == 0, alice.err
+        own = [e["text"] for e in alice.rest() if e.get("type") == "msg" and e.get("own")]
+        assert own == ["one", "two"]
+    finally:
+        alice.stop()
+        on_a.close(0)
+        on_b.close(0)
+        a.kill()
+        b.kill()
+
+
+@pytest.mark.timeout(60)
+def test_cli_host_env_lists_brokers_and_bad_hosts_are_refused(broker_proc: BrokerProcess) -> None:
+    dead = dead_address()
+    env = {**broker_proc.env(), "ZCHAT_HOST": f"{dead},{address_of(broker_proc)}"}
+    sent = subprocess.run(
+        [bin_path("zchat"), "--name", "carol", "--send", "via the second", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout.splitlines()[-1])["text"] == "via the second"
+
+    bad = subprocess.run(
+        [bin_path("zchat"), "--name", "carol", "--host", "127.0.0.1:99999"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--host" in bad.stderr and "not a port number" in bad.stderr
+
+    dead2 = dead_address()
+    unreachable = subprocess.run(
+        [bin_path("zchat"), "--name", "carol", "--host", f"{dead},{dead2}"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert unreachable.returncode == 1
+    assert dead in unreachable.stderr and dead2 in unreachable.stderr
+
+    helped = subprocess.run([bin_path("zchat"), "--help"], capture_output=True, text=True, timeout=20, check=True)
+    assert "several, separated by commas" in " ".join(helped.stdout.split())
