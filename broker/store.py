@@ -7,15 +7,24 @@ key makes a reused ``seq`` impossible rather than merely unlikely.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+log = logging.getLogger("zchat.broker")
+
 DB_NAME = "zchat.sqlite3"
+#: How often the WAL is copied back into the database (seconds).
+CHECKPOINT_S = 0.5
+#: Past this many pages of WAL, a checkpoint that makes the WAL start over (see _checkpoint_loop).
+WAL_RESTART_FRAMES = 8192
 SCHEMA_VERSION = 1
 
 Durability = Literal["full", "normal"]
@@ -63,8 +72,41 @@ class Store:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {version}, this broker knows {SCHEMA_VERSION}")
+            # Checkpoints (copying the WAL back into the database) run in a thread
+            # of their own, on a connection of their own: run by the committing
+            # connection, one stalled a commit, and every ack and publish behind
+            # it, for ~20 ms every few MB written (measured: commit p99.9 20 ms
+            # with automatic checkpoints, 0.4 ms without).
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="zchat-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Every CHECKPOINT_S, a PASSIVE checkpoint, which never blocks the writer.
+
+        Under constant writes a passive checkpoint never catches up with the
+        last frame, so the WAL is never restarted and would grow without end:
+        past WAL_RESTART_FRAMES a RESTART checkpoint holds the writer back for
+        the little the passive ones left to copy, and the WAL starts over.
+        """
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            log.error("checkpoints disabled: cannot open %s: %s", self.path, exc)
+            return
+        try:
+            while not self._stop.wait(CHECKPOINT_S):
+                try:
+                    _busy, frames, _done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames > WAL_RESTART_FRAMES:
+                        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("checkpoint of %s failed (retried): %s", self.path, exc)
+        finally:
+            db.close()
 
     def room_seqs(self) -> dict[str, int]:
         """The last ``seq`` of every room, so numbering continues after a restart."""
@@ -117,4 +159,9 @@ class Store:
         return [body for (body,) in rows]
 
     def close(self) -> None:
+        self._stop.set()
+        self._checkpointer.join(timeout=10)
+        with contextlib.suppress(sqlite3.Error):
+            # Leave a small WAL behind: the next start reads less.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
