@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=2, help="subscriber worker processes (default 2)")
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other groups' results from the last run's raw results (bench/results/full.json, or the "
+        "quick run's) and replace only the groups run now (with --only); the report covers both",
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         metavar="PATH",
@@ -59,13 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         run, plan, meta = load(args.from_json)
         write(run, plan, meta, args.out or REPO / "docs" / "benchmarks.md", None)
         return 0
-    run, plan, meta = measure(args, argv)
     out: Path = args.out or (
         Path(tempfile.gettempdir()) / "zchat-bench-quick" / "benchmarks.md"
         if args.quick
         else REPO / "docs" / "benchmarks.md"
     )
-    raw = out.with_suffix(".json") if args.quick or args.out else REPO / "bench" / "results" / f"{run.mode.name}.json"
+    mode = QUICK if args.quick else FULL
+    raw = out.with_suffix(".json") if args.quick or args.out else REPO / "bench" / "results" / f"{mode.name}.json"
+    if args.merge and not raw.exists():
+        print(f"bench: --merge: no earlier results at {raw}", file=sys.stderr)
+        return 2
+    run, plan, meta = measure(args, argv)
+    if args.merge:
+        run, plan, meta = merge(load(raw), run, plan, meta)
     write(run, plan, meta, out, raw)
     return 0
 
@@ -92,7 +104,13 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[Run, list
     plan = groups(mode, available)
     if args.only:
         keys = set(args.only.split(","))
+        unknown = keys - {g.key for g in plan}
+        if unknown:
+            raise SystemExit(
+                f"bench: --only: no group {', '.join(sorted(unknown))} (have {', '.join(g.key for g in plan)})"
+            )
         plan = [g for g in plan if g.key in keys]
+    plan = _usable(plan, unavailable, not args.no_install, log)
     cpus = sorted(os.sched_getaffinity(0))
     pins = Pinning({cpus[0]}, set(cpus[1:])) if args.pin and len(cpus) > 1 else Pinning()
     pinning = (
@@ -136,6 +154,20 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[Run, list
     return run, plan, meta
 
 
+def _usable(plan: list[Group], unavailable: dict[str, str], allow: bool, log: list[str]) -> list[Group]:
+    """The plan without the targets that cannot run (the backplane brokers need redis-server)."""
+    wanted = {t for g in plan for t in g.targets if t not in PEERS}
+    if any(t.startswith("zchat-bp") for t in wanted) and "redis" not in unavailable:
+        install.peers(("redis",), allow, log)  # a no-op when it is there
+    for name in sorted(wanted):
+        try:
+            get_target(name).check()
+        except TargetUnavailable as exc:
+            unavailable.setdefault(name, str(exc))
+            print(f"bench: {name} is not measured: {exc}", file=sys.stderr)
+    return [replace(g, targets=tuple(t for t in g.targets if t not in unavailable)) for g in plan]
+
+
 def write(run: Run, plan: list[Group], meta: Meta, out: Path, raw: Path | None) -> None:
     """The report and its plot at ``out`` (and .png beside it); the raw results at ``raw``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,8 +206,41 @@ def load(path: Path) -> tuple[Run, list[Group], Meta]:
 
 
 def _ran(g: Group, results: list[Result]) -> bool:
-    for r in results:
-        p = r.point
-        if p.target in g.targets and (p.idle if g.kind == "idle" else g.point(p.target, p.rate, p.tag) == p):
-            return True
-    return False
+    return any(_owns(g, r) for r in results)
+
+
+def _owns(g: Group, r: Result) -> bool:
+    p = r.point
+    return p.target in g.targets and (p.idle if g.kind == "idle" else g.point(p.target, p.rate, p.tag) == p)
+
+
+def merge(
+    earlier: tuple[Run, list[Group], Meta], run: Run, plan: list[Group], meta: Meta
+) -> tuple[Run, list[Group], Meta]:
+    """The earlier run with the groups of ``plan`` replaced by what ``run`` measured now."""
+    old, _, old_meta = earlier
+    if old.mode.name != run.mode.name:
+        raise SystemExit(f"bench: --merge: the earlier run is a {old.mode.name} run, this one {run.mode.name}")
+    keys = {g.key for g in plan}
+    workers, run.workers = run.workers, old.workers
+    run.results = [r for r in old.results if not any(_owns(g, r) for g in plan)] + run.results
+    run.capacity = {**{k: v for k, v in old.capacity.items() if k[0] not in keys}, **run.capacity}
+    peers = tuple(p for p in PEERS if any(r.point.target == p for r in run.results))
+    merged_plan = [g for g in groups(run.mode, peers) if _ran(g, run.results)]
+    entry = {
+        "command": meta.command,
+        "date": meta.date,
+        "elapsed_s": meta.elapsed_s,
+        "groups": sorted(keys),
+        "versions": {k: v for k, v in meta.versions.items() if old_meta.versions.get(k) != v},
+        "machine": {k: v for k, v in meta.machine.items() if old_meta.machine.get(k) != v},
+        "pinning": meta.pinning,
+        "load_before": meta.load_before,
+        "load_after": meta.load_after,
+        "workers": workers,
+        "unavailable": meta.unavailable,
+    }
+    old_meta.merged = [e for e in old_meta.merged if set(e["groups"]) - keys] + [entry]
+    old_meta.labels.update(meta.labels)
+    old_meta.server_commands.update(meta.server_commands)
+    return run, merged_plan, old_meta

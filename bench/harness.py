@@ -53,6 +53,8 @@ class Point:
     #: Connect the members, measure memory, send nothing.
     idle: bool = False
     tag: str = ""
+    #: Set when a group re-measures another group's workload (scale-out), so their points stay apart.
+    series: str = ""
 
     @property
     def subscribers(self) -> int:
@@ -79,11 +81,17 @@ class Result:
     ack_us: dict[str, float | None] = field(default_factory=dict)
     unacked: int | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    #: CPU of the server: summed over every broker process when there are several.
     server_cpu: float | None = None
-    #: CPU of the server's main thread alone (near 100%: a single-threaded loop is the bottleneck).
+    #: CPU of the server's main thread alone (near 100%: a single-threaded loop is the bottleneck);
+    #: with several brokers, their main threads summed.
     server_main_cpu: float | None = None
     server_us_per_delivery: float | None = None
     server_us_per_message: float | None = None
+    #: Server processes measured (brokers sharing a backplane), and the backplane's own CPU (Redis).
+    server_procs: int | None = None
+    backplane_cpu: float | None = None
+    backplane_us_per_message: float | None = None
     load_cpu: float | None = None
     #: CPUs used by every other process on the machine during the window (other jobs perturb the numbers).
     other_cpu: float | None = None
@@ -209,15 +217,18 @@ def _measure(
     for conn in member_conns:
         conn.send(("window", (start, stop, end)))
     pids = [p.pid for p, _ in members if p.pid is not None]
+    servers, backplane = server.pids("server"), server.pids("backplane")
     _sleep_until(start)
-    cpu0 = cpu_seconds(server.pid) if server.pid else 0.0
-    main0 = cpu_seconds(server.pid, server.pid) if server.pid else 0.0
+    cpu0 = sum(cpu_seconds(p) for p in servers)
+    main0 = sum(cpu_seconds(p, p) for p in servers)
+    bp0 = sum(cpu_seconds(p) for p in backplane)
     load0 = sum(cpu_seconds(p) for p in pids)
     busy0 = machine_cpu_seconds()
     disk0 = disk_busy_ms()
     _sleep_until(stop)
-    cpu1 = cpu_seconds(server.pid) if server.pid else 0.0
-    main1 = cpu_seconds(server.pid, server.pid) if server.pid else 0.0
+    cpu1 = sum(cpu_seconds(p) for p in servers)
+    main1 = sum(cpu_seconds(p, p) for p in servers)
+    bp1 = sum(cpu_seconds(p) for p in backplane)
     load1 = sum(cpu_seconds(p) for p in pids)
     busy1 = machine_cpu_seconds()
     disk1 = disk_busy_ms()
@@ -244,10 +255,17 @@ def _measure(
     result.errors = sent["errors"]
     result.load_cpu = (load1 - load0) / window
     result.disk_busy = max((disk1[d] - disk0.get(d, 0) for d in disk1), default=0) / 1000 / window
-    result.other_cpu = max(0.0, (busy1["tasks"] - busy0["tasks"]) - (cpu1 - cpu0) - (load1 - load0)) / window
+    result.other_cpu = (
+        max(0.0, (busy1["tasks"] - busy0["tasks"]) - (cpu1 - cpu0) - (bp1 - bp0) - (load1 - load0)) / window
+    )
     result.irq_cpu = (busy1["irq"] - busy0["irq"]) / window
     result.steal_cpu = (busy1["steal"] - busy0["steal"]) / window
-    if server.pid:
+    if backplane:
+        result.backplane_cpu = (bp1 - bp0) / window
+        if sent["sent_in_window"]:
+            result.backplane_us_per_message = (bp1 - bp0) * 1e6 / sent["sent_in_window"]
+    if servers:
+        result.server_procs = len(servers)
         used = cpu1 - cpu0
         result.server_cpu = used / window
         result.server_main_cpu = (main1 - main0) / window

@@ -5,6 +5,10 @@ the system keeps up and halves while it does not, then (full mode) bisects the
 bracket twice in log scale (to within 2^(1/4), +-19%). Capacity is the best delivered rate of a step
 the system kept up with. Every group that has zchat in it then measures every
 target at 30% of zchat's capacity, so latencies compare at the same load.
+
+The scale-out group runs the headline workload (1 room x 100) on 1, 2 and 4
+brokers sharing one Redis backplane, beside the embedded-store zchat measured
+in the same run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from bench.harness import Point, Timing
 
 ZCHAT = "zchat"
+SCALE_OUT = "scale-out"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class Mode:
     peer_idle_clients: int
     fanouts: tuple[int, ...] = (1, 10, 100, 1000)
     fixed_rates: tuple[float, ...] = (1000, 10_000, 30_000)
+    #: Targets of the scale-out group: the embedded store, then N brokers on one Redis.
+    scale_out_targets: tuple[str, ...] = ("zchat", "zchat-normal", "zchat-bp-1", "zchat-bp-2", "zchat-bp-4")
 
 
 #: One point per target and workload: proves every workload runs (numbers are rough).
@@ -46,6 +53,7 @@ QUICK = Mode(
     fixed_targets=(ZCHAT,),
     idle_clients=1000,
     peer_idle_clients=50,
+    scale_out_targets=(ZCHAT, "zchat-bp-2"),
 )
 FULL = Mode(
     "full",
@@ -77,9 +85,15 @@ class Group:
     #: Compare with the peers here (the 1 room x 100 workload).
     headline: bool = False
     notes: list[str] = field(default_factory=list)
+    #: Ladders: measure latency for every target, whatever the mode, at 30% of zchat's
+    #: capacity or, when that is unknown (a quick run), at ``lat_rate``.
+    lat_all: bool = False
+    lat_rate: float | None = None
+    #: Marks this group's points (see Point.series).
+    series: str = ""
 
     def point(self, target: str, rate: float | None, tag: str) -> Point:
-        return Point(target, self.rooms, self.members, self.size, rate, self.sessions, tag=tag)
+        return Point(target, self.rooms, self.members, self.size, rate, self.sessions, tag=tag, series=self.series)
 
 
 def start_rate(members: int) -> float:
@@ -118,6 +132,20 @@ def groups(mode: Mode, peers: tuple[str, ...]) -> list[Group]:
         out.append(
             Group(f"fanout-{f}-1k", f"1 room x {f}, 1 KiB texts", "ladder", ("zchat", "naive", "raw"), 1, f, 1024)
         )
+    out.append(
+        Group(
+            SCALE_OUT,
+            "1 room x 100 subscribers, 100 B, on 1, 2 and 4 brokers sharing one Redis",
+            "ladder",
+            mode.scale_out_targets,
+            1,
+            100,
+            100,
+            lat_all=True,
+            lat_rate=500,
+            series=SCALE_OUT,
+        )
+    )
     out.append(
         Group(
             "rooms-100x10",

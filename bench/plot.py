@@ -1,4 +1,4 @@
-"""The plot beside docs/benchmarks.md: capacity by fan-out, the headline step test, latency at 30%."""
+"""The plot beside docs/benchmarks.md: capacity by fan-out, the headline step test, latency at 30%, scale-out."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.plan import Group
-from bench.report import LIMITS, PLOT_ORDER, TARGET_P99_30PCT_MS, Report, rate
+from bench.report import LIMITS, PLOT_ORDER, TARGET_P99_30PCT_MS, Report, brokers_of, rate
 
 
 def plot(report: Report, path: Path) -> bool:
-    """Draw the three panels into ``path``; False when matplotlib is missing."""
+    """Draw the panels into ``path`` (three, four with scale-out results); False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -18,12 +18,16 @@ def plot(report: Report, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5.5))
-    _capacity(report, ax1)
+    scale = report.scale_out_group()
+    panels = 3 if scale is None else 4
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5.5))
+    _capacity(report, axes[0])
     head = report.headline_group()
     if head is not None:
-        _steps(report, ax2, head)
-        _latency(report, ax3, head)
+        _steps(report, axes[1], head)
+        _latency(report, axes[2], head)
+    if scale is not None:
+        _scale_out(report, axes[3], scale)
     fig.suptitle(
         f"zchat benchmarks: {report.meta.machine.get('CPU', '')}, {report.meta.machine.get('cores', '')} cores"
     )
@@ -38,7 +42,7 @@ def _color(target: str) -> str:
 
 
 def _capacity(report: Report, ax: Any) -> None:
-    ladders = [g for g in report.groups.values() if g.kind == "ladder" and g.size == 100]
+    ladders = [g for g in report.groups.values() if g.kind == "ladder" and g.size == 100 and not g.series]
     for t in LIMITS:
         pts = [(g.members, c) for g in ladders if (c := report.cap(g.key, t)) is not None]
         if pts:
@@ -51,7 +55,8 @@ def _capacity(report: Report, ax: Any) -> None:
     ax.set(xscale="log", yscale="log", xlabel="subscribers in the room", ylabel="capacity, messages/s")
     ax.set_title("Sustained capacity by fan-out\n(100 B texts; squares: peers)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _steps(report: Report, ax: Any, head: Group) -> None:
@@ -85,4 +90,41 @@ def _latency(report: Report, ax: Any, head: Group) -> None:
     rate30 = next((r.offered for t in head.targets if (r := report.lat30(head.key, t))), None)
     ax.set_title(f"Delivery latency, {head.title}\nat {rate(rate30)} msg/s (30% of zchat's capacity)", fontsize=10)
     ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _scale_out(report: Report, ax: Any, g: Group) -> None:
+    """CPU per message (brokers + Redis, stacked) at the common rate; capacity written above each bar."""
+    names, broker_us, redis_us, caps = [], [], [], []
+    for t in g.targets:
+        r = report.lat30(g.key, t)
+        if r is None or r.server_us_per_message is None:
+            continue
+        names.append(t if t.startswith("zchat-bp") else f"{t} (embedded)")
+        broker_us.append(r.server_us_per_message)
+        redis_us.append(r.backplane_us_per_message or 0.0)
+        caps.append(report.cap(g.key, t))
+    x = list(range(len(names)))
+    ax.bar(x, broker_us, width=0.6, color="C0", label="brokers (all N)")
+    ax.bar(x, redis_us, width=0.6, bottom=broker_us, color="C3", label="Redis")
+    for i, c in enumerate(caps):
+        ax.annotate(
+            f"{rate(c)} msg/s",
+            (i, broker_us[i] + redis_us[i]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
+    ax.set_xticks(x, names, rotation=30, fontsize=8)
+    ax.set(ylabel="CPU µs per message (100 deliveries each)")
+    rate_ = next((r.offered for t in g.targets if (r := report.lat30(g.key, t))), None)
+    n = max((brokers_of(t) for t in g.targets), default=1)
+    ax.set_title(
+        f"Scale-out: 1 room x 100 on 1..{n} brokers + Redis\nCPU per message at {rate(rate_)} msg/s; "
+        f"above: sustained capacity ({report.meta.machine.get('cores', '?')} cores)",
+        fontsize=10,
+    )
+    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)

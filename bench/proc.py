@@ -95,20 +95,39 @@ class Server:
     endpoints: dict[str, str | int] = field(default_factory=dict)
     command: str = ""
     log_path: Path | None = None
+    #: The system's other processes, with their role: ``server`` (more brokers, measured with
+    #: ``proc``) or ``backplane`` (what they share, measured apart). Stopped after ``proc``,
+    #: servers before the backplane.
+    others: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
 
+    def pids(self, role: str = "server") -> list[int]:
+        """Every process of ``role`` (``server``: ``proc`` first, then the other brokers)."""
+        head = [self.proc.pid] if role == "server" and self.proc is not None else []
+        return head + [p.pid for r, p in self.others if r == role]
+
     def stop(self, timeout: float = 5.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
+        servers = [self.proc] if self.proc is not None else []
+        servers += [p for r, p in self.others if r == "server"]
+        _stop_all(servers, timeout)
+        _stop_all([p for r, p in self.others if r != "server"], timeout)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM to all at once, then wait for each (SIGKILL after ``timeout``)."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in running:
         try:
-            self.proc.wait(timeout)
+            p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
+            p.kill()
+            p.wait(timeout)
 
 
 def start_server(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from bench.harness import Result
-from bench.plan import ZCHAT, Group
+from bench.plan import SCALE_OUT, ZCHAT, Group, nice
 from bench.runner import MAX_LOSS, MIN_DELIVERED, Run, saturated
 
 #: The targets of issue #7.
@@ -17,7 +19,7 @@ TARGET_IDLE_KIB = 50.0
 
 LIMITS = (ZCHAT, "zchat-normal", "naive", "raw")
 #: Colours in the plot follow this order (matplotlib's C0, C1, ...).
-PLOT_ORDER = (*LIMITS, "redis", "mosquitto", "nats", "ngircd")
+PLOT_ORDER = (*LIMITS, "redis", "mosquitto", "nats", "ngircd", "zchat-bp-1", "zchat-bp-2", "zchat-bp-4")
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Meta:
     load_after: str
     labels: dict[str, str]
     server_commands: dict[str, str]
+    #: Later runs of some groups merged into this one (``--merge``): command, date, groups, what differed.
+    merged: list[dict[str, Any]] = field(default_factory=list)
 
 
 def rate(v: float | None) -> str:
@@ -58,6 +62,18 @@ def pct(v: float | None) -> str:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
+
+
+def brokers_of(target: str) -> int:
+    """How many brokers a target runs (zchat-bp-N: N)."""
+    return int(target.rsplit("-", 1)[1]) if target.startswith("zchat-bp-") else 1
+
+
+def total_us(r: Result) -> float | None:
+    """CPU µs per message of the whole system under test: its brokers and its backplane."""
+    if r.server_us_per_message is None:
+        return None
+    return r.server_us_per_message + (r.backplane_us_per_message or 0.0)
 
 
 def table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -131,11 +147,23 @@ class Report:
             "```",
             "",
         ]
+        for e in m.merged:
+            out += [
+                f"Then {', '.join(e['groups'])} measured again on {e['date']} in {e['elapsed_s'] / 60:.1f} min "
+                "and merged into these results (what differed from the run above is under "
+                "[Machine and versions](#machine-and-versions)):",
+                "",
+                "```sh",
+                e["command"],
+                "```",
+                "",
+            ]
         out += self.headline()
         if plot_name:
             out += ["", f"![capacity by fan-out, step test and latency]({plot_name})", ""]
         out += self.fanout_section()
         out += self.peer_section()
+        out += self.scale_out_section()
         out += self.fixed_section()
         out += self.idle_section()
         out += self.method_section()
@@ -223,6 +251,7 @@ class Report:
                         "",
                     ]
                 )
+        rows += self.scale_out_headline()
         out = ["## Headline", ""]
         out += table(["what", "target", "measured", "verdict"], rows)
         loaded = [r for r in self.results if not r.point.idle and r.other_cpu is not None]
@@ -252,11 +281,215 @@ class Report:
                 parts.append(f"{t} {dur(p99)}")
         return f"; same load, p99 of {', '.join(parts)}" if parts else ""
 
+    def scale_out_group(self) -> Group | None:
+        return self.groups.get(SCALE_OUT)
+
+    def at_capacity(self, key: str, target: str) -> Result | None:
+        """The step that set the sustained capacity."""
+        cap = self.cap(key, target)
+        return next((r for r in self.of(key, target, "step") if not saturated(r) and r.delivered == cap), None)
+
+    def scale_out_section(self) -> list[str]:
+        g = self.scale_out_group()
+        if g is None:
+            return []
+        label = self.meta.labels
+        lat = {t: r for t in g.targets if (r := self.lat30(g.key, t)) is not None}
+        zcap = self.cap(g.key, ZCHAT)
+        fixed = next(iter(lat.values())).offered if lat else None
+        basis = (
+            "30% of the embedded zchat's capacity in this group"
+            if zcap is not None and fixed == nice(0.3 * zcap)
+            else "a fixed rate (the embedded zchat's capacity was not found)"
+        )
+        cap_rows = []
+        for t in g.targets:
+            r = self.at_capacity(g.key, t)
+            c = self.cap(g.key, t)
+            cap_rows.append(
+                [
+                    label.get(t, t),
+                    str(brokers_of(t)),
+                    f"{rate(c)} / {rate(self.peak(g.key, t))}",
+                    "-" if c is None or zcap is None else f"{c / zcap:.2f}x",
+                    "-"
+                    if r is None
+                    else f"{pct(r.server_cpu)} ({pct(r.server_main_cpu)}) / {pct(r.backplane_cpu)} / {pct(r.load_cpu)}",
+                    "-" if r is None else self.cost(r),
+                ]
+            )
+        base = lat.get(ZCHAT)
+        base_total = None if base is None else total_us(base)
+        lat_rows = []
+        for t in g.targets:
+            r = lat.get(t)
+            if r is None:
+                lat_rows.append([label.get(t, t), str(brokers_of(t)), *["-"] * 6])
+                continue
+            la, ack = r.latency_us, r.ack_us
+            tot = total_us(r)
+            lat_rows.append(
+                [
+                    label.get(t, t),
+                    str(brokers_of(t)),
+                    f"{dur(la.get('p50'))} / **{dur(la.get('p99'))}** / {dur(la.get('p999'))}"
+                    + (" (saturated)" if saturated(r) else ""),
+                    f"{pct(r.loss)}",
+                    f"{dur(ack.get('p50'))} / {dur(ack.get('p99'))}" if ack else "-",
+                    f"{pct(r.server_cpu)} / {pct(r.backplane_cpu)}",
+                    self.cost(r),
+                    "-" if tot is None or not base_total else f"{tot / base_total:.2f}x",
+                ]
+            )
+        aof = re.search(r"--appendfsync (\w+)", " ".join(self.meta.server_commands.values()))
+        cores = self.meta.machine.get("cores", "?")
+        out = [
+            "",
+            f"## Scale-out: {g.title}",
+            "",
+            "`zchat-broker --backplane redis://...`: every broker appends the messages it accepts with a Lua "
+            "script in Redis (seq per room, the room's Stream) that also publishes them on a Redis channel; "
+            "every broker listens to that channel and publishes each room event on its own PUB socket. "
+            "`zchat-bp-N` starts one redis-server and N brokers (rate limits off: `--rate-limit 0 --join-rate 0`); "
+            "the 100 subscribers are spread round-robin over the brokers (SUB socket and session on broker i mod N), "
+            "and the sender has one session on every broker and sends each message to the next one in turn. "
+            "The embedded-store zchat (SQLite, one broker) is measured in the same run, on the same workload.",
+            "",
+            f"- **This machine has {cores} CPU cores.** The brokers, Redis and the load generators (the 100 "
+            "subscribers alone take more than a core at these rates) all share them, so more brokers cannot "
+            "deliver more here: with 4 brokers, 4 event loops and Redis contend for the same 2 cores as the "
+            "load. What this group shows is the cost per message of the backplane and how it grows with N, not "
+            "the speed-up of brokers on separate machines.",
+            f"- Redis runs with the AOF on, `appendfsync {aof[1] if aof else '?'}` and no RDB snapshots. "
+            "That is a weaker promise than the embedded store's `--durability full` (an fsync before every "
+            "ack): closer to `zchat-normal`, which is why both are in the table. docs/scaling.md recommends "
+            "`appendfsync always` for the same promise as `full`.",
+            "- CPU: the brokers' CPU is summed over all N broker processes (all threads: the loop and the "
+            "threads that read Redis); Redis's is its own process. µs per message = CPU time over the window "
+            "/ messages sent in the window (each delivered to 100 subscribers).",
+            "",
+            "Step test (sustained capacity / peak, messages/s, as in [Capacity by fan-out]"
+            "(#capacity-by-fan-out-step-tests)):",
+            "",
+        ]
+        out += table(
+            [
+                "system",
+                "brokers",
+                "sustained / peak msg/s",
+                "sustained vs embedded (full)",
+                "at capacity: CPU of brokers (main threads) / Redis / load gen",
+                "at capacity: CPU µs per message, brokers + Redis",
+            ],
+            cap_rows,
+        )
+        out += ["", f"Every system at the same offered rate, {rate(fixed)} msg/s ({basis}):", ""]
+        out += table(
+            [
+                "system",
+                "brokers",
+                "delivery p50 / p99 / p99.9",
+                "loss",
+                "ack p50 / p99",
+                "CPU of brokers / Redis",
+                "CPU µs per message, brokers + Redis",
+                "vs embedded (full)",
+            ],
+            lat_rows,
+        )
+        out += self.scale_out_summary(g, lat)
+        return out
+
+    def scale_out_headline(self) -> list[list[str]]:
+        g = self.scale_out_group()
+        if g is None:
+            return []
+        bps = [t for t in g.targets if t.startswith("zchat-bp")]
+        cores = self.meta.machine.get("cores", "?")
+        rows = []
+        caps = [f"{brokers_of(t)}: {rate(self.cap(g.key, t))}" for t in bps]
+        if caps:
+            rows.append(
+                [
+                    f"scale-out, sustained capacity with N brokers on one Redis, {g.title.split(',')[0]} "
+                    f"({cores} cores shared by all)",
+                    "-",
+                    "N=" + ", N=".join(caps) + f" msg/s; embedded store {rate(self.cap(g.key, ZCHAT))}",
+                    "",
+                ]
+            )
+        base = self.lat30(g.key, ZCHAT)
+        lat = {t: r for t in bps if (r := self.lat30(g.key, t)) is not None}
+        b = None if base is None else total_us(base)
+        if base is not None and b and lat:
+            costs = [
+                f"N={brokers_of(t)}: {tot:.0f} µs ({tot / b:.2f}x), p99 {dur(r.latency_us.get('p99'))}"
+                for t, r in lat.items()
+                if (tot := total_us(r)) is not None
+            ]
+            rows.append(
+                [
+                    f"scale-out, CPU per message (all brokers + Redis) and p99 delivery latency at "
+                    f"{rate(base.offered)} msg/s",
+                    "-",
+                    "; ".join(costs) + f"; embedded store {b:.0f} µs, p99 {dur(base.latency_us.get('p99'))}",
+                    "",
+                ]
+            )
+        return rows
+
+    def cost(self, r: Result) -> str:
+        if r.server_us_per_message is None:
+            return "-"
+        if r.backplane_us_per_message is None:
+            return f"{r.server_us_per_message:.0f}"
+        return f"{r.server_us_per_message:.0f} + {r.backplane_us_per_message:.0f} = {total_us(r):.0f}"
+
+    def scale_out_summary(self, g: Group, lat: dict[str, Result]) -> list[str]:
+        """The sentences the group is for: what a message costs on the backplane against the embedded store."""
+        base, normal = lat.get(ZCHAT), lat.get("zchat-normal")
+        bps = [(t, lat[t]) for t in g.targets if t.startswith("zchat-bp") and t in lat]
+        if base is None or not bps or total_us(base) is None:
+            return []
+        b = total_us(base) or 0.0
+        parts = []
+        for t, r in bps:
+            tot = total_us(r)
+            if tot is None:
+                continue
+            n = brokers_of(t)
+            parts.append(
+                f"with {n} broker{'s' * (n > 1)} {tot:.0f} µs ({r.server_us_per_message or 0:.0f} in the "
+                f"broker{'s' * (n > 1)}, {r.backplane_us_per_message or 0:.0f} in Redis), {tot / b:.2f}x"
+            )
+        text = (
+            f"At {rate(base.offered)} msg/s a message costs the embedded store {b:.0f} µs of broker CPU"
+            + (
+                ""
+                if normal is None or total_us(normal) is None
+                else f" ({total_us(normal) or 0:.0f} µs with `--durability normal`)"
+            )
+            + "; on the backplane, "
+            + "; ".join(parts)
+            + ". Every broker hears every event from Redis and publishes it itself, so the per-event work "
+            "(reading Redis, the hand-over to the loop, the PUB send) is paid once per broker, while the "
+            "fan-out to the room's subscribers is split between them."
+        )
+        caps = [(t, self.cap(g.key, t)) for t in g.targets]
+        known = [(t, c) for t, c in caps if c is not None]
+        if known:
+            text += (
+                " Sustained capacity: "
+                + ", ".join(f"{t} {rate(c)}" for t, c in known)
+                + f" msg/s (x100 deliveries), on {self.meta.machine.get('cores', '?')} cores."
+            )
+        return ["", text]
+
     def headline_group(self) -> Group | None:
         return next((g for g in self.groups.values() if g.headline), None)
 
     def fanout_section(self) -> list[str]:
-        ladders = [g for g in self.groups.values() if g.kind == "ladder"]
+        ladders = [g for g in self.groups.values() if g.kind == "ladder" and not g.series]
         limits = [t for t in LIMITS if any(t in g.targets for g in ladders)]
         rows = []
         for g in ladders:
@@ -458,6 +691,17 @@ class Report:
         out = ["", "## Machine and versions", ""]
         out += table(["", ""], [[k, v] for k, v in {**m.machine, **m.versions}.items()])
         out += ["", f"Load average before the run: {m.load_before}; after: {m.load_after}."]
+        for e in m.merged:
+            out += ["", f"Merged run of {', '.join(e['groups'])} ({e['date']}), where it differed:", ""]
+            changed = {**e.get("machine", {}), **e.get("versions", {})}
+            if e.get("pinning", m.pinning) != m.pinning:
+                changed["CPU pinning"] = e["pinning"]
+            if e.get("workers", self.run.workers) != self.run.workers:
+                changed["subscriber workers"] = str(e["workers"])
+            if e.get("unavailable"):
+                changed["not measured"] = "; ".join(f"{k}: {v}" for k, v in e["unavailable"].items())
+            out += table(["", ""], [[k, str(v)] for k, v in changed.items()])
+            out += ["", f"Load average before: {e.get('load_before', '?')}; after: {e.get('load_after', '?')}."]
         if m.unavailable:
             out += ["", "**Missing or failed:**", ""]
             out += [f"- {k}: {v}" for k, v in m.unavailable.items()]
@@ -500,8 +744,10 @@ class Report:
             pct(r.loss),
             f"{dur(a.get('p50'))} / {dur(a.get('p99'))} / {dur(a.get('p999'))}" if a else "-",
             f"{dur(lat.get('p50'))} / {dur(lat.get('p99'))} / {dur(lat.get('p999'))}" if lat else "-",
-            f"{pct(r.server_cpu)} ({pct(r.server_main_cpu)})",
-            "-" if r.server_us_per_message is None else f"{r.server_us_per_message:.1f}",
+            f"{pct(r.server_cpu)} ({pct(r.server_main_cpu)})"
+            + ("" if r.backplane_cpu is None else f" + Redis {pct(r.backplane_cpu)}"),
+            ("-" if r.server_us_per_message is None else f"{r.server_us_per_message:.1f}")
+            + ("" if r.backplane_us_per_message is None else f" + Redis {r.backplane_us_per_message:.1f}"),
             "-" if r.server_us_per_delivery is None else f"{r.server_us_per_delivery:.2f}",
             f"{pct(r.load_cpu)} / {pct(r.other_cpu)} / {pct(r.irq_cpu)} / {pct(r.steal_cpu)}",
             pct(r.disk_busy),

@@ -31,6 +31,15 @@ def _raw() -> Target:
     return RawPubSub()
 
 
+def _zchat_bp(brokers: int) -> Callable[[], Target]:
+    def make() -> Target:
+        from bench.targets.zchat_bp import ZchatBackplane
+
+        return ZchatBackplane(brokers)
+
+    return make
+
+
 def _redis() -> Target:
     from bench.targets.redis_t import Redis
 
@@ -55,11 +64,14 @@ def _irc() -> Target:
     return Ngircd()
 
 
+#: Brokers sharing one Redis backplane in the scale-out group (targets zchat-bp-1, -2, -4).
+SCALE_OUT = (1, 2, 4)
 FACTORIES: dict[str, Callable[[], Target]] = {
     "zchat": _zchat,
     "zchat-normal": _zchat_normal,
     "naive": _naive,
     "raw": _raw,
+    **{f"zchat-bp-{n}": _zchat_bp(n) for n in SCALE_OUT},
     "redis": _redis,
     "mosquitto": _mosquitto,
     "nats": _nats,

@@ -30,6 +30,16 @@ def topic(room: str) -> bytes:
     return room.encode() + b"\x00"
 
 
+def pick(endpoints: dict[str, str | int], key: str, i: int) -> str:
+    """Client ``i``'s address among several brokers' (comma-separated): round-robin."""
+    options = str(endpoints[key]).split(",")
+    return options[i % len(options)]
+
+
+def brokers(endpoints: dict[str, str | int]) -> int:
+    return len(str(endpoints["router"]).split(","))
+
+
 def _context() -> zmq.Context[zmq.Socket[bytes]]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     ctx.setsockopt(zmq.MAX_SOCKETS, 65536)
@@ -108,9 +118,9 @@ class ZmqMembers(Members):
     def connect(self, members: list[Member], deadline: float) -> dict[str, float]:
         phases: dict[str, float] = {}
         if self.dealer:
-            for _ in members:
+            for m in members:
                 d = self.ctx.socket(zmq.DEALER)
-                d.connect(str(self.spec.endpoints["router"]))
+                d.connect(pick(self.spec.endpoints, "router", m.index))
                 self.dealers.append(d)
             phases["connected"] = time.monotonic()
         if self.hello:
@@ -127,7 +137,7 @@ class ZmqMembers(Members):
             self.next_ping = time.monotonic() + PING_EVERY_S
         for m in members:
             s = self.ctx.socket(zmq.SUB)
-            s.connect(str(self.spec.endpoints["pub"]))
+            s.connect(pick(self.spec.endpoints, "pub", m.index))
             s.subscribe(topic(m.room))
             self.ready.add(s, len(self.subs))
             self.subs.append(s)
@@ -165,7 +175,10 @@ class ZmqMembers(Members):
 
 
 class ZchatSender(Sender):
-    """One session per room (DEALER: hello, join, then msg with an id; acks come back)."""
+    """One session per room and broker (DEALER: hello, join, then msg with an id; acks come back).
+
+    With several brokers, each room's messages go to its sessions in turn.
+    """
 
     acks = True
 
@@ -173,28 +186,37 @@ class ZchatSender(Sender):
         super().__init__()
         self.spec = spec
         self.ctx = _context()
-        self.socks: dict[str, zmq.Socket[bytes]] = {}
+        self.socks: dict[str, list[zmq.Socket[bytes]]] = {}
+        self.turn: dict[str, int] = {}
         self.ready = ReadySet()
         self.pack = msgpack.Packer().pack
 
     def connect(self, rooms: list[str], deadline: float) -> None:
-        for room in rooms:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.connect(str(self.spec.endpoints["router"]))
-            self.socks[room] = sock
-        socks = list(self.socks.values())
+        n = brokers(self.spec.endpoints)
+        names, joins, socks = [], [], []
+        for i, room in enumerate(rooms):
+            self.socks[room] = []
+            self.turn[room] = 0
+            for b in range(n):
+                sock = self.ctx.socket(zmq.DEALER)
+                sock.connect(pick(self.spec.endpoints, "router", b))
+                self.socks[room].append(sock)
+                socks.append(sock)
+                names.append(f"s{i}" if n == 1 else f"s{i}b{b}")
+                joins.append(room)
         pack = self.pack
-        _request_all(
-            socks, [pack({"type": "hello", "v": 1, "name": f"s{i}"}) for i in range(len(rooms))], "welcome", deadline
-        )
-        _request_all(socks, [pack({"type": "join", "room": room}) for room in rooms], "joined", deadline)
+        _request_all(socks, [pack({"type": "hello", "v": 1, "name": name}) for name in names], "welcome", deadline)
+        _request_all(socks, [pack({"type": "join", "room": room}) for room in joins], "joined", deadline)
         for i, sock in enumerate(socks):
             self.ready.add(sock, i)
 
     def send(self, batch: list[Msg], ack: AckSink) -> None:
-        pack, socks, ready = self.pack, self.socks, self.ready
+        pack, socks, turn, ready = self.pack, self.socks, self.turn, self.ready
         for m in batch:
-            sock = socks[m.room]
+            mine = socks[m.room]
+            t = turn[m.room]
+            sock = mine[t % len(mine)]
+            turn[m.room] = t + 1
             sock.send(pack({"type": "msg", "room": m.room, "text": m.text, "id": m.id}))
             ready.again(sock, 0)  # a send may consume the ZMQ_FD signal of a reply
 
