@@ -25,18 +25,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import parse_qs
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 log = logging.getLogger("zchat.broker")
 
 PREFIX = "zchat:"
-#: Where every broker hears every room event (``ROOM SEQ BODY``).
-EVENTS_CHANNEL = PREFIX + "events"
+#: Where every broker of one chat hears its room events (``ROOM SEQ BODY``),
+#: followed by the database number: pub/sub ignores databases, and chats on
+#: different databases of one server must not hear each other.
+EVENTS_CHANNEL = PREFIX + "events:"
 #: All rooms that ever had an event (for ``rooms``).
 ROOMS_KEY = PREFIX + "rooms"
 #: broker id -> when it registered (ms), for the reaper and operators.
@@ -50,7 +56,10 @@ INBOX_MAXLEN = 10_000
 DEFAULT_RETENTION = 100_000
 
 #: What a failing backplane raises; the broker answers ``unavailable``.
-Errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+#: (RedisClusterException, raised when no node answers, is not a RedisError.)
+Errors: tuple[type[Exception], ...] = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+#: Sessions a reaper ends per tick: the loop is blocked meanwhile.
+REAP_SLICE = 200
 
 
 def room_key(room: str, part: str) -> str:
@@ -140,12 +149,24 @@ end
 return {'taken', '', cur[2], ''}
 """
 
-# KEYS: user ; ARGV: broker. Deletes the name only if that broker still owns it.
+# KEYS: user ; ARGV: broker. Deletes the name only if that broker still owns
+# it, and returns {1, rooms}, so its leaves are published only by whoever
+# actually ended it (not by a reaper racing a resume elsewhere).
 _RELEASE = """
-if redis.call('HGET', KEYS[1], 'broker') == ARGV[1] then
+local user = redis.call('HMGET', KEYS[1], 'broker', 'rooms')
+if user[1] == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  return 1
+  return {1, user[2] or ''}
 end
+return {0, ''}
+"""
+
+# KEYS: the broker's alive key, its reaping lock ; ARGV: reaper id, lease (ms).
+# The lock is taken only while the broker is still dead: one that came back
+# (its alive key refreshed) cannot be reaped.
+_LOCK_DEAD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
 
@@ -205,12 +226,18 @@ class PendingMsg:
     head: bytes
 
 
-def connect(url: str, timeout: float = 2.0) -> redis.Redis | RedisCluster:
-    """A client for ``url``: a Redis Cluster when the server says it is part of one."""
+def connect(url: str, timeout: float = 1.0) -> redis.Redis | RedisCluster:
+    """A client for ``url``: a Redis Cluster when the server says it is part of one.
+
+    No retries, short timeouts: the broker loop waits for every call, so a
+    stuck server must fail fast (the core then answers ``unavailable`` and
+    backs off) rather than be retried for tens of seconds.
+    """
     opts: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "health_check_interval": 0,
+        "retry": Retry(NoBackoff(), 0),
     }
     single = redis.Redis.from_url(url, **opts)
     try:
@@ -222,6 +249,13 @@ def connect(url: str, timeout: float = 2.0) -> redis.Redis | RedisCluster:
         return single
     single.close()
     return RedisCluster.from_url(url, **opts)
+
+
+def events_channel(url: str) -> str:
+    """The chat's event channel: one per database of a server (a Cluster has only database 0)."""
+    parsed = urllib.parse.urlparse(url)
+    db = parse_qs(parsed.query).get("db", [parsed.path.strip("/") or "0"])[0]
+    return f"{EVENTS_CHANNEL}{int(db)}"
 
 
 class Backplane:
@@ -236,6 +270,8 @@ class Backplane:
         self.retention = retention
         self.alive_ms = alive_ms
         self.r = connect(url)
+        self.channel = events_channel(url)
+        self._lock_dead = self.r.register_script(_LOCK_DEAD)
         self._append = self.r.register_script(_APPEND)
         self._presence = self.r.register_script(_PRESENCE)
         self._claim = self.r.register_script(_CLAIM)
@@ -281,11 +317,13 @@ class Backplane:
             self.r.srem(broker_key(self.id, "names"), name)
         return Claim(outcome, sender, previous, rooms.split())
 
-    def release(self, name: str) -> bool:
-        """Free the name if this broker still owns it; False when another broker took it over."""
-        owned = bool(self._release(keys=[user_key(name)], args=[self.id]))
-        self.r.srem(broker_key(self.id, "names"), name)
-        return owned
+    def release(self, name: str, broker: str | None = None) -> list[str] | None:
+        """Free the name if ``broker`` (this one by default) still owns it: its rooms,
+        whose leaves the caller publishes; None when another broker has it."""
+        owner = broker or self.id
+        owned, rooms = self._release(keys=[user_key(name)], args=[owner])
+        self.r.srem(broker_key(owner, "names"), name)
+        return _s(rooms).split() if int(owned) else None
 
     def owns(self, name: str) -> bool:
         return _s(self.r.hget(user_key(name), "broker")) == self.id
@@ -324,7 +362,7 @@ class Backplane:
             self.r.sadd(ROOMS_KEY, room)
         res = self._presence(
             keys=[room_key(room, "seq"), room_key(room, "log"), room_key(room, "members")],
-            args=[op, name, head, self.retention, EVENTS_CHANNEL, room],
+            args=[op, name, head, self.retention, self.channel, room],
         )
         return bool(res[0]), int(res[1]), sorted(_s(m) for m in res[2:])
 
@@ -342,7 +380,7 @@ class Backplane:
         replies: list[Any] = []
         for room, indexes in by_room.items():
             bucket = msgs[indexes[0]].ts // (DEDUP_WINDOW_S * 1000)
-            args: list[Any] = [self.retention, 3 * DEDUP_WINDOW_S, EVENTS_CHANNEL, room]
+            args: list[Any] = [self.retention, 3 * DEDUP_WINDOW_S, self.channel, room]
             for i in indexes:
                 m = msgs[i]
                 args += [m.head, f"{m.name} {m.msg_id}", f"{m.ts} {m.digest}"]
@@ -378,11 +416,27 @@ class Backplane:
 
     def history(self, room: str, after: int, limit: int) -> tuple[list[bytes], int]:
         """Bodies of the events with ``seq > after`` (oldest first), and the room's last seq."""
+        events, seq = self.events(room, after, limit)
+        return [body for _seq, body in events], seq
+
+    def events(self, room: str, after: int, limit: int) -> tuple[list[tuple[int, bytes]], int]:
+        """(seq, body) of the events with ``seq > after`` (oldest first; some may
+        have been trimmed away), and the room's last seq."""
         pipe = self.r.pipeline(transaction=False)
         pipe.xrange(room_key(room, "log"), min=f"{after + 1}-0", count=limit)
         pipe.get(room_key(room, "seq"))
         entries, seq = pipe.execute()
-        return [fields[b"b"] for _id, fields in entries], int(seq or 0)
+        return [(int(_s(eid).split("-", 1)[0]), fields[b"b"]) for eid, fields in entries], int(seq or 0)
+
+    def first_ack(self, room: str, name: str, msg_id: str, now: int) -> Appended | None:
+        """What the append script recorded for ``(name, id)`` in ``room``, if anything."""
+        bucket = now // (DEDUP_WINDOW_S * 1000)
+        for b in (bucket, bucket - 1):
+            found = self.r.hget(room_key(room, f"ids:{b}"), f"{name} {msg_id}")
+            if found is not None:
+                seq, ts, digest = _s(found).split()
+                return Appended(False, int(seq), int(ts), digest)
+        return None
 
     def members(self, room: str) -> list[str]:
         return sorted(_s(m) for m in self.r.smembers(room_key(room, "members")))
@@ -401,9 +455,18 @@ class Backplane:
     def room_seq(self, room: str) -> int:
         return int(self.r.get(room_key(room, "seq")) or 0)
 
+    def room_seqs(self, rooms: Sequence[str]) -> list[int]:
+        """The last seq of each room, in one round trip (a pipeline per node on a Cluster)."""
+        pipe = self.r.pipeline(transaction=False)
+        for room in rooms:
+            pipe.get(room_key(room, "seq"))
+        return [int(v or 0) for v in pipe.execute()]
+
     # ----------------------------------------------------------------- DMs
 
     def send_to_broker(self, broker: str, kind: str, name: str, body: bytes = b"") -> None:
+        # (The inbox reader deletes each entry once it has handed it over: a DM
+        # passes through Redis, it is not kept there.)
         """Put a DM (``kind`` "dm", body the event) or a takeover notice into a broker's inbox."""
         self.r.xadd(
             broker_key(broker, "inbox"),
@@ -429,6 +492,14 @@ class Backplane:
         """Take the lock on ending ``broker``'s sessions (a lease: whoever holds it may go on)."""
         return bool(self.r.set(broker_key(broker, "reaping"), self.id, nx=True, px=60_000))
 
+    def lock_dead(self, broker: str) -> bool:
+        """Take that lock only if ``broker`` is (still) dead, or renew it if we hold it."""
+        key = broker_key(broker, "reaping")
+        if _s(self.r.get(key) or b"") == self.id and not self.r.exists(broker_key(broker, "alive")):
+            self.r.pexpire(key, 60_000)
+            return True
+        return bool(self._lock_dead(keys=[broker_key(broker, "alive"), key], args=[self.id, 60_000]))
+
     def unlock_reap(self, broker: str) -> None:
         self.r.delete(broker_key(broker, "reaping"))
 
@@ -437,31 +508,37 @@ class Backplane:
         return bool(self.r.hexists(BROKERS_KEY, broker))
 
     def reap(self, dead: str, leave_head: Any) -> int:
-        """End the sessions a dead broker left behind: publish their leaves, free their names.
+        """End up to REAP_SLICE sessions a dead broker left behind (the rest on
+        later ticks): publish their leaves, free their names. Unlists the broker
+        when none is left.
 
         ``leave_head(room, name)`` makes the unsequenced presence body. Only one
-        survivor reaps a given broker (a lock with a lease). Returns how many
-        sessions were ended.
+        survivor reaps a given broker, and only while it stays dead (the lock
+        is taken, and renewed each slice, only if its alive key is missing).
+        Returns how many sessions were ended.
         """
-        if not self.lock_reap(dead):
+        if not self.lock_dead(dead):
             return 0
-        names = {_s(n) for n in self.r.smembers(broker_key(dead, "names"))}
+        names = [_s(n) for n in self.r.srandmember(broker_key(dead, "names"), REAP_SLICE) or ()]
         ended = self.end_sessions(dead, names, leave_head)
-        self.r.delete(broker_key(dead, "names"), broker_key(dead, "inbox"), broker_key(dead, "alive"))
-        self.r.hdel(BROKERS_KEY, dead)
+        if self.r.exists(broker_key(dead, "alive")):
+            self.unlock_reap(dead)  # it came back meanwhile: from here on, it takes its sessions back
+        elif len(names) < REAP_SLICE and not self.r.scard(broker_key(dead, "names")):
+            self.r.delete(broker_key(dead, "names"), broker_key(dead, "inbox"))
+            self.r.hdel(BROKERS_KEY, dead)
+            self.unlock_reap(dead)
         return ended
 
     def end_sessions(self, broker: str, names: Iterable[str], leave_head: Any) -> int:
         """End the named sessions that ``broker`` still owns: leaves published, names freed."""
         ended = 0
         for name in names:
-            user = self.r.hgetall(user_key(name))
-            if _s(user.get(b"broker", b"")) == broker:  # else resumed elsewhere: alive and well
-                for room in _s(user.get(b"rooms", b"")).split():
-                    self.presence("leave", room, name, leave_head(room, name))
-                self._release(keys=[user_key(name)], args=[broker])
-                ended += 1
-            self.r.srem(broker_key(broker, "names"), name)
+            rooms = self.release(name, broker)
+            if rooms is None:
+                continue  # resumed elsewhere: alive and well
+            for room in rooms:
+                self.presence("leave", room, name, leave_head(room, name))
+            ended += 1
         return ended
 
 

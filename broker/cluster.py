@@ -54,6 +54,8 @@ class ClusterCore(Core):
         self._backoff = BACKOFF_MIN_MS
         self.down = False
         self._presumed_dead = False
+        #: Set when the backplane's epoch changed; the loop resets what it published and clears it.
+        self.epoch_changed = False
 
     # ------------------------------------------------------------ plumbing
 
@@ -63,7 +65,15 @@ class ClusterCore(Core):
         except _Failures as exc:
             if not isinstance(exc, BackplaneDown):
                 self._failed(exc, now)
-            return [Reply(identity, p.error(ErrorCode.UNAVAILABLE, _UNAVAILABLE, _request_id(frame)))]
+            return [Reply(identity, p.error(ErrorCode.UNAVAILABLE, UNAVAILABLE_TEXT, _request_id(frame)))]
+
+    def backplane_usable(self, now: int) -> bool:
+        """False during the backoff after a failure: do not even try."""
+        return not (self.down and now < self.down_until)
+
+    def backplane_failed(self, exc: BaseException, now: int) -> None:
+        """The loop's own backplane calls (history, fan-in) failed: back off as for requests."""
+        self._failed(exc, now)
 
     def _up(self) -> None:
         """Raise BackplaneDown during the backoff after a failure; flush queued messages first."""
@@ -108,11 +118,14 @@ class ClusterCore(Core):
             if not isinstance(exc, BackplaneDown):
                 self._failed(exc, self._clock)
             results = [exc] * len(batch)
+        failure = next((r for r in results if isinstance(r, bpmod.Errors)), None)
+        if failure is not None and not self.down:
+            self._failed(failure, self._clock)  # (a Cluster node may fail alone: back off all the same)
         for (m, ack), res in zip(batch, results, strict=True):
             if isinstance(res, Exception):
                 if not isinstance(res, _Failures):
                     log.error("append to #%s failed: %s", m.room, res)
-                _become(ack, p.error(ErrorCode.UNAVAILABLE, _UNAVAILABLE, m.msg_id))
+                _become(ack, p.error(ErrorCode.UNAVAILABLE, UNAVAILABLE_TEXT, m.msg_id))
             elif res.new or res.digest == m.digest:
                 # New, or a resend (maybe to another broker): the first ack again.
                 ack["seq"], ack["ts"] = res.seq, res.ts
@@ -130,6 +143,15 @@ class ClusterCore(Core):
 
     def tick(self, now: int) -> list[Action]:
         """Every few hundred ms: stay alive on the backplane, reap dead brokers, recover."""
+        try:
+            return self._tick(now)
+        except Exception:
+            # Whatever goes wrong here must not end the loop: it is retried next tick.
+            log.exception("backplane housekeeping failed")
+            self._failed(RuntimeError("housekeeping failed"), now)
+            return []
+
+    def _tick(self, now: int) -> list[Action]:
         self._clock = now
         if self.down:
             if now < self.down_until:
@@ -179,8 +201,22 @@ class ClusterCore(Core):
         """After an outage: our live sessions are ours again, and the ones that ended meanwhile end there too."""
         epoch = self.bp.register(now)
         if epoch != self.epoch:
-            log.warning("the backplane's epoch changed (%s -> %s): it lost its data", self.epoch, epoch)
+            # Redis lost the chat (no persistence?): seq starts over. Every client
+            # must start over too: its session ends here without a word, so its
+            # next request gets not_registered, it says hello again and learns
+            # the new epoch from the welcome.
+            log.error(
+                "the backplane lost its data (epoch %s -> %s): ending all %d sessions here so clients start over",
+                self.epoch,
+                epoch,
+                len(self.by_name),
+            )
             self.epoch = epoch
+            self.seqs.clear()
+            self.epoch_changed = True
+            for session in list(self.by_name.values()):
+                self._drop_local(session)
+            return
         for session in list(self.by_name.values()):
             if not self.bp.assert_session(session.name, session.token, session.sender, session.rooms):
                 log.info("session %s was taken over elsewhere during the outage", session.name)
@@ -207,7 +243,12 @@ class ClusterCore(Core):
                 return []
             if kind == "dm":
                 if session is not None:
-                    return [Reply(session.identity, p.decode(body, p.MAX_REPLY_BYTES))]
+                    try:
+                        event = p.decode(body, p.MAX_REPLY_BYTES)
+                    except ProtocolError as exc:
+                        log.error("unreadable DM for %s in the inbox dropped: %s", name, exc)
+                        return []
+                    return [Reply(session.identity, event)]
                 owner = self.bp.owner(name)
                 if owner is not None and owner != self.bp.id:
                     self.bp.send_to_broker(owner, "dm", name, body)  # moved on meanwhile: follow it
@@ -230,12 +271,11 @@ class ClusterCore(Core):
         self._drop_local(session)
         try:
             self._up()
-            if self.bp.owns(session.name):
-                for room in sorted(session.rooms):
-                    self.bp.presence("leave", room, session.name, self._presence_head(room, session.name, "leave", now))
-                self.bp.release(session.name)
-            else:
-                self.bp.forget_session(session.name)
+            # Freed only if still ours (atomically): a session resumed elsewhere
+            # meanwhile is left alone, and nobody sees it leave.
+            rooms = self.bp.release(session.name)
+            for room in sorted(rooms or ()):
+                self.bp.presence("leave", room, session.name, self._presence_head(room, session.name, "leave", now))
         except BackplaneDown:
             pass  # _resync ends it on the backplane once it is back
         except bpmod.Errors as exc:
@@ -244,8 +284,18 @@ class ClusterCore(Core):
 
     def _hello(self, identity: bytes, session: Session | None, env: Envelope, now: int) -> list[Action]:
         name: str = env["name"]
-        if session is not None or name in self.by_name:
-            # A second hello on this connection, or a resume on this broker: local rules.
+        if session is not None:
+            return super()._hello(identity, session, env, now)  # a second hello on this connection
+        holder = self.by_name.get(name)
+        if holder is not None:
+            # A resume on this broker: local rules, but the backplane must say
+            # we own the name again (it may have moved away and back meanwhile).
+            presented = env.get("resume")
+            if presented is not None and not (self.down and self._clock < self.down_until):
+                self.flush()
+                claim = self.bp.claim(name, presented, holder.token, holder.sender)
+                if claim.outcome == "resumed" and claim.previous and claim.previous != self.bp.id:
+                    self.bp.send_to_broker(claim.previous, "takeover", name)
             return super()._hello(identity, session, env, now)
         rid = env.get("id")
         if len(self.by_name) >= self.limits.max_sessions:
@@ -254,7 +304,7 @@ class ClusterCore(Core):
             )
         self._up()
         token, sender = self._new_token(), self._new_sender()
-        presented: str | None = env.get("resume")
+        presented = env.get("resume")
         claim = self.bp.claim(name, presented, token, sender)
         if claim.outcome == "taken":
             return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
@@ -320,6 +370,16 @@ class ClusterCore(Core):
     def _msg(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
         if room not in session.rooms:
+            # A resend of a message stored before we left gets its first ack again.
+            self._up()
+            first = self.bp.first_ack(room, session.name, env["id"], now)
+            if first is not None and first.digest == bpmod.text_digest(env["text"], env.get("action", False)):
+                return [
+                    Reply(
+                        session.identity,
+                        {"type": "ack", "id": env["id"], "room": room, "seq": first.seq, "ts": first.ts},
+                    )
+                ]
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
         if self.down and now < self.down_until:
             raise BackplaneDown
@@ -368,7 +428,7 @@ class ClusterCore(Core):
         return [self._reply(session, {"type": "rooms", "rooms": listed, "truncated": truncated}, env)]
 
 
-_UNAVAILABLE = "the broker cannot reach its backplane; nothing was stored, retry shortly"
+UNAVAILABLE_TEXT = "the broker cannot reach its backplane; nothing was stored, retry shortly"
 
 
 def _bucket(burst: int, now: int) -> Bucket:

@@ -48,6 +48,11 @@ class _Listener(threading.Thread):
                     log.warning("%s: backplane connection lost (%s); retrying in %.1f s", self.name, exc, backoff)
                     self.stop.wait(backoff)
                     backoff = min(5.0, backoff * 2)
+                except Exception:
+                    # Never die: a broker whose listener is gone acks but never publishes.
+                    log.exception("%s: unexpected error; restarting in %.1f s", self.name, backoff)
+                    self.stop.wait(backoff)
+                    backoff = min(5.0, backoff * 2)
         finally:
             push.close()
 
@@ -60,12 +65,13 @@ class EventListener(_Listener):
 
     def __init__(self, ctx: zmq.Context[Any], url: str, stop: threading.Event) -> None:
         super().__init__(ctx, url, stop, "zchat-events")
+        self.channel = bpmod.events_channel(url)
 
     def listen(self, send: Callable[[list[bytes]], Any]) -> None:
         r: Any = bpmod.connect(self.url)
         pubsub = r.pubsub()
         try:
-            pubsub.subscribe(bpmod.EVENTS_CHANNEL)
+            pubsub.subscribe(self.channel)
             while not self.stop.is_set():
                 m = pubsub.get_message(timeout=POLL_S)
                 if m is None:
@@ -98,5 +104,7 @@ class InboxListener(_Listener):
                     for entry_id, fields in entries:
                         send([b"in", fields.get(b"k", b""), fields.get(b"to", b""), fields.get(b"b", b"")])
                         self.last = entry_id
+                    # Handed over: a DM passes through Redis, it is not kept there.
+                    r.xdel(self.key, *(entry_id for entry_id, _fields in entries))
         finally:
             r.close()

@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, secure_server
 from broker.backplane import DEFAULT_RETENTION, Backplane
 from broker.backplane import Errors as bp_errors
-from broker.cluster import ClusterCore
+from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
 from broker.core import DEDUP_WINDOW, Action, Core, HistoryQuery, Limits, Publish, Reply
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.store import Durability, Row, Store
@@ -48,6 +48,9 @@ PUB_SNDHWM = 10_000
 #: not read its acks); well above any client's window of unacked messages.
 ROUTER_SNDHWM = 10_000
 
+
+#: What makes a backplane call of the loop's own answer ``unavailable``.
+_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (BackplaneDown, *bp_errors)
 
 # Plain ints: combining pyzmq's IntFlag members per message costs an enum call.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -339,20 +342,23 @@ class Broker:
                 self._answer_history(action)
 
     def _answer_history(self, q: HistoryQuery) -> None:
-        refused = self.core.history_refused(q.identity, now_ms())
+        now = now_ms()
+        refused = self.core.history_refused(q.identity, now)
         if refused is not None:
             if q.request_id is not None:
                 refused["id"] = q.request_id
             self._send(q.identity, self._encode(refused))
             return
         if self.backplane is not None:
+            assert isinstance(self.core, ClusterCore)
             try:
+                if not self.core.backplane_usable(now):
+                    raise BackplaneDown
                 bodies, seq = self.backplane.history(q.room, q.after, q.limit)
-            except bp_errors as exc:
-                log.warning("history of #%s from the backplane failed: %s", q.room, exc)
-                self._send(
-                    q.identity, self._encode(p.error(ErrorCode.UNAVAILABLE, "backplane unreachable", q.request_id))
-                )
+            except _UNAVAILABLE_ERRORS as exc:
+                if not isinstance(exc, BackplaneDown):
+                    self.core.backplane_failed(exc, now)
+                self._send(q.identity, self._encode(p.error(ErrorCode.UNAVAILABLE, UNAVAILABLE_TEXT, q.request_id)))
                 return
         else:
             assert self.store is not None
@@ -376,19 +382,30 @@ class Broker:
         core = self.core
         out: list[tuple[str, bytes]] = []
         actions: list[Action] = []
+        if core.epoch_changed:
+            core.epoch_changed = False
+            self._published.clear()  # seq starts over with the new epoch
         for _ in range(BATCH):
             try:
                 frames = self._fanin.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            kind = frames[0]
-            if kind == b"ev":
-                room_b, seq_b, body = frames[1].split(b" ", 2)
-                self._sequence(room_b.decode(), int(seq_b), body, out)
-            elif kind == b"in":
-                actions.extend(core.inbox(frames[1].decode(), frames[2].decode(), frames[3], now))
-            elif kind == b"sync":
-                self._catch_up(out)
+            try:
+                kind = frames[0]
+                if kind == b"ev":
+                    # Anyone who can PUBLISH on the Redis server can write here: check the shape.
+                    room_b, seq_b, body = frames[1].split(b" ", 2)
+                    room = room_b.decode()
+                    if not p.is_room(room) or not seq_b.isdigit():
+                        raise ValueError(f"not ROOM SEQ BODY: {frames[1][:60]!r}")
+                    self._sequence(room, int(seq_b), body, out, now)
+                elif kind == b"in":
+                    actions.extend(core.inbox(frames[1].decode(), frames[2].decode(), frames[3], now))
+                elif kind == b"sync":
+                    self._catch_up(out, now)
+            except Exception as exc:
+                # One bad frame costs that frame, never the loop.
+                log.error("fan-in frame dropped: %s", exc)
         if out:
             pub = self.pub
             pub.getsockopt(zmq.EVENTS)  # take in new subscriptions first (see _perform)
@@ -398,42 +415,55 @@ class Broker:
         if actions:
             self._perform(actions)
 
-    def _sequence(self, room: str, seq: int, body: bytes, out: list[tuple[str, bytes]]) -> None:
+    def _sequence(self, room: str, seq: int, body: bytes, out: list[tuple[str, bytes]], now: int) -> None:
         last = self._published.get(room)
         if last is not None:
             if seq <= last:
                 return  # heard twice (a catch-up overlapped pub/sub)
             if seq > last + 1:
-                self._fill(room, last, seq - 1, out)
+                self._fill(room, last, seq - 1, out, now)
         out.append((room, body))
         self._published[room] = seq
         if seq > self.core.seqs.get(room, 0):
             self.core.seqs[room] = seq
 
-    def _fill(self, room: str, after: int, upto: int, out: list[tuple[str, bytes]]) -> None:
-        """Events pub/sub did not bring (a reconnect): read them from the room's log."""
-        assert self.backplane is not None
+    def _fill(self, room: str, after: int, upto: int, out: list[tuple[str, bytes]], now: int) -> None:
+        """Events pub/sub did not bring (a reconnect): read them from the room's log.
+
+        Best effort: what cannot be read (trimmed away, backplane down) is left
+        to the clients, which see the gap and ask history themselves.
+        """
+        assert self.backplane is not None and isinstance(self.core, ClusterCore)
+        if not self.core.backplane_usable(now):
+            return
         try:
             while after < upto:
-                bodies, _ = self.backplane.history(room, after, min(upto - after, p.MAX_HISTORY_LIMIT))
-                if not bodies:
-                    break  # trimmed away: clients see the gap and ask history themselves
-                for body in bodies:
-                    after += 1
+                events, _ = self.backplane.events(room, after, min(upto - after, p.MAX_HISTORY_LIMIT))
+                events = [(seq, body) for seq, body in events if after < seq <= upto]
+                if not events:
+                    break
+                for seq, body in events:
                     out.append((room, body))
+                    after = seq
         except bp_errors as exc:
+            self.core.backplane_failed(exc, now)
             log.warning("cannot fill #%s %d..%d from the backplane: %s", room, after + 1, upto, exc)
 
-    def _catch_up(self, out: list[tuple[str, bytes]]) -> None:
+    def _catch_up(self, out: list[tuple[str, bytes]], now: int) -> None:
         """After (re)subscribing: publish what each known room got meanwhile."""
-        assert self.backplane is not None
-        for room, last in list(self._published.items()):
-            try:
-                seq = self.backplane.room_seq(room)
-            except bp_errors:
-                return
+        assert self.backplane is not None and isinstance(self.core, ClusterCore)
+        if not self._published or not self.core.backplane_usable(now):
+            return
+        rooms = list(self._published)
+        try:
+            seqs = self.backplane.room_seqs(rooms)
+        except bp_errors as exc:
+            self.core.backplane_failed(exc, now)
+            return
+        for room, seq in zip(rooms, seqs, strict=True):
+            last = self._published[room]
             if seq > last:
-                self._fill(room, last, seq, out)
+                self._fill(room, last, seq, out, now)
                 self._published[room] = seq
 
     def _send(self, identity: bytes, frame: bytes) -> None:
