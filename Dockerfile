@@ -1,6 +1,7 @@
 # zchat broker image. See docs/docker.md.
 #
 #   docker compose up -d
+#   docker compose --profile cluster up -d                # + Redis and two brokers sharing one chat
 #   docker build -t zchat-broker .                        # deps from the package index
 #   docker build --build-arg PYTHON_IMAGE=zchat-base:bookworm -t zchat-broker .
 #                                                         # offline: deps from ./wheels
@@ -45,17 +46,19 @@ COPY pyproject.toml wheel[s] /build/
 
 # - a venv, not the system Python: Debian marks its pip "externally managed";
 # - an unprivileged user that owns only /data;
-# - the build backend and the runtime dependencies, both read from
-#   pyproject.toml so that they are written down in one place. With wheels,
-#   strictly from them (--no-index): an offline build gets everything it needs
-#   from ./wheels or fails saying what is missing.
+# - the build backend, the runtime dependencies and those of the `backplane`
+#   extra (redis-py, for --backplane / the compose file's cluster profile), all
+#   read from pyproject.toml so that they are written down in one place. With
+#   wheels, strictly from them (--no-index): an offline build gets everything
+#   it needs from ./wheels or fails saying what is missing.
 RUN useradd --system --uid 10001 --user-group --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin zchat \
     && mkdir -p /data \
     && chown zchat:zchat /data \
     && python3 -m venv "$VIRTUAL_ENV" \
-    && python -c "import tomllib; t = tomllib.load(open('/build/pyproject.toml', 'rb')); \
-print('\n'.join(t['build-system']['requires'] + t['project']['dependencies']))" > /build/requirements.txt \
+    && python -c "import tomllib; t = tomllib.load(open('/build/pyproject.toml', 'rb')); p = t['project']; \
+print('\n'.join(t['build-system']['requires'] + p['dependencies'] + p['optional-dependencies']['backplane']))" \
+        > /build/requirements.txt \
     && if ls /build/*.whl >/dev/null 2>&1; then \
         echo "installing from wheels/ (offline)"; \
         pip install --no-index --find-links /build -r /build/requirements.txt; \
