@@ -97,7 +97,7 @@ def _scale_out(report: Report, ax: Any, g: Group) -> None:
     """CPU per message (brokers + Redis, stacked) at the common rate; capacity written above each bar."""
     names, broker_us, redis_us, caps = [], [], [], []
     for t in g.targets:
-        r = report.lat30(g.key, t)
+        r = report.fixed(g.key, t)
         if r is None or r.server_us_per_message is None:
             continue
         names.append(t if t.startswith("zchat-bp") else f"{t} (embedded)")
@@ -119,7 +119,7 @@ def _scale_out(report: Report, ax: Any, g: Group) -> None:
         )
     ax.set_xticks(x, names, rotation=30, fontsize=8)
     ax.set(ylabel="CPU µs per message (100 deliveries each)")
-    rate_ = next((r.offered for t in g.targets if (r := report.lat30(g.key, t))), None)
+    rate_ = next((r.offered for t in g.targets if (r := report.fixed(g.key, t))), None)
     n = max((brokers_of(t) for t in g.targets), default=1)
     ax.set_title(
         f"Scale-out: 1 room x 100 on 1..{n} brokers + Redis\nCPU per message at {rate(rate_)} msg/s; "

@@ -80,12 +80,16 @@ class Run:
             best = self.ladder(g, target)
             if best is not None:
                 self.capacity[(g.key, target)] = best
-        base = self.capacity.get((g.key, ZCHAT))
-        lat_rate = nice(0.3 * base) if base is not None else g.lat_rate
-        if lat_rate is not None:
+        if g.fixed_rate is not None:
             for target in g.targets:
-                if g.lat_all or self.mode.lat30_targets is None or target in self.mode.lat30_targets:
-                    self.point(g.point(target, lat_rate, "lat30"))
+                self.point(g.point(target, g.fixed_rate, "fixed"))
+            return
+        base = self.capacity.get((g.key, ZCHAT))
+        if base is not None:
+            rate = nice(0.3 * base)
+            for target in g.targets:
+                if self.mode.lat30_targets is None or target in self.mode.lat30_targets:
+                    self.point(g.point(target, rate, "lat30"))
 
     def ladder(self, g: Group, target: str) -> float | None:
         """Step test: double while keeping up, halve while not; then bisect the bracket."""
