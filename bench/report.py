@@ -487,15 +487,44 @@ class Report:
             "(reading Redis, the hand-over to the loop, the PUB send) is paid once per broker, while the "
             "fan-out to the room's subscribers is split between them."
         )
-        caps = [(t, self.cap(g.key, t)) for t in g.targets]
-        known = [(t, c) for t, c in caps if c is not None]
+        out = ["", text]
+        known = [(t, c) for t in g.targets if (c := self.cap(g.key, t)) is not None]
         if known:
-            text += (
-                " Sustained capacity: "
-                + ", ".join(f"{t} {rate(c)}" for t, c in known)
-                + f" msg/s (x100 deliveries), on {self.meta.machine.get('cores', '?')} cores."
+            busy = [
+                f"{brokers_of(t)} broker{'s' * (brokers_of(t) > 1)} {pct(step.server_cpu)}"
+                for t, _ in known
+                if t.startswith("zchat-bp") and (step := self.at_capacity(g.key, t)) is not None
+            ]
+            bp = [c for t, c in known if t.startswith("zchat-bp")]
+            shape = (
+                "more brokers deliver less here"
+                if len(bp) > 1 and bp[-1] < bp[0] / 2**0.25
+                else "more brokers deliver no more here"
             )
-        return ["", text]
+            out += [
+                "",
+                "Sustained capacity: "
+                + ", ".join(f"{t} {rate(c)}" for t, c in known)
+                + f" msg/s (x{g.members} deliveries), on {self.meta.machine.get('cores', '?')} cores. The load "
+                "generators bound every row (their CPU at capacity is in the first table), so between the "
+                "one-broker rows a difference within the step test's resolution (2^(1/4), +-19%) and the noise of a "
+                f"single run is not a result; look at the peak column too. What does show is that {shape}: "
+                "the brokers' CPU at capacity grows with N (brokers only: "
+                + ", ".join(busy)
+                + " of a core), and it comes out of the same cores as the subscribers'.",
+            ]
+        head = self.headline_group()
+        fan = None if head is None else self.cap(head.key, ZCHAT)
+        mine = self.cap(g.key, ZCHAT)
+        if head is not None and fan is not None and mine is not None and self.meta.merged:
+            out += [
+                "",
+                f"The embedded zchat's capacity on this workload in [Capacity by fan-out]"
+                f"(#capacity-by-fan-out-step-tests) ({rate(fan)} msg/s) comes from another run (see the commands at "
+                f"the top); here it is {rate(mine)}. Compare the systems within this section, which one run "
+                "measured back to back.",
+            ]
+        return out
 
     def headline_group(self) -> Group | None:
         return next((g for g in self.groups.values() if g.headline), None)
