@@ -501,12 +501,23 @@ class Broker:
         if self.backplane is not None:
             with contextlib.suppress(*bp_errors):
                 self.backplane.close()
-        for mon in getattr(self, "_monitors", {}):
-            mon.close(linger=0)
+        # Monitors: drain, stop, and only then close our reading end. libzmq's I/O
+        # thread sends each event blocking, under the lock disable_monitor takes:
+        # with the reading end closed first, an event in flight deadlocked the
+        # stop (holding the GIL, so the whole process froze).
+        monitors = getattr(self, "_monitors", {})
+        for mon in monitors:
+            with contextlib.suppress(zmq.ZMQError):
+                while mon.poll(0):
+                    mon.recv_multipart(zmq.NOBLOCK)
         for sock in (self.router, self.pub):
             if not sock.closed:
                 with contextlib.suppress(zmq.ZMQError):
                     sock.disable_monitor()
+        for mon in monitors:
+            mon.close(linger=0)
+        for sock in (self.router, self.pub):
+            if not sock.closed:
                 sock.close()
         if self.auth is not None:
             self.auth.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -359,3 +360,43 @@ def test_rejoins_refused_by_the_join_rate_limit_are_retried(tmp_path: Path) -> N
         first.kill()
         if second is not None:
             second.kill()
+
+
+_STOP_UNDER_CHURN = """
+import sys, tempfile, time
+from pathlib import Path
+import zmq
+from tests.conftest import RunningBroker
+ctx = zmq.Context()
+for _ in range(40):
+    b = RunningBroker(Path(tempfile.mkdtemp())).start()
+    socks = []
+    for _ in range(20):
+        for port, kind in ((b.port, zmq.DEALER), (b.pub_port, zmq.SUB)):
+            s = ctx.socket(kind)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"tcp://127.0.0.1:{port}")
+            socks.append(s)
+    time.sleep(0.01)
+    for s in socks:
+        s.close()
+    b.stop()
+ctx.term()
+print("stopped 40 times")
+"""
+
+
+def test_the_broker_stops_while_connections_come_and_go() -> None:
+    """Stopping while libzmq still reports connects and disconnects once froze the
+    whole process (a monitor closed before it was disabled). In a subprocess:
+    a frozen interpreter cannot even run pytest-timeout's handler."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STOP_UNDER_CHURN],
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped 40 times" in done.stdout
