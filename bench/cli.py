@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Run every zchat benchmark workload (and the limits and peers) and write docs/benchmarks.md.",
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run of every workload (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every workload (about 2 min)")
     parser.add_argument("--out", type=Path, help="report path (default docs/benchmarks.md; with --quick, a temp dir)")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get / pip install missing peers")
     parser.add_argument("--no-peers", action="store_true", help="skip Redis, mosquitto, NATS and ngircd")
