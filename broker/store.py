@@ -94,6 +94,7 @@ class Store:
         """
         try:
             db = sqlite3.connect(self.path, isolation_level=None)
+            db.execute("PRAGMA cache_size=-256")  # KiB: it copies pages, it need not keep them
         except sqlite3.Error as exc:
             log.error("checkpoints disabled: cannot open %s: %s", self.path, exc)
             return
