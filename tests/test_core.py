@@ -679,3 +679,14 @@ def test_reject_answers_with_an_error_envelope() -> None:
     assert core.reject(A, exc) == [
         Reply(A, {"type": "error", "code": "rate_limited", "message": "slow down", "id": "r1"})
     ]
+
+
+def test_a_refused_request_is_still_a_sign_of_life() -> None:
+    """A session whose requests are refused (bad text, say) is alive, not silent: it does not expire."""
+    core = make_core()
+    hello(core, A, "alice", 0)
+    refused = only_reply(core.handle(A, enc(type="msg", room="general", text="", id="m1"), 2 * HB), A)
+    assert refused["code"] == ErrorCode.BAD_ENVELOPE
+    assert core.expire(3 * HB + 1) == []
+    assert "alice" in core.by_name
+    assert core.expire(5 * HB + 1) == [] and "alice" not in core.by_name  # silent since 2 x HB: now it ends
