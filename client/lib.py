@@ -433,6 +433,7 @@ class Client:
         now = time.monotonic()
         self._last_send = now
         self._last_recv = now
+        self._last_maintain = now
         self._next_hello = now
         self._events: deque[Event] = deque()
         #: id -> reply, for requests someone is waiting on.
@@ -579,7 +580,12 @@ class Client:
             joined = self._join_request(room)
             state.joined = True
             top: int = joined["seq"]
-            after = max(0, top - max(0, backlog))
+            # A join whose reply was lost with the connection (and asked again after
+            # the reconnect) was in force from its own presence event on: what
+            # happened since then is shown, as it would have been live.
+            since = self._own_join_seen(state, top)
+            backlog_to = max(0, top - max(0, backlog))
+            after = backlog_to if since is None else min(since, backlog_to)
             while after < top:
                 reply = self._request(
                     {"type": "history", "room": room, "after": after, "limit": min(top - after, p.MAX_HISTORY_LIMIT)}
@@ -588,7 +594,7 @@ class Client:
                 if not got:
                     break
                 for env in got:
-                    self._events.append(Event.from_envelope(env, backlog=True))
+                    self._events.append(Event.from_envelope(env, backlog=since is None or env["seq"] <= since))
                 after = got[-1]["seq"]
         except BaseException:
             self._forget_room(room)
@@ -597,6 +603,19 @@ class Client:
         state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self._flush(room, state)
         return list(joined["members"])
+
+    def _own_join_seen(self, state: _Room, top: int) -> int | None:
+        """The seq of a join presence of ours that SUB brought before ``top``, if any."""
+        seqs = [
+            seq
+            for seq, env in state.pending.items()
+            if seq < top
+            and isinstance(env, dict)
+            and env.get("type") == "presence"
+            and env.get("event") == "join"
+            and env.get("name") == self.name
+        ]
+        return min(seqs) if seqs else None
 
     def _join_request(self, room: str) -> Envelope:
         deadline = time.monotonic() + self.request_timeout
@@ -843,6 +862,12 @@ class Client:
         """Timers: ping when quiet, notice a silent broker, retry hello, resend, rejoin, probe."""
         now = time.monotonic()
         hb = self.heartbeat_ms / 1000
+        if now - self._last_maintain > 2 * hb:
+            # We were not listening (the process was stopped, the machine slept, or
+            # the program did not pump): the silence is ours, not the broker's.
+            # Its answers may be waiting in our sockets; give it a fresh window.
+            self._last_recv = max(self._last_recv, now - hb)
+        self._last_maintain = now
         if self.state == "connected":
             if now - self._last_recv > 3 * hb:
                 self._lost(f"no answer from {self.endpoint} for {now - self._last_recv:.0f} s")
@@ -1068,28 +1093,40 @@ class Client:
             self.pump(remaining)
 
     def _request(self, env: Envelope, timeout: float | None = None, *, give_up_if_refused: bool = False) -> Envelope:
-        """Send a request and pump until its reply; other traffic is queued meanwhile."""
+        """Send a request and pump until its reply; other traffic is queued meanwhile.
+
+        Every request sent this way is safe to repeat (join, leave, history,
+        who, rooms, ping), so a connection lost while it waits costs a
+        reconnect, not the call: it is asked again once the client is back,
+        within the same timeout. A broker that stays away still raises.
+        """
         if self.state not in ("new", "connected"):
             raise BrokerUnreachable(f"not connected to {self.endpoint} ({self.state})")
-        rid = env["id"] = self._new_id()
-        self._replies[rid] = None
-        try:
-            self._send(env)
-            deadline = time.monotonic() + (self.request_timeout if timeout is None else timeout)
-            while (reply := self._replies[rid]) is None:
-                if self._auth_failure:
-                    raise RequestError("auth_failed", self._auth_failure)
+        deadline = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        while True:
+            rid = env["id"] = self._new_id()
+            self._replies[rid] = None
+            try:
+                self._send(env)
+                while (reply := self._replies[rid]) is None:
+                    if self._auth_failure:
+                        raise RequestError("auth_failed", self._auth_failure)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or (give_up_if_refused and self._refused):
+                        raise BrokerUnreachable(f"no reply from {self.endpoint} to {env['type']!r}")
+                    self.pump(remaining)
+            finally:
+                self._replies.pop(rid, None)
+            if reply["type"] != "error":
+                return reply
+            if reply.get("code") != "unreachable":
+                raise RequestError(str(reply.get("code")), str(reply.get("message")))
+            # Lost mid-request: wait for the reconnect (hello, resume, rejoin), then ask again.
+            while self.state != "connected":
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (give_up_if_refused and self._refused):
-                    raise BrokerUnreachable(f"no reply from {self.endpoint} to {env['type']!r}")
-                self.pump(remaining)
-        finally:
-            self._replies.pop(rid, None)
-        if reply["type"] == "error":
-            if reply.get("code") == "unreachable":
-                raise BrokerUnreachable(str(reply.get("message")))
-            raise RequestError(str(reply.get("code")), str(reply.get("message")))
-        return reply
+                if remaining <= 0 or self._auth_failure:
+                    raise BrokerUnreachable(str(reply.get("message")))
+                self.pump(min(remaining, 0.1))
 
     def _forget_room(self, room: str) -> None:
         state = self._rooms.pop(room, None)

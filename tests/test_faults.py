@@ -244,6 +244,38 @@ def test_sigstopped_client_expires_then_resumes(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_join_cut_by_a_lost_connection_completes_after_the_reconnect(tmp_path: Path) -> None:
+    """The broker stops answering mid-join: the client reconnects and the join still returns.
+
+    Seen in CI: a pipe client stopped between its join and the reply exited
+    with "connection lost" instead of resuming.
+    """
+    broker = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    assert broker.proc is not None
+    alice = Client("alice", HOST, broker.port, broker.pub_port, request_timeout=20)
+    try:
+        alice.connect()
+        broker.proc.send_signal(signal.SIGSTOP)
+        # Resumed well after the client has given the connection up (3 heartbeats of 0.3 s).
+        resume = threading.Timer(2.0, broker.proc.send_signal, (signal.SIGCONT,))
+        resume.start()
+        try:
+            members = alice.join("general")
+        finally:
+            resume.join()
+        assert members == ["alice"]
+        states = [e.event for e in alice.drain_events() if e.type == "status"]
+        assert "reconnecting" in states, "the connection was lost during the join"
+        assert "connected" in states
+        ack = alice.send_wait("general", "made it")
+        assert ack.text == "made it"
+    finally:
+        alice.close(0)
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
 def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     running = RunningBroker(tmp_path / "data", pub_hwm=20).start()
     # A raw subscriber with the same tiny queues, as a control: it does lose events.
