@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from broker.store import Store
+from broker.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
 from client.lib import BrokerUnreachable, Client
 from tests.conftest import HOST, BrokerProcess
 
@@ -94,3 +95,60 @@ def test_recent_acks_are_the_newest_across_rooms_oldest_first(tmp_path: Path) ->
         assert acks[0] == {"type": "ack", "from": "ann", "id": "m25", "room": "r1", "seq": 9, "ts": 1025}
     finally:
         store.close()
+
+
+def test_a_stored_seq_is_never_reused(tmp_path: Path) -> None:
+    store = Store(tmp_path, "normal")
+    try:
+        store.append([("general", 1, 1000, "ann", "m1", b"first")])
+        with pytest.raises(StoreError):
+            store.append([("general", 1, 1001, "bob", "m2", b"second")])
+        assert store.history("general", 0, 10) == [b"first"]
+    finally:
+        store.close()
+
+
+_SCHEMA_V1 = """
+CREATE TABLE events (
+    room TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
+    name TEXT, msg_id TEXT, body BLOB NOT NULL,
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+PRAGMA user_version=1;
+"""
+
+
+def test_a_version_1_store_is_upgraded_with_every_event(tmp_path: Path) -> None:
+    """A store written by the first release (WITHOUT ROWID) opens, whole, under schema 2."""
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(_SCHEMA_V1)
+    rows = [("general", s, 1000 + s, "ann", f"m{s}", f"g{s}".encode()) for s in range(1, 6)]
+    rows += [("dev", 1, 1003, None, None, b"d1"), ("dev", 2, 1010, "bob", "x", b"d2")]
+    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    store = Store(tmp_path, "normal")
+    try:
+        assert store.room_seqs() == {"general": 5, "dev": 2}
+        assert store.history("general", 2, 10) == [b"g3", b"g4", b"g5"]
+        assert store.history("dev", 0, 10) == [b"d1", b"d2"]
+        assert [a["id"] for a in store.recent_acks(3)] == ["m4", "m5", "x"]
+        with pytest.raises(StoreError):
+            store.append([("dev", 2, 2000, "bob", "y", b"again")])
+        store.append([("dev", 3, 2000, "bob", "y", b"d3")])
+    finally:
+        store.close()
+    check = sqlite3.connect(tmp_path / DB_NAME)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert check.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 8
+    finally:
+        check.close()
+
+
+def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path, "normal")

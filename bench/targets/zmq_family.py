@@ -22,7 +22,10 @@ from bench.targets.base import AckSink, ClientSpec, Member, Members, Msg, Payloa
 
 #: Matches the ready line of zchat-broker and of bench.naive.
 READY = r"ready: requests on (tcp://[\d.]+:\d+), room events on (tcp://[\d.]+:\d+)"
-#: Idle sessions ping this often (the broker ends sessions silent for 3 heartbeats).
+#: Each session pings this often (the broker ends sessions silent for 3 heartbeats).
+#: The pings of a worker's sessions are spread over the period, as independent
+#: clients' timers are: all at once, they were a burst of 500 requests every 4 s
+#: that no real population of clients sends.
 PING_EVERY_S = 4.0
 
 
@@ -113,7 +116,8 @@ class ZmqMembers(Members):
         self.ready = ReadySet()
         self.subs: list[zmq.Socket[bytes]] = []
         self.dealers: list[zmq.Socket[bytes]] = []
-        self.next_ping = 0.0
+        self.ping_started = 0.0
+        self.pinged = 0
 
     def connect(self, members: list[Member], deadline: float) -> dict[str, float]:
         phases: dict[str, float] = {}
@@ -134,7 +138,7 @@ class ZmqMembers(Members):
             phases["welcome"] = time.monotonic()
             _request_all(self.dealers, [packb({"type": "join", "room": m.room}) for m in members], "joined", deadline)
             phases["joined"] = time.monotonic()
-            self.next_ping = time.monotonic() + PING_EVERY_S
+            self.ping_started = time.monotonic()
         for m in members:
             s = self.ctx.socket(zmq.SUB)
             s.connect(pick(self.spec.endpoints, "pub", m.index))
@@ -154,16 +158,22 @@ class ZmqMembers(Members):
                 sink(index, sock.recv())
             else:
                 self.ready.again(sock, index)
-        if self.hello and time.monotonic() >= self.next_ping:
+        if self.hello:
             self._ping()
 
     def _ping(self) -> None:
+        """Ping the sessions whose turn has come: each one once per PING_EVERY_S, evenly spread."""
+        n = len(self.dealers)
+        due = int((time.monotonic() - self.ping_started) / PING_EVERY_S * n)
+        if due <= self.pinged:
+            return
         ping = msgpack.packb({"type": "ping"})
-        for d in self.dealers:
+        for k in range(self.pinged, due):
+            d = self.dealers[k % n]
             while d.poll(0):
                 d.recv()
             d.send(ping, zmq.NOBLOCK)
-        self.next_ping = time.monotonic() + PING_EVERY_S
+        self.pinged = due
 
     def close(self) -> None:
         if self.hello:
