@@ -52,6 +52,9 @@ class HistoryQuery(NamedTuple):
     after: int
     limit: int
     request_id: str | None
+    #: The room's last seq when the request was read: the reply covers up to
+    #: there (what came later may not be stored yet when it is answered).
+    top: int
 
 
 Action = Reply | Publish | HistoryQuery
@@ -508,7 +511,8 @@ class Core:
         bucket.stamp = now
 
     def _history(self, session: Session, env: Envelope, now: int) -> list[Action]:
-        return [HistoryQuery(session.identity, env["room"], env["after"], env["limit"], env.get("id"))]
+        room: str = env["room"]
+        return [HistoryQuery(session.identity, room, env["after"], env["limit"], env.get("id"), self.seqs.get(room, 0))]
 
     def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]

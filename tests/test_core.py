@@ -477,13 +477,13 @@ def test_history_query(fields: dict[str, int], after: int, limit: int) -> None:
     core = make_core(general=3)
     hello(core, A, "alice")
     actions = core.handle(A, enc(type="history", room="general", id="q", **fields), 0)
-    assert actions == [HistoryQuery(A, "general", after, limit, "q")]
+    assert actions == [HistoryQuery(A, "general", after, limit, "q", 3)]
 
 
 def test_history_query_without_id() -> None:
     core = make_core()
     hello(core, A, "alice")
-    assert core.handle(A, enc(type="history", room="dev"), 0) == [HistoryQuery(A, "dev", 0, 100, None)]
+    assert core.handle(A, enc(type="history", room="dev"), 0) == [HistoryQuery(A, "dev", 0, 100, None, 0)]
 
 
 def test_who() -> None:
