@@ -32,7 +32,7 @@ from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
 from broker.core import DEDUP_WINDOW, Action, Core, HistoryQuery, Limits, Publish, Reply
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
-from broker.store import Durability, Row, Store
+from broker.store import Durability, Row, Store, StoreError
 from broker.writer import Writer
 from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
@@ -249,7 +249,11 @@ class Broker:
             if writer is not None and reading != (len(self._waiting) < MAX_PASSES_WAITING):
                 reading = not reading
                 poller.modify(router, zmq.POLLIN if reading else 0)
-                if not reading:
+                if reading:
+                    # Pings that waited unread are no one's silence: nobody
+                    # expires before a full expiry period of reading again.
+                    next_tick = max(next_tick, now_ms() + self.core.expiry_ms)
+                else:
                     log.debug("the store is %d commits behind: requests wait until it catches up", writer.behind)
             ready = dict(poller.poll(IDLE_WAKE_MS))
             now = now_ms()
@@ -259,7 +263,7 @@ class Broker:
             for mon in self._monitors:
                 if mon in ready:
                     self._log_connections(mon)
-            if now >= next_tick:
+            if reading and now >= next_tick:
                 actions.extend(self.core.expire(now))
                 if cluster is not None:
                     actions.extend(cluster.tick(now))
@@ -268,7 +272,12 @@ class Broker:
                 self._reload.clear()
                 actions.extend(self._reload_keys(now))
             if writer is not None and writer.sock in ready:
-                self._release(writer.read())
+                try:
+                    durable = writer.read()
+                except StoreError:
+                    self._release(writer.durable)  # what was committed before the failure goes out
+                    raise
+                self._release(durable)
             if actions:
                 self._perform(actions)
             if fanin is not None and fanin in ready:
@@ -574,14 +583,17 @@ class Broker:
                     sock.disable_monitor()
         for mon in monitors:
             mon.close(linger=0)
-        if getattr(self, "writer", None) is not None:
-            assert self.writer is not None
-            self.writer.close()
+        stuck = getattr(self, "writer", None) is not None and not self.writer.close()  # type: ignore[union-attr]
         for sock in (self.router, self.pub):
             if not sock.closed:
                 sock.close()
         if self.auth is not None:
             self.auth.stop()
+        if stuck:
+            # In a commit that does not return (a dead disk): terminating the
+            # context would wait for the writer's socket forever. Exit without it.
+            log.error("the store writer is stuck in a commit; leaving without it")
+            return
         self.ctx.term()
 
 

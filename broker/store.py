@@ -105,7 +105,12 @@ class Store:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         has_table = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone()
         if version == 0 and has_table:
-            raise StoreError(f"{self.path}: has an 'events' table but no zchat schema version; not a zchat store?")
+            # The first release created the table and then set the version, in two
+            # steps: a crash between them left a version-1 table at version 0.
+            columns = [row[1] for row in db.execute("PRAGMA table_info(events)")]
+            if columns != ["room", "seq", "ts", "name", "msg_id", "body"]:
+                raise StoreError(f"{self.path}: has an 'events' table but no zchat schema version; not a zchat store?")
+            version = 1
         if version in (0, 1):
             # One transaction (user_version is part of it): a crash leaves the old store whole.
             steps = (_SCHEMA,) if version == 0 else _UPGRADE_FROM_1
@@ -194,11 +199,14 @@ class Store:
 
     def history(self, room: str, after: int, limit: int, upto: int | None = None) -> list[bytes]:
         """Bodies of the committed events of ``room`` with ``after < seq <= upto``, oldest first."""
-        rows = self._read.execute(
-            "SELECT body FROM events WHERE room = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            (room, after, (1 << 63) - 1 if upto is None else upto, limit),
-        )
-        return [body for (body,) in rows]
+        try:
+            rows = self._read.execute(
+                "SELECT body FROM events WHERE room = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (room, after, (1 << 63) - 1 if upto is None else upto, limit),
+            )
+            return [body for (body,) in rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc
 
     def close(self) -> None:
         self._stop.set()

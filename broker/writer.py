@@ -99,13 +99,18 @@ class Writer:
             remaining_ms -= 100
         return self.durable
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread once it has committed what it was given, then close the loop's end."""
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop the thread once it has committed what it was given, then close the loop's end.
+
+        False if the thread is still in a commit after ``timeout`` (its socket is then still open).
+        """
         self._queue.put(None)
         self._thread.join(timeout)
+        self.sock.close(linger=0)
         if self._thread.is_alive():
             log.error("the store writer did not stop within %.0f s", timeout)
-        self.sock.close(linger=0)
+            return False
+        return True
 
     # ------------------------------------------------------ writer thread
 
@@ -136,7 +141,11 @@ class Writer:
                     batch.extend(rows)
                 try:
                     self._store.append(batch)
-                except StoreError as exc:
+                except BaseException as exc:
+                    # Whatever it is (a StoreError, or a bug of ours), the loop must
+                    # hear it and stop: a silent death would wedge the broker.
+                    if not isinstance(exc, StoreError):
+                        log.exception("store writer failed")
                     sock.send(_FAILED + str(exc).encode())
                     return
                 sock.send(str(ticket).encode())

@@ -317,6 +317,8 @@ class _Room:
     #: Whether the broker has us in the room in this session (False from a lost
     #: connection until the rejoin is answered; messages to it wait meanwhile).
     joined: bool = False
+    #: A leave is in flight: a reconnect meanwhile must not rejoin the room.
+    leaving: bool = False
     #: When to retry a refused rejoin (0: none due), and how many were refused.
     rejoin_at: float = 0.0
     rejoin_tries: int = 0
@@ -434,6 +436,8 @@ class Client:
         self._last_send = now
         self._last_recv = now
         self._last_maintain = now
+        #: The _last_recv a stall was last excused with (see _maintain).
+        self._excused = -1.0
         self._next_hello = now
         self._events: deque[Event] = deque()
         #: id -> reply, for requests someone is waiting on.
@@ -628,8 +632,20 @@ class Client:
             self._idle(UNAVAILABLE_RETRY_S)
 
     def leave(self, room: str) -> None:
+        """Leave ``room``. If the connection is lost meanwhile, the leave is asked again
+        after the reconnect (which does not rejoin the room), and a broker that no
+        longer has us in it (``not_joined``) counts as done."""
         room = p.parse_room(room)
-        self._request({"type": "leave", "room": room})
+        state = self._rooms.get(room)
+        if state is not None:
+            state.leaving = True
+        try:
+            self._request({"type": "leave", "room": room})
+        except RequestError as exc:
+            if state is None or exc.code != ErrorCode.NOT_JOINED:
+                if state is not None:
+                    state.leaving = False
+                raise
         self._forget_room(room)
 
     def send(self, room: str, text: str, *, action: bool = False) -> str:
@@ -862,11 +878,13 @@ class Client:
         """Timers: ping when quiet, notice a silent broker, retry hello, resend, rejoin, probe."""
         now = time.monotonic()
         hb = self.heartbeat_ms / 1000
-        if now - self._last_maintain > 2 * hb:
+        if now - self._last_maintain > 2 * hb and self._last_recv != self._excused:
             # We were not listening (the process was stopped, the machine slept, or
             # the program did not pump): the silence is ours, not the broker's.
-            # Its answers may be waiting in our sockets; give it a fresh window.
-            self._last_recv = max(self._last_recv, now - hb)
+            # Its answers may be waiting in our sockets; give it a fresh window,
+            # once: if nothing arrives, the next gap is not excused again (a
+            # program that pumps too rarely must still learn its broker is gone).
+            self._last_recv = self._excused = max(self._last_recv, now - hb)
         self._last_maintain = now
         if self.state == "connected":
             if now - self._last_recv > 3 * hb:
@@ -923,8 +941,9 @@ class Client:
             # is the same chat. Own messages already acknowledged stay.
             for state in self._rooms.values():
                 state.pending = {s: e for s, e in state.pending.items() if isinstance(e, Event)}
-        for room in self._rooms:
-            self._rejoin(room)
+        for room, state in self._rooms.items():
+            if not state.leaving:
+                self._rejoin(room)
         # Everything unacknowledged goes again, in order, each once its room is rejoined.
         for rid in self._unacked:
             self._queue(rid)
@@ -971,7 +990,7 @@ class Client:
     def _retry_rooms(self, now: float) -> None:
         """Refused rejoins and history requests whose retry is due."""
         for room, state in list(self._rooms.items()):
-            if not state.joined and state.rejoin_at and now >= state.rejoin_at:
+            if not state.joined and not state.leaving and state.rejoin_at and now >= state.rejoin_at:
                 self._rejoin(room)
             if state.refetch_at and now >= state.refetch_at and not state.fetching and state.last is not None:
                 state.refetch_at = 0.0

@@ -152,3 +152,25 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="schema version 99"):
         Store(tmp_path, "normal")
+
+
+def test_a_first_release_store_cut_before_its_version_was_set_is_upgraded(tmp_path: Path) -> None:
+    """Version 1 created the table, then set the version: a crash between left version 0."""
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(_SCHEMA_V1.replace("PRAGMA user_version=1;", ""))
+    db.execute("INSERT INTO events VALUES ('general', 1, 1000, NULL, NULL, X'01')")
+    db.commit()
+    db.close()
+    store = Store(tmp_path, "normal")
+    try:
+        assert store.history("general", 0, 10) == [b"\x01"]
+    finally:
+        store.close()
+
+
+def test_a_foreign_events_table_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("CREATE TABLE events (id INTEGER, what TEXT)")
+    db.close()
+    with pytest.raises(StoreError, match="not a zchat store"):
+        Store(tmp_path, "normal")

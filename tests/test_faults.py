@@ -276,6 +276,58 @@ def test_a_join_cut_by_a_lost_connection_completes_after_the_reconnect(tmp_path:
 
 
 @pytest.mark.timeout(60)
+def test_a_leave_cut_by_a_lost_connection_still_leaves(tmp_path: Path) -> None:
+    """The reconnect in the middle of a leave does not rejoin the room being left."""
+    broker = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    assert broker.proc is not None
+    alice = Client("alice", HOST, broker.port, broker.pub_port, request_timeout=20)
+    bob = Client("bob", HOST, broker.port, broker.pub_port)
+    try:
+        alice.connect()
+        alice.join("general")
+        alice.join("dev")
+        broker.proc.send_signal(signal.SIGSTOP)
+        resume = threading.Timer(2.0, broker.proc.send_signal, (signal.SIGCONT,))
+        resume.start()
+        try:
+            alice.leave("dev")
+        finally:
+            resume.join()
+        assert "reconnecting" in [e.event for e in alice.drain_events() if e.type == "status"]
+        assert alice.rooms_joined == ["general"]
+        bob.connect()
+        wait_for(lambda: "alice" in bob.who("general"), 10)
+        assert "alice" not in bob.who("dev")
+    finally:
+        alice.close(0)
+        bob.close(0)
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.kill()
+
+
+@pytest.mark.timeout(30)
+def test_a_program_that_pumps_rarely_still_learns_its_broker_is_gone(tmp_path: Path) -> None:
+    """A gap between pumps excuses the broker's silence once, not every time."""
+    broker = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    assert broker.proc is not None
+    alice = Client("alice", HOST, broker.port, broker.pub_port)
+    try:
+        alice.connect()
+        broker.proc.send_signal(signal.SIGSTOP)
+        lost = False
+        deadline = time.monotonic() + 10
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.7)  # the program's own work: longer than 2 heartbeats (0.6 s) between pumps
+            alice.pump(0)
+            lost = any(e.type == "status" and e.event == "reconnecting" for e in alice.drain_events())
+        assert lost, "a silent broker must be noticed however rarely the program pumps"
+    finally:
+        alice.close(0)
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
 def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     running = RunningBroker(tmp_path / "data", pub_hwm=20).start()
     # A raw subscriber with the same tiny queues, as a control: it does lose events.
