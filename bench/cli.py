@@ -211,7 +211,9 @@ def _ran(g: Group, results: list[Result]) -> bool:
 
 def _owns(g: Group, r: Result) -> bool:
     p = r.point
-    return p.target in g.targets and (p.idle if g.kind == "idle" else g.point(p.target, p.rate, p.tag) == p)
+    if g.kind == "idle":
+        return p.idle and p.target in g.targets and p.rooms == g.rooms
+    return p.target in g.targets and g.point(p.target, p.rate, p.tag) == p
 
 
 def merge(

@@ -1,8 +1,10 @@
-"""Micro-measurements behind three broker fixes, in-process and single-threaded.
+"""Micro-measurements behind broker fixes and claims, in-process and single-threaded.
 
     python -m bench.micro window   # resend window: plain-dict eviction vs OrderedDict, us per message
     python -m bench.micro gc       # GC pauses of the core over 300k messages
     python -m bench.micro commit   # store commit latency (p50/p99/p99.9/max) for small batches
+    python -m bench.micro rows     # WAL bytes per stored row: schema 1 (WITHOUT ROWID) vs 2, 100 B and 1 KiB
+    python -m bench.micro sessions # Python heap per session (hello + join), by tracemalloc
 
 They measure one mechanism each, not the broker; the suite (``python -m bench``)
 measures the broker.
@@ -98,8 +100,76 @@ def commit(batches: int = 6000, rows_per_batch: int = 5) -> None:
         )
 
 
+_SCHEMA_1 = (
+    "CREATE TABLE events (room TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, name TEXT, "
+    "msg_id TEXT, body BLOB NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID"
+)
+
+
+def rows(n: int = 20_000, batch: int = 100) -> None:
+    """WAL written per row, and time per row, for the old and the current table layout."""
+    import sqlite3
+
+    from broker.store import _SCHEMA
+
+    for size in (100, 1100):
+        for name, schema in (("schema 1 (WITHOUT ROWID)", _SCHEMA_1), ("schema 2 (rowid + unique)", _SCHEMA)):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "s.db"
+                db = sqlite3.connect(path, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA wal_autocheckpoint=0")
+                db.execute(schema)
+                body = b"x" * size
+                start = time.perf_counter()
+                for first in range(0, n, batch):
+                    db.execute("BEGIN")
+                    db.executemany(
+                        "INSERT INTO events (room, seq, ts, name, msg_id, body) VALUES (?, ?, ?, ?, ?, ?)",
+                        [
+                            ("general", s, 1_700_000_000_000, "alice", f"id{s}", body)
+                            for s in range(first, first + batch)
+                        ],
+                    )
+                    db.execute("COMMIT")
+                elapsed = time.perf_counter() - start
+                wal = (Path(tmp) / "s.db-wal").stat().st_size
+                db.close()
+            print(
+                f"{size:>5} B rows, batches of {batch}, {name}: "
+                f"{wal / n:,.0f} B of WAL, {elapsed / n * 1e6:.1f} us per row"
+            )
+
+
+def sessions(n: int = 1000) -> None:
+    """What the core keeps per session (hello + join of its own room): Python objects only."""
+    import os
+    import tracemalloc
+
+    import msgpack
+
+    from broker.core import Core
+
+    core = Core(epoch="e", heartbeat_ms=5000, room_seqs={}, recent_acks=[])
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        identity = os.urandom(5)
+        core.handle(identity, msgpack.packb({"type": "hello", "v": 1, "name": f"m{i}"}), 0)
+        core.handle(identity, msgpack.packb({"type": "join", "room": f"r{i}"}), 0)
+    after = tracemalloc.get_traced_memory()[0]
+    print(f"{n} sessions: {(after - before) / n / 1024:.2f} KiB of Python heap per session (hello + join)")
+
+
 def main(argv: list[str]) -> int:
-    what: dict[str, Callable[[], None]] = {"window": window, "gc": gc_pauses, "commit": commit}
+    what: dict[str, Callable[[], None]] = {
+        "window": window,
+        "gc": gc_pauses,
+        "commit": commit,
+        "rows": rows,
+        "sessions": sessions,
+    }
     if len(argv) != 1 or argv[0] not in what:
         print(__doc__)
         return 2

@@ -162,6 +162,18 @@ def groups(mode: Mode, peers: tuple[str, ...]) -> list[Group]:
     out.append(
         Group("idle", f"{mode.idle_clients} idle clients", "idle", ("zchat", "naive"), clients=mode.idle_clients)
     )
+    # The same clients spread over 100 rooms: one room of 1,000 is the worst case
+    # (every join is a presence event to everyone already there).
+    out.append(
+        Group(
+            "idle-rooms",
+            f"{mode.idle_clients} idle clients in 100 rooms",
+            "idle",
+            ("zchat",),
+            rooms=100,
+            clients=mode.idle_clients,
+        )
+    )
     if peers:
         out.append(
             Group("idle-peers", f"{mode.peer_idle_clients} idle clients", "idle", peers, clients=mode.peer_idle_clients)

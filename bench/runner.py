@@ -67,7 +67,9 @@ class Run:
         if g.kind == "idle":
             for target in g.targets:
                 clients = min(g.clients, get_target(target).max_idle_clients)
-                self.point(Point(target, 1, clients, g.size, None, sessions=True, idle=True, tag="idle"))
+                rooms = min(g.rooms, clients)
+                point = Point(target, rooms, clients // rooms, g.size, None, sessions=True, idle=True, tag="idle")
+                self.point(point)
             return
         if g.kind == "fixed":
             for rate in g.rates:
