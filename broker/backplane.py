@@ -475,6 +475,23 @@ class Backplane:
             approximate=True,
         )
 
+    def rescue_dms(self, broker: str, name: str) -> list[bytes]:
+        """Take the DMs for ``name`` still waiting in ``broker``'s inbox (it lost the session to us).
+
+        A DM routed to the old owner before the takeover would otherwise wait
+        there for a reader that is gone (a broker that died) or that no longer
+        has the session. Each entry is taken by whoever deletes it: if the old
+        broker is alive and hands one over too, the client drops the copy (it
+        knows the DM by sender and id).
+        """
+        key = broker_key(broker, "inbox")
+        rescued: list[bytes] = []
+        entries: Any = self.r.xrange(key, count=INBOX_MAXLEN) or []
+        for entry_id, fields in entries:
+            if fields.get(b"k") == b"dm" and _s(fields.get(b"to", b"")) == name and self.r.xdel(key, entry_id):
+                rescued.append(fields.get(b"b", b""))
+        return rescued
+
     # -------------------------------------------------------------- reaper
 
     def dead_brokers(self) -> list[str]:

@@ -296,6 +296,11 @@ class ClusterCore(Core):
                 claim = self.bp.claim(name, presented, holder.token, holder.sender)
                 if claim.outcome == "resumed" and claim.previous and claim.previous != self.bp.id:
                     self.bp.send_to_broker(claim.previous, "takeover", name)
+                    actions = super()._hello(identity, session, env, now)
+                    back = self.by_name.get(name)
+                    if back is not None and back.identity == identity:
+                        actions.extend(self._rescue_dms(back, claim.previous))
+                    return actions
             return super()._hello(identity, session, env, now)
         rid = env.get("id")
         if len(self.by_name) >= self.limits.max_sessions:
@@ -332,7 +337,22 @@ class ClusterCore(Core):
         self.by_name[name] = session
         if not resumed:
             log.info("session start: %s (%s) sender=%s", name, identity.hex(), sender)
-        return self._welcome(session, resumed, rid)
+        actions = self._welcome(session, resumed, rid)
+        if resumed and claim.previous and claim.previous != self.bp.id:
+            actions.extend(self._rescue_dms(session, claim.previous))
+        return actions
+
+    def _rescue_dms(self, session: Session, previous: str) -> list[Action]:
+        """DMs routed to the broker this session came from, and not handed over there."""
+        actions: list[Action] = []
+        for body in self.bp.rescue_dms(previous, session.name):
+            try:
+                actions.append(Reply(session.identity, p.decode(body, p.MAX_REPLY_BYTES)))
+            except ProtocolError as exc:
+                log.error("unreadable DM for %s in the inbox of %s dropped: %s", session.name, previous, exc)
+        if actions:
+            log.info("%d DM(s) for %s taken from the inbox of broker %s", len(actions), session.name, previous)
+        return actions
 
     def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]

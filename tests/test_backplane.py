@@ -392,6 +392,32 @@ def test_kill_9_of_a_broker_while_alice_talks(backend: Backend, tmp_path: Path) 
         b.kill()
 
 
+@pytest.mark.timeout(60)
+def test_dms_sent_while_the_recipients_broker_is_dead_reach_her_on_the_next(backend: Backend, tmp_path: Path) -> None:
+    """bob's DMs routed to dead broker A (alice's name is still A's) are handed to alice on B."""
+    extra = ["--backplane", backend.url, "--heartbeat-ms", str(HEARTBEAT_MS), "--rate-limit", "0"]
+    a = BrokerProcess(tmp_path / "a", extra=extra).start()
+    b = BrokerProcess(tmp_path / "b", extra=extra).start()
+    alice = Client("alice", hosts=[f"{HOST}:{a.port}:{a.pub_port}", f"{HOST}:{b.port}:{b.pub_port}"])
+    bob = Client("bob", hosts=[f"{HOST}:{b.port}:{b.pub_port}"])
+    try:
+        alice.connect()
+        bob.connect()
+        a.kill()  # SIGKILL: alice's name stays A's until she resumes elsewhere (or A is reaped)
+        acks = [bob.dm_wait("alice", f"while you move {i}") for i in range(3)]
+        assert [ack.text for ack in acks] == [f"while you move {i}" for i in range(3)]  # acked: accepted
+        got: list[Event] = []
+        collect(alice, got, lambda: len([e for e in got if e.type == "dm"]) >= 3, 20)
+        assert [e.text for e in got if e.type == "dm"] == [f"while you move {i}" for i in range(3)]
+        assert any(e.type == "status" and str(b.port) in (e.text or "") for e in got)
+        assert "DM(s) for alice taken from the inbox" in "".join(b.log)
+    finally:
+        alice.close(flush_timeout=0.2)
+        bob.close(flush_timeout=0.2)
+        a.kill()
+        b.kill()
+
+
 def test_a_broker_presumed_dead_takes_its_sessions_back(
     nodes: Callable[[], Node], clients: Callable[..., Client], backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
