@@ -164,6 +164,26 @@ return {0, ''}
 # KEYS: the broker's alive key, its reaping lock ; ARGV: reaper id, lease (ms).
 # The lock is taken only while the broker is still dead: one that came back
 # (its alive key refreshed) cannot be reaped.
+# KEYS[1] = a broker's inbox; ARGV[1] = a name. Takes (deletes and returns) the DMs
+# for that name: filtered inside Redis, so a failover of many sessions from a dead
+# broker moves only their DMs, not every entry of the inbox once per session.
+_RESCUE = """
+local out = {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local fields, kind, to, body = entry[2], nil, nil, nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'k' then kind = fields[i + 1]
+    elseif fields[i] == 'to' then to = fields[i + 1]
+    elseif fields[i] == 'b' then body = fields[i + 1] end
+  end
+  if kind == 'dm' and to == ARGV[1] then
+    redis.call('XDEL', KEYS[1], entry[1])
+    out[#out + 1] = body
+  end
+end
+return out
+"""
+
 _LOCK_DEAD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -278,6 +298,7 @@ class Backplane:
         self._release = self.r.register_script(_RELEASE)
         self._set_rooms = self.r.register_script(_SET_ROOMS)
         self._assert = self.r.register_script(_ASSERT)
+        self._rescue = self.r.register_script(_RESCUE)
         self.cluster = isinstance(self.r, RedisCluster)
 
     # ------------------------------------------------------------ lifecycle
@@ -479,18 +500,13 @@ class Backplane:
         """Take the DMs for ``name`` still waiting in ``broker``'s inbox (it lost the session to us).
 
         A DM routed to the old owner before the takeover would otherwise wait
-        there for a reader that is gone (a broker that died) or that no longer
-        has the session. Each entry is taken by whoever deletes it: if the old
-        broker is alive and hands one over too, the client drops the copy (it
-        knows the DM by sender and id).
+        there for a reader that is gone (a broker that died). A live old broker
+        forwards what it reads for a session it no longer has; if it hands one
+        over to the old connection as well, the client drops the copy (it knows
+        DMs by sender and id).
         """
-        key = broker_key(broker, "inbox")
-        rescued: list[bytes] = []
-        entries: Any = self.r.xrange(key, count=INBOX_MAXLEN) or []
-        for entry_id, fields in entries:
-            if fields.get(b"k") == b"dm" and _s(fields.get(b"to", b"")) == name and self.r.xdel(key, entry_id):
-                rescued.append(fields.get(b"b", b""))
-        return rescued
+        bodies: Any = self._rescue(keys=[broker_key(broker, "inbox")], args=[name])
+        return [bytes(b) for b in bodies or ()]
 
     # -------------------------------------------------------------- reaper
 

@@ -264,3 +264,19 @@ def test_dms_are_not_kept_in_redis_after_delivery(srv: RedisServer, ctx: zmq.Con
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_takeover_takes_only_that_names_dms_from_the_old_inbox(srv: RedisServer) -> None:
+    a, b = bpmod.Backplane(srv.url, "A"), bpmod.Backplane(srv.url, "B")
+    try:
+        b.send_to_broker("A", "dm", "alice", b"one")
+        b.send_to_broker("A", "dm", "carol", b"for carol")
+        b.send_to_broker("A", "takeover", "alice")
+        b.send_to_broker("A", "dm", "alice", b"two")
+        assert b.rescue_dms("A", "alice") == [b"one", b"two"]
+        assert b.rescue_dms("A", "alice") == []  # each DM is taken once
+        left = [(f[b"k"], f[b"to"]) for _id, f in a.r.xrange(bpmod.broker_key("A", "inbox"))]
+        assert left == [(b"dm", b"carol"), (b"takeover", b"alice")]
+    finally:
+        a.close()
+        b.close()
