@@ -161,12 +161,10 @@ end
 return {0, ''}
 """
 
-# KEYS: the broker's alive key, its reaping lock ; ARGV: reaper id, lease (ms).
-# The lock is taken only while the broker is still dead: one that came back
-# (its alive key refreshed) cannot be reaped.
-# KEYS[1] = a broker's inbox; ARGV[1] = a name. Takes (deletes and returns) the DMs
-# for that name: filtered inside Redis, so a failover of many sessions from a dead
-# broker moves only their DMs, not every entry of the inbox once per session.
+# KEYS[1] = a broker's inbox; ARGV[1] = a name. The ids and bodies of the DMs for
+# that name, filtered inside Redis (only they cross the network). Nothing is
+# deleted here: the caller deletes them once their replies are queued, so a call
+# that times out on our side loses nothing.
 _RESCUE = """
 local out = {}
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
@@ -177,13 +175,16 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
     elseif fields[i] == 'b' then body = fields[i + 1] end
   end
   if kind == 'dm' and to == ARGV[1] then
-    redis.call('XDEL', KEYS[1], entry[1])
+    out[#out + 1] = entry[1]
     out[#out + 1] = body
   end
 end
 return out
 """
 
+# KEYS: the broker's alive key, its reaping lock ; ARGV: reaper id, lease (ms).
+# The lock is taken only while the broker is still dead: one that came back
+# (its alive key refreshed) cannot be reaped.
 _LOCK_DEAD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -496,17 +497,21 @@ class Backplane:
             approximate=True,
         )
 
-    def rescue_dms(self, broker: str, name: str) -> list[bytes]:
-        """Take the DMs for ``name`` still waiting in ``broker``'s inbox (it lost the session to us).
+    def waiting_dms(self, broker: str, name: str) -> list[tuple[bytes, bytes]]:
+        """The DMs for ``name`` still waiting in ``broker``'s inbox, as (entry id, body), oldest first.
 
-        A DM routed to the old owner before the takeover would otherwise wait
-        there for a reader that is gone (a broker that died). A live old broker
-        forwards what it reads for a session it no longer has; if it hands one
-        over to the old connection as well, the client drops the copy (it knows
-        DMs by sender and id).
+        After a takeover they would wait there for a reader that is gone (a
+        broker that died): the new owner hands them over, then calls
+        :meth:`drop_dms`. A live old broker also forwards what it reads for a
+        session it no longer has; a copy that arrives twice is dropped by the
+        client (it knows DMs by sender and id).
         """
-        bodies: Any = self._rescue(keys=[broker_key(broker, "inbox")], args=[name])
-        return [bytes(b) for b in bodies or ()]
+        flat: Any = self._rescue(keys=[broker_key(broker, "inbox")], args=[name]) or []
+        return [(bytes(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def drop_dms(self, broker: str, ids: Sequence[bytes]) -> None:
+        if ids:
+            self.r.xdel(broker_key(broker, "inbox"), *ids)
 
     # -------------------------------------------------------------- reaper
 

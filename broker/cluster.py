@@ -343,13 +343,24 @@ class ClusterCore(Core):
         return actions
 
     def _rescue_dms(self, session: Session, previous: str) -> list[Action]:
-        """DMs routed to the broker this session came from, and not handed over there."""
+        """DMs routed to the broker this session came from, and not handed over there.
+
+        After the welcome, whatever happens: a backplane that fails here costs
+        the rescue (the DMs stay where they are, and go with the old inbox when
+        that broker is reaped), not the resume.
+        """
         actions: list[Action] = []
-        for body in self.bp.rescue_dms(previous, session.name):
-            try:
-                actions.append(Reply(session.identity, p.decode(body, p.MAX_REPLY_BYTES)))
-            except ProtocolError as exc:
-                log.error("unreadable DM for %s in the inbox of %s dropped: %s", session.name, previous, exc)
+        try:
+            waiting = self.bp.waiting_dms(previous, session.name)
+            for _entry, body in waiting:
+                try:
+                    actions.append(Reply(session.identity, p.decode(body, p.MAX_REPLY_BYTES)))
+                except ProtocolError as exc:
+                    log.error("unreadable DM for %s in the inbox of %s dropped: %s", session.name, previous, exc)
+            self.bp.drop_dms(previous, [entry for entry, _body in waiting])
+        except bpmod.Errors as exc:
+            log.warning("DMs for %s in the inbox of broker %s not taken over: %s", session.name, previous, exc)
+            self._failed(exc, self._clock)
         if actions:
             log.info("%d DM(s) for %s taken from the inbox of broker %s", len(actions), session.name, previous)
         return actions

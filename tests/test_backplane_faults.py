@@ -273,10 +273,32 @@ def test_a_takeover_takes_only_that_names_dms_from_the_old_inbox(srv: RedisServe
         b.send_to_broker("A", "dm", "carol", b"for carol")
         b.send_to_broker("A", "takeover", "alice")
         b.send_to_broker("A", "dm", "alice", b"two")
-        assert b.rescue_dms("A", "alice") == [b"one", b"two"]
-        assert b.rescue_dms("A", "alice") == []  # each DM is taken once
+        waiting = b.waiting_dms("A", "alice")
+        assert [body for _id, body in waiting] == [b"one", b"two"]
+        assert [body for _id, body in b.waiting_dms("A", "alice")] == [b"one", b"two"]  # still there
+        b.drop_dms("A", [entry for entry, _body in waiting])
+        assert b.waiting_dms("A", "alice") == []  # handed over once
         left = [(f[b"k"], f[b"to"]) for _id, f in a.r.xrange(bpmod.broker_key("A", "inbox"))]
         assert left == [(b"dm", b"carol"), (b"takeover", b"alice")]
     finally:
         a.close()
         b.close()
+
+
+def test_a_resume_whose_dm_rescue_fails_is_still_welcomed_and_the_dms_stay(srv: RedisServer) -> None:
+    """Redis failing during the rescue costs the rescue, not the resume, and loses no DM."""
+    a, b = core(srv.url, "A"), core(srv.url, "B")
+    try:
+        welcome = req(a, b"\x00a1", {"type": "hello", "v": 1, "name": "alice"}, 0)[0]
+        b.bp.send_to_broker("A", "dm", "alice", b"kept")
+
+        def fails(broker: str, name: str) -> list[tuple[bytes, bytes]]:
+            raise redis.exceptions.ConnectionError("Redis went away mid-rescue")
+
+        b.bp.waiting_dms = fails  # type: ignore[method-assign]
+        replies = req(b, b"\x00b1", {"type": "hello", "v": 1, "name": "alice", "resume": welcome["resume"]}, 10)
+        assert [r["type"] for r in replies] == ["welcome"] and replies[0]["resumed"] is True
+        assert [body for _id, body in a.bp.waiting_dms("A", "alice")] == [b"kept"]
+    finally:
+        a.bp.close()
+        b.bp.close()
