@@ -321,7 +321,12 @@ class Backplane:
 
     def deregister(self) -> None:
         """A clean stop: our sessions have ended, so our keys can go."""
-        self.r.delete(broker_key(self.id, "alive"), broker_key(self.id, "names"), broker_key(self.id, "inbox"))
+        self.r.delete(
+            broker_key(self.id, "alive"),
+            broker_key(self.id, "names"),
+            broker_key(self.id, "inbox"),
+            broker_key(self.id, "notices"),
+        )
         self.r.hdel(BROKERS_KEY, self.id)
 
     # --------------------------------------------------------------- names
@@ -487,11 +492,16 @@ class Backplane:
     # ----------------------------------------------------------------- DMs
 
     def send_to_broker(self, broker: str, kind: str, name: str, body: bytes = b"") -> None:
-        # (The inbox reader deletes each entry once it has handed it over: a DM
-        # passes through Redis, it is not kept there.)
-        """Put a DM (``kind`` "dm", body the event) or a takeover notice into a broker's inbox."""
+        """Put a DM (``kind`` "dm", body the event) into a broker's inbox, or a
+        takeover notice (``kind`` "takeover") into its notices.
+
+        Its listener deletes each entry once it has handed it over: a DM passes
+        through Redis, it is not kept there. Notices have a Stream of their own
+        (same slot): a failover of thousands of sessions leaves thousands of
+        them with a dead broker, and they must not trim its DMs away.
+        """
         self.r.xadd(
-            broker_key(broker, "inbox"),
+            broker_key(broker, "notices" if kind == "takeover" else "inbox"),
             {"k": kind, "to": name, "b": body},
             maxlen=INBOX_MAXLEN,
             approximate=True,
@@ -562,7 +572,7 @@ class Backplane:
         if self.r.exists(broker_key(dead, "alive")):
             self.unlock_reap(dead)  # it came back meanwhile: from here on, it takes its sessions back
         elif len(names) < REAP_SLICE and not self.r.scard(broker_key(dead, "names")):
-            self.r.delete(broker_key(dead, "names"), broker_key(dead, "inbox"))
+            self.r.delete(broker_key(dead, "names"), broker_key(dead, "inbox"), broker_key(dead, "notices"))
             self.r.hdel(BROKERS_KEY, dead)
             self.unlock_reap(dead)
         return ended

@@ -6,7 +6,7 @@ one socket per thread); the loop owns the PULL end. Frames sent to the loop:
 - ``[b"ev", b"ROOM SEQ BODY"]``: a room event, from any broker (ours included);
 - ``[b"sync"]``: the event subscription was (re)made: events may have been missed;
 - ``[b"in", kind, name, body]``: an entry of this broker's inbox (a DM for one
-  of our users, or a takeover notice).
+  of our users) or of its notices (a session taken over by another broker).
 """
 
 from __future__ import annotations
@@ -88,23 +88,26 @@ class EventListener(_Listener):
 
 
 class InboxListener(_Listener):
-    """This broker's inbox Stream: DMs for its users and takeover notices."""
+    """This broker's inbox Stream (DMs for its users) and its notices Stream (takeovers)."""
 
     def __init__(self, ctx: zmq.Context[Any], url: str, stop: threading.Event, broker_id: str) -> None:
         super().__init__(ctx, url, stop, "zchat-inbox")
-        self.key = bpmod.broker_key(broker_id, "inbox")
-        self.last = "0-0"
+        # Two Streams of one hash tag (one slot): takeover notices, one per
+        # session that moved away, never crowd DMs out of the inbox's trim
+        # bound, and a new owner looking for DMs left there scans DMs only.
+        self.last = {bpmod.broker_key(broker_id, "inbox"): "0-0", bpmod.broker_key(broker_id, "notices"): "0-0"}
 
     def listen(self, send: Callable[[list[bytes]], Any]) -> None:
         r: Any = bpmod.connect(self.url, timeout=POLL_S + 2)
         try:
             while not self.stop.is_set():
-                res = r.xread({self.key: self.last}, count=256, block=int(POLL_S * 1000))
-                for _key, entries in res or ():
+                res = r.xread(dict(self.last), count=256, block=int(POLL_S * 1000))
+                for raw_key, entries in res or ():
+                    key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
                     for entry_id, fields in entries:
                         send([b"in", fields.get(b"k", b""), fields.get(b"to", b""), fields.get(b"b", b"")])
-                        self.last = entry_id
+                        self.last[key] = entry_id
                     # Handed over: a DM passes through Redis, it is not kept there.
-                    r.xdel(self.key, *(entry_id for entry_id, _fields in entries))
+                    r.xdel(key, *(entry_id for entry_id, _fields in entries))
         finally:
             r.close()

@@ -334,7 +334,7 @@ def test_keys_of_a_room_share_one_slot() -> None:
     for room in ("general", "x", "a-b_c"):
         keys = [bpmod.room_key(room, part) for part in ("seq", "log", "members", "ids:1", "ids:0")]
         assert len({key_slot(k.encode()) for k in keys}) == 1
-    assert len({key_slot(bpmod.broker_key("b1", p).encode()) for p in ("names", "inbox", "alive")}) == 1
+    assert len({key_slot(bpmod.broker_key("b1", p).encode()) for p in ("names", "inbox", "notices", "alive")}) == 1
 
 
 # ---------------------------------------------------------------- failover

@@ -279,7 +279,9 @@ def test_a_takeover_takes_only_that_names_dms_from_the_old_inbox(srv: RedisServe
         b.drop_dms("A", [entry for entry, _body in waiting])
         assert b.waiting_dms("A", "alice") == []  # handed over once
         left = [(f[b"k"], f[b"to"]) for _id, f in a.r.xrange(bpmod.broker_key("A", "inbox"))]
-        assert left == [(b"dm", b"carol"), (b"takeover", b"alice")]
+        assert left == [(b"dm", b"carol")]
+        notices = [(f[b"k"], f[b"to"]) for _id, f in a.r.xrange(bpmod.broker_key("A", "notices"))]
+        assert notices == [(b"takeover", b"alice")]  # a Stream of their own: they never trim DMs away
     finally:
         a.close()
         b.close()
