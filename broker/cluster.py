@@ -291,17 +291,18 @@ class ClusterCore(Core):
             # A resume on this broker: local rules, but the backplane must say
             # we own the name again (it may have moved away and back meanwhile).
             presented = env.get("resume")
+            moved_from = None
             if presented is not None and not (self.down and self._clock < self.down_until):
                 self.flush()
                 claim = self.bp.claim(name, presented, holder.token, holder.sender)
                 if claim.outcome == "resumed" and claim.previous and claim.previous != self.bp.id:
                     self.bp.send_to_broker(claim.previous, "takeover", name)
-                    actions = super()._hello(identity, session, env, now)
-                    back = self.by_name.get(name)
-                    if back is not None and back.identity == identity:
-                        actions.extend(self._rescue_dms(back, claim.previous))
-                    return actions
-            return super()._hello(identity, session, env, now)
+                    moved_from = claim.previous
+            actions = super()._hello(identity, session, env, now)
+            back = self.by_name.get(name)
+            if moved_from is not None and back is not None and back.identity == identity:
+                actions.extend(self._rescue_dms(back, moved_from))
+            return actions
         rid = env.get("id")
         if len(self.by_name) >= self.limits.max_sessions:
             return self.reject(

@@ -583,7 +583,8 @@ class Broker:
                     sock.disable_monitor()
         for mon in monitors:
             mon.close(linger=0)
-        stuck = getattr(self, "writer", None) is not None and not self.writer.close()  # type: ignore[union-attr]
+        writer: Writer | None = getattr(self, "writer", None)  # absent if __init__ failed early
+        stuck = writer is not None and not writer.close()
         for sock in (self.router, self.pub):
             if not sock.closed:
                 sock.close()

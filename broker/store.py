@@ -1,7 +1,8 @@
 """The embedded store: every room event, in SQLite (WAL), keyed by (room, seq).
 
-The loop appends everything one pass produced in a single transaction and only
-then acknowledges or publishes it, so "acked" means "committed". The unique
+Each loop pass's rows are committed in one transaction (by the loop, or by the
+writer thread, which may merge several passes into one) and only then
+acknowledged or published, so "acked" means "committed". The unique
 (room, seq) key makes a reused ``seq`` impossible rather than merely
 unlikely.
 """

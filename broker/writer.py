@@ -42,8 +42,7 @@ class Writer:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.bind(self._endpoint)
         self._queue: queue.SimpleQueue[tuple[int, list[Row]] | None] = queue.SimpleQueue()
-        self._tickets = itertools.count(1)
-        #: The last ticket handed out, and the last one known durable.
+        #: The last ticket handed out (tickets count up from 1), and the last one known durable.
         self.submitted = 0
         self.durable = 0
         self._thread = threading.Thread(target=self._run, name="zchat-writer", daemon=True)
@@ -53,9 +52,9 @@ class Writer:
 
     def submit(self, rows: list[Row]) -> int:
         """Queue rows for the next commit; their ticket is durable once :attr:`durable` reaches it."""
-        ticket = self.submitted = next(self._tickets)
-        self._queue.put((ticket, rows))
-        return ticket
+        self.submitted += 1
+        self._queue.put((self.submitted, rows))
+        return self.submitted
 
     def append_now(self, rows: list[Row]) -> None:
         """Commit on the caller's thread; only while nothing submitted is still in flight.
