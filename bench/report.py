@@ -76,6 +76,13 @@ def total_us(r: Result) -> float | None:
     return r.server_us_per_message + (r.backplane_us_per_message or 0.0)
 
 
+def rss_per_client(r: Result) -> float | None:
+    """Growth of the server's RSS over an idle point, per connected client (KiB)."""
+    if r.rss_before_kib is None or r.rss_after_kib is None:
+        return None
+    return (r.rss_after_kib - r.rss_before_kib) / r.point.subscribers
+
+
 def table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
@@ -651,16 +658,14 @@ class Report:
 
     def idle_per_client(self, target: str, rooms: int = 1) -> float | None:
         r = self.idle(target, rooms)
-        if r is None or r.rss_before_kib is None or r.rss_after_kib is None:
-            return None
-        return (r.rss_after_kib - r.rss_before_kib) / r.point.subscribers
+        return None if r is None else rss_per_client(r)
 
     def idle_section(self) -> list[str]:
         rows = []
         for r in self.results:
             if not r.point.idle:
                 continue
-            per = self.idle_per_client(r.point.target)
+            per = rss_per_client(r)
             c = r.connect_s
             rows.append(
                 [

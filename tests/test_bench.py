@@ -1,0 +1,59 @@
+"""The benchmark suite itself: its report from saved results, and real points through the harness.
+
+The figures are not checked against targets here (targets live in `python -m bench`); these tests
+show that the harness measures what it says and that the report prints each row's own numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import cli
+from bench.harness import Pinning, Point, Timing, run_point
+
+REPO = Path(__file__).resolve().parents[1]
+SAVED = REPO / "bench" / "results" / "full.json"
+
+
+@pytest.mark.timeout(60)
+def test_the_report_from_saved_results_gives_each_idle_row_its_own_growth(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    assert cli.main(["--from-json", str(SAVED), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## Headline" in text
+    idle = [r for r in json.loads(SAVED.read_text())["results"] if r["point"]["idle"] and not r["error"]]
+    assert len({(r["point"]["target"], r["point"]["rooms"]) for r in idle}) >= 3
+    lines = text.splitlines()
+    for r in idle:
+        before, after = r["rss_before_kib"], r["rss_after_kib"]
+        clients = r["point"]["rooms"] * r["point"]["members"]
+        row = next(line for line in lines if f"| {before:,} -> {after:,} |" in line)
+        assert f"| {(after - before) / clients:.1f} |" in row, row
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("target", ["zchat", "naive"])
+def test_a_fixed_rate_point_delivers_every_message_and_times_it(target: str, tmp_path: Path) -> None:
+    point = Point(target, rooms=1, members=2, size=100, rate=200.0)
+    r = run_point(point, Timing(warmup=0.3, duration=1.0, grace=0.5), Pinning(), 1, tmp_path)
+    assert r.error is None
+    assert r.loss == 0.0
+    assert 150 <= r.delivered <= 250, r.delivered
+    p50, p99 = r.latency_us["p50"], r.latency_us["p99"]
+    assert p50 is not None and p99 is not None and 0 < p50 <= p99 < 1_000_000
+    assert r.server_cpu is not None and r.server_cpu > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_an_idle_point_measures_the_brokers_memory_and_connect_time(tmp_path: Path) -> None:
+    point = Point("zchat", rooms=2, members=10, size=100, rate=None, sessions=True, idle=True)
+    r = run_point(point, Timing(1.0, 2.0, 1.0), Pinning(), 2, tmp_path)
+    assert r.error is None
+    assert r.rss_before_kib is not None and r.rss_after_kib is not None
+    assert r.rss_after_kib >= r.rss_before_kib
+    assert 0 < r.connect_s["welcome"] <= r.connect_s["joined"] < 30
