@@ -55,6 +55,9 @@ class Point:
     tag: str = ""
     #: Set when a group re-measures another group's workload (scale-out), so their points stay apart.
     series: str = ""
+    #: Idle points: after the first RSS sample, each member's session makes this many
+    #: request/reply round trips (its heartbeat pings, sped up), then RSS is sampled again.
+    pings: int = 0
 
     @property
     def subscribers(self) -> int:
@@ -83,6 +86,8 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)
     #: CPU of the server: summed over every broker process when there are several.
     server_cpu: float | None = None
+    #: Idle points with pings: the server's VmRSS after the round trips.
+    rss_pinged_kib: int | None = None
     #: CPU of the server's main thread alone (near 100%: a single-threaded loop is the bottleneck);
     #: with several brokers, their main threads summed.
     server_main_cpu: float | None = None
@@ -163,6 +168,15 @@ def run_point(point: Point, timing: Timing, pins: Pinning, workers: int, root: P
             time.sleep(1.0)
             if pid is not None:
                 result.rss_after_kib = rss_kib(pid)
+            if point.pings:
+                for _, conn in procs:
+                    conn.send(("roundtrips", point.pings))
+                done_by = time.monotonic() + 150
+                for _, conn in procs:
+                    _expect(conn, "roundtrips", done_by, "members")
+                time.sleep(1.0)
+                if pid is not None:
+                    result.rss_pinged_kib = rss_kib(pid)
             for _, conn in procs:
                 conn.send(("close", None))
             return result

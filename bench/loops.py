@@ -95,7 +95,10 @@ def members_main(
                 break
             while conn.poll():
                 cmd, arg = conn.recv()
-                if cmd == "window":
+                if cmd == "roundtrips":
+                    driver.roundtrips(arg, time.monotonic() + 120)
+                    conn.send(("roundtrips", None))
+                elif cmd == "window":
                     rec.start, rec.stop, end_ns = arg
                     end = end_ns / 1e9
                 elif cmd == "expect":

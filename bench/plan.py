@@ -20,6 +20,9 @@ from bench.harness import Point, Timing
 
 ZCHAT = "zchat"
 SCALE_OUT = "scale-out"
+#: Round trips each idle client makes after the first memory sample of the idle-rooms group:
+#: a client pings every heartbeat (5 s) when quiet, so 300 are 25 minutes of idling.
+IDLE_PINGS = 300
 #: The scale-out group's common offered rate (msg/s; x100 deliveries): well under every
 #: system's capacity on the 2-core machine, so latency and CPU per message compare unloaded.
 SCALE_OUT_RATE = 500.0
@@ -93,6 +96,8 @@ class Group:
     fixed_rate: float | None = None
     #: Marks this group's points (see Point.series).
     series: str = ""
+    #: Idle groups: round trips per client after the first memory sample (see Point.pings).
+    pings: int = 0
 
     def point(self, target: str, rate: float | None, tag: str) -> Point:
         return Point(target, self.rooms, self.members, self.size, rate, self.sessions, tag=tag, series=self.series)
@@ -163,15 +168,17 @@ def groups(mode: Mode, peers: tuple[str, ...]) -> list[Group]:
         Group("idle", f"{mode.idle_clients} idle clients", "idle", ("zchat", "naive"), clients=mode.idle_clients)
     )
     # The same clients spread over 100 rooms: one room of 1,000 is the worst case
-    # (every join is a presence event to everyone already there).
+    # (every join is a presence event to everyone already there). Then 25 minutes'
+    # worth of pings, beside libzmq alone carrying the same round trips.
     out.append(
         Group(
             "idle-rooms",
-            f"{mode.idle_clients} idle clients in 100 rooms",
+            f"{mode.idle_clients} idle clients in 100 rooms, then {IDLE_PINGS} pings each",
             "idle",
-            ("zchat",),
+            ("zchat", "zmq-echo"),
             rooms=100,
             clients=mode.idle_clients,
+            pings=IDLE_PINGS,
         )
     )
     if peers:

@@ -68,7 +68,9 @@ class Run:
             for target in g.targets:
                 clients = min(g.clients, get_target(target).max_idle_clients)
                 rooms = min(g.rooms, clients)
-                point = Point(target, rooms, clients // rooms, g.size, None, sessions=True, idle=True, tag="idle")
+                point = Point(
+                    target, rooms, clients // rooms, g.size, None, sessions=True, idle=True, tag="idle", pings=g.pings
+                )
                 self.point(point)
             return
         if g.kind == "fixed":

@@ -50,10 +50,14 @@ def test_a_fixed_rate_point_delivers_every_message_and_times_it(target: str, tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_an_idle_point_measures_the_brokers_memory_and_connect_time(tmp_path: Path) -> None:
-    point = Point("zchat", rooms=2, members=10, size=100, rate=None, sessions=True, idle=True)
+@pytest.mark.parametrize("target", ["zchat", "zmq-echo"])
+def test_an_idle_point_measures_memory_before_and_after_the_clients_pings(target: str, tmp_path: Path) -> None:
+    point = Point(target, rooms=2, members=10, size=100, rate=None, sessions=True, idle=True, pings=20)
     r = run_point(point, Timing(1.0, 2.0, 1.0), Pinning(), 2, tmp_path)
     assert r.error is None
-    assert r.rss_before_kib is not None and r.rss_after_kib is not None
-    assert r.rss_after_kib >= r.rss_before_kib
-    assert 0 < r.connect_s["welcome"] <= r.connect_s["joined"] < 30
+    assert r.rss_before_kib is not None and r.rss_after_kib is not None and r.rss_pinged_kib is not None
+    assert min(r.rss_after_kib, r.rss_pinged_kib) > 0
+    if target == "zchat":
+        assert 0 < r.connect_s["welcome"] <= r.connect_s["joined"] < 30
+    else:
+        assert 0 < r.connect_s["connected"] < 30

@@ -25,6 +25,12 @@ def _naive() -> Target:
     return Naive()
 
 
+def _echo() -> Target:
+    from bench.targets.zmq_family import ZmqEcho
+
+    return ZmqEcho()
+
+
 def _raw() -> Target:
     from bench.targets.zmq_family import RawPubSub
 
@@ -71,6 +77,7 @@ FACTORIES: dict[str, Callable[[], Target]] = {
     "zchat-normal": _zchat_normal,
     "naive": _naive,
     "raw": _raw,
+    "zmq-echo": _echo,
     **{f"zchat-bp-{n}": _zchat_bp(n) for n in SCALE_OUT},
     "redis": _redis,
     "mosquitto": _mosquitto,

@@ -67,6 +67,10 @@ class Members(ABC):
     def pump(self, timeout: float, sink: PayloadSink) -> None:
         """Wait up to ``timeout`` s for traffic and hand every payload received to ``sink``."""
 
+    def roundtrips(self, rounds: int, deadline: float) -> None:
+        """Each member's session makes ``rounds`` request/reply round trips (its idle pings, sped up)."""
+        raise NotImplementedError(f"{type(self).__name__} has no round trips")
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Disconnect (best effort)."""
 

@@ -18,7 +18,18 @@ import msgpack
 import zmq
 
 from bench.proc import Server, free_port, start_server
-from bench.targets.base import AckSink, ClientSpec, Member, Members, Msg, PayloadSink, Sender, Target, until
+from bench.targets.base import (
+    AckSink,
+    ClientSpec,
+    Member,
+    Members,
+    Msg,
+    PayloadSink,
+    Sender,
+    Target,
+    TargetUnavailable,
+    until,
+)
 
 #: Matches the ready line of zchat-broker and of bench.naive.
 READY = r"ready: requests on (tcp://[\d.]+:\d+), room events on (tcp://[\d.]+:\d+)"
@@ -160,6 +171,25 @@ class ZmqMembers(Members):
                 self.ready.again(sock, index)
         if self.hello:
             self._ping()
+
+    def roundtrips(self, rounds: int, deadline: float) -> None:
+        """Every DEALER sends a ping and waits for its answer (zchat: pong; the echo: the ping), ``rounds`` times."""
+        ping = msgpack.packb({"type": "ping"})
+        for d in self.dealers:
+            while d.poll(0):
+                d.recv()  # answers to the pings of pump()
+        for _ in range(rounds):
+            for d in self.dealers:
+                d.send(ping)
+            for d in self.dealers:
+                if not d.poll(until(deadline, "round trips") * 1000):
+                    raise RuntimeError("no answer to a ping in time")
+                reply = d.recv()
+                if self.hello and msgpack.unpackb(reply).get("type") != "pong":
+                    raise RuntimeError(f"expected a pong, got {msgpack.unpackb(reply)!r}")
+                if not self.hello and reply != ping:
+                    raise RuntimeError(f"the echo answered {reply!r}")
+        self.ping_started, self.pinged = time.monotonic(), 0
 
     def _ping(self) -> None:
         """Ping the sessions whose turn has come: each one once per PING_EVERY_S, evenly spread."""
@@ -375,6 +405,37 @@ class Naive(Target):
 
     def sender(self, spec: ClientSpec) -> Sender:
         return NaiveSender(spec)
+
+
+class ZmqEcho(Target):
+    """libzmq alone (``bench.naive --echo``): what a client's two connections cost any ZeroMQ broker."""
+
+    name = "zmq-echo"
+    label = "libzmq alone (ROUTER echo + PUB, bench/naive.py --echo)"
+
+    def check(self) -> None:
+        pass
+
+    def start(self, workdir: Path, cpus: set[int] | None) -> Server:
+        argv = [sys.executable, "-m", "bench.naive", "--echo", "--port", "0", "--pub-port", "0"]
+        proc, match = start_server(self.name, argv, ready=READY, log_path=workdir / "server.log", cpus=cpus)
+        assert match is not None
+        return Server(
+            self.name,
+            proc,
+            {"router": match[1], "pub": match[2]},
+            "python -m bench.naive --echo",
+            workdir / "server.log",
+        )
+
+    def members(self, spec: ClientSpec) -> Members:
+        return ZmqMembers(spec, hello=False, dealer=True)
+
+    def sender(self, spec: ClientSpec) -> Sender:
+        raise TargetUnavailable("the echo server takes no load; it is for the idle benchmark")
+
+    def versions(self) -> dict[str, str]:
+        return _zmq_versions()
 
 
 class RawPubSub(Target):
