@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
+from broker import store as store_module
 from broker.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
 from client.lib import BrokerUnreachable, Client
-from tests.conftest import HOST, BrokerProcess
+from tests.conftest import HOST, BrokerProcess, wait_for
 
 
 def all_history(client: Client, room: str) -> list[tuple[int, str | None, str | None]]:
@@ -78,6 +80,30 @@ def test_client_reports_unreachable_broker_after_crash(tmp_path: Path) -> None:
             client.who("general")
     finally:
         client.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_checkpoints_copy_the_wal_back_and_keep_it_bounded_under_constant_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small commits one after another (a busy broker's pattern) never let a passive checkpoint
+    catch up; without the RESTART the WAL would grow by two 4 KiB pages a commit, ~70 MB here."""
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 256)
+    store = Store(tmp_path, "normal")
+    wal, db = tmp_path / f"{DB_NAME}-wal", tmp_path / DB_NAME
+    try:
+        seq = 0
+        for _ in range(8000):
+            store.append([("r", seq + i, seq, "ann", f"m{seq + i}", b"x" * 100) for i in range(1, 4)])
+            seq += 3
+            time.sleep(0.0002)  # a loop pass between commits
+        assert store.commits == 8000
+        # A restarted WAL is written again from its start: the file is as big as the WAL ever was.
+        assert wal.stat().st_size < 24 << 20, wal.stat().st_size
+        wait_for(lambda: db.stat().st_size > 2 << 20, 10)  # the rows reached the database file
+        assert store.history("r", seq - 3, 10) == [b"x" * 100] * 3
+    finally:
+        store.close()
 
 
 def test_recent_acks_are_the_newest_across_rooms_oldest_first(tmp_path: Path) -> None:
