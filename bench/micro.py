@@ -5,6 +5,7 @@
     python -m bench.micro commit   # store commit latency (p50/p99/p99.9/max) for small batches
     python -m bench.micro rows     # WAL bytes per stored row: schema 1 (WITHOUT ROWID) vs 2, 100 B and 1 KiB
     python -m bench.micro sessions # Python heap per session (hello + join), by tracemalloc
+    python -m bench.micro append   # store CPU per row, commits of 3, 30 and 300 rows (on /dev/shm: no disk)
 
 They measure one mechanism each, not the broker; the suite (``python -m bench``)
 measures the broker.
@@ -162,6 +163,23 @@ def sessions(n: int = 1000) -> None:
     print(f"{n} sessions: {(after - before) / n / 1024:.2f} KiB of Python heap per session (hello + join)")
 
 
+def append(n: int = 120_000) -> None:
+    """CPU of Store.append per row, for the commit sizes of a quiet and of a busy broker."""
+    from broker.store import Store
+
+    where = "/dev/shm" if Path("/dev/shm").is_dir() else None  # the CPU, not the disk
+    for batch in (3, 30, 300):
+        with tempfile.TemporaryDirectory(dir=where) as tmp:
+            store = Store(Path(tmp), "normal")
+            rows = [("r", i, i, "ann", f"m{i}", b"x" * 130) for i in range(1, n + 1)]
+            started = time.process_time()
+            for k in range(0, n, batch):
+                store.append(rows[k : k + batch])
+            used = time.process_time() - started
+            store.close()
+        print(f"commits of {batch:>3} rows: {used / n * 1e6:.2f} us of CPU per row (the process: with its checkpoints)")
+
+
 def main(argv: list[str]) -> int:
     what: dict[str, Callable[[], None]] = {
         "window": window,
@@ -169,6 +187,7 @@ def main(argv: list[str]) -> int:
         "commit": commit,
         "rows": rows,
         "sessions": sessions,
+        "append": append,
     }
     if len(argv) != 1 or argv[0] not in what:
         print(__doc__)

@@ -67,6 +67,21 @@ _UPGRADE_FROM_1 = (
 #: One stored event: (room, seq, ts, name, msg_id, body).
 Row = tuple[str, int, int, str | None, str | None, bytes]
 
+#: Rows go in by multi-row INSERTs: one statement step per chunk rather than one
+#: per row (executemany). Each step releases the GIL and must win it back from the
+#: loop, and each has its own overhead: ``python -m bench.micro append`` measured
+#: 1.5 against 2.5 us per row in commits of 300 rows, 2.6 against 3.4 in commits
+#: of 30, the same in commits of 3. Chunks are of 1-16 rows or a power of two up
+#: to 256, so the distinct statements stay few (20) and all stay prepared.
+_EXACT_UP_TO = 16
+_MAX_CHUNK = 256
+_INSERTS = {
+    # Built from constants and placeholders only: the values are bound, never formatted in.
+    n: "INSERT INTO events (room, seq, ts, name, msg_id, body) VALUES "  # noqa: S608
+    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * n)
+    for n in [*range(1, _EXACT_UP_TO + 1), *(1 << k for k in range(5, _MAX_CHUNK.bit_length()))]
+}
+
 
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/zchat``, else ``~/.local/share/zchat``."""
@@ -200,11 +215,15 @@ class Store:
     def append(self, rows: Iterable[Row]) -> None:
         """Commit rows in one transaction, or raise StoreError."""
         try:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO events (room, seq, ts, name, msg_id, body) VALUES (?, ?, ?, ?, ?, ?)", rows
-            )
-            self._db.execute("COMMIT")
+            rows = rows if isinstance(rows, list) else list(rows)
+            db, flat, left, at = self._db, itertools.chain.from_iterable, len(rows), 0
+            db.execute("BEGIN")
+            while left:
+                size = left if left <= _EXACT_UP_TO else min(_MAX_CHUNK, 1 << (left.bit_length() - 1))
+                db.execute(_INSERTS[size], list(flat(rows[at : at + size])))
+                at += size
+                left -= size
+            db.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
             if self._db.in_transaction:
