@@ -81,6 +81,8 @@ class Result:
     #: Fraction of the messages sent in the window that some subscriber did not get.
     loss: float = 0.0
     latency_us: dict[str, float | None] = field(default_factory=dict)
+    #: Latency points run several times: every run's delivery p99 (this result is the median run).
+    p99_runs_us: list[float | None] = field(default_factory=list)
     ack_us: dict[str, float | None] = field(default_factory=dict)
     unacked: int | None = None
     errors: dict[str, int] = field(default_factory=dict)

@@ -7,12 +7,15 @@ show that the harness measures what it says and that the report prints each row'
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench import cli
 from bench.harness import Pinning, Point, Timing, run_point
+from bench.plan import QUICK
+from bench.runner import Run
 
 REPO = Path(__file__).resolve().parents[1]
 SAVED = REPO / "bench" / "results" / "full.json"
@@ -61,3 +64,17 @@ def test_an_idle_point_measures_memory_before_and_after_the_clients_pings(target
         assert 0 < r.connect_s["welcome"] <= r.connect_s["joined"] < 30
     else:
         assert 0 < r.connect_s["connected"] < 30
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_latency_point_is_run_several_times_and_the_median_run_kept(tmp_path: Path) -> None:
+    mode = replace(QUICK, latency_runs=3)
+    run = Run(mode, Pinning(), 1, tmp_path)
+    point = Point("naive", rooms=1, members=1, size=100, rate=300.0, tag="lat30")
+    run.latency_points([point])
+    [kept] = run.results
+    assert kept.point == point and kept.error is None
+    runs = kept.p99_runs_us
+    assert len(runs) == 3 and all(v is not None for v in runs)
+    assert kept.latency_us["p99"] == sorted(runs)[1]  # type: ignore[type-var]
