@@ -388,17 +388,18 @@ class Zchat(Target):
 class Naive(Target):
     name = "naive"
     label = "naive forwarder (bench/naive.py)"
+    #: Extra arguments of bench.naive.
+    flags: tuple[str, ...] = ()
 
     def check(self) -> None:
         pass
 
     def start(self, workdir: Path, cpus: set[int] | None) -> Server:
-        argv = [sys.executable, "-m", "bench.naive", "--port", "0", "--pub-port", "0"]
+        argv = [sys.executable, "-m", "bench.naive", *self.flags, "--port", "0", "--pub-port", "0"]
         proc, match = start_server(self.name, argv, ready=READY, log_path=workdir / "server.log", cpus=cpus)
         assert match is not None
-        return Server(
-            self.name, proc, {"router": match[1], "pub": match[2]}, "python -m bench.naive", workdir / "server.log"
-        )
+        shown = " ".join(["python -m bench.naive", *self.flags])
+        return Server(self.name, proc, {"router": match[1], "pub": match[2]}, shown, workdir / "server.log")
 
     def members(self, spec: ClientSpec) -> Members:
         return ZmqMembers(spec, hello=False, dealer=True)
@@ -407,29 +408,12 @@ class Naive(Target):
         return NaiveSender(spec)
 
 
-class ZmqEcho(Target):
+class ZmqEcho(Naive):
     """libzmq alone (``bench.naive --echo``): what a client's two connections cost any ZeroMQ broker."""
 
     name = "zmq-echo"
     label = "libzmq alone (ROUTER echo + PUB, bench/naive.py --echo)"
-
-    def check(self) -> None:
-        pass
-
-    def start(self, workdir: Path, cpus: set[int] | None) -> Server:
-        argv = [sys.executable, "-m", "bench.naive", "--echo", "--port", "0", "--pub-port", "0"]
-        proc, match = start_server(self.name, argv, ready=READY, log_path=workdir / "server.log", cpus=cpus)
-        assert match is not None
-        return Server(
-            self.name,
-            proc,
-            {"router": match[1], "pub": match[2]},
-            "python -m bench.naive --echo",
-            workdir / "server.log",
-        )
-
-    def members(self, spec: ClientSpec) -> Members:
-        return ZmqMembers(spec, hello=False, dealer=True)
+    flags = ("--echo",)
 
     def sender(self, spec: ClientSpec) -> Sender:
         raise TargetUnavailable("the echo server takes no load; it is for the idle benchmark")
