@@ -14,15 +14,18 @@ in the same run, and then measures each at one fixed offered rate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from bench.harness import Point, Timing
+from broker.server import Config
 
 ZCHAT = "zchat"
 SCALE_OUT = "scale-out"
 #: Round trips each idle client makes after the first memory sample of the idle-rooms group:
-#: a client pings every heartbeat (5 s) when quiet, so 300 are 25 minutes of idling.
+#: a client pings every heartbeat when quiet, so 300 are 25 minutes of idling by default.
 IDLE_PINGS = 300
+#: zchat-broker's default heartbeat, which a quiet client pings at (seconds).
+HEARTBEAT_S = next(f.default for f in fields(Config) if f.name == "heartbeat_ms") / 1000
 #: The scale-out group's common offered rate (msg/s; x100 deliveries): well under every
 #: system's capacity on the 2-core machine, so latency and CPU per message compare unloaded.
 SCALE_OUT_RATE = 500.0

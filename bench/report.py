@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.harness import Result
-from bench.plan import SCALE_OUT, ZCHAT, Group
+from bench.plan import HEARTBEAT_S, SCALE_OUT, ZCHAT, Group
 from bench.runner import MAX_LOSS, MIN_DELIVERED, Run, saturated
 
 #: The targets of issue #7.
@@ -682,9 +682,10 @@ class Report:
         if r is None or zchat is None:
             return ""
         echo = self.idle_per_client("zmq-echo", rooms=100, pinged=True)
-        minutes = r.point.pings * 5 / 60
+        minutes = r.point.pings * HEARTBEAT_S / 60
         return (
-            f"; in 100 rooms after {r.point.pings} pings each ({minutes:.0f} min of idling at the 5 s heartbeat): "
+            f"; in 100 rooms after {r.point.pings} pings each "
+            f"({minutes:.0f} min of idling at the {HEARTBEAT_S:g} s heartbeat): "
             f"{zchat:.1f} KiB"
             + (
                 ""

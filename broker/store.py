@@ -28,7 +28,8 @@ DB_NAME = "zchat.sqlite3"
 #: commits running beside it on a real disk (not on tmpfs) for as long as they take.
 #: Measured at 30% of capacity, 1 room x 1, five runs each (medians, every 0.1 s vs
 #: every 0.5 s): delivery p99 3.1 vs 3.7 ms (durability full), 2.4 vs 3.5 ms (normal),
-#: 7.8 vs 13.8 ms with 1 KiB texts; p50 unchanged.
+#: 7.8 vs 13.8 ms with 1 KiB texts; p50 unchanged. To measure again, change this and
+#: run ``python -m bench --only fanout-1,fanout-1-1k --merge`` (its 30% points).
 CHECKPOINT_S = 0.1
 #: Past this many pages of WAL, a checkpoint that makes the WAL start over (see _checkpoint_loop).
 WAL_RESTART_FRAMES = 8192
@@ -220,13 +221,12 @@ class Store:
         """Commit rows in one transaction, or raise StoreError."""
         try:
             rows = rows if isinstance(rows, list) else list(rows)
-            db, flat, left, at = self._db, itertools.chain.from_iterable, len(rows), 0
+            db, flat, at = self._db, itertools.chain.from_iterable, 0
             db.execute("BEGIN")
-            while left:
+            while left := len(rows) - at:
                 size = left if left <= _EXACT_UP_TO else min(_MAX_CHUNK, 1 << (left.bit_length() - 1))
                 db.execute(_INSERTS[size], list(flat(rows[at : at + size])))
                 at += size
-                left -= size
             db.execute("COMMIT")
             self.commits += 1
         except BaseException as exc:
