@@ -32,14 +32,20 @@ def text_of(size: int, ts: int | None) -> str:
     return head + "x" * max(0, size - len(head))
 
 
-def stamp_of(data: bytes) -> int | None:
-    """The send time in a payload, or None (binary framing may contain "~t" by chance)."""
+def stamps_of(data: bytes) -> list[int]:
+    """The send times in a payload: one per message (several in a zchat ``batch`` frame).
+
+    Binary framing may contain "~t" by chance, so only ``~t`` + 19 digits + ``~`` counts.
+    """
+    out = []
     i = data.find(b"~t")
     while i >= 0:
         if data[i + 21 : i + 22] == b"~" and data[i + 2 : i + 21].isdigit():
-            return int(data[i + 2 : i + 21])
-        i = data.find(b"~t", i + 1)
-    return None
+            out.append(int(data[i + 2 : i + 21]))
+            i = data.find(b"~t", i + 22)
+        else:
+            i = data.find(b"~t", i + 1)
+    return out
 
 
 @dataclass
@@ -55,16 +61,17 @@ class Recorder:
 
     def sink(self, member: int, data: bytes) -> None:
         now = time.monotonic_ns()
-        ts = stamp_of(data)
-        if ts is None:
+        stamps = stamps_of(data)
+        if not stamps:
             if b"~sync~" in data:
                 self.synced.add(member)
             return
-        if self.start <= now < self.stop:
-            self.received_in_window += 1
-        if self.start <= ts < self.stop:
-            self.sent_in_window += 1
-            self.latency.record(now - ts)
+        for ts in stamps:
+            if self.start <= now < self.stop:
+                self.received_in_window += 1
+            if self.start <= ts < self.stop:
+                self.sent_in_window += 1
+                self.latency.record(now - ts)
 
 
 def _fail(conn: Connection) -> None:

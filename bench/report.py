@@ -787,6 +787,10 @@ class Report:
             "- Subscribers: zchat, the naive forwarder and raw PUB->SUB deliver to raw pyzmq SUB sockets "
             "(the zchat `Client` adds ordering and gap repair on top, which is not measured here); peers use "
             "their usual Python clients (redis-py with hiredis, paho-mqtt, nats-py, a raw-socket IRC client). "
+            "zchat sends the events one loop pass has for a room as one `batch` frame (and a client's replies "
+            "likewise; docs/protocol.md), where the naive forwarder and raw PUB->SUB send one ZeroMQ message "
+            "per event: receivers hand every payload over as received, undecoded, and each send time stamped "
+            "in it counts as one delivery, so a batch counts each of its events. "
             f"Subscribers are spread over up to {self.run.workers} worker processes; senders are one process "
             "(zchat: one DEALER session per room speaking the wire protocol: hello, join, msg with an id; "
             "it reads the acks).",

@@ -529,7 +529,11 @@ class Core:
         return [self._reply(session, reply, env)]
 
     def _ping(self, session: Session, env: Envelope, now: int) -> list[Action]:
-        return [self._reply(session, {"type": "pong"}, env)]
+        # Each of the session's rooms at its seq: a subscriber whose queue
+        # overflowed lost a room's last events with no later one to show the gap;
+        # this shows it (within a heartbeat, as idle clients ping).
+        seqs = {room: self.seqs.get(room, 0) for room in sorted(session.rooms)}
+        return [self._reply(session, {"type": "pong", "seqs": seqs}, env)]
 
     def _bye(self, session: Session, env: Envelope, now: int) -> list[Action]:
         log.info("session end: %s (%s) said bye", session.name, _ident(session.identity))

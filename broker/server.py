@@ -76,6 +76,9 @@ _RCVMORE = int(zmq.RCVMORE)
 # routing ids, groups and tracking we never use): 0.24 instead of 0.6 us a call.
 _send: Callable[..., None] = zmq.backend.Socket.send
 _recv: Callable[..., bytes] = zmq.backend.Socket.recv
+# And its getsockopt, without the Python layer's SocketOption(...) enum call per
+# message (a third of a microsecond, 5% of the loop's time at 1x1 capacity).
+_get: Callable[..., int | bytes] = zmq.backend.Socket.get
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +293,7 @@ class Broker:
     def _drain(self, now: int) -> list[Action]:
         """Read every message that is ready (up to BATCH) and let the core decide."""
         router = self.router
-        getsockopt = router.getsockopt  # not the .rcvmore property: ~3x slower
+        get = _get  # not the .rcvmore property: ~3x slower
         recv = _recv
         handle = self.core.handle
         secured = self.keys is not None
@@ -310,8 +313,8 @@ class Broker:
                 frame = part.bytes
             else:
                 frame = recv(router)
-            if getsockopt(_RCVMORE):
-                while getsockopt(_RCVMORE):
+            if get(router, _RCVMORE):
+                while get(router, _RCVMORE):
                     router.recv()
                 actions.extend(
                     self.core.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
@@ -387,25 +390,54 @@ class Broker:
             self._send_all(actions, published)
 
     def _send_all(self, actions: list[Action], published: list[tuple[str, bytes]]) -> None:
-        """Replies, publishes and history answers of one pass, in the order the core decided them."""
+        """Publishes, replies and history answers of one pass.
+
+        A pass's events go out per room and its replies per client, each in the
+        order the core decided them, several to one frame (a ``batch``) where a
+        busy pass has several: one send, and one receive at the other end, per
+        room and per client instead of per event. Events go first (the room
+        waits on them; their author's ack does not hold anyone up). A history
+        answer goes after the replies its client was owed before it.
+        """
         encode = self._encode
-        pub = self.pub
-        send = _send
-        if published:
-            # Make PUB take in the subscriptions that have arrived: libzmq applies
-            # them lazily, and a client that subscribed before joining must get
-            # what is published right after its join.
-            pub.getsockopt(zmq.EVENTS)
-        bodies = iter(published)
+        rooms: dict[str, list[bytes]] = {}
+        for room, body in published:
+            bodies = rooms.get(room)
+            if bodies is None:
+                rooms[room] = [body]
+            else:
+                bodies.append(body)
+        if rooms:
+            self._publish(rooms)
+        replies: dict[bytes, list[bytes]] = {}
         for action in actions:
             if isinstance(action, Reply):
-                self._send(action.identity, encode(action.env))
-            elif isinstance(action, Publish):
-                room, body = next(bodies)
-                send(pub, p.room_topic(room), _SNDMORE)
-                send(pub, body)
-            else:
+                owed = replies.get(action.identity)
+                if owed is None:
+                    replies[action.identity] = [encode(action.env)]
+                else:
+                    owed.append(encode(action.env))
+            elif not isinstance(action, Publish):
+                owed = replies.pop(action.identity, None)
+                if owed is not None:
+                    self._send_frames(action.identity, owed)
                 self._answer_history(action)
+        for identity, owed in replies.items():
+            self._send_frames(identity, owed)
+
+    def _publish(self, rooms: dict[str, list[bytes]]) -> None:
+        """Each room's events, in order, batched (see :meth:`_send_all`)."""
+        pub = self.pub
+        send = _send
+        # Make PUB take in the subscriptions that have arrived: libzmq applies
+        # them lazily, and a client that subscribed before joining must get
+        # what is published right after its join.
+        pub.getsockopt(zmq.EVENTS)
+        for room, bodies in rooms.items():
+            topic = p.room_topic(room)
+            for frame in p.batches(bodies):
+                send(pub, topic, _SNDMORE)
+                send(pub, frame)
 
     def _answer_history(self, q: HistoryQuery) -> None:
         now = now_ms()
@@ -474,11 +506,10 @@ class Broker:
                 # One bad frame costs that frame, never the loop.
                 log.error("fan-in frame dropped: %s", exc)
         if out:
-            pub = self.pub
-            pub.getsockopt(zmq.EVENTS)  # take in new subscriptions first (see _perform)
+            rooms: dict[str, list[bytes]] = {}
             for room, body in out:
-                _send(pub, p.room_topic(room), _SNDMORE)
-                _send(pub, body)
+                rooms.setdefault(room, []).append(body)
+            self._publish(rooms)
         if actions:
             self._perform(actions)
 
@@ -541,6 +572,11 @@ class Broker:
             # Gone (EHOSTUNREACH) or not reading (EAGAIN): never block everyone
             # else for one peer. Its requests are safe to resend.
             log.info("reply to %s dropped: %s", identity.hex(), exc.strerror)
+
+    def _send_frames(self, identity: bytes, bodies: list[bytes]) -> None:
+        """Encoded replies to one client, in order, batched (see :meth:`_send_all`)."""
+        for frame in p.batches(bodies):
+            self._send(identity, frame)
 
     def _log_connections(self, mon: zmq.Socket[bytes]) -> None:
         kind = self._monitors[mon]

@@ -87,6 +87,9 @@ REJOIN_RETRY_MAX_S = 5.0
 #: seconds, make the client fail over to the next broker (when it has several).
 FAILOVER_UNAVAILABLE_COUNT = 3
 FAILOVER_UNAVAILABLE_S = 3.0
+#: A ``pong`` that shows a room beyond the last event we have is believed this
+#: much later, if SUB has not caught up by then (events in flight are not a gap).
+TAIL_GRACE_S = 1.0
 
 
 class ZchatError(Exception):
@@ -327,6 +330,10 @@ class _Room:
     refetch_at: float = 0.0
     #: ``after`` of an empty history reply that showed the room ahead of its store.
     empty_after: int | None = None
+    #: The room's seq by the last ``pong``, and when to fetch up to it if SUB
+    #: has not brought it by then (0: nothing to check): a lost tail shows no gap.
+    tail: int = 0
+    tail_at: float = 0.0
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -996,6 +1003,15 @@ class Client:
                 state.refetch_at = 0.0
                 gap = min(state.pending) - state.last if state.pending else p.MAX_HISTORY_LIMIT
                 self._fetch(room, state, state.last, min(gap, p.MAX_HISTORY_LIMIT))
+            if state.tail_at and now >= state.tail_at:
+                if state.fetching or state.pending:
+                    state.tail_at = now + TAIL_GRACE_S  # a repair is under way; look again after it
+                else:
+                    state.tail_at = 0.0
+                    if state.last is not None and state.last < state.tail:
+                        # SUB dropped the room's last events (its queue overflowed),
+                        # and nothing after them has shown the gap: fetch them.
+                        self._fetch(room, state, state.last, min(state.tail - state.last, p.MAX_HISTORY_LIMIT))
 
     def _resend(self, sent_before: float) -> None:
         """(Re)send, in order, what was last sent at or before ``sent_before`` (0.0: only what waits)."""
@@ -1167,11 +1183,15 @@ class Client:
             except zmq.Again:
                 return
             try:
-                env = p.decode(frame, p.MAX_REPLY_BYTES)
+                envs = p.decode_many(frame, p.MAX_REPLY_BYTES)
             except ProtocolError:
                 continue  # a broker that speaks garbage is not worth crashing for
             self._last_recv = time.monotonic()
-            self._on_direct(env)
+            dealer = self._dealer
+            for env in envs:
+                if self._dealer is not dealer:
+                    break  # failed over: the rest of the old broker's batch is moot
+                self._on_direct(env)
 
     def _on_direct(self, env: Envelope) -> None:
         kind = env["type"]
@@ -1189,6 +1209,8 @@ class Client:
             # mistaken for the reply to one of our requests.
             self._on_dm(env)
             return
+        if kind == "pong":
+            self._note_seqs(env.get("seqs"))
         rid = env.get("id")
         code = env.get("code") if kind == "error" else None
         if code == ErrorCode.NOT_REGISTERED and self.state == "connected":
@@ -1223,6 +1245,19 @@ class Client:
             self._events.append(Event.from_envelope(env))
         # pong, acks of requests we no longer track, and an ``unavailable`` that
         # answers nothing we track (it is counted) need nothing.
+
+    def _note_seqs(self, seqs: object) -> None:
+        """A pong's room seqs: schedule a check of each room it shows beyond our last event."""
+        if not isinstance(seqs, dict):
+            return
+        check_at = time.monotonic() + TAIL_GRACE_S
+        for room, seq in seqs.items():
+            state = self._rooms.get(room)
+            if state is None or state.last is None or type(seq) is not int:
+                continue
+            if seq > state.last and not state.tail_at:
+                state.tail = seq
+                state.tail_at = check_at
 
     def _on_dm(self, env: Envelope) -> None:
         if env.get("sender") == self.sender or env.get("from") == self.name:
@@ -1274,16 +1309,22 @@ class Client:
                 continue
             try:
                 room = p.topic_room(frames[0])
-                env = p.decode(frames[1], p.MAX_REPLY_BYTES)
+                envs = p.decode_many(frames[1], p.MAX_REPLY_BYTES)
             except ProtocolError:
                 continue
             state = self._rooms.get(room)
-            if state is None or not _is_event(env) or env.get("room") != room:
+            if state is None:
                 continue
-            state.confirmed = True
-            seq: int = env["seq"]
-            if state.last is None or seq > state.last:
-                state.pending.setdefault(seq, env)  # an own acknowledged message there stays
+            added = False
+            for env in envs:
+                if not _is_event(env) or env.get("room") != room:
+                    continue
+                state.confirmed = True
+                seq: int = env["seq"]
+                if state.last is None or seq > state.last:
+                    state.pending.setdefault(seq, env)  # an own acknowledged message there stays
+                    added = True
+            if added:
                 self._flush(room, state)
 
     def _flush(self, room: str, state: _Room) -> None:

@@ -144,6 +144,8 @@ class Raw:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(f"tcp://{HOST}:{port}")
+        #: Replies that came in the same ``batch`` as one already returned.
+        self.queued: list[dict[str, Any]] = []
 
     def send(self, env: dict[str, Any] | bytes) -> None:
         self.sock.send(env if isinstance(env, bytes) else p.encode(env))
@@ -152,9 +154,12 @@ class Raw:
         self.sock.send_multipart(frames)
 
     def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        if not self.sock.poll(int(timeout * 1000)):
-            raise AssertionError(f"no reply within {timeout} s")
-        return p.decode(self.sock.recv(), p.MAX_REPLY_BYTES)
+        """The next reply; the items of a ``batch`` one by one, as a client sees them."""
+        if not self.queued:
+            if not self.sock.poll(int(timeout * 1000)):
+                raise AssertionError(f"no reply within {timeout} s")
+            self.queued = p.decode_many(self.sock.recv(), p.MAX_REPLY_BYTES)
+        return self.queued.pop(0)
 
     def request(self, env: dict[str, Any] | bytes, timeout: float = 5.0) -> dict[str, Any]:
         self.send(env)
@@ -162,7 +167,7 @@ class Raw:
 
     def silent(self, timeout: float = 0.3) -> bool:
         """True when nothing arrives within ``timeout`` (used sparingly: proving absence needs a wait)."""
-        return not self.sock.poll(int(timeout * 1000))
+        return not self.queued and not self.sock.poll(int(timeout * 1000))
 
 
 @pytest.fixture
@@ -195,6 +200,11 @@ def recv_all(sock: zmq.Socket[bytes], quiet: float = 0.3, timeout: float = 5.0) 
     while time.monotonic() < deadline and sock.poll(int(quiet * 1000)):
         out.append(sock.recv_multipart())
     return out
+
+
+def published(frames: list[list[bytes]]) -> list[dict[str, Any]]:
+    """The events in PUB frames ``[topic, body]``: one per body, or a ``batch``'s items."""
+    return [env for _, body in frames for env in p.decode_many(body, p.MAX_REPLY_BYTES)]
 
 
 # ---------------------------------------------------------------- processes

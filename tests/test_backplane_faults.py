@@ -67,7 +67,7 @@ def spy_on(ctx: zmq.Context[zmq.Socket[bytes]], port: int, topic: bytes = b"") -
 def heard(spy: zmq.Socket[bytes], quiet_ms: int = 1000) -> list[dict[str, Any]]:
     out = []
     while spy.poll(quiet_ms):
-        out.append(p.decode(spy.recv_multipart()[1], p.MAX_REPLY_BYTES))
+        out.extend(p.decode_many(spy.recv_multipart()[1], p.MAX_REPLY_BYTES))
     return out
 
 

@@ -14,8 +14,10 @@ import pytest
 
 from bench import cli
 from bench.harness import Pinning, Point, Timing, run_point
+from bench.loops import STAMP, stamps_of
 from bench.plan import QUICK
 from bench.runner import Run
+from zchat import protocol as p
 
 REPO = Path(__file__).resolve().parents[1]
 SAVED = REPO / "bench" / "results" / "full.json"
@@ -35,6 +37,28 @@ def test_the_report_from_saved_results_gives_each_idle_row_its_own_growth(tmp_pa
         clients = r["point"]["rooms"] * r["point"]["members"]
         row = next(line for line in lines if f"| {before:,} -> {after:,} |" in line)
         assert f"| {(after - before) / clients:.1f} |" in row, row
+
+
+def test_every_send_time_in_a_payload_counts_once() -> None:
+    """A zchat batch frame holds several stamped texts; each is a delivery, and nothing else is."""
+    texts = [STAMP.format(10**18 + i) + "x" * 50 for i in range(5)]
+    bodies = [p.encode({"type": "msg", "seq": i, "text": t, "id": "~t1~"}) for i, t in enumerate(texts)]
+    (frame,) = p.batches(bodies)
+    assert stamps_of(frame) == [10**18 + i for i in range(5)]
+    assert stamps_of(bodies[0]) == [10**18]
+    assert stamps_of(b"~t12~t" + b"9" * 19 + b"!") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_point_busy_enough_to_batch_counts_every_event(tmp_path: Path) -> None:
+    """At 5,000 msg/s the sender sends bursts of about 5 each millisecond, which the broker may
+    publish as batch frames: every event must still be counted, once."""
+    point = Point("zchat", rooms=1, members=2, size=100, rate=5000.0)
+    r = run_point(point, Timing(warmup=0.3, duration=1.0, grace=0.5), Pinning(), 1, tmp_path)
+    assert r.error is None
+    assert r.loss == 0.0
+    assert 4500 <= r.delivered <= 5500, r.delivered
 
 
 @pytest.mark.slow

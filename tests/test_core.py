@@ -400,7 +400,7 @@ def test_garbage_from_a_session_keeps_it(frame: bytes) -> None:
     hello(core, A, "alice")
     assert error_code(core.handle(A, frame, 0), A) == "bad_envelope"
     assert core.by_identity[A].name == "alice"
-    assert only_reply(core.handle(A, enc(type="ping", id="p"), 1), A) == {"type": "pong", "id": "p"}
+    assert only_reply(core.handle(A, enc(type="ping", id="p"), 1), A) == {"type": "pong", "seqs": {}, "id": "p"}
 
 
 # --------------------------------------------------------------------------
@@ -528,10 +528,25 @@ def test_ping_pong(request_id: str | None) -> None:
     env: dict[str, Any] = {"type": "ping"}
     if request_id is not None:
         env["id"] = request_id
-    expected: dict[str, Any] = {"type": "pong"}
+    expected: dict[str, Any] = {"type": "pong", "seqs": {}}
     if request_id is not None:
         expected["id"] = request_id
     assert only_reply(core.handle(A, p.encode(env), 0), A) == expected
+
+
+def test_pong_gives_the_seq_of_each_room_of_the_session() -> None:
+    """What lets a client see that it lost a room's last events (no later event shows that gap)."""
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    for room in ("ops", "general"):
+        core.handle(A, enc(type="join", room=room), 0)
+    core.handle(B, enc(type="join", room="general"), 0)
+    core.handle(B, enc(type="join", room="elsewhere"), 0)
+    core.handle(B, enc(type="msg", room="general", text="hi", id="m1"), 0)
+    pong = only_reply(core.handle(A, enc(type="ping"), 1), A)
+    assert pong == {"type": "pong", "seqs": {"general": 3, "ops": 1}}
+    assert p.decode(p.encode(pong)) == pong
 
 
 # --------------------------------------------------------------------------

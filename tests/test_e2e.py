@@ -187,6 +187,41 @@ def test_gap_is_filled_from_history(make_client: MakeClient) -> None:
     assert [e.text for e in events] == ["two", "three", "four"]
 
 
+def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: RunningBroker) -> None:
+    """Events lost at the end of a room's stream show no gap; the pong's room seqs do."""
+    b = short_heartbeat_broker
+    alice = Client("alice", "127.0.0.1", b.port, b.pub_port)
+    bob = Client("bob", "127.0.0.1", b.port, b.pub_port)
+    try:
+        alice.connect()
+        bob.connect()
+        alice.join("g")
+        bob.join("g")
+        collect(alice, 1, kind="presence")
+        bob.send_wait("g", "one")
+        collect(alice, 1, kind="msg")
+        # As a SUB queue that overflowed: the room's last two events never arrive.
+        topic = b"g\x00"
+        alice._sub.unsubscribe(topic)
+        bob.send_wait("g", "two")
+        bob.send_wait("g", "three")
+        alice._sub.subscribe(topic)
+        # Nothing is published after them; bob keeps his session alive meanwhile.
+        got: list[Event] = []
+
+        def tail_shown() -> bool:
+            alice.pump(0.05)
+            bob.pump(0)
+            got.extend(e for e in alice.drain_events() if e.type == "msg")
+            return len(got) >= 2
+
+        wait_for(tail_shown, 5, interval=0)
+        assert [e.text for e in got] == ["two", "three"]
+    finally:
+        alice.close(0.2)
+        bob.close(0.2)
+
+
 def test_own_message_waits_for_earlier_events_of_its_room(make_client: MakeClient) -> None:
     """Under pipelined traffic the ack of our message can be read before the SUB events
     that precede it: it is shown in its seq place, after them, once."""

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from client.lib import Client, Event
-from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, bin_path, recv_all, wait_for
+from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, bin_path, published, recv_all, wait_for
 from zchat import protocol as p
 
 FAST = ["--heartbeat-ms", "300"]
@@ -345,12 +345,15 @@ def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[
         slow.join("flood")
         fast.join("flood")
         count = 3000
+        # 1 KB texts: ~3 MB in all, far more than the queues (20 + 5 messages, even
+        # of 64-event batches) and the kernel's socket buffers can hold between them.
+        pad = "x" * 1000
         for i in range(count):
-            fast.send("flood", f"f{i}")
+            fast.send("flood", f"f{i} {pad}")
             if i % 100 == 0:
                 fast.pump(0)
         wait_for(lambda: fast.pump(0.05) is not None and fast.unacked == 0, 30)
-        seen_by_control = sum(1 for frames in recv_all(control, quiet=0.5) if b'"flood' not in frames[0])
+        seen_by_control = sum(1 for env in published(recv_all(control, quiet=0.5)) if env["type"] == "msg")
         assert seen_by_control < count, "control subscriber should have lost events"
         got: list[Event] = []
 
@@ -360,7 +363,7 @@ def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[
             return len(got) >= count
 
         wait_for(caught_up, 30, interval=0)
-        assert [e.text for e in got] == [f"f{i}" for i in range(count)]
+        assert [e.text for e in got] == [f"f{i} {pad}" for i in range(count)]
     finally:
         slow.close(0)
         fast.close(0)

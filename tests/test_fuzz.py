@@ -365,7 +365,7 @@ def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
         if pre_name is not None:
             world.tokens.pop(pre_name, None)
     elif kind == "ping":
-        assert reply_envs(actions) == [{"type": "pong"}]
+        assert reply_envs(actions) == [{"type": "pong", "seqs": {r: core.seqs[r] for r in pre_rooms}}]
     return actions
 
 

@@ -725,3 +725,87 @@ def test_encode_history(request_id: str | None, count: int) -> None:
     if request_id is not None:
         expected["id"] = request_id
     assert env == expected
+
+
+# --------------------------------------------------------------------------
+# batches (broker -> client)
+
+
+def events(n: int, text: str = "hi") -> list[bytes]:
+    return [p.encode({"type": "msg", "room": "r", "seq": i, "text": text}) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 15, 16, p.BATCH_MAX_ITEMS])
+def test_a_batch_is_the_msgpack_map_it_claims(n: int) -> None:
+    """The hand-built header (fixarray, then array 16) packs what msgpack would."""
+    bodies = events(n)
+    (frame,) = p.batches(bodies)
+    assert frame == pack({"type": "batch", "items": [msgpack.unpackb(b) for b in bodies]})
+    assert frame.startswith(p.BATCH_HEAD)
+    assert p.decode_many(frame) == [msgpack.unpackb(b) for b in bodies]
+
+
+def test_one_envelope_travels_alone_and_none_sends_nothing() -> None:
+    (body,) = events(1)
+    assert p.batches([body]) == [body]
+    assert p.decode_many(body) == [msgpack.unpackb(body)]
+    assert p.batches([]) == []
+
+
+def test_batches_split_by_count_and_by_bytes_in_order() -> None:
+    bodies = events(2 * p.BATCH_MAX_ITEMS + 3)
+    frames = p.batches(bodies)
+    assert [len(p.decode_many(f)) for f in frames] == [p.BATCH_MAX_ITEMS, p.BATCH_MAX_ITEMS, 3]
+    assert [e["seq"] for f in frames for e in p.decode_many(f)] == list(range(len(bodies)))
+    big = events(10, "x" * (p.BATCH_MAX_BYTES // 4))
+    frames = p.batches(big)
+    assert sum(len(b) for b in big[:3]) <= p.BATCH_MAX_BYTES < sum(len(b) for b in big[:4])
+    assert [len(p.decode_many(f)) for f in frames] == [3, 3, 3, 1]
+    assert [e["seq"] for f in frames for e in p.decode_many(f)] == list(range(10))
+
+
+def test_an_envelope_larger_than_a_batch_travels_alone() -> None:
+    small, huge = events(1)[0], events(1, "x" * p.BATCH_MAX_BYTES)[0]
+    frames = p.batches([small, huge, small])
+    assert frames == [small, huge, small]
+
+
+def test_batch_items_count_depth_from_themselves() -> None:
+    """A reply at the depth limit is still a valid batch item (the batch adds no level)."""
+    deep = {"type": "rooms", "rooms": [{"room": "r", "x": [1]}]}
+    (frame,) = p.batches([pack(deep), pack(deep)])
+    assert p.decode_many(frame) == [deep, deep]
+    too_deep = {"type": "rooms", "rooms": [{"room": "r", "x": [[1]]}]}
+    with pytest.raises(ProtocolError) as info:
+        p.decode_many(p.batches([pack(too_deep), pack(deep)])[0])
+    assert info.value.code == ErrorCode.BAD_ENVELOPE
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pack({"type": "batch"}),
+        pack({"type": "batch", "items": {"type": "msg"}}),
+        pack({"type": "batch", "items": [1]}),
+        pack({"type": "batch", "items": [{"seq": 1}]}),
+        pack({"type": "batch", "items": [{"type": "msg", "x": 1.5}]}),
+        pack({"type": "batch", "items": [{"type": "batch", "items": []}]}),
+        pack({"type": "batch", "items": [{"type": "msg"}], "x": b"bin"}),
+        pack({"type": "batch", "items": [{"type": "msg"}]}) + b"\x00",
+    ],
+)
+def test_decode_many_refuses_bad_batches(frame: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        p.decode_many(frame)
+    assert info.value.code == ErrorCode.BAD_ENVELOPE
+
+
+def test_decode_many_keeps_the_reply_size_limit() -> None:
+    frame = p.batches(events(2, "x" * 100))[0]
+    with pytest.raises(ProtocolError) as info:
+        p.decode_many(frame, max_bytes=len(frame) - 1)
+    assert info.value.code == ErrorCode.TOO_LARGE
+
+
+def test_a_batch_is_not_a_request() -> None:
+    assert code_of(p.batches([pack(VALID_MSG), pack(VALID_MSG)])[0]) == ErrorCode.UNKNOWN_TYPE

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from client.lib import Client
-from tests.conftest import HOST, Raw, RunningBroker, recv_all
+from tests.conftest import HOST, Raw, RunningBroker, published, recv_all
 from zchat import protocol as p
 
 MakeRaw = Callable[[], Raw]
@@ -157,8 +157,7 @@ def test_forged_from_and_sender_are_overwritten(raw: MakeRaw, broker: RunningBro
         events, _ = alice.history("general", after=ack["seq"] - 1, limit=1)
         assert (events[0].name, events[0].text) == ("mallory", "I am alice")
         assert events[0].sender != alice.sender
-        published = [p.decode(body) for _, body in recv_all(spy)]
-        forged = [e for e in published if e.get("text") == "I am alice"]
+        forged = [e for e in published(recv_all(spy)) if e.get("text") == "I am alice"]
         assert forged and all(e["from"] == "mallory" and e["sender"] != alice.sender for e in forged)
 
 

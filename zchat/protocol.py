@@ -34,6 +34,11 @@ MAX_HISTORY_LIMIT: Final = 500
 DEFAULT_HISTORY_LIMIT: Final = 100
 #: Lists and maps may nest this deep inside the envelope (the envelope is 1).
 MAX_DEPTH: Final = 4
+#: A ``batch`` carries at most this many envelopes, and (past its first) at most
+#: this many bytes of them: enough to make a busy pass one send per room and per
+#: client instead of one per event, small enough to keep each frame modest.
+BATCH_MAX_ITEMS: Final = 64
+BATCH_MAX_BYTES: Final = 64 * 1024
 
 #: One envelope as it travels: a map with ``str`` keys and a ``type``.
 Envelope = dict[str, Any]
@@ -167,12 +172,8 @@ def _check_value(value: object, depth: int) -> None:
     _fail(ErrorCode.BAD_ENVELOPE, f"values of msgpack type {kind.__name__} are not allowed")
 
 
-def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
-    """Bytes from the network to an envelope, with every generic check applied.
-
-    The result is a map with ``str`` keys and a ``str`` ``type``; what the type
-    requires is checked by :func:`validate_request` (broker side).
-    """
+def _unpack_map(frame: bytes, max_bytes: int) -> Envelope:
+    """Size check, then msgpack to a map: no ext, str keys, valid UTF-8, nothing trailing."""
     if len(frame) > max_bytes:
         _fail(ErrorCode.TOO_LARGE, f"envelope of {len(frame)} bytes, the limit is {max_bytes}")
     if not frame:
@@ -195,6 +196,11 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"not a msgpack envelope ({exc})") from None
     if not isinstance(env, dict):
         _fail(ErrorCode.BAD_ENVELOPE, f"envelope is a msgpack {type(env).__name__}, not a map")
+    return env
+
+
+def _check_envelope(env: Envelope) -> Envelope:
+    """The generic rules for one decoded map: allowed values, depth, a str ``type``."""
     try:
         _check_value(env, 1)
     except ProtocolError as exc:
@@ -204,6 +210,75 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, "missing or non-string 'type'", _read_id(env))
     return env
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
+    """Bytes from the network to an envelope, with every generic check applied.
+
+    The result is a map with ``str`` keys and a ``str`` ``type``; what the type
+    requires is checked by :func:`validate_request` (broker side).
+    """
+    return _check_envelope(_unpack_map(frame, max_bytes))
+
+
+def decode_many(frame: bytes, max_bytes: int = MAX_REPLY_BYTES) -> list[Envelope]:
+    """A frame from the broker (ROUTER or PUB) to the envelopes it carries, in order.
+
+    One envelope, or the items of a ``batch``: each item is checked as an
+    envelope of its own (its depth counted from itself), and a batch inside a
+    batch is refused. Clients read every broker frame with this.
+    """
+    env = _unpack_map(frame, max_bytes)
+    if env.get("type") != "batch":
+        return [_check_envelope(env)]
+    items = env.pop("items", None)
+    if type(items) is not list:
+        _fail(ErrorCode.BAD_ENVELOPE, "a batch's 'items' must be an array")
+    _check_value(env, 1)  # the batch's own other fields, if any
+    for item in items:
+        if type(item) is not dict:
+            _fail(ErrorCode.BAD_ENVELOPE, "a batch item must be a map")
+        if _check_envelope(item)["type"] == "batch":
+            _fail(ErrorCode.BAD_ENVELOPE, "a batch inside a batch")
+    return items
+
+
+#: What every ``batch`` frame starts with: a reader can tell one without unpacking it.
+BATCH_HEAD: Final = b"\x82" + msgpack.packb("type") + msgpack.packb("batch") + msgpack.packb("items")
+
+
+def batches(bodies: list[bytes]) -> list[bytes]:
+    """Frames for encoded envelopes bound for one place: alone, or several in a ``batch``.
+
+    One body goes out as it is (so a quiet chat sends exactly what it would
+    without batches); more are packed, in order, into batches of at most
+    ``BATCH_MAX_ITEMS`` envelopes and ``BATCH_MAX_BYTES`` (a body larger than
+    that travels alone). The bodies are not re-packed: a batch is a map header,
+    an array header and the bodies back to back, as in :func:`encode_history`.
+    """
+    if len(bodies) == 1:
+        return bodies
+    frames: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    for body in bodies:
+        if chunk and (len(chunk) == BATCH_MAX_ITEMS or size + len(body) > BATCH_MAX_BYTES):
+            frames.append(_batch(chunk))
+            chunk, size = [], 0
+        chunk.append(body)
+        size += len(body)
+    if chunk:
+        frames.append(_batch(chunk))
+    return frames
+
+
+def _batch(chunk: list[bytes]) -> bytes:
+    if len(chunk) == 1:
+        return chunk[0]
+    n = len(chunk)
+    # msgpack array header: fixarray up to 15 items, else array 16 (BATCH_MAX_ITEMS < 2**16).
+    head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    return b"".join((BATCH_HEAD, head, *chunk))
 
 
 def Encoder() -> Callable[[Mapping[str, Any]], bytes]:

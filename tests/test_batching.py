@@ -1,0 +1,135 @@
+"""Batches on the wire: a busy pass sends one frame per room and per client, nothing lost or reordered.
+
+The broker process is stopped (SIGSTOP) while a client sends a burst, so the
+burst is waiting when it resumes and its passes are full: the case batching is for.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from client.lib import Client, Event
+from tests.conftest import HOST, BrokerProcess, Raw, wait_for
+from zchat import protocol as p
+
+BURST = 300
+
+
+@pytest.fixture
+def stoppable(tmp_path: Path) -> Iterator[BrokerProcess]:
+    # No rate limit: the burst is one client's, above any sane per-session rate.
+    broker = BrokerProcess(tmp_path / "data", extra=["--rate-limit", "0"]).start()
+    yield broker
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGCONT)
+    broker.kill()
+
+
+def joined(ctx: zmq.Context[zmq.Socket[bytes]], broker: BrokerProcess, name: str) -> Raw:
+    raw = Raw(ctx, broker.port)
+    assert raw.request(p.hello(name))["type"] == "welcome"
+    assert raw.request({"type": "join", "room": "general"})["type"] == "joined"
+    return raw
+
+
+def frames_until(sock: zmq.Socket[bytes], count: int, multipart: bool, timeout_ms: int = 10_000) -> list[bytes]:
+    """Bodies of frames read until they carry ``count`` envelopes in all."""
+    bodies: list[bytes] = []
+    seen = 0
+    while seen < count:
+        assert sock.poll(timeout_ms), f"only {seen} of {count} envelopes arrived"
+        body = sock.recv_multipart()[-1] if multipart else sock.recv()
+        bodies.append(body)
+        seen += len(p.decode_many(body))
+    return bodies
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_goes_out_in_batches_in_order_and_whole(
+    stoppable: BrokerProcess, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    alice = joined(ctx, stoppable, "alice")
+    spy = ctx.socket(zmq.SUB)
+    spy.setsockopt(zmq.LINGER, 0)
+    spy.setsockopt(zmq.SUBSCRIBE, b"general\x00")
+    spy.connect(f"tcp://{HOST}:{stoppable.pub_port}")
+    bob = Client("bob", HOST, stoppable.port, stoppable.pub_port)
+    try:
+        bob.connect()
+        bob.join("general")
+        # The spy's subscription is live once it hears anything published after it.
+        alice.request({"type": "msg", "room": "general", "text": "warm-up", "id": "w"})
+        top = 0
+        while not top:
+            assert spy.poll(5000), "the spy heard no warm-up"
+            top = next((e["seq"] for e in p.decode_many(spy.recv_multipart()[1]) if e.get("text") == "warm-up"), 0)
+
+        assert stoppable.proc is not None
+        stoppable.proc.send_signal(signal.SIGSTOP)
+        for i in range(BURST):
+            alice.send({"type": "msg", "room": "general", "text": f"m{i}", "id": f"m{i}"})
+        stoppable.proc.send_signal(signal.SIGCONT)
+
+        pub_frames = frames_until(spy, BURST, multipart=True)
+        events = [env for body in pub_frames for env in p.decode_many(body)]
+        assert [e["text"] for e in events] == [f"m{i}" for i in range(BURST)]
+        assert [e["seq"] for e in events] == list(range(top + 1, top + 1 + BURST))
+        assert all(e["type"] == "msg" and e["from"] == "alice" for e in events)
+        assert len(pub_frames) < BURST, "a burst read in full passes must go out in batches"
+        assert all(len(p.decode_many(body)) <= p.BATCH_MAX_ITEMS for body in pub_frames)
+        # A frame of one event is the event itself, as without batches.
+        assert all(body.startswith(p.BATCH_HEAD) == (len(p.decode_many(body)) > 1) for body in pub_frames)
+
+        ack_frames = frames_until(alice.sock, BURST, multipart=False)
+        acks = [env for body in ack_frames for env in p.decode_many(body)]
+        assert [(a["type"], a["id"], a["seq"]) for a in acks] == [("ack", f"m{i}", top + 1 + i) for i in range(BURST)]
+        assert len(ack_frames) < BURST, "the acks of one client's pass go out in batches too"
+
+        got: list[Event] = []
+
+        def bob_has_all() -> bool:
+            bob.pump(0.05)
+            got.extend(e for e in bob.drain_events() if e.type == "msg" and e.text != "warm-up")
+            return len(got) >= BURST
+
+        wait_for(bob_has_all, 20, interval=0)
+        assert [(e.text, e.seq) for e in got] == [(f"m{i}", top + 1 + i) for i in range(BURST)]
+    finally:
+        bob.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_history_answer_comes_after_the_replies_owed_before_it(
+    stoppable: BrokerProcess, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    alice = joined(ctx, stoppable, "alice")
+    assert stoppable.proc is not None
+    stoppable.proc.send_signal(signal.SIGSTOP)
+    alice.send({"type": "msg", "room": "general", "text": "one", "id": "a1"})
+    alice.send({"type": "msg", "room": "general", "text": "two", "id": "a2"})
+    alice.send({"type": "history", "room": "general", "id": "h"})
+    alice.send({"type": "msg", "room": "general", "text": "three", "id": "a3"})
+    stoppable.proc.send_signal(signal.SIGCONT)
+    replies = [alice.recv(10) for _ in range(4)]
+    ids = [r["id"] for r in replies]
+    # In one pass: a1, a2 before the answer, a3 with no promise of order to it;
+    # across passes everything comes in order anyway.
+    assert ids.index("a1") < ids.index("a2") < ids.index("h")
+    history = replies[ids.index("h")]
+    assert [m["text"] for m in history["messages"] if m["type"] == "msg"][:2] == ["one", "two"]
+
+
+def test_a_client_cannot_send_a_batch(stoppable: BrokerProcess, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """Batches are the broker's; a client's is an unknown request, and nothing in it is done."""
+    alice = joined(ctx, stoppable, "alice")
+    inner = p.encode({"type": "msg", "room": "general", "text": "smuggled", "id": "s"})
+    frame = p.batches([inner, inner])[0]
+    reply = alice.request(frame)
+    assert (reply["type"], reply["code"]) == ("error", "unknown_type")
+    history = alice.request({"type": "history", "room": "general", "id": "h"})
+    assert not any(m.get("text") == "smuggled" for m in history["messages"])
