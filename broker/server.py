@@ -56,8 +56,10 @@ IDLE_WAKE_MS = 200
 #: Frames larger than this make libzmq drop the connection before we see them;
 #: smaller oversize frames reach the protocol and get a coded ``too_large``.
 SOCKET_MAX_MSG_BYTES = 1024 * 1024
-#: Per-subscriber queue on PUB: a subscriber this far behind loses live events
-#: (and recovers them with ``history``); the broker's memory stays bounded.
+#: Per-subscriber queue on PUB, in messages (one event, or a batch of at most
+#: BATCH_MAX_BYTES, about one large event's size): a subscriber this far behind
+#: loses live events (and recovers them with ``history``); the broker's memory
+#: stays bounded.
 PUB_SNDHWM = 10_000
 #: Replies queued per client before the broker drops one (a client that does
 #: not read its acks); well above any client's window of unacked messages.

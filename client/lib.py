@@ -334,6 +334,8 @@ class _Room:
     #: has not brought it by then (0: nothing to check): a lost tail shows no gap.
     tail: int = 0
     tail_at: float = 0.0
+    #: ``last`` when the check was (re)armed: SUB still moving means only behind.
+    tail_from: int = 0
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -396,7 +398,7 @@ class Client:
         one when it loses the broker it uses. Without ``hosts``, the one broker
         is ``host``, ``port``, ``pub_port``.
 
-        ``sub_hwm`` bounds the room events queued locally; beyond it ZeroMQ drops
+        ``sub_hwm`` bounds the room messages (events or batches of them) queued locally; beyond it ZeroMQ drops
         them and the client fetches them from history instead (as after any gap).
         """
         if not p.is_name(name):
@@ -926,6 +928,7 @@ class Client:
             state.joined = False
             state.rejoin_at = 0.0
             state.rejoin_tries = 0
+            state.tail_at = 0.0  # the next broker's pongs say where its rooms are
         # Fresh sockets: a half-dead TCP connection could hold our requests for
         # minutes; anything queued on the old ones is resent after the hello.
         self._use_address((self._index + 1) % len(self.addresses))
@@ -1004,14 +1007,18 @@ class Client:
                 gap = min(state.pending) - state.last if state.pending else p.MAX_HISTORY_LIMIT
                 self._fetch(room, state, state.last, min(gap, p.MAX_HISTORY_LIMIT))
             if state.tail_at and now >= state.tail_at:
-                if state.fetching or state.pending:
-                    state.tail_at = now + TAIL_GRACE_S  # a repair is under way; look again after it
+                last = state.last
+                if last is None or last >= state.tail:
+                    state.tail_at = 0.0  # SUB brought it
+                elif state.fetching or state.pending or last != state.tail_from:
+                    # A repair is under way, or SUB is still delivering (only behind,
+                    # not lost): look again a moment later.
+                    state.tail_at, state.tail_from = now + TAIL_GRACE_S, last
                 else:
+                    # No progress: SUB dropped the room's last events (its queue
+                    # overflowed), and nothing after them shows the gap. Fetch them.
                     state.tail_at = 0.0
-                    if state.last is not None and state.last < state.tail:
-                        # SUB dropped the room's last events (its queue overflowed),
-                        # and nothing after them has shown the gap: fetch them.
-                        self._fetch(room, state, state.last, min(state.tail - state.last, p.MAX_HISTORY_LIMIT))
+                    self._fetch(room, state, last, min(state.tail - last, p.MAX_HISTORY_LIMIT))
 
     def _resend(self, sent_before: float) -> None:
         """(Re)send, in order, what was last sent at or before ``sent_before`` (0.0: only what waits)."""
@@ -1256,8 +1263,7 @@ class Client:
             if state is None or state.last is None or type(seq) is not int:
                 continue
             if seq > state.last and not state.tail_at:
-                state.tail = seq
-                state.tail_at = check_at
+                state.tail, state.tail_at, state.tail_from = seq, check_at, state.last
 
     def _on_dm(self, env: Envelope) -> None:
         if env.get("sender") == self.sender or env.get("from") == self.name:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -197,15 +198,28 @@ def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: Runn
         bob.connect()
         alice.join("g")
         bob.join("g")
+        bob.join("h")
         collect(alice, 1, kind="presence")
         bob.send_wait("g", "one")
-        collect(alice, 1, kind="msg")
+        (one,) = collect(alice, 1, kind="msg")
         # As a SUB queue that overflowed: the room's last two events never arrive.
-        topic = b"g\x00"
-        alice._sub.unsubscribe(topic)
+        # Unsubscribing is asynchronous; joining #h after it subscribes on the same
+        # connection, so once an event of #h arrives the broker has applied both.
+        alice._sub.unsubscribe(b"g\x00")
+        alice.join("h")
+        bob.send_wait("h", "sentinel")
+        assert [e.text for e in collect(alice, 1, kind="msg")] == ["sentinel"]
+        fetched: list[tuple[str, int]] = []
+        fetch = alice._fetch
+
+        def spy(room: str, state: Any, after: int, limit: int) -> None:
+            fetched.append((room, after))
+            fetch(room, state, after, limit)
+
+        alice._fetch = spy  # type: ignore[method-assign]
         bob.send_wait("g", "two")
         bob.send_wait("g", "three")
-        alice._sub.subscribe(topic)
+        alice._sub.subscribe(b"g\x00")
         # Nothing is published after them; bob keeps his session alive meanwhile.
         got: list[Event] = []
 
@@ -217,6 +231,7 @@ def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: Runn
 
         wait_for(tail_shown, 5, interval=0)
         assert [e.text for e in got] == ["two", "three"]
+        assert fetched[0] == ("g", one.seq), "the tail must come from history: SUB never had it"
     finally:
         alice.close(0.2)
         bob.close(0.2)

@@ -800,6 +800,14 @@ def test_decode_many_refuses_bad_batches(frame: bytes) -> None:
     assert info.value.code == ErrorCode.BAD_ENVELOPE
 
 
+def test_decode_many_tolerates_any_item_count() -> None:
+    """The broker sends 2 to BATCH_MAX_ITEMS; a reader does not depend on it."""
+    assert p.decode_many(pack({"type": "batch", "items": []})) == []
+    assert p.decode_many(pack({"type": "batch", "items": [{"type": "pong"}]})) == [{"type": "pong"}]
+    many = [{"type": "pong", "n": i} for i in range(3 * p.BATCH_MAX_ITEMS)]
+    assert p.decode_many(pack({"type": "batch", "items": many})) == many
+
+
 def test_decode_many_keeps_the_reply_size_limit() -> None:
     frame = p.batches(events(2, "x" * 100))[0]
     with pytest.raises(ProtocolError) as info:

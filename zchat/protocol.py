@@ -34,11 +34,13 @@ MAX_HISTORY_LIMIT: Final = 500
 DEFAULT_HISTORY_LIMIT: Final = 100
 #: Lists and maps may nest this deep inside the envelope (the envelope is 1).
 MAX_DEPTH: Final = 4
-#: A ``batch`` carries at most this many envelopes, and (past its first) at most
-#: this many bytes of them: enough to make a busy pass one send per room and per
-#: client instead of one per event, small enough to keep each frame modest.
+#: A ``batch`` carries at most this many envelopes, and at most this many bytes
+#: of them (a larger envelope travels alone): enough to make a busy pass one send
+#: per room and per client instead of one per event. The byte cap is about the
+#: largest single event (4,000 characters of up to 4 bytes), so a queue of N
+#: frames (``--pub-hwm``) holds no more bytes than N events could.
 BATCH_MAX_ITEMS: Final = 64
-BATCH_MAX_BYTES: Final = 64 * 1024
+BATCH_MAX_BYTES: Final = 16 * 1024
 
 #: One envelope as it travels: a map with ``str`` keys and a ``type``.
 Envelope = dict[str, Any]
@@ -252,8 +254,8 @@ def batches(bodies: list[bytes]) -> list[bytes]:
 
     One body goes out as it is (so a quiet chat sends exactly what it would
     without batches); more are packed, in order, into batches of at most
-    ``BATCH_MAX_ITEMS`` envelopes and ``BATCH_MAX_BYTES`` (a body larger than
-    that travels alone). The bodies are not re-packed: a batch is a map header,
+    ``BATCH_MAX_ITEMS`` envelopes and ``BATCH_MAX_BYTES`` of them in all (a body
+    larger than that travels alone). The bodies are not re-packed: a batch is a map header,
     an array header and the bodies back to back, as in :func:`encode_history`.
     """
     if len(bodies) == 1:

@@ -188,9 +188,13 @@ class ZmqMembers(Members):
                 if not d.poll(until(deadline, "round trips") * 1000):
                     raise RuntimeError("no answer to a ping in time")
                 reply = d.recv()
-                if self.hello and msgpack.unpackb(reply).get("type") != "pong":
-                    raise RuntimeError(f"expected a pong, got {msgpack.unpackb(reply)!r}")
-                if not self.hello and reply != ping:
+                if self.hello:
+                    # zchat may batch this pong with one of pump()'s still on its way.
+                    env = msgpack.unpackb(reply)
+                    items = env["items"] if env.get("type") == "batch" else [env]
+                    if any(item.get("type") != "pong" for item in items):
+                        raise RuntimeError(f"expected a pong, got {env!r}")
+                elif reply != ping:
                     raise RuntimeError(f"the echo answered {reply!r}")
         self.ping_started, self.pinged = time.monotonic(), 0
 
