@@ -576,9 +576,11 @@ class Report:
             f"rate of a step the system kept up with (loss <= {MAX_LOSS:.0%}, >= {MIN_DELIVERED:.0%} of the "
             "offered rate sent and delivered); peak is the most any step delivered, overloaded or not. "
             "Each message is delivered to every subscriber of its room (deliveries/s = messages/s x "
-            "subscribers). The naive forwarder and raw PUB->SUB are the limit: what the same load "
-            "generators reach with almost no broker, and with none. The steps themselves are in "
-            "[Every point](#every-point).",
+            "subscribers). The naive forwarder and raw PUB->SUB are the limit of one ZeroMQ message per "
+            "event: what the same load generators reach with almost no broker, and with none. zchat "
+            "sends a loop pass's events for a room as one `batch` frame, so where its passes hold several "
+            "(at load, and above all with many subscribers) it can pass both. The steps themselves are "
+            "in [Every point](#every-point).",
             "",
         ]
         out += table(
@@ -803,8 +805,9 @@ class Report:
             "fsync costs.",
             f"- **Only {self.meta.machine.get('cores', '?')} CPU cores**: the load generators (Python, one process "
             "per worker) compete with the server for them, so above a few hundred thousand deliveries a second "
-            "the receivers, not the server, are the bottleneck for every system alike; the raw PUB->SUB row "
-            "shows that ceiling. Read the server CPU per delivery as the measure of the server's own cost. "
+            "the receivers, not the server, are the bottleneck; the raw PUB->SUB row shows that ceiling for "
+            "one ZeroMQ message per event (zchat's batches need fewer receives). Read the server CPU per "
+            "delivery as the measure of the server's own cost. "
             f"CPU pinning: {self.meta.pinning}.",
             "- zchat runs with its per-session rate limits off (`ZCHAT_RATE_LIMIT=0 ZCHAT_JOIN_RATE=0`), as for "
             "trusted bots; any `rate_limited` error would show in the errors column. Durability `full` fsyncs "
