@@ -398,8 +398,9 @@ class Client:
         one when it loses the broker it uses. Without ``hosts``, the one broker
         is ``host``, ``port``, ``pub_port``.
 
-        ``sub_hwm`` bounds the room messages (events or batches of them) queued locally; beyond it ZeroMQ drops
-        them and the client fetches them from history instead (as after any gap).
+        ``sub_hwm`` bounds the room messages (events, or batches of them) queued
+        locally; beyond it ZeroMQ drops them and the client fetches them from
+        history instead (as after any gap, or a lost tail the next pong shows).
         """
         if not p.is_name(name):
             raise RequestError(
