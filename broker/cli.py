@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pub-hwm",
         type=int,
         default=_env_int("ZCHAT_PUB_HWM", PUB_SNDHWM),
-        help="room messages (events, or batches of up to 16 KiB of them) queued per subscriber before a "
-        "slow one loses live events, which it then fetches from history; bounds the broker's memory "
+        help=f"room messages (events, or batches of up to {p.BATCH_MAX_BYTES // 1024} KiB of them) queued per "
+        "subscriber before a slow one loses live events, which it then fetches from history; bounds the "
+        "broker's memory "
         f"(ZCHAT_PUB_HWM; default {PUB_SNDHWM})",
     )
     limits = Limits()

@@ -402,15 +402,8 @@ class Broker:
         answer goes after the replies its client was owed before it.
         """
         encode = self._encode
-        rooms: dict[str, list[bytes]] = {}
-        for room, body in published:
-            bodies = rooms.get(room)
-            if bodies is None:
-                rooms[room] = [body]
-            else:
-                bodies.append(body)
-        if rooms:
-            self._publish(rooms)
+        if published:
+            self._publish(published)
         replies: dict[bytes, list[bytes]] = {}
         for action in actions:
             if isinstance(action, Reply):
@@ -427,8 +420,15 @@ class Broker:
         for identity, owed in replies.items():
             self._send_frames(identity, owed)
 
-    def _publish(self, rooms: dict[str, list[bytes]]) -> None:
-        """Each room's events, in order, batched (see :meth:`_send_all`)."""
+    def _publish(self, published: list[tuple[str, bytes]]) -> None:
+        """Events as (room, body), each room's in order, batched per room (see :meth:`_send_all`)."""
+        rooms: dict[str, list[bytes]] = {}
+        for room, body in published:
+            bodies = rooms.get(room)
+            if bodies is None:
+                rooms[room] = [body]
+            else:
+                bodies.append(body)
         pub = self.pub
         send = _send
         # Make PUB take in the subscriptions that have arrived: libzmq applies
@@ -508,10 +508,7 @@ class Broker:
                 # One bad frame costs that frame, never the loop.
                 log.error("fan-in frame dropped: %s", exc)
         if out:
-            rooms: dict[str, list[bytes]] = {}
-            for room, body in out:
-                rooms.setdefault(room, []).append(body)
-            self._publish(rooms)
+            self._publish(out)
         if actions:
             self._perform(actions)
 
