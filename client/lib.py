@@ -336,6 +336,9 @@ class _Room:
     tail_at: float = 0.0
     #: ``last`` when the check was (re)armed: SUB still moving means only behind.
     tail_from: int = 0
+    #: ``last`` when the connection was lost, until the room is rejoined: what the
+    #: rejoin's seq is compared with (SUB may deliver newer events before that reply).
+    lost_at: int | None = None
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -930,6 +933,7 @@ class Client:
             state.rejoin_at = 0.0
             state.rejoin_tries = 0
             state.tail_at = 0.0  # the next broker's pongs say where its rooms are
+            state.lost_at = state.last
         # Fresh sockets: a half-dead TCP connection could hold our requests for
         # minutes; anything queued on the old ones is resent after the hello.
         self._use_address((self._index + 1) % len(self.addresses))
@@ -988,9 +992,13 @@ class Client:
         state.joined = True
         state.rejoin_at, state.rejoin_tries = 0.0, 0
         top = reply["seq"]
-        if top < state.last:
+        before = state.last if state.lost_at is None else state.lost_at
+        state.lost_at = None
+        if top < before:
             # The broker lost its store (or numbers the room its own way): its
-            # numbering starts again below ours.
+            # numbering starts again below ours. (Below what we had when the
+            # connection was lost: events the new SUB brought since may be newer
+            # than this reply, which travels on the other socket.)
             self._release_own(state)
             state.last = top
             state.pending.clear()

@@ -654,3 +654,108 @@ def test_cli_host_env_lists_brokers_and_bad_hosts_are_refused(broker_proc: Broke
 
     helped = subprocess.run([bin_path("zchat"), "--help"], capture_output=True, text=True, timeout=20, check=True)
     assert "several, separated by commas" in " ".join(helped.stdout.split())
+
+
+# ------------------------------------------------------------------ rejoin vs SUB
+
+
+class RejoinScript:
+    """A room at seq 4; the first ping is answered ``not_registered`` (the broker forgot the
+    session), so the client reconnects and rejoins. With ``store_lost`` the broker numbers the
+    room from 1 again; without it, the rejoin's presence and a newer message reach the new SUB
+    before the ``joined`` reply (it travels on the other socket), as the real broker may send them.
+    A ``msg`` makes bob say something first, then is acknowledged and published."""
+
+    def __init__(self, store_lost: bool) -> None:
+        self.store_lost = store_lost
+        self.fake: ScriptedBroker | None = None  # set once the double runs; used on its thread only
+        self.log: dict[int, dict[str, Any]] = {}
+        self.top = 4
+        self.joins = 0
+        self.pings = 0
+
+    def publish(self, env: dict[str, Any]) -> None:
+        assert self.fake is not None
+        self.log[env["seq"]] = env
+        self.top = env["seq"]
+        self.fake.pub.getsockopt(zmq.EVENTS)  # take in the new SUB's subscription first
+        self.fake.pub.send_multipart([p.room_topic("general"), p.encode(env)])
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        kind, rid = env["type"], env.get("id")
+        if kind == "hello":
+            return [p.welcome(env["name"], "f" * 16, "e" * 16, 1000, "token", False, rid)]
+        if kind == "ping":
+            self.pings += 1
+            if self.pings == 1:
+                return [p.error(p.ErrorCode.NOT_REGISTERED, "say hello before 'ping'", rid)]
+            return [{"type": "pong", "id": rid}]
+        if kind == "join":
+            self.joins += 1
+            if self.joins > 1 and self.store_lost:
+                self.log.clear()
+                self.top = 1
+            elif self.joins > 1:
+                time.sleep(0.3)  # the new SUB's subscription arrives
+                self.publish(p.presence_event("general", 5, 1, "alice", "join"))
+                self.publish(p.msg_event("general", 6, 1, "bob", "b" * 16, "m6", "b6"))
+                time.sleep(0.3)  # the client reads them before the reply below
+                return [{"type": "joined", "room": "general", "members": ["alice", "bob"], "seq": 5, "id": rid}]
+            return [{"type": "joined", "room": "general", "members": ["alice"], "seq": self.top, "id": rid}]
+        if kind == "msg":
+            bob = self.top + 1
+            self.publish(p.msg_event("general", bob, 1, "bob", "b" * 16, f"m{bob}", f"b{bob}"))
+            own = p.msg_event("general", bob + 1, 1, "alice", "f" * 16, env["text"], rid)
+            self.publish(own)
+            return [{"type": "ack", "id": rid, "room": "general", "seq": bob + 1, "ts": 1}]
+        if kind == "history":
+            events = [self.log[seq] for seq in sorted(self.log) if seq > env.get("after", 0)]
+            return [{"type": "history", "room": "general", "seq": self.top, "messages": events, "id": rid}]
+        return []
+
+
+def rejoined(store_lost: bool) -> tuple[ScriptedBroker, Inbox]:
+    script = RejoinScript(store_lost)
+    fake = ScriptedBroker(script)
+    script.fake = fake
+    alice = Inbox(Client("alice", hosts=[fake.address]))
+    alice.client.connect()
+    alice.client.join("general")
+    alice.until(
+        lambda: script.joins == 2 and alice.client.state == "connected" and not alice.client._rooms["general"].lost_at
+    )
+    return fake, alice
+
+
+@pytest.mark.timeout(30)
+def test_a_rejoin_reply_behind_sub_replays_nothing() -> None:
+    """joined.seq below what the new SUB delivered since the reconnect is not a lost store."""
+    fake, alice = rejoined(store_lost=False)
+    try:
+        alice.until(lambda: "m6" in alice.texts())
+        assert alice.client._rooms["general"].last == 6
+        alice.client.send("general", "hi")  # bob's m7 first, then ours at 8
+        alice.until(lambda: alice.client.unacked == 0 and "m7" in alice.texts())
+        deadline = time.monotonic() + 0.5  # room for a replay to show
+        while time.monotonic() < deadline:
+            alice.pump()
+        assert alice.texts() == ["m6", "m7", "hi"]
+        assert [e.seq for e in alice.events if e.type == "msg"] == [6, 7, 8]
+    finally:
+        alice.client.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_rejoin_below_what_we_had_starts_from_the_new_numbering() -> None:
+    """A broker that lost its store numbers the room from 1 again: the client follows it."""
+    fake, alice = rejoined(store_lost=True)
+    try:
+        assert alice.client._rooms["general"].last == 1
+        alice.client.send("general", "hi")  # bob's m2, then ours at 3
+        alice.until(lambda: alice.client.unacked == 0 and "m2" in alice.texts() and "hi" in alice.texts())
+        assert alice.texts() == ["m2", "hi"]
+        assert [e.seq for e in alice.events if e.type == "msg"] == [2, 3]
+    finally:
+        alice.client.close(0)
+        fake.stop()
