@@ -811,8 +811,9 @@ class Report:
             f"CPU pinning: {self.meta.pinning}.",
             "- zchat runs with its per-session rate limits off (`ZCHAT_RATE_LIMIT=0 ZCHAT_JOIN_RATE=0`), as for "
             "trusted bots; any `rate_limited` error would show in the errors column. Durability `full` fsyncs "
-            "every commit (a loop pass of up to 8 messages is committed by the loop, a bigger one by the "
-            "store's writer thread, which groups whatever queued up); `zchat-normal` is `--durability normal`. "
+            "every commit (the loop commits each pass, all it read since the last one, itself; after a commit "
+            "that waited over 4 ms for the disk, the store's writer thread commits for 0.1 s, grouping whatever "
+            "queued up); `zchat-normal` is `--durability normal`. "
             "Session members ping every 4 s, each on its own phase (as independent clients would).",
             "- Peers run with their defaults except: Redis without persistence; mosquitto with "
             "`set_tcp_nodelay true`; ngircd with `MaxPenaltyTime = 0` (flood penalties off), no per-IP, "

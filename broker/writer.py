@@ -1,12 +1,14 @@
-"""Store commits on a thread of their own, so the loop reads on while the disk syncs.
+"""Store commits on a thread of their own, so the loop reads on while a slow disk syncs.
 
 With ``--durability full`` a commit waits for fsync: done in the loop, every
-request behind it waited too (measured: COMMIT was 44% of the loop's time at
-14k msg/s of 1 KiB texts). Here the loop hands each pass's rows over with
-:meth:`Writer.submit` and keeps the pass's replies and publishes until the
-thread says its rows are durable; the thread commits everything that waits in
-one transaction (a group commit that grows with the load) and reports the last
-ticket it made durable on an inproc PAIR socket that the loop polls.
+request behind it waits too. On a quick disk that costs less than handing the
+rows to another thread and back (see ``SLOW_DISK_WAIT_S`` in broker/server.py),
+so the loop commits itself (:meth:`Writer.append_now`, which says how long the
+commit waited) until a commit waits too long. Then the loop hands each pass's
+rows over with :meth:`Writer.submit` and keeps the pass's replies and publishes
+until the thread says its rows are durable; the thread commits everything that
+waits in one transaction (a group commit that grows with the load) and reports
+the last ticket it made durable on an inproc PAIR socket that the loop polls.
 
 Each socket belongs to one thread: the loop's end of the PAIR is created and
 used by the loop, the writer's end is created and used by the writer thread.
@@ -18,6 +20,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 
 import zmq
 
@@ -56,8 +59,11 @@ class Writer:
         self._queue.put((self.submitted, rows))
         return self.submitted
 
-    def append_now(self, rows: list[Row]) -> None:
+    def append_now(self, rows: list[Row]) -> float:
         """Commit on the caller's thread; only while nothing submitted is still in flight.
+
+        Returns the seconds the commit waited rather than ran (its wall time
+        less the thread's CPU time): mostly the disk's fsync.
 
         The thread touches the store's connection only inside a commit, and
         reports a ticket after that commit returns: with every ticket durable,
@@ -65,7 +71,9 @@ class Writer:
         """
         if self.durable != self.submitted:
             raise RuntimeError("append_now while commits are in flight")
+        wall, cpu = time.perf_counter(), time.thread_time()
         self._store.append(rows)
+        return (time.perf_counter() - wall) - (time.thread_time() - cpu)
 
     @property
     def behind(self) -> int:

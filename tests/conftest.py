@@ -63,11 +63,13 @@ class RunningBroker:
     #: Tests that flood turn the per-session limits off; test_limits sets its own.
     limits: Limits = field(default_factory=lambda: Limits(rate=0, join_rate=0))
     keys_dir: Path | None = None
+    #: A subclass can make the disk slow (tests of the writer thread).
+    store_class: type[Store] = Store
     broker: Broker = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def start(self) -> RunningBroker:
-        self.store = Store(self.data_dir, "normal")
+        self.store = self.store_class(self.data_dir, "normal")
         config = Config(
             host=HOST,
             port=0,

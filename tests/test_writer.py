@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import zmq
 
+from broker import server
 from broker.store import Row, Store, StoreError
 from broker.writer import Writer
 from client.lib import Client
@@ -86,10 +89,31 @@ def test_a_failed_commit_is_reported_and_nothing_after_it_is_called_durable(
         writer.close()
 
 
+class SlowDiskStore(Store):
+    """Every commit waits 10 ms more, as on a slow disk (longer than SLOW_DISK_WAIT_S)."""
+
+    def append(self, rows: Iterable[Row]) -> None:
+        time.sleep(0.01)
+        super().append(rows)
+
+
+class StallOnceStore(Store):
+    """The first commit after ``stall`` is set waits 50 ms more (a disk that stalls once)."""
+
+    stall = threading.Event()
+
+    def append(self, rows: Iterable[Row]) -> None:
+        if self.stall.is_set():
+            self.stall.clear()
+            time.sleep(0.05)
+        super().append(rows)
+
+
 @pytest.mark.timeout(60)
-def test_a_busy_room_through_the_writer_is_stored_and_delivered_in_order(tmp_path: Path) -> None:
-    """Passes big enough for the writer thread (a pipelined burst), and small ones, interleaved."""
-    running = RunningBroker(tmp_path / "data").start()
+def test_a_busy_room_on_a_slow_disk_is_stored_and_delivered_in_order(tmp_path: Path) -> None:
+    """Passes handed to the writer thread (the disk is slow) and passes the loop commits
+    itself (it tries again every SLOW_DISK_HOLD_S), interleaved in a pipelined burst."""
+    running = RunningBroker(tmp_path / "data", store_class=SlowDiskStore).start()
     alice = Client("alice", HOST, running.port, running.pub_port)
     bob = Client("bob", HOST, running.port, running.pub_port)
     try:
@@ -116,4 +140,43 @@ def test_a_busy_room_through_the_writer_is_stored_and_delivered_in_order(tmp_pat
     finally:
         alice.close(0)
         bob.close(0)
+        running.stop()
+
+
+@pytest.mark.timeout(60)
+def test_the_loop_commits_itself_until_a_commit_waits_for_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Far above what this store's commits wait (durability normal: no fsync),
+    # far below the stall: only the stall counts as a slow disk.
+    monkeypatch.setattr(server, "SLOW_DISK_WAIT_S", 0.025)
+    monkeypatch.setattr(server, "SLOW_DISK_HOLD_S", 30.0)
+    StallOnceStore.stall.clear()
+    running = RunningBroker(tmp_path / "data", store_class=StallOnceStore).start()
+    alice = Client("alice", HOST, running.port, running.pub_port)
+    writer = running.broker.writer
+    assert writer is not None
+    try:
+        alice.connect()
+        alice.join("general")
+
+        def acked(text: str) -> None:
+            alice.send("general", text)
+            wait_for(lambda: alice.pump(0.05) is not None and alice.unacked == 0, 10, interval=0)
+
+        for i in range(3):
+            acked(f"quick {i}")
+        assert writer.submitted == 0, "a quick disk: the loop committed every pass itself"
+        StallOnceStore.stall.set()
+        acked("stalled")  # committed by the loop, which sees it wait 50 ms
+        acked("handed off")
+        assert writer.submitted == 1, "after a commit that waited, the writer thread commits"
+        monkeypatch.setattr(running.broker, "_handoff_until", 0.0)  # as if the hold were over
+        acked("quick again")
+        assert writer.submitted == 1, "after the hold, the loop commits itself again"
+        history, _top = alice.history("general", after=0, limit=10)
+        texts = [e.text for e in history if e.type == "msg"]
+        assert texts == ["quick 0", "quick 1", "quick 2", "stalled", "handed off", "quick again"]
+    finally:
+        alice.close(0)
         running.stop()
