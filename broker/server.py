@@ -82,14 +82,12 @@ _UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (BackplaneDown, *bp_errors)
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _SNDMORE_NOBLOCK = _SNDMORE | _NOBLOCK
-_RCVMORE = int(zmq.RCVMORE)
 # pyzmq's Cython send/recv without the Python layer over them (which handles
 # routing ids, groups and tracking we never use): 0.24 instead of 0.6 us a call.
 _send: Callable[..., None] = zmq.backend.Socket.send
 _recv: Callable[..., bytes] = zmq.backend.Socket.recv
-# And its getsockopt, without the Python layer's SocketOption(...) enum call per
-# message (a third of a microsecond, 5% of the loop's time at 1x1 capacity).
-_get: Callable[..., int | bytes] = zmq.backend.Socket.get
+#: The same, for calls with copy=False: they return a zmq.Frame.
+_recv_frame: Callable[..., zmq.Frame] = zmq.backend.Socket.recv
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +304,7 @@ class Broker:
     def _drain(self, now: int) -> list[Action]:
         """Read every message that is ready (up to BATCH) and let the core decide."""
         router = self.router
-        get = _get  # not the .rcvmore property: ~3x slower
-        recv = _recv
+        recv, recv_frame = _recv, _recv_frame
         handle = self.core.handle
         secured = self.keys is not None
         actions: list[Action] = []
@@ -317,18 +314,16 @@ class Broker:
                 identity = recv(router, _NOBLOCK)
             except zmq.Again:
                 break
-            user = None
-            # ROUTER always puts the identity before at least one frame of the peer's.
-            if secured:
-                # The name the connection's key belongs to, set by our ZAP handler.
-                part = router.recv(copy=False)
-                user = str(part.get("User-Id") or "") or None
-                frame = part.bytes
-            else:
-                frame = recv(router)
-            if get(router, _RCVMORE):
-                while get(router, _RCVMORE):
-                    router.recv()
+            # ROUTER always puts the identity before at least one frame of the
+            # peer's. That frame as a zmq.Frame, which knows whether more follow:
+            # 0.2 us a message cheaper than a copy and a RCVMORE query.
+            part = recv_frame(router, 0, False)
+            frame = part.bytes
+            # With keys, the name the connection's key belongs to, set by our ZAP handler.
+            user = (str(part.get("User-Id") or "") or None) if secured else None
+            if part.more:
+                while recv_frame(router, 0, False).more:
+                    pass
                 actions.extend(
                     self.core.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
                 )
