@@ -181,6 +181,7 @@ def write(run: Run, plan: list[Group], meta: Meta, out: Path, raw: Path | None) 
             json.dumps(
                 {
                     "mode": run.mode.name,
+                    "trials": run.mode.trials,
                     "workers": run.workers,
                     "meta": asdict(meta),
                     "results": [r.to_json() for r in run.results],
@@ -197,6 +198,8 @@ def load(path: Path) -> tuple[Run, list[Group], Meta]:
     """A run as ``write`` saved it, with the plan it ran."""
     data = json.loads(path.read_text())
     mode = QUICK if data.get("mode") == "quick" else FULL
+    # Runs saved before step trials existed ran each step once.
+    mode = replace(mode, trials=data.get("trials", 1))
     run = Run(mode, Pinning(), data.get("workers", 2), path.parent)
     run.results = [Result(**{**r, "point": Point(**r["point"])}) for r in data["results"]]
     run.capacity = {(key, target): value for key, target, value in data["capacity"]}
@@ -223,6 +226,11 @@ def merge(
     old, _, old_meta = earlier
     if old.mode.name != run.mode.name:
         raise SystemExit(f"bench: --merge: the earlier run is a {old.mode.name} run, this one {run.mode.name}")
+    if old.mode.trials != run.mode.trials:
+        raise SystemExit(
+            f"bench: --merge: the earlier run ran its bisection steps {old.mode.trials} time(s) at most, this one "
+            f"{run.mode.trials}: run every group again rather than mix the two"
+        )
     keys = {g.key for g in plan}
     workers, run.workers = run.workers, old.workers
     run.results = [r for r in old.results if not any(_owns(g, r) for g in plan)] + run.results

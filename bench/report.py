@@ -781,10 +781,20 @@ class Report:
                     f"- Latency points (fixed offered rates, 30% of capacity) run {self.run.mode.latency_runs} "
                     "times, the systems taking turns, and the run with the median p99 is the one reported (the "
                     "headline gives every run's p99): on 2 shared cores one 4 s window's p99 moved 2-4x from "
-                    "one run to the next. Step tests run each step once."
+                    "one run to the next."
                 ]
                 if self.run.mode.latency_runs > 1
                 else []
+            ),
+            "- Step tests double the offered rate while the system keeps up and halve it while it does not, "
+            f"then bisect the bracket {self.run.mode.refine} times (in log scale). "
+            + (
+                f"Each bisection step, near capacity, runs until {self.run.mode.trials // 2 + 1} runs agree "
+                f"(at most {self.run.mode.trials}) and counts as kept up with if they did: one run there keeps "
+                "up or not by chance (zchat 1x1 failed 71k msg/s in one full run and held 85k in a rerun). "
+                "Every run is in [Every point](#every-point)."
+                if self.run.mode.trials > 1
+                else "Each step runs once."
             ),
             "- Subscribers: zchat, the naive forwarder and raw PUB->SUB deliver to raw pyzmq SUB sockets "
             "(the zchat `Client` adds ordering and gap repair on top, which is not measured here); peers use "

@@ -130,10 +130,26 @@ class Run:
             middle = nice(math.sqrt(low * high))
             if not low < middle < high:
                 break
-            r = self.point(g.point(target, middle, "step"))
-            if saturated(r):
+            kept = self.trial(g, target, middle)
+            if kept is None:
                 high = middle
             else:
                 low = middle
-                best = max(best or 0.0, r.delivered)
+                best = max(best or 0.0, kept)
         return best
+
+    def trial(self, g: Group, target: str, rate: float) -> float | None:
+        """A step near capacity, run until a majority of ``mode.trials`` runs agrees.
+
+        The most a run that kept up delivered, if most did; None if most did not.
+        """
+        need = self.mode.trials // 2 + 1
+        kept: list[float] = []
+        failed = 0
+        while len(kept) < need and failed < need:
+            r = self.point(g.point(target, rate, "step"))
+            if saturated(r):
+                failed += 1
+            else:
+                kept.append(r.delivered)
+        return max(kept) if len(kept) >= need else None

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bench import cli
-from bench.harness import Pinning, Point, Timing, run_point
+from bench.harness import Pinning, Point, Result, Timing, run_point
 from bench.loops import STAMP, stamps_of
-from bench.plan import QUICK
+from bench.plan import FULL, QUICK, Group, Mode
 from bench.runner import Run
 from zchat import protocol as p
 
@@ -102,3 +102,35 @@ def test_a_latency_point_is_run_several_times_and_the_median_run_kept(tmp_path: 
     runs = kept.p99_runs_us
     assert len(runs) == 3 and all(v is not None for v in runs)
     assert kept.latency_us["p99"] == sorted(runs)[1]  # type: ignore[type-var]
+
+
+class _Scripted(Run):
+    """A Run whose points are decided by a capacity and a list of chance outcomes near it,
+    not measured: the step-test logic alone, with no server."""
+
+    def __init__(self, mode: Mode, capacity: float, near: list[bool], tmp: Path) -> None:
+        super().__init__(mode, Pinning(), 1, tmp)
+        self.cap, self.near = capacity, near
+
+    def point(self, point: Point) -> Result:
+        rate = point.rate or 0.0
+        kept = rate <= self.cap if abs(rate - self.cap) > 0.2 * self.cap else self.near.pop(0)
+        r = Result(point, offered=rate, sent_rate=rate, delivered=rate if kept else 0.5 * rate)
+        r.deliveries = r.delivered
+        self.results.append(r)
+        return r
+
+
+@pytest.mark.timeout(10)
+def test_a_bisection_step_counts_as_kept_up_with_when_most_of_its_runs_did(tmp_path: Path) -> None:
+    group = Group("g", "1 room x 1", "ladder", ("zchat",))
+    mode = replace(FULL, trials=3)
+    # 30k and 60k keep up, 120k does not; then 85k (near the 80k capacity) fails once by
+    # chance and keeps up twice, 100k (far above) fails twice.
+    run = _Scripted(mode, 80_000, [False, True, True], tmp_path)
+    assert run.ladder(group, "zchat") == 85_000
+    assert [r.point.rate for r in run.results] == [30_000, 60_000, 120_000, 85_000, 85_000, 85_000, 100_000, 100_000]
+    # The same chance failure with one run per step: the ladder settles below it.
+    once = _Scripted(replace(FULL, trials=1), 80_000, [False, True], tmp_path)
+    assert once.ladder(group, "zchat") == 71_000
+    assert not run.near and once.near == [], "every scripted chance outcome was used"
