@@ -58,6 +58,10 @@ class Mode:
     #: Targets of the scale-out group: the embedded store, then N brokers on one Redis.
     scale_out_targets: tuple[str, ...] = ("zchat", "zchat-normal", "zchat-bp-1", "zchat-bp-2", "zchat-bp-4")
 
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.trials % 2 == 0:
+            raise ValueError(f"trials must be odd (a majority decides), not {self.trials}")
+
 
 #: One point per target and workload: proves every workload runs (numbers are rough).
 QUICK = Mode(

@@ -88,6 +88,11 @@ _send: Callable[..., None] = zmq.backend.Socket.send
 _recv: Callable[..., bytes] = zmq.backend.Socket.recv
 #: The same, for calls with copy=False: they return a zmq.Frame.
 _recv_frame: Callable[..., zmq.Frame] = zmq.backend.Socket.recv
+#: Whether a received Frame says if more frames follow. The Cython backend's
+#: does; the cffi backend (PyPy) never sets ``Frame.more``, so there the loop
+#: asks the socket (RCVMORE), as it must to refuse a multi-frame request.
+_FRAME_KNOWS_MORE = zmq.backend.Socket.__module__.startswith("zmq.backend.cython")
+_RCVMORE = int(zmq.RCVMORE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +222,8 @@ class Broker:
                 limits=config.limits,
                 authenticated=self.keys is not None,
             )
-            # Started once the store has been read: from now on only its thread writes.
+            # Started once the store has been read: from now on only the writer
+            # writes, on its thread or, while nothing is in flight, on the loop's.
             self.writer = Writer(self.ctx, store)
         self._encode = p.Encoder()
 
@@ -321,9 +327,10 @@ class Broker:
             frame = part.bytes
             # With keys, the name the connection's key belongs to, set by our ZAP handler.
             user = (str(part.get("User-Id") or "") or None) if secured else None
-            if part.more:
-                while recv_frame(router, 0, False).more:
-                    pass
+            if part.more if _FRAME_KNOWS_MORE else router.get(_RCVMORE):
+                # The rest of the message is there (ROUTER delivers a message whole): read it all.
+                while router.get(_RCVMORE):
+                    router.recv()
                 actions.extend(
                     self.core.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
                 )

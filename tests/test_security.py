@@ -138,6 +138,17 @@ def test_extra_frames_are_refused(raw: MakeRaw, broker: RunningBroker) -> None:
     assert_still_serving(broker)
 
 
+def test_every_frame_of_a_refused_message_is_read_and_the_next_request_served(raw: MakeRaw) -> None:
+    """Three and four frames: all of them are consumed, none is taken for the next identity."""
+    sender = raw()
+    for extra in ([b"two"], [b"two", b"three"]):
+        sender.send_frames([p.encode(p.hello("mallory")), *extra])
+        reply = sender.recv()
+        assert (reply["type"], reply["code"]) == ("error", "bad_envelope")
+    welcome = sender.request(p.hello("mallory"))
+    assert (welcome["type"], welcome["name"]) == ("welcome", "mallory")
+
+
 def test_forged_from_and_sender_are_overwritten(raw: MakeRaw, broker: RunningBroker, spy: zmq.Socket[bytes]) -> None:
     with Client("alice", HOST, broker.port, broker.pub_port) as alice:
         alice.join("general")
