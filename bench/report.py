@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from bench.harness import Result
+from bench.harness import GREETING_ROUNDTRIPS, Result
 from bench.plan import HEARTBEAT_S, SCALE_OUT, ZCHAT, Group
 from bench.runner import MAX_LOSS, MIN_DELIVERED, Run, saturated
 
@@ -83,9 +83,14 @@ def runs_text(r: Result) -> str:
     return f"; the median of {len(r.p99_runs_us)} runs, whose p99 were " + ", ".join(dur(v) for v in r.p99_runs_us)
 
 
-def rss_per_client(r: Result, pinged: bool = False) -> float | None:
-    """Growth of the server's RSS over an idle point, per connected client (KiB); after the pings if ``pinged``."""
-    after = r.rss_pinged_kib if pinged else r.rss_after_kib
+#: Which RSS sample of an idle point: 1 s after the clients joined, after their first
+#: GREETING_ROUNDTRIPS round trips, after all their pings.
+Sample = Literal["joined", "greeted", "pinged"]
+
+
+def rss_per_client(r: Result, sample: Sample = "joined") -> float | None:
+    """Growth of the server's RSS over an idle point, per connected client (KiB), at ``sample``."""
+    after = {"joined": r.rss_after_kib, "greeted": r.rss_greeted_kib, "pinged": r.rss_pinged_kib}[sample]
     if r.rss_before_kib is None or after is None:
         return None
     return (after - r.rss_before_kib) / r.point.subscribers
@@ -252,6 +257,7 @@ class Report:
                     if (naive := self.idle_per_client("naive")) is None
                     else f"; the same two ZeroMQ connections without a session (naive forwarder): {naive:.1f} KiB"
                 )
+                + self.idle_floor_text()
                 + self.idle_pinged_text(),
                 verdict_max(per_client, TARGET_IDLE_KIB, "KiB"),
             ]
@@ -673,17 +679,28 @@ class Report:
         ]
         return found[-1] if found else None
 
-    def idle_per_client(self, target: str, rooms: int = 1, pinged: bool = False) -> float | None:
+    def idle_per_client(self, target: str, rooms: int = 1, sample: Sample = "joined") -> float | None:
         r = self.idle(target, rooms)
-        return None if r is None else rss_per_client(r, pinged)
+        return None if r is None else rss_per_client(r, sample)
+
+    def idle_floor_text(self) -> str:
+        """libzmq alone after as many round trips as a zchat client's start, beside zchat's first sample."""
+        echo = self.idle_per_client("zmq-echo", rooms=100, sample="greeted")
+        zchat = self.idle_per_client(ZCHAT, rooms=100)
+        if echo is None or zchat is None:
+            return ""
+        return (
+            f"; libzmq alone after the same {GREETING_ROUNDTRIPS} round trips as hello + join "
+            f"(echo server, 100 rooms): {echo:.1f} KiB (zchat in 100 rooms adds {zchat - echo:+.1f})"
+        )
 
     def idle_pinged_text(self) -> str:
         """The 100-room clients after their pings, beside libzmq alone after the same round trips."""
         r = self.idle(ZCHAT, rooms=100)
-        zchat = self.idle_per_client(ZCHAT, rooms=100, pinged=True)
+        zchat = self.idle_per_client(ZCHAT, rooms=100, sample="pinged")
         if r is None or zchat is None:
             return ""
-        echo = self.idle_per_client("zmq-echo", rooms=100, pinged=True)
+        echo = self.idle_per_client("zmq-echo", rooms=100, sample="pinged")
         minutes = r.point.pings * HEARTBEAT_S / 60
         return (
             f"; in 100 rooms after {r.point.pings} pings each "
@@ -702,7 +719,8 @@ class Report:
             if not r.point.idle:
                 continue
             per = rss_per_client(r)
-            pinged = rss_per_client(r, pinged=True)
+            greeted = rss_per_client(r, "greeted")
+            pinged = rss_per_client(r, "pinged")
             c = r.connect_s
             rows.append(
                 [
@@ -711,7 +729,10 @@ class Report:
                     f"{r.point.rooms:,}",
                     f"{r.rss_before_kib or 0:,} -> {r.rss_after_kib or 0:,}",
                     "-" if per is None else f"{per:.1f}",
-                    "-" if pinged is None else f"{r.point.pings}: {pinged:.1f}",
+                    "-"
+                    if pinged is None
+                    else ("" if greeted is None else f"{GREETING_ROUNDTRIPS}: {greeted:.1f}; ")
+                    + f"{r.point.pings}: {pinged:.1f}",
                     dur(c["welcome"] * 1e6)
                     if "welcome" in c
                     else dur(c["connected"] * 1e6)
@@ -733,7 +754,11 @@ class Report:
             "500,000 deliveries), and each subscriber's libzmq queue keeps the 16 KiB chunks that traffic made "
             "it grow (it holds one spare); spread over 100 rooms, the same clients get a tenth of that traffic. "
             "The session itself is small: about 1 KiB of Python objects (`python -m bench.micro sessions`); "
-            "the rest is the two ZeroMQ connections, as the naive forwarder's row shows.",
+            "the rest is libzmq's, and it grows with the first messages a connection carries, in any "
+            "ZeroMQ server: the naive forwarder's clients connect and say nothing; the echo server's "
+            f"clients (below) first make {GREETING_ROUNDTRIPS} round trips, as many as zchat's hello and join, "
+            "and RSS is read 1 s after those too (the first figure of the pings column): compare zchat's "
+            "first sample with that one.",
             "",
             "An idle client is not silent: it pings every heartbeat (5 s). The 100-room clients then make "
             "that many ping/pong round trips at once, and RSS is read again 1 s later; the echo server "

@@ -39,6 +39,33 @@ def test_the_report_from_saved_results_gives_each_idle_row_its_own_growth(tmp_pa
         assert f"| {(after - before) / clients:.1f} |" in row, row
 
 
+@pytest.mark.timeout(60)
+def test_the_idle_headline_sets_zchat_beside_libzmq_after_the_same_start(tmp_path: Path) -> None:
+    """The echo server's sample after hello + join's worth of round trips is zchat's floor."""
+    saved = json.loads(SAVED.read_text())
+    echo = next(r for r in saved["results"] if r["point"]["target"] == "zmq-echo" and r["point"]["idle"])
+    zchat = next(
+        r
+        for r in saved["results"]
+        if r["point"]["target"] == "zchat" and r["point"]["idle"] and r["point"]["rooms"] == 100
+    )
+    clients = echo["point"]["rooms"] * echo["point"]["members"]
+    echo["rss_greeted_kib"] = echo["rss_before_kib"] + 50 * clients  # 50.0 KiB a client
+    zchat_per = (zchat["rss_after_kib"] - zchat["rss_before_kib"]) / (
+        zchat["point"]["rooms"] * zchat["point"]["members"]
+    )
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(saved))
+    out = tmp_path / "benchmarks.md"
+    assert cli.main(["--from-json", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert (
+        f"libzmq alone after the same 2 round trips as hello + join (echo server, 100 rooms): 50.0 KiB "
+        f"(zchat in 100 rooms adds {zchat_per - 50:+.1f})"
+    ) in text
+    assert f"| 2: 50.0; {echo['point']['pings']}: " in text
+
+
 def test_every_send_time_in_a_payload_counts_once() -> None:
     """A zchat batch frame holds several stamped texts; each is a delivery, and nothing else is."""
     texts = [STAMP.format(10**18 + i) + "x" * 50 for i in range(5)]
@@ -82,8 +109,8 @@ def test_an_idle_point_measures_memory_before_and_after_the_clients_pings(target
     point = Point(target, rooms=2, members=10, size=100, rate=None, sessions=True, idle=True, pings=20)
     r = run_point(point, Timing(1.0, 2.0, 1.0), Pinning(), 2, tmp_path)
     assert r.error is None
-    assert r.rss_before_kib is not None and r.rss_after_kib is not None and r.rss_pinged_kib is not None
-    assert min(r.rss_after_kib, r.rss_pinged_kib) > 0
+    samples = (r.rss_before_kib, r.rss_after_kib, r.rss_greeted_kib, r.rss_pinged_kib)
+    assert all(v is not None and v > 0 for v in samples), samples
     if target == "zchat":
         assert 0 < r.connect_s["welcome"] <= r.connect_s["joined"] < 30
     else:
