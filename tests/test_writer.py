@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -95,6 +98,47 @@ class SlowDiskStore(Store):
     def append(self, rows: Iterable[Row]) -> None:
         time.sleep(0.01)
         super().append(rows)
+
+
+class CrowdedStore(Store):
+    """Every commit also computes for 60 ms of wall time: on a CPU it shares, half of that is waiting for the CPU."""
+
+    def append(self, rows: Iterable[Row]) -> None:
+        end = time.perf_counter() + 0.06
+        while time.perf_counter() < end:
+            pass
+        super().append(rows)
+
+
+@pytest.mark.timeout(60)
+def test_a_commit_that_waited_for_a_cpu_has_not_waited_for_the_disk(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """On a crowded machine the loop is not scheduled for a while: that must not look like a
+    slow disk (and hand the next passes to the writer thread for nothing)."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    # Another process that wants the same CPU all the time (sched_setaffinity(0) pins this thread alone).
+    hog = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    store = CrowdedStore(tmp_path, "normal")  # no fsync: the disk is not what waits here
+    writer = Writer(ctx, store)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        waits, unscheduled = [], []
+        for i in range(5):
+            wall, used = time.perf_counter(), time.thread_time()
+            waits.append(writer.append_now(rows("general", 1 + i, 1)))
+            unscheduled.append(time.perf_counter() - wall - (time.thread_time() - used))
+        # The commits did wait (for the CPU the hog held): wall less CPU time says so...
+        assert max(unscheduled) > 0.01, unscheduled
+        # ...and what append_now reports, the disk's part, leaves it out.
+        assert max(waits) < server.SLOW_DISK_WAIT_S, (waits, unscheduled)
+    finally:
+        os.sched_setaffinity(0, before)
+        hog.kill()
+        hog.wait()
+        writer.close()
+        store.close()
 
 
 class StallOnceStore(Store):
