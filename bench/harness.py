@@ -181,14 +181,15 @@ def run_point(point: Point, timing: Timing, pins: Pinning, workers: int, root: P
                 # First as many round trips as a zchat session's hello and join, sampled
                 # alike: what libzmq alone keeps for that much traffic (the echo server's
                 # figure to set beside zchat's first sample). Then the rest.
-                first = min(GREETING_ROUNDTRIPS, point.pings)
-                _roundtrips(procs, first)
-                time.sleep(1.0)
-                if pid is not None:
-                    result.rss_greeted_kib = rss_kib(pid)
-                if point.pings > first:
-                    _roundtrips(procs, point.pings - first)
+                done = 0
+                if point.pings > GREETING_ROUNDTRIPS:
+                    _roundtrips(procs, GREETING_ROUNDTRIPS)
                     time.sleep(1.0)
+                    done = GREETING_ROUNDTRIPS
+                    if pid is not None:
+                        result.rss_greeted_kib = rss_kib(pid)
+                _roundtrips(procs, point.pings - done)
+                time.sleep(1.0)
                 if pid is not None:
                     result.rss_pinged_kib = rss_kib(pid)
             for _, conn in procs:

@@ -755,10 +755,14 @@ class Report:
             "it grow (it holds one spare); spread over 100 rooms, the same clients get a tenth of that traffic. "
             "The session itself is small: about 1 KiB of Python objects (`python -m bench.micro sessions`); "
             "the rest is libzmq's, and it grows with the first messages a connection carries, in any "
-            "ZeroMQ server: the naive forwarder's clients connect and say nothing; the echo server's "
-            f"clients (below) first make {GREETING_ROUNDTRIPS} round trips, as many as zchat's hello and join, "
-            "and RSS is read 1 s after those too (the first figure of the pings column): compare zchat's "
-            "first sample with that one.",
+            "ZeroMQ server: the naive forwarder's clients connect and say nothing."
+            + (
+                f" The echo server's clients (below) first make {GREETING_ROUNDTRIPS} round trips, as many as "
+                "zchat's hello and join, and RSS is read 1 s after those too (the first figure of the pings "
+                "column): compare zchat's first sample with that one."
+                if any(r.rss_greeted_kib is not None for r in self.results)
+                else ""
+            ),
             "",
             "An idle client is not silent: it pings every heartbeat (5 s). The 100-room clients then make "
             "that many ping/pong round trips at once, and RSS is read again 1 s later; the echo server "
@@ -768,7 +772,7 @@ class Report:
             "crossed a chunk, keeps a spare one: as the pings pass, every client's DEALER connection grows "
             "by about two chunks in the broker, whichever broker it is. No socket option of libzmq 4.3 "
             "shrinks them, so this is the floor for a client with a DEALER and a SUB connection; compare "
-            "zchat with it, not with the first sample.",
+            "zchat after its pings with it, not with zchat before them.",
             "",
         ]
         out += table(

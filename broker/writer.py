@@ -40,7 +40,7 @@ _SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
 class RunQueueClock:
-    """Seconds the calling thread has waited for a CPU while runnable, where Linux says (else 0).
+    """Seconds the calling thread has waited for a CPU while runnable, where Linux says (else None).
 
     A commit's wall time less its CPU time is mostly the disk's fsync, but on a
     busy machine it also holds the time the thread was ready and not scheduled:
@@ -52,16 +52,16 @@ class RunQueueClock:
         self._fd: int | None = None
         self._broken = False
 
-    def __call__(self) -> float:
+    def __call__(self) -> float | None:
         if self._broken:
-            return 0.0
+            return None
         try:
             if self._fd is None:
                 self._fd = os.open(_SCHEDSTAT, os.O_RDONLY)
             return int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
         except (OSError, ValueError, IndexError):
             self._broken = True  # not Linux, or a kernel without schedstats: wall less CPU it is
-            return 0.0
+            return None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -112,7 +112,10 @@ class Writer:
         run_queue = self._run_queue
         wall, cpu, queued = time.perf_counter(), time.thread_time(), run_queue()
         self._store.append(rows)
-        return (time.perf_counter() - wall) - (time.thread_time() - cpu) - (run_queue() - queued)
+        waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
+        if queued is not None and (queued_after := run_queue()) is not None:
+            waited -= queued_after - queued
+        return waited
 
     @property
     def behind(self) -> int:
