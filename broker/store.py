@@ -28,9 +28,13 @@ DB_NAME = "zchat.sqlite3"
 #: commits running beside it on a real disk (not on tmpfs) for as long as they take.
 #: Measured at 30% of capacity, 1 room x 1, five runs each (medians, every 0.1 s vs
 #: every 0.5 s): delivery p99 3.1 vs 3.7 ms (durability full), 2.4 vs 3.5 ms (normal),
-#: 7.8 vs 13.8 ms with 1 KiB texts; p50 unchanged. To measure again, change this and
+#: 7.8 vs 13.8 ms with 1 KiB texts; p50 unchanged. Then every 0.01 s against every
+#: 0.1 s, 3 runs each (scratch points of bench.harness, durability full): p99 2.4-3.0
+#: vs 4.1-5.1 ms at 26k msg/s; with 1 KiB texts, 4.4-6.9 vs 16.6-21.6 ms at 17k, and
+#: 58.4-59.7k vs 52.2-56.5k msg/s delivered at 60k offered (fewer long commit stalls);
+#: 78-85k vs 80-85k at 85k offered with 100 B texts. To measure again, change this and
 #: run ``python -m bench --only fanout-1,fanout-1-1k --merge`` (its 30% points).
-CHECKPOINT_S = 0.1
+CHECKPOINT_S = 0.01
 #: Past this many pages of WAL, a checkpoint that makes the WAL start over (see _checkpoint_loop).
 WAL_RESTART_FRAMES = 8192
 SCHEMA_VERSION = 2
@@ -118,8 +122,13 @@ class Store:
             self._read = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
-        #: Commits so far: the checkpointer skips its turn when nothing was committed since the last.
+        #: Commits so far.
         self.commits = 0
+        #: Set by a commit, and to stop: the checkpointer sleeps on it while nothing is committed
+        #: (an idle broker does not wake up every CHECKPOINT_S). Set at first, so the first turn
+        #: copies back what an earlier run left in the WAL.
+        self._dirty = threading.Event()
+        self._dirty.set()
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="zchat-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -155,7 +164,7 @@ class Store:
             raise StoreError(f"{self.path}: schema version {version}, this broker knows {SCHEMA_VERSION}")
 
     def _checkpoint_loop(self) -> None:
-        """Every CHECKPOINT_S, if anything was committed, a PASSIVE checkpoint, which never blocks the writer.
+        """CHECKPOINT_S after a commit, a PASSIVE checkpoint, which never blocks the writer.
 
         Under constant writes a passive checkpoint never catches up with the
         last frame, so the WAL is never restarted and would grow without end:
@@ -168,22 +177,22 @@ class Store:
         except sqlite3.Error as exc:
             log.error("checkpoints disabled: cannot open %s: %s", self.path, exc)
             return
-        seen = -1  # the first turn copies back what an earlier run left in the WAL
+        dirty, stop = self._dirty, self._stop
         try:
-            while not self._stop.wait(CHECKPOINT_S):
-                commits = self.commits
-                if commits == seen:
-                    continue  # nothing committed since a complete checkpoint: nothing to copy
+            # Wait for a commit, then CHECKPOINT_S more: the commits of that spell go in one turn.
+            while dirty.wait() and not stop.wait(CHECKPOINT_S):
+                dirty.clear()  # before copying: a commit from now on makes another turn
                 try:
                     _busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if frames > WAL_RESTART_FRAMES:
                         busy, frames, copied = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                         copied = -1 if busy else copied
-                    if copied == frames:
-                        # All of it (a history read can hold a checkpoint back): else the next turn goes on.
-                        seen = commits
+                    if copied != frames:
+                        dirty.set()  # a history read held part of it back: the next turn goes on
                 except sqlite3.Error as exc:
-                    log.warning("checkpoint of %s failed (retried): %s", self.path, exc)
+                    log.warning("checkpoint of %s failed (retried in 1 s): %s", self.path, exc)
+                    dirty.set()
+                    stop.wait(1.0)
         finally:
             db.close()
 
@@ -229,6 +238,8 @@ class Store:
                 at += size
             db.execute("COMMIT")
             self.commits += 1
+            if not self._dirty.is_set():  # a plain read; set() takes a lock
+                self._dirty.set()
         except BaseException as exc:
             # Whatever failed (a bad row too), no transaction is left open for the next commit.
             if self._db.in_transaction:
@@ -250,6 +261,7 @@ class Store:
 
     def close(self) -> None:
         self._stop.set()
+        self._dirty.set()  # wakes an idle checkpointer to see the stop
         self._checkpointer.join(timeout=10)
         with contextlib.suppress(sqlite3.Error):
             # Leave a small WAL behind: the next start reads less.

@@ -122,6 +122,18 @@ def test_a_commit_after_an_idle_spell_is_checkpointed_too(tmp_path: Path) -> Non
         store.close()
 
 
+@pytest.mark.timeout(30)
+def test_an_idle_store_closes_at_once(tmp_path: Path) -> None:
+    """The checkpointer sleeps until a commit while idle; closing must wake it, not wait for one."""
+    store = Store(tmp_path, "normal")
+    store.append([("r", 1, 1, "ann", "m1", b"x")])
+    time.sleep(20 * store_module.CHECKPOINT_S)  # checkpointed, then idle
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 2.0
+    assert not store._checkpointer.is_alive()
+
+
 @pytest.mark.parametrize("count", [0, 1, 16, 17, 300, 1000])
 @pytest.mark.parametrize("as_generator", [False, True])
 def test_a_commit_of_any_size_stores_every_row_in_order(tmp_path: Path, count: int, as_generator: bool) -> None:
