@@ -109,14 +109,14 @@ def test_checkpoints_copy_the_wal_back_and_keep_it_bounded_under_constant_commit
 
 @pytest.mark.timeout(30)
 def test_a_commit_after_an_idle_spell_is_checkpointed_too(tmp_path: Path) -> None:
-    """The checkpointer skips its turns while nothing is committed, and wakes up for the next commit."""
+    """The checkpointer sleeps while nothing is committed, and wakes up for the next commit."""
     store = Store(tmp_path, "normal")
     db = tmp_path / DB_NAME
     try:
         for first, size in ((1, 1 << 20), (3001, 2 << 20)):
             store.append([("r", seq, seq, "ann", f"m{seq}", b"x" * 1000) for seq in range(first, first + 1000)])
             wait_for(lambda size=size: db.stat().st_size > size, 10)  # copied back into the database file
-            time.sleep(5 * store_module.CHECKPOINT_S)  # idle turns
+            time.sleep(5 * store_module.CHECKPOINT_S)  # idle
         assert store.commits == 2
     finally:
         store.close()
