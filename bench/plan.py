@@ -53,7 +53,8 @@ class Mode:
     latency_runs: int = 1
     #: Runs of each step of a ladder's final bisection, near capacity, where one 4 s run
     #: keeps up or not by chance (1x1: one full run failed 71k and 85k msg/s, its rerun
-    #: held 85k): the step runs until this many runs' majority agrees.
+    #: held 85k), and of the step that turns the ladder round: the step runs until this
+    #: many runs' majority agrees.
     trials: int = 1
     #: Targets of the scale-out group: the embedded store, then N brokers on one Redis.
     scale_out_targets: tuple[str, ...] = ("zchat", "zchat-normal", "zchat-bp-1", "zchat-bp-2", "zchat-bp-4")

@@ -820,9 +820,12 @@ class Report:
             "- Step tests double the offered rate while the system keeps up and halve it while it does not, "
             f"then bisect the bracket {self.run.mode.refine} times (in log scale). "
             + (
-                f"Each bisection step, near capacity, runs until {self.run.mode.trials // 2 + 1} runs agree "
+                f"Each bisection step, near capacity, and the step that turns the ladder round (the first "
+                "doubling step it fails, the first halving step it keeps up with), which bounds the bisection, "
+                f"runs until {self.run.mode.trials // 2 + 1} runs agree "
                 f"(at most {self.run.mode.trials}) and counts as kept up with if they did: one run there keeps "
-                "up or not by chance (zchat 1x1 failed 71k msg/s in one full run and held 85k in a rerun). "
+                "up or not by chance (zchat 1x1 failed 71k msg/s in one full run and held 85k in a rerun; "
+                "1 KiB at 1x1 failed its 60k doubling step once and settled at 50k, where the run before held 60k). "
                 "Every run is in [Every point](#every-point)."
                 if self.run.mode.trials > 1
                 else "Each step runs once."

@@ -152,12 +152,45 @@ class _Scripted(Run):
 def test_a_bisection_step_counts_as_kept_up_with_when_most_of_its_runs_did(tmp_path: Path) -> None:
     group = Group("g", "1 room x 1", "ladder", ("zchat",))
     mode = replace(FULL, trials=3)
-    # 30k and 60k keep up, 120k does not; then 85k (near the 80k capacity) fails once by
-    # chance and keeps up twice, 100k (far above) fails twice.
+    # 30k and 60k keep up, 120k (far above) does not, twice; then 85k (near the 80k
+    # capacity) fails once by chance and keeps up twice, 100k (far above) fails twice.
     run = _Scripted(mode, 80_000, [False, True, True], tmp_path)
     assert run.ladder(group, "zchat") == 85_000
-    assert [r.point.rate for r in run.results] == [30_000, 60_000, 120_000, 85_000, 85_000, 85_000, 100_000, 100_000]
+    assert [r.point.rate for r in run.results] == [
+        *(30_000, 60_000),
+        *(120_000, 120_000),
+        *(85_000, 85_000, 85_000),
+        *(100_000, 100_000),
+    ]
     # The same chance failure with one run per step: the ladder settles below it.
     once = _Scripted(replace(FULL, trials=1), 80_000, [False, True], tmp_path)
     assert once.ladder(group, "zchat") == 71_000
     assert not run.near and once.near == [], "every scripted chance outcome was used"
+
+
+@pytest.mark.timeout(10)
+def test_a_doubling_step_that_fails_once_by_chance_does_not_cap_the_ladder(tmp_path: Path) -> None:
+    group = Group("g", "1 room x 1", "ladder", ("zchat",))
+    # 60k is near the capacity and fails its first run by chance, then keeps up twice: the
+    # ladder goes on doubling from it, and bisects above it.
+    run = _Scripted(replace(FULL, trials=3), 55_000, [False, True, True], tmp_path)
+    assert run.ladder(group, "zchat") == 60_000
+    assert [r.point.rate for r in run.results][:6] == [30_000, 60_000, 60_000, 60_000, 120_000, 120_000]
+    assert min(r.point.rate or 0.0 for r in run.results[4:]) > 60_000, "every later step is above 60k"
+    # One run per step: that one failure caps the bracket at 60k, and the ladder settles below it.
+    once = _Scripted(replace(FULL, trials=1), 55_000, [False, True], tmp_path)
+    assert once.ladder(group, "zchat") == 50_000
+    assert [r.point.rate for r in once.results] == [30_000, 60_000, 42_000, 50_000]
+    assert run.near == [] and once.near == [], "every scripted chance outcome was used"
+
+
+@pytest.mark.timeout(10)
+def test_a_halving_step_that_keeps_up_once_by_chance_is_run_again(tmp_path: Path) -> None:
+    group = Group("g", "1 room x 1", "ladder", ("zchat",))
+    # Capacity 17k: 30k fails (far above); 15k is near and keeps up once by chance, then
+    # fails twice, so the ladder halves on to 7.5k and bisects below 15k, not above it.
+    run = _Scripted(replace(FULL, trials=3), 17_000, [True, False, False], tmp_path)
+    assert run.ladder(group, "zchat") == 13_000
+    rates = [r.point.rate or 0.0 for r in run.results]
+    assert rates[:6] == [30_000, 15_000, 15_000, 15_000, 7_500, 7_500]
+    assert max(rates[4:]) < 15_000 and run.near == []
