@@ -57,7 +57,17 @@ class HistoryQuery(NamedTuple):
     top: int
 
 
-Action = Reply | Publish | HistoryQuery
+class Direct(NamedTuple):
+    """A DM: send ``env`` to the recipient's connection over ROUTER, then ``ack`` to its
+    author; or, if that connection could not take it, :meth:`Core.undelivered`'s error."""
+
+    identity: bytes
+    env: Envelope
+    author: bytes
+    ack: Envelope
+
+
+Action = Reply | Publish | HistoryQuery | Direct
 
 #: What resend detection remembers of a message: its id, seq (None for a DM) and
 #: ts, where it went (room, or "@" + recipient) and the hash of its text (None
@@ -123,6 +133,8 @@ class Session:
     #: In bytes of history replies; charged after the reply is built (see charge_history).
     history: Bucket | None = None
     rooms: set[str] = field(default_factory=set)
+    #: Messages and DMs are refused until then (ms): see Core._throttle_send.
+    held_until: int = 0
 
 
 def _ident(identity: bytes) -> str:
@@ -442,7 +454,12 @@ class Core:
 
     def _throttle_send(self, session: Session, now: int) -> None:
         limits = self.limits
-        if not session.sends.take(now, limits.rate, limits.burst):
+        if now < session.held_until or not session.sends.take(now, limits.rate, limits.burst):
+            if now >= session.held_until:
+                # Refuse the session's next ones too, for as long as a client waits
+                # before it resends: those already on their way when this refusal
+                # reaches it must not be accepted ahead of the refused one.
+                session.held_until = now + p.RATE_HOLD_MS
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED, f"slow down: at most {limits.rate:g} messages a second (burst {limits.burst})"
             )
@@ -475,7 +492,20 @@ class Core:
         ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
         # Private: ROUTER to the recipient only, never PUB, never the store.
-        return [Reply(target.identity, event), Reply(session.identity, ack)]
+        return [Direct(target.identity, event, session.identity, ack)]
+
+    def undelivered(self, dm: Direct) -> Envelope:
+        """The loop could not hand ``dm`` to its recipient's connection: gone (the
+        recipient is reconnecting and its session does not know yet) or not reading
+        (its queue is full). Forget the ack, so that a resend is delivered, not
+        acknowledged again; the error is what its author gets instead."""
+        msg_id: str = dm.ack["id"]
+        self._acked.pop((dm.env["from"], msg_id), None)
+        return p.error(
+            ErrorCode.UNDELIVERED,
+            f"not delivered: {dm.env['to']}'s connection could not take it (reconnecting, or not reading)",
+            msg_id,
+        )
 
     def history_refused(self, identity: bytes, now: int) -> Envelope | None:
         """Asked by the loop just before it answers a history query (queries of one

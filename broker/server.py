@@ -31,7 +31,7 @@ from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, s
 from broker.backplane import DEFAULT_RETENTION, Backplane
 from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
-from broker.core import DEDUP_WINDOW, Action, Core, HistoryQuery, Limits, Publish, Reply
+from broker.core import DEDUP_WINDOW, Action, Core, Direct, HistoryQuery, Limits, Publish, Reply
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.store import Durability, Row, Store, StoreError
 from broker.writer import Writer
@@ -425,6 +425,13 @@ class Broker:
                     replies[action.identity] = [encode(action.env)]
                 else:
                     owed.append(encode(action.env))
+            elif isinstance(action, Direct):
+                # A DM goes now, behind what its recipient was owed: its author's
+                # ack depends on whether the recipient's connection took it.
+                owed = replies.pop(action.identity, None) or []
+                owed.append(encode(action.env))
+                answer = action.ack if self._send_frames(action.identity, owed) else self.core.undelivered(action)
+                replies.setdefault(action.author, []).append(encode(answer))
             elif not isinstance(action, Publish):
                 owed = replies.pop(action.identity, None)
                 if owed is not None:
@@ -576,7 +583,7 @@ class Broker:
                 self._fill(room, last, seq, out, now)
                 self._published[room] = seq
 
-    def _send(self, identity: bytes, frame: bytes) -> None:
+    def _send(self, identity: bytes, frame: bytes) -> bool:
         try:
             _send(self.router, identity, _SNDMORE_NOBLOCK)
             _send(self.router, frame, _NOBLOCK)
@@ -584,11 +591,16 @@ class Broker:
             # Gone (EHOSTUNREACH) or not reading (EAGAIN): never block everyone
             # else for one peer. Its requests are safe to resend.
             log.info("reply to %s dropped: %s", identity.hex(), exc.strerror)
+            return False
+        return True
 
-    def _send_frames(self, identity: bytes, bodies: list[bytes]) -> None:
-        """Encoded replies to one client, in order, batched (see :meth:`_send_all`)."""
+    def _send_frames(self, identity: bytes, bodies: list[bytes]) -> bool:
+        """Encoded replies to one client, in order, batched (see :meth:`_send_all`).
+        Whether the connection took every frame."""
+        sent = True
         for frame in p.batches(bodies):
-            self._send(identity, frame)
+            sent = self._send(identity, frame) and sent
+        return sent
 
     def _log_connections(self, mon: zmq.Socket[bytes]) -> None:
         kind = self._monitors[mon]

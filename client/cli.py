@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from client import render
 from client.commands import Commands
-from client.lib import BrokerUnreachable, Client, CurveKeys, Event, RequestError
+from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError
 from zchat import __version__
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
 
 #: Pipe mode stops reading input while this many messages await their ack.
 SEND_WINDOW = 1000
-#: At end of input, wait at most this long for outstanding acks.
-ACK_WAIT_S = 10.0
+#: At end of input, give up waiting for acks after this long with none.
+ACK_WAIT_S = SETTLE_S
 
 
 def _env_int(name: str, default: int) -> int:
@@ -206,18 +205,11 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
 
 
 def _finish(client: Client, printer: Printer) -> int:
-    """End of input: wait for every ack while they keep coming (a rate-limited burst
-    drains slowly but surely), and for every own message to be shown (in its
-    room's order); give up after ACK_WAIT_S without progress."""
-    deadline = time.monotonic() + ACK_WAIT_S
-    left = client.unacked + client.own_pending
-    while left and time.monotonic() < deadline:
-        client.pump(0.1)
+    """End of input: every line sent is acknowledged and shown before we close
+    (see :meth:`Client.settling`); say so if some were not."""
+    for _ in client.settling(ACK_WAIT_S):
         for event in client.drain_events():
             printer.event(event)
-        if client.unacked + client.own_pending < left:
-            left = client.unacked + client.own_pending
-            deadline = time.monotonic() + ACK_WAIT_S
     for event in client.drain_events():
         printer.event(event)
     if client.unacked:

@@ -240,6 +240,31 @@ class ChatUI:
         if self._failure is not None:
             print(f"zchat: internal error: {self._failure!r}", file=sys.stderr)
             return 1
+        return await self._settle()
+
+    async def _settle(self) -> int:
+        """Quitting with lines the broker has not acknowledged yet (held by a rate limit,
+        or typed while reconnecting): wait for them while they keep going out, and say
+        so; Ctrl-C quits at once. 1 if some were never sent."""
+        if not self.client.unacked:
+            return 0
+        print(
+            f"zchat: sending {self.client.unacked} message(s) the broker has not acknowledged yet"
+            " (Ctrl-C: quit without them)",
+            file=sys.stderr,
+        )
+        with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+            for _ in self.client.settling():
+                for event in self.client.drain_events():
+                    self._show(event)
+                await self._flush()
+                await asyncio.sleep(0)  # where a Ctrl-C (asyncio cancels this task) lands
+        for event in self.client.drain_events():
+            self._show(event)
+        await self._flush()
+        if self.client.unacked:
+            print(f"zchat: {self.client.unacked} message(s) not sent", file=sys.stderr)
+            return 1
         return 0
 
     def _learn(self) -> None:

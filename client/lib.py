@@ -73,12 +73,16 @@ PROBE_INTERVAL_S = 0.25
 PROBE_LIMIT = 12
 #: An unacknowledged message is resent after this long (or 2 heartbeats, if longer).
 ACK_RESEND_S = 5.0
+#: Before closing, give up waiting for acks after this long with none (see Client.settling).
+SETTLE_S = 10.0
 #: How many ids of our own shown messages are remembered to drop their copies.
 SHOWN_WINDOW = 10_000
 #: How many (author, id) of received DMs are remembered to drop a second delivery.
 DM_WINDOW = 10_000
-#: After a ``rate_limited`` refusal, new and refused messages wait this long.
-RATE_RETRY_S = 1.0
+#: After a ``rate_limited`` refusal, new and refused messages wait this long: as
+#: long as the broker refuses the session's messages after it (so none sent before
+#: we heard of the refusal is accepted ahead of the refused one).
+RATE_RETRY_S = p.RATE_HOLD_MS / 1000
 #: After an ``unavailable`` answer, the refused request is asked again after this long.
 UNAVAILABLE_RETRY_S = 1.0
 #: A refused rejoin is retried after a delay growing by half each time, up to this.
@@ -311,8 +315,10 @@ class _Room:
     #: our own acknowledged messages (already made into their ``Event``).
     pending: dict[int, Envelope | Event] = field(default_factory=dict)
     fetching: bool = False
-    #: ``after`` of the history request in flight.
+    #: ``after`` of the history request in flight, its id and when it went.
     fetch_after: int = 0
+    fetch_rid: str = ""
+    fetch_sent: float = 0.0
     #: Whether the SUB stream has shown this room's events yet (subscription live).
     confirmed: bool = False
     probes: int = 0
@@ -339,6 +345,11 @@ class _Room:
     #: ``last`` when the connection was lost, until the room is rejoined: what the
     #: rejoin's seq is compared with (SUB may deliver newer events before that reply).
     lost_at: int | None = None
+    #: After a rejoin that found the room ahead of us: the seq to catch up to before
+    #: our unacknowledged messages to it go again (0: none). An original that was
+    #: stored, its ack lost, shows in the catch-up and counts as its ack; resent
+    #: first, it could be stored twice once the broker's resend window has passed it.
+    catch_up_to: int = 0
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -446,7 +457,7 @@ class Client:
         self._id_prefix = secrets.token_hex(4)
         self._id_count = 0
         now = time.monotonic()
-        self._last_send = now
+        self._last_ping = now
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -728,6 +739,20 @@ class Client:
         while (event := self.next_event(timeout)) is not None:
             yield event
 
+    def settling(self, patience: float = SETTLE_S) -> Iterator[int]:
+        """Before closing: pump until every message sent is acknowledged and shown in its
+        room's order, or until ``patience`` seconds pass in which none was (a rate-limited
+        burst drains slowly but surely). Yields, after each pump of at most 0.1 s, how many
+        are still unacknowledged; events queue up as usual for the caller to show."""
+        left = self.unacked + self.own_pending
+        deadline = time.monotonic() + patience
+        while left and time.monotonic() < deadline:
+            self.pump(0.1)
+            yield self.unacked
+            now_left = self.unacked + self.own_pending
+            if now_left < left:
+                left, deadline = now_left, time.monotonic() + patience
+
     def drain_events(self) -> list[Event]:
         """Every event queued so far, without waiting."""
         out = list(self._events)
@@ -903,9 +928,13 @@ class Client:
             if now - self._last_recv > 3 * hb:
                 self._lost(f"no answer from {self.endpoint} for {now - self._last_recv:.0f} s")
             else:
-                if now - self._last_send >= hb:
+                if now - self._last_ping >= hb:
+                    # Every heartbeat, sending or not: besides keeping the session, a
+                    # pong's room seqs show a room whose last events SUB dropped
+                    # (its queue overflowed) when nothing after them will show the gap.
                     self._send({"type": "ping"})
-                self._resend(now - max(ACK_RESEND_S, 2 * hb))
+                    self._last_ping = now
+                self._resend(now - self._resend_after)
                 self._retry_rooms(now)
                 self._probe_rooms(now)
         if self.state == "reconnecting" and now >= self._next_hello:
@@ -919,6 +948,11 @@ class Client:
             self._callbacks[rid] = self._on_rehello
             self._send(p.hello(self.name, rid, self._resume))
             self._hellos_here += 1
+
+    @property
+    def _resend_after(self) -> float:
+        """Seconds without an answer after which a message or history request is sent again."""
+        return max(ACK_RESEND_S, 2 * self.heartbeat_ms / 1000)
 
     def _lost(self, why: str) -> None:
         """The broker is gone or has forgotten us: start over on fresh sockets, to the next broker."""
@@ -973,7 +1007,7 @@ class Client:
 
     def _on_rejoin(self, room: str, reply: Envelope) -> None:
         state = self._rooms.get(room)
-        if state is None or state.last is None:
+        if state is None:
             return
         if reply["type"] != "joined":
             code = reply.get("code")
@@ -991,9 +1025,16 @@ class Client:
             return
         state.joined = True
         state.rejoin_at, state.rejoin_tries = 0.0, 0
+        if state.last is None:
+            # join() is still reading the backlog (the connection was lost meanwhile):
+            # it sets where the room stands, and the gap, probe and tail checks fetch
+            # what the reconnect missed. The room takes our messages again from now.
+            self._resend(0.0)
+            return
         top = reply["seq"]
         before = state.last if state.lost_at is None else state.lost_at
         state.lost_at = None
+        state.catch_up_to = 0
         if top < before:
             # The broker lost its store (or numbers the room its own way): its
             # numbering starts again below ours. (Below what we had when the
@@ -1002,15 +1043,23 @@ class Client:
             self._release_own(state)
             state.last = top
             state.pending.clear()
-        elif top > state.last and not state.fetching:
-            self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
+        elif top > state.last:
+            state.catch_up_to = top
+            if not state.fetching:
+                self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
         self._resend(0.0)
 
     def _retry_rooms(self, now: float) -> None:
-        """Refused rejoins and history requests whose retry is due."""
+        """Refused rejoins and history requests whose retry is due; history replies that never came."""
         for room, state in list(self._rooms.items()):
             if not state.joined and not state.leaving and state.rejoin_at and now >= state.rejoin_at:
                 self._rejoin(room)
+            if state.fetching and now - state.fetch_sent > self._resend_after:
+                # The reply was dropped on the way (the broker drops what a full queue
+                # to us cannot take): every later event of the room waits on it. Ask again.
+                self._callbacks.pop(state.fetch_rid, None)
+                state.fetching = False
+                state.refetch_at = now
             if state.refetch_at and now >= state.refetch_at and not state.fetching and state.last is not None:
                 state.refetch_at = 0.0
                 gap = min(state.pending) - state.last if state.pending else p.MAX_HISTORY_LIMIT
@@ -1039,9 +1088,10 @@ class Client:
                 self._mark_sent(rid)
 
     def _room_ready(self, env: Envelope) -> bool:
-        """Whether a message may go now: not to a room we are still rejoining."""
+        """Whether a message may go now: not to a room we are still rejoining, or still
+        catching up on after the rejoin (see ``_Room.catch_up_to``)."""
         state = self._rooms.get(env["room"]) if env["type"] == "msg" else None
-        return state is None or state.joined
+        return state is None or (state.joined and not state.catch_up_to)
 
     def _note_unavailable(self) -> None:
         """An ``unavailable`` answer: count it; too many in a row make us try the next broker."""
@@ -1067,7 +1117,6 @@ class Client:
 
     def _send(self, env: Envelope) -> None:
         self._dealer.send(self._encode(env))
-        self._last_send = time.monotonic()
 
     def _probe_rooms(self, now: float) -> None:
         """Cover the slow-joiner window of PUB/SUB for quiet rooms.
@@ -1351,6 +1400,9 @@ class Client:
         while (item := state.pending.pop(state.last + 1, None)) is not None:
             state.last += 1
             self._deliver(item)
+        if state.catch_up_to and state.last >= state.catch_up_to:
+            state.catch_up_to = 0
+            self._resend(0.0)  # what waited for the catch-up, in order
         if state.pending and not state.fetching and self.state == "connected":
             self._fetch(room, state, state.last, min(min(state.pending) - state.last, p.MAX_HISTORY_LIMIT))
 
@@ -1358,7 +1410,8 @@ class Client:
         """Ask history for events after ``after``; the reply goes through the room's pending set."""
         state.fetching = True
         state.fetch_after = after
-        rid = self._new_id()
+        state.fetch_sent = time.monotonic()
+        rid = state.fetch_rid = self._new_id()
         self._callbacks[rid] = lambda reply: self._on_fetched(room, reply)
         self._send({"type": "history", "room": room, "after": after, "limit": limit, "id": rid})
 

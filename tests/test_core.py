@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.core import Action, Core, HistoryQuery, Publish, Reply
+from broker.core import Action, Core, Direct, HistoryQuery, Limits, Publish, Reply
 from zchat import protocol as p
 from zchat.protocol import ErrorCode
 
@@ -418,7 +418,7 @@ def test_dm_goes_to_the_recipient_only() -> None:
     actions = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1", sender="forged", **{"from": "x"}), 55)
     assert publishes(actions) == []
     assert actions == [
-        Reply(
+        Direct(
             B,
             {
                 "type": "dm",
@@ -429,19 +429,36 @@ def test_dm_goes_to_the_recipient_only() -> None:
                 "ts": 55,
                 "id": "d1",
             },
-        ),
-        Reply(A, {"type": "ack", "id": "d1", "ts": 55}),
+            A,
+            {"type": "ack", "id": "d1", "ts": 55},
+        )
     ]
     assert core.seqs == seqs
+
+
+def test_a_dm_the_recipients_connection_could_not_take_is_an_error_and_can_be_resent() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    [dm] = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 5)
+    assert isinstance(dm, Direct)
+    error = core.undelivered(dm)
+    assert (error["type"], error["code"], error["id"]) == ("error", "undelivered", "d1")
+    assert "bob" in error["message"]
+    # Resent: delivered again, not answered with the ack it never got.
+    [again] = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 6)
+    assert isinstance(again, Direct) and again.identity == B and again.ack["id"] == "d1"
+    # Once delivered, a resend is only acknowledged again.
+    assert only_reply(core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 7), A)["type"] == "ack"
 
 
 def test_dm_to_self() -> None:
     core = make_core()
     hello(core, A, "alice")
-    actions = core.handle(A, enc(type="dm", to="alice", text="note", id="d"), 1)
-    assert [r.identity for r in replies(actions)] == [A, A]
-    assert [r.env["type"] for r in replies(actions)] == ["dm", "ack"]
-    assert publishes(actions) == []
+    [dm] = core.handle(A, enc(type="dm", to="alice", text="note", id="d"), 1)
+    assert isinstance(dm, Direct)
+    assert (dm.identity, dm.author) == (A, A)
+    assert (dm.env["type"], dm.ack["type"]) == ("dm", "ack")
 
 
 def test_dm_to_unknown_name() -> None:
@@ -705,3 +722,28 @@ def test_a_refused_request_is_still_a_sign_of_life() -> None:
     assert core.expire(3 * HB + 1) == []
     assert "alice" in core.by_name
     assert core.expire(5 * HB + 1) == [] and "alice" not in core.by_name  # silent since 2 x HB: now it ends
+
+
+def test_after_a_rate_limited_refusal_the_session_is_refused_until_the_hold_ends() -> None:
+    """So a message already on its way when the refusal reaches the client is not
+    accepted ahead of the refused one (which the client resends after the hold)."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=10, burst=1))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, A, "general")
+
+    def answer(now: int, **env: Any) -> str:
+        reply = [r.env for r in replies(core.handle(A, enc(**env), now)) if r.identity == A]
+        return str(reply[0].get("code") or reply[0]["type"])
+
+    def msg(i: str, now: int) -> str:
+        return answer(now, type="msg", room="general", text=i, id=i)
+
+    assert msg("m1", 100) == "ack"
+    assert msg("m2", 100) == "rate_limited"  # the bucket is empty
+    # 0.5 s later the bucket holds 5 tokens, but the hold of 1 s still refuses,
+    # DMs too; the refused ones are not remembered as sent.
+    assert msg("m3", 600) == "rate_limited"
+    assert answer(700, type="dm", to="bob", text="d1", id="d1") == "rate_limited"
+    assert msg("m2", 100 + p.RATE_HOLD_MS) == "ack"
+    assert msg("m3", 200 + p.RATE_HOLD_MS) == "ack"  # the next token, 0.1 s later

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -188,8 +189,10 @@ def test_gap_is_filled_from_history(make_client: MakeClient) -> None:
     assert [e.text for e in events] == ["two", "three", "four"]
 
 
-def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: RunningBroker) -> None:
-    """Events lost at the end of a room's stream show no gap; the pong's room seqs do."""
+@pytest.mark.parametrize("alice_talks", [False, True], ids=["quiet", "talking-elsewhere"])
+def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: RunningBroker, alice_talks: bool) -> None:
+    """Events lost at the end of a room's stream show no gap; the pong's room seqs do,
+    also while alice keeps sending to another room (her pings go on meanwhile)."""
     b = short_heartbeat_broker
     alice = Client("alice", "127.0.0.1", b.port, b.pub_port)
     bob = Client("bob", "127.0.0.1", b.port, b.pub_port)
@@ -222,16 +225,124 @@ def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: Runn
         alice._sub.subscribe(b"g\x00")
         # Nothing is published after them; bob keeps his session alive meanwhile.
         got: list[Event] = []
+        said = [0.0]
 
         def tail_shown() -> bool:
             alice.pump(0.05)
             bob.pump(0)
-            got.extend(e for e in alice.drain_events() if e.type == "msg")
+            if alice_talks and time.monotonic() - said[0] >= 0.1:
+                # Twice a heartbeat (0.2 s), within the default rate limit (10 a second).
+                alice.send("h", "busy")
+                said[0] = time.monotonic()
+            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
             return len(got) >= 2
 
         wait_for(tail_shown, 5, interval=0)
         assert [e.text for e in got] == ["two", "three"]
         assert fetched[0] == ("g", one.seq), "the tail must come from history: SUB never had it"
+    finally:
+        alice.close(0.2)
+        bob.close(0.2)
+
+
+@pytest.mark.timeout(30)
+def test_a_history_reply_lost_on_the_way_is_asked_for_again(short_heartbeat_broker: RunningBroker) -> None:
+    """The reply that fills a gap is dropped (as the broker drops what a full queue to
+    us cannot take): the room's later events wait on it, so it is asked for again."""
+    b = short_heartbeat_broker
+    alice = Client("alice", "127.0.0.1", b.port, b.pub_port)
+    bob = Client("bob", "127.0.0.1", b.port, b.pub_port)
+    try:
+        alice.connect()
+        bob.connect()
+        for room in ("g", "h", "k"):
+            bob.join(room)
+        alice.join("g")
+        bob.send_wait("g", "one")
+        assert [e.text for e in collect(alice, 1, kind="msg")] == ["one"]
+        # SUB loses two and three: unsubscribed, and known to be (see the lost-tail test).
+        alice._sub.unsubscribe(b"g\x00")
+        alice.join("h")
+        bob.send_wait("h", "sentinel")
+        assert [e.text for e in collect(alice, 1, kind="msg")] == ["sentinel"]
+        dropped: list[dict[str, Any]] = []
+        dispatch = alice._dispatch
+
+        def lossy(env: dict[str, Any]) -> None:
+            if env.get("type") == "history" and not dropped:
+                dropped.append(env)
+                return
+            dispatch(env)
+
+        alice._dispatch = lossy  # type: ignore[method-assign]
+        bob.send_wait("g", "two")
+        bob.send_wait("g", "three")
+        alice._sub.subscribe(b"g\x00")
+        alice.join("k")
+        bob.send_wait("k", "sentinel")
+        bob.send_wait("g", "four")
+        got: list[Event] = []
+
+        def all_shown() -> bool:
+            alice.pump(0.05)
+            bob.pump(0)
+            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+            return len(got) >= 3
+
+        wait_for(all_shown, 20, interval=0)
+        assert dropped, "a history reply was dropped"
+        assert [e.text for e in got] == ["two", "three", "four"]
+    finally:
+        alice.close(0.2)
+        bob.close(0.2)
+
+
+@pytest.mark.timeout(30)
+def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's message is stored but its ack lost with her connection; by the time she
+    is back the broker's resend window has moved past it (here 5 messages, normally
+    100 000). Her rejoin's catch-up brings the original, which counts as its ack: it
+    is not resent, so nobody sees it twice."""
+    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    alice = Client("alice", "127.0.0.1", broker.port, broker.pub_port)
+    bob = Client("bob", "127.0.0.1", broker.port, broker.pub_port)
+    try:
+        alice.connect()
+        bob.connect()
+        bob.join("g")
+        bob.join("h")
+        alice.join("g")
+        bob.send_wait("g", "hello")
+        assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
+        # Alice's SUB misses the room from here (see the lost-tail test), and the ack
+        # of her next message is lost: as when her connection fails just then.
+        alice._sub.unsubscribe(b"g\x00")
+        alice.join("h")
+        bob.send_wait("h", "sentinel")
+        assert [e.text for e in collect(alice, 1, kind="msg")] == ["sentinel"]
+        dispatch = alice._dispatch
+        alice._dispatch = lambda env: None if env.get("type") == "ack" else dispatch(env)  # type: ignore[method-assign]
+        alice.send("g", "only once")
+        shown = collect(bob, 1, kind="msg")
+        assert [e.text for e in shown] == ["only once"]
+        for i in range(8):
+            bob.send_wait("g", f"meanwhile {i}")
+        alice._dispatch = dispatch  # type: ignore[method-assign]
+        assert alice.unacked == 1
+        alice._lost("test: connection cut")
+        got: list[Event] = []
+
+        def back_and_settled() -> bool:
+            alice.pump(0.05)
+            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+            return alice.state == "connected" and alice.unacked == 0 and len(got) >= 9
+
+        wait_for(back_and_settled, 15, interval=0)
+        assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
+        events, _ = bob.history("g", 0, 100)
+        assert [e.text for e in events if e.type == "msg"].count("only once") == 1
     finally:
         alice.close(0.2)
         bob.close(0.2)

@@ -276,6 +276,47 @@ def test_a_join_cut_by_a_lost_connection_completes_after_the_reconnect(tmp_path:
 
 
 @pytest.mark.timeout(60)
+def test_a_join_whose_backlog_is_cut_by_a_lost_connection_can_still_send(tmp_path: Path) -> None:
+    """The connection is lost after the join is answered, while join() reads the backlog:
+    the reconnect's rejoin must leave the room open to our messages (they waited forever)."""
+    broker = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    assert broker.proc is not None
+    proc = broker.proc
+    bob = Client("bob", HOST, broker.port, broker.pub_port)
+    alice = Client("alice", HOST, broker.port, broker.pub_port, request_timeout=20)
+    resume: list[threading.Timer] = []
+    try:
+        bob.connect()
+        bob.join("general")
+        for i in range(3):
+            bob.send_wait("general", f"before {i}")
+        alice.connect()
+        request = alice._request
+
+        def stop_at_the_backlog(env: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+            if env["type"] == "history" and not resume:
+                # Stopped well past the 3 heartbeats (0.3 s) after which the client reconnects.
+                proc.send_signal(signal.SIGSTOP)
+                resume.append(threading.Timer(2.0, proc.send_signal, (signal.SIGCONT,)))
+                resume[0].start()
+            return request(env, *args, **kwargs)
+
+        alice._request = stop_at_the_backlog  # type: ignore[method-assign]
+        alice.join("general", backlog=10)
+        assert resume, "the connection was cut during the backlog"
+        states = [e.event for e in alice.drain_events() if e.type == "status"]
+        assert "reconnecting" in states and "connected" in states
+        assert alice.send_wait("general", "made it", timeout=10).text == "made it"
+    finally:
+        for timer in resume:
+            timer.join()
+        alice.close(0)
+        bob.close(0)
+        proc.send_signal(signal.SIGCONT)
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
 def test_a_leave_cut_by_a_lost_connection_still_leaves(tmp_path: Path) -> None:
     """The reconnect in the middle of a leave does not rejoin the room being left."""
     broker = BrokerProcess(tmp_path / "data", extra=FAST).start()

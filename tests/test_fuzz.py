@@ -13,7 +13,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.core import Action, Core, HistoryQuery, Publish, Reply
+from broker.core import Action, Core, Direct, HistoryQuery, Publish, Reply
 from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
 
@@ -212,11 +212,16 @@ def check_actions(world: World, actions: list[Action]) -> None:
             assert env["type"] in REPLY_TYPES, env
             if env["type"] == "error":
                 assert env["code"] in CODES, env
-            if env["type"] == "dm":
-                target = core.by_name.get(env["to"])
-                assert target is not None and target.identity == action.identity
+            assert env["type"] != "dm", "a DM goes as a Direct, whose ack depends on its delivery"
             # every reply travels as a valid envelope
             assert p.decode(p.encode(env), p.MAX_REPLY_BYTES) == env
+        elif isinstance(action, Direct):
+            target = core.by_name.get(action.env["to"])
+            assert target is not None and target.identity == action.identity
+            assert action.env["type"] == "dm" and action.ack["type"] == "ack"
+            assert action.ack["id"] == action.env["id"]
+            for env in (action.env, action.ack):
+                assert p.decode(p.encode(env), p.MAX_REPLY_BYTES) == env
         else:
             assert isinstance(action, HistoryQuery)
             assert 1 <= action.limit <= p.MAX_HISTORY_LIMIT
@@ -233,8 +238,9 @@ def errors(actions: list[Action]) -> list[str]:
 
 
 def reply_envs(actions: list[Action]) -> list[dict[str, Any]]:
-    assert all(isinstance(a, Reply) for a in actions)
-    return [a.env for a in actions if isinstance(a, Reply)]
+    """What the author hears: replies, and a delivered DM's ack."""
+    assert all(isinstance(a, Reply | Direct) for a in actions)
+    return [a.env if isinstance(a, Reply) else a.ack for a in actions if isinstance(a, Reply | Direct)]
 
 
 def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
@@ -356,7 +362,7 @@ def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
         elif env["to"] not in core.by_name:
             assert errors(actions) == ["no_such_user"]
         elif not limited:
-            assert [env["type"] for env in reply_envs(actions)] == ["dm", "ack"]
+            assert [(type(a).__name__, a.env["type"]) for a in actions] == [("Direct", "dm")]
         assert not pubs
     elif kind == "bye":
         assert identity not in core.by_identity

@@ -28,6 +28,7 @@ from prompt_toolkit.input import PipeInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput, Output
 from prompt_toolkit.output.vt100 import Vt100_Output
 
+from broker.core import Limits
 from client import render
 from client.commands import Commands
 from client.interactive import ChatUI, connection_status
@@ -417,6 +418,31 @@ def test_quit_ends_with_status_0(alice: Client) -> None:
             assert await asyncio.wait_for(t.task, 5) == 0
 
     run(main())
+
+
+def test_quit_waits_for_the_lines_a_rate_limit_held(tmp_path: Path) -> None:
+    """Lines pasted faster than the rate limit, then /quit at once: the held ones still
+    go out, in order, before the UI ends (they used to be dropped without a word)."""
+    broker = RunningBroker(tmp_path / "data", limits=Limits(rate=5, burst=2)).start()
+    client = Client("alice", HOST, broker.port, broker.pub_port)
+    try:
+        client.connect()
+        client.join("general")
+        lines = [f"line {i}" for i in range(8)]
+
+        async def main() -> None:
+            async with chat_ui(client) as t:
+                t.keys(paste("\n".join(lines) + "\n"))
+                t.line("/quit")
+                assert await asyncio.wait_for(t.task, 20) == 0
+
+        run(main())
+        assert client.unacked == 0, "every line was acknowledged before the UI ended"
+        events, _ = client.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == lines
+    finally:
+        client.close(0)
+        broker.stop()
 
 
 def test_ctrl_c_clears_a_line_then_quits_ctrl_d_quits(alice: Client) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import pytest
 import zmq
 
 from client.lib import Client
-from tests.conftest import HOST, Raw, RunningBroker, published, recv_all
+from tests.conftest import HOST, Raw, RunningBroker, published, recv_all, wait_for
 from zchat import protocol as p
 
 MakeRaw = Callable[[], Raw]
@@ -224,6 +225,35 @@ def test_flood_of_garbage_does_not_stop_others(raw: MakeRaw, broker: RunningBrok
     with Client("alice", HOST, broker.port, broker.pub_port) as alice:
         alice.join("general")
         assert alice.send_wait("general", "fine", timeout=10).seq is not None
+
+
+def test_a_dm_whose_recipient_connection_is_gone_is_an_error_not_an_ack(raw: MakeRaw) -> None:
+    """Bob's connection drops; until he says hello again, his session still has it.
+    A DM to him then cannot go: alice hears so (undelivered), never an ack."""
+    alice, bob = registered(raw, "alice"), registered(raw, "bob")
+    bob.sock.close()  # linger 0: gone at once; the broker learns it from the connection
+    answers: list[dict[str, Any]] = []
+
+    def undelivered() -> bool:
+        reply = alice.request({"type": "dm", "to": "bob", "text": "are you there", "id": f"d{len(answers)}"})
+        answers.append(reply)
+        return reply["type"] == "error"
+
+    wait_for(undelivered, 5, interval=0.05)
+    error = answers[-1]
+    assert (error["code"], error["id"]) == ("undelivered", f"d{len(answers) - 1}")
+    assert "bob" in error["message"]
+    # The session is still there (it expires after its heartbeats): a resend of the
+    # same DM is tried again, not answered with an ack it never earned.
+    again = alice.request({"type": "dm", "to": "bob", "text": "are you there", "id": error["id"]})
+    assert (again["type"], again.get("code")) == ("error", "undelivered")
+    assert_still_serving_dms(raw)
+
+
+def assert_still_serving_dms(make_raw: MakeRaw) -> None:
+    carol, dave = registered(make_raw, "carol"), registered(make_raw, "dave")
+    assert carol.request({"type": "dm", "to": "dave", "text": "hi", "id": "c1"})["type"] == "ack"
+    assert dave.recv()["text"] == "hi"
 
 
 def test_dm_cannot_hijack_a_pending_request(raw: MakeRaw, broker: RunningBroker) -> None:

@@ -32,6 +32,10 @@ MAX_ID_CHARS: Final = 64
 #: Most events one ``history`` reply carries; larger limits are clamped.
 MAX_HISTORY_LIMIT: Final = 500
 DEFAULT_HISTORY_LIMIT: Final = 100
+#: After a ``rate_limited`` refusal of a message or DM, the broker refuses the
+#: session's next ones for this long (ms), and a client waits this long before it
+#: sends again, the refused one first: so one already on its way cannot overtake it.
+RATE_HOLD_MS: Final = 1000
 #: Lists and maps may nest this deep inside the envelope (the envelope is 1).
 MAX_DEPTH: Final = 4
 #: A ``batch`` carries at most this many envelopes, and at most this many bytes
@@ -72,6 +76,9 @@ class ErrorCode(StrEnum):
     #: The broker cannot reach its backplane (``--backplane``): nothing was
     #: stored or delivered; retry after a moment (or on another broker).
     UNAVAILABLE = "unavailable"
+    #: A DM its recipient's connection could not take (it was reconnecting, or
+    #: not reading): not delivered; sending it again may be.
+    UNDELIVERED = "undelivered"
 
 
 class ProtocolError(Exception):
