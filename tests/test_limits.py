@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,8 +74,6 @@ def test_message_flood_is_rate_limited(
 
 
 def test_library_backs_off_and_loses_nothing(limited: Callable[..., RunningBroker]) -> None:
-    """A bot sends 40 lines without reading in between: those after the first refusal
-    are on their way before the client hears of it, and must not overtake it."""
     b = limited(rate=20, burst=10)
     with Client("bot", HOST, b.port, b.pub_port) as bot:
         bot.join("general")
@@ -192,6 +191,24 @@ def test_rate_limited_lines_keep_their_order(limited: Callable[..., RunningBroke
         wait_for(lambda: c.pump(0.05) is not None and c.unacked == 0, 20)
         events, _ = c.history("general", 0, 100)
         assert [e.text for e in events if e.type == "msg"] == [f"{i}" for i in range(40)]
+
+
+def test_lines_sent_after_a_refusal_but_before_it_is_read_do_not_overtake_it(
+    limited: Callable[..., RunningBroker],
+) -> None:
+    """A bot sends a line every 10 ms without reading in between (it is busy): the lines
+    after the first refusal are on their way before it hears of it. The bucket refills
+    meanwhile (a token every 50 ms), but none may be accepted ahead of the refused one."""
+    b = limited(rate=20, burst=5)
+    with Client("bot", HOST, b.port, b.pub_port) as bot:
+        bot.join("general")
+        for i in range(30):
+            bot.send("general", f"m{i}")
+            time.sleep(0.01)
+        wait_for(lambda: bot.pump(0.05) is not None and bot.unacked == 0, 20)
+        assert not [e for e in bot.drain_events() if e.type == "error"]
+        events, _ = bot.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == [f"m{i}" for i in range(30)]
 
 
 def test_history_a_session_never_reads_is_bounded(
