@@ -503,7 +503,7 @@ class Core:
         self._acked.pop((dm.env["from"], msg_id), None)
         return p.error(
             ErrorCode.UNDELIVERED,
-            f"not delivered: {dm.env['to']}'s connection could not take it (reconnecting, or not reading)",
+            f"{dm.env['to']}'s connection could not take it (reconnecting, or not reading); not delivered",
             msg_id,
         )
 

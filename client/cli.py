@@ -90,7 +90,7 @@ class Printer:
 
     def event(self, event: Event) -> None:
         if event.type == "error":
-            self.err(f"{event.code}: {event.message}")
+            self.err(render.error_text(event))
             return
         if event.type == "status":
             self.err(event.text or "")

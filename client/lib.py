@@ -1302,7 +1302,10 @@ class Client:
                 sent = self._acked(rid)
                 assert sent is not None
                 if kind == "error":
-                    self._events.append(Event.from_envelope(env))
+                    # With what it refused: the line may have been typed a while ago.
+                    error = Event.from_envelope(env)
+                    error.room, error.to, error.text = sent.get("room"), sent.get("to"), sent["text"]
+                    self._events.append(error)
                 else:
                     self._show_own(self._own_event(sent, env))
                 return

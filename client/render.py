@@ -68,7 +68,7 @@ def text_line(event: Event) -> str:
             return f"{when} -> *{clean(event.to or '?')}* {text}"
         return f"{when} *{name}* {text}"
     if event.type == "error":
-        return f"error {event.code}: {clean(event.message or '')}"
+        return f"error {error_text(event)}"
     if event.type == "status":
         return f"{when} -!- {text}"
     return f"{when} {event.type}"
@@ -142,8 +142,19 @@ def styled(event: Event, me: str, current: str | None) -> Styled:
     if event.type == "status":
         return Styled([when, ("class:status", f"-!- {text}")], 10)
     if event.type == "error":
-        return notice(f"{clean(event.code or 'error')}: {clean(event.message or '')}", error=True)
+        return notice(error_text(event), error=True)
     return Styled([when, ("class:info", f"-!- {clean(event.type)}")], 10)
+
+
+def error_text(event: Event) -> str:
+    """``code: message``, and which of our messages it refused, when it answers one: an
+    error may come well after the line was typed (a DM ``undelivered``, say)."""
+    text = f"{clean(event.code or 'error')}: {clean(event.message or '')}"
+    if event.text is None:
+        return text
+    where = f"DM to {event.to}" if event.to is not None else f"#{event.room}"
+    excerpt = event.text if len(event.text) <= 40 else event.text[:39] + "…"
+    return f"{text} [{clean(where)}: {clean(excerpt)}]"
 
 
 def notice(text: str, *, error: bool = False) -> Styled:

@@ -684,6 +684,29 @@ def test_render_neutralises_control_characters() -> None:
     assert render.clean("👩\u200d💻") == "👩\u200d💻"  # emoji sequences survive
 
 
+def test_an_error_that_answers_a_message_names_it(alice: Client, bob: Client) -> None:
+    """An error may come well after the line was typed (a DM ``undelivered``): it says which."""
+    bob.close(0)  # gone: a DM to him is refused
+    alice.dm("bob", "are you there? the build is broken again and I need the logs")
+    error = next(iter(collect_errors(alice)))
+    assert error.to == "bob" and error.text is not None
+    text = render.styled(error, "alice", "general").plain
+    assert text.endswith("[DM to bob: are you there? the build is broken agai…]"), text
+    assert render.text_line(error).startswith(f"error {error.code}: ")
+    room = Event(type="error", code="not_joined", message="not in #x", room="x", text="hi")
+    assert render.styled(room, "alice", "general").plain.endswith("not_joined: not in #x [#x: hi]")
+
+
+def collect_errors(client: Client, timeout: float = 5.0) -> list[Event]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        client.pump(0.05)
+        errors = [e for e in client.drain_events() if e.type == "error"]
+        if errors:
+            return errors
+    raise AssertionError(f"no error within {timeout} s")
+
+
 def test_name_colour_is_stable_and_spread() -> None:
     # Python's hash() changes per process; the colour must not.
     assert render.name_colour("bob") == zlib.crc32(b"bob") % render.PALETTE_SIZE == 8
