@@ -417,7 +417,7 @@ class ClusterCore(Core):
             raise BackplaneDown
         text: str = env["text"]
         self._check_text(text)
-        self._throttle_send(session, now)
+        self._throttle_send(session, now, env["id"])
         msg_id: str = env["id"]
         action: bool = env.get("action", False)
         event = p.msg_event(room, 0, now, session.name, session.sender, text, msg_id, action)
@@ -440,7 +440,7 @@ class ClusterCore(Core):
         if owner is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
         self._check_text(env["text"])
-        self._throttle_send(session, now)
+        self._throttle_send(session, now, env["id"])
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         # Private: through the recipient's broker's inbox, never a room log or PUB.
         self.bp.send_to_broker(owner, "dm", to, self._pack(event))

@@ -133,7 +133,9 @@ class Session:
     #: In bytes of history replies; charged after the reply is built (see charge_history).
     history: Bucket | None = None
     rooms: set[str] = field(default_factory=set)
-    #: Messages and DMs are refused until then (ms): see Core._throttle_send.
+    #: The id of a message refused by the rate limit: the session's other messages and
+    #: DMs are refused until it is accepted, or until ``held_until`` (ms). See _throttle_send.
+    held_id: str | None = None
     held_until: int = 0
 
 
@@ -426,7 +428,7 @@ class Core:
         if room not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
         self._check_text(env["text"])
-        self._throttle_send(session, now)
+        self._throttle_send(session, now, env["id"])
         seq = self._next_seq(room)
         event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id, env.get("action", False))
         ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
@@ -452,17 +454,27 @@ class Core:
                 ErrorCode.TOO_LARGE, f"text of {len(text)} characters, the limit is {self.limits.max_text}"
             )
 
-    def _throttle_send(self, session: Session, now: int) -> None:
+    def _throttle_send(self, session: Session, now: int, msg_id: str) -> None:
+        """The send rate limit, and the order it must not upset: after refusing a message,
+        refuse the session's others until that one is back and accepted. Those already on
+        their way when the refusal reaches the client (it may not read for a while) must
+        not be stored ahead of it; the client resends it first. A client that never
+        resends it is held for at most RATE_HOLD_MAX_MS after its last refusal."""
         limits = self.limits
-        if now < session.held_until or not session.sends.take(now, limits.rate, limits.burst):
-            if now >= session.held_until:
-                # Refuse the session's next ones too, for as long as a client waits
-                # before it resends: those already on their way when this refusal
-                # reaches it must not be accepted ahead of the refused one.
-                session.held_until = now + p.RATE_HOLD_MS
+        held = session.held_id
+        if held is not None and msg_id != held and now < session.held_until:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, "slow down: an earlier message of yours was refused; resend it first"
+            )
+        if not session.sends.take(now, limits.rate, limits.burst):
+            if held is None or now >= session.held_until:
+                session.held_id = msg_id
+            session.held_until = now + p.RATE_HOLD_MAX_MS
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED, f"slow down: at most {limits.rate:g} messages a second (burst {limits.burst})"
             )
+        if msg_id == held:
+            session.held_id = None
 
     def _throttle_join(self, session: Session, now: int) -> None:
         limits = self.limits
@@ -487,7 +499,7 @@ class Core:
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
         self._check_text(env["text"])
-        self._throttle_send(session, now)
+        self._throttle_send(session, now, env["id"])
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))

@@ -428,9 +428,11 @@ class Broker:
             elif isinstance(action, Direct):
                 # A DM goes now, behind what its recipient was owed: its author's
                 # ack depends on whether the recipient's connection took it.
-                owed = replies.pop(action.identity, None) or []
-                owed.append(encode(action.env))
-                answer = action.ack if self._send_frames(action.identity, owed) else self.core.undelivered(action)
+                owed = replies.pop(action.identity, None)
+                if owed is not None:
+                    self._send_frames(action.identity, owed)
+                delivered = self._send(action.identity, encode(action.env))
+                answer = action.ack if delivered else self.core.undelivered(action)
                 replies.setdefault(action.author, []).append(encode(answer))
             elif not isinstance(action, Publish):
                 owed = replies.pop(action.identity, None)

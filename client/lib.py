@@ -79,10 +79,9 @@ SETTLE_S = 10.0
 SHOWN_WINDOW = 10_000
 #: How many (author, id) of received DMs are remembered to drop a second delivery.
 DM_WINDOW = 10_000
-#: After a ``rate_limited`` refusal, new and refused messages wait this long: as
-#: long as the broker refuses the session's messages after it (so none sent before
-#: we heard of the refusal is accepted ahead of the refused one).
-RATE_RETRY_S = p.RATE_HOLD_MS / 1000
+#: After a ``rate_limited`` refusal, new and refused messages wait this long, then
+#: go again in order, the refused one first (the broker takes no other before it).
+RATE_RETRY_S = 1.0
 #: After an ``unavailable`` answer, the refused request is asked again after this long.
 UNAVAILABLE_RETRY_S = 1.0
 #: A refused rejoin is retried after a delay growing by half each time, up to this.
@@ -627,6 +626,10 @@ class Client:
         except BaseException:
             self._forget_room(room)
             raise
+        if self._rooms.get(room) is not state:
+            # The connection was lost meanwhile and the broker refused the rejoin for
+            # good (the error event says why): we are not in the room.
+            raise RequestError(ErrorCode.NOT_JOINED, f"#{room}: the rejoin after a reconnect was refused")
         state.last = top
         state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self._flush(room, state)

@@ -196,19 +196,21 @@ def test_rate_limited_lines_keep_their_order(limited: Callable[..., RunningBroke
 def test_lines_sent_after_a_refusal_but_before_it_is_read_do_not_overtake_it(
     limited: Callable[..., RunningBroker],
 ) -> None:
-    """A bot sends a line every 10 ms without reading in between (it is busy): the lines
-    after the first refusal are on their way before it hears of it. The bucket refills
-    meanwhile (a token every 50 ms), but none may be accepted ahead of the refused one."""
+    """A bot sends a line every 10 ms without reading in between (it is busy), then
+    pauses for 1.5 s, still not reading, and sends more: every line after the first
+    refusal is on its way before it hears of it. The bucket refills meanwhile (a token
+    every 50 ms, full after the pause), but none may be stored ahead of the refused one."""
     b = limited(rate=20, burst=5)
+    lines = [f"m{i}" for i in range(30)]
     with Client("bot", HOST, b.port, b.pub_port) as bot:
         bot.join("general")
-        for i in range(30):
-            bot.send("general", f"m{i}")
-            time.sleep(0.01)
-        wait_for(lambda: bot.pump(0.05) is not None and bot.unacked == 0, 20)
+        for i, line in enumerate(lines):
+            bot.send("general", line)
+            time.sleep(1.5 if i == 19 else 0.01)
+        wait_for(lambda: bot.pump(0.05) is not None and bot.unacked == 0, 30)
         assert not [e for e in bot.drain_events() if e.type == "error"]
         events, _ = bot.history("general", 0, 100)
-        assert [e.text for e in events if e.type == "msg"] == [f"m{i}" for i in range(30)]
+        assert [e.text for e in events if e.type == "msg"] == lines
 
 
 def test_history_a_session_never_reads_is_bounded(

@@ -33,9 +33,9 @@ MAX_ID_CHARS: Final = 64
 MAX_HISTORY_LIMIT: Final = 500
 DEFAULT_HISTORY_LIMIT: Final = 100
 #: After a ``rate_limited`` refusal of a message or DM, the broker refuses the
-#: session's next ones for this long (ms), and a client waits this long before it
-#: sends again, the refused one first: so one already on its way cannot overtake it.
-RATE_HOLD_MS: Final = 1000
+#: session's others until that one is resent and accepted (so that none already on
+#: its way can overtake it), or until this long (ms) after its last refusal.
+RATE_HOLD_MAX_MS: Final = 10_000
 #: Lists and maps may nest this deep inside the envelope (the envelope is 1).
 MAX_DEPTH: Final = 4
 #: A ``batch`` carries at most this many envelopes, and at most this many bytes
