@@ -10,6 +10,7 @@ import pytest
 
 from client.lib import Client, Event, RequestError
 from tests.conftest import RunningBroker, wait_for
+from zchat import protocol as p
 
 MakeClient = Callable[..., Client]
 
@@ -25,6 +26,17 @@ def collect(client: Client, count: int, timeout: float = 5.0, kind: str | None =
 
     wait_for(enough, timeout, interval=0)
     return got
+
+
+def stop_hearing(listener: Client, speaker: Client, room: str, via: str) -> None:
+    """Unsubscribe ``listener``'s SUB from ``room`` (as a SUB queue that overflowed) and know
+    it is applied: unsubscribing is asynchronous, but joining ``via`` subscribes after it on
+    the same connection, so once an event of ``via`` (the speaker is in it) arrives, the
+    broker has applied both."""
+    listener._sub.unsubscribe(p.room_topic(room))
+    listener.join(via)
+    speaker.send_wait(via, "sentinel")
+    assert [e.text for e in collect(listener, 1, kind="msg")] == ["sentinel"]
 
 
 def test_two_clients_talk_and_sender_sees_own_message_once(make_client: MakeClient) -> None:
@@ -206,12 +218,7 @@ def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: Runn
         bob.send_wait("g", "one")
         (one,) = collect(alice, 1, kind="msg")
         # As a SUB queue that overflowed: the room's last two events never arrive.
-        # Unsubscribing is asynchronous; joining #h after it subscribes on the same
-        # connection, so once an event of #h arrives the broker has applied both.
-        alice._sub.unsubscribe(b"g\x00")
-        alice.join("h")
-        bob.send_wait("h", "sentinel")
-        assert [e.text for e in collect(alice, 1, kind="msg")] == ["sentinel"]
+        stop_hearing(alice, bob, "g", via="h")
         fetched: list[tuple[str, int]] = []
         fetch = alice._fetch
 
@@ -260,11 +267,7 @@ def test_a_history_reply_lost_on_the_way_is_asked_for_again(short_heartbeat_brok
         alice.join("g")
         bob.send_wait("g", "one")
         assert [e.text for e in collect(alice, 1, kind="msg")] == ["one"]
-        # SUB loses two and three: unsubscribed, and known to be (see the lost-tail test).
-        alice._sub.unsubscribe(b"g\x00")
-        alice.join("h")
-        bob.send_wait("h", "sentinel")
-        assert [e.text for e in collect(alice, 1, kind="msg")] == ["sentinel"]
+        stop_hearing(alice, bob, "g", via="h")  # SUB loses two and three
         dropped: list[dict[str, Any]] = []
         dispatch = alice._dispatch
 
@@ -316,12 +319,9 @@ def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
         alice.join("g")
         bob.send_wait("g", "hello")
         assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
-        # Alice's SUB misses the room from here (see the lost-tail test); she sends, and
-        # her connection is cut before she reads the ack (she does not pump meanwhile).
-        alice._sub.unsubscribe(b"g\x00")
-        alice.join("h")
-        bob.send_wait("h", "sentinel")
-        assert [e.text for e in collect(alice, 1, kind="msg")] == ["sentinel"]
+        # Alice's SUB misses the room from here; she sends, and her connection is cut
+        # before she reads the ack (she does not pump meanwhile).
+        stop_hearing(alice, bob, "g", via="h")
         alice.send("g", "only once")
         shown = collect(bob, 1, kind="msg")
         assert [e.text for e in shown] == ["only once"]
