@@ -1452,6 +1452,9 @@ class Client:
         else:
             state.empty_after = None
         self._flush(room, state)
+        # A rejoin's catch-up goes at least to the seq its reply gave (a fetch sent
+        # before that reply was read may stop short of it).
+        top = max(top, state.catch_up_to)
         if not state.fetching and not state.pending and state.last < top:
             # One page of a longer catch-up (after a reconnect): ask for the next.
             self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
