@@ -586,6 +586,7 @@ class Broker:
                 self._published[room] = seq
 
     def _send(self, identity: bytes, frame: bytes) -> bool:
+        """Whether the connection took the frame."""
         try:
             _send(self.router, identity, _SNDMORE_NOBLOCK)
             _send(self.router, frame, _NOBLOCK)
@@ -596,13 +597,10 @@ class Broker:
             return False
         return True
 
-    def _send_frames(self, identity: bytes, bodies: list[bytes]) -> bool:
-        """Encoded replies to one client, in order, batched (see :meth:`_send_all`).
-        Whether the connection took every frame."""
-        sent = True
+    def _send_frames(self, identity: bytes, bodies: list[bytes]) -> None:
+        """Encoded replies to one client, in order, batched (see :meth:`_send_all`)."""
         for frame in p.batches(bodies):
-            sent = self._send(identity, frame) and sent
-        return sent
+            self._send(identity, frame)
 
     def _log_connections(self, mon: zmq.Socket[bytes]) -> None:
         kind = self._monitors[mon]
