@@ -18,17 +18,18 @@ Guarantees it gives on top of the wire (DESIGN.md "Client rules"):
   stream (matched by ``sender`` or ``id``) are dropped. Your own DMs arrive
   on their ack.
 * A message is kept until acknowledged and resent with the same ``id`` after
-  a timeout or a reconnect; the broker stores a given (name, id) once. A DM
-  delivered twice (resent across a failover) is shown once: the last
-  :data:`DM_WINDOW` (author, id) pairs are remembered.
-* It pings when quiet; a broker silent for 3 heartbeats, or one that no
+  a timeout or a reconnect; the broker stores a given (name, id) once while it
+  is among its last 100,000. A DM delivered twice (resent across a failover),
+  or a room message stored twice (resent after that), is shown once: the last
+  :data:`DM_WINDOW` and :data:`MSG_WINDOW` (author, id) pairs are remembered.
+* It pings every heartbeat; a broker silent for 3 heartbeats, or one that no
   longer knows the session, is lost: the client opens fresh sockets to the
   next broker address (round-robin over ``hosts``; the same one when there is
   only one), says hello again with its resume token (taking its old session
   back if that broker, or its cluster, still has it), rejoins its rooms
   (retrying a join refused as ``rate_limited``, ``unavailable`` or
   ``internal_error`` after a growing delay, and holding the room's messages
-  until it is back in; another refusal drops the room, with an ``error``
+  until it is back in and has caught up; another refusal drops the room, with an ``error``
   event), fetches what
   it missed from history and resends what was not acknowledged. A broker that
   does not answer the hello within the backoff (1 to 5 s) is left for the next
@@ -79,6 +80,9 @@ SETTLE_S = 10.0
 SHOWN_WINDOW = 10_000
 #: How many (author, id) of received DMs are remembered to drop a second delivery.
 DM_WINDOW = 10_000
+#: How many (author, id) of others' room messages are remembered to drop a copy
+#: stored twice (resent after the broker's resend detection forgot the first).
+MSG_WINDOW = 10_000
 #: After a ``rate_limited`` refusal, new and refused messages wait this long, then
 #: go again in order, the refused one first (the broker takes no other before it).
 RATE_RETRY_S = 1.0
@@ -477,6 +481,8 @@ class Client:
         self._shown: OrderedDict[str, None] = OrderedDict()
         #: (author, id) of DMs shown, so a second delivery is dropped.
         self._dms_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: (author, id) of others' room messages shown, so a copy stored twice is dropped.
+        self._msgs_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1474,6 +1480,13 @@ class Client:
                 return
             if env.get("sender") == self.sender or rid in self._shown:
                 return  # our own, shown once when its ack arrived
+        elif env["type"] == "msg":
+            key = (str(env.get("from")), str(env.get("id")))
+            if key in self._msgs_seen:
+                return  # stored twice (resent after the broker forgot it): shown already
+            self._msgs_seen[key] = None
+            if len(self._msgs_seen) > MSG_WINDOW:
+                self._msgs_seen.popitem(last=False)
         self._events.append(Event.from_envelope(env))
 
 

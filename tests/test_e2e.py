@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import zmq
 
 from client.lib import Client, Event, RequestError
-from tests.conftest import RunningBroker, wait_for
+from tests.conftest import Raw, RunningBroker, wait_for
 from zchat import protocol as p
 
 MakeClient = Callable[..., Client]
@@ -342,6 +343,35 @@ def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
         assert [e.text for e in events if e.type == "msg"].count("only once") == 1
     finally:
         alice.close(0.2)
+        bob.close(0.2)
+
+
+def test_a_message_stored_twice_shows_once(
+    broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resend that comes after the broker's resend detection forgot the first copy
+    (here after 5 messages, normally 100 000) is stored again; readers show it once."""
+    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    bob = Client("bob", "127.0.0.1", broker.port, broker.pub_port)
+    author = Raw(ctx, broker.port)
+    try:
+        bob.connect()
+        bob.join("g")
+        assert author.request(p.hello("alice"))["type"] == "welcome"
+        assert author.request({"type": "join", "room": "g"})["type"] == "joined"
+        texts = ["resent", *(f"other {i}" for i in range(8)), "resent"]
+        ids = ["r1", *(f"o{i}" for i in range(8)), "r1"]
+        seqs = [
+            author.request({"type": "msg", "room": "g", "text": t, "id": i})["seq"]
+            for t, i in zip(texts, ids, strict=True)
+        ]
+        assert seqs[-1] > seqs[0], "the broker stored the resend again"
+        shown = [e.text for e in collect(bob, 9, kind="msg")]
+        bob.send_wait("g", "after")  # everything before it has been shown by now
+        shown += [e.text for e in bob.drain_events() if e.type == "msg"]
+        assert shown == texts[:-1]
+    finally:
+        author.sock.close()
         bob.close(0.2)
 
 
