@@ -428,7 +428,7 @@ class Core:
         if room not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
         self._check_text(env["text"])
-        self._throttle_send(session, now, env["id"])
+        self._throttle_send(session, now, msg_id)
         seq = self._next_seq(room)
         event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id, env.get("action", False))
         ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
@@ -462,19 +462,22 @@ class Core:
         resends it is held for at most RATE_HOLD_MAX_MS after its last refusal."""
         limits = self.limits
         held = session.held_id
-        if held is not None and msg_id != held and now < session.held_until:
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED, "slow down: an earlier message of yours was refused; resend it first"
-            )
+        if held is not None:  # (the hot path, no refusal pending, is this one test)
+            if now >= session.held_until:
+                session.held_id = held = None
+            elif msg_id != held:
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED, "slow down: an earlier message of yours was refused; resend it first"
+                )
         if not session.sends.take(now, limits.rate, limits.burst):
-            if held is None or now >= session.held_until:
+            if held is None:
                 session.held_id = msg_id
             session.held_until = now + p.RATE_HOLD_MAX_MS
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED, f"slow down: at most {limits.rate:g} messages a second (burst {limits.burst})"
             )
-        if msg_id == held:
-            session.held_id = None
+        if held is not None:
+            session.held_id = None  # the refused one is back, and accepted
 
     def _throttle_join(self, session: Session, now: int) -> None:
         limits = self.limits

@@ -419,12 +419,16 @@ class Broker:
             self._publish(published)
         replies: dict[bytes, list[bytes]] = {}
         for action in actions:
-            if isinstance(action, Reply):
+            # Per message: one type test for its ack, two for its event (type() is,
+            # not isinstance: this loop runs for every message).
+            if type(action) is Reply:
                 owed = replies.get(action.identity)
                 if owed is None:
                     replies[action.identity] = [encode(action.env)]
                 else:
                     owed.append(encode(action.env))
+            elif type(action) is Publish:
+                continue
             elif isinstance(action, Direct):
                 # A DM goes now, behind what its recipient was owed: its author's
                 # ack depends on whether the recipient's connection took it.
@@ -434,7 +438,8 @@ class Broker:
                 delivered = self._send(action.identity, encode(action.env))
                 answer = action.ack if delivered else self.core.undelivered(action)
                 replies.setdefault(action.author, []).append(encode(answer))
-            elif not isinstance(action, Publish):
+            else:
+                assert isinstance(action, HistoryQuery)
                 owed = replies.pop(action.identity, None)
                 if owed is not None:
                     self._send_frames(action.identity, owed)
