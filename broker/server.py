@@ -432,17 +432,13 @@ class Broker:
             elif isinstance(action, Direct):
                 # A DM goes now, behind what its recipient was owed: its author's
                 # ack depends on whether the recipient's connection took it.
-                owed = replies.pop(action.identity, None)
-                if owed is not None:
-                    self._send_frames(action.identity, owed)
+                self._send_owed(replies, action.identity)
                 delivered = self._send(action.identity, encode(action.env))
                 answer = action.ack if delivered else self.core.undelivered(action)
                 replies.setdefault(action.author, []).append(encode(answer))
             else:
                 assert isinstance(action, HistoryQuery)
-                owed = replies.pop(action.identity, None)
-                if owed is not None:
-                    self._send_frames(action.identity, owed)
+                self._send_owed(replies, action.identity)
                 self._answer_history(action)
         for identity, owed in replies.items():
             self._send_frames(identity, owed)
@@ -601,6 +597,12 @@ class Broker:
             log.info("reply to %s dropped: %s", identity.hex(), exc.strerror)
             return False
         return True
+
+    def _send_owed(self, replies: dict[bytes, list[bytes]], identity: bytes) -> None:
+        """Send now what ``identity`` was owed so far in this pass (what goes next must follow it)."""
+        owed = replies.pop(identity, None)
+        if owed is not None:
+            self._send_frames(identity, owed)
 
     def _send_frames(self, identity: bytes, bodies: list[bytes]) -> None:
         """Encoded replies to one client, in order, batched (see :meth:`_send_all`)."""
