@@ -97,6 +97,8 @@ FAILOVER_UNAVAILABLE_S = 3.0
 #: A ``pong`` that shows a room beyond the last event we have is believed this
 #: much later, if SUB has not caught up by then (events in flight are not a gap).
 TAIL_GRACE_S = 1.0
+#: Pings whose pong we wait for at most (one per heartbeat, and one per resend due).
+PINGS_TRACKED = 8
 
 
 class ZchatError(Exception):
@@ -353,6 +355,14 @@ class _Room:
     #: stored, its ack lost, shows in the catch-up and counts as its ack; resent
     #: first, it could be stored twice once the broker's resend window has passed it.
     catch_up_to: int = 0
+    #: Where the room stood by the newest ``pong`` to a ping of ours, and when that
+    #: ping was sent: the broker had read everything we sent before then. A message
+    #: of ours sent before then and still unacknowledged is resent only once we
+    #: have caught up to that seq (its original, if stored, shows there and counts
+    #: as its ack; resent, it could be stored twice once the broker's resend window
+    #: has passed it).
+    pong_seq: int = 0
+    pong_ping_at: float = 0.0
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -461,6 +471,8 @@ class Client:
         self._id_count = 0
         now = time.monotonic()
         self._last_ping = now
+        #: Our pings whose pong has not come, by id: when each was sent.
+        self._pings: dict[str, float] = {}
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -941,8 +953,7 @@ class Client:
                     # Every heartbeat, sending or not: besides keeping the session, a
                     # pong's room seqs show a room whose last events SUB dropped
                     # (its queue overflowed) when nothing after them will show the gap.
-                    self._send({"type": "ping"})
-                    self._last_ping = now
+                    self._ping_now(now)
                 self._resend(now - self._resend_after)
                 self._retry_rooms(now)
                 self._probe_rooms(now)
@@ -976,6 +987,7 @@ class Client:
             state.rejoin_at = 0.0
             state.rejoin_tries = 0
             state.tail_at = 0.0  # the next broker's pongs say where its rooms are
+            state.pong_seq, state.pong_ping_at = 0, 0.0
             state.lost_at = state.last
         # Fresh sockets: a half-dead TCP connection could hold our requests for
         # minutes; anything queued on the old ones is resent after the hello.
@@ -1092,9 +1104,30 @@ class Client:
         if self.state != "connected" or time.monotonic() < self._hold_until:
             return  # rate limited or unavailable: wait, then send everything held, in order
         for rid, env in list(self._unacked.items()):
-            if self._sent_at.get(rid, 0.0) <= sent_before and self._room_ready(env):
+            sent_at = self._sent_at.get(rid, 0.0)
+            if sent_at <= sent_before and self._room_ready(env):
+                if sent_at and not self._caught_up_since(env, sent_at):
+                    continue
                 self._send(env)
                 self._mark_sent(rid)
+
+    def _caught_up_since(self, env: Envelope, sent_at: float) -> bool:
+        """Whether a message sent at ``sent_at`` and not acknowledged may go again:
+        we have seen its room up to where a pong to a later ping put it. The broker
+        had read the message by then; if it stored it (the ack was lost on the way),
+        the original is among what we have seen, and counted as the ack. Without
+        this, a resend that came after the broker's resend window (100 000 messages,
+        seconds at full load) had passed the original would be stored twice. A
+        message that reached no room (a DM; a room we have left) goes as before."""
+        state = self._rooms.get(env["room"]) if env["type"] == "msg" else None
+        if state is None:
+            return True
+        if state.pong_ping_at <= sent_at:
+            if max(self._pings.values(), default=0.0) <= sent_at:
+                self._ping_now(time.monotonic())  # no ping after it on its way yet: ask now
+            return False
+        # Not there yet: SUB, the gap fetches or the tail check bring the rest.
+        return state.last is not None and state.last >= state.pong_seq
 
     def _room_ready(self, env: Envelope) -> bool:
         """Whether a message may go now: not to a room we are still rejoining, or still
@@ -1126,6 +1159,14 @@ class Client:
 
     def _send(self, env: Envelope) -> None:
         self._dealer.send(self._encode(env))
+
+    def _ping_now(self, now: float) -> None:
+        rid = self._new_id()
+        self._pings[rid] = now
+        if len(self._pings) > PINGS_TRACKED:
+            del self._pings[next(iter(self._pings))]  # its pong was lost
+        self._send({"type": "ping", "id": rid})
+        self._last_ping = now
 
     def _probe_rooms(self, now: float) -> None:
         """Cover the slow-joiner window of PUB/SUB for quiet rooms.
@@ -1283,9 +1324,9 @@ class Client:
             # mistaken for the reply to one of our requests.
             self._on_dm(env)
             return
-        if kind == "pong":
-            self._note_seqs(env.get("seqs"))
         rid = env.get("id")
+        if kind == "pong":
+            self._note_seqs(env.get("seqs"), self._pings.pop(rid, None) if isinstance(rid, str) else None)
         code = env.get("code") if kind == "error" else None
         if code == ErrorCode.NOT_REGISTERED and self.state == "connected":
             # The broker no longer knows us (it restarted, or expired us while we
@@ -1323,10 +1364,21 @@ class Client:
         # pong, acks of requests we no longer track, and an ``unavailable`` that
         # answers nothing we track (it is counted) need nothing.
 
-    def _note_seqs(self, seqs: object) -> None:
-        """A pong's room seqs: schedule a check of each room it shows beyond our last event."""
+    def _note_seqs(self, seqs: object, ping_at: float | None) -> None:
+        """A pong's room seqs: schedule a check of each room it shows beyond our last
+        event. ``ping_at``: when the ping it answers was sent, if it was one of ours
+        (see ``_Room.pong_seq``)."""
         if not isinstance(seqs, dict):
             return
+        if ping_at is not None:
+            # Pongs come in order: those of earlier pings are not coming any more.
+            for rid in [r for r, at in self._pings.items() if at < ping_at]:
+                del self._pings[rid]
+            for room, known in self._rooms.items():
+                seq = seqs.get(room)
+                # A room the broker does not list has nothing of ours to wait for.
+                known.pong_seq = seq if type(seq) is int else 0
+                known.pong_ping_at = ping_at
         check_at = time.monotonic() + TAIL_GRACE_S
         for room, seq in seqs.items():
             state = self._rooms.get(room)

@@ -346,6 +346,65 @@ def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
         bob.close(0.2)
 
 
+@pytest.mark.timeout(30)
+def test_a_message_whose_ack_was_lost_is_not_resent_twice_on_a_live_connection(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's message is stored, its ack lost on the way, her SUB misses the room, and
+    she stalls past her resend timeout while the broker's resend window (here 5
+    messages) moves past it. Before resending she asks where the room stands and
+    catches up: the original is there, and counts as its ack. Nobody sees it twice."""
+    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
+    alice = Client("alice", "127.0.0.1", broker.port, broker.pub_port)
+    bob = Client("bob", "127.0.0.1", broker.port, broker.pub_port)
+    try:
+        alice.connect()
+        bob.connect()
+        bob.join("g")
+        bob.join("h")
+        alice.join("g")
+        bob.send_wait("g", "hello")
+        assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
+        stop_hearing(alice, bob, "g", via="h")
+        dropped: list[dict[str, Any]] = []
+        dispatch = alice._dispatch
+
+        def lossy(env: dict[str, Any]) -> None:
+            if env.get("type") == "ack" and env.get("room") == "g" and not dropped:
+                dropped.append(env)
+                return
+            dispatch(env)
+
+        alice._dispatch = lossy  # type: ignore[method-assign]
+        alice.send("g", "only once")
+        assert [e.text for e in collect(bob, 1, kind="msg")] == ["only once"]
+
+        def ack_lost() -> bool:
+            alice.pump(0.05)
+            return bool(dropped)
+
+        wait_for(ack_lost, 5, interval=0)
+        for i in range(8):
+            bob.send_wait("g", f"meanwhile {i}")
+        time.sleep(1.2)  # alice stalls (not pumping) past her resend timeout
+        assert alice.unacked == 1
+        got: list[Event] = []
+
+        def settled() -> bool:
+            alice.pump(0.05)
+            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+            return alice.unacked == 0 and len(got) >= 9
+
+        wait_for(settled, 15, interval=0)
+        assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
+        events, _ = bob.history("g", 0, 100)
+        assert [e.text for e in events if e.type == "msg"].count("only once") == 1
+    finally:
+        alice.close(0.2)
+        bob.close(0.2)
+
+
 def test_a_message_stored_twice_shows_once(
     broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
