@@ -989,6 +989,7 @@ class Client:
             state.tail_at = 0.0  # the next broker's pongs say where its rooms are
             state.pong_seq, state.pong_ping_at = 0, 0.0
             state.lost_at = state.last
+        self._pings.clear()  # their pongs went with the connection
         # Fresh sockets: a half-dead TCP connection could hold our requests for
         # minutes; anything queued on the old ones is resent after the hello.
         self._use_address((self._index + 1) % len(self.addresses))

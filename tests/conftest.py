@@ -6,6 +6,7 @@ terminated; waits are for events with deadlines, never bare sleeps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -124,11 +125,13 @@ def short_heartbeat_broker(tmp_path: Path) -> Iterator[RunningBroker]:
 
 
 @pytest.fixture
-def make_client(broker: RunningBroker) -> Iterator[Callable[..., Client]]:
-    """Connected clients of the ``broker`` fixture, closed at the end of the test."""
+def connect_to() -> Iterator[Callable[..., Client]]:
+    """``connect_to(broker, name, **kwargs)``: a connected client of any running
+    broker, closed at the end of the test (ask for this fixture after the broker's,
+    so that the clients close first)."""
     made: list[Client] = []
 
-    def make(name: str, **kwargs: Any) -> Client:
+    def make(broker: RunningBroker, name: str, **kwargs: Any) -> Client:
         client = Client(name, HOST, broker.port, broker.pub_port, **kwargs)
         made.append(client)
         client.connect()
@@ -137,6 +140,12 @@ def make_client(broker: RunningBroker) -> Iterator[Callable[..., Client]]:
     yield make
     for client in made:
         client.close(flush_timeout=0.2)
+
+
+@pytest.fixture
+def make_client(broker: RunningBroker, connect_to: Callable[..., Client]) -> Callable[..., Client]:
+    """Connected clients of the ``broker`` fixture, closed at the end of the test."""
+    return functools.partial(connect_to, broker)
 
 
 class Raw:

@@ -14,6 +14,7 @@ from tests.conftest import Raw, RunningBroker, wait_for
 from zchat import protocol as p
 
 MakeClient = Callable[..., Client]
+ConnectTo = Callable[..., Client]
 
 
 def collect(client: Client, count: int, timeout: float = 5.0, kind: str | None = None) -> list[Event]:
@@ -163,23 +164,16 @@ def test_history_after_and_limit(make_client: MakeClient) -> None:
     assert [(e.seq, e.text) for e in events] == [(3, "m1"), (4, "m2")]
 
 
-def test_expired_session_publishes_leave(short_heartbeat_broker: RunningBroker) -> None:
+def test_expired_session_publishes_leave(short_heartbeat_broker: RunningBroker, connect_to: ConnectTo) -> None:
     b = short_heartbeat_broker
-    watcher = Client("watcher", "127.0.0.1", b.port, b.pub_port)
-    silent = Client("silent", "127.0.0.1", b.port, b.pub_port)
-    try:
-        watcher.connect()
-        silent.connect()
-        watcher.join("general")
-        silent.join("general")
-        collect(watcher, 1, kind="presence")
-        # The silent client stops pumping (so it stops pinging); the watcher keeps going.
-        events = collect(watcher, 1, kind="presence", timeout=5)
-        assert (events[0].name, events[0].event) == ("silent", "leave")
-        assert watcher.who("general") == ["watcher"]
-    finally:
-        watcher.close(0.2)
-        silent.close(0.2)
+    watcher, silent = connect_to(b, "watcher"), connect_to(b, "silent")
+    watcher.join("general")
+    silent.join("general")
+    collect(watcher, 1, kind="presence")
+    # The silent client stops pumping (so it stops pinging); the watcher keeps going.
+    events = collect(watcher, 1, kind="presence", timeout=5)
+    assert (events[0].name, events[0].event) == ("silent", "leave")
+    assert watcher.who("general") == ["watcher"]
 
 
 def test_gap_is_filled_from_history(make_client: MakeClient) -> None:
@@ -203,152 +197,135 @@ def test_gap_is_filled_from_history(make_client: MakeClient) -> None:
 
 
 @pytest.mark.parametrize("alice_talks", [False, True], ids=["quiet", "talking-elsewhere"])
-def test_lost_tail_is_fetched_without_a_later_event(short_heartbeat_broker: RunningBroker, alice_talks: bool) -> None:
+def test_lost_tail_is_fetched_without_a_later_event(
+    short_heartbeat_broker: RunningBroker, alice_talks: bool, connect_to: ConnectTo
+) -> None:
     """Events lost at the end of a room's stream show no gap; the pong's room seqs do,
     also while alice keeps sending to another room (her pings go on meanwhile)."""
     b = short_heartbeat_broker
-    alice = Client("alice", "127.0.0.1", b.port, b.pub_port)
-    bob = Client("bob", "127.0.0.1", b.port, b.pub_port)
-    try:
-        alice.connect()
-        bob.connect()
-        alice.join("g")
-        bob.join("g")
-        bob.join("h")
-        collect(alice, 1, kind="presence")
-        bob.send_wait("g", "one")
-        (one,) = collect(alice, 1, kind="msg")
-        # As a SUB queue that overflowed: the room's last two events never arrive.
-        stop_hearing(alice, bob, "g", via="h")
-        fetched: list[tuple[str, int]] = []
-        fetch = alice._fetch
+    alice, bob = connect_to(b, "alice"), connect_to(b, "bob")
+    alice.join("g")
+    bob.join("g")
+    bob.join("h")
+    collect(alice, 1, kind="presence")
+    bob.send_wait("g", "one")
+    (one,) = collect(alice, 1, kind="msg")
+    # As a SUB queue that overflowed: the room's last two events never arrive.
+    stop_hearing(alice, bob, "g", via="h")
+    fetched: list[tuple[str, int]] = []
+    fetch = alice._fetch
 
-        def spy(room: str, state: Any, after: int, limit: int) -> None:
-            fetched.append((room, after))
-            fetch(room, state, after, limit)
+    def spy(room: str, state: Any, after: int, limit: int) -> None:
+        fetched.append((room, after))
+        fetch(room, state, after, limit)
 
-        alice._fetch = spy  # type: ignore[method-assign]
-        bob.send_wait("g", "two")
-        bob.send_wait("g", "three")
-        alice._sub.subscribe(b"g\x00")
-        # Nothing is published after them; bob keeps his session alive meanwhile.
-        got: list[Event] = []
-        said = [0.0]
+    alice._fetch = spy  # type: ignore[method-assign]
+    bob.send_wait("g", "two")
+    bob.send_wait("g", "three")
+    alice._sub.subscribe(b"g\x00")
+    # Nothing is published after them; bob keeps his session alive meanwhile.
+    got: list[Event] = []
+    said = [0.0]
 
-        def tail_shown() -> bool:
-            alice.pump(0.05)
-            bob.pump(0)
-            if alice_talks and time.monotonic() - said[0] >= 0.1:
-                # Twice a heartbeat (0.2 s).
-                alice.send("h", "busy")
-                said[0] = time.monotonic()
-            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
-            return len(got) >= 2
+    def tail_shown() -> bool:
+        alice.pump(0.05)
+        bob.pump(0)
+        if alice_talks and time.monotonic() - said[0] >= 0.1:
+            # Twice a heartbeat (0.2 s).
+            alice.send("h", "busy")
+            said[0] = time.monotonic()
+        got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+        return len(got) >= 2
 
-        wait_for(tail_shown, 5, interval=0)
-        assert [e.text for e in got] == ["two", "three"]
-        assert fetched[0] == ("g", one.seq), "the tail must come from history: SUB never had it"
-    finally:
-        alice.close(0.2)
-        bob.close(0.2)
+    wait_for(tail_shown, 5, interval=0)
+    assert [e.text for e in got] == ["two", "three"]
+    assert fetched[0] == ("g", one.seq), "the tail must come from history: SUB never had it"
 
 
 @pytest.mark.timeout(30)
-def test_a_history_reply_lost_on_the_way_is_asked_for_again(short_heartbeat_broker: RunningBroker) -> None:
+def test_a_history_reply_lost_on_the_way_is_asked_for_again(
+    short_heartbeat_broker: RunningBroker, connect_to: ConnectTo
+) -> None:
     """The reply that fills a gap is dropped (as the broker drops what a full queue to
     us cannot take): the room's later events wait on it, so it is asked for again."""
     b = short_heartbeat_broker
-    alice = Client("alice", "127.0.0.1", b.port, b.pub_port)
-    bob = Client("bob", "127.0.0.1", b.port, b.pub_port)
-    try:
-        alice.connect()
-        bob.connect()
-        for room in ("g", "h", "k"):
-            bob.join(room)
-        alice.join("g")
-        bob.send_wait("g", "one")
-        assert [e.text for e in collect(alice, 1, kind="msg")] == ["one"]
-        stop_hearing(alice, bob, "g", via="h")  # SUB loses two and three
-        dropped: list[dict[str, Any]] = []
-        dispatch = alice._dispatch
+    alice, bob = connect_to(b, "alice"), connect_to(b, "bob")
+    for room in ("g", "h", "k"):
+        bob.join(room)
+    alice.join("g")
+    bob.send_wait("g", "one")
+    assert [e.text for e in collect(alice, 1, kind="msg")] == ["one"]
+    stop_hearing(alice, bob, "g", via="h")  # SUB loses two and three
+    dropped: list[dict[str, Any]] = []
+    dispatch = alice._dispatch
 
-        def lossy(env: dict[str, Any]) -> None:
-            if env.get("type") == "history" and env.get("room") == "g" and not dropped:
-                dropped.append(env)
-                return
-            dispatch(env)
+    def lossy(env: dict[str, Any]) -> None:
+        if env.get("type") == "history" and env.get("room") == "g" and not dropped:
+            dropped.append(env)
+            return
+        dispatch(env)
 
-        alice._dispatch = lossy  # type: ignore[method-assign]
-        bob.send_wait("g", "two")
-        bob.send_wait("g", "three")
-        alice._sub.subscribe(b"g\x00")
-        alice.join("k")
-        bob.send_wait("k", "sentinel")
-        bob.send_wait("g", "four")
-        got: list[Event] = []
+    alice._dispatch = lossy  # type: ignore[method-assign]
+    bob.send_wait("g", "two")
+    bob.send_wait("g", "three")
+    alice._sub.subscribe(b"g\x00")
+    alice.join("k")
+    bob.send_wait("k", "sentinel")
+    bob.send_wait("g", "four")
+    got: list[Event] = []
 
-        def all_shown() -> bool:
-            alice.pump(0.05)
-            bob.pump(0)
-            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
-            return len(got) >= 3
+    def all_shown() -> bool:
+        alice.pump(0.05)
+        bob.pump(0)
+        got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+        return len(got) >= 3
 
-        wait_for(all_shown, 20, interval=0)
-        assert dropped, "a history reply was dropped"
-        assert [e.text for e in got] == ["two", "three", "four"]
-    finally:
-        alice.close(0.2)
-        bob.close(0.2)
+    wait_for(all_shown, 20, interval=0)
+    assert dropped, "a history reply was dropped"
+    assert [e.text for e in got] == ["two", "three", "four"]
 
 
 @pytest.mark.timeout(30)
 def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
-    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, connect_to: ConnectTo
 ) -> None:
     """Alice's message is stored but its ack lost with her connection; by the time she
     is back the broker's resend window has moved past it (here 5 messages, normally
     100 000). Her rejoin's catch-up brings the original, which counts as its ack: it
     is not resent, so nobody sees it twice."""
     monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
-    alice = Client("alice", "127.0.0.1", broker.port, broker.pub_port)
-    bob = Client("bob", "127.0.0.1", broker.port, broker.pub_port)
-    try:
-        alice.connect()
-        bob.connect()
-        bob.join("g")
-        bob.join("h")
-        alice.join("g")
-        bob.send_wait("g", "hello")
-        assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
-        # Alice's SUB misses the room from here; she sends, and her connection is cut
-        # before she reads the ack (she does not pump meanwhile).
-        stop_hearing(alice, bob, "g", via="h")
-        alice.send("g", "only once")
-        shown = collect(bob, 1, kind="msg")
-        assert [e.text for e in shown] == ["only once"]
-        for i in range(8):
-            bob.send_wait("g", f"meanwhile {i}")
-        assert alice.unacked == 1
-        alice._lost("test: connection cut")
-        got: list[Event] = []
+    alice, bob = connect_to(broker, "alice"), connect_to(broker, "bob")
+    bob.join("g")
+    bob.join("h")
+    alice.join("g")
+    bob.send_wait("g", "hello")
+    assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
+    # Alice's SUB misses the room from here; she sends, and her connection is cut
+    # before she reads the ack (she does not pump meanwhile).
+    stop_hearing(alice, bob, "g", via="h")
+    alice.send("g", "only once")
+    shown = collect(bob, 1, kind="msg")
+    assert [e.text for e in shown] == ["only once"]
+    for i in range(8):
+        bob.send_wait("g", f"meanwhile {i}")
+    assert alice.unacked == 1
+    alice._lost("test: connection cut")
+    got: list[Event] = []
 
-        def back_and_settled() -> bool:
-            alice.pump(0.05)
-            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
-            return alice.state == "connected" and alice.unacked == 0 and len(got) >= 9
+    def back_and_settled() -> bool:
+        alice.pump(0.05)
+        got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+        return alice.state == "connected" and alice.unacked == 0 and len(got) >= 9
 
-        wait_for(back_and_settled, 15, interval=0)
-        assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
-        events, _ = bob.history("g", 0, 100)
-        assert [e.text for e in events if e.type == "msg"].count("only once") == 1
-    finally:
-        alice.close(0.2)
-        bob.close(0.2)
+    wait_for(back_and_settled, 15, interval=0)
+    assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
+    events, _ = bob.history("g", 0, 100)
+    assert [e.text for e in events if e.type == "msg"].count("only once") == 1
 
 
 @pytest.mark.timeout(30)
 def test_a_message_whose_ack_was_lost_is_not_resent_twice_on_a_live_connection(
-    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, connect_to: ConnectTo
 ) -> None:
     """Alice's message is stored, its ack lost on the way, her SUB misses the room, and
     she stalls past her resend timeout while the broker's resend window (here 5
@@ -356,53 +333,77 @@ def test_a_message_whose_ack_was_lost_is_not_resent_twice_on_a_live_connection(
     catches up: the original is there, and counts as its ack. Nobody sees it twice."""
     monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
     monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
-    alice = Client("alice", "127.0.0.1", broker.port, broker.pub_port)
-    bob = Client("bob", "127.0.0.1", broker.port, broker.pub_port)
-    try:
-        alice.connect()
-        bob.connect()
-        bob.join("g")
-        bob.join("h")
-        alice.join("g")
-        bob.send_wait("g", "hello")
-        assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
-        stop_hearing(alice, bob, "g", via="h")
-        dropped: list[dict[str, Any]] = []
-        dispatch = alice._dispatch
+    alice, bob = connect_to(broker, "alice"), connect_to(broker, "bob")
+    bob.join("g")
+    bob.join("h")
+    alice.join("g")
+    bob.send_wait("g", "hello")
+    assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
+    stop_hearing(alice, bob, "g", via="h")
+    dropped: list[dict[str, Any]] = []
+    dispatch = alice._dispatch
 
-        def lossy(env: dict[str, Any]) -> None:
-            if env.get("type") == "ack" and env.get("room") == "g" and not dropped:
-                dropped.append(env)
-                return
-            dispatch(env)
+    def lossy(env: dict[str, Any]) -> None:
+        if env.get("type") == "ack" and env.get("room") == "g" and not dropped:
+            dropped.append(env)
+            return
+        dispatch(env)
 
-        alice._dispatch = lossy  # type: ignore[method-assign]
-        alice.send("g", "only once")
-        assert [e.text for e in collect(bob, 1, kind="msg")] == ["only once"]
+    alice._dispatch = lossy  # type: ignore[method-assign]
+    alice.send("g", "only once")
+    assert [e.text for e in collect(bob, 1, kind="msg")] == ["only once"]
 
-        def ack_lost() -> bool:
-            alice.pump(0.05)
-            return bool(dropped)
+    def ack_lost() -> bool:
+        alice.pump(0.05)
+        return bool(dropped)
 
-        wait_for(ack_lost, 5, interval=0)
-        for i in range(8):
-            bob.send_wait("g", f"meanwhile {i}")
-        time.sleep(1.2)  # alice stalls (not pumping) past her resend timeout
-        assert alice.unacked == 1
-        got: list[Event] = []
+    wait_for(ack_lost, 5, interval=0)
+    for i in range(8):
+        bob.send_wait("g", f"meanwhile {i}")
+    time.sleep(1.2)  # alice stalls (not pumping) past her resend timeout
+    assert alice.unacked == 1
+    got: list[Event] = []
 
-        def settled() -> bool:
-            alice.pump(0.05)
-            got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
-            return alice.unacked == 0 and len(got) >= 9
+    def settled() -> bool:
+        alice.pump(0.05)
+        got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+        return alice.unacked == 0 and len(got) >= 9
 
-        wait_for(settled, 15, interval=0)
-        assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
-        events, _ = bob.history("g", 0, 100)
-        assert [e.text for e in events if e.type == "msg"].count("only once") == 1
-    finally:
-        alice.close(0.2)
-        bob.close(0.2)
+    wait_for(settled, 15, interval=0)
+    assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
+    events, _ = bob.history("g", 0, 100)
+    assert [e.text for e in events if e.type == "msg"].count("only once") == 1
+
+
+def test_a_join_whose_rejoin_is_refused_mid_backlog_raises(make_client: MakeClient) -> None:
+    """The connection is lost while ``join()`` reads the backlog, and the broker refuses
+    the rejoin for good (here a ``limit_reached`` put in place of its ``joined``):
+    alice is not in the room, so ``join()`` says so instead of returning members."""
+    alice, bob = make_client("alice"), make_client("bob")
+    bob.join("g")
+    for i in range(3):
+        bob.send_wait("g", f"m{i}")
+    cut: list[str] = []
+    dispatch = alice._dispatch
+
+    def faulty(env: dict[str, Any]) -> None:
+        if env.get("type") == "history" and not cut:
+            cut.append("history")
+            alice._lost("test: connection cut mid-backlog")  # the reply is lost with it
+            return
+        if env.get("type") == "joined" and cut == ["history"]:
+            cut.append("rejoin")
+            env = p.error(p.ErrorCode.LIMIT_REACHED, "room is full", env.get("id"))
+        dispatch(env)
+
+    alice._dispatch = faulty  # type: ignore[method-assign]
+    with pytest.raises(RequestError) as refused:
+        alice.join("g", backlog=10)
+    assert cut == ["history", "rejoin"]
+    assert refused.value.code == p.ErrorCode.NOT_JOINED
+    assert "g" not in alice.rooms_joined
+    errors = [e for e in alice.drain_events() if e.type == "error"]
+    assert [e.code for e in errors] == [p.ErrorCode.LIMIT_REACHED]
 
 
 def test_a_message_stored_twice_shows_once(
