@@ -41,6 +41,35 @@ def stop_hearing(listener: Client, speaker: Client, room: str, via: str) -> None
     assert [e.text for e in collect(listener, 1, kind="msg")] == ["sentinel"]
 
 
+def drop_first(client: Client, kind: str, room: str) -> list[dict[str, Any]]:
+    """Make ``client`` lose the first reply of type ``kind`` about ``room`` on its way
+    (as the broker drops what a full queue to a client cannot take). Returns the list
+    the dropped reply goes into."""
+    dropped: list[dict[str, Any]] = []
+    dispatch = client._dispatch
+
+    def lossy(env: dict[str, Any]) -> None:
+        if env.get("type") == kind and env.get("room") == room and not dropped:
+            dropped.append(env)
+            return
+        dispatch(env)
+
+    client._dispatch = lossy  # type: ignore[method-assign]
+    return dropped
+
+
+def deaf_to_g(connect_to: Callable[..., Client], broker: RunningBroker) -> tuple[Client, Client]:
+    """Alice and bob in #g (bob in #h too), alice's SUB no longer hearing #g (see stop_hearing)."""
+    alice, bob = connect_to(broker, "alice"), connect_to(broker, "bob")
+    bob.join("g")
+    bob.join("h")
+    alice.join("g")
+    bob.send_wait("g", "hello")
+    assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
+    stop_hearing(alice, bob, "g", via="h")
+    return alice, bob
+
+
 def test_two_clients_talk_and_sender_sees_own_message_once(make_client: MakeClient) -> None:
     alice, bob = make_client("alice"), make_client("bob")
     alice.join("general")
@@ -256,16 +285,7 @@ def test_a_history_reply_lost_on_the_way_is_asked_for_again(
     bob.send_wait("g", "one")
     assert [e.text for e in collect(alice, 1, kind="msg")] == ["one"]
     stop_hearing(alice, bob, "g", via="h")  # SUB loses two and three
-    dropped: list[dict[str, Any]] = []
-    dispatch = alice._dispatch
-
-    def lossy(env: dict[str, Any]) -> None:
-        if env.get("type") == "history" and env.get("room") == "g" and not dropped:
-            dropped.append(env)
-            return
-        dispatch(env)
-
-    alice._dispatch = lossy  # type: ignore[method-assign]
+    dropped = drop_first(alice, "history", "g")
     bob.send_wait("g", "two")
     bob.send_wait("g", "three")
     alice._sub.subscribe(b"g\x00")
@@ -294,15 +314,9 @@ def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
     100 000). Her rejoin's catch-up brings the original, which counts as its ack: it
     is not resent, so nobody sees it twice."""
     monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
-    alice, bob = connect_to(broker, "alice"), connect_to(broker, "bob")
-    bob.join("g")
-    bob.join("h")
-    alice.join("g")
-    bob.send_wait("g", "hello")
-    assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
     # Alice's SUB misses the room from here; she sends, and her connection is cut
     # before she reads the ack (she does not pump meanwhile).
-    stop_hearing(alice, bob, "g", via="h")
+    alice, bob = deaf_to_g(connect_to, broker)
     alice.send("g", "only once")
     shown = collect(bob, 1, kind="msg")
     assert [e.text for e in shown] == ["only once"]
@@ -333,23 +347,8 @@ def test_a_message_whose_ack_was_lost_is_not_resent_twice_on_a_live_connection(
     catches up: the original is there, and counts as its ack. Nobody sees it twice."""
     monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
     monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
-    alice, bob = connect_to(broker, "alice"), connect_to(broker, "bob")
-    bob.join("g")
-    bob.join("h")
-    alice.join("g")
-    bob.send_wait("g", "hello")
-    assert [e.text for e in collect(alice, 1, kind="msg")] == ["hello"]
-    stop_hearing(alice, bob, "g", via="h")
-    dropped: list[dict[str, Any]] = []
-    dispatch = alice._dispatch
-
-    def lossy(env: dict[str, Any]) -> None:
-        if env.get("type") == "ack" and env.get("room") == "g" and not dropped:
-            dropped.append(env)
-            return
-        dispatch(env)
-
-    alice._dispatch = lossy  # type: ignore[method-assign]
+    alice, bob = deaf_to_g(connect_to, broker)
+    dropped = drop_first(alice, "ack", "g")
     alice.send("g", "only once")
     assert [e.text for e in collect(bob, 1, kind="msg")] == ["only once"]
 
