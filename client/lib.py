@@ -355,14 +355,6 @@ class _Room:
     #: stored, its ack lost, shows in the catch-up and counts as its ack; resent
     #: first, it could be stored twice once the broker's resend window has passed it.
     catch_up_to: int = 0
-    #: Where the room stood by the newest ``pong`` to a ping of ours, and when that
-    #: ping was sent: the broker had read everything we sent before then. A message
-    #: of ours sent before then and still unacknowledged is resent only once we
-    #: have caught up to that seq (its original, if stored, shows there and counts
-    #: as its ack; resent, it could be stored twice once the broker's resend window
-    #: has passed it).
-    pong_seq: int = 0
-    pong_ping_at: float = 0.0
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -473,6 +465,9 @@ class Client:
         self._last_ping = now
         #: Our pings whose pong has not come, by id: when each was sent.
         self._pings: dict[str, float] = {}
+        #: Unacknowledged room messages sent before a ping whose pong has come, by
+        #: id: their room's seq in that pong (the first such). See _caught_up_since.
+        self._cover: dict[str, int] = {}
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -639,7 +634,12 @@ class Client:
                 if not got:
                     break
                 for env in got:
-                    self._events.append(Event.from_envelope(env, backlog=since is None or env["seq"] <= since))
+                    backlog = since is None or env["seq"] <= since
+                    sent = self._stored_original(env)
+                    # One of ours from before we left, its ack lost: stored, so acknowledged.
+                    event = Event.from_envelope(env, backlog=backlog) if sent is None else self._own_event(sent, env)
+                    event.backlog = backlog
+                    self._events.append(event)
                 after = got[-1]["seq"]
         except BaseException:
             self._forget_room(room)
@@ -987,9 +987,9 @@ class Client:
             state.rejoin_at = 0.0
             state.rejoin_tries = 0
             state.tail_at = 0.0  # the next broker's pongs say where its rooms are
-            state.pong_seq, state.pong_ping_at = 0, 0.0
             state.lost_at = state.last
         self._pings.clear()  # their pongs went with the connection
+        self._cover.clear()  # all is resent after the rejoins' catch-up (see _on_rejoin)
         # Fresh sockets: a half-dead TCP connection could hold our requests for
         # minutes; anything queued on the old ones is resent after the hello.
         self._use_address((self._index + 1) % len(self.addresses))
@@ -1107,28 +1107,32 @@ class Client:
         for rid, env in list(self._unacked.items()):
             sent_at = self._sent_at.get(rid, 0.0)
             if sent_at <= sent_before and self._room_ready(env):
-                if sent_at and not self._caught_up_since(env, sent_at):
-                    continue
+                if sent_at and not self._caught_up_since(rid, env, sent_at):
+                    # What waits behind it (refused, or written meanwhile) waits on:
+                    # a newer line never overtakes an older one.
+                    break
                 self._send(env)
                 self._mark_sent(rid)
 
-    def _caught_up_since(self, env: Envelope, sent_at: float) -> bool:
+    def _caught_up_since(self, rid: str, env: Envelope, sent_at: float) -> bool:
         """Whether a message sent at ``sent_at`` and not acknowledged may go again:
-        we have seen its room up to where a pong to a later ping put it. The broker
-        had read the message by then; if it stored it (the ack was lost on the way),
-        the original is among what we have seen, and counted as the ack. Without
-        this, a resend that came after the broker's resend window (100 000 messages,
-        seconds at full load) had passed the original would be stored twice. A
-        message that reached no room (a DM; a room we have left) goes as before."""
+        we have seen its room up to where the pong to the first ping sent after it
+        put it. The broker had read the message by then; if it stored it (the ack was
+        lost on the way), the original is among what we have seen, and counted as the
+        ack. Without this, a resend that came after the broker's resend window
+        (100 000 messages, seconds at full load) had passed the original would be
+        stored twice. A message that reached no room (a DM; a room we have left)
+        goes as before."""
         state = self._rooms.get(env["room"]) if env["type"] == "msg" else None
         if state is None:
             return True
-        if state.pong_ping_at <= sent_at:
+        cover = self._cover.get(rid)
+        if cover is None:
             if max(self._pings.values(), default=0.0) <= sent_at:
                 self._ping_now(time.monotonic())  # no ping after it on its way yet: ask now
             return False
         # Not there yet: SUB, the gap fetches or the tail check bring the rest.
-        return state.last is not None and state.last >= state.pong_seq
+        return state.last is not None and state.last >= cover
 
     def _room_ready(self, env: Envelope) -> bool:
         """Whether a message may go now: not to a room we are still rejoining, or still
@@ -1218,10 +1222,12 @@ class Client:
     def _mark_sent(self, rid: str) -> None:
         self._sent_at[rid] = time.monotonic()
         self._queued.pop(rid, None)
+        self._cover.pop(rid, None)  # a resend is covered by a later pong
 
     def _acked(self, rid: str) -> Envelope | None:
         self._sent_at.pop(rid, None)
         self._queued.pop(rid, None)
+        self._cover.pop(rid, None)
         sent = self._unacked.pop(rid, None)
         if sent is not None:
             self._shown[rid] = None
@@ -1368,18 +1374,19 @@ class Client:
     def _note_seqs(self, seqs: object, ping_at: float | None) -> None:
         """A pong's room seqs: schedule a check of each room it shows beyond our last
         event. ``ping_at``: when the ping it answers was sent, if it was one of ours
-        (see ``_Room.pong_seq``)."""
+        (see ``_caught_up_since``)."""
         if not isinstance(seqs, dict):
             return
         if ping_at is not None:
             # Pongs come in order: those of earlier pings are not coming any more.
             for rid in [r for r, at in self._pings.items() if at < ping_at]:
                 del self._pings[rid]
-            for room, known in self._rooms.items():
-                seq = seqs.get(room)
-                # A room the broker does not list has nothing of ours to wait for.
-                known.pong_seq = seq if type(seq) is int else 0
-                known.pong_ping_at = ping_at
+            cover, sent_at = self._cover, self._sent_at
+            for rid, env in self._unacked.items():
+                if env["type"] == "msg" and rid not in cover and 0.0 < sent_at.get(rid, 0.0) < ping_at:
+                    seq = seqs.get(env["room"])
+                    # A room the broker does not list has nothing of ours to wait for.
+                    cover[rid] = seq if type(seq) is int else 0
         check_at = time.monotonic() + TAIL_GRACE_S
         for room, seq in seqs.items():
             state = self._rooms.get(room)
@@ -1518,19 +1525,26 @@ class Client:
             # One page of a longer catch-up (after a reconnect): ask for the next.
             self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
 
+    def _stored_original(self, env: Envelope) -> Envelope | None:
+        """If ``env`` is the stored copy of a message of ours still waiting for its ack:
+        that message, now acknowledged (ids are this client's own, never reused)."""
+        rid = env.get("id")
+        if env["type"] == "msg" and env.get("from") == self.name and isinstance(rid, str) and rid in self._unacked:
+            return self._acked(rid)
+        return None
+
     def _deliver(self, item: Envelope | Event) -> None:
         if isinstance(item, Event):
             self._events.append(item)  # our own, acknowledged: its turn has come
             return
         env = item
         if env["type"] == "msg" and env.get("from") == self.name:
-            rid = env.get("id")
-            if isinstance(rid, str) and rid in self._unacked:
+            sent = self._stored_original(env)
+            if sent is not None:
                 # Stored, but the ack was lost (broker crash) or is still on its way: this is our ack.
-                sent = self._acked(rid)
-                assert sent is not None
                 self._events.append(self._own_event(sent, env))
                 return
+            rid = env.get("id")
             if env.get("sender") == self.sender or rid in self._shown:
                 return  # our own, shown once when its ack arrived
         elif env["type"] == "msg":

@@ -374,6 +374,83 @@ def test_a_message_whose_ack_was_lost_is_not_resent_twice_on_a_live_connection(
     assert [e.text for e in events if e.type == "msg"].count("only once") == 1
 
 
+@pytest.mark.timeout(30)
+def test_a_lost_message_is_resent_once_caught_up_to_where_the_room_stood_after_it(
+    short_heartbeat_broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, connect_to: ConnectTo
+) -> None:
+    """Alice's message never reaches the broker. Before resending it she catches up to
+    where the first pong after it put the room; every later pong shows the room far
+    further on (as in a room busier than she can follow): waiting for those, the
+    message would never go."""
+    monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
+    b = short_heartbeat_broker
+    alice, bob = deaf_to_g(connect_to, b)  # she learns of #g's events from history only
+    lost: list[dict[str, Any]] = []
+    later_pings: set[str] = set()
+    covering: list[dict[str, Any]] = []  # pongs to pings sent after the message
+    send, dispatch = alice._send, alice._dispatch
+
+    def lossy_send(env: dict[str, Any]) -> None:
+        if env["type"] == "msg" and not lost:
+            lost.append(env)
+            return
+        if env["type"] == "ping" and lost:
+            later_pings.add(env["id"])
+        send(env)
+
+    def moving(env: dict[str, Any]) -> None:
+        if env.get("type") == "pong" and env.get("id") in later_pings:
+            covering.append(env)
+            if len(covering) > 1:
+                env["seqs"]["g"] += 1000 * len(covering)  # the room, ever further on
+        dispatch(env)
+
+    alice._send = lossy_send  # type: ignore[method-assign]
+    alice._dispatch = moving  # type: ignore[method-assign]
+    alice.send("g", "lost once")
+    for i in range(3):
+        bob.send_wait("g", f"after {i}")
+
+    def resent() -> bool:
+        alice.pump(0.05)
+        bob.pump(0)
+        return alice.unacked == 0
+
+    wait_for(resent, 10, interval=0)
+    assert len(covering) >= 2, "pongs after the first showed the room further on"
+    events, _ = bob.history("g", 0, 100)
+    assert [e.text for e in events if e.type == "msg"] == ["hello", "after 0", "after 1", "after 2", "lost once"]
+
+
+@pytest.mark.timeout(30)
+def test_a_message_whose_ack_was_lost_before_leaving_is_acknowledged_by_the_rejoin_backlog(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, connect_to: ConnectTo
+) -> None:
+    """Alice leaves a room with a message whose ack was lost, and joins it again with a
+    backlog, after the broker's resend window (here 5 messages) has passed it: the
+    original in the backlog is its ack. Resent, it would be stored twice."""
+    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
+    alice, bob = deaf_to_g(connect_to, broker)
+    dropped = drop_first(alice, "ack", "g")
+    alice.send("g", "only once")
+
+    def ack_lost() -> bool:
+        alice.pump(0.05)
+        return bool(dropped)
+
+    wait_for(ack_lost, 5, interval=0)
+    for i in range(8):
+        bob.send_wait("g", f"meanwhile {i}")
+    alice.leave("g")
+    alice.join("g", backlog=50)
+    assert alice.unacked == 0
+    mine = [e for e in alice.drain_events() if e.type == "msg" and e.text == "only once"]
+    assert len(mine) == 1 and mine[0].own and mine[0].backlog
+    events, _ = bob.history("g", 0, 100)
+    assert [e.text for e in events if e.type == "msg"].count("only once") == 1
+
+
 def test_a_join_whose_rejoin_is_refused_mid_backlog_raises(make_client: MakeClient) -> None:
     """The connection is lost while ``join()`` reads the backlog, and the broker refuses
     the rejoin for good (here a ``limit_reached`` put in place of its ``joined``):

@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -211,6 +212,42 @@ def test_lines_sent_after_a_refusal_but_before_it_is_read_do_not_overtake_it(
         assert not [e for e in bot.drain_events() if e.type == "error"]
         events, _ = bot.history("general", 0, 100)
         assert [e.text for e in events if e.type == "msg"] == lines
+
+
+def test_a_line_waiting_behind_one_whose_refusal_was_lost_stays_behind_it(
+    limited: Callable[..., RunningBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """m1's ``rate_limited`` never reaches the bot; m2, refused behind it, waits. When
+    m1's timeout comes, m1 first checks whether it was stored (a ping, a catch-up):
+    m2 must not go ahead of it meanwhile, or once the broker stops holding m2 for m1
+    (RATE_HOLD_MAX_MS) it would be stored first."""
+    monkeypatch.setattr(Client, "_resend_after", property(lambda self: 0.5))
+    b = limited(rate=1, burst=1)
+    with Client("bot", HOST, b.port, b.pub_port) as bot:
+        bot.join("general")
+        bot.send_wait("general", "m0")
+        sent: list[str] = []
+        send, dispatch = bot._send, bot._dispatch
+
+        def record(env: dict[str, Any]) -> None:
+            if env["type"] == "msg":
+                sent.append(env["text"])
+            send(env)
+
+        def lossy(env: dict[str, Any]) -> None:
+            if env.get("code") == "rate_limited" and env.get("id") == m1:
+                return
+            dispatch(env)
+
+        bot._send = record  # type: ignore[method-assign]
+        bot._dispatch = lossy  # type: ignore[method-assign]
+        m1 = bot.send("general", "m1")
+        bot.send("general", "m2")
+        wait_for(lambda: bot.pump(0.05) is not None and bot.unacked == 0, 30)
+        assert not [e for e in bot.drain_events() if e.type == "error"]
+        assert sent[:2] == ["m1", "m2"] and sent[2] == "m1", f"m2 went again ahead of m1: {sent}"
+        events, _ = bot.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == ["m0", "m1", "m2"]
 
 
 def test_history_a_session_never_reads_is_bounded(
