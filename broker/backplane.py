@@ -31,12 +31,20 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
-import redis
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.retry import Retry
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
+    from redis.retry import Retry
+except ImportError:  # an optional extra: a broker without --backplane runs without it
+    HAVE_REDIS = False
+else:
+    HAVE_REDIS = True
 
 log = logging.getLogger("zchat.broker")
+
+#: What ``--backplane`` says when redis-py is not installed.
+NO_REDIS = "--backplane needs redis-py, which is not installed: pip install 'zchat[backplane]'"
 
 PREFIX = "zchat:"
 #: Where every broker of one chat hears its room events (``ROOM SEQ BODY``),
@@ -57,7 +65,9 @@ DEFAULT_RETENTION = 100_000
 
 #: What a failing backplane raises; the broker answers ``unavailable``.
 #: (RedisClusterException, raised when no node answers, is not a RedisError.)
-Errors: tuple[type[Exception], ...] = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+Errors: tuple[type[Exception], ...] = (
+    (redis.RedisError, redis.exceptions.RedisClusterException, OSError) if HAVE_REDIS else (OSError,)
+)
 #: Sessions a reaper ends per tick: the loop is blocked meanwhile.
 REAP_SLICE = 200
 

@@ -14,7 +14,7 @@ from types import FrameType
 import zmq
 
 from broker.auth import KeysError
-from broker.backplane import DEFAULT_RETENTION
+from broker.backplane import DEFAULT_RETENTION, HAVE_REDIS, NO_REDIS
 from broker.backplane import Errors as BackplaneErrors
 from broker.core import Limits
 from broker.server import PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=Path(os.environ["ZCHAT_DATA"]) if os.environ.get("ZCHAT_DATA") else None,
-        help=f"directory of the message store (ZCHAT_DATA; default {default_data_dir()})",
+        help=f"directory of the message store, one broker per directory (ZCHAT_DATA; default {default_data_dir()})",
     )
     parser.add_argument(
         "--heartbeat-ms",
@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.retention < 1:
         log.error("--retention must be positive")
+        return 2
+    if config.backplane and not HAVE_REDIS:
+        log.error("%s", NO_REDIS)
         return 2
     store: Store | None = None
     if not config.backplane:

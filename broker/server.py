@@ -152,6 +152,10 @@ class Broker:
         self._reload = threading.Event()
         self.keys = load_keys(config.keys_dir) if config.keys_dir else None
         self.ctx = zmq.Context()
+        # Before anything that can fail: _close_sockets() reads them.
+        self._fanin_stop = threading.Event()
+        self._fanin: zmq.Socket[bytes] | None = None
+        self._listeners: list[threading.Thread] = []
         self.auth: Authenticator | None = None
         if self.keys is not None:
             self.auth = Authenticator(self.ctx, self.keys.users)
@@ -183,9 +187,6 @@ class Broker:
             self.pub.get_monitor_socket(events): "subscriber",
         }
         self._peers: dict[tuple[str, int], str] = {}
-        self._fanin_stop = threading.Event()
-        self._fanin: zmq.Socket[bytes] | None = None
-        self._listeners: list[threading.Thread] = []
         #: room -> last seq published on our PUB (backplane mode): in order, once.
         self._published: dict[str, int] = {}
         self.core: Core

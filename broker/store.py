@@ -10,6 +10,7 @@ unlikely.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import heapq
 import itertools
 import logging
@@ -18,11 +19,14 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 log = logging.getLogger("zchat.broker")
 
 DB_NAME = "zchat.sqlite3"
+#: Held (flock) by the broker that uses the directory: a second one would number
+#: the same rooms on its own, and the first to commit a seq the other used dies.
+LOCK_NAME = "zchat.lock"
 #: How long after a commit the WAL is copied back into the database (seconds).
 #: Small and often beats large and rare: a checkpoint's writes and syncs stall the
 #: commits running beside it on a real disk (not on tmpfs) for as long as they take.
@@ -103,6 +107,7 @@ class Store:
     def __init__(self, data_dir: Path, durability: Durability = "full") -> None:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock_dir(data_dir)
             self.path = data_dir / DB_NAME
             # Autocommit mode: transactions are explicit, one per loop pass.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -273,3 +278,27 @@ class Store:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._read.close()
         self._db.close()
+        self._lock.close()  # and with it the lock
+
+
+def _lock_dir(data_dir: Path) -> IO[str]:
+    """Take the directory's lock, or raise StoreError naming the broker that has it.
+
+    An advisory lock on an open file: the OS releases it when the process ends,
+    however it ends, so a crash leaves no stale lock behind.
+    """
+    lock = open(data_dir / LOCK_NAME, "a+")  # noqa: SIM115 (held open for the broker's life)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise StoreError(
+            f"{data_dir} is in use by another zchat-broker (pid {holder}); give each broker its own --data"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock

@@ -237,6 +237,8 @@ class BrokerProcess:
     pub_port: int = 0
     proc: subprocess.Popen[str] | None = None
     log: list[str] = field(default_factory=list)
+    #: Environment variables to set for the broker, on top of ours.
+    environ: dict[str, str] = field(default_factory=dict)
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
         args = [
@@ -251,7 +253,7 @@ class BrokerProcess:
             str(self.data_dir),
             *self.extra,
         ]
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, **self.environ})
         ready = threading.Event()
 
         def read() -> None:

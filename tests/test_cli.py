@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import socket
 import subprocess
@@ -247,6 +248,72 @@ def test_broker_help_and_bad_port() -> None:
         [bin_path("zchat-broker"), "--port", "70000"], capture_output=True, text=True, timeout=15, check=False
     )
     assert bad.returncode == 2 and "not a TCP port" in bad.stderr
+
+
+def _broker_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [bin_path("zchat-broker"), "--host", HOST, *args],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+        **kwargs,
+    )
+
+
+def _send_one(broker: BrokerProcess, text: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [bin_path("zchat"), "--name", "carol", "--send", text],
+        env=broker.env(),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+
+
+def test_broker_runs_without_redis_installed(tmp_path: Path) -> None:
+    """redis-py is the ``backplane`` extra: a plain ``pip install zchat`` has none, and
+    the broker must serve without it (only ``--backplane`` needs it, and says so)."""
+    stub = tmp_path / "no-redis" / "redis"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ImportError("redis-py is not installed (test)")\n')
+    without = {"PYTHONPATH": str(stub.parent)}
+    broker = BrokerProcess(tmp_path / "d", environ=without).start()
+    try:
+        sent = _send_one(broker, "no redis here")
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        broker.kill()
+    refused = _broker_cmd("--backplane", "redis://127.0.0.1:1/0", env={**os.environ, **without})
+    assert refused.returncode == 2
+    assert "pip install 'zchat[backplane]'" in refused.stderr
+
+
+def test_a_second_broker_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    """Two brokers on one store would number the same rooms each on its own; the first
+    to commit a seq the other had used would stop. The second is refused at start."""
+    first = BrokerProcess(tmp_path / "d").start()
+    try:
+        assert first.proc is not None
+        second = _broker_cmd("--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d"))
+        assert second.returncode == 1
+        assert f"in use by another zchat-broker (pid {first.proc.pid})" in second.stderr, second.stderr
+        sent = _send_one(first, "still here")
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        first.kill()
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    first = BrokerProcess(tmp_path / "d").start()
+    try:
+        busy = _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "e"))
+        assert busy.returncode == 1
+        assert f"cannot listen on {HOST} ports {first.port}/0" in busy.stderr, busy.stderr
+        assert "Traceback" not in busy.stderr
+    finally:
+        first.kill()
 
 
 def test_broker_exits_quickly_on_sigterm(tmp_path: Path) -> None:
