@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from types import FrameType
 
 from client import render
 from client.commands import Commands
@@ -24,7 +26,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError:
-        raise SystemExit(f"zchat: {name}={value!r} is not a number") from None
+        sys.stderr.write(f"zchat: {name}={value!r} is not a number\n")
+        raise SystemExit(2) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +90,12 @@ class Printer:
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
+        #: Lines and commands refused or failed so far (pipe mode exits 1 if any).
+        self.failures = 0
 
     def event(self, event: Event) -> None:
         if event.type == "error":
-            self.err(render.error_text(event))
+            self.fail(render.error_text(event))
             return
         if event.type == "status":
             self.err(event.text or "")
@@ -110,6 +115,24 @@ class Printer:
     def err(line: str) -> None:
         sys.stderr.write(f"zchat: {line}\n")
         sys.stderr.flush()
+
+    def fail(self, line: str) -> None:
+        """An error that answers a line or a command: said, and counted."""
+        self.failures += 1
+        self.err(line)
+
+
+class _Terminated(Exception):
+    """SIGTERM (a service stopped) or SIGHUP (the terminal closed): leave as after a
+    Ctrl-C, saying bye, so that the name is free at once and the rooms see us leave."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close()
         return 1
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         if args.send is not None:
             return _send_once(client, room, args.send, printer)
@@ -164,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except _Terminated as exc:
+        if client.unacked:
+            printer.err(f"{signal.Signals(exc.signum).name}: {client.unacked} message(s) not acknowledged")
+        return 128 + exc.signum
     finally:
         client.close()
 
@@ -180,7 +209,9 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
 
 
 def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:
-    commands = Commands(client, room, printer.out, printer.err, as_json=args.json, backlog=max(0, args.backlog))
+    commands = Commands(
+        client, room, printer.out, printer.fail, as_json=args.json, backlog=max(0, args.backlog), strict=True
+    )
     fd = sys.stdin.fileno()
     pending = b""
     reading = True
@@ -214,6 +245,9 @@ def _finish(client: Client, printer: Printer) -> int:
         printer.event(event)
     if client.unacked:
         printer.err(f"{client.unacked} message(s) not acknowledged: no progress for {ACK_WAIT_S:g} s")
+        return 1
+    if printer.failures:
+        printer.err(f"{printer.failures} line(s) or command(s) refused or failed (above)")
         return 1
     return 0
 

@@ -67,6 +67,9 @@ class Commands:
     members: dict[str, set[str]] = field(default_factory=dict)
     #: Rooms seen in /rooms and /join replies.
     known_rooms: set[str] = field(default_factory=set)
+    #: Pipe mode: after a /join or /switch that failed, plain lines are refused rather
+    #: than sent to the room before (a script's lines meant for the new room).
+    strict: bool = False
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
@@ -89,6 +92,11 @@ class Commands:
             self.client.send(self.current, text, action=True)
         else:
             self.client.send(self.current, text)
+
+    def _no_room(self) -> None:
+        """A /join or /switch failed: in pipe mode, what follows must not go to the room before."""
+        if self.strict:
+            self.current = None
 
     def _usage(self, name: str) -> None:
         self.err(f"usage: {USAGE[name]}")
@@ -118,19 +126,30 @@ class Commands:
         elif name == "join":
             if len(args) != 1:
                 self._usage(name)
+                self._no_room()
             else:
-                room = p.parse_room(args[0])
-                members = self.client.join(room, backlog=self.backlog)
+                try:
+                    room = p.parse_room(args[0])
+                    members = self.client.join(room, backlog=self.backlog)
+                except (ZchatError, ProtocolError):
+                    self._no_room()
+                    raise
                 self.members[room] = set(members)
                 self.known_rooms.add(room)
                 self.current = room
         elif name == "switch":
             if len(args) != 1:
                 self._usage(name)
+                self._no_room()
             else:
-                room = p.parse_room(args[0])
+                try:
+                    room = p.parse_room(args[0])
+                except ProtocolError:
+                    self._no_room()
+                    raise
                 if room not in self.client.rooms_joined:
                     self.err(f"not in #{room}: /join #{room} first")
+                    self._no_room()
                 else:
                     self.current = room
         elif name == "leave":

@@ -97,6 +97,8 @@ FAILOVER_UNAVAILABLE_S = 3.0
 #: A ``pong`` that shows a room beyond the last event we have is believed this
 #: much later, if SUB has not caught up by then (events in flight are not a gap).
 TAIL_GRACE_S = 1.0
+#: Join refusals that are asked again after a moment (seconds), within the request timeout.
+_JOIN_RETRY_S: dict[str, float] = {ErrorCode.UNAVAILABLE: UNAVAILABLE_RETRY_S, ErrorCode.RATE_LIMITED: RATE_RETRY_S}
 #: Pings whose pong we wait for at most (one per heartbeat, and one per resend due).
 PINGS_TRACKED = 8
 
@@ -604,8 +606,9 @@ class Client:
     def join(self, room: str, backlog: int = 0) -> list[str]:
         """Join ``room``; queue its last ``backlog`` events; return its members.
 
-        An ``unavailable`` answer is asked again after :data:`UNAVAILABLE_RETRY_S`,
-        within the request timeout.
+        An ``unavailable`` or ``rate_limited`` answer is asked again after a moment
+        (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
+        a script joining many rooms at once meets the join rate limit.
         """
         room = p.parse_room(room)
         if room in self._rooms:
@@ -672,9 +675,10 @@ class Client:
             try:
                 return self._request({"type": "join", "room": room}, timeout=max(0.0, deadline - time.monotonic()))
             except RequestError as exc:
-                if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() + UNAVAILABLE_RETRY_S > deadline:
+                wait = _JOIN_RETRY_S.get(exc.code, 0.0)
+                if not wait or time.monotonic() + wait > deadline:
                     raise
-            self._idle(UNAVAILABLE_RETRY_S)
+            self._idle(wait)
 
     def leave(self, room: str) -> None:
         """Leave ``room``. If the connection is lost meanwhile, the leave is asked again

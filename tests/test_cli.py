@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import threading
@@ -164,9 +165,55 @@ def test_over_long_line_is_refused_next_line_delivered(chats: Any) -> None:
     got = bob.expect_json(type="msg")
     assert got["text"] == "short one"
     alice.close_input()
-    assert alice.proc.wait(timeout=15) == 0
+    assert alice.proc.wait(timeout=15) == 1, "a refused line makes the exit status 1"
     alice.rest()
     assert any("too_large" in e and str(p.MAX_TEXT_CHARS) in e for e in alice.errors), alice.errors
+    assert any("1 line(s) or command(s) refused" in e for e in alice.errors), alice.errors
+
+
+def test_lines_after_a_refused_join_go_nowhere_and_the_exit_status_says_so(chats: Any) -> None:
+    """A script's lines after ``/join ROOM`` are meant for ROOM: if the join fails they
+    are refused, not sent to the room before."""
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    alice = chats("alice", "--json")
+    bob.expect_json(type="presence", name="alice")
+    alice.say("/join BAD!", "meant for BAD!", "/join side", "in side", "/switch nowhere", "meant for nowhere")
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 1
+    out = [json.loads(line) for line in alice.rest()]
+    assert [(e["room"], e["text"]) for e in out if e["type"] == "msg"] == [("side", "in side")]
+    assert sum("not in a room" in e for e in alice.errors) == 2, alice.errors
+    carol = chats("carol", "--json")
+    carol.say("sentinel")
+    seen = [json.loads(line) for line in bob.expect(lambda line: "sentinel" in line)]
+    assert not [e for e in seen if e.get("text", "").startswith("meant for")]
+
+
+def test_many_joins_in_a_row_wait_for_the_join_rate_limit(chats: Any) -> None:
+    """25 joins at once exceed the join burst (20): the rest wait their turn."""
+    alice = chats("alice", "--json")
+    alice.say(*(f"/join r{i}" for i in range(25)), "in r24")
+    alice.close_input()
+    assert alice.proc.wait(timeout=30) == 0, alice.errors
+    mine = [json.loads(line) for line in alice.rest()]
+    assert [(e["room"], e["text"]) for e in mine if e["type"] == "msg"] == [("r24", "in r24")]
+
+
+def test_sigterm_says_bye(chats: Any, broker_proc: BrokerProcess) -> None:
+    """A bot stopped by its service manager leaves at once (the name is free, the room
+    sees it go) rather than when its session expires (3 heartbeats)."""
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    alice = chats("alice", "--json")
+    bob.expect_json(type="presence", name="alice", event="join")
+    start = time.monotonic()
+    alice.proc.send_signal(signal.SIGTERM)
+    assert alice.proc.wait(timeout=10) == 128 + signal.SIGTERM
+    bob.expect_json(type="presence", name="alice", event="leave", timeout=5)
+    assert time.monotonic() - start < 5
+    again = _send_one(broker_proc, "back", name="alice")
+    assert again.returncode == 0, again.stderr
 
 
 def test_late_joiner_sees_backlog_once_in_order(chats: Any, broker_proc: BrokerProcess) -> None:
@@ -261,9 +308,9 @@ def _broker_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _send_one(broker: BrokerProcess, text: str) -> subprocess.CompletedProcess[str]:
+def _send_one(broker: BrokerProcess, text: str, name: str = "carol") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [bin_path("zchat"), "--name", "carol", "--send", text],
+        [bin_path("zchat"), "--name", name, "--send", text],
         env=broker.env(),
         capture_output=True,
         text=True,
@@ -319,8 +366,6 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
 def test_broker_exits_quickly_on_sigterm(tmp_path: Path) -> None:
     broker = BrokerProcess(tmp_path / "d").start()
     start = time.monotonic()
-    import signal
-
     assert broker.kill(signal.SIGTERM) == 0
     assert time.monotonic() - start < 3
     assert any("shutting down" in line for line in broker.log)
