@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.application import in_terminal
+from prompt_toolkit.application import in_terminal, run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
@@ -52,7 +53,8 @@ keys:
   Alt-1 … Alt-9      switch to the 1st … 9th room you are in (the bar below lists them)
   Tab                complete a command, a name or a #room
   Up / Down          recall earlier lines
-  Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit"""
+  Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit
+  Ctrl-Z             suspend (fg resumes; away for over 15 s, it reconnects and catches up)"""
 
 _DIM = "dim" if "dim" in Attrs._fields else ""
 #: Readable on dark and light backgrounds: the terminal's own 16 colours, minus black, white, grey.
@@ -135,10 +137,14 @@ class _RawInput(Vt100Input):
     expects arbitrary programs to run there). For a few lines of chat that is
     harmful: a key typed at that instant would be echoed into the chat, and
     Ctrl-C would raise SIGINT. In raw mode the key simply waits to be read.
+    Only while the process is suspended (Ctrl-Z) does the shell get its terminal
+    back as it was.
     """
 
+    suspending = False
+
     def cooked_mode(self) -> AbstractContextManager[None]:
-        return contextlib.nullcontext()
+        return super().cooked_mode() if self.suspending else contextlib.nullcontext()
 
 
 class ChatUI:
@@ -429,6 +435,24 @@ class ChatUI:
             else:
                 self._quit = True
                 event.app.exit(result="")
+
+        @kb.add("c-z")
+        def _suspend(event: KeyPressEvent) -> None:
+            # Raw mode turns Ctrl-Z into a key: do what the terminal would (the job
+            # stops; `fg` resumes it). The session lives on while stopped for up to
+            # 3 heartbeats; after that the client reconnects and catches up.
+            terminal = event.app.input
+            if not isinstance(terminal, _RawInput) or not hasattr(signal, "SIGTSTP"):
+                return
+            terminal.suspending = True
+
+            def stop() -> None:
+                os.kill(0, signal.SIGTSTP)  # the whole process group, as the terminal would
+
+            def resumed(_: object) -> None:
+                terminal.suspending = False
+
+            asyncio.ensure_future(run_in_terminal(stop)).add_done_callback(resumed)
 
         @kb.add(Keys.BracketedPaste)
         def _paste(event: KeyPressEvent) -> None:

@@ -29,7 +29,9 @@ WIDTH, HEIGHT = 100, 30
 class Tmux:
     """One tmux server on a private socket running ``zchat`` in window 0; its exit status goes to a file."""
 
-    def __init__(self, broker: BrokerProcess, tmp_path: Path, name: str, *flags: str) -> None:
+    def __init__(self, broker: BrokerProcess, tmp_path: Path, name: str, *flags: str, shell: bool = False) -> None:
+        """``shell``: the window runs an interactive bash (job control: Ctrl-Z, ``fg``)
+        and ``zchat`` is typed at its prompt."""
         if shutil.which("tmux") is None:
             raise AssertionError("tmux is not installed (.ci/run installs it)")
         self.socket = f"zchat-tmux-{uuid.uuid4().hex[:10]}"
@@ -43,7 +45,11 @@ class Tmux:
         script = f"{zchat}; echo EXIT=$? > {shlex.quote(str(self.exit_file))}"
         # -f /dev/null: no user configuration; -u: UTF-8 whatever the locale.
         size = ("-x", str(WIDTH), "-y", str(HEIGHT))
-        self.run("-f", "/dev/null", "-u", "new-session", "-d", *size, f"env -i {exports} sh -c {shlex.quote(script)}")
+        window = "bash --norc --noprofile -i" if shell else f"sh -c {shlex.quote(script)}"
+        self.run("-f", "/dev/null", "-u", "new-session", "-d", *size, f"env -i {exports} {window}")
+        if shell:
+            self.type(script)
+            self.keys("Enter")
 
     def run(self, *args: str) -> str:
         result = subprocess.run(
@@ -126,8 +132,8 @@ class PipeChat:
 def term(broker_proc: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., Tmux]]:
     started: list[Tmux] = []
 
-    def start(name: str, *flags: str) -> Tmux:
-        tmux = Tmux(broker_proc, tmp_path, name, *flags)
+    def start(name: str, *flags: str, shell: bool = False) -> Tmux:
+        tmux = Tmux(broker_proc, tmp_path, name, *flags, shell=shell)
         started.append(tmux)
         wait_for(lambda: any(f"] {name}> " in line + " " for line in tmux.screen()), 15, what=tmux.screen)
         return tmux
@@ -296,3 +302,25 @@ def test_colours_and_bell_follow_the_flags(
         assert bell == ("0" if flags else "1")
     finally:
         bob.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_z_suspends_and_fg_resumes(term: Callable[..., Tmux], broker_proc: BrokerProcess) -> None:
+    """The terminal is in raw mode, so Ctrl-Z arrives as a key: it must stop the job as
+    a terminal would (the shell takes over; ``fg`` resumes), not go to the room."""
+    alice = term("alice", shell=True)
+    bob = PipeChat(broker_proc, "bob")
+    try:
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        alice.keys("C-z")
+        wait_for(lambda: "Stopped" in alice.text(), 10, what=alice.screen)
+        alice.type("fg")
+        alice.keys("Enter")
+        wait_for(lambda: prompt_line(alice.screen(), "alice"), 10, what=alice.screen)
+        alice.type("after fg")
+        alice.keys("Enter")
+        got = bob.expect(lambda e: e.get("type") == "msg" and e.get("from") == "alice")
+        assert got["text"] == "after fg"
+        # (Its exit status is not ours to read: bash ran the echo when the job stopped.)
+    finally:
+        bob.stop()
