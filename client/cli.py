@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     except ProtocolError as exc:
         printer.err(exc.message)
         return 2
+    if args.send is not None:
+        try:
+            p.check_text(args.send)
+        except ProtocolError as exc:
+            printer.err(f"--send: {exc.message}")
+            return 2
     try:
         curve = None
         if args.key or args.broker_key:

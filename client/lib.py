@@ -539,7 +539,7 @@ class Client:
             reason = tried[0][1]
             if reason.startswith("no answer"):
                 raise BrokerUnreachable(f"no answer from a zchat broker at {self.endpoint} {reason[10:]}")
-            raise BrokerUnreachable(f"the zchat broker at {self.endpoint} is {reason}")
+            raise BrokerUnreachable(f"the zchat broker at {self.endpoint}: {reason}")
         raise BrokerUnreachable(
             "no zchat broker answered; tried " + ", ".join(f"{addr} ({reason})" for addr, reason in tried)
         )
@@ -901,7 +901,8 @@ class Client:
                 # Once we have been in, a connection dying mid-handshake (a broker
                 # restart, a proxy) is not a key problem: the reconnect goes on.
                 continue
-            where = self.endpoint if sock is self._dealer else self.pub_endpoint
+            # The broker by the address the user gave (--port), whichever socket it was.
+            where = self.endpoint
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._auth_failure = None
                 if sock is self._sub:

@@ -84,6 +84,7 @@ def test_refused_clients_get_a_clear_error(
             c.connect()
         assert err.value.code == "auth_failed"
         assert needle in err.value.message
+        assert f":{secure.port}" in err.value.message and f":{secure.pub_port}" not in err.value.message
     finally:
         c.close(0)
 

@@ -267,7 +267,7 @@ def test_unreachable_broker_fails_fast_and_says_where(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert time.monotonic() - start < 10
-    assert f"tcp://{HOST}:{port}" in result.stderr
+    assert f"the zchat broker at tcp://{HOST}:{port}: connection refused" in result.stderr
 
 
 def test_name_taken_and_bad_name(chats: Any, broker_proc: BrokerProcess) -> None:
@@ -295,6 +295,24 @@ def test_broker_help_and_bad_port() -> None:
         [bin_path("zchat-broker"), "--port", "70000"], capture_output=True, text=True, timeout=15, check=False
     )
     assert bad.returncode == 2 and "not a TCP port" in bad.stderr
+
+
+def test_client_argument_errors_exit_2() -> None:
+    env = {**os.environ, "ZCHAT_PORT": "abc"}
+    for args, extra_env, needle in (
+        (["--send", ""], {}, "--send: 'text' is empty"),
+        ([], env, "ZCHAT_PORT='abc' is not a number"),
+    ):
+        result = subprocess.run(
+            [bin_path("zchat"), "--name", "x", *args],
+            input="",
+            env=extra_env or None,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
 
 
 def _broker_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
