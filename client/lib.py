@@ -470,6 +470,8 @@ class Client:
         #: Unacknowledged room messages sent before a ping whose pong has come, by
         #: id: their room's seq in that pong (the first such). See _caught_up_since.
         self._cover: dict[str, int] = {}
+        #: Rooms we left: the last seq we had shown of each (a later join's backlog starts there).
+        self._seen_before: dict[str, int] = {}
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -628,6 +630,12 @@ class Client:
             # happened since then is shown, as it would have been live.
             since = self._own_join_seen(state, top)
             backlog_to = max(0, top - max(0, backlog))
+            seen = self._seen_before.pop(room, None)
+            if seen is not None and seen <= top:
+                # Back in a room we left: the backlog starts where we were, not again
+                # at what is already on screen. (Above top: the broker numbers the room
+                # anew, having lost its store; then it is all new.)
+                backlog_to = max(backlog_to, seen)
             after = backlog_to if since is None else min(since, backlog_to)
             while after < top:
                 reply = self._request(
@@ -921,6 +929,8 @@ class Client:
     def _welcomed(self, welcome: Envelope) -> None:
         restarted = self.epoch is not None and welcome["epoch"] != self.epoch
         moved = self._welcomed_by is not None and self._welcomed_by != self.address
+        if restarted or moved:
+            self._seen_before.clear()  # its seqs may not be the ones we saw
         self.sender = welcome["sender"]
         self.epoch = welcome["epoch"]
         self.heartbeat_ms = max(100, int(welcome["heartbeat_ms"]))
@@ -1293,6 +1303,8 @@ class Client:
     def _forget_room(self, room: str) -> None:
         state = self._rooms.pop(room, None)
         if state is not None:
+            if state.last is not None:
+                self._seen_before[room] = state.last
             self._release_own(state)
             self._sub.unsubscribe(p.room_topic(room))
 

@@ -451,6 +451,24 @@ def test_a_message_whose_ack_was_lost_before_leaving_is_acknowledged_by_the_rejo
     assert [e.text for e in events if e.type == "msg"].count("only once") == 1
 
 
+def test_joining_a_room_again_shows_only_what_happened_while_away(make_client: MakeClient) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.join("qq")
+    bob.join("qq")
+    alice.send_wait("qq", "one")
+    collect(alice, 1, kind="presence")  # bob's join (her own line went to send_wait)
+    alice.leave("qq")
+    bob.send_wait("qq", "while away")
+    alice.join("qq", backlog=50)
+    shown = alice.drain_events()
+    assert [(e.type, e.name, e.event or e.text) for e in shown] == [
+        ("presence", "alice", "leave"),
+        ("msg", "bob", "while away"),
+        ("presence", "alice", "join"),
+    ]
+    assert [e.backlog for e in shown] == [False, True, True]  # her leave came live
+
+
 def test_a_join_whose_rejoin_is_refused_mid_backlog_raises(make_client: MakeClient) -> None:
     """The connection is lost while ``join()`` reads the backlog, and the broker refuses
     the rejoin for good (here a ``limit_reached`` put in place of its ``joined``):
