@@ -97,6 +97,10 @@ FAILOVER_UNAVAILABLE_S = 3.0
 #: A ``pong`` that shows a room beyond the last event we have is believed this
 #: much later, if SUB has not caught up by then (events in flight are not a gap).
 TAIL_GRACE_S = 1.0
+#: After a reconnect, a DM whose recipient is not online is asked again every DM_RETRY_S
+#: for 3 heartbeats and DM_GRACE_EXTRA_S more: the recipient may be reconnecting too.
+DM_RETRY_S = 1.0
+DM_GRACE_EXTRA_S = 5.0
 #: Join refusals that are asked again after a moment (seconds), within the request timeout.
 _JOIN_RETRY_S: dict[str, float] = {ErrorCode.UNAVAILABLE: UNAVAILABLE_RETRY_S, ErrorCode.RATE_LIMITED: RATE_RETRY_S}
 #: Pings whose pong we wait for at most (one per heartbeat, and one per resend due).
@@ -472,6 +476,8 @@ class Client:
         self._cover: dict[str, int] = {}
         #: Rooms we left: the last seq we had shown of each (a later join's backlog starts there).
         self._seen_before: dict[str, int] = {}
+        #: Until then (after a reconnect), a DM refused as ``no_such_user`` is asked again.
+        self._dm_grace_until = 0.0
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -941,6 +947,8 @@ class Client:
         was = self.state
         self.state = "connected"
         if was == "reconnecting":
+            # Everyone else lost the broker too, and takes up to 3 heartbeats to notice.
+            self._dm_grace_until = time.monotonic() + 3 * self.heartbeat_ms / 1000 + DM_GRACE_EXTRA_S
             resumed = "session resumed" if welcome.get("resumed") else "new session"
             how = f"another broker; {resumed}" if moved else ("broker restarted" if restarted else resumed)
             self._status("connected", f"reconnected to {self.address} ({how})")
@@ -1371,6 +1379,11 @@ class Client:
                 wait = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
                 self._queue(rid)
+                return
+            if code == ErrorCode.NO_SUCH_USER and rid in self._unacked and time.monotonic() < self._dm_grace_until:
+                # Just back from a lost connection (a broker restart, say): the recipient
+                # may still be on its way back too. Ask again in a moment, for a while.
+                self._sent_at[rid] = time.monotonic() - self._resend_after + DM_RETRY_S
                 return
             if kind in ("ack", "error") and rid in self._unacked:
                 sent = self._acked(rid)

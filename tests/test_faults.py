@@ -100,6 +100,55 @@ def test_kill_9_and_restart_no_client_restarted(tmp_path: Path) -> None:
             second.kill()
 
 
+@pytest.mark.timeout(60)
+def test_a_dm_written_while_the_broker_is_down_waits_for_its_recipient_to_be_back(tmp_path: Path) -> None:
+    """Bob's client is back first after a restart and resends his DM before alice's is
+    back: ``no_such_user`` then only means "not yet". It is asked again, and delivered."""
+    first = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    alice = Client("alice", HOST, first.port, first.pub_port)
+    bob = Inbox(Client("bob", HOST, first.port, first.pub_port))
+    second: BrokerProcess | None = None
+    try:
+        alice.connect()
+        bob.client.connect()
+        first.kill(signal.SIGKILL)
+        bob.client.dm("alice", "while down")
+        second = BrokerProcess(tmp_path / "data", extra=FAST, port=first.port, pub_port=first.pub_port).start()
+        refused: list[dict[str, object]] = []
+        dispatch = bob.client._dispatch
+
+        def spy(env: dict[str, object]) -> None:
+            if env.get("code") == "no_such_user":
+                refused.append(env)
+            dispatch(env)
+
+        bob.client._dispatch = spy  # type: ignore[method-assign]
+
+        # Alice's client does not run meanwhile: bob is back, and told she is not.
+        def told_not_yet() -> bool:
+            bob.pump()
+            return bool(refused)
+
+        wait_for(told_not_yet, 20, interval=0)
+        got: list[str] = []
+
+        def delivered() -> bool:
+            alice.pump(0.02)
+            bob.pump()
+            got.extend(e.text or "" for e in alice.drain_events() if e.type == "dm")
+            return bool(got) and bob.client.unacked == 0
+
+        wait_for(delivered, 20, interval=0)
+        assert got == ["while down"]
+        assert not [e for e in bob.events if e.type == "error"], bob.events
+    finally:
+        alice.close(0)
+        bob.client.close(0)
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
 def _pipe_listener(broker: BrokerProcess, name: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [bin_path("zchat"), "--name", name, "--json", "--backlog", "0"],
