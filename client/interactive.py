@@ -406,6 +406,10 @@ class ChatUI:
             ("class:bottom-toolbar.state" + (".away" if state != "connected" else ""), f" {state} "),
             ("", "|"),
         ]
+        if self.client.unacked:
+            # Lines typed but not acknowledged yet (shown once they are): a broker that
+            # went silent shows here at once, not only when the connection is given up.
+            out += [("class:bottom-toolbar.state.away", f" sending {self.client.unacked} "), ("", "|")]
         for i, room in enumerate(self.rooms, 1):
             unread = self.unread.get(room, 0)
             style = "class:bottom-toolbar.current" if room == self.current else ""

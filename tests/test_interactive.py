@@ -215,6 +215,33 @@ def test_lost_broker_shows_in_prompt_and_status_line(tmp_path: Path) -> None:
             broker.stop()
 
 
+def test_a_line_not_acknowledged_yet_shows_in_the_status_line(tmp_path: Path) -> None:
+    """The broker has gone silent and nothing says so yet (that takes 3 heartbeats): the
+    line typed is not shown until acknowledged, but the status line says it is on its way."""
+    broker = RunningBroker(tmp_path / "data").start()
+    client = Client("alice", HOST, broker.port, broker.pub_port)
+    stopped = False
+    try:
+        client.connect()
+        client.join("general")
+
+        async def main() -> None:
+            nonlocal stopped
+            async with chat_ui(client) as t:
+                assert "sending" not in t.toolbar()
+                broker.stop()
+                stopped = True
+                t.line("into the silence")
+                await until(lambda: "sending 1" in t.toolbar(), what=t.toolbar)
+                assert "connected" in t.toolbar()
+
+        run(main())
+    finally:
+        client.close(0)
+        if not stopped:
+            broker.stop()
+
+
 def test_enter_sends_and_up_down_recall_earlier_lines(alice: Client, bob: Client) -> None:
     async def main() -> None:
         async with chat_ui(alice) as t:
