@@ -70,6 +70,22 @@ def deaf_to_g(connect_to: Callable[..., Client], broker: RunningBroker) -> tuple
     return alice, bob
 
 
+def shows_and_stores_it_once(alice: Client, bob: Client) -> None:
+    """Alice settles (connected, nothing unacknowledged) having shown "only once" and the
+    8 "meanwhile" lines after it, each once; the room's history holds it once."""
+    got: list[Event] = []
+
+    def settled() -> bool:
+        alice.pump(0.05)
+        got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
+        return alice.state == "connected" and alice.unacked == 0 and len(got) >= 9
+
+    wait_for(settled, 15, interval=0)
+    assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
+    events, _ = bob.history("g", 0, 100)
+    assert [e.text for e in events if e.type == "msg"].count("only once") == 1
+
+
 def test_two_clients_talk_and_sender_sees_own_message_once(make_client: MakeClient) -> None:
     alice, bob = make_client("alice"), make_client("bob")
     alice.join("general")
@@ -324,17 +340,7 @@ def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
         bob.send_wait("g", f"meanwhile {i}")
     assert alice.unacked == 1
     alice._lost("test: connection cut")
-    got: list[Event] = []
-
-    def back_and_settled() -> bool:
-        alice.pump(0.05)
-        got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
-        return alice.state == "connected" and alice.unacked == 0 and len(got) >= 9
-
-    wait_for(back_and_settled, 15, interval=0)
-    assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
-    events, _ = bob.history("g", 0, 100)
-    assert [e.text for e in events if e.type == "msg"].count("only once") == 1
+    shows_and_stores_it_once(alice, bob)
 
 
 @pytest.mark.timeout(30)
@@ -361,17 +367,7 @@ def test_a_message_whose_ack_was_lost_is_not_resent_twice_on_a_live_connection(
         bob.send_wait("g", f"meanwhile {i}")
     time.sleep(1.2)  # alice stalls (not pumping) past her resend timeout
     assert alice.unacked == 1
-    got: list[Event] = []
-
-    def settled() -> bool:
-        alice.pump(0.05)
-        got.extend(e for e in alice.drain_events() if e.type == "msg" and e.room == "g")
-        return alice.unacked == 0 and len(got) >= 9
-
-    wait_for(settled, 15, interval=0)
-    assert [e.text for e in got] == ["only once"] + [f"meanwhile {i}" for i in range(8)]
-    events, _ = bob.history("g", 0, 100)
-    assert [e.text for e in events if e.type == "msg"].count("only once") == 1
+    shows_and_stores_it_once(alice, bob)
 
 
 @pytest.mark.timeout(30)

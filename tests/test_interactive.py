@@ -16,8 +16,8 @@ import re
 import time
 import types
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,57 +189,56 @@ def test_prompt_shows_room_and_name_bar_shows_state_and_rooms(alice: Client) -> 
     assert connection_status(object()) == "connected"  # a library without reconnect
 
 
-def test_lost_broker_shows_in_prompt_and_status_line(tmp_path: Path) -> None:
-    broker = RunningBroker(tmp_path / "data", heartbeat_ms=200).start()
+@contextmanager
+def alice_of_a_broker_to_stop(tmp_path: Path, heartbeat_ms: int = 5000) -> Iterator[tuple[Client, Callable[[], None]]]:
+    """Alice in #general of a broker of her own, and the function that stops it."""
+    broker = RunningBroker(tmp_path / "data", heartbeat_ms=heartbeat_ms).start()
     client = Client("alice", HOST, broker.port, broker.pub_port)
-    stopped = False
+    stopped: list[bool] = []
+
+    def stop() -> None:
+        broker.stop()
+        stopped.append(True)
+
     try:
         client.connect()
         client.join("general")
+        yield client, stop
+    finally:
+        client.close(0)
+        if not stopped:
+            broker.stop()
+
+
+def test_lost_broker_shows_in_prompt_and_status_line(tmp_path: Path) -> None:
+    with alice_of_a_broker_to_stop(tmp_path, heartbeat_ms=200) as (client, stop_broker):
 
         async def main() -> None:
-            nonlocal stopped
             async with chat_ui(client) as t:
                 assert t.prompt() == "[#general] alice> "
-                broker.stop()
-                stopped = True
+                stop_broker()
                 await until(lambda: "(reconnecting)" in t.prompt(), what=t.prompt)
                 assert t.prompt() == "[#general] alice (reconnecting)> "
                 assert "reconnecting" in t.toolbar()
                 await t.shows("reconnecting")
 
         run(main())
-    finally:
-        client.close(0)
-        if not stopped:
-            broker.stop()
 
 
 def test_a_line_not_acknowledged_yet_shows_in_the_status_line(tmp_path: Path) -> None:
     """The broker has gone silent and nothing says so yet (that takes 3 heartbeats): the
     line typed is not shown until acknowledged, but the status line says it is on its way."""
-    broker = RunningBroker(tmp_path / "data").start()
-    client = Client("alice", HOST, broker.port, broker.pub_port)
-    stopped = False
-    try:
-        client.connect()
-        client.join("general")
+    with alice_of_a_broker_to_stop(tmp_path) as (client, stop_broker):
 
         async def main() -> None:
-            nonlocal stopped
             async with chat_ui(client) as t:
                 assert "sending" not in t.toolbar()
-                broker.stop()
-                stopped = True
+                stop_broker()
                 t.line("into the silence")
                 await until(lambda: "sending 1" in t.toolbar(), what=t.toolbar)
                 assert "connected" in t.toolbar()
 
         run(main())
-    finally:
-        client.close(0)
-        if not stopped:
-            broker.stop()
 
 
 def test_enter_sends_and_up_down_recall_earlier_lines(alice: Client, bob: Client) -> None:
