@@ -19,14 +19,11 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 log = logging.getLogger("zchat.broker")
 
 DB_NAME = "zchat.sqlite3"
-#: Held (flock) by the broker that uses the directory: a second one would number
-#: the same rooms on its own, and the first to commit a seq the other used dies.
-LOCK_NAME = "zchat.lock"
 #: How long after a commit the WAL is copied back into the database (seconds).
 #: Small and often beats large and rare: a checkpoint's writes and syncs stall the
 #: commits running beside it on a real disk (not on tmpfs) for as long as they take.
@@ -105,9 +102,12 @@ class StoreError(Exception):
 
 class Store:
     def __init__(self, data_dir: Path, durability: Durability = "full") -> None:
+        lock: int | None = None
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = _lock_dir(data_dir)
+            # One broker per directory: a second would number the same rooms on its
+            # own, and the first to commit a seq the other had used would stop.
+            self._lock = lock = _lock_dir(data_dir)
             self.path = data_dir / DB_NAME
             # Autocommit mode: transactions are explicit, one per loop pass.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -126,6 +126,8 @@ class Store:
             # wait for, nor see the inside of, a transaction the writer has open.
             self._read = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
+            if lock is not None:
+                os.close(lock)
             raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
         #: Commits so far.
         self.commits = 0
@@ -278,27 +280,20 @@ class Store:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._read.close()
         self._db.close()
-        self._lock.close()  # and with it the lock
+        os.close(self._lock)  # and with it the lock
 
 
-def _lock_dir(data_dir: Path) -> IO[str]:
-    """Take the directory's lock, or raise StoreError naming the broker that has it.
+def _lock_dir(data_dir: Path) -> int:
+    """Lock the directory itself, or raise StoreError if another broker has it.
 
-    An advisory lock on an open file: the OS releases it when the process ends,
-    however it ends, so a crash leaves no stale lock behind.
+    flock on the directory's own descriptor: no lock file to be owned by another
+    user (a container's uid) or left behind, and the OS releases the lock when the
+    process ends, however it ends.
     """
-    lock = open(data_dir / LOCK_NAME, "a+")  # noqa: SIM115 (held open for the broker's life)
+    fd = os.open(data_dir, os.O_RDONLY)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise StoreError(
-            f"{data_dir} is in use by another zchat-broker (pid {holder}); give each broker its own --data"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
+        os.close(fd)
+        raise StoreError(f"{data_dir} is in use by another zchat-broker; give each broker its own --data") from None
+    return fd

@@ -95,7 +95,9 @@ class Printer:
 
     def event(self, event: Event) -> None:
         if event.type == "error":
-            self.fail(render.error_text(event))
+            # Counted when it answers a line of ours (it carries that line's text);
+            # not a retried hello's name_taken or the like, which the client rides out.
+            (self.fail if event.text is not None else self.err)(render.error_text(event))
             return
         if event.type == "status":
             self.err(event.text or "")
@@ -132,7 +134,19 @@ class _Terminated(Exception):
 
 
 def _terminate(signum: int, _frame: FrameType | None) -> None:
+    for sig in TERMINATING:  # once: a second signal must not cut the bye short
+        signal.signal(sig, signal.SIG_IGN)
     raise _Terminated(signum)
+
+
+#: Signals that end zchat as Ctrl-C does, with a bye (the terminal UI handles them in its loop).
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _catch_terminating() -> None:
+    for sig in TERMINATING:
+        if signal.getsignal(sig) != signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
+            signal.signal(sig, _terminate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close()
         return 1
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+    interactive = args.send is None and sys.stdin.isatty()
+    if not interactive:
+        _catch_terminating()
     try:
         if args.send is not None:
             return _send_once(client, room, args.send, printer)
         client.join(room, backlog=0 if args.backlog < 0 else args.backlog)
-        if sys.stdin.isatty():
+        if interactive:
             from client.interactive import run_interactive  # noqa: PLC0415  (prompt_toolkit only when needed)
 
             return run_interactive(client, room, args.backlog, color=not args.no_color, bell=not args.no_bell)

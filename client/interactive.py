@@ -187,6 +187,8 @@ class ChatUI:
         self._pending: list[render.Styled] = []
         self._ring = False
         self._quit = False
+        #: The signal (SIGTERM, SIGHUP) that ended the session, if one did.
+        self._signalled = 0
         self._failure: BaseException | None = None
         self.session: PromptSession[str] = PromptSession(
             self.prompt,
@@ -233,6 +235,7 @@ class ChatUI:
 
     async def run(self) -> int:
         self._learn()
+        self._catch_terminating()
         pump = asyncio.create_task(self._pump_loop())
         try:
             await self.session.prompt_async()
@@ -242,11 +245,32 @@ class ChatUI:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+        if self._signalled:
+            # The terminal may be gone (SIGHUP): no settling; the caller says bye.
+            return 128 + self._signalled
         await self._flush()  # what came with the last pump (the app is gone: printed directly)
         if self._failure is not None:
             print(f"zchat: internal error: {self._failure!r}", file=sys.stderr)
             return 1
         return await self._settle()
+
+    def _catch_terminating(self) -> None:
+        """SIGTERM and SIGHUP (the terminal closed) quit as /quit does, through the
+        loop: raised from a signal handler, they could land anywhere in it (and hang
+        prompt_toolkit's cleanup with the terminal left raw)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # under nohup, SIGHUP stays ignored
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # no add_signal_handler there
+                loop.add_signal_handler(sig, self._terminated, int(sig))
+
+    def _terminated(self, signum: int) -> None:
+        if not self._signalled:
+            self._signalled = signum
+            self._quit = True
+            if self.session.app.is_running:
+                self.session.app.exit(result="")
 
     async def _settle(self) -> int:
         """Quitting with lines the broker has not acknowledged yet (held by a rate limit,

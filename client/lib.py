@@ -476,8 +476,10 @@ class Client:
         self._cover: dict[str, int] = {}
         #: Rooms we left: the last seq we had shown of each (a later join's backlog starts there).
         self._seen_before: dict[str, int] = {}
-        #: Until then (after a reconnect), a DM refused as ``no_such_user`` is asked again.
+        #: Until then (after a reconnect), a DM written before it (in _dm_early) refused as
+        #: ``no_such_user`` is asked again.
         self._dm_grace_until = 0.0
+        self._dm_early: set[str] = set()
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -1041,6 +1043,7 @@ class Client:
         # Everything unacknowledged goes again, in order, each once its room is rejoined.
         for rid in self._unacked:
             self._queue(rid)
+        self._dm_early = {rid for rid, env in self._unacked.items() if env["type"] == "dm"}
         self._resend(0.0)
 
     def _rejoin(self, room: str) -> None:
@@ -1248,6 +1251,7 @@ class Client:
         self._cover.pop(rid, None)  # a resend is covered by a later pong
 
     def _acked(self, rid: str) -> Envelope | None:
+        self._dm_early.discard(rid)
         self._sent_at.pop(rid, None)
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)
@@ -1380,7 +1384,7 @@ class Client:
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
                 self._queue(rid)
                 return
-            if code == ErrorCode.NO_SUCH_USER and rid in self._unacked and time.monotonic() < self._dm_grace_until:
+            if code == ErrorCode.NO_SUCH_USER and rid in self._dm_early and time.monotonic() < self._dm_grace_until:
                 # Just back from a lost connection (a broker restart, say): the recipient
                 # may still be on its way back too. Ask again in a moment, for a while.
                 self._sent_at[rid] = time.monotonic() - self._resend_after + DM_RETRY_S

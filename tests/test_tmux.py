@@ -324,3 +324,18 @@ def test_ctrl_z_suspends_and_fg_resumes(term: Callable[..., Tmux], broker_proc: 
         # (Its exit status is not ours to read: bash ran the echo when the job stopped.)
     finally:
         bob.stop()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_quits_the_terminal_client_with_a_bye(term: Callable[..., Tmux], broker_proc: BrokerProcess) -> None:
+    alice = term("alice")
+    bob = PipeChat(broker_proc, "bob")
+    try:
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        shell = alice.run("list-panes", "-t", ":0", "-F", "#{pane_pid}").strip()
+        (zchat,) = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+        subprocess.run(["kill", "-TERM", zchat], check=True, timeout=5)
+        assert wait_for(alice.exit_status, 10) == "EXIT=143"
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "alice" and e.get("event") == "leave", 5)
+    finally:
+        bob.stop()
