@@ -143,10 +143,14 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 
+def terminating_signals() -> list[signal.Signals]:
+    """TERMINATING less those already ignored: under nohup, SIGHUP stays ignored."""
+    return [sig for sig in TERMINATING if signal.getsignal(sig) != signal.SIG_IGN]
+
+
 def _catch_terminating() -> None:
-    for sig in TERMINATING:
-        if signal.getsignal(sig) != signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
-            signal.signal(sig, _terminate)
+    for sig in terminating_signals():
+        signal.signal(sig, _terminate)
 
 
 def main(argv: list[str] | None = None) -> int:

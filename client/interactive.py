@@ -40,6 +40,7 @@ from prompt_toolkit.shortcuts import CompleteStyle
 from prompt_toolkit.styles import Attrs, Style
 
 from client import render
+from client.cli import terminating_signals
 from client.commands import ALIASES, COMMANDS, Commands
 from client.lib import Client, Event, ZchatError
 
@@ -259,9 +260,7 @@ class ChatUI:
         loop: raised from a signal handler, they could land anywhere in it (and hang
         prompt_toolkit's cleanup with the terminal left raw)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) == signal.SIG_IGN:
-                continue  # under nohup, SIGHUP stays ignored
+        for sig in terminating_signals():
             with contextlib.suppress(NotImplementedError, RuntimeError):  # no add_signal_handler there
                 loop.add_signal_handler(sig, self._terminated, int(sig))
 
