@@ -374,12 +374,17 @@ class Compose:
 
 
 class LineReader:
-    """A pipe-mode client's stdout, line by line, with bounded waits."""
+    """A pipe-mode client's stdout, line by line, with bounded waits.
+
+    Events that one wait passes over stay for the next: a DM and a room message
+    travel different sockets, so their order on stdout is not theirs to promise.
+    """
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
+        self.unmatched: list[dict[str, Any]] = []
         assert proc.stdout is not None
         stdout = proc.stdout
 
@@ -390,6 +395,10 @@ class LineReader:
         threading.Thread(target=pump, daemon=True).start()
 
     def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+        """The first event, read before or during this wait and not yet matched, that ``match`` takes."""
+        for i, event in enumerate(self.unmatched):
+            if match(event):
+                return dict(self.unmatched.pop(i))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -400,6 +409,7 @@ class LineReader:
             event = json.loads(line)
             if match(event):
                 return dict(event)
+            self.unmatched.append(event)
         raise AssertionError(f"no matching event within {timeout} s; got:\n{''.join(self.seen)}")
 
 
