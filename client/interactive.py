@@ -55,7 +55,7 @@ keys:
   Tab                complete a command, a name or a #room
   Up / Down          recall earlier lines
   Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit
-  Ctrl-Z             suspend (fg resumes; away for over 15 s, it reconnects and catches up)"""
+  Ctrl-Z             suspend (fg resumes; away for over 15 s, it reconnects and catches up; needs job control)"""
 
 _DIM = "dim" if "dim" in Attrs._fields else ""
 #: Readable on dark and light backgrounds: the terminal's own 16 colours, minus black, white, grey.
@@ -129,6 +129,20 @@ def run_interactive(
 ) -> int:
     """Run the terminal UI until the user quits; returns the exit status."""
     return asyncio.run(ChatUI(client, room, backlog, color=color, bell=bell, input=input, output=output).run())
+
+
+def job_control() -> bool:
+    """Whether stopping this process could work: a shell with job control started it.
+
+    The kernel discards a stop signal sent to an orphaned process group (no member's
+    parent in another group of the same session), as under ``tmux new zchat`` or
+    ``ssh -t host zchat``: there is no shell to take the terminal and ``fg`` us.
+    """
+    try:
+        parent = os.getppid()
+        return os.getsid(parent) == os.getsid(0) and os.getpgid(parent) != os.getpgrp()
+    except OSError:  # the parent is gone already
+        return False
 
 
 class _RawInput(Vt100Input):
@@ -470,6 +484,9 @@ class ChatUI:
             # 3 heartbeats; after that the client reconnects and catches up.
             terminal = event.app.input
             if not isinstance(terminal, _RawInput) or not hasattr(signal, "SIGTSTP"):
+                return
+            if not job_control():
+                self._err("Ctrl-Z: no shell with job control started zchat, so nothing could resume it; /quit to leave")
                 return
             terminal.suspending = True
 

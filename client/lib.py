@@ -616,6 +616,8 @@ class Client:
     def join(self, room: str, backlog: int = 0) -> list[str]:
         """Join ``room``; queue its last ``backlog`` events; return its members.
 
+        Back in a room this client left on the same broker, the backlog starts no
+        earlier than where it left: what was already shown is not queued again.
         An ``unavailable`` or ``rate_limited`` answer is asked again after a moment
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
         a script joining many rooms at once meets the join rate limit.

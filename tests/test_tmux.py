@@ -327,6 +327,27 @@ def test_ctrl_z_suspends_and_fg_resumes(term: Callable[..., Tmux], broker_proc: 
 
 
 @pytest.mark.timeout(60)
+def test_ctrl_z_without_job_control_says_so_and_chat_goes_on(
+    term: Callable[..., Tmux], broker_proc: BrokerProcess
+) -> None:
+    """Started by ``sh -c`` (as ``tmux new zchat`` or ``ssh -t host zchat`` do), the
+    client's process group is orphaned: the kernel would drop the stop, so say why."""
+    alice = term("alice")
+    bob = PipeChat(broker_proc, "bob")
+    try:
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        wait_for(lambda: prompt_line(alice.screen(), "alice"), 10, what=alice.screen)
+        alice.keys("C-z")
+        wait_for(lambda: "no shell with job control" in alice.text(), 10, what=alice.screen)
+        alice.type("still here")
+        alice.keys("Enter")
+        got = bob.expect(lambda e: e.get("type") == "msg" and e.get("from") == "alice")
+        assert got["text"] == "still here"
+    finally:
+        bob.stop()
+
+
+@pytest.mark.timeout(60)
 def test_sigterm_quits_the_terminal_client_with_a_bye(term: Callable[..., Tmux], broker_proc: BrokerProcess) -> None:
     alice = term("alice")
     bob = PipeChat(broker_proc, "bob")
