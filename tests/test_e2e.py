@@ -214,10 +214,12 @@ def test_expired_session_publishes_leave(short_heartbeat_broker: RunningBroker, 
     watcher, silent = connect_to(b, "watcher"), connect_to(b, "silent")
     watcher.join("general")
     silent.join("general")
-    collect(watcher, 1, kind="presence")
     # The silent client stops pumping (so it stops pinging); the watcher keeps going.
-    events = collect(watcher, 1, kind="presence", timeout=5)
-    assert (events[0].name, events[0].event) == ("silent", "leave")
+    # Its join and its leave may come in one pump, so read on until the leave.
+    presences: list[Event] = []
+    while not any(e.event == "leave" for e in presences):
+        presences += collect(watcher, 1, kind="presence", timeout=5)
+    assert [(e.name, e.event) for e in presences] == [("silent", "join"), ("silent", "leave")]
     assert watcher.who("general") == ["watcher"]
 
 
@@ -462,7 +464,9 @@ def test_joining_a_room_again_shows_only_what_happened_while_away(make_client: M
         ("msg", "bob", "while away"),
         ("presence", "alice", "join"),
     ]
-    assert [e.backlog for e in shown] == [False, True, True]  # her leave came live
+    # Her leave came live, unless the `left` reply overtook it (it travels the other
+    # socket) and the room was forgotten first: then it is the backlog's first event.
+    assert [e.backlog for e in shown][1:] == [True, True]
 
 
 def test_a_join_whose_rejoin_is_refused_mid_backlog_raises(make_client: MakeClient) -> None:

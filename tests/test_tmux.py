@@ -295,9 +295,9 @@ def test_colours_and_bell_follow_the_flags(
         assert bell == "0"
 
         bob.dm_wait("alice", "psst")
+        wait_for(lambda: "*bob* psst" in alice.text(), 10, what=alice.screen)
         bob.send_wait("general", "after the dm")  # once this shows, the DM's bell (if any) was written
         wait_for(lambda: "<bob> after the dm" in alice.text(), 10, what=alice.screen)
-        assert "*bob* psst" in alice.text()
         bell = alice.run("display", "-p", "-t", ":0", "#{window_bell_flag}").strip()
         assert bell == ("0" if flags else "1")
     finally:
