@@ -13,6 +13,7 @@ so the loop reads and decides on while the disk syncs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
@@ -39,6 +40,22 @@ from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("zchat.broker")
+
+
+def _seed_routing_ids() -> None:
+    """Make the routing ids libzmq gives a ROUTER's peers unpredictable.
+
+    libzmq names a peer that brings no routing id 0x00 + a 32-bit counter, started
+    at ``rand()``, which it never seeds: every broker began at 0x6b8b4567. A peer may
+    also choose its routing id. Choosing one the counter will reach makes libzmq 4.3
+    abort the process when it gets there (it asserts the name is free); choosing the
+    one of a connection that just dropped takes over that session until it expires
+    (docs/security.md). A random start leaves nothing to aim at.
+    """
+    try:
+        ctypes.CDLL(None).srand(ctypes.c_uint(secrets.randbits(32)))
+    except (OSError, AttributeError, TypeError) as exc:  # no libc to reach (not POSIX)
+        log.warning("cannot seed libzmq's routing ids (%s): they are predictable", exc)
 
 #: Most messages read from ROUTER in one pass (one transaction).
 BATCH = 1024
@@ -160,6 +177,7 @@ class Broker:
         if self.keys is not None:
             self.auth = Authenticator(self.ctx, self.keys.users)
             self.auth.start()
+        _seed_routing_ids()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.pub = self.ctx.socket(zmq.PUB)
         for sock in (self.router, self.pub):

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from client.lib import Client
-from tests.conftest import HOST, Raw, RunningBroker, published, recv_all, wait_for
+from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, published, recv_all, wait_for
 from zchat import protocol as p
 
 MakeRaw = Callable[[], Raw]
@@ -299,3 +299,19 @@ def test_dm_resend_is_delivered_once(raw: MakeRaw) -> None:
     assert again == first
     assert bob.recv()["text"] == "once"
     assert bob.silent(0.3)
+
+
+def test_a_chosen_routing_id_cannot_crash_the_broker(
+    broker_proc: BrokerProcess, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """libzmq names a peer without a routing id 0x00 + a counter, and aborts the process
+    when the name it makes up is taken already. The counter started at 0x6b8b4567 (the
+    first ``rand()``, never seeded) in every broker: squatting the next names took it
+    down at its next connection. (A subprocess broker: an abort would end pytest.)"""
+    squatters = [Raw(ctx, broker_proc.port, b"\x00" + struct.pack(">I", 0x6B8B4567 + i)) for i in range(64)]
+    for squatter in squatters:  # each is attached: its request was read and answered
+        assert squatter.request({"type": "ping"})["code"] == "not_registered"
+    for i in range(8):  # connections without a routing id: libzmq makes theirs up
+        comer = Raw(ctx, broker_proc.port)
+        assert comer.request(p.hello(f"comer{i}", "h"))["type"] == "welcome"
+    assert broker_proc.proc is not None and broker_proc.proc.poll() is None
