@@ -185,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         client.connect()
     except BrokerUnreachable as exc:
         printer.err(f"{exc} (is zchat-broker running there?)")
-        client.close()
+        client.close(settle=0)
         return 1
     except RequestError as exc:
         if exc.code == "name_taken":
             printer.err(f"the name {args.name!r} is already in use on {client.endpoint}; pick another with --name")
         else:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
-        client.close()
+        client.close(settle=0)
         return 1
     interactive = args.send is None and sys.stdin.isatty()
     if not interactive:
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             printer.err(f"{signal.Signals(exc.signum).name}: {client.unacked} message(s) not acknowledged")
         return 128 + exc.signum
     finally:
-        client.close()
+        client.close(settle=0)
 
 
 def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -63,6 +64,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
+
+log = logging.getLogger("zchat.client")
 
 #: Longest wait for the broker's ``welcome`` (per broker address).
 CONNECT_TIMEOUT_S = 5.0
@@ -117,15 +120,29 @@ class ZchatError(Exception):
 
 
 class BrokerUnreachable(ZchatError):
-    """The broker did not answer in time (not running, wrong address, gone, or reconnecting)."""
+    """The broker did not answer in time (not running, wrong address, gone, or reconnecting).
 
-    def __init__(self, message: str) -> None:
+    Raised by :meth:`Client.send_wait` and :meth:`Client.dm_wait`, ``msg_id`` is the
+    message's id: it is still queued and is resent until the broker acknowledges it
+    (an own ``msg`` or ``dm`` event with that id), so it must not be sent again.
+    """
+
+    def __init__(self, message: str, msg_id: str | None = None) -> None:
         super().__init__("", message)
         self.code = "unreachable"
+        self.msg_id = msg_id
 
 
 class RequestError(ZchatError):
     """The broker refused a request (or it was refused before sending, for the same reason)."""
+
+
+def _room(room: str) -> str:
+    """``room`` without its ``#``, checked; a bad name is a :class:`RequestError` like any refusal."""
+    try:
+        return p.parse_room(room)
+    except ProtocolError as exc:
+        raise RequestError(exc.code, exc.message) from None
 
 
 # ------------------------------------------------------------ broker addresses
@@ -574,10 +591,25 @@ class Client:
                     raise
             self._idle(UNAVAILABLE_RETRY_S)
 
-    def close(self, flush_timeout: float = 1.0) -> None:
-        """Say bye (so the room sees the leave now, not at expiry) and release the sockets."""
+    def close(self, flush_timeout: float = 1.0, *, settle: float = SETTLE_S) -> int:
+        """Wait for what was sent to be acknowledged, say bye (so the room sees the
+        leave now, not at expiry) and release the sockets.
+
+        The wait is :meth:`settling`: it goes on while acks keep coming, and gives up
+        after ``settle`` seconds without one (``settle=0``: close at once). Returns how
+        many messages were still unacknowledged, and so lost; a warning is logged for
+        them too. Events that arrive meanwhile stay queued (:meth:`drain_events`).
+        ``flush_timeout``: how long the bye may take to leave.
+        """
         if self.state == "closed":
-            return
+            return 0
+        if settle > 0 and self.state != "new":
+            with contextlib.suppress(ZchatError):
+                for _ in self.settling(settle):
+                    pass
+        lost = self.unacked
+        if lost:
+            log.warning("%s: closed with %d message(s) not acknowledged by the broker: not sent", self.name, lost)
         said_bye = False
         if self.state == "connected":
             with contextlib.suppress(zmq.ZMQError):
@@ -589,13 +621,15 @@ class Client:
         self._close_sockets()
         if self._own_context:
             self._ctx.term()
+        return lost
 
     def __enter__(self) -> Client:
         self.connect()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Leaving the block waits for the messages sent in it, but not after a Ctrl-C.
+        self.close(settle=0 if exc_type is KeyboardInterrupt else SETTLE_S)
 
     @property
     def rooms_joined(self) -> list[str]:
@@ -622,7 +656,7 @@ class Client:
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
         a script joining many rooms at once meets the join rate limit.
         """
-        room = p.parse_room(room)
+        room = _room(room)
         if room in self._rooms:
             reply = self._join_request(room)
             if not self._rooms[room].joined:
@@ -702,7 +736,7 @@ class Client:
         """Leave ``room``. If the connection is lost meanwhile, the leave is asked again
         after the reconnect (which does not rejoin the room), and a broker that no
         longer has us in it (``not_joined``) counts as done."""
-        room = p.parse_room(room)
+        room = _room(room)
         state = self._rooms.get(room)
         if state is not None:
             state.leaving = True
@@ -724,7 +758,7 @@ class Client:
         resent after a moment, and newer messages wait behind it (order is
         kept). ``action=True`` sends an IRC-style ``/me``.
         """
-        room = p.parse_room(room)
+        room = _room(room)
         self._check_text(text)
         if room not in self._rooms:
             raise RequestError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
@@ -744,20 +778,27 @@ class Client:
         return self._send_tracked({"type": "dm", "to": to, "text": text})
 
     def send_wait(self, room: str, text: str, timeout: float | None = None, *, action: bool = False) -> Event:
-        """Send a room message and wait for its ack; returns the own ``msg`` event."""
+        """Send a room message and wait for its ack; returns the own ``msg`` event.
+
+        Refused, it raises :class:`RequestError`. Not acknowledged within ``timeout``
+        (default: the request timeout), it raises :class:`BrokerUnreachable` and the
+        message stays queued (see :meth:`send`): its ack comes later as an own ``msg``
+        event with the id in the exception's ``msg_id``. Sending it again would post it twice.
+        """
         return self._wait_ack(self.send(room, text, action=action), timeout)
 
     def dm_wait(self, to: str, text: str, timeout: float | None = None) -> Event:
+        """Send a direct message and wait for its ack; returns the own ``dm`` event (as :meth:`send_wait`)."""
         return self._wait_ack(self.dm(to, text), timeout)
 
     def history(self, room: str, after: int = 0, limit: int = p.DEFAULT_HISTORY_LIMIT) -> tuple[list[Event], int]:
         """Events of ``room`` with seq > ``after`` (oldest first) and the room's current seq."""
-        reply = self._request({"type": "history", "room": p.parse_room(room), "after": after, "limit": limit})
+        reply = self._request({"type": "history", "room": _room(room), "after": after, "limit": limit})
         events = [Event.from_envelope(m, backlog=True) for m in reply["messages"] if _is_event(m)]
         return events, int(reply["seq"])
 
     def who(self, room: str) -> list[str]:
-        return list(self._request({"type": "who", "room": p.parse_room(room)})["members"])
+        return list(self._request({"type": "who", "room": _room(room)})["members"])
 
     def rooms(self) -> list[dict[str, Any]]:
         return list(self._request({"type": "rooms"})["rooms"])
@@ -1227,6 +1268,11 @@ class Client:
             raise RequestError(exc.code, exc.message) from None
 
     def _send_tracked(self, env: Envelope) -> str:
+        # Queued now, it would never go: nothing pumps a client that is not open.
+        if self.state == "closed":
+            raise ZchatError("closed", "this client is closed")
+        if self.state == "new":
+            raise ZchatError("not_connected", "connect() first")
         rid = env["id"] = self._new_id()
         self._unacked[rid] = env
         if (
@@ -1275,7 +1321,11 @@ class Client:
                     return event
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BrokerUnreachable(f"no ack from {self.endpoint} within the timeout")
+                raise BrokerUnreachable(
+                    f"no ack from {self.endpoint} within the timeout; the message is still queued and will be"
+                    f" resent until it is acknowledged (id {rid}): do not send it again",
+                    msg_id=rid,
+                )
             self.pump(remaining)
 
     def _request(self, env: Envelope, timeout: float | None = None, *, give_up_if_refused: bool = False) -> Envelope:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
-from client.lib import Client, Event, RequestError
-from tests.conftest import Raw, RunningBroker, wait_for
+from client.lib import BrokerUnreachable, Client, Event, RequestError, ZchatError
+from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, wait_for
 from zchat import protocol as p
 
 MakeClient = Callable[..., Client]
@@ -591,3 +593,76 @@ def test_empty_history_reply_skips_only_when_confirmed(make_client: MakeClient) 
     state.fetching, state.fetch_after = True, last
     alice._on_fetched("r", dict(empty))
     assert state.last == last + 3
+
+
+# ------------------------------------------------------------ the library's edges
+
+
+def test_a_client_not_open_refuses_to_send_instead_of_queueing_forever(broker: RunningBroker) -> None:
+    fresh = Client("alice", HOST, broker.port, broker.pub_port)
+    with pytest.raises(ZchatError) as before:
+        fresh.dm("bob", "before connect")
+    assert before.value.code == "not_connected"
+    fresh.connect()
+    fresh.join("general")
+    fresh.close()
+    for call in (lambda: fresh.send("general", "after close"), lambda: fresh.dm("bob", "after close")):
+        with pytest.raises(ZchatError) as after:
+            call()
+        assert after.value.code == "closed"
+
+
+def test_a_bad_room_name_is_a_request_error(make_client: MakeClient) -> None:
+    """Every refusal, the library's own checks included, is a ZchatError with a code."""
+    alice = make_client("alice")
+    for call in (
+        lambda: alice.join("bad room!"),
+        lambda: alice.send("bad room!", "x"),
+        lambda: alice.history("bad room!"),
+        lambda: alice.who("bad room!"),
+        lambda: alice.leave("bad room!"),
+    ):
+        with pytest.raises(RequestError) as refused:
+            call()
+        assert refused.value.code == "bad_room"
+
+
+def test_a_send_wait_that_times_out_leaves_the_message_queued_once(tmp_path: Path) -> None:
+    """The timeout says the message is still on its way, with its id: it is acknowledged
+    once the broker answers, and stored once. (A bot that sent it again posted it twice.)"""
+    b = BrokerProcess(tmp_path / "data").start()
+    alice = Client("alice", HOST, b.port, b.pub_port)
+    try:
+        alice.connect()
+        alice.join("general")
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(BrokerUnreachable) as late:
+                alice.send_wait("general", "late", timeout=0.5)
+            assert late.value.msg_id is not None and "do not send it again" in late.value.message
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        acked = alice.next_event(10)
+        while acked is not None and acked.id != late.value.msg_id:
+            acked = alice.next_event(10)
+        assert acked is not None and acked.own and acked.text == "late"
+        events, _ = alice.history("general")
+        assert [e.text for e in events if e.type == "msg"] == ["late"]
+    finally:
+        alice.close(0, settle=0)
+        b.kill()
+
+
+def test_close_says_how_many_messages_it_could_not_send(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    b = BrokerProcess(tmp_path / "data").start()
+    alice = Client("alice", HOST, b.port, b.pub_port)
+    try:
+        alice.connect()
+        alice.join("general")
+        b.kill()
+        alice.send("general", "into the void")
+        assert alice.close(settle=0.3) == 1
+        assert "1 message(s) not acknowledged" in caplog.text
+    finally:
+        alice.close(0, settle=0)

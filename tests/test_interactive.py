@@ -205,7 +205,7 @@ def alice_of_a_broker_to_stop(tmp_path: Path, heartbeat_ms: int = 5000) -> Itera
         client.join("general")
         yield client, stop
     finally:
-        client.close(0)
+        client.close(0, settle=0)  # its broker is gone
         if not stopped:
             broker.stop()
 

@@ -86,6 +86,21 @@ def test_library_backs_off_and_loses_nothing(limited: Callable[..., RunningBroke
         assert [e.text for e in events if e.type == "msg"] == [f"m{i}" for i in range(40)]
 
 
+def test_leaving_the_with_block_waits_for_what_the_rate_limit_held(limited: Callable[..., RunningBroker]) -> None:
+    """A bot that sends a burst and ends: close() (here the ``with`` block's end) waits
+    for every message to be acknowledged; it used to drop what was still held."""
+    b = limited(rate=20, burst=10)
+    with Client("bot", HOST, b.port, b.pub_port) as bot:
+        bot.join("general")
+        for i in range(40):
+            bot.send("general", f"m{i}")
+        assert bot.unacked > 10
+    assert bot.state == "closed" and bot.unacked == 0
+    with Client("reader", HOST, b.port, b.pub_port) as reader:
+        events, _ = reader.history("general", 0, 100)
+    assert [e.text for e in events if e.type == "msg"] == [f"m{i}" for i in range(40)]
+
+
 def test_join_flood_is_rate_limited(limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     b = limited(join_rate=1, join_burst=5)
     hopper = registered(ctx, b, "hopper")
