@@ -143,12 +143,16 @@ def _ident(identity: bytes) -> str:
     return identity.hex()
 
 
-#: Most "rejected input" log lines a second; the rest are counted in a summary.
-LOG_REJECTS_PER_S = 20
+#: Most log lines a second of one kind (rejected inputs, connections, dropped
+#: replies); the rest are counted in a summary line, so a flood cannot fill the disk.
+LOG_LINES_PER_S = 20
 
 
-class _LogBudget:
-    def __init__(self) -> None:
+class LogBudget:
+    """At most :data:`LOG_LINES_PER_S` log lines a second of one kind (``what``)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
         self.second = 0
         self.used = 0
         self.dropped = 0
@@ -156,10 +160,10 @@ class _LogBudget:
     def allow(self, second: int) -> bool:
         if second != self.second:
             if self.dropped:
-                log.warning("... and %d more rejected inputs not logged", self.dropped)
+                log.warning("... and %d more %s not logged", self.dropped, self.what)
             self.second, self.used, self.dropped = second, 0, 0
         self.used += 1
-        if self.used > LOG_REJECTS_PER_S:
+        if self.used > LOG_LINES_PER_S:
             self.dropped += 1
             return False
         return True
@@ -186,7 +190,7 @@ class Core:
         self.limits = limits or Limits()
         #: With CURVE on, every request carries the name its key belongs to.
         self.authenticated = authenticated
-        self._log_budget = _LogBudget()
+        self._log_budget = LogBudget("rejected inputs")
         #: The latest time we were given (ms), for log throttling: no clock of our own.
         self._clock = 0
         self._new_sender = new_sender
@@ -267,7 +271,7 @@ class Core:
 
     def reject(self, identity: bytes, exc: ProtocolError) -> list[Action]:
         """Answer bad input with a coded error; the one log line per rejected input
-        (at most LOG_REJECTS_PER_S a second, so a flood cannot fill the disk)."""
+        (at most LOG_LINES_PER_S a second, so a flood cannot fill the disk)."""
         if not self._log_budget.allow(self._clock // 1000):
             return [Reply(identity, exc.to_envelope())]
         session = self.by_identity.get(identity)

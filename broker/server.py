@@ -32,7 +32,7 @@ from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, s
 from broker.backplane import DEFAULT_RETENTION, Backplane
 from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
-from broker.core import DEDUP_WINDOW, Action, Core, Direct, HistoryQuery, Limits, Publish, Reply
+from broker.core import DEDUP_WINDOW, Action, Core, Direct, HistoryQuery, Limits, LogBudget, Publish, Reply
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.store import Durability, Row, Store, StoreError
 from broker.writer import Writer
@@ -171,6 +171,8 @@ class Broker:
         self.ctx = zmq.Context()
         # Before anything that can fail: _close_sockets() reads them.
         self._fanin_stop = threading.Event()
+        self._dropped_log = LogBudget("dropped replies")
+        self._connections_log = LogBudget("connection lines")
         self._fanin: zmq.Socket[bytes] | None = None
         self._listeners: list[threading.Thread] = []
         self.auth: Authenticator | None = None
@@ -613,7 +615,8 @@ class Broker:
         except zmq.ZMQError as exc:
             # Gone (EHOSTUNREACH) or not reading (EAGAIN): never block everyone
             # else for one peer. Its requests are safe to resend.
-            log.info("reply to %s dropped: %s", identity.hex(), exc.strerror)
+            if self._dropped_log.allow(int(time.monotonic())):
+                log.info("reply to %s dropped: %s", identity.hex(), exc.strerror)
             return False
         return True
 
@@ -639,10 +642,12 @@ class Broker:
             key = (kind, fd)
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self._peers[key] = peer = _peer_name(fd)
-                log.info("%s connected from %s (fd %d)", kind, peer, fd)
+                if self._connections_log.allow(int(time.monotonic())):
+                    log.info("%s connected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 peer = self._peers.pop(key, "?")
-                log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
+                if self._connections_log.allow(int(time.monotonic())):
+                    log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
 
     def _close_sockets(self) -> None:
         self._fanin_stop.set()

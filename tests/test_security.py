@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ import msgpack
 import pytest
 import zmq
 
+from broker.core import LOG_LINES_PER_S
 from client.lib import Client
 from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, published, recv_all, wait_for
 from zchat import protocol as p
@@ -315,3 +317,24 @@ def test_a_chosen_routing_id_cannot_crash_the_broker(
         comer = Raw(ctx, broker_proc.port)
         assert comer.request(p.hello(f"comer{i}", "h"))["type"] == "welcome"
     assert broker_proc.proc is not None and broker_proc.proc.poll() is None
+
+
+def test_a_connection_flood_cannot_flood_the_log(broker: RunningBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """Each connection is logged, but at most LOG_LINES_PER_S lines a second; the first
+    line of a later second says how many were left out."""
+    started = time.monotonic()
+    for _ in range(200):
+        socket.create_connection((HOST, broker.port), timeout=5).close()
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "zchat.broker"]
+
+    def summary_logged() -> bool:
+        socket.create_connection((HOST, broker.port), timeout=5).close()
+        return any("connection lines not logged" in line for line in lines())
+
+    wait_for(summary_logged, 5, interval=0.2, what=lines)
+    seconds = int(time.monotonic() - started) + 2  # the budget's seconds it ran across
+    logged = [line for line in lines() if "connected from" in line]  # (and "disconnected from")
+    assert len(logged) <= seconds * LOG_LINES_PER_S, (len(logged), seconds)
+    assert_still_serving(broker)
