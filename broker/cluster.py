@@ -453,11 +453,10 @@ class ClusterCore(Core):
         self._up()
         return [self._reply(session, {"type": "who", "room": room, "members": self.bp.members(room)}, env)]
 
-    def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
+    def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
         self._up()
         rooms, truncated = self.bp.rooms(MAX_ROOMS_LISTED)
-        listed = [{"room": room, "members": members, "seq": seq} for room, members, seq in rooms]
-        return [self._reply(session, {"type": "rooms", "rooms": listed, "truncated": truncated}, env)]
+        return list(rooms), truncated
 
 
 UNAVAILABLE_TEXT = "the broker cannot reach its backplane; nothing was stored, retry shortly"

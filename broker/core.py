@@ -201,6 +201,11 @@ class Core:
         self.by_name: dict[str, Session] = {}
         #: room -> name -> session, for membership checks, who and presence.
         self.members: dict[str, dict[str, Session]] = {}
+        #: Every room's name, sorted, and the (len(seqs), len(members)) it was sorted at:
+        #: a ``rooms`` flood must not sort them all again for every request. Rooms are
+        #: never deleted, and a member's room has a seq from its join on, so a new room
+        #: always changes one of the two counts.
+        self._room_names: tuple[tuple[int, int], list[str]] = ((0, 0), [])
         #: (name, id) -> the ack first given for that message.
         # OrderedDict, not a plain dict: evicting the oldest entry of a plain dict
         # (del d[next(iter(d))]) scans the deleted slots at its front, about
@@ -530,22 +535,31 @@ class Core:
         """Asked by the loop just before it answers a history query (queries of one
         pass are answered in turn, so each sees the charges of the ones before)."""
         session = self.by_identity.get(identity)
+        return None if session is None else self._bulk_refused(session, now)
+
+    def _bulk_refused(self, session: Session, now: int) -> Envelope | None:
+        """The refusal of a ``history`` or ``rooms`` request when the session's budget
+        of such replies (``history_bytes``) is spent, else None."""
         limits = self.limits
-        if session is None or session.history is None or limits.history_bytes <= 0:
+        if session.history is None or limits.history_bytes <= 0:
             return None
         self._refill(session.history, now)
         if session.history.tokens >= 0:
             return None
         return p.error(
             ErrorCode.RATE_LIMITED,
-            f"slow down: history replies are limited to {limits.history_bytes / 1048576:g} MiB a second",
+            f"slow down: history and rooms replies are limited to {limits.history_bytes / 1048576:g} MiB a second",
         )
 
     def charge_history(self, identity: bytes, size: int, now: int) -> None:
         """The loop sent a history reply of ``size`` bytes to ``identity``: charge its session."""
         session = self.by_identity.get(identity)
+        if session is not None:
+            self._charge_bulk(session, size, now)
+
+    def _charge_bulk(self, session: Session, size: int, now: int) -> None:
         limits = self.limits
-        if session is None or limits.history_bytes <= 0:
+        if limits.history_bytes <= 0:
             return
         if session.history is None:
             session.history = Bucket(float(limits.history_burst), now)
@@ -569,13 +583,25 @@ class Core:
         return [self._reply(session, {"type": "who", "room": room, "members": members}, env)]
 
     def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
-        names = sorted(set(self.seqs) | set(self.members))
-        listed = [
-            {"room": room, "members": len(self.members.get(room, ())), "seq": self.seqs.get(room, 0)}
-            for room in names[:MAX_ROOMS_LISTED]
-        ]
-        reply: Envelope = {"type": "rooms", "rooms": listed, "truncated": len(names) > MAX_ROOMS_LISTED}
-        return [self._reply(session, reply, env)]
+        # Up to 1000 rooms, some 50 KB: charged like history, or a session that asks
+        # and never reads could make the broker queue replies without end.
+        refused = self._bulk_refused(session, now)
+        if refused is not None:
+            return [self._reply(session, refused, env)]
+        listed, truncated = self._room_list()
+        # About what it encodes to: each entry's name, its three keys and two ints.
+        self._charge_bulk(session, 32 + sum(len(room) + 30 for room, _, _ in listed), now)
+        rooms = [{"room": room, "members": members, "seq": seq} for room, members, seq in listed]
+        return [self._reply(session, {"type": "rooms", "rooms": rooms, "truncated": truncated}, env)]
+
+    def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
+        """(room, members, seq) of the first MAX_ROOMS_LISTED rooms by name, and whether there are more."""
+        counts = (len(self.seqs), len(self.members))
+        if self._room_names[0] != counts:
+            self._room_names = (counts, sorted(set(self.seqs) | set(self.members)))
+        names = self._room_names[1]
+        listed = [(room, len(self.members.get(room, ())), self.seqs.get(room, 0)) for room in names[:MAX_ROOMS_LISTED]]
+        return listed, len(names) > MAX_ROOMS_LISTED
 
     def _ping(self, session: Session, env: Envelope, now: int) -> list[Action]:
         # Each of the session's rooms at its seq: a subscriber whose queue

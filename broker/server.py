@@ -57,6 +57,7 @@ def _seed_routing_ids() -> None:
     except (OSError, AttributeError, TypeError) as exc:  # no libc to reach (not POSIX)
         log.warning("cannot seed libzmq's routing ids (%s): they are predictable", exc)
 
+
 #: Most messages read from ROUTER in one pass (one transaction).
 BATCH = 1024
 #: Passes whose rows may wait for the disk at once; past this the loop stops

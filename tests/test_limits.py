@@ -284,3 +284,24 @@ def test_history_a_session_never_reads_is_bounded(
     assert kinds == ["history"] + ["rate_limited"] * 49
     assert len(replies[0]["messages"]) == 302  # 2 joins and 300 messages
     bystander_ok(b)
+
+
+def test_rooms_a_session_never_reads_is_bounded(
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A ``rooms`` reply lists up to 1000 rooms (about 50 KB): asked for over and over and
+    never read, it is charged to the same budget as history, then refused."""
+    b = limited(rate=0, join_rate=0, max_rooms=1000, history_bytes=1024, history_burst=16 * 1024)
+    maker = registered(ctx, b, "maker")
+    for i in range(300):
+        maker.send({"type": "join", "room": f"room{i:03d}", "id": f"j{i}"})
+    assert {maker.recv()["type"] for _ in range(300)} == {"joined"}
+    hog = registered(ctx, b, "hog")
+    for i in range(20):  # about 10 KB each if answered
+        hog.send({"type": "rooms", "id": f"r{i}"})
+    replies = [hog.recv() for _ in range(20)]
+    kinds = [r["type"] if r["type"] != "error" else r["code"] for r in replies]
+    # 16 KiB of burst: two replies, then refusals until it refills at 1 KiB a second.
+    assert kinds == ["rooms"] * 2 + ["rate_limited"] * 18
+    assert len(replies[0]["rooms"]) == 300 and not replies[0]["truncated"]
+    bystander_ok(b)
