@@ -817,3 +817,24 @@ def test_decode_many_keeps_the_reply_size_limit() -> None:
 
 def test_a_batch_is_not_a_request() -> None:
     assert code_of(p.batches([pack(VALID_MSG), pack(VALID_MSG)])[0]) == ErrorCode.UNKNOWN_TYPE
+
+
+@pytest.mark.parametrize(
+    ("frame", "says"),
+    [
+        (b"\xc1", "a byte that starts no msgpack value"),
+        (b"\x91" * 10_000, "nested deeper than"),
+        (msgpack.packb({"type": msgpack.ExtType(5, b"abcde")}), "ext types are not allowed"),
+        (msgpack.packb({1: 2}), "map keys must be strings"),
+        (msgpack.packb({"type": "x"}) + b"\x00", "bytes left over after the map"),
+        (msgpack.packb({"type": "hello"})[:-2], "ends in the middle of a value"),
+        (b"\x81\xa4type\xa1\xff", "not valid UTF-8"),
+        (b"\xdd\xff\xff\xff\xff\x01", "runs past the end of the frame"),
+        (msgpack.packb({"type": "x", "y": b"ab"}, use_bin_type=True), "msgpack type bin are not allowed"),
+    ],
+)
+def test_a_refused_envelope_says_why_in_the_protocols_words(frame: bytes, says: str) -> None:
+    """Not msgpack's own texts, which name its options (max_ext_len, strict_map_key) or are empty."""
+    with pytest.raises(p.ProtocolError) as refused:
+        p.decode(frame)
+    assert refused.value.code == "bad_envelope" and says in refused.value.message

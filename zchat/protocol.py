@@ -178,7 +178,37 @@ def _check_value(value: object, depth: int) -> None:
             for item in value:  # type: ignore[attr-defined]
                 _check_value(item, depth + 1)
         return
-    _fail(ErrorCode.BAD_ENVELOPE, f"values of msgpack type {kind.__name__} are not allowed")
+    _fail(
+        ErrorCode.BAD_ENVELOPE,
+        f"values of msgpack type {_MSGPACK_NAMES.get(kind.__name__, kind.__name__)} are not allowed",
+    )
+
+
+def _unpack_failure(exc: Exception) -> str:
+    """What msgpack's exception means, in the protocol's words (its own texts name its
+    options, or are empty)."""
+    text = str(exc)
+    if isinstance(exc, msgpack.ExtraData):
+        return "bytes left over after the map"
+    if isinstance(exc, msgpack.StackError):
+        return f"nested deeper than {MAX_DEPTH} levels"
+    if isinstance(exc, msgpack.FormatError) or not text:
+        return "a byte that starts no msgpack value"
+    if isinstance(exc, UnicodeDecodeError):
+        return "a string that is not valid UTF-8"
+    if "max_ext_len" in text:
+        return "msgpack ext types are not allowed"
+    if "exceeds max_" in text:  # a length header: msgpack bounds each by the frame's size
+        return "a length that runs past the end of the frame"
+    if "strict_map_key" in text:
+        return "map keys must be strings"
+    if "incomplete input" in text:
+        return "it ends in the middle of a value"
+    return text
+
+
+#: The protocol's names of what msgpack decodes a value it does not allow to.
+_MSGPACK_NAMES: Final = {"bytes": "bin", "float": "float", "ExtType": "ext", "Timestamp": "timestamp ext"}
 
 
 def _unpack_map(frame: bytes, max_bytes: int) -> Envelope:
@@ -201,8 +231,8 @@ def _unpack_map(frame: bytes, max_bytes: int) -> Envelope:
         raise
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         # ValueError covers ExtraData, FormatError, StackError, bad UTF-8 and
-        # truncated input; the message says which.
-        raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"not a msgpack envelope ({exc})") from None
+        # truncated input.
+        raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"not a msgpack envelope: {_unpack_failure(exc)}") from None
     if not isinstance(env, dict):
         _fail(ErrorCode.BAD_ENVELOPE, f"envelope is a msgpack {type(env).__name__}, not a map")
     return env
