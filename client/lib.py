@@ -431,6 +431,7 @@ class Client:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         sub_hwm: int = 10_000,
         curve: CurveKeys | None = None,
+        resume: str | None = None,
     ) -> None:
         """``hosts`` lists several brokers of one chat (a cluster sharing a
         backplane, or independent ones): ``"a,b:5555,[::1]:5555:5556"`` or a
@@ -443,6 +444,10 @@ class Client:
         ``sub_hwm`` bounds the room messages (events, or batches of them) queued
         locally; beyond it ZeroMQ drops them and the client fetches them from
         history instead (as after any gap, or a lost tail the next pong shows).
+
+        ``resume`` is the :attr:`resume_token` of an earlier ``Client`` of this name:
+        a program restarted after a crash takes its session back at once (rooms
+        kept), where a plain hello meets ``name_taken`` until the old one expires.
         """
         if not p.is_name(name):
             raise RequestError(
@@ -469,7 +474,7 @@ class Client:
         self._hold_until = 0.0
         self._rooms: dict[str, _Room] = {}
         self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
-        self._resume: str | None = None
+        self._resume: str | None = resume
         #: The broker of the last welcome.
         self._welcomed_by: BrokerAddress | None = None
         #: Hellos sent to the current address while reconnecting.
@@ -579,7 +584,8 @@ class Client:
             try:
                 if remaining <= 0:
                     raise BrokerUnreachable("")
-                return self._request(p.hello(self.name), timeout=remaining, give_up_if_refused=not last)
+                hello = p.hello(self.name, resume=self._resume)
+                return self._request(hello, timeout=remaining, give_up_if_refused=not last)
             except BrokerUnreachable:
                 if self._refused:
                     raise BrokerUnreachable("connection refused") from None
@@ -634,6 +640,11 @@ class Client:
     @property
     def rooms_joined(self) -> list[str]:
         return list(self._rooms)
+
+    @property
+    def resume_token(self) -> str | None:
+        """The session's secret token (once connected): keep it private; see ``resume`` in :meth:`__init__`."""
+        return self._resume
 
     @property
     def unacked(self) -> int:
@@ -798,12 +809,15 @@ class Client:
         return events, int(reply["seq"])
 
     def who(self, room: str) -> list[str]:
+        """The names of ``room``'s members, sorted (any room; joining it is not needed)."""
         return list(self._request({"type": "who", "room": _room(room)})["members"])
 
     def rooms(self) -> list[dict[str, Any]]:
+        """Every room, by name: ``{"room", "members" (a count), "seq"}`` each; at most 1000."""
         return list(self._request({"type": "rooms"})["rooms"])
 
     def ping(self) -> None:
+        """A round trip to the broker; raises :class:`BrokerUnreachable` if it does not answer in time."""
         self._request({"type": "ping"})
 
     # --------------------------------------------------------------- events
@@ -1419,7 +1433,7 @@ class Client:
         if code == ErrorCode.NOT_REGISTERED and self.state == "connected":
             # The broker no longer knows us (it restarted, or expired us while we
             # were stopped): whatever this was, it is redone after a new hello.
-            self._lost("the broker has ended our session")
+            self._lost("the broker no longer knows our session: it restarted, or expired us")
             return
         if isinstance(rid, str):
             if rid in self._replies:

@@ -666,3 +666,27 @@ def test_close_says_how_many_messages_it_could_not_send(tmp_path: Path, caplog: 
         assert "1 message(s) not acknowledged" in caplog.text
     finally:
         alice.close(0, settle=0)
+
+
+def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: RunningBroker) -> None:
+    """Its process died without a bye: its name is held until the session expires, so a
+    plain restart meets name_taken; with the saved token it is back at once, rooms kept."""
+    doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    bot = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
+    bot.connect()
+    bot.join("general")
+    token = bot.resume_token
+    assert token
+    doomed.destroy(linger=0)  # as a SIGKILL would: no bye
+    plain = Client("bot", HOST, broker.port, broker.pub_port)
+    try:
+        with pytest.raises(RequestError) as taken:
+            plain.connect()
+        assert taken.value.code == "name_taken"
+    finally:
+        plain.close(0, settle=0)
+    with Client("bot", HOST, broker.port, broker.pub_port, resume=token) as again:
+        assert again.resume_token == token
+        again.join("general")
+        assert again.send_wait("general", "back").seq is not None
+        assert again.who("general") == ["bot"]
