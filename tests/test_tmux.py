@@ -145,6 +145,14 @@ def term(broker_proc: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., T
             tmux.kill()
 
 
+def says(alice: Tmux, line: str, bob: PipeChat) -> None:
+    """``line`` typed in alice's terminal reaches bob."""
+    alice.type(line)
+    alice.keys("Enter")
+    got = bob.expect(lambda e: e.get("type") == "msg" and e.get("from") == "alice")
+    assert got["text"] == line
+
+
 def prompt_line(screen: list[str], name: str) -> list[str]:
     return [line for line in screen if re.match(rf"\[#[a-z0-9_-]*\] {name}(?: \([a-z]+\))?> ", line + " ")]
 
@@ -317,10 +325,7 @@ def test_ctrl_z_suspends_and_fg_resumes(term: Callable[..., Tmux], broker_proc: 
         alice.type("fg")
         alice.keys("Enter")
         wait_for(lambda: prompt_line(alice.screen(), "alice"), 10, what=alice.screen)
-        alice.type("after fg")
-        alice.keys("Enter")
-        got = bob.expect(lambda e: e.get("type") == "msg" and e.get("from") == "alice")
-        assert got["text"] == "after fg"
+        says(alice, "after fg", bob)
         # (Its exit status is not ours to read: bash ran the echo when the job stopped.)
     finally:
         bob.stop()
@@ -339,10 +344,7 @@ def test_ctrl_z_without_job_control_says_so_and_chat_goes_on(
         wait_for(lambda: prompt_line(alice.screen(), "alice"), 10, what=alice.screen)
         alice.keys("C-z")
         wait_for(lambda: "no shell with job control" in alice.text(), 10, what=alice.screen)
-        alice.type("still here")
-        alice.keys("Enter")
-        got = bob.expect(lambda e: e.get("type") == "msg" and e.get("from") == "alice")
-        assert got["text"] == "still here"
+        says(alice, "still here", bob)
     finally:
         bob.stop()
 
