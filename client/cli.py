@@ -226,7 +226,12 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
     try:
         client.join(room)
         client.drain_events()
-        printer.event(client.send_wait(room, text))
+        try:
+            printer.event(client.send_wait(room, text))
+        except BrokerUnreachable:
+            # The library would keep it queued, but this one-shot ends here: say what is known.
+            printer.err(f"no ack from {client.endpoint} in time: the message may or may not have been stored")
+            return 1
     except RequestError as exc:
         printer.err(f"not sent: {exc.code}: {exc.message}")
         return 1

@@ -134,15 +134,11 @@ def run_interactive(
 def job_control() -> bool:
     """Whether stopping this process could work: a shell with job control started it.
 
-    The kernel discards a stop signal sent to an orphaned process group (no member's
-    parent in another group of the same session), as under ``tmux new zchat`` or
-    ``ssh -t host zchat``: there is no shell to take the terminal and ``fg`` us.
+    Such a shell gives each job a process group of its own, while a session leader
+    started without one (``tmux new zchat``, ``ssh -t host zchat``) shares its group
+    with us; that group is orphaned, and the kernel discards a stop signal sent to it.
     """
-    try:
-        parent = os.getppid()
-        return os.getsid(parent) == os.getsid(0) and os.getpgid(parent) != os.getpgrp()
-    except OSError:  # the parent is gone already
-        return False
+    return os.getpgrp() != os.getsid(0)
 
 
 class _RawInput(Vt100Input):

@@ -66,6 +66,7 @@ from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
 
 log = logging.getLogger("zchat.client")
+log.addHandler(logging.NullHandler())  # a library: the program decides what is shown
 
 #: Longest wait for the broker's ``welcome`` (per broker address).
 CONNECT_TIMEOUT_S = 5.0
@@ -446,8 +447,10 @@ class Client:
         history instead (as after any gap, or a lost tail the next pong shows).
 
         ``resume`` is the :attr:`resume_token` of an earlier ``Client`` of this name:
-        a program restarted after a crash takes its session back at once (rooms
-        kept), where a plain hello meets ``name_taken`` until the old one expires.
+        a program restarted after a crash takes its session back at once, where a
+        plain hello meets ``name_taken`` until the old one expires. It must
+        ``join()`` its rooms again to hear them. Two clients never share a token:
+        each would take the session from the other at its next request.
         """
         if not p.is_name(name):
             raise RequestError(
@@ -474,7 +477,9 @@ class Client:
         self._hold_until = 0.0
         self._rooms: dict[str, _Room] = {}
         self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
-        self._resume: str | None = resume
+        if resume is not None and not (isinstance(resume, str) and len(resume) <= p.MAX_ID_CHARS):
+            raise RequestError(ErrorCode.BAD_ENVELOPE, "resume: a token from resume_token, or None")
+        self._resume: str | None = resume or None  # ("": none, as from an empty saved file)
         #: The broker of the last welcome.
         self._welcomed_by: BrokerAddress | None = None
         #: Hellos sent to the current address while reconnecting.
@@ -609,13 +614,18 @@ class Client:
         """
         if self.state == "closed":
             return 0
+        interrupted: KeyboardInterrupt | None = None
         if settle > 0 and self.state != "new":
-            with contextlib.suppress(ZchatError):
+            try:
                 for _ in self.settling(settle):
                     pass
+            except KeyboardInterrupt as exc:  # close all the same, then let it go on
+                interrupted = exc
+            except (ZchatError, zmq.ZMQError):
+                pass
         lost = self.unacked
         if lost:
-            log.warning("%s: closed with %d message(s) not acknowledged by the broker: not sent", self.name, lost)
+            log.warning("%s: closed with %d message(s) not acknowledged: they may not be stored", self.name, lost)
         said_bye = False
         if self.state == "connected":
             with contextlib.suppress(zmq.ZMQError):
@@ -627,6 +637,8 @@ class Client:
         self._close_sockets()
         if self._own_context:
             self._ctx.term()
+        if interrupted is not None:
+            raise interrupted
         return lost
 
     def __enter__(self) -> Client:
@@ -634,8 +646,10 @@ class Client:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        # Leaving the block waits for the messages sent in it, but not after a Ctrl-C.
-        self.close(settle=0 if exc_type is KeyboardInterrupt else SETTLE_S)
+        # Leaving the block waits for the messages sent in it, but not after a Ctrl-C,
+        # nor for a broker that is not answering anyway.
+        quick = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, BrokerUnreachable))
+        self.close(settle=0 if quick else SETTLE_S)
 
     @property
     def rooms_joined(self) -> list[str]:
@@ -667,6 +681,7 @@ class Client:
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
         a script joining many rooms at once meets the join rate limit.
         """
+        self._check_open()
         room = _room(room)
         if room in self._rooms:
             reply = self._join_request(room)
@@ -747,6 +762,7 @@ class Client:
         """Leave ``room``. If the connection is lost meanwhile, the leave is asked again
         after the reconnect (which does not rejoin the room), and a broker that no
         longer has us in it (``not_joined``) counts as done."""
+        self._check_open()
         room = _room(room)
         state = self._rooms.get(room)
         if state is not None:
@@ -769,6 +785,7 @@ class Client:
         resent after a moment, and newer messages wait behind it (order is
         kept). ``action=True`` sends an IRC-style ``/me``.
         """
+        self._check_open()
         room = _room(room)
         self._check_text(text)
         if room not in self._rooms:
@@ -783,6 +800,7 @@ class Client:
 
         Kept, resent and held like a room message (see :meth:`send`).
         """
+        self._check_open()
         if not p.is_name(to):
             raise RequestError(ErrorCode.BAD_NAME, f"{to!r} is not a name")
         self._check_text(text)
@@ -804,20 +822,24 @@ class Client:
 
     def history(self, room: str, after: int = 0, limit: int = p.DEFAULT_HISTORY_LIMIT) -> tuple[list[Event], int]:
         """Events of ``room`` with seq > ``after`` (oldest first) and the room's current seq."""
+        self._check_open()
         reply = self._request({"type": "history", "room": _room(room), "after": after, "limit": limit})
         events = [Event.from_envelope(m, backlog=True) for m in reply["messages"] if _is_event(m)]
         return events, int(reply["seq"])
 
     def who(self, room: str) -> list[str]:
         """The names of ``room``'s members, sorted (any room; joining it is not needed)."""
+        self._check_open()
         return list(self._request({"type": "who", "room": _room(room)})["members"])
 
     def rooms(self) -> list[dict[str, Any]]:
         """Every room, by name: ``{"room", "members" (a count), "seq"}`` each; at most 1000."""
+        self._check_open()
         return list(self._request({"type": "rooms"})["rooms"])
 
     def ping(self) -> None:
         """A round trip to the broker; raises :class:`BrokerUnreachable` if it does not answer in time."""
+        self._check_open()
         self._request({"type": "ping"})
 
     # --------------------------------------------------------------- events
@@ -1281,12 +1303,15 @@ class Client:
         except ProtocolError as exc:
             raise RequestError(exc.code, exc.message) from None
 
-    def _send_tracked(self, env: Envelope) -> str:
-        # Queued now, it would never go: nothing pumps a client that is not open.
+    def _check_open(self) -> None:
+        """Every call but connect() and close() needs an open client (a message queued
+        on one that is not would never go: nothing pumps it)."""
         if self.state == "closed":
             raise ZchatError("closed", "this client is closed")
         if self.state == "new":
             raise ZchatError("not_connected", "connect() first")
+
+    def _send_tracked(self, env: Envelope) -> str:
         rid = env["id"] = self._new_id()
         self._unacked[rid] = env
         if (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import _thread
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -600,13 +602,29 @@ def test_empty_history_reply_skips_only_when_confirmed(make_client: MakeClient) 
 
 def test_a_client_not_open_refuses_to_send_instead_of_queueing_forever(broker: RunningBroker) -> None:
     fresh = Client("alice", HOST, broker.port, broker.pub_port)
-    with pytest.raises(ZchatError) as before:
-        fresh.dm("bob", "before connect")
-    assert before.value.code == "not_connected"
-    fresh.connect()
-    fresh.join("general")
-    fresh.close()
-    for call in (lambda: fresh.send("general", "after close"), lambda: fresh.dm("bob", "after close")):
+
+    def calls() -> list[Callable[[], object]]:
+        return [
+            lambda: fresh.send("general", "x"),
+            lambda: fresh.dm("bob", "x"),
+            lambda: fresh.join("general"),
+            lambda: fresh.leave("general"),
+            lambda: fresh.history("general"),
+            lambda: fresh.who("general"),
+            fresh.rooms,
+            fresh.ping,
+        ]
+
+    try:
+        for call in calls():
+            with pytest.raises(ZchatError) as before:
+                call()
+            assert before.value.code == "not_connected"
+        fresh.connect()
+        fresh.join("general")
+    finally:
+        fresh.close()
+    for call in calls():
         with pytest.raises(ZchatError) as after:
             call()
         assert after.value.code == "closed"
@@ -690,3 +708,28 @@ def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: Ru
         again.join("general")
         assert again.send_wait("general", "back").seq is not None
         assert again.who("general") == ["bot"]
+
+
+def test_a_ctrl_c_while_close_waits_still_closes(tmp_path: Path) -> None:
+    """close() waits for acks now; interrupted, it still says bye and frees the sockets."""
+    b = BrokerProcess(tmp_path / "data").start()
+    alice = Client("alice", HOST, b.port, b.pub_port)
+    try:
+        alice.connect()
+        alice.join("general")
+        b.kill()
+        alice.send("general", "into the void")
+        threading.Timer(0.3, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            alice.close(settle=5)
+        assert alice.state == "closed"
+    finally:
+        alice.close(0, settle=0)
+
+
+def test_a_resume_token_that_cannot_be_one_is_refused_at_once(broker: RunningBroker) -> None:
+    with pytest.raises(RequestError) as bad:
+        Client("bot", HOST, broker.port, broker.pub_port, resume="x" * 65)
+    assert bad.value.code == "bad_envelope"
+    with Client("bot", HOST, broker.port, broker.pub_port, resume="") as bot:  # an empty saved file: none
+        assert bot.resume_token
