@@ -216,10 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except _Terminated as exc:
         if client.unacked:
-            printer.err(f"{signal.Signals(exc.signum).name}: {client.unacked} message(s) not acknowledged")
+            printer.err(f"{signal.Signals(exc.signum).name}: {client.unacked} message(s) not acknowledged:")
+            for line in unsent_lines(client):
+                printer.err(line)
         return 128 + exc.signum
     finally:
         client.close(settle=0)
+
+
+def unsent_lines(client: Client) -> list[str]:
+    """Each message the broker never acknowledged, a line each, for the user to copy."""
+    return [
+        f"  {'#' + event.room if event.room else 'to ' + str(event.to)}: {event.text}"
+        for event in client.unacknowledged()
+    ]
 
 
 def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
@@ -274,7 +284,9 @@ def _finish(client: Client, printer: Printer) -> int:
     for event in client.drain_events():
         printer.event(event)
     if client.unacked:
-        printer.err(f"{client.unacked} message(s) not acknowledged: no progress for {ACK_WAIT_S:g} s")
+        printer.err(f"{client.unacked} message(s) not acknowledged: no progress for {ACK_WAIT_S:g} s:")
+        for line in unsent_lines(client):
+            printer.err(line)
         return 1
     if printer.failures:
         printer.err(f"{printer.failures} line(s) or command(s) refused or failed (above)")

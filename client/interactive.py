@@ -40,7 +40,7 @@ from prompt_toolkit.shortcuts import CompleteStyle
 from prompt_toolkit.styles import Attrs, Style
 
 from client import render
-from client.cli import terminating_signals
+from client.cli import terminating_signals, unsent_lines
 from client.commands import ALIASES, COMMANDS, Commands
 from client.lib import Client, Event, ZchatError
 
@@ -248,8 +248,11 @@ class ChatUI:
         self._learn()
         self._catch_terminating()
         pump = asyncio.create_task(self._pump_loop())
+        # A bug in a key handler is said in the chat, which goes on; prompt_toolkit's
+        # handler would print a traceback over the screen and wait for Enter.
+        asyncio.get_running_loop().set_exception_handler(self._loop_error)
         try:
-            await self.session.prompt_async()
+            await self.session.prompt_async(set_exception_handler=False)
         except (EOFError, KeyboardInterrupt):
             pass
         finally:
@@ -302,7 +305,9 @@ class ChatUI:
             self._show(event)
         await self._flush()
         if self.client.unacked:
-            print(f"zchat: {self.client.unacked} message(s) not sent", file=sys.stderr)
+            print(f"zchat: {self.client.unacked} message(s) not sent:", file=sys.stderr)
+            for line in unsent_lines(self.client):
+                print(line, file=sys.stderr)
             return 1
         return 0
 
@@ -394,6 +399,9 @@ class ChatUI:
     def _out(self, text: str) -> None:
         for part in text.splitlines() or [""]:
             self._emit(render.notice(part.removeprefix("-!- ")))
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        self._err(f"internal error: {context.get('exception') or context.get('message')!r}")
 
     def _err(self, text: str) -> None:
         self._emit(render.notice(text, error=True))
@@ -493,6 +501,13 @@ class ChatUI:
                 terminal.suspending = False
 
             asyncio.ensure_future(run_in_terminal(stop)).add_done_callback(resumed)
+
+        @kb.add(Keys.Vt100MouseEvent)
+        def _mouse(event: KeyPressEvent) -> None:
+            # No mouse here. A colour escape typed or pasted without bracketed paste
+            # (ESC [ 3 1 m) parses as a mouse event, and prompt_toolkit's own handler
+            # then fails on it; ours (bound later, so it wins) lets it go.
+            pass
 
         @kb.add(Keys.BracketedPaste)
         def _paste(event: KeyPressEvent) -> None:

@@ -665,6 +665,14 @@ class Client:
         """Messages and DMs sent and not acknowledged yet (they are resent until they are)."""
         return len(self._unacked)
 
+    def unacknowledged(self) -> list[Event]:
+        """The messages and DMs not acknowledged yet, oldest first, as own events
+        without a seq: what :meth:`close` would leave unsent, for a program to show."""
+        return [
+            Event(type=env["type"], room=env.get("room"), to=env.get("to"), name=self.name, text=env["text"], id=rid)
+            for rid, env in self._unacked.items()
+        ]
+
     @property
     def own_pending(self) -> int:
         """Own messages acknowledged but not shown yet: they wait for earlier events of their room."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HOST, BrokerProcess, bin_path
+from tests.conftest import HOST, BrokerProcess, bin_path, wait_for
 from zchat import protocol as p
 
 
@@ -411,3 +411,26 @@ def test_sighup_stays_ignored_under_nohup(broker_proc: BrokerProcess) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+def test_lines_never_acknowledged_are_listed_when_the_client_ends(tmp_path: Path) -> None:
+    """Lines the rate limit still held when a SIGTERM came: the user is told which,
+    word for word, to send them again (a count alone left them lost)."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--rate-limit", "0.1"]).start()
+    try:
+        bob = Chat(broker, "bob", "--json")
+        alice = Chat(broker, "alice", "--json")
+        try:
+            bob.expect_json(type="presence", name="alice", event="join")
+            alice.say(*[f"m{i}" for i in range(60)])  # a burst of 50 passes; the rest is held
+            alice.expect_json(type="msg", text="m49")  # her own line, shown once acknowledged
+            alice.proc.send_signal(signal.SIGTERM)
+            assert alice.proc.wait(timeout=10) == 128 + signal.SIGTERM
+            wait_for(lambda: any("#general: m59" in line for line in alice.errors), 5, what=lambda: alice.errors)
+            assert any("message(s) not acknowledged" in line for line in alice.errors), alice.errors
+            assert not any("#general: m49" in line for line in alice.errors), alice.errors
+        finally:
+            alice.stop()
+            bob.stop()
+    finally:
+        broker.kill()

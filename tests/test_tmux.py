@@ -145,12 +145,12 @@ def term(broker_proc: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., T
             tmux.kill()
 
 
-def says(alice: Tmux, line: str, bob: PipeChat) -> None:
-    """``line`` typed in alice's terminal reaches bob."""
+def says(alice: Tmux, line: str, bob: PipeChat, expect: str | None = None) -> None:
+    """``line`` typed in alice's terminal reaches bob (as ``expect``, if given)."""
     alice.type(line)
     alice.keys("Enter")
     got = bob.expect(lambda e: e.get("type") == "msg" and e.get("from") == "alice")
-    assert got["text"] == line
+    assert got["text"] == (line if expect is None else expect)
 
 
 def prompt_line(screen: list[str], name: str) -> list[str]:
@@ -310,6 +310,24 @@ def test_colours_and_bell_follow_the_flags(
         assert bell == ("0" if flags else "1")
     finally:
         bob.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_raw_escape_sequence_typed_is_dropped_not_a_traceback(
+    term: Callable[..., Tmux], broker_proc: BrokerProcess
+) -> None:
+    """ESC [ 3 1 m (colour text pasted without bracketed paste) parses as a mouse event,
+    on which prompt_toolkit's own handler failed with a traceback and 'Press ENTER'."""
+    alice = term("alice")
+    bob = PipeChat(broker_proc, "bob")
+    try:
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        wait_for(lambda: prompt_line(alice.screen(), "alice"), 10, what=alice.screen)
+        alice.type("x\x1b[31my")
+        says(alice, "z", bob, expect="xyz")
+        assert "Traceback" not in alice.text() and "Press ENTER" not in alice.text()
+    finally:
+        bob.stop()
 
 
 @pytest.mark.timeout(60)
