@@ -178,7 +178,10 @@ class Commands:
         elif name == "rooms":
             rooms = self.client.rooms()
             self.known_rooms.update(r["room"] for r in rooms if isinstance(r.get("room"), str))
-            text = "\n".join(f"-!- #{r['room']}: {r['members']} online, {r['seq']} events" for r in rooms)
+            text = "\n".join(
+                f"-!- #{r['room']}: {r['members']} online, {r['seq']} event{'' if r['seq'] == 1 else 's'}"
+                for r in rooms
+            )
             self._info(text or "-!- no rooms yet", {"type": "rooms", "rooms": rooms})
         elif name == "history":
             self._history(args)

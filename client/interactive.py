@@ -177,6 +177,8 @@ class ChatUI:
             input = _RawInput(sys.stdin)
         self.bell = bell
         self.color = color and not os.environ.get("NO_COLOR")
+        #: The room whose lines show unlabelled since the last "now talking in" mark.
+        self._talking_in = room
         self.commands = Commands(
             client,
             room,
@@ -240,6 +242,11 @@ class ChatUI:
     def switch(self, room: str) -> None:
         self.commands.current = room
         self.unread.pop(room, None)
+        if room != self._talking_in:
+            # One stream for every room, and lines of the current one carry no label:
+            # a mark where that changes says which room the unlabelled lines above are.
+            self._talking_in = room
+            self._out(f"now talking in #{room}; lines of other rooms show their #name")
         self.session.app.invalidate()
 
     # ------------------------------------------------------------ running

@@ -325,7 +325,8 @@ def test_rooms_lists_rooms_with_members(alice: Client, bob: Client) -> None:
     async def main() -> None:
         async with chat_ui(alice) as t:
             t.line("/rooms")
-            assert "#dev: 1 online" in await t.shows("#dev:")
+            dev = (await t.shows("#dev:")).rstrip()
+            assert dev.endswith("#dev: 1 online, 1 event"), dev  # (bob's join; not "1 events")
             assert "#general: 2 online" in await t.shows("#general:")
 
     run(main())
@@ -407,6 +408,8 @@ def test_switch_and_alt_digits_move_among_joined_rooms(alice: Client, bob: Clien
             t.keys("\x1b2")  # Alt-2
             await until(lambda: t.ui.current == "dev")
             assert t.prompt() == "[#dev] alice> "
+            # One stream for all rooms: a mark says where the unlabelled lines change room.
+            await t.shows("now talking in #dev")
             # A message in another room is labelled with it and counted in the bar.
             bob.send_wait("ops", "in ops")
             assert "#ops <bob> in ops" in await t.shows("in ops")
