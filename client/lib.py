@@ -87,6 +87,8 @@ DM_WINDOW = 10_000
 #: How many (author, id) of others' room messages are remembered to drop a copy
 #: stored twice (resent after the broker's resend detection forgot the first).
 MSG_WINDOW = 10_000
+#: Longest wait for room in the DEALER's queue before the connection is given up.
+SEND_WAIT_S = 1.0
 #: After a ``rate_limited`` refusal, new and refused messages wait this long, then
 #: go again in order, the refused one first (the broker takes no other before it).
 RATE_RETRY_S = 1.0
@@ -1276,7 +1278,27 @@ class Client:
         return f"{self._id_prefix}{self._id_count:x}"
 
     def _send(self, env: Envelope) -> None:
-        self._dealer.send(self._encode(env))
+        """Send on the DEALER, waiting at most :data:`SEND_WAIT_S` for room in its queue.
+
+        A DEALER with no peer to take a message (its CURVE handshake refused) blocks
+        a plain send for good, and the whole client with it. Connected, a full queue
+        is waited for (what comes next must not overtake it), then the connection is
+        given up; reconnecting, the hello or request is simply asked again later.
+        """
+        frame = self._encode(env)
+        try:
+            self._dealer.send(frame, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            if self.state != "connected":
+                return
+        try:
+            if self._dealer.poll(int(SEND_WAIT_S * 1000), zmq.POLLOUT):
+                self._dealer.send(frame, zmq.NOBLOCK)
+                return
+        except zmq.Again:
+            pass
+        self._lost(f"the broker took nothing from us for {SEND_WAIT_S:g} s")
 
     def _ping_now(self, now: float) -> None:
         rid = self._new_id()

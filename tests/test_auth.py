@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +146,13 @@ def test_revoked_key_is_refused_and_session_ended(secure: RunningBroker, keys: P
 
         wait_for(bob_refused, 15, interval=0)
         assert bob.state != "connected"
+        # Refused, bob's client goes on trying (a key may be authorized again), but a
+        # pump never blocks: it hung in a send to a DEALER with no peer to take it.
+        until = time.monotonic() + 12
+        while time.monotonic() < until:
+            started = time.monotonic()
+            bob.pump(0.2)
+            assert time.monotonic() - started < 2, "pump blocked"
         # alice was reconnected by the rebind and goes on chatting.
         wait_for(lambda: alice.pump(0.05) is not None and alice.state == "connected", 15)
         assert alice.send_wait("general", "still here").seq is not None
