@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -672,7 +673,9 @@ def test_a_send_wait_that_times_out_leaves_the_message_queued_once(tmp_path: Pat
         b.kill()
 
 
-def test_close_says_how_many_messages_it_could_not_send(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@contextlib.contextmanager
+def alice_with_a_message_unsent(tmp_path: Path) -> Iterator[Client]:
+    """Alice in #general, her broker killed, one message of hers never acknowledged."""
     b = BrokerProcess(tmp_path / "data").start()
     alice = Client("alice", HOST, b.port, b.pub_port)
     try:
@@ -680,15 +683,20 @@ def test_close_says_how_many_messages_it_could_not_send(tmp_path: Path, caplog: 
         alice.join("general")
         b.kill()
         alice.send("general", "into the void")
-        assert alice.close(settle=0.3) == 1
-        assert "1 message(s) not acknowledged" in caplog.text
+        yield alice
     finally:
         alice.close(0, settle=0)
 
 
+def test_close_says_how_many_messages_it_could_not_send(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with alice_with_a_message_unsent(tmp_path) as alice:
+        assert alice.close(settle=0.3) == 1
+        assert "1 message(s) not acknowledged" in caplog.text
+
+
 def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: RunningBroker) -> None:
     """Its process died without a bye: its name is held until the session expires, so a
-    plain restart meets name_taken; with the saved token it is back at once, rooms kept."""
+    plain restart meets name_taken; with the saved token it is back at once."""
     doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     bot = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
     bot.connect()
@@ -712,19 +720,11 @@ def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: Ru
 
 def test_a_ctrl_c_while_close_waits_still_closes(tmp_path: Path) -> None:
     """close() waits for acks now; interrupted, it still says bye and frees the sockets."""
-    b = BrokerProcess(tmp_path / "data").start()
-    alice = Client("alice", HOST, b.port, b.pub_port)
-    try:
-        alice.connect()
-        alice.join("general")
-        b.kill()
-        alice.send("general", "into the void")
+    with alice_with_a_message_unsent(tmp_path) as alice:
         threading.Timer(0.3, _thread.interrupt_main).start()
         with pytest.raises(KeyboardInterrupt):
             alice.close(settle=5)
         assert alice.state == "closed"
-    finally:
-        alice.close(0, settle=0)
 
 
 def test_a_resume_token_that_cannot_be_one_is_refused_at_once(broker: RunningBroker) -> None:
