@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -115,6 +116,12 @@ def connection_status(client: object) -> str:
     """
     state = getattr(client, "state", "connected")
     return _STATE_WORDS.get(str(state), str(state))
+
+
+def terminal_gone(exc: OSError) -> bool:
+    """Whether ``exc`` from a read or write of the terminal means it is gone (a closed
+    ssh connection or terminal window): a pty whose other end closed fails with EIO."""
+    return exc.errno in (errno.EIO, errno.ENXIO, errno.EPIPE)
 
 
 def run_interactive(
@@ -262,6 +269,12 @@ class ChatUI:
             await self.session.prompt_async(set_exception_handler=False)
         except (EOFError, KeyboardInterrupt):
             pass
+        except OSError as exc:
+            if not terminal_gone(exc):
+                raise
+            # A hang-up with no SIGHUP (SIGHUP ignored, or zchat not in the terminal's
+            # session): end as SIGHUP does, rather than on a traceback nobody sees.
+            self._signalled = int(signal.SIGHUP)
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -341,7 +354,10 @@ class ChatUI:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug, not a chat condition: end cleanly and say so
-            self._failure = exc
+            if isinstance(exc, OSError) and terminal_gone(exc):
+                self._signalled = int(signal.SIGHUP)
+            else:
+                self._failure = exc
             if self.session.app.is_running:
                 self.session.app.exit(result="")
 

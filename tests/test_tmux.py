@@ -6,12 +6,18 @@ Every wait is a bounded poll; the tmux server is killed in a ``finally``.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import queue
 import re
 import shlex
 import shutil
+import signal
+import struct
 import subprocess
+import termios
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -379,4 +385,41 @@ def test_sigterm_quits_the_terminal_client_with_a_bye(term: Callable[..., Tmux],
         assert wait_for(alice.exit_status, 10) == "EXIT=143"
         bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "alice" and e.get("event") == "leave", 5)
     finally:
+        bob.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_terminal_that_goes_away_without_a_sighup_ends_the_client_with_a_bye(broker_proc: BrokerProcess) -> None:
+    """A closed ssh or a killed terminal emulator whose SIGHUP never reaches zchat (another
+    session, or SIGHUP ignored): the client must see its terminal is gone and end, not keep
+    the name and a session nobody reads (a client left in that state once grew without bound).
+    A pty of our own, with no tmux between, so its end is exactly that: the master closes."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", HEIGHT, WIDTH, 0, 0))
+    bob = PipeChat(broker_proc, "bob")
+    proc = subprocess.Popen(
+        ["sh", "-c", 'trap "" HUP; exec "$0" --name alice', bin_path("zchat")],  # SIGHUP ignored
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,  # to see it end as a hang-up, not on a traceback
+        text=True,
+        env={**broker_proc.env(), "TERM": "xterm"},
+        start_new_session=True,  # and no controlling terminal: the kernel sends it none either
+    )
+    os.close(slave)
+    try:
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "alice" and e.get("event") == "join")
+        os.close(master)
+        master = -1
+        assert proc.wait(timeout=10) == 128 + signal.SIGHUP
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "alice" and e.get("event") == "leave", 5)
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
         bob.stop()
