@@ -45,7 +45,8 @@ CMD ["zchat-broker", "--host", "0.0.0.0"]
 COPY pyproject.toml wheel[s] /build/
 
 # - a venv, not the system Python: Debian marks its pip "externally managed";
-# - an unprivileged user that owns only /data;
+# - an unprivileged user that owns only /data, which only it can read (messages
+#   and DMs are in there; the broker warns about a store directory others can read);
 # - the build backend, the runtime dependencies and those of the `backplane`
 #   extra (redis-py, for --backplane / the compose file's cluster profile), all
 #   read from pyproject.toml so that they are written down in one place. With
@@ -55,6 +56,7 @@ RUN useradd --system --uid 10001 --user-group --home-dir /data --no-create-home 
         --shell /usr/sbin/nologin zchat \
     && mkdir -p /data \
     && chown zchat:zchat /data \
+    && chmod 0700 /data \
     && python3 -m venv "$VIRTUAL_ENV" \
     && python -c "import tomllib; t = tomllib.load(open('/build/pyproject.toml', 'rb')); p = t['project']; \
 print('\n'.join(t['build-system']['requires'] + p['dependencies'] + p['optional-dependencies']['backplane']))" \

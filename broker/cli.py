@@ -8,8 +8,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import zmq
 
@@ -26,26 +28,29 @@ log = logging.getLogger("zchat.broker")
 #: Start, ready and stop lines are shown whatever --log-level says: an operator
 #: (and a test) must always learn where the broker listens and when it is gone.
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
+T = TypeVar("T")
+
+
+def _env(name: str, default: T, convert: Callable[[str], T]) -> T:
+    """``name`` from the environment, checked as its flag would be (a bad value exits 2,
+    naming the variable): a typo must not quietly become another setting."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return convert(value)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        reason = exc if isinstance(exc, argparse.ArgumentTypeError) else "not a number"
+        sys.stderr.write(f"zchat-broker: {name}={value!r}: {reason}\n")
+        raise SystemExit(2) from None
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise SystemExit(f"zchat-broker: {name}={value!r} is not a number") from None
+    return _env(name, default, int)
 
 
 def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise SystemExit(f"zchat-broker: {name}={value!r} is not a number") from None
+    return _env(name, default, float)
 
 
 def _port(text: str) -> int:
@@ -53,6 +58,19 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 picks a free one)")
     return port
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"choose one of {', '.join(choices)}")
+        return text
+
+    return check
+
+
+DURABILITIES = ("full", "normal")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port",
         type=_port,
-        default=_env_int("ZCHAT_PORT", 5555),
+        default=_env("ZCHAT_PORT", 5555, _port),
         help="ROUTER port for requests and replies; 0 picks a free port (ZCHAT_PORT; default 5555)",
     )
     parser.add_argument(
         "--pub-port",
         type=_port,
-        default=_env_int("ZCHAT_PUB_PORT", 5556),
+        default=_env("ZCHAT_PUB_PORT", 5556, _port),
         help="PUB port for room events; 0 picks a free port (ZCHAT_PUB_PORT; default 5556)",
     )
     parser.add_argument(
@@ -90,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--durability",
-        choices=("full", "normal"),
-        default=os.environ.get("ZCHAT_DURABILITY", "full"),
+        choices=DURABILITIES,
+        default=_env("ZCHAT_DURABILITY", "full", _one_of(*DURABILITIES)),
         help="full: an ack means the message is fsynced to disk; normal: it survives a crash of the broker "
         "but maybe not of the machine, and is faster (ZCHAT_DURABILITY; default full)",
     )
@@ -183,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("ZCHAT_LOG_LEVEL", "info"),
-        choices=("debug", "info", "warning", "error"),
+        default=_env("ZCHAT_LOG_LEVEL", "info", _one_of(*LOG_LEVELS)),
+        choices=LOG_LEVELS,
         help="(ZCHAT_LOG_LEVEL; default info)",
     )
     parser.add_argument("--version", action="version", version=f"zchat-broker {__version__}")

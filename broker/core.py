@@ -251,7 +251,9 @@ class Core:
                 return self.reject(
                     identity,
                     ProtocolError(
-                        ErrorCode.BAD_NAME, f"your key is {user!r}'s; you cannot be {env['name']!r}", env.get("id")
+                        ErrorCode.BAD_NAME,
+                        f"your key belongs to {user!r}; you cannot be {env['name']!r}",
+                        env.get("id"),
                     ),
                 )
             return self._hello(identity, session, env, now)

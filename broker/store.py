@@ -102,13 +102,21 @@ class StoreError(Exception):
 
 class Store:
     def __init__(self, data_dir: Path, durability: Durability = "full") -> None:
+        if durability not in ("full", "normal"):  # anything else was once quietly "normal"
+            raise ValueError(f"durability {durability!r}: full or normal")
         lock: int | None = None
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            # Messages and DMs are in here: readable by this user only. A directory
+            # that exists is not changed, but one others can read is warned about.
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _warn_if_open(data_dir)
             # One broker per directory: a second would number the same rooms on its
             # own, and the first to commit a seq the other had used would stop.
             self._lock = lock = _lock_dir(data_dir)
             self.path = data_dir / DB_NAME
+            # SQLite would create it 0644 (then its -wal and -shm, which copy its mode).
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             # Autocommit mode: transactions are explicit, one per loop pass.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -116,6 +124,18 @@ class Store:
             # normal: survives a crash of the broker process, not of the OS.
             self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
             self._open_schema()
+            # A store that cannot be written (a read-only file or mount, another uid's
+            # volume, a full disk) stops the broker here, before "ready", rather than at
+            # its first message (and a restart loop under compose). Setting the version
+            # to itself writes and syncs a page like any commit.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
             # Checkpoints (copying the WAL back into the database) run in a thread
             # of their own, on a connection of their own: run by the committing
             # connection, one stalled a commit, and every ack and publish behind
@@ -281,6 +301,17 @@ class Store:
         self._read.close()
         self._db.close()
         os.close(self._lock)  # and with it the lock
+
+
+def _warn_if_open(data_dir: Path) -> None:
+    mode = data_dir.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning(
+            "data directory %s has mode %o: other users of this machine may read the messages and DMs "
+            "stored in it; chmod 700 it (a new one is created 700)",
+            data_dir,
+            mode,
+        )
 
 
 def _lock_dir(data_dir: Path) -> int:

@@ -21,13 +21,23 @@ SEND_WINDOW = 1000
 ACK_WAIT_S = SETTLE_S
 
 
-def _env_int(name: str, default: int) -> int:
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def _env_port(name: str, default: int) -> int:
+    """``name`` from the environment, checked as ``--port`` is; a bad value exits 2."""
     value = os.environ.get(name)
     try:
-        return int(value) if value else default
+        return _port(value) if value else default
     except ValueError:
         sys.stderr.write(f"zchat: {name}={value!r} is not a number\n")
-        raise SystemExit(2) from None
+    except argparse.ArgumentTypeError as exc:
+        sys.stderr.write(f"zchat: {name}={value!r}: {exc}\n")
+    raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=int,
-        default=_env_int("ZCHAT_PORT", 5555),
+        type=_port,
+        default=_env_port("ZCHAT_PORT", 5555),
         help="request port of addresses without one (ZCHAT_PORT)",
     )
     parser.add_argument(
         "--pub-port",
-        type=int,
-        default=_env_int("ZCHAT_PUB_PORT", 5556),
+        type=_port,
+        default=_env_port("ZCHAT_PUB_PORT", 5556),
         help="room event port of addresses without one (ZCHAT_PUB_PORT)",
     )
     parser.add_argument("--room", default="general", help="room to join first (default general)")

@@ -224,6 +224,9 @@ def parse_address(text: str, port: int = 5555, pub_port: int = 5556) -> BrokerAd
             raise ValueError(f"broker address {text!r}: {host!r} is not a host name or IP address")
     if len(ports) > 2:
         raise ValueError(f"broker address {text!r}: too many ports; expected {_ADDRESS_FORMS}")
+    for what, number in (("port", port), ("room event port", pub_port)):
+        if not 1 <= number <= 65535:  # libzmq would take 99999 and connect to 34463
+            raise ValueError(f"{what} {number} is not a port number (1-65535)")
     numbers = [port, pub_port]
     for i, value in enumerate(ports):
         what = ("PORT", "PUBPORT")[i]
@@ -405,6 +408,9 @@ class CurveKeys:
     @classmethod
     def load(cls, secret_file: str | os.PathLike[str], broker_public_file: str | os.PathLike[str]) -> CurveKeys:
         """From ``NAME.key_secret`` and the broker's ``broker.key`` (as made by ``zchat-keygen``)."""
+        for path, what in ((secret_file, "secret key"), (broker_public_file, "broker key")):
+            if not os.path.isfile(path):  # pyzmq would say "Invalid certificate file"
+                raise RequestError("bad_key", f"no {what} file {os.fspath(path)!r} (zchat-keygen makes one)")
         try:
             public, secret = zmq.auth.load_certificate(secret_file)
         except (OSError, ValueError) as exc:

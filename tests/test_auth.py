@@ -114,9 +114,19 @@ def test_key_decides_the_name(secure: RunningBroker, keys: Path) -> None:
     try:
         with pytest.raises(RequestError) as err:
             c.connect()
-        assert err.value.code == "bad_name" and "alice" in err.value.message
+        assert err.value.code == "bad_name"
+        assert err.value.message == "your key belongs to 'alice'; you cannot be 'bob'"
     finally:
         c.close(0)
+
+
+def test_a_key_file_that_is_not_there_is_named(keys: Path) -> None:
+    with pytest.raises(RequestError) as err:
+        CurveKeys.load(keys / "users" / "nobody.key_secret", keys / "keys" / "broker.key")
+    assert err.value.code == "bad_key" and "no secret key file" in err.value.message and "nobody" in err.value.message
+    with pytest.raises(RequestError) as err:
+        CurveKeys.load(keys / "users" / "alice.key_secret", keys / "keys" / "missing.key")
+    assert "no broker key file" in err.value.message and "missing.key" in err.value.message
 
 
 def test_revoked_key_is_refused_and_session_ended(secure: RunningBroker, keys: Path) -> None:

@@ -297,11 +297,33 @@ def test_broker_help_and_bad_port() -> None:
     assert bad.returncode == 2 and "not a TCP port" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("ZCHAT_DURABILITY", "FULL", "choose one of full, normal"),  # was quietly "normal"
+        ("ZCHAT_LOG_LEVEL", "verbose", "choose one of debug, info, warning, error"),  # was a traceback
+        ("ZCHAT_PORT", "99999", "99999 is not a TCP port"),  # libzmq would have listened on 34463
+        ("ZCHAT_PUB_PORT", "x", "not a number"),
+        ("ZCHAT_RATE_LIMIT", "fast", "not a number"),
+    ],
+)
+def test_a_bad_broker_environment_variable_exits_2_naming_it(
+    variable: str, value: str, needle: str, tmp_path: Path
+) -> None:
+    result = _broker_cmd("--data", str(tmp_path / "d"), env={**os.environ, variable: value})
+    assert result.returncode == 2, result.stderr
+    assert f"{variable}={value!r}: {needle}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was opened
+
+
 def test_client_argument_errors_exit_2() -> None:
     env = {**os.environ, "ZCHAT_PORT": "abc"}
     for args, extra_env, needle in (
         (["--send", ""], {}, "--send: 'text' is empty"),
         ([], env, "ZCHAT_PORT='abc' is not a number"),
+        ([], {**os.environ, "ZCHAT_PUB_PORT": "99999"}, "ZCHAT_PUB_PORT='99999': 99999 is not a port number"),
+        (["--port", "0"], {}, "argument --port: 0 is not a port number (1-65535)"),
     ):
         result = subprocess.run(
             [bin_path("zchat"), "--name", "x", *args],
@@ -368,6 +390,38 @@ def test_a_second_broker_on_the_same_data_directory_is_refused(tmp_path: Path) -
         assert sent.returncode == 0, sent.stderr
     finally:
         first.kill()
+
+
+def test_a_store_that_cannot_be_written_is_refused_at_start(tmp_path: Path) -> None:
+    """A read-only store (here an immutable file, which root cannot write either; in the field
+    another uid's volume or a full disk) used to start, say ready, and stop at the first
+    message: under compose, a restart loop. It is now refused before "ready"."""
+    BrokerProcess(tmp_path / "d").start().kill(signal.SIGTERM)
+    db = tmp_path / "d" / "zchat.sqlite3"
+    subprocess.run(["chattr", "+i", str(db)], check=True, timeout=10)
+    try:
+        refused = _broker_cmd("--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d"))
+        assert refused.returncode == 1, refused.stderr
+        assert "cannot open the store" in refused.stderr and "readonly" in refused.stderr, refused.stderr
+        assert "ready" not in refused.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True, timeout=10)
+
+
+def test_the_store_is_readable_by_its_user_only(tmp_path: Path) -> None:
+    """Messages and DMs are in the store: a new data directory is 0700 and the database
+    0600; a directory others can read is left as it is, with a warning naming it."""
+    BrokerProcess(tmp_path / "new").start().kill(signal.SIGTERM)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "new" / "zchat.sqlite3").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)  # whatever the umask
+    broker = BrokerProcess(tmp_path / "open").start()
+    try:
+        assert any("has mode 755: other users of this machine may read" in line for line in broker.log), broker.log
+    finally:
+        broker.kill()
+    assert (tmp_path / "open").stat().st_mode & 0o777 == 0o755
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:

@@ -59,6 +59,14 @@ def test_parse_address_default_ports_and_endpoints() -> None:
     assert str(address) == "[::1]:7000:2"
 
 
+def test_parse_address_refuses_default_ports_that_are_no_ports() -> None:
+    """A library caller's port=99999 (libzmq would connect to 34463) is refused like a written one."""
+    with pytest.raises(ValueError, match="port 99999 is not a port number"):
+        parse_address("host", port=99999)
+    with pytest.raises(ValueError, match="room event port 0 is not a port number"):
+        parse_hosts("a,b", pub_port=0)
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
