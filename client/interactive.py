@@ -49,12 +49,16 @@ from client.lib import Client, Event, ZchatError
 PUMP_INTERVAL_S = 0.02
 #: Plain copies of the last lines shown (``ChatUI.transcript``).
 TRANSCRIPT_LINES = 2000
+#: A paste of more complete lines than this waits for Enter (Ctrl-C drops it), as
+#: irssi asks: the wrong clipboard (a log, a config file) must not go to a room at once.
+PASTE_CONFIRM_LINES = 5
 
 KEYS_HELP = """\
 keys:
   Alt-1 … Alt-9      switch to the 1st … 9th room you are in (the bar below lists them)
   Tab                complete a command, a name or a #room
   Up / Down          recall earlier lines
+  Enter / Ctrl-C     on a paste of over 5 lines, held: send it / drop it
   Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit
   Ctrl-Z             suspend (fg resumes; away for over 15 s, it reconnects and catches up; needs job control)"""
 
@@ -207,6 +211,8 @@ class ChatUI:
         self._pending: list[render.Styled] = []
         self._ring = False
         self._quit = False
+        #: A paste of many lines, held until Enter sends it or Ctrl-C drops it.
+        self._held: list[str] = []
         #: The signal (SIGTERM, SIGHUP) that ended the session, if one did.
         self._signalled = 0
         self._failure: BaseException | None = None
@@ -283,6 +289,8 @@ class ChatUI:
             # The terminal may be gone (SIGHUP): no settling; the caller says bye.
             return 128 + self._signalled
         await self._flush()  # what came with the last pump (the app is gone: printed directly)
+        if self._held:
+            print(f"zchat: a paste of {len(self._held)} lines was held for Enter and not sent", file=sys.stderr)
         if self._failure is not None:
             print(f"zchat: internal error: {self._failure!r}", file=sys.stderr)
             return 1
@@ -447,7 +455,11 @@ class ChatUI:
         self.session.app.invalidate()
 
     def _accept(self, buffer: Buffer) -> bool:
-        self.handle(buffer.text)
+        held, self._held = self._held, []
+        for line in [*held, buffer.text]:  # a held paste, confirmed; the line being typed goes after it
+            self.handle(line)
+            if self._quit:
+                break
         return False  # clear the line (it is added to the history)
 
     # ------------------------------------------------------------ prompt, bar, keys
@@ -470,6 +482,8 @@ class ChatUI:
             ("class:bottom-toolbar.state" + (".away" if state != "connected" else ""), f" {state} "),
             ("", "|"),
         ]
+        if self._held:
+            out += [("class:bottom-toolbar.state.away", f" paste of {len(self._held)} lines: Enter/Ctrl-C "), ("", "|")]
         if self.client.unacked:
             # Lines typed but not acknowledged yet (shown once they are): a broker that
             # went silent shows here at once, not only when the connection is given up.
@@ -498,7 +512,11 @@ class ChatUI:
         @kb.add("c-c")
         def _interrupt(event: KeyPressEvent) -> None:
             buffer = event.current_buffer
-            if buffer.text:
+            if self._held:
+                self._out(f"paste of {len(self._held)} lines dropped")
+                self._held = []
+                event.app.invalidate()
+            elif buffer.text:
                 buffer.reset(append_to_history=False)
             else:
                 self._quit = True
@@ -539,7 +557,8 @@ class ChatUI:
         return kb
 
     def paste(self, buffer: Buffer, data: str) -> None:
-        """Pasted text: every complete line is sent as typed; a last line without a newline waits in the input."""
+        """Pasted text: every complete line is sent as typed (over PASTE_CONFIRM_LINES of them are
+        held until Enter); a last line without a newline waits in the input."""
         data = data.replace("\r\n", "\n").replace("\r", "\n")
         if "\n" not in data:
             buffer.insert_text(data)
@@ -548,9 +567,15 @@ class ChatUI:
         *lines, last = (doc.text_before_cursor + data).split("\n")
         rest = last + doc.text_after_cursor
         buffer.document = Document(rest, len(last))
+        lines = [line for line in lines if line.strip()]
         for line in lines:
-            if line.strip():
-                buffer.history.append_string(line)
+            buffer.history.append_string(line)
+        if self._held or len(lines) > PASTE_CONFIRM_LINES:
+            self._held += lines
+            self._out(f"paste of {len(self._held)} lines held: Enter sends them, Ctrl-C drops them")
+            self.session.app.invalidate()
+            return
+        for line in lines:
             self.handle(line)
             if self._quit:
                 return

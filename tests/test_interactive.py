@@ -278,6 +278,33 @@ def test_multi_line_paste_sends_each_line(alice: Client, bob: Client) -> None:
     run(main())
 
 
+def test_a_paste_of_many_lines_waits_for_enter_and_ctrl_c_drops_it(alice: Client, bob: Client) -> None:
+    """Over 5 lines pasted (the wrong clipboard: a log, a config file) are held, as irssi
+    asks: Ctrl-C drops them, Enter sends them, then the line being typed."""
+    log = [f"log line {i}" for i in range(8)]
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.keys(paste("\n".join(log) + "\n"))
+            await t.shows("paste of 8 lines held: Enter sends them, Ctrl-C drops them")
+            assert "paste of 8 lines: Enter/Ctrl-C" in t.toolbar()
+            t.keys(CTRL_C)
+            await t.shows("paste of 8 lines dropped")
+            assert not t.task.done()  # Ctrl-C dropped the paste; it did not quit
+            assert "paste of" not in t.toolbar()
+            short = ["short 1", "short 2", "short 3"]
+            t.keys(paste("\n".join(short) + "\n"))  # 5 or fewer: sent at once
+            got = await receive_n(bob, lambda e: e.type == "msg" and e.name == "alice", 3)
+            assert [e.text for e in got] == short  # and nothing of the dropped paste before them
+            t.keys(paste("\n".join(log) + "\nand a half"))
+            await until(lambda: t.buffer.text == "and a half", what=lambda: t.buffer.text)
+            t.keys(" typed" + ENTER)
+            got = await receive_n(bob, lambda e: e.type == "msg" and e.name == "alice", 9)
+            assert [e.text for e in got] == [*log, "and a half typed"]
+
+    run(main())
+
+
 # ------------------------------------------------------------------ commands
 
 
