@@ -70,6 +70,8 @@ class Commands:
     #: Pipe mode: after a /join or /switch that failed, plain lines are refused rather
     #: than sent to the room before (a script's lines meant for the new room).
     strict: bool = False
+    #: The terminal: a /join also lists who is in the room, as IRC clients do.
+    join_names: bool = False
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
@@ -137,6 +139,8 @@ class Commands:
                 self.members[room] = set(members)
                 self.known_rooms.add(room)
                 self.current = room
+                if self.join_names:
+                    self._info(f"-!- #{room}: {', '.join(members)}", {"type": "who", "room": room, "members": members})
         elif name == "switch":
             if len(args) != 1:
                 self._usage(name)

@@ -196,6 +196,7 @@ class ChatUI:
             self._out,
             self._err,
             backlog=max(0, backlog),
+            join_names=True,
             show=self._show,
             help_extra=KEYS_HELP,
         )
@@ -213,6 +214,8 @@ class ChatUI:
         self._quit = False
         #: A paste of many lines, held until Enter sends it or Ctrl-C drops it.
         self._held: list[str] = []
+        #: The date of the last line shown: lines show only the time, so a new date gets a line.
+        self._day = render.day(None)
         #: The signal (SIGTERM, SIGHUP) that ended the session, if one did.
         self._signalled = 0
         self._failure: BaseException | None = None
@@ -425,9 +428,19 @@ class ChatUI:
             self.session.app.invalidate()
         line = render.styled(event, self.client.name, self.current)
         self._ring |= line.alert
+        self._mark_day(event.ts)
         self._emit(line)
 
+    def _mark_day(self, ts: int | None) -> None:
+        """Before a line of another date than the last (a backlog from yesterday, or past
+        midnight), a line saying so."""
+        date = render.day(ts)
+        if date != self._day:
+            self._day = date
+            self._emit(render.day_changed(date))
+
     def _out(self, text: str) -> None:
+        self._mark_day(None)
         for part in text.splitlines() or [""]:
             self._emit(render.notice(part.removeprefix("-!- ")))
 
@@ -435,6 +448,7 @@ class ChatUI:
         self._err(f"internal error: {context.get('exception') or context.get('message')!r}")
 
     def _err(self, text: str) -> None:
+        self._mark_day(None)
         self._emit(render.notice(text, error=True))
 
     def handle(self, line: str) -> None:

@@ -157,6 +157,17 @@ def error_text(event: Event) -> str:
     return f"{text} [{clean(where)}: {clean(excerpt)}]"
 
 
+def day(ts: int | None) -> str:
+    """The local date of ``ts`` (ms; None: now), as a day-change line names it."""
+    return time.strftime("%a %d %b %Y", time.localtime(ts / 1000 if ts is not None else None))
+
+
+def day_changed(date: str) -> Styled:
+    """``--- Day changed to Tue 01 Dec 2026``, irssi's mark, with no time of its own."""
+    head: list[Fragment] = [("class:info", "--- ")]
+    return Styled([*head, ("class:info", f"Day changed to {date}")], _width(head))
+
+
 def notice(text: str, *, error: bool = False) -> Styled:
     """A line of our own (command output, a refusal): ``-!- text``."""
     head: list[Fragment] = [("class:time", clock(None) + " "), ("class:error" if error else "class:info", "-!- ")]

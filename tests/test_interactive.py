@@ -305,6 +305,28 @@ def test_a_paste_of_many_lines_waits_for_enter_and_ctrl_c_drops_it(alice: Client
     run(main())
 
 
+def test_a_line_of_another_date_is_preceded_by_a_day_change_line(alice: Client) -> None:
+    """Lines show only HH:MM: a backlog from two days ago, then today's lines, each get a
+    ``--- Day changed to`` line before them, irssi-style (and only where the date changes)."""
+    now_ms = int(time.time() * 1000)
+    old_ms = now_ms - 2 * 86_400_000
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            for ts, text in ((old_ms, "old one"), (old_ms + 1000, "old two"), (now_ms, "new")):
+                t.ui._show(Event(type="msg", room="general", seq=1, ts=ts, name="bob", text=text))
+            await t.shows("<bob> new")
+            lines = t.lines()
+            start = next(i for i, line in enumerate(lines) if "old one" in line)
+            assert lines[start - 1] == f"--- Day changed to {render.day(old_ms)}"
+            assert "old two" in lines[start + 1]
+            assert lines[start + 2] == f"--- Day changed to {render.day(now_ms)}"
+            assert "<bob> new" in lines[start + 3]
+            assert sum("Day changed" in line for line in lines) == 2
+
+    run(main())
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -317,6 +339,8 @@ def test_join_makes_the_room_current(alice: Client, make_client: Callable[..., C
             t.line("/join #dev")
             await until(lambda: t.ui.current == "dev")
             assert t.prompt() == "[#dev] alice> "
+            who = await t.shows("-!- #dev: ")  # who is there, as IRC clients show on a join
+            assert set(who.split("#dev: ", 1)[1].split(", ")) == {"alice", "carol"}, who
             assert alice.rooms_joined == ["general", "dev"]
             t.line("hello dev")
             got = await receive(carol, lambda e: e.type == "msg" and e.name == "alice")
