@@ -214,6 +214,8 @@ class ChatUI:
         self._quit = False
         #: A paste of many lines, held until Enter sends it or Ctrl-C drops it.
         self._held: list[str] = []
+        #: Each name's colour, distinct among the people seen while the palette lasts.
+        self._colours = render.NickColours()
         #: The date of the last line shown: lines show only the time, so a new date gets a line.
         self._day = render.day(None)
         #: The signal (SIGTERM, SIGHUP) that ended the session, if one did.
@@ -426,7 +428,7 @@ class ChatUI:
                 self.dm_peers.add(peer)
         elif event.type == "status":
             self.session.app.invalidate()
-        line = render.styled(event, self.client.name, self.current)
+        line = render.styled(event, self.client.name, self.current, self._colours)
         self._ring |= line.alert
         self._mark_day(event.ts)
         self._emit(line)

@@ -14,6 +14,7 @@ import re
 import time
 import unicodedata
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from client.lib import Event
@@ -86,6 +87,23 @@ def name_colour(name: str) -> int:
     return zlib.crc32(name.encode("utf-8")) % PALETTE_SIZE
 
 
+class NickColours:
+    """Colours for names that people seen in one session do not share while the palette
+    lasts: with 12 colours, 5 hashed names share one 62% of the time. A name gets its
+    hashed colour, or the next one nobody seen yet has; once given, it keeps it."""
+
+    def __init__(self) -> None:
+        self._given: dict[str, int] = {}
+
+    def __call__(self, name: str) -> int:
+        colour = self._given.get(name)
+        if colour is None:
+            first, used = name_colour(name), set(self._given.values())
+            free = [i % PALETTE_SIZE for i in range(first, first + PALETTE_SIZE) if i % PALETTE_SIZE not in used]
+            colour = self._given[name] = free[0] if free else first
+        return colour
+
+
 def mentions(text: str, name: str) -> bool:
     """Whether ``text`` names ``name`` as a word ("bob:", "hi Bob!", not "bobcat")."""
     pattern = r"(?<![\w.-])" + re.escape(name) + r"(?![\w-])"
@@ -107,11 +125,12 @@ class Styled:
         return "".join(text for _, text in self.fragments)
 
 
-def styled(event: Event, me: str, current: str | None) -> Styled:
+def styled(event: Event, me: str, current: str | None, colour: Callable[[str], int] = name_colour) -> Styled:
     """``event`` as styled fragments, irssi-style.
 
     ``me`` is our name (own messages and mentions look different); a room
-    message from a room other than ``current`` is labelled with its room.
+    message from a room other than ``current`` is labelled with its room;
+    ``colour`` gives a name's palette index.
     """
     when: Fragment = ("class:time", clock(event.ts) + " ")
     name = clean(event.name or "?")
@@ -121,7 +140,7 @@ def styled(event: Event, me: str, current: str | None) -> Styled:
         head = [when]
         if event.room != current:
             head.append(("class:room", f"#{event.room} "))
-        nick = "class:nick.own" if event.own else f"class:nick.{name_colour(name)}"
+        nick = "class:nick.own" if event.own else f"class:nick.{colour(name)}"
         mention = not event.own and mentions(text, me)
         body_style = "class:text.own" if event.own else "class:text.mention" if mention else "class:text"
         if event.action:

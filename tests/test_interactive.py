@@ -795,6 +795,22 @@ def test_name_colour_is_stable_and_spread() -> None:
     assert render.name_colour("bob") == render.name_colour("bob")
 
 
+def test_people_seen_together_get_different_colours_while_the_palette_lasts() -> None:
+    """bob, dave, heidi and oscar hash to one colour; in one session each gets its own."""
+    same = ["bob", "dave", "heidi", "oscar"]
+    assert len({render.name_colour(n) for n in same}) == 1
+    colours = render.NickColours()
+    given = [colours(n) for n in same]
+    assert given[0] == render.name_colour("bob")  # the first keeps its hashed colour
+    assert len(set(given)) == 4
+    assert [colours(n) for n in reversed(same)] == given[::-1]  # kept once given
+    line = render.styled(Event(type="msg", room="general", ts=0, name="dave", text="hi"), "me", "general", colours)
+    assert (f"class:nick.{given[1]}", "dave") in line.fragments
+    crowd = render.NickColours()
+    assert sorted(crowd(f"user{i}") for i in range(render.PALETTE_SIZE)) == list(range(render.PALETTE_SIZE))
+    assert crowd("one too many") == render.name_colour("one too many")  # then colours repeat
+
+
 def test_wrap_counts_wide_characters_and_keeps_every_character() -> None:
     head = [("class:time", "12:00 "), ("", "<bob> ")]
     text = "short words then " + "漢字" * 12 + " and 😀😀😀 emoji at the end"
