@@ -397,18 +397,21 @@ def test_a_terminal_that_goes_away_without_a_sighup_ends_the_client_with_a_bye(b
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", HEIGHT, WIDTH, 0, 0))
     bob = PipeChat(broker_proc, "bob")
-    proc = subprocess.Popen(
-        ["sh", "-c", 'trap "" HUP; exec "$0" --name alice', bin_path("zchat")],  # SIGHUP ignored
-        stdin=slave,
-        stdout=slave,
-        stderr=subprocess.PIPE,  # to see it end as a hang-up, not on a traceback
-        text=True,
-        env={**broker_proc.env(), "TERM": "xterm"},
-        start_new_session=True,  # and no controlling terminal: the kernel sends it none either
-    )
-    os.close(slave)
+    proc: subprocess.Popen[str] | None = None
     try:
+        # Bob first: a join of alice's before his would reach him in his backlog, ahead of his own.
         bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        proc = subprocess.Popen(
+            ["sh", "-c", 'trap "" HUP; exec "$0" --name alice', bin_path("zchat")],  # SIGHUP ignored
+            stdin=slave,
+            stdout=slave,
+            stderr=subprocess.PIPE,  # to see it end as a hang-up, not on a traceback
+            text=True,
+            env={**broker_proc.env(), "TERM": "xterm"},
+            start_new_session=True,  # and no controlling terminal: the kernel sends it none either
+        )
+        os.close(slave)
+        slave = -1
         bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "alice" and e.get("event") == "join")
         os.close(master)
         master = -1
@@ -417,9 +420,11 @@ def test_a_terminal_that_goes_away_without_a_sighup_ends_the_client_with_a_bye(b
         assert "Traceback" not in proc.stderr.read()
         bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "alice" and e.get("event") == "leave", 5)
     finally:
-        if master >= 0:
-            os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
         bob.stop()
