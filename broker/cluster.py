@@ -240,6 +240,9 @@ class ClusterCore(Core):
                     log.info("session moved to another broker: %s (%s)", name, session.identity.hex())
                     self._drop_local(session)
                     self.bp.forget_session(name)
+                    # As in Core._hello: a connection still open here is a second client.
+                    text = f"{name!r} was resumed on another broker with its token"
+                    return [Reply(session.identity, p.error(ErrorCode.SESSION_MOVED, text))]
                 return []
             if kind == "dm":
                 if session is not None:

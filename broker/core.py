@@ -374,11 +374,15 @@ class Core:
             # session over. Nobody left or joined, so nothing is published; the
             # old connection is nobody from now on.
             log.info("session resumed: %s (%s -> %s)", name, _ident(holder.identity), _ident(identity))
-            del self.by_identity[holder.identity]
+            old = holder.identity
+            del self.by_identity[old]
             holder.identity = identity
             holder.last_seen = now
             self.by_identity[identity] = holder
-            return self._welcome(holder, True, rid)
+            # The old connection hears why it is nobody now. After a blip it is gone and
+            # this is dropped; alive, it is a second client with this token, which stops.
+            moved = p.error(ErrorCode.SESSION_MOVED, f"{name!r} was resumed on another connection with its token")
+            return [Reply(old, moved), *self._welcome(holder, True, rid)]
         if len(self.by_name) >= self.limits.max_sessions:
             return self.reject(
                 identity, ProtocolError(ErrorCode.LIMIT_REACHED, "the broker is full; try again later", rid)

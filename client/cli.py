@@ -10,7 +10,7 @@ from types import FrameType
 
 from client import render
 from client.commands import Commands
-from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError
+from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError, ZchatError
 from zchat import __version__
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerUnreachable as exc:
         printer.err(str(exc))
         return 1
-    except RequestError as exc:
+    except ZchatError as exc:  # RequestError, and a client closed under us
         printer.err(f"{exc.code}: {exc.message}")
         return 1
     except KeyboardInterrupt:
@@ -268,6 +268,8 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
     while reading:
         for event in client.drain_events():
             printer.event(event)
+        if client.state == "closed":  # closed under us (session_moved): the event said why
+            return 1
         # Back-pressure: stop reading input while too much is unacknowledged.
         want = [fd] if client.unacked < SEND_WINDOW else []
         if not client.pump(0.5, want):

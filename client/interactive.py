@@ -299,6 +299,8 @@ class ChatUI:
         if self._failure is not None:
             print(f"zchat: internal error: {self._failure!r}", file=sys.stderr)
             return 1
+        if self.client.state == "closed":
+            return 1
         return await self._settle()
 
     def _catch_terminating(self) -> None:
@@ -363,6 +365,11 @@ class ChatUI:
                     state = now
                     self.session.app.invalidate()
                 await self._flush()
+                if self.client.state == "closed":  # closed under us (session_moved): it said why
+                    self._quit = True
+                    if self.session.app.is_running:
+                        self.session.app.exit(result="")
+                    return
                 await asyncio.sleep(PUMP_INTERVAL_S)
         except asyncio.CancelledError:
             raise

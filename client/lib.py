@@ -480,6 +480,8 @@ class Client:
         self._sub_hwm = sub_hwm
         self._curve = curve
         self._auth_failure: str | None = None
+        #: Set by a session_moved error: the pump that read it closes this client.
+        self._moved: str | None = None
         #: The DEALER's connection was refused (or dropped) since the sockets were opened.
         self._refused = False
         self._hold_until = 0.0
@@ -905,7 +907,7 @@ class Client:
         own input at once.
         """
         if self.state == "closed":
-            raise ZchatError("closed", "this client is closed")
+            raise ZchatError("closed", self._moved or "this client is closed")
         self._maintain()
         # Never sleep long: we must wake up in time to ping and to notice loss.
         cap = min(self.heartbeat_ms, 1000)
@@ -923,7 +925,24 @@ class Client:
             self._read_sub()
         for monitor in [m for m in self._monitors if m in ready]:
             self._on_monitor(monitor)
+        if self._moved is not None and self.state != "closed":
+            self._end_moved(self._moved)
         return [fd for fd in fds if fd in ready]
+
+    def _end_moved(self, why: str) -> None:
+        """Closed for good, without a bye (the session is the other client's now)."""
+        lost = self.unacked
+        message = f"{why}: another client has this session (given the same resume token?), so this one is closed" + (
+            f"; {lost} message(s) not acknowledged" if lost else ""
+        )
+        for rid in [r for r in self._replies if self._replies[r] is None]:
+            self._replies[rid] = {"type": "error", "code": ErrorCode.SESSION_MOVED, "message": message}
+        self._events.append(Event(type="error", code=ErrorCode.SESSION_MOVED, message=message))
+        self._moved = message  # what a call on this closed client is told
+        self.state = "closed"
+        self._close_sockets()
+        if self._own_context:
+            self._ctx.term()
 
     def _idle(self, seconds: float) -> None:
         """Pump (queueing what arrives) for ``seconds``."""
@@ -1343,7 +1362,7 @@ class Client:
         """Every call but connect() and close() needs an open client (a message queued
         on one that is not would never go: nothing pumps it)."""
         if self.state == "closed":
-            raise ZchatError("closed", "this client is closed")
+            raise ZchatError("closed", self._moved or "this client is closed")
         if self.state == "new":
             raise ZchatError("not_connected", "connect() first")
 
@@ -1491,6 +1510,11 @@ class Client:
         if kind == "pong":
             self._note_seqs(env.get("seqs"), self._pings.pop(rid, None) if isinstance(rid, str) else None)
         code = env.get("code") if kind == "error" else None
+        if code == ErrorCode.SESSION_MOVED:
+            # Another client took our session with our resume token: taking it back
+            # would start a fight neither could win. We stop (at the end of this pump).
+            self._moved = str(env.get("message") or "our session was resumed elsewhere")
+            return
         if code == ErrorCode.NOT_REGISTERED and self.state == "connected":
             # The broker no longer knows us (it restarted, or expired us while we
             # were stopped): whatever this was, it is redone after a new hello.

@@ -199,7 +199,9 @@ def test_a_resume_back_on_the_first_broker_survives_a_late_takeover_notice(srv: 
     welcome = req(a, b"a1", {"type": "hello", "v": 1, "name": "carol"}, 1000)[0]
     req(a, b"a1", {"type": "join", "room": "general"}, 1000)
     assert req(b, b"b1", {"type": "hello", "v": 1, "name": "carol", "resume": welcome["resume"]}, 2000)[0]["resumed"]
-    assert req(a, b"a2", {"type": "hello", "v": 1, "name": "carol", "resume": welcome["resume"]}, 2100)[0]["resumed"]
+    told, back = req(a, b"a2", {"type": "hello", "v": 1, "name": "carol", "resume": welcome["resume"]}, 2100)
+    assert told["code"] == "session_moved"  # to a1, which A still thought was carol
+    assert back["resumed"]
     a.inbox("takeover", "carol", b"", 2200)  # B's notice, read late
     assert req(a, b"a2", {"type": "ping", "id": "p"}, 2300)[0]["type"] == "pong"
     assert a.bp.owner("carol") == "A"

@@ -173,7 +173,9 @@ def test_resume_takes_the_session_over() -> None:
     join(core, A, "general")
     seq = core.seqs["general"]
     actions = core.handle(B, enc(type="hello", v=1, name="alice", resume=first["resume"], id="h"), 50)
-    env = only_reply(actions, B)
+    told, env = (only_reply([action], who) for action, who in zip(actions, (A, B), strict=True))
+    # The old connection hears why, once: a second client given the token stops on it.
+    assert told["type"] == "error" and told["code"] == "session_moved" and "id" not in told
     assert env["type"] == "welcome"
     assert env["resumed"] is True
     assert env["sender"] == first["sender"]

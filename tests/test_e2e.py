@@ -718,6 +718,43 @@ def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: Ru
         assert again.who("general") == ["bot"]
 
 
+def test_two_clients_given_one_resume_token_do_not_fight_the_older_one_stops(
+    short_heartbeat_broker: RunningBroker,
+) -> None:
+    """A bot started twice with one saved token: the second takes the session; the first
+    used to take it back at its next ping, and so on for ever. Now the first is told
+    (session_moved), closes, and says so; the second keeps the session."""
+    broker = short_heartbeat_broker
+    first = Client("bot", HOST, broker.port, broker.pub_port)
+    first.connect()
+    first.join("general")
+    second = Client("bot", HOST, broker.port, broker.pub_port, resume=first.resume_token)
+    try:
+        second.connect()
+        second.join("general")
+
+        def first_closed() -> list[Event]:
+            with contextlib.suppress(ZchatError):
+                first.pump(0.05)
+            return [e for e in first.drain_events() if e.code == "session_moved"] if first.state == "closed" else []
+
+        (moved,) = wait_for(first_closed, 10, what=lambda: first.state)
+        assert "another client has this session" in (moved.message or "")
+        with pytest.raises(ZchatError) as closed:
+            first.send("general", "from the old one")
+        assert closed.value.code == "closed" and "another client has this session" in closed.value.message
+        # Past 10 heartbeats (the first one's pings): nobody took the session back.
+        end = time.monotonic() + 10 * broker.heartbeat_ms / 1000
+        while time.monotonic() < end:
+            assert second.send_wait("general", "still mine").seq is not None
+            assert second.state == "connected"
+            second.pump(0.2)
+        assert not [e for e in second.drain_events() if e.type in ("error", "status")]
+    finally:
+        second.close(settle=0)
+        first.close(settle=0)
+
+
 def test_a_ctrl_c_while_close_waits_still_closes(tmp_path: Path) -> None:
     """close() waits for acks now; interrupted, it still says bye and frees the sockets."""
     with alice_with_a_message_unsent(tmp_path) as alice:

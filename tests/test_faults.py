@@ -495,7 +495,10 @@ def test_resume_token_takes_session_over(broker: RunningBroker, ctx: zmq.Context
     resumed = new.request(p.hello("alice", "r", resume=token))
     assert resumed["type"] == "welcome" and resumed["resumed"] is True
     assert resumed["sender"] == welcome["sender"]
-    # The old connection is nobody now; the new one is alice, still in her room.
+    # The old connection is told once why (unasked), and is nobody now; the new one
+    # is alice, still in her room.
+    told = old.recv()
+    assert (told["type"], told["code"]) == ("error", "session_moved") and "id" not in told
     assert old.request({"type": "ping"})["code"] == "not_registered"
     assert new.request({"type": "who", "room": "general"})["members"] == ["alice"]
 

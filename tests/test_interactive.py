@@ -327,6 +327,19 @@ def test_a_line_of_another_date_is_preceded_by_a_day_change_line(alice: Client) 
     run(main())
 
 
+def test_another_client_taking_the_session_ends_this_one_saying_why(
+    alice: Client, make_client: Callable[..., Client], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            make_client("alice", resume=alice.resume_token)  # a second client given her token
+            assert await asyncio.wait_for(t.task, 10) == 1
+            assert any("session_moved" in line and "another client has this session" in line for line in t.lines())
+
+    run(main())
+    assert "internal error" not in capsys.readouterr().err  # an end the UI knows, not a crash
+
+
 # ------------------------------------------------------------------ commands
 
 

@@ -79,6 +79,10 @@ class ErrorCode(StrEnum):
     #: A DM its recipient's connection could not take (it was reconnecting, or
     #: not reading): not delivered; sending it again may be.
     UNDELIVERED = "undelivered"
+    #: Sent, unasked, to the connection a session was on when another connection took it
+    #: over with its resume token: a second client given the same token. That one must
+    #: stop, not take the session back (the two would take it from each other for ever).
+    SESSION_MOVED = "session_moved"
 
 
 class ProtocolError(Exception):
