@@ -19,7 +19,7 @@ from broker.auth import KeysError
 from broker.backplane import DEFAULT_RETENTION, HAVE_REDIS, NO_REDIS
 from broker.backplane import Errors as BackplaneErrors
 from broker.core import Limits
-from broker.server import PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config
+from broker.server import FD_MARGIN, PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config, fit_open_files_limit
 from broker.store import Store, StoreError, default_data_dir
 from zchat import __version__
 from zchat import protocol as p
@@ -228,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             "--rate-burst, --max-sessions and --max-rooms must be positive, --max-msg-bytes >= %d", p.MAX_FRAME_BYTES
         )
         return 2
+    limit, wanted = fit_open_files_limit(args.max_sessions)
+    if limit is not None and limit < wanted:
+        log.warning(
+            "the open-file limit is %d: enough for about %d clients (2 connections each), fewer than "
+            "--max-sessions %d; raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
+            limit,
+            max(0, (limit - FD_MARGIN) // 2),
+            args.max_sessions,
+        )
     data_dir: Path = args.data or default_data_dir()
     config = Config(
         host=args.host,

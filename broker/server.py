@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import secrets
@@ -27,6 +28,11 @@ from pathlib import Path
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+try:
+    import resource
+except ImportError:  # Windows: no such limit to fit
+    resource = None  # type: ignore[assignment]
 
 from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, secure_server
 from broker.backplane import DEFAULT_RETENTION, Backplane
@@ -80,6 +86,37 @@ MAX_PASSES_WAITING = 32
 #: 4 of 6 commits that waited over 4 ms had waited for a CPU, not the disk.
 SLOW_DISK_WAIT_S = 0.004
 SLOW_DISK_HOLD_S = 0.1
+#: File descriptors the broker holds besides its clients' connections (store, sockets,
+#: libzmq's own); each client takes 2 more (its request and its room-event connection).
+FD_MARGIN = 64
+
+
+def open_files_limit() -> int | None:
+    """This process's soft limit on open files, or None for no limit (or no such notion here)."""
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def fit_open_files_limit(max_sessions: int) -> tuple[int | None, int]:
+    """Raise the soft open-file limit towards what ``max_sessions`` clients need, as far
+    as the hard limit allows (shells often start with a soft 1024: about 480 clients).
+    Returns (the limit now, the limit wanted); the caller warns if it is short."""
+    want = 2 * max_sessions + FD_MARGIN
+    if resource is None:
+        return None, want
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if raised > soft:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    return open_files_limit(), want
+
+
+#: A failing accept (out of file descriptors) is logged at most this often, in s.
+ACCEPT_FAILED_LOG_S = 10.0
 #: How often (at most) the loop wakes up with nothing to do, in ms.
 IDLE_WAKE_MS = 200
 #: Frames larger than this make libzmq drop the connection before we see them;
@@ -174,6 +211,8 @@ class Broker:
         self._fanin_stop = threading.Event()
         self._dropped_log = LogBudget("dropped replies")
         self._connections_log = LogBudget("connection lines")
+        self._accept_failures = 0
+        self._accept_logged_at = -ACCEPT_FAILED_LOG_S
         self._fanin: zmq.Socket[bytes] | None = None
         self._listeners: list[threading.Thread] = []
         self.auth: Authenticator | None = None
@@ -202,7 +241,7 @@ class Broker:
         self.pub_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self.pub_port = int(self.pub_endpoint.rsplit(":", 1)[1])
-        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
         self._monitors = {
             self.router.get_monitor_socket(events): "client",
             self.pub.get_monitor_socket(events): "subscriber",
@@ -649,6 +688,25 @@ class Broker:
                 peer = self._peers.pop(key, "?")
                 if self._connections_log.allow(int(time.monotonic())):
                     log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
+            elif event["event"] == zmq.EVENT_ACCEPT_FAILED:
+                # ``value`` is the errno. Out of file descriptors, libzmq retries the
+                # accept at once, for ever: without this line the broker would only be
+                # seen busy, with new clients unanswered. One line per 10 s, with a count.
+                self._accept_failures += 1
+                now = time.monotonic()
+                if now - self._accept_logged_at >= ACCEPT_FAILED_LOG_S:
+                    hint = ""
+                    if fd in (errno.EMFILE, errno.ENFILE):
+                        limit = open_files_limit()
+                        hint = f" (open-file limit {limit}; raise it: ulimit -n, or LimitNOFILE= in a systemd unit)"
+                    log.warning(
+                        "cannot accept %s connections: %s%s; %d failed accept(s) since the last such line",
+                        kind,
+                        os.strerror(fd),
+                        hint,
+                        self._accept_failures,
+                    )
+                    self._accept_logged_at, self._accept_failures = now, 0
 
     def _close_sockets(self) -> None:
         self._fanin_stop.set()

@@ -241,9 +241,12 @@ class BrokerProcess:
     log: list[str] = field(default_factory=list)
     #: Environment variables to set for the broker, on top of ours.
     environ: dict[str, str] = field(default_factory=dict)
+    #: A command that runs the broker (it must exec it: ``prlimit ...``).
+    prefix: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
         args = [
+            *self.prefix,
             bin_path("zchat-broker"),
             "--host",
             HOST,

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import queue
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from tests.conftest import HOST, BrokerProcess, bin_path, wait_for
 from zchat import protocol as p
@@ -422,6 +425,46 @@ def test_the_store_is_readable_by_its_user_only(tmp_path: Path) -> None:
     finally:
         broker.kill()
     assert (tmp_path / "open").stat().st_mode & 0o777 == 0o755
+
+
+def test_the_broker_raises_its_open_file_limit_as_far_as_it_may(tmp_path: Path) -> None:
+    """Shells often start with a soft limit of 1024 files: about 480 clients. The broker
+    raises it towards 2 per --max-sessions (up to the hard limit) and says if that is short."""
+    broker = BrokerProcess(tmp_path / "d", prefix=["prlimit", "--nofile=256:4096"]).start()
+    try:
+        assert broker.proc is not None
+        limits = Path(f"/proc/{broker.proc.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+        assert any("the open-file limit is 4096: enough for about 2016 clients" in line for line in broker.log)
+    finally:
+        broker.kill()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # raising it would need privileges
+    roomy = BrokerProcess(tmp_path / "e", prefix=["prlimit", f"--nofile=256:{hard}"], extra=["--max-sessions", "50"])
+    roomy.start()
+    try:
+        assert roomy.proc is not None
+        assert re.search(r"Max open files\s+256\s", Path(f"/proc/{roomy.proc.pid}/limits").read_text())
+        assert not any("open-file limit" in line for line in roomy.log)  # 256 serve 50 sessions
+    finally:
+        roomy.kill()
+
+
+def test_a_broker_out_of_file_descriptors_says_so(tmp_path: Path) -> None:
+    """Out of file descriptors, libzmq retries accept() at once, for ever: the broker
+    looked only busy, and new clients went unanswered. Now the log says why."""
+    broker = BrokerProcess(tmp_path / "d", prefix=["prlimit", "--nofile=64:64"]).start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        assert any("the open-file limit is 64: enough for about 0 clients" in line for line in broker.log)
+        socks = [ctx.socket(zmq.DEALER) for _ in range(40)]  # kept: a collected socket closes
+        for sock in socks:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{HOST}:{broker.port}")
+        needle = "cannot accept client connections: Too many open files (open-file limit 64; raise it"
+        wait_for(lambda: any(needle in line for line in broker.log), 10, what=lambda: broker.log[-3:])
+    finally:
+        ctx.destroy(linger=0)
+        broker.kill()
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
