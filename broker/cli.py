@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
 
 import zmq
 
@@ -21,36 +18,13 @@ from broker.backplane import Errors as BackplaneErrors
 from broker.core import Limits
 from broker.server import FD_MARGIN, PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config, fit_open_files_limit
 from broker.store import Store, StoreError, default_data_dir
-from zchat import __version__
+from zchat import __version__, envargs
 from zchat import protocol as p
 
 log = logging.getLogger("zchat.broker")
 #: Start, ready and stop lines are shown whatever --log-level says: an operator
 #: (and a test) must always learn where the broker listens and when it is gone.
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
-T = TypeVar("T")
-
-
-def _env(name: str, default: T, convert: Callable[[str], T]) -> T:
-    """``name`` from the environment, checked as its flag would be (a bad value exits 2,
-    naming the variable): a typo must not quietly become another setting."""
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return convert(value)
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        reason = exc if isinstance(exc, argparse.ArgumentTypeError) else "not a number"
-        sys.stderr.write(f"zchat-broker: {name}={value!r}: {reason}\n")
-        raise SystemExit(2) from None
-
-
-def _env_int(name: str, default: int) -> int:
-    return _env(name, default, int)
-
-
-def _env_float(name: str, default: float) -> float:
-    return _env(name, default, float)
 
 
 def _port(text: str) -> int:
@@ -58,15 +32,6 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 picks a free one)")
     return port
-
-
-def _one_of(*choices: str) -> Callable[[str], str]:
-    def check(text: str) -> str:
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"choose one of {', '.join(choices)}")
-        return text
-
-    return check
 
 
 DURABILITIES = ("full", "normal")
@@ -80,43 +45,44 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each setting also reads an environment variable, named in brackets; a flag wins over it.",
     )
     parser.add_argument(
-        "--host", default=os.environ.get("ZCHAT_HOST", "0.0.0.0"), help="address to bind (ZCHAT_HOST; default 0.0.0.0)"
+        "--host", default=envargs.default("ZCHAT_HOST", "0.0.0.0"), help="address to bind (ZCHAT_HOST; default 0.0.0.0)"
     )
     parser.add_argument(
         "--port",
         type=_port,
-        default=_env("ZCHAT_PORT", 5555, _port),
+        default=envargs.default("ZCHAT_PORT", 5555),
         help="ROUTER port for requests and replies; 0 picks a free port (ZCHAT_PORT; default 5555)",
     )
     parser.add_argument(
         "--pub-port",
         type=_port,
-        default=_env("ZCHAT_PUB_PORT", 5556, _port),
+        default=envargs.default("ZCHAT_PUB_PORT", 5556),
         help="PUB port for room events; 0 picks a free port (ZCHAT_PUB_PORT; default 5556)",
     )
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ["ZCHAT_DATA"]) if os.environ.get("ZCHAT_DATA") else None,
+        default=envargs.default("ZCHAT_DATA", None),
         help=f"directory of the message store, one broker per directory (ZCHAT_DATA; default {default_data_dir()})",
     )
     parser.add_argument(
         "--heartbeat-ms",
         type=int,
-        default=_env_int("ZCHAT_HEARTBEAT_MS", 5000),
+        default=envargs.default("ZCHAT_HEARTBEAT_MS", 5000),
         help="clients ping this often; a session silent for 3x this is ended (ZCHAT_HEARTBEAT_MS; default 5000)",
     )
     parser.add_argument(
         "--durability",
+        type=str.lower,
         choices=DURABILITIES,
-        default=_env("ZCHAT_DURABILITY", "full", _one_of(*DURABILITIES)),
+        default=envargs.default("ZCHAT_DURABILITY", "full"),
         help="full: an ack means the message is fsynced to disk; normal: it survives a crash of the broker "
         "but maybe not of the machine, and is faster (ZCHAT_DURABILITY; default full)",
     )
     parser.add_argument(
         "--pub-hwm",
         type=int,
-        default=_env_int("ZCHAT_PUB_HWM", PUB_SNDHWM),
+        default=envargs.default("ZCHAT_PUB_HWM", PUB_SNDHWM),
         help=f"room messages (events, or batches of up to {p.BATCH_MAX_BYTES // 1024} KiB of them) queued per "
         "subscriber before a slow one loses live events, which it then fetches from history; bounds the "
         "broker's memory "
@@ -126,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keys",
         type=Path,
-        default=Path(os.environ["ZCHAT_KEYS"]) if os.environ.get("ZCHAT_KEYS") else None,
+        default=envargs.default("ZCHAT_KEYS", None),
         help="directory with broker.key_secret and authorized/NAME.key: turns on CURVE encryption and lets in "
         "only those users, each under its own name; SIGHUP re-reads authorized/ (ZCHAT_KEYS; default: off)",
     )
     parser.add_argument(
         "--backplane",
-        default=os.environ.get("ZCHAT_BACKPLANE") or None,
+        default=envargs.default("ZCHAT_BACKPLANE", None),
         metavar="URL",
         help="redis://HOST:PORT/DB: share one chat among several brokers through Redis (a server or a Cluster); "
         "room logs, seq, names and DMs live there and --data is not used (ZCHAT_BACKPLANE)",
@@ -140,34 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retention",
         type=int,
-        default=_env_int("ZCHAT_RETENTION", DEFAULT_RETENTION),
+        default=envargs.default("ZCHAT_RETENTION", DEFAULT_RETENTION),
         metavar="N",
         help=f"with --backplane: events kept per room (ZCHAT_RETENTION; default {DEFAULT_RETENTION})",
     )
     parser.add_argument(
         "--rate-limit",
         type=float,
-        default=_env_float("ZCHAT_RATE_LIMIT", limits.rate),
+        default=envargs.default("ZCHAT_RATE_LIMIT", limits.rate),
         help="messages + DMs a second per session, sustained; 0 turns it off "
         f"(ZCHAT_RATE_LIMIT; default {limits.rate:g})",
     )
     parser.add_argument(
         "--rate-burst",
         type=int,
-        default=_env_int("ZCHAT_RATE_BURST", limits.burst),
+        default=envargs.default("ZCHAT_RATE_BURST", limits.burst),
         help=f"messages a session may send at once above that rate (ZCHAT_RATE_BURST; default {limits.burst})",
     )
     parser.add_argument(
         "--join-rate",
         type=float,
-        default=_env_float("ZCHAT_JOIN_RATE", limits.join_rate),
+        default=envargs.default("ZCHAT_JOIN_RATE", limits.join_rate),
         help="joins + leaves a second per session, sustained, with a burst of "
         f"{limits.join_burst}; 0 turns it off (ZCHAT_JOIN_RATE; default {limits.join_rate:g})",
     )
     parser.add_argument(
         "--history-rate",
         type=float,
-        default=_env_float("ZCHAT_HISTORY_RATE", limits.history_bytes / 1048576),
+        default=envargs.default("ZCHAT_HISTORY_RATE", limits.history_bytes / 1048576),
         metavar="MIB",
         help="MiB of history and rooms replies a second per session, with a burst of "
         f"{limits.history_burst // 1048576} MiB; 0 turns it off (ZCHAT_HISTORY_RATE; "
@@ -176,32 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-sessions",
         type=int,
-        default=_env_int("ZCHAT_MAX_SESSIONS", limits.max_sessions),
+        default=envargs.default("ZCHAT_MAX_SESSIONS", limits.max_sessions),
         help=f"live sessions at most (ZCHAT_MAX_SESSIONS; default {limits.max_sessions})",
     )
     parser.add_argument(
         "--max-rooms",
         type=int,
-        default=_env_int("ZCHAT_MAX_ROOMS", limits.max_rooms),
+        default=envargs.default("ZCHAT_MAX_ROOMS", limits.max_rooms),
         help=f"rooms one session may be in (ZCHAT_MAX_ROOMS; default {limits.max_rooms})",
     )
     parser.add_argument(
         "--max-text",
         type=int,
-        default=_env_int("ZCHAT_MAX_TEXT", limits.max_text),
+        default=envargs.default("ZCHAT_MAX_TEXT", limits.max_text),
         help=f"longest message text in characters, at most {p.MAX_TEXT_CHARS} "
         f"(ZCHAT_MAX_TEXT; default {limits.max_text})",
     )
     parser.add_argument(
         "--max-msg-bytes",
         type=int,
-        default=_env_int("ZCHAT_MAX_MSG_BYTES", SOCKET_MAX_MSG_BYTES),
+        default=envargs.default("ZCHAT_MAX_MSG_BYTES", SOCKET_MAX_MSG_BYTES),
         help="a ZeroMQ frame larger than this drops the sender's connection (ZMQ_MAXMSGSIZE); smaller "
         f"oversize envelopes get a too_large error (ZCHAT_MAX_MSG_BYTES; default {SOCKET_MAX_MSG_BYTES})",
     )
     parser.add_argument(
         "--log-level",
-        default=_env("ZCHAT_LOG_LEVEL", "info", _one_of(*LOG_LEVELS)),
+        type=str.lower,
+        default=envargs.default("ZCHAT_LOG_LEVEL", "info"),
         choices=LOG_LEVELS,
         help="(ZCHAT_LOG_LEVEL; default info)",
     )
@@ -210,24 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = envargs.resolve(parser, parser.parse_args(argv))
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     lifecycle.setLevel(logging.INFO)
-    if args.heartbeat_ms < 100:
-        log.error("--heartbeat-ms must be at least 100")
-        return 2
-    if not 1 <= args.max_text <= p.MAX_TEXT_CHARS:
-        log.error("--max-text must be between 1 and %d", p.MAX_TEXT_CHARS)
-        return 2
-    if min(args.rate_burst, args.max_sessions, args.max_rooms) < 1 or args.max_msg_bytes < p.MAX_FRAME_BYTES:
-        log.error(
-            "--rate-burst, --max-sessions and --max-rooms must be positive, --max-msg-bytes >= %d", p.MAX_FRAME_BYTES
-        )
-        return 2
+    for flag, value, low, high in (
+        ("--heartbeat-ms", args.heartbeat_ms, 100, None),
+        ("--max-text", args.max_text, 1, p.MAX_TEXT_CHARS),
+        ("--rate-burst", args.rate_burst, 1, None),
+        ("--max-sessions", args.max_sessions, 1, None),
+        ("--max-rooms", args.max_rooms, 1, None),
+        ("--max-msg-bytes", args.max_msg_bytes, p.MAX_FRAME_BYTES, None),
+        ("--retention", args.retention, 1, None),
+    ):
+        if value < low or (high is not None and value > high):
+            variable = "ZCHAT_" + flag[2:].upper().replace("-", "_")
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            log.error("%s (or %s) must be %s, not %s", flag, variable, bounds, value)
+            return 2
     limit, wanted = fit_open_files_limit(args.max_sessions)
     if limit is not None and limit < wanted:
         log.warning(
@@ -260,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         backplane=args.backplane,
         retention=args.retention,
     )
-    if args.retention < 1:
-        log.error("--retention must be positive")
-        return 2
     if config.backplane and not HAVE_REDIS:
         log.error("%s", NO_REDIS)
         return 2

@@ -240,9 +240,11 @@ class ClusterCore(Core):
                     log.info("session moved to another broker: %s (%s)", name, session.identity.hex())
                     self._drop_local(session)
                     self.bp.forget_session(name)
-                    # As in Core._hello: a connection still open here is a second client.
-                    text = f"{name!r} was resumed on another broker with its token"
-                    return [Reply(session.identity, p.error(ErrorCode.SESSION_MOVED, text))]
+                    # No session_moved here, unlike Core._hello: a notice read late may
+                    # concern a session that has since come back to this broker on a new
+                    # connection (during a backoff, unclaimed), and that client must not
+                    # be stopped. A second client with the token on another broker gets
+                    # not_registered, as before.
                 return []
             if kind == "dm":
                 if session is not None:

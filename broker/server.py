@@ -654,9 +654,12 @@ class Broker:
             _send(self.router, frame, _NOBLOCK)
         except zmq.ZMQError as exc:
             # Gone (EHOSTUNREACH) or not reading (EAGAIN): never block everyone
-            # else for one peer. Its requests are safe to resend.
-            if self._dropped_log.allow(int(time.monotonic())):
-                log.info("reply to %s dropped: %s", identity.hex(), exc.strerror)
+            # else for one peer. Its requests are safe to resend. A peer that is
+            # gone is routine (the session_moved sent after every resume goes to
+            # a connection a blip already closed): debug. One not reading: info.
+            level = logging.DEBUG if exc.errno == errno.EHOSTUNREACH else logging.INFO
+            if log.isEnabledFor(level) and self._dropped_log.allow(int(time.monotonic())):
+                log.log(level, "reply to %s dropped: %s", identity.hex(), exc.strerror)
             return False
         return True
 

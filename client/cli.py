@@ -11,7 +11,7 @@ from types import FrameType
 from client import render
 from client.commands import Commands
 from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError, ZchatError
-from zchat import __version__
+from zchat import __version__, envargs
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
 
@@ -28,18 +28,6 @@ def _port(text: str) -> int:
     return port
 
 
-def _env_port(name: str, default: int) -> int:
-    """``name`` from the environment, checked as ``--port`` is; a bad value exits 2."""
-    value = os.environ.get(name)
-    try:
-        return _port(value) if value else default
-    except ValueError:
-        sys.stderr.write(f"zchat: {name}={value!r} is not a number\n")
-    except argparse.ArgumentTypeError as exc:
-        sys.stderr.write(f"zchat: {name}={value!r}: {exc}\n")
-    raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zchat",
@@ -51,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . -")
     parser.add_argument(
         "--host",
-        default=os.environ.get("ZCHAT_HOST", "127.0.0.1"),
+        default=envargs.default("ZCHAT_HOST", "127.0.0.1"),
         metavar="H[,H...]",
         help="broker address: HOST, HOST:PORT or HOST:PORT:PUBPORT (IPv6 in brackets, [::1]:5555); "
         "several, separated by commas, are tried in order and the client fails over to the next "
@@ -60,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port",
         type=_port,
-        default=_env_port("ZCHAT_PORT", 5555),
+        default=envargs.default("ZCHAT_PORT", 5555),
         help="request port of addresses without one (ZCHAT_PORT)",
     )
     parser.add_argument(
         "--pub-port",
         type=_port,
-        default=_env_port("ZCHAT_PUB_PORT", 5556),
+        default=envargs.default("ZCHAT_PUB_PORT", 5556),
         help="room event port of addresses without one (ZCHAT_PUB_PORT)",
     )
     parser.add_argument("--room", default="general", help="room to join first (default general)")
@@ -77,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--send", metavar="TEXT", help="send TEXT to the room, wait for its ack, exit")
     parser.add_argument(
         "--key",
-        default=os.environ.get("ZCHAT_KEY"),
+        default=envargs.default("ZCHAT_KEY", None),
         metavar="FILE",
         help="your CURVE secret key, NAME.key_secret from zchat-keygen, for a broker run with --keys (ZCHAT_KEY)",
     )
     parser.add_argument(
         "--broker-key",
-        default=os.environ.get("ZCHAT_BROKER_KEY"),
+        default=envargs.default("ZCHAT_BROKER_KEY", None),
         metavar="FILE",
         help="the broker's public key, broker.key (ZCHAT_BROKER_KEY)",
     )
@@ -164,7 +152,8 @@ def _catch_terminating() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = envargs.resolve(parser, parser.parse_args(argv))
     printer = Printer(args.json)
     try:
         room = p.parse_room(args.room)

@@ -357,7 +357,8 @@ class ChatUI:
         state = connection_status(self.client)
         try:
             while True:
-                self.client.pump(0)
+                if self.client.state != "closed":  # (a command's own pumping may have closed it)
+                    self.client.pump(0)
                 for event in self.client.drain_events():
                     self._show(event)
                 now = connection_status(self.client)
@@ -478,8 +479,15 @@ class ChatUI:
         self.session.app.invalidate()
 
     def _accept(self, buffer: Buffer) -> bool:
-        held, self._held = self._held, []
-        for line in [*held, buffer.text]:  # a held paste, confirmed; the line being typed goes after it
+        text = buffer.text
+        held: list[str] = []
+        if not (text.startswith("/") and not text.startswith("//")):
+            # Enter confirms a held paste, and the line being typed goes after it; a
+            # command (/quit, /switch) runs on its own and the paste stays held.
+            held, self._held = self._held, []
+        for line in held:
+            buffer.history.append_string(line)
+        for line in [*held, text]:
             self.handle(line)
             if self._quit:
                 break
@@ -591,13 +599,13 @@ class ChatUI:
         rest = last + doc.text_after_cursor
         buffer.document = Document(rest, len(last))
         lines = [line for line in lines if line.strip()]
-        for line in lines:
-            buffer.history.append_string(line)
         if self._held or len(lines) > PASTE_CONFIRM_LINES:
-            self._held += lines
+            self._held += lines  # into the history only if Enter sends them
             self._out(f"paste of {len(self._held)} lines held: Enter sends them, Ctrl-C drops them")
             self.session.app.invalidate()
             return
+        for line in lines:
+            buffer.history.append_string(line)
         for line in lines:
             self.handle(line)
             if self._quit:

@@ -163,6 +163,11 @@ class BrokerAddress:
     port: int
     pub_port: int
 
+    def __post_init__(self) -> None:
+        for what, number in (("port", self.port), ("room event port", self.pub_port)):
+            if not 1 <= number <= 65535:  # libzmq would take 99999 and connect to 34463
+                raise ValueError(f"{what} {number} is not a port number (1-65535)")
+
     @property
     def endpoint(self) -> str:
         return endpoint(self.host, self.port)
@@ -224,9 +229,6 @@ def parse_address(text: str, port: int = 5555, pub_port: int = 5556) -> BrokerAd
             raise ValueError(f"broker address {text!r}: {host!r} is not a host name or IP address")
     if len(ports) > 2:
         raise ValueError(f"broker address {text!r}: too many ports; expected {_ADDRESS_FORMS}")
-    for what, number in (("port", port), ("room event port", pub_port)):
-        if not 1 <= number <= 65535:  # libzmq would take 99999 and connect to 34463
-            raise ValueError(f"{what} {number} is not a port number (1-65535)")
     numbers = [port, pub_port]
     for i, value in enumerate(ports):
         what = ("PORT", "PUBPORT")[i]
@@ -457,8 +459,9 @@ class Client:
         ``resume`` is the :attr:`resume_token` of an earlier ``Client`` of this name:
         a program restarted after a crash takes its session back at once, where a
         plain hello meets ``name_taken`` until the old one expires. It must
-        ``join()`` its rooms again to hear them. Two clients never share a token:
-        each would take the session from the other at its next request.
+        ``join()`` its rooms again to hear them. Give a token to one running client:
+        the one a second client takes the session from gets a ``session_moved``
+        error event and is closed.
         """
         if not p.is_name(name):
             raise RequestError(
@@ -623,7 +626,8 @@ class Client:
         ``flush_timeout``: how long the bye may take to leave.
         """
         if self.state == "closed":
-            return 0
+            # Closed already; or under us by a session_moved: what it left unsent is lost.
+            return self.unacked if self._moved is not None else 0
         interrupted: KeyboardInterrupt | None = None
         if settle > 0 and self.state != "new":
             try:
@@ -633,6 +637,10 @@ class Client:
                 interrupted = exc
             except (ZchatError, zmq.ZMQError):
                 pass
+            if self.state == "closed":  # a session_moved read meanwhile closed it
+                if interrupted is not None:
+                    raise interrupted
+                return self.unacked
         lost = self.unacked
         if lost:
             log.warning("%s: closed with %d message(s) not acknowledged: they may not be stored", self.name, lost)
@@ -1500,6 +1508,8 @@ class Client:
             self._note_unavailable()  # last: it may fail over to the next broker
 
     def _dispatch(self, env: Envelope) -> None:
+        if self._moved is not None:
+            return  # the session is another client's: the rest of this read is not ours
         kind = env["type"]
         if kind == "dm":
             # Before any id matching: a DM's id is its author's, and must never be

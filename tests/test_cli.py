@@ -11,6 +11,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -303,28 +304,46 @@ def test_broker_help_and_bad_port() -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "needle"),
     [
-        ("ZCHAT_DURABILITY", "FULL", "choose one of full, normal"),  # was quietly "normal"
+        ("ZCHAT_DURABILITY", "fsync", "choose one of full, normal"),  # anything but "full" was "normal"
         ("ZCHAT_LOG_LEVEL", "verbose", "choose one of debug, info, warning, error"),  # was a traceback
         ("ZCHAT_PORT", "99999", "99999 is not a TCP port"),  # libzmq would have listened on 34463
         ("ZCHAT_PUB_PORT", "x", "not a number"),
         ("ZCHAT_RATE_LIMIT", "fast", "not a number"),
+        ("ZCHAT_HEARTBEAT_MS", "50", None),  # in range only once parsed: said by main
     ],
 )
 def test_a_bad_broker_environment_variable_exits_2_naming_it(
-    variable: str, value: str, needle: str, tmp_path: Path
+    variable: str, value: str, needle: str | None, tmp_path: Path
 ) -> None:
-    result = _broker_cmd("--data", str(tmp_path / "d"), env={**os.environ, variable: value})
+    env = {**os.environ, variable: value}
+    result = _broker_cmd("--data", str(tmp_path / "d"), env=env)
     assert result.returncode == 2, result.stderr
-    assert f"{variable}={value!r}: {needle}" in result.stderr
+    if needle is None:
+        assert "--heartbeat-ms (or ZCHAT_HEARTBEAT_MS) must be at least 100, not 50" in result.stderr
+    else:
+        assert f"{variable}={value!r}: {needle}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "d").exists()  # refused before anything was opened
+    # A variable is only a default: --version and --help still work.
+    assert _broker_cmd("--version", env=env).returncode == 0
+
+
+def test_a_flag_wins_over_a_bad_variable_and_names_are_not_case_sensitive(tmp_path: Path) -> None:
+    env = {**os.environ, "ZCHAT_PORT": "99999", "ZCHAT_LOG_LEVEL": "DEBUG", "ZCHAT_DURABILITY": "Normal"}
+    broker = BrokerProcess(tmp_path / "d", environ=env).start()  # it passes --port 0
+    try:
+        health = [sys.executable, "-m", "broker.health", "--host", HOST, "--port", str(broker.port)]
+        assert subprocess.run(health, timeout=15, check=False).returncode == 0  # its ping is logged at debug
+        wait_for(lambda: any(" DEBUG " in line for line in broker.log), 5, what=lambda: broker.log)
+    finally:
+        broker.kill()
 
 
 def test_client_argument_errors_exit_2() -> None:
     env = {**os.environ, "ZCHAT_PORT": "abc"}
     for args, extra_env, needle in (
         (["--send", ""], {}, "--send: 'text' is empty"),
-        ([], env, "ZCHAT_PORT='abc' is not a number"),
+        ([], env, "ZCHAT_PORT='abc': not a number"),
         ([], {**os.environ, "ZCHAT_PUB_PORT": "99999"}, "ZCHAT_PUB_PORT='99999': 99999 is not a port number"),
         (["--port", "0"], {}, "argument --port: 0 is not a port number (1-65535)"),
     ):

@@ -755,6 +755,29 @@ def test_two_clients_given_one_resume_token_do_not_fight_the_older_one_stops(
         first.close(settle=0)
 
 
+def test_a_session_moved_read_while_closing_is_a_clean_close(
+    broker: RunningBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The takeover is read by close()'s wait for acks, with a line of ours unsent and its
+    not_registered refusal in the same read: close() returns that line as lost, and no
+    'reconnecting' is reported before the session_moved (it used to raise KeyError)."""
+    first = Client("bot", HOST, broker.port, broker.pub_port)
+    first.connect()
+    first.join("general")
+    second = Client("bot", HOST, broker.port, broker.pub_port, resume=first.resume_token)
+    try:
+        second.connect()
+        wait_for(lambda: second.who("general") == ["bot"], 5)
+        first.send("general", "late line")
+        # Refused before first reads anything: both replies wait in its socket.
+        wait_for(lambda: any("say hello before 'msg'" in r.getMessage() for r in caplog.records), 5)
+        assert first.close() == 1
+        assert [(e.type, e.code) for e in first.drain_events()] == [("error", "session_moved")]
+        assert first.close() == 1  # again: the same count, no error
+    finally:
+        second.close(settle=0)
+
+
 def test_a_ctrl_c_while_close_waits_still_closes(tmp_path: Path) -> None:
     """close() waits for acks now; interrupted, it still says bye and frees the sockets."""
     with alice_with_a_message_unsent(tmp_path) as alice:

@@ -288,10 +288,16 @@ def test_a_paste_of_many_lines_waits_for_enter_and_ctrl_c_drops_it(alice: Client
             t.keys(paste("\n".join(log) + "\n"))
             await t.shows("paste of 8 lines held: Enter sends them, Ctrl-C drops them")
             assert "paste of 8 lines: Enter/Ctrl-C" in t.toolbar()
+            t.line("/who")  # a command runs on its own; the paste stays held
+            await t.shows("-!- #general: ")
+            assert "paste of 8 lines: Enter/Ctrl-C" in t.toolbar()
             t.keys(CTRL_C)
             await t.shows("paste of 8 lines dropped")
             assert not t.task.done()  # Ctrl-C dropped the paste; it did not quit
             assert "paste of" not in t.toolbar()
+            t.keys(UP)  # a dropped paste is not in the history either
+            await until(lambda: t.buffer.text == "/who", what=lambda: t.buffer.text)
+            t.keys(CTRL_U)
             short = ["short 1", "short 2", "short 3"]
             t.keys(paste("\n".join(short) + "\n"))  # 5 or fewer: sent at once
             got = await receive_n(bob, lambda e: e.type == "msg" and e.name == "alice", 3)
@@ -526,6 +532,7 @@ def test_quit_waits_for_the_lines_a_rate_limit_held(tmp_path: Path) -> None:
         async def main() -> None:
             async with chat_ui(client) as t:
                 t.keys(paste("\n".join(lines) + "\n"))
+                t.keys(ENTER)  # over 5 lines: held until Enter
                 t.line("/quit")
                 assert await asyncio.wait_for(t.task, 20) == 0
 

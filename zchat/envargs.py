@@ -1,0 +1,49 @@
+"""Command-line flags that also read an environment variable, for both commands.
+
+A variable is only a default: a flag given on the command line wins over it,
+and a bad variable must not stop ``--help``, ``--version`` or a run whose flag
+overrides it. So a variable's text is kept as :class:`FromEnv` while argparse
+parses (argparse would convert a ``str`` default itself, and its error would not
+name the variable), then :func:`resolve` converts and checks what is left of them
+exactly as their flags are converted and checked, naming the variable on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FromEnv:
+    """A flag's default as read from ``variable``, not converted yet."""
+
+    variable: str
+    text: str
+
+
+def default(variable: str, fallback: Any) -> Any:
+    """``fallback``, or the text of ``variable`` (set and not empty) to be checked by :func:`resolve`."""
+    text = os.environ.get(variable)
+    return fallback if text is None or text == "" else FromEnv(variable, text)
+
+
+def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Convert the defaults that came from variables with their flag's ``type`` and
+    ``choices``; a bad one exits 2 (as a bad flag does) with a line naming it."""
+    for action in parser._actions:  # argparse has no public list of its actions
+        value = getattr(args, action.dest, None)
+        if not isinstance(value, FromEnv):
+            continue
+        try:
+            converted = action.type(value.text) if callable(action.type) else value.text
+            if action.choices is not None and converted not in action.choices:
+                raise argparse.ArgumentTypeError(f"choose one of {', '.join(map(str, action.choices))}")
+        except argparse.ArgumentTypeError as exc:
+            parser.exit(2, f"{parser.prog}: {value.variable}={value.text!r}: {exc}\n")
+        except ValueError:
+            parser.exit(2, f"{parser.prog}: {value.variable}={value.text!r}: not a number\n")
+        setattr(args, action.dest, converted)
+    return args
