@@ -718,6 +718,20 @@ def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: Ru
         assert again.who("general") == ["bot"]
 
 
+def bot_and_a_twin(broker: RunningBroker) -> tuple[Client, Client]:
+    """A bot in #general, and a second client that took its session with its resume token."""
+    first = Client("bot", HOST, broker.port, broker.pub_port)
+    first.connect()
+    first.join("general")
+    second = Client("bot", HOST, broker.port, broker.pub_port, resume=first.resume_token)
+    try:
+        second.connect()
+    except BaseException:
+        first.close(settle=0)
+        raise
+    return first, second
+
+
 def test_two_clients_given_one_resume_token_do_not_fight_the_older_one_stops(
     short_heartbeat_broker: RunningBroker,
 ) -> None:
@@ -725,12 +739,8 @@ def test_two_clients_given_one_resume_token_do_not_fight_the_older_one_stops(
     used to take it back at its next ping, and so on for ever. Now the first is told
     (session_moved), closes, and says so; the second keeps the session."""
     broker = short_heartbeat_broker
-    first = Client("bot", HOST, broker.port, broker.pub_port)
-    first.connect()
-    first.join("general")
-    second = Client("bot", HOST, broker.port, broker.pub_port, resume=first.resume_token)
+    first, second = bot_and_a_twin(broker)
     try:
-        second.connect()
         second.join("general")
 
         def first_closed() -> list[Event]:
@@ -761,13 +771,8 @@ def test_a_session_moved_read_while_closing_is_a_clean_close(
     """The takeover is read by close()'s wait for acks, with a line of ours unsent and its
     not_registered refusal in the same read: close() returns that line as lost, and no
     'reconnecting' is reported before the session_moved (it used to raise KeyError)."""
-    first = Client("bot", HOST, broker.port, broker.pub_port)
-    first.connect()
-    first.join("general")
-    second = Client("bot", HOST, broker.port, broker.pub_port, resume=first.resume_token)
+    first, second = bot_and_a_twin(broker)
     try:
-        second.connect()
-        wait_for(lambda: second.who("general") == ["bot"], 5)
         first.send("general", "late line")
         # Refused before first reads anything: both replies wait in its socket.
         wait_for(lambda: any("say hello before 'msg'" in r.getMessage() for r in caplog.records), 5)
