@@ -6,6 +6,7 @@
     python -m bench.micro rows     # WAL bytes per stored row: schema 1 (WITHOUT ROWID) vs 2, 100 B and 1 KiB
     python -m bench.micro sessions # Python heap per session (hello + join), by tracemalloc
     python -m bench.micro append   # store CPU per row, commits of 3, 30 and 300 rows (on /dev/shm: no disk)
+    python -m bench.micro growth   # store size on disk per message, 100 B and 1 KiB texts (docs/operations.md)
 
 They measure one mechanism each, not the broker; the suite (``python -m bench``)
 measures the broker.
@@ -180,6 +181,25 @@ def append(n: int = 120_000) -> None:
         print(f"commits of {batch:>3} rows: {used / n * 1e6:.2f} us of CPU per row (the process: with its checkpoints)")
 
 
+def growth(n: int = 20_000) -> None:
+    """Bytes on disk per stored message (the envelope as published, its row and index), once closed."""
+    from broker.store import Store
+    from zchat import protocol as p
+
+    for size in (100, 1024):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Store(Path(tmp) / "data", "normal")
+            for start in range(0, n, 500):
+                rows = []
+                for seq in range(start + 1, start + 501):
+                    env = p.msg_event("general", seq, 1_764_550_000_000 + seq, "alice", "0" * 16, "x" * size, f"m{seq}")
+                    rows.append(("general", seq, env["ts"], "alice", f"m{seq}", p.encode(env)))
+                store.append(rows)
+            store.close()  # checkpoints the WAL into the database
+            total = sum(f.stat().st_size for f in (Path(tmp) / "data").iterdir())
+        print(f"{size:>4} B texts: {total / n:.0f} bytes on disk per message ({n} messages in one room)")
+
+
 def main(argv: list[str]) -> int:
     what: dict[str, Callable[[], None]] = {
         "window": window,
@@ -188,6 +208,7 @@ def main(argv: list[str]) -> int:
         "rows": rows,
         "sessions": sessions,
         "append": append,
+        "growth": growth,
     }
     if len(argv) != 1 or argv[0] not in what:
         print(__doc__)
