@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import signal
 import sys
@@ -213,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        if not terminal_gone(exc):
+            raise
+        # Our terminal went away (before the interactive client took it over, or in pipe
+        # mode): end as SIGHUP would, quietly; the bye still goes (below). A reader of our
+        # output that went away (EPIPE, `zchat … | head -1`) ends us with 0, as in Printer.
+        _quiet_stdio()
+        return 0 if exc.errno == errno.EPIPE else 128 + signal.SIGHUP
     except _Terminated as exc:
         if client.unacked:
             printer.err(f"{signal.Signals(exc.signum).name}: {client.unacked} message(s) not acknowledged:")
@@ -221,6 +231,22 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     finally:
         client.close(settle=0)
+
+
+def _quiet_stdio() -> None:
+    """Point stdout and stderr at /dev/null: Python would otherwise fail once more
+    flushing them at exit, with a warning nobody can read."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(null, stream.fileno())
+    os.close(null)
+
+
+def terminal_gone(exc: OSError) -> bool:
+    """Whether ``exc`` from a read or write of the terminal means it is gone (a closed
+    ssh connection or terminal window): a pty whose other end closed fails with EIO."""
+    return exc.errno in (errno.EIO, errno.ENXIO, errno.EPIPE)
 
 
 def unsent_lines(client: Client) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
 import sys
@@ -41,7 +40,7 @@ from prompt_toolkit.shortcuts import CompleteStyle
 from prompt_toolkit.styles import Attrs, Style
 
 from client import render
-from client.cli import terminating_signals, unsent_lines
+from client.cli import terminal_gone, terminating_signals, unsent_lines
 from client.commands import ALIASES, COMMANDS, Commands
 from client.lib import Client, Event, ZchatError
 
@@ -120,12 +119,6 @@ def connection_status(client: object) -> str:
     """
     state = getattr(client, "state", "connected")
     return _STATE_WORDS.get(str(state), str(state))
-
-
-def terminal_gone(exc: OSError) -> bool:
-    """Whether ``exc`` from a read or write of the terminal means it is gone (a closed
-    ssh connection or terminal window): a pty whose other end closed fails with EIO."""
-    return exc.errno in (errno.EIO, errno.ENXIO, errno.EPIPE)
 
 
 def run_interactive(

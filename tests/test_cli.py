@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -218,6 +219,38 @@ def test_sigterm_says_bye(chats: Any, broker_proc: BrokerProcess) -> None:
     assert time.monotonic() - start < 5
     again = _send_one(broker_proc, "back", name="alice")
     assert again.returncode == 0, again.stderr
+
+
+def test_output_read_by_a_reader_that_went_away_ends_quietly_with_a_bye(chats: Any, broker_proc: BrokerProcess) -> None:
+    """``zchat --name x | head -1``: once head exits, the next line out fails (EPIPE). The
+    client ends quietly with 0, as a filter whose reader is done, and says bye."""
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    head = subprocess.Popen(
+        f'{shlex.quote(bin_path("zchat"))} --name alice | head -1; echo "zchat=${{PIPESTATUS[0]}}" >&2',
+        shell=True,
+        executable="/bin/bash",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=broker_proc.env(),
+    )
+    try:
+        bob.expect_json(type="presence", name="alice", event="join")
+        assert head.stdout is not None and head.stdout.readline()  # head's one line; head is gone
+        bob.say("anyone there?")  # alice's next line out meets the closed pipe
+        bob.expect_json(type="presence", name="alice", event="leave", timeout=10)
+        assert head.stdin is not None
+        head.stdin.close()
+        assert head.wait(timeout=10) == 0
+        assert head.stderr is not None
+        errors = head.stderr.read()
+        assert "Traceback" not in errors and "zchat=0" in errors, errors
+    finally:
+        if head.poll() is None:
+            head.kill()
+        head.wait(timeout=10)
 
 
 def test_late_joiner_sees_backlog_once_in_order(chats: Any, broker_proc: BrokerProcess) -> None:
