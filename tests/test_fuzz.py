@@ -268,26 +268,32 @@ def run_op(world: World, op: tuple[Any, ...]) -> list[Action]:
         name = NAMES[op[3]]
         env: dict[str, Any] = {"type": "hello", "v": 1, "name": name}
         holder = core.by_name.get(name)
+        old_identity = holder.identity if holder is not None else None
         real = kind == "resume" and op[4] and name in world.tokens
         if kind == "resume":
             env["resume"] = world.tokens[name] if real else "not-the-token"
         actions = world.send(identity, env)
-        assert len(actions) == 1
-        reply = reply_envs(actions)[0]
+        # A resume also tells the connection the session leaves (session_moved).
+        told = [a for a in actions if isinstance(a, Reply) and a.identity != identity]
+        own = [a for a in actions if a not in told]
+        assert len(own) == 1
+        reply = reply_envs(own)[0]
         if not p.is_name(name):
-            assert errors(actions) == ["bad_name"]
+            assert errors(own) == ["bad_name"]
         elif pre is not None:
-            assert errors(actions) == ([] if pre_name == name else ["already_registered"])
+            assert errors(own) == ([] if pre_name == name else ["already_registered"])
         elif holder is not None:
             if real:
                 assert reply["type"] == "welcome" and reply["resumed"] is True
                 assert core.by_name[name].identity == identity
                 assert holder.identity == identity
+                assert [(a.identity, a.env["code"]) for a in told] == [(old_identity, "session_moved")]
             else:
-                assert errors(actions) == ["name_taken"]
+                assert errors(own) == ["name_taken"]
                 assert core.by_name[name] is holder
         else:
             assert reply["type"] == "welcome" and reply["resumed"] is False
+        assert not told or (holder is not None and real and pre is None)
         if reply["type"] == "welcome":
             world.tokens[name] = reply["resume"]
         return actions
