@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import sys
 from types import FrameType
 
@@ -115,8 +116,14 @@ class Printer:
 
     @staticmethod
     def err(line: str) -> None:
-        sys.stderr.write(f"zchat: {line}\n")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(f"zchat: {line}\n")
+            sys.stderr.flush()
+        except OSError:
+            # Nowhere left to say it (a closed terminal, a reader that went away): go on
+            # quietly, so the exit status still tells what happened.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
     def fail(self, line: str) -> None:
         """An error that answers a line or a command: said, and counted."""
@@ -156,6 +163,9 @@ def _catch_terminating() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = envargs.resolve(parser, parser.parse_args(argv))
+    # An EIO later means a lost terminal only if we had one (not a failing file or disk).
+    # A character device, not isatty(): a terminal already hung up is no tty any more.
+    on_a_terminal = any(_is_char_device(fd) for fd in (0, 1, 2))
     printer = Printer(args.json)
     try:
         room = p.parse_room(args.room)
@@ -216,13 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        if not terminal_gone(exc):
+        if not (on_a_terminal and exc.errno in (errno.EIO, errno.ENXIO)):
             raise
         # Our terminal went away (before the interactive client took it over, or in pipe
-        # mode): end as SIGHUP would, quietly; the bye still goes (below). A reader of our
-        # output that went away (EPIPE, `zchat … | head -1`) ends us with 0, as in Printer.
+        # mode): end as SIGHUP would, quietly; the bye still goes (below).
         _quiet_stdio()
-        return 0 if exc.errno == errno.EPIPE else 128 + signal.SIGHUP
+        return 128 + signal.SIGHUP
     except _Terminated as exc:
         if client.unacked:
             printer.err(f"{signal.Signals(exc.signum).name}: {client.unacked} message(s) not acknowledged:")
@@ -231,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     finally:
         client.close(settle=0)
+
+
+def _is_char_device(fd: int) -> bool:
+    try:
+        return stat.S_ISCHR(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _quiet_stdio() -> None:

@@ -165,8 +165,9 @@ class BrokerAddress:
 
     def __post_init__(self) -> None:
         for what, number in (("port", self.port), ("room event port", self.pub_port)):
-            if not 1 <= number <= 65535:  # libzmq would take 99999 and connect to 34463
-                raise ValueError(f"{what} {number} is not a port number (1-65535)")
+            # libzmq would take 99999 and connect to 34463.
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+                raise ValueError(f"{what} {number!r} is not a port number (1-65535)")
 
     @property
     def endpoint(self) -> str:

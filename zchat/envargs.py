@@ -44,6 +44,7 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
         except argparse.ArgumentTypeError as exc:
             parser.exit(2, f"{parser.prog}: {value.variable}={value.text!r}: {exc}\n")
         except ValueError:
-            parser.exit(2, f"{parser.prog}: {value.variable}={value.text!r}: not a number\n")
+            what = "a whole number" if action.type is int else "a number"
+            parser.exit(2, f"{parser.prog}: {value.variable}={value.text!r}: not {what}\n")
         setattr(args, action.dest, converted)
     return args
