@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -193,11 +194,21 @@ def main(argv: list[str] | None = None) -> int:
         ("--max-rooms", args.max_rooms, 1, None),
         ("--max-msg-bytes", args.max_msg_bytes, p.MAX_FRAME_BYTES, None),
         ("--retention", args.retention, 1, None),
+        ("--pub-hwm", args.pub_hwm, 1, None),  # 0 would be no bound at all
     ):
         if value < low or (high is not None and value > high):
             variable = "ZCHAT_" + flag[2:].upper().replace("-", "_")
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             log.error("%s (or %s) must be %s, not %s", flag, variable, bounds, value)
+            return 2
+    for flag, rate in (
+        ("--rate-limit", args.rate_limit),
+        ("--join-rate", args.join_rate),
+        ("--history-rate", args.history_rate),
+    ):
+        if not (math.isfinite(rate) and rate >= 0):
+            variable = "ZCHAT_" + flag[2:].upper().replace("-", "_")
+            log.error("%s (or %s) must be 0 (off) or more, not %s", flag, variable, rate)
             return 2
     limit, wanted = fit_open_files_limit(args.max_sessions)
     if limit is not None and limit < wanted:

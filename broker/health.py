@@ -17,13 +17,13 @@ secret key is ``DIR/health.key_secret`` (made with ``zchat-keygen health``, its
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import zmq
 
 from broker.auth import BROKER_CERT, KeysError, load_secret
+from zchat import envargs
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
 
@@ -32,12 +32,11 @@ PING_ID = "health"
 HEALTH_USER = "health"
 
 
-def _default_port() -> int:
-    value = os.environ.get("ZCHAT_PORT")
-    try:
-        return int(value) if value else 5555
-    except ValueError:
-        raise SystemExit(f"broker.health: ZCHAT_PORT={value!r} is not a number") from None
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,15 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m broker.health",
         description="Exit 0 if a zchat broker answers a ping on its request port, else 1 (the reason on stderr).",
     )
+    # Not ZCHAT_HOST: for the broker that is the address it binds (0.0.0.0 in the image).
     parser.add_argument("--host", default="127.0.0.1", help="broker host (default 127.0.0.1)")
     parser.add_argument(
-        "--port", type=int, default=_default_port(), help="broker request port (default ZCHAT_PORT, else 5555)"
+        "--port",
+        type=_port,
+        default=envargs.default("ZCHAT_PORT", 5555),
+        help="broker request port (default ZCHAT_PORT, else 5555)",
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     parser.add_argument(
         "--keys",
         type=Path,
-        default=Path(os.environ["ZCHAT_KEYS"]) if os.environ.get("ZCHAT_KEYS") else None,
+        default=envargs.default("ZCHAT_KEYS", None),
         help="the broker's key directory: connect with CURVE as the user of KEYS/health.key_secret "
         "(ZCHAT_KEYS; default: no CURVE)",
     )
@@ -115,7 +118,8 @@ def load_curve(keys: Path, key: Path | None) -> tuple[bytes, bytes, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = envargs.resolve(parser, parser.parse_args(argv))
     if args.timeout <= 0:
         print("broker.health: --timeout must be positive", file=sys.stderr)
         return 2

@@ -70,6 +70,19 @@ def test_health_ok_against_a_live_broker(broker: RunningBroker, capsys: pytest.C
     assert capsys.readouterr().err == ""
 
 
+def test_health_reads_zchat_port_as_the_broker_does(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZCHAT_PORT", str(broker.port))
+    assert health.main(["--timeout", "5"]) == 0
+    monkeypatch.setenv("ZCHAT_PORT", "99999")  # checked, and only where --port does not say
+    assert health.main(["--port", str(broker.port), "--timeout", "5"]) == 0
+    with pytest.raises(SystemExit) as bad:
+        health.main([])
+    assert bad.value.code == 2
+    assert "ZCHAT_PORT='99999': 99999 is not a port number" in capsys.readouterr().err
+
+
 def test_health_fails_when_nothing_answers(capsys: pytest.CaptureFixture[str]) -> None:
     assert health.main(["--port", str(free_port()), "--timeout", "0.3"]) == 1
     assert "unhealthy: no answer from tcp://127.0.0.1:" in capsys.readouterr().err
