@@ -280,7 +280,13 @@ class BrokerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=10)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # no broker left behind
+            self.proc.wait(timeout=10)
+            tail = "".join(self.log[-30:])
+            raise AssertionError(f"the broker did not exit within 10 s of signal {sig}; its log:\n{tail}") from None
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "ZCHAT_HOST": HOST, "ZCHAT_PORT": str(self.port), "ZCHAT_PUB_PORT": str(self.pub_port)}
