@@ -35,6 +35,11 @@ def _port(text: str) -> int:
     return port
 
 
+def _variable(flag: str) -> str:
+    """The environment variable of ``flag``: --max-text is ZCHAT_MAX_TEXT."""
+    return "ZCHAT_" + flag[2:].upper().replace("-", "_")
+
+
 DURABILITIES = ("full", "normal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -197,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         ("--pub-hwm", args.pub_hwm, 1, None),  # 0 would be no bound at all
     ):
         if value < low or (high is not None and value > high):
-            variable = "ZCHAT_" + flag[2:].upper().replace("-", "_")
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            log.error("%s (or %s) must be %s, not %s", flag, variable, bounds, value)
+            log.error("%s (or %s) must be %s, not %s", flag, _variable(flag), bounds, value)
             return 2
     for flag, rate in (
         ("--rate-limit", args.rate_limit),
@@ -207,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--history-rate", args.history_rate),
     ):
         if not (math.isfinite(rate) and rate >= 0):
-            variable = "ZCHAT_" + flag[2:].upper().replace("-", "_")
-            log.error("%s (or %s) must be 0 (off) or more, not %s", flag, variable, rate)
+            log.error("%s (or %s) must be 0 (off) or more, not %s", flag, _variable(flag), rate)
             return 2
     limit, wanted = fit_open_files_limit(args.max_sessions)
     if limit is not None and limit < wanted:

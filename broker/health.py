@@ -32,13 +32,6 @@ PING_ID = "health"
 HEALTH_USER = "health"
 
 
-def _port(text: str) -> int:
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
-    return port
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m broker.health",
@@ -48,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="broker host (default 127.0.0.1)")
     parser.add_argument(
         "--port",
-        type=_port,
+        type=envargs.port,
         default=envargs.default("ZCHAT_PORT", 5555),
         help="broker request port (default ZCHAT_PORT, else 5555)",
     )

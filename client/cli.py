@@ -10,6 +10,7 @@ import signal
 import stat
 import sys
 from types import FrameType
+from typing import TextIO
 
 from client import render
 from client.commands import Commands
@@ -22,13 +23,6 @@ from zchat.protocol import ProtocolError
 SEND_WINDOW = 1000
 #: At end of input, give up waiting for acks after this long with none.
 ACK_WAIT_S = SETTLE_S
-
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
-    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,13 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=_port,
+        type=envargs.port,
         default=envargs.default("ZCHAT_PORT", 5555),
         help="request port of addresses without one (ZCHAT_PORT)",
     )
     parser.add_argument(
         "--pub-port",
-        type=_port,
+        type=envargs.port,
         default=envargs.default("ZCHAT_PUB_PORT", 5556),
         help="room event port of addresses without one (ZCHAT_PUB_PORT)",
     )
@@ -111,7 +105,7 @@ class Printer:
             sys.stdout.flush()
         except BrokenPipeError:
             # The reader went away (`zchat ... | head`): stop quietly, as Unix tools do.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _mute(sys.stdout)
             raise SystemExit(0) from None
 
     @staticmethod
@@ -122,8 +116,7 @@ class Printer:
         except OSError:
             # Nowhere left to say it (a closed terminal, a reader that went away): go on
             # quietly, so the exit status still tells what happened.
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            _mute(sys.stderr)
 
     def fail(self, line: str) -> None:
         """An error that answers a line or a command: said, and counted."""
@@ -230,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Our terminal went away (before the interactive client took it over, or in pipe
         # mode): end as SIGHUP would, quietly; the bye still goes (below).
-        _quiet_stdio()
+        _mute(sys.stdout, sys.stderr)
         return 128 + signal.SIGHUP
     except _Terminated as exc:
         if client.unacked:
@@ -249,11 +242,11 @@ def _is_char_device(fd: int) -> bool:
         return False
 
 
-def _quiet_stdio() -> None:
-    """Point stdout and stderr at /dev/null: Python would otherwise fail once more
-    flushing them at exit, with a warning nobody can read."""
+def _mute(*streams: TextIO) -> None:
+    """Point ``streams`` at /dev/null: Python would otherwise fail once more flushing
+    them at exit, with a warning nobody can read."""
     null = os.open(os.devnull, os.O_WRONLY)
-    for stream in (sys.stdout, sys.stderr):
+    for stream in streams:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(null, stream.fileno())
     os.close(null)

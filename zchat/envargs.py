@@ -48,3 +48,11 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
             parser.exit(2, f"{parser.prog}: {value.variable}={value.text!r}: not {what}\n")
         setattr(args, action.dest, converted)
     return args
+
+
+def port(text: str) -> int:
+    """A port to connect to, 1-65535, as a flag's ``type`` (libzmq would take 99999 as 34463)."""
+    number = int(text)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a port number (1-65535)")
+    return number
