@@ -5,7 +5,8 @@
     python -m bench.micro commit   # store commit latency (p50/p99/p99.9/max) for small batches
     python -m bench.micro rows     # WAL bytes per stored row: schema 1 (WITHOUT ROWID) vs 2, 100 B and 1 KiB
     python -m bench.micro sessions # Python heap per session (hello + join), by tracemalloc
-    python -m bench.micro append   # store CPU per row, commits of 3, 30 and 300 rows (on /dev/shm: no disk)
+    python -m bench.micro append   # store CPU per row, commits of 3, 30 and 300 rows, with and without
+                                   # a retention (on /dev/shm: no disk)
     python -m bench.micro growth   # store size on disk per message, 100 B and 1 KiB texts (docs/operations.md)
 
 They measure one mechanism each, not the broker; the suite (``python -m bench``)
@@ -165,20 +166,26 @@ def sessions(n: int = 1000) -> None:
 
 
 def append(n: int = 120_000) -> None:
-    """CPU of Store.append per row, for the commit sizes of a quiet and of a busy broker."""
+    """CPU of Store.append per row, for the commit sizes of a quiet and of a busy broker,
+    keeping every event and with a retention (which deletes as many as it stores)."""
     from broker.store import Store
 
     where = "/dev/shm" if Path("/dev/shm").is_dir() else None  # the CPU, not the disk
-    for batch in (3, 30, 300):
-        with tempfile.TemporaryDirectory(dir=where) as tmp:
-            store = Store(Path(tmp), "normal")
-            rows = [("r", i, i, "ann", f"m{i}", b"x" * 130) for i in range(1, n + 1)]
-            started = time.process_time()
-            for k in range(0, n, batch):
-                store.append(rows[k : k + batch])
-            used = time.process_time() - started
-            store.close()
-        print(f"commits of {batch:>3} rows: {used / n * 1e6:.2f} us of CPU per row (the process: with its checkpoints)")
+    for retention in (None, 1000):
+        for batch in (3, 30, 300):
+            with tempfile.TemporaryDirectory(dir=where) as tmp:
+                store = Store(Path(tmp), "normal", retention)
+                rows = [("r", i, i, "ann", f"m{i}", b"x" * 130) for i in range(1, n + 1)]
+                started = time.process_time()
+                for k in range(0, n, batch):
+                    store.append(rows[k : k + batch])
+                used = time.process_time() - started
+                store.close()
+            kept = "every event kept" if retention is None else f"--retention {retention}"
+            print(
+                f"commits of {batch:>3} rows, {kept}: {used / n * 1e6:.2f} us of CPU per row "
+                "(the process: with its checkpoints)"
+            )
 
 
 def growth(n: int = 20_000) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import logging
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -26,6 +28,8 @@ log = logging.getLogger("zchat.broker")
 #: Start, ready and stop lines are shown whatever --log-level says: an operator
 #: (and a test) must always learn where the broker listens and when it is gone.
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
+#: Seconds after a SIGTERM or SIGINT after which a stop still under way logs every thread's stack.
+STOP_STACKS_S = 5.0
 
 
 def _port(text: str) -> int:
@@ -112,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retention",
         type=int,
-        default=envargs.default("ZCHAT_RETENTION", DEFAULT_RETENTION),
+        default=envargs.default("ZCHAT_RETENTION", None),
         metavar="N",
-        help=f"with --backplane: events kept per room (ZCHAT_RETENTION; default {DEFAULT_RETENTION})",
+        help="events kept per room, the newest; older ones are deleted (ZCHAT_RETENTION; default: all of them "
+        f"in the store in --data, {DEFAULT_RETENTION} with --backplane)",
     )
     parser.add_argument(
         "--rate-limit",
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--max-sessions", args.max_sessions, 1, None),
         ("--max-rooms", args.max_rooms, 1, None),
         ("--max-msg-bytes", args.max_msg_bytes, p.MAX_FRAME_BYTES, None),
-        ("--retention", args.retention, 1, None),
+        ("--retention", 1 if args.retention is None else args.retention, 1, None),
         ("--pub-hwm", args.pub_hwm, 1, None),  # 0 would be no bound at all
     ):
         if value < low or (high is not None and value > high):
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     store: Store | None = None
     if not config.backplane:
         try:
-            store = Store(data_dir, config.durability)
+            store = Store(data_dir, config.durability, config.retention)
         except StoreError as exc:
             log.error("%s", exc)
             return 1
@@ -275,8 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
 
+    stopping_at: list[float] = []
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
         lifecycle.info("%s received, shutting down", signal.Signals(signum).name)
+        if not stopping_at:
+            stopping_at.append(time.monotonic())
+            # A stop normally takes milliseconds; one that does not (a disk that stalls,
+            # a bug) shows every thread's stack in the log, before a supervisor's
+            # SIGKILL (docker stop's comes after 10 s) leaves nothing to go on.
+            faulthandler.dump_traceback_later(STOP_STACKS_S, exit=False)
         broker.stop()
 
     def on_hup(signum: int, frame: FrameType | None) -> None:
@@ -308,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _close(store)
-    lifecycle.info("stopped")
+        faulthandler.cancel_dump_traceback_later()
+    if stopping_at:
+        lifecycle.info("stopped in %.2f s", time.monotonic() - stopping_at[0])
+    else:
+        lifecycle.info("stopped")
     return 0
 
 

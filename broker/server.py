@@ -169,7 +169,8 @@ class Config:
     #: ``redis://HOST:PORT/DB``: share the chat with other brokers (no SQLite store).
     backplane: str | None = None
     #: Events kept per room on the backplane.
-    retention: int = DEFAULT_RETENTION
+    #: Events kept per room; None: all in the store, DEFAULT_RETENTION with a backplane.
+    retention: int | None = None
 
 
 def now_ms() -> int:
@@ -198,7 +199,7 @@ class Broker:
             self.backplane = Backplane(
                 config.backplane,
                 secrets.token_hex(6),
-                retention=config.retention,
+                retention=DEFAULT_RETENTION if config.retention is None else config.retention,
                 alive_ms=6 * config.heartbeat_ms,
             )
         elif store is None:

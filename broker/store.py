@@ -39,6 +39,9 @@ CHECKPOINT_S = 0.01
 #: Past this many pages of WAL, a checkpoint that makes the WAL start over (see _checkpoint_loop).
 WAL_RESTART_FRAMES = 8192
 SCHEMA_VERSION = 2
+#: With a retention, a room's old events are deleted this many at a time: a room
+#: holds from ``retention`` to ``retention + PRUNE_STEP - 1`` events.
+PRUNE_STEP = 64
 
 Durability = Literal["full", "normal"]
 
@@ -101,9 +104,17 @@ class StoreError(Exception):
 
 
 class Store:
-    def __init__(self, data_dir: Path, durability: Durability = "full") -> None:
+    """``retention``: the events kept per room, newest first (None: all of them). Older
+    ones are deleted when the store opens and then in each commit that passes them."""
+
+    def __init__(self, data_dir: Path, durability: Durability = "full", retention: int | None = None) -> None:
         if durability not in ("full", "normal"):  # anything else was once quietly "normal"
             raise ValueError(f"durability {durability!r}: full or normal")
+        if retention is not None and retention < 1:
+            raise ValueError(f"retention {retention}: at least 1 event per room, or None for all")
+        self.retention = retention
+        #: Per room, the seq up to which events have been deleted for the retention.
+        self._pruned: dict[str, int] = {}
         lock: int | None = None
         try:
             # Messages and DMs are in here: readable by this user only. A directory
@@ -136,6 +147,8 @@ class Store:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            if retention is not None:
+                self._prune_all(retention)
             # Checkpoints (copying the WAL back into the database) run in a thread
             # of their own, on a connection of their own: run by the committing
             # connection, one stalled a commit, and every ack and publish behind
@@ -189,6 +202,32 @@ class Store:
                 log.warning("store %s upgraded from schema 1 to %d (%d events)", self.path, SCHEMA_VERSION, count)
         elif version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this broker knows {SCHEMA_VERSION}")
+
+    def _prune_all(self, retention: int) -> None:
+        """Delete what is past the retention in every room, in one transaction (at open:
+        a store kept whole so far, or a retention made smaller, may have much to delete)."""
+        db, deleted = self._db, 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for room, top in self.room_seqs().items():
+                cutoff = top - retention
+                if cutoff > 0:
+                    deleted += db.execute("DELETE FROM events WHERE room = ? AND seq <= ?", (room, cutoff)).rowcount
+                    self._pruned[room] = cutoff
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._pruned.clear()
+            raise
+        if deleted:
+            log.warning(
+                "retention %d events per room: deleted %d older events from %s (the file keeps its size; "
+                "the space is reused)",
+                retention,
+                deleted,
+                self.path,
+            )
 
     def _checkpoint_loop(self) -> None:
         """CHECKPOINT_S after a commit, a PASSIVE checkpoint, which never blocks the writer.
@@ -268,8 +307,11 @@ class Store:
                 size = left if left <= _EXACT_UP_TO else min(_MAX_CHUNK, 1 << (left.bit_length() - 1))
                 db.execute(_INSERTS[size], list(flat(rows[at : at + size])))
                 at += size
+            pruned = self._prune(rows) if self.retention is not None else None
             db.execute("COMMIT")
             self.commits += 1
+            if pruned:
+                self._pruned.update(pruned)
             if not self._dirty.is_set():  # a plain read; set() takes a lock
                 self._dirty.set()
         except BaseException as exc:
@@ -279,6 +321,27 @@ class Store:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot write to {self.path}: {exc}") from exc
             raise
+
+    def _prune(self, rows: list[Row]) -> dict[str, int]:
+        """In the open transaction: delete what these rows push past the retention.
+
+        Per room, in steps of PRUNE_STEP events: one short range delete of adjacent
+        rows along the (room, seq) index every PRUNE_STEP events, not one per commit.
+        Returns the new cutoffs, to be kept once the transaction commits.
+        """
+        assert self.retention is not None
+        tops: dict[str, int] = {}
+        for row in rows:
+            room, seq = row[0], row[1]
+            if seq > tops.get(room, 0):
+                tops[room] = seq
+        done: dict[str, int] = {}
+        for room, top in tops.items():
+            cutoff, pruned = top - self.retention, self._pruned.get(room, 0)
+            if cutoff - pruned >= PRUNE_STEP:
+                self._db.execute("DELETE FROM events WHERE room = ? AND seq > ? AND seq <= ?", (room, pruned, cutoff))
+                done[room] = cutoff
+        return done
 
     def history(self, room: str, after: int, limit: int, upto: int | None = None) -> list[bytes]:
         """Bodies of the committed events of ``room`` with ``after < seq <= upto``, oldest first."""

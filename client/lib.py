@@ -261,7 +261,9 @@ def parse_hosts(
 @dataclass(slots=True)
 class Event:
     """Something to show: a room message or presence change, a DM, an error, or a
-    ``status`` change of the connection (``event`` is "reconnecting" or "connected").
+    ``status`` change of the connection (``event`` is "reconnecting" or "connected"),
+    or a ``status`` "skipped": events of ``room`` up to ``seq`` that the broker no
+    longer has (deleted by its retention, or lost from its store) were passed over.
 
     ``name`` is who wrote or joined/left (the wire's ``from`` or ``name``).
     ``own`` marks your own messages (delivered on their ack); ``backlog``
@@ -328,7 +330,7 @@ class Event:
         elif self.type == "error":
             fields = ("code", "message", "id")
         elif self.type == "status":
-            fields = ("event", "text", "broker")
+            fields = ("event", "room", "seq", "text", "broker")
         else:
             fields = ("room", "seq", "ts", "from", "text", "id")
         for key in fields:
@@ -1710,9 +1712,15 @@ class Client:
                 state.refetch_at = time.monotonic() + PROBE_INTERVAL_S
                 return
             state.empty_after = None
-            state.last = min(top, min(state.pending) - 1) if state.pending else top
+            self._skip(room, state, min(top, min(state.pending) - 1) if state.pending else top, "lost")
         else:
             state.empty_after = None
+            # Events are stored with every seq, so a reply that starts past ``after + 1``
+            # says the ones before its first are no longer kept (the broker's
+            # retention deleted them): skip them, or the room would ask for them forever.
+            first = min((env["seq"] for env in events), default=0)
+            if first > after + 1 and first > state.last + 1:
+                self._skip(room, state, first - 1, "retention")
         self._flush(room, state)
         # A rejoin's catch-up goes at least to the seq its reply gave (a fetch sent
         # before that reply was read may stop short of it).
@@ -1720,6 +1728,20 @@ class Client:
         if not state.fetching and not state.pending and state.last < top:
             # One page of a longer catch-up (after a reconnect): ask for the next.
             self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
+
+    def _skip(self, room: str, state: _Room, to: int, why: str) -> None:
+        """Move the room past events the broker no longer has, saying so in a status event."""
+        assert state.last is not None
+        if to <= state.last:
+            return
+        first, state.last = state.last + 1, to
+        count = to - first + 1
+        what = f"{count} events of #{room} (seq {first}-{to}) are" if count > 1 else f"event {first} of #{room} is"
+        if why == "retention":
+            text = f"{what} no longer kept by the broker (its --retention): skipped"
+        else:
+            text = f"{what} missing from the broker's store: skipped"
+        self._events.append(Event(type="status", event="skipped", room=room, seq=to, text=text))
 
     def _stored_original(self, env: Envelope) -> Envelope | None:
         """If ``env`` is the stored copy of a message of ours still waiting for its ack:

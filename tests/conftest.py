@@ -66,11 +66,13 @@ class RunningBroker:
     keys_dir: Path | None = None
     #: A subclass can make the disk slow (tests of the writer thread).
     store_class: type[Store] = Store
+    #: The store's --retention (None: every event kept).
+    retention: int | None = None
     broker: Broker = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def start(self) -> RunningBroker:
-        self.store = self.store_class(self.data_dir, "normal")
+        self.store = self.store_class(self.data_dir, "normal", self.retention)
         config = Config(
             host=HOST,
             port=0,
@@ -285,7 +287,7 @@ class BrokerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()  # no broker left behind
             self.proc.wait(timeout=10)
-            tail = "".join(self.log[-30:])
+            tail = "".join(self.log[-120:])  # with the stacks a slow stop logs after 5 s
             raise AssertionError(f"the broker did not exit within 10 s of signal {sig}; its log:\n{tail}") from None
 
     def env(self) -> dict[str, str]:

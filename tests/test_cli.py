@@ -348,6 +348,7 @@ def test_broker_help_and_bad_port() -> None:
         ("ZCHAT_RATE_LIMIT", "-1", "--rate-limit (or ZCHAT_RATE_LIMIT) must be 0 (off) or more, not -1.0"),
         ("ZCHAT_JOIN_RATE", "nan", "--join-rate (or ZCHAT_JOIN_RATE) must be 0 (off) or more, not nan"),
         ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be at least 1, not 0"),
+        ("ZCHAT_RETENTION", "0", "--retention (or ZCHAT_RETENTION) must be at least 1, not 0"),
     ],
 )
 def test_a_bad_broker_environment_variable_exits_2_naming_it(
@@ -538,6 +539,25 @@ def test_broker_exits_quickly_on_sigterm(tmp_path: Path) -> None:
     assert broker.kill(signal.SIGTERM) == 0
     assert time.monotonic() - start < 3
     assert any("shutting down" in line for line in broker.log)
+
+
+def test_a_stop_slower_than_expected_logs_every_threads_stack(tmp_path: Path) -> None:
+    """The stacks a stuck stop would leave in the log: here the limit is 1 ms, so any stop passes it."""
+    hurried = [
+        sys.executable,
+        "-c",
+        "import sys, broker.cli as c; c.STOP_STACKS_S = 0.001; sys.argv = sys.argv[1:]; sys.exit(c.main())",
+    ]
+    broker = BrokerProcess(tmp_path / "d", prefix=hurried).start()
+    assert broker.kill(signal.SIGTERM) == 0
+    wait_for(lambda: any("stopped in" in line for line in broker.log), 10)
+    log = "".join(broker.log)
+    assert "most recent call first" in log and 'File "' in log, log
+    # A stop within the limit (the usual one, 5 s) says nothing of the kind.
+    calm = BrokerProcess(tmp_path / "e").start()
+    assert calm.kill(signal.SIGTERM) == 0
+    wait_for(lambda: any("stopped in" in line for line in calm.log), 10)
+    assert "most recent call first" not in "".join(calm.log)
 
 
 def test_sighup_stays_ignored_under_nohup(broker_proc: BrokerProcess) -> None:

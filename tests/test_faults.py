@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -418,6 +419,33 @@ def test_a_program_that_pumps_rarely_still_learns_its_broker_is_gone(tmp_path: P
 
 
 @pytest.mark.timeout(60)
+def _slow_and_fast(running: RunningBroker) -> tuple[Client, Client]:
+    """A client with a 5-message SUB queue, and one to flood the room with (not yet connected)."""
+    return (
+        Client("slow", HOST, running.port, running.pub_port, sub_hwm=5),
+        Client("fast", HOST, running.port, running.pub_port),
+    )
+
+
+def _flood(slow: Client, fast: Client, count: int = 3000) -> tuple[int, str]:
+    """Both join #flood; ``fast`` sends ``count`` texts "f{i} {pad}" and waits for their acks.
+
+    1 KB texts: ~3 MB in all, far more than the queues (20 + 5 messages, even of
+    64-event batches) and the kernel's socket buffers can hold between them.
+    """
+    slow.connect()
+    fast.connect()
+    slow.join("flood")
+    fast.join("flood")
+    pad = "x" * 1000
+    for i in range(count):
+        fast.send("flood", f"f{i} {pad}")
+        if i % 100 == 0:
+            fast.pump(0)
+    wait_for(lambda: fast.pump(0.05) is not None and fast.unacked == 0, 30)
+    return count, pad
+
+
 def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     running = RunningBroker(tmp_path / "data", pub_hwm=20).start()
     # A raw subscriber with the same tiny queues, as a control: it does lose events.
@@ -427,22 +455,9 @@ def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[
     control.setsockopt(zmq.RCVBUF, 4096)
     control.setsockopt(zmq.SUBSCRIBE, b"flood\x00")
     control.connect(f"tcp://{HOST}:{running.pub_port}")
-    slow = Client("slow", HOST, running.port, running.pub_port, sub_hwm=5)
-    fast = Client("fast", HOST, running.port, running.pub_port)
+    slow, fast = _slow_and_fast(running)
     try:
-        slow.connect()
-        fast.connect()
-        slow.join("flood")
-        fast.join("flood")
-        count = 3000
-        # 1 KB texts: ~3 MB in all, far more than the queues (20 + 5 messages, even
-        # of 64-event batches) and the kernel's socket buffers can hold between them.
-        pad = "x" * 1000
-        for i in range(count):
-            fast.send("flood", f"f{i} {pad}")
-            if i % 100 == 0:
-                fast.pump(0)
-        wait_for(lambda: fast.pump(0.05) is not None and fast.unacked == 0, 30)
+        count, pad = _flood(slow, fast)
         seen_by_control = sum(1 for env in published(recv_all(control, quiet=0.5)) if env["type"] == "msg")
         assert seen_by_control < count, "control subscriber should have lost events"
         got: list[Event] = []
@@ -458,6 +473,46 @@ def test_slow_subscriber_recovers_from_history(tmp_path: Path, ctx: zmq.Context[
         slow.close(0)
         fast.close(0)
         control.close()
+        running.stop()
+
+
+def test_a_subscriber_behind_the_retention_skips_what_is_gone_and_says_so(tmp_path: Path) -> None:
+    """Its gap fetch finds the room's history starting past what it asked for: the events
+    between were deleted. It must move on to what is kept, not ask for them forever."""
+    running = RunningBroker(tmp_path / "data", pub_hwm=20, retention=100).start()
+    slow, fast = _slow_and_fast(running)
+    try:
+        count, pad = _flood(slow, fast)
+        got: list[Event] = []
+        skipped: list[Event] = []
+
+        def caught_up() -> bool:
+            slow.pump(0.05)
+            for e in slow.drain_events():
+                if e.type == "msg":
+                    got.append(e)
+                elif e.type == "status" and e.event == "skipped":
+                    skipped.append(e)
+            return bool(got) and got[-1].text == f"f{count - 1} {pad}"
+
+        wait_for(caught_up, 30, interval=0)
+        sent = [f"f{i} {pad}" for i in range(count)]
+        texts = [e.text for e in got]
+        # What it got is what was sent, in order, with one run left out: the deleted events.
+        assert len(skipped) == 1, [e.text for e in skipped]
+        cut = next(i for i, (a, b) in enumerate(zip(texts, sent, strict=False)) if a != b)
+        assert texts == sent[:cut] + sent[count - (len(texts) - cut) :]
+        assert len(texts) - cut >= 100  # at least the retention's worth, after the gap
+        first_kept = got[cut].seq
+        assert first_kept is not None and skipped[0].seq == first_kept - 1
+        said = re.match(r"(\d+) events of #flood \(seq (\d+)-(\d+)\) are no longer kept", skipped[0].text or "")
+        assert said is not None, skipped[0].text
+        assert int(said[3]) == first_kept - 1 and int(said[1]) == int(said[3]) - int(said[2]) + 1
+        assert cut == 0 or int(said[2]) == (got[cut - 1].seq or 0) + 1
+        assert "--retention" in (skipped[0].text or "")
+    finally:
+        slow.close(0)
+        fast.close(0)
         running.stop()
 
 
