@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import gc
 import logging
@@ -284,13 +285,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         lifecycle.info("%s received, shutting down", signal.Signals(signum).name)
+        broker.stop()
         if not stopping_at:
             stopping_at.append(time.monotonic())
             # A stop normally takes milliseconds; one that does not (a disk that stalls,
             # a bug) shows every thread's stack in the log, before a supervisor's
-            # SIGKILL (docker stop's comes after 10 s) leaves nothing to go on.
-            faulthandler.dump_traceback_later(STOP_STACKS_S, exit=False)
-        broker.stop()
+            # SIGKILL (docker stop's comes after 10 s) leaves nothing to go on. Without
+            # a stderr to write to (2>&-), there is no log to show them in either.
+            with contextlib.suppress(RuntimeError, ValueError, OSError, AttributeError):
+                faulthandler.dump_traceback_later(STOP_STACKS_S, exit=False)
 
     def on_hup(signum: int, frame: FrameType | None) -> None:
         broker.reload()

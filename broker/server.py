@@ -169,7 +169,8 @@ class Config:
     #: ``redis://HOST:PORT/DB``: share the chat with other brokers (no SQLite store).
     backplane: str | None = None
     #: Events kept per room on the backplane.
-    #: Events kept per room; None: all in the store, DEFAULT_RETENTION with a backplane.
+    #: Events kept per room in the backplane (None: DEFAULT_RETENTION). The embedded
+    #: store's is given to :class:`Store` itself.
     retention: int | None = None
 
 

@@ -175,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         curve = None
         if args.key or args.broker_key:
             if not (args.key and args.broker_key):
-                printer.err("--key and --broker-key go together")
+                given, missing = ("key", "--key"), ("broker_key", "--broker-key")
+                if not args.key:
+                    given, missing = missing, given
+                other = f"{missing[1]} (or ZCHAT_{missing[0].upper()})"
+                printer.err(f"{envargs.given_as(args, *given)} needs {other} too: they go together")
                 return 2
             curve = CurveKeys.load(args.key, args.broker_key)
         client = Client(args.name, port=args.port, pub_port=args.pub_port, hosts=args.host, curve=curve)
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         printer.err(exc.message)
         return 2
     except ValueError as exc:
-        printer.err(f"--host: {exc}")
+        printer.err(f"{envargs.given_as(args, 'host', '--host')}: {exc}")
         return 2
     try:
         client.connect()

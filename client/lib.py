@@ -1720,7 +1720,9 @@ class Client:
             # retention deleted them): skip them, or the room would ask for them forever.
             first = min((env["seq"] for env in events), default=0)
             if first > after + 1 and first > state.last + 1:
-                self._skip(room, state, first - 1, "retention")
+                # Only up to what is already here (SUB's events, our acknowledged own):
+                # the gap below that is gone too, and those are delivered next.
+                self._skip(room, state, min(state.pending, default=first) - 1, "retention")
         self._flush(room, state)
         # A rejoin's catch-up goes at least to the seq its reply gave (a fetch sent
         # before that reply was read may stop short of it).
@@ -1740,7 +1742,7 @@ class Client:
         if why == "retention":
             text = f"{what} no longer kept by the broker (its --retention): skipped"
         else:
-            text = f"{what} missing from the broker's store: skipped"
+            text = f"{what} missing from the broker's store (lost, or deleted by its --retention): skipped"
         self._events.append(Event(type="status", event="skipped", room=room, seq=to, text=text))
 
     def _stored_original(self, env: Envelope) -> Envelope | None:

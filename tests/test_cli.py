@@ -382,6 +382,11 @@ def test_client_argument_errors_exit_2() -> None:
         ([], env, "ZCHAT_PORT='abc': not a number"),
         ([], {**os.environ, "ZCHAT_PUB_PORT": "99999"}, "ZCHAT_PUB_PORT='99999': 99999 is not a port number"),
         (["--port", "0"], {}, "argument --port: 0 is not a port number (1-65535)"),
+        # What is wrong is named as it was given: the variable, or the flag.
+        ([], {**os.environ, "ZCHAT_HOST": "[::1"}, "zchat: ZCHAT_HOST: broker address '[::1': no ']'"),
+        (["--host", "[::1"], {}, "zchat: --host: broker address '[::1': no ']'"),
+        ([], {**os.environ, "ZCHAT_KEY": "/k"}, "ZCHAT_KEY needs --broker-key (or ZCHAT_BROKER_KEY) too"),
+        (["--broker-key", "/b"], {}, "--broker-key needs --key (or ZCHAT_KEY) too"),
     ):
         result = subprocess.run(
             [bin_path("zchat"), "--name", "x", *args],

@@ -596,6 +596,50 @@ def test_empty_history_reply_skips_only_when_confirmed(make_client: MakeClient) 
     state.fetching, state.fetch_after = True, last
     alice._on_fetched("r", dict(empty))
     assert state.last == last + 3
+    said = [e for e in alice.drain_events() if e.type == "status" and e.event == "skipped"]
+    assert len(said) == 1 and said[0].seq == last + 3 and "missing from the broker's store" in (said[0].text or "")
+
+
+def test_a_retention_skip_passes_over_only_what_is_gone(make_client: MakeClient) -> None:
+    """A reply starting past ``after + 1`` (older events deleted by the broker's retention)
+    moves the room on, but not over the events SUB has already brought, nor over an own
+    acknowledged message waiting its turn among them."""
+    alice = make_client("alice")
+    alice.join("r")
+    state = alice._rooms["r"]
+    last = state.last
+    assert last is not None
+    alice.drain_events()
+
+    def msg(seq: int) -> dict[str, Any]:
+        return {
+            "type": "msg",
+            "room": "r",
+            "seq": seq,
+            "ts": 1,
+            "from": "bob",
+            "sender": "x",
+            "text": f"t{seq}",
+            "id": f"i{seq}",
+        }
+
+    # SUB lost last+1..last+9 and brought last+10..last+30; our own message is last+15.
+    for seq in range(last + 10, last + 31):
+        state.pending[seq] = msg(seq)
+    state.pending[last + 15] = Event(type="msg", room="r", seq=last + 15, name="alice", text="mine", own=True)
+    # The broker kept only from last+26 on: the reply to "after last" starts there.
+    state.fetching, state.fetch_after = True, last
+    alice._on_fetched(
+        "r",
+        {"type": "history", "room": "r", "seq": last + 35, "messages": [msg(s) for s in range(last + 26, last + 36)]},
+    )
+    events = alice.drain_events()
+    skipped = [e for e in events if e.type == "status"]
+    assert len(skipped) == 1 and skipped[0].seq == last + 9, skipped
+    assert f"9 events of #r (seq {last + 1}-{last + 9}) are no longer kept" in (skipped[0].text or "")
+    shown = [e.text for e in events if e.type == "msg"]
+    assert shown == [("mine" if seq == last + 15 else f"t{seq}") for seq in range(last + 10, last + 36)]
+    assert state.last == last + 35
 
 
 # ------------------------------------------------------------ the library's edges

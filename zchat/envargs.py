@@ -32,7 +32,9 @@ def default(variable: str, fallback: Any) -> Any:
 
 def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Convert the defaults that came from variables with their flag's ``type`` and
-    ``choices``; a bad one exits 2 (as a bad flag does) with a line naming it."""
+    ``choices``; a bad one exits 2 (as a bad flag does) with a line naming it.
+    Which settings came from variables is kept for :func:`given_as`."""
+    sources: dict[str, str] = {}
     for action in parser._actions:  # argparse has no public list of its actions
         value = getattr(args, action.dest, None)
         if not isinstance(value, FromEnv):
@@ -47,7 +49,19 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
             what = "a whole number" if action.type is int else "a number"
             parser.exit(2, f"{parser.prog}: {value.variable}={value.text!r}: not {what}\n")
         setattr(args, action.dest, converted)
+        sources[action.dest] = value.variable
+    setattr(args, _SOURCES, sources)
     return args
+
+
+_SOURCES = "_zchat_from_env"
+
+
+def given_as(args: argparse.Namespace, dest: str, flag: str) -> str:
+    """How a setting was given, for an error about its value: its variable if it
+    came from the environment (after :func:`resolve`), else ``flag``."""
+    sources: dict[str, str] = getattr(args, _SOURCES, {})
+    return sources.get(dest, flag)
 
 
 def port(text: str) -> int:
