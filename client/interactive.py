@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import in_terminal, run_in_terminal
@@ -55,7 +57,8 @@ PASTE_CONFIRM_LINES = 5
 KEYS_HELP = """\
 keys:
   Alt-1 … Alt-9      switch to the 1st … 9th room you are in (the bar below lists them)
-  Tab                complete a command, a name or a #room
+  Tab / Shift-Tab    complete a command, a name or a #room; again: the next / previous match
+                     (names: who spoke last first)
   Up / Down          recall earlier lines
   Enter / Ctrl-C     on a paste of over 5 lines, held: send it / drop it
   Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit
@@ -197,6 +200,11 @@ class ChatUI:
         self.transcript: deque[str] = deque(maxlen=TRANSCRIPT_LINES)
         #: Names we have exchanged DMs with (for completion).
         self.dm_peers: set[str] = set()
+        #: Who spoke when (a count of the messages seen), for completion: latest first, as irssi.
+        self._spoke: dict[str, int] = {}
+        self._ticks = itertools.count()
+        #: What the last Tab inserted, while the line is as it left it: Tab again cycles.
+        self._cycle: _Cycle | None = None
         #: Room -> messages that arrived there while another room was current.
         self.unread: dict[str, int] = {}
         #: Lines queued to be shown, and lines printed to the terminal so far.
@@ -214,10 +222,11 @@ class ChatUI:
         #: The signal (SIGTERM, SIGHUP) that ended the session, if one did.
         self._signalled = 0
         self._failure: BaseException | None = None
+        self._completer = _ChatCompleter(self)
         self.session: PromptSession[str] = PromptSession(
             self.prompt,
             bottom_toolbar=self.toolbar,
-            completer=_ChatCompleter(self),
+            completer=self._completer,
             complete_style=CompleteStyle.READLINE_LIKE,
             complete_while_typing=False,
             erase_when_done=True,
@@ -248,7 +257,8 @@ class ChatUI:
             if room in joined:
                 found |= members
         found.discard(self.client.name)
-        return sorted(found, key=str.lower)
+        # Who spoke last first (the one being answered, mostly), then by name.
+        return sorted(found, key=lambda name: (-self._spoke.get(name, -1), name.lower()))
 
     def switch(self, room: str) -> None:
         self.commands.current = room
@@ -420,6 +430,7 @@ class ChatUI:
                 members.discard(event.name)
         elif event.type == "msg" and event.room and event.name:
             self.commands.members.setdefault(event.room, set()).add(event.name)
+            self._spoke[event.name] = next(self._ticks)
             if event.room != self.current and not event.own and not event.backlog:
                 self.unread[event.room] = self.unread.get(event.room, 0) + 1
                 self.session.app.invalidate()
@@ -427,6 +438,7 @@ class ChatUI:
             peer = event.to if event.own else event.name
             if peer:
                 self.dm_peers.add(peer)
+                self._spoke[peer] = next(self._ticks)
         elif event.type == "status":
             self.session.app.invalidate()
         line = render.styled(event, self.client.name, self.current, self._colours)
@@ -533,6 +545,14 @@ class ChatUI:
                 if index < len(rooms):
                     self.switch(rooms[index])
 
+        @kb.add("tab")
+        def _tab(event: KeyPressEvent) -> None:
+            self.complete(event.current_buffer, 1)
+
+        @kb.add("s-tab")
+        def _back_tab(event: KeyPressEvent) -> None:
+            self.complete(event.current_buffer, -1)
+
         @kb.add("c-c")
         def _interrupt(event: KeyPressEvent) -> None:
             buffer = event.current_buffer
@@ -580,6 +600,25 @@ class ChatUI:
 
         return kb
 
+    def complete(self, buffer: Buffer, step: int) -> None:
+        """Tab, as irssi has it: the first match goes in at once, and Tab again (the line
+        untouched since) puts the next one in its place; Shift-Tab goes back."""
+        cycle = self._cycle
+        if cycle is None or buffer.text != cycle.text or buffer.cursor_position != cycle.cursor:
+            document = buffer.document
+            found = list(self._completer.get_completions(document, CompleteEvent(completion_requested=True)))
+            if not found:
+                self._cycle = None
+                return
+            buffer.delete_before_cursor(-found[0].start_position)
+            cycle = _Cycle(found, -1 if step > 0 else 0)
+        else:
+            buffer.delete_before_cursor(len(cycle.matches[cycle.index].text))
+        cycle.index = (cycle.index + step) % len(cycle.matches)
+        buffer.insert_text(cycle.matches[cycle.index].text)
+        cycle.text, cycle.cursor = buffer.text, buffer.cursor_position
+        self._cycle = cycle
+
     def paste(self, buffer: Buffer, data: str) -> None:
         """Pasted text: every complete line is sent as typed (over PASTE_CONFIRM_LINES of them are
         held until Enter); a last line without a newline waits in the input."""
@@ -605,6 +644,16 @@ class ChatUI:
                 return
 
 
+@dataclass
+class _Cycle:
+    """The matches of a Tab, which of them is in the line, and the line it left."""
+
+    matches: list[Completion]
+    index: int
+    text: str = ""
+    cursor: int = 0
+
+
 class _ChatCompleter(Completer):
     """Commands after a leading /, rooms where a command wants one (or after #), names elsewhere."""
 
@@ -622,7 +671,7 @@ class _ChatCompleter(Completer):
         if not words:
             if word.startswith("/") and not word.startswith("//"):
                 typed = word[1:].lower()
-                for name in (*COMMANDS, *ALIASES):
+                for name in sorted({*COMMANDS, *ALIASES}):
                     if name.startswith(typed):
                         yield Completion(f"/{name} ", start, display=f"/{name}")
                 return

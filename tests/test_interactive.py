@@ -38,6 +38,7 @@ from tests.conftest import HOST, RunningBroker
 ENTER = "\r"
 UP, DOWN, LEFT = "\x1b[A", "\x1b[B", "\x1b[D"
 CTRL_C, CTRL_D, CTRL_U = "\x03", "\x04", "\x15"
+SHIFT_TAB = "\x1b[Z"
 
 
 def paste(text: str) -> str:
@@ -594,27 +595,49 @@ def test_wrong_commands_get_one_line_hint(alice: Client, line: str, hint: str) -
 
 
 def test_tab_completes_commands_names_and_rooms(alice: Client, bob: Client, make_client: Callable[..., Client]) -> None:
-    make_client("bobby").join("general")
+    bobby = make_client("bobby")
+    bobby.join("general")
     make_client("carol").join("devops")
 
     async def main() -> None:
         async with chat_ui(alice) as t:
             await t.shows("bobby joined")  # alice learns who is around from presence too
 
-            async def complete(typed: str, expected: str) -> None:
-                t.keys(CTRL_U + typed + "\t")
-                await until(lambda: t.buffer.text == expected, what=lambda: t.buffer.text)
+            async def complete(typed: str, *expected: str) -> None:
+                """Tab once per expected line (irssi: Tab again puts the next match in)."""
+                t.keys(CTRL_U + typed)
+                for line in expected:
+                    t.keys("\t")
+                    await until(lambda line=line: t.buffer.text == line, what=lambda: t.buffer.text)
 
             await complete("/hi", "/history ")
             await complete("/sw", "/switch ")
             await complete("/msg ca", "/msg ca")  # carol is in no room of ours: unknown
             await complete("/msg bobb", "/msg bobby ")
-            await complete("/msg b", "/msg bob")  # bob and bobby: the common part
+            await complete("/msg b", "/msg bob ", "/msg bobby ", "/msg bob ")  # round and round
             await complete("bobb", "bobby: ")  # first on the line: addressing someone
             await complete("hi Bobb", "hi bobby ")
             await complete("/join #dev", "/join #devops ")
             await complete("/switch #g", "/switch #general ")
             await complete("see #ge", "see #general ")
+            # Shift-Tab goes back; a key typed in between starts over.
+            await complete("/h", "/help ", "/history ")
+            t.keys(SHIFT_TAB)
+            await until(lambda: t.buffer.text == "/help ", what=lambda: t.buffer.text)
+            await complete("/help x", "/help x")  # nothing matches "x": left as it is
+            await complete("/msg b", "/msg bob ")
+            t.keys("y\t")  # typed after a Tab: the next Tab completes anew, it does not cycle
+            await until(lambda: t.buffer.text == "/msg bob y", what=lambda: t.buffer.text)
+            await asyncio.sleep(0.2)
+            assert t.buffer.text == "/msg bob y"
+            # Names: who spoke last comes first (the one being answered, mostly), then by name.
+            bobby.send_wait("general", "anyone?")
+            await t.shows("<bobby> anyone?")
+            await complete("b", "bobby: ", "bob: ")
+            bob.send_wait("general", "me")
+            await t.shows("<bob> me")
+            await complete("b", "bob: ", "bobby: ")
+            t.keys(CTRL_U)
 
     run(main())
 
