@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"in the store in --data, {DEFAULT_RETENTION} with --backplane)",
     )
     parser.add_argument(
+        "--retention-days",
+        type=float,
+        default=envargs.default("ZCHAT_RETENTION_DAYS", None),
+        metavar="DAYS",
+        help="delete events older than this from the store in --data, at start and then as they age "
+        "(fractions allowed: 0.5 is 12 hours; ZCHAT_RETENTION_DAYS; default: keep them; not with --backplane)",
+    )
+    parser.add_argument(
         "--rate-limit",
         type=float,
         default=envargs.default("ZCHAT_RATE_LIMIT", limits.rate),
@@ -211,6 +219,19 @@ def main(argv: list[str] | None = None) -> int:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             log.error("%s (or %s) must be %s, not %s", flag, _variable(flag), bounds, value)
             return 2
+    if args.retention_days is not None:
+        if not (math.isfinite(args.retention_days) and args.retention_days * 86_400_000 >= 1):
+            log.error(
+                "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days above 0, not %s",
+                args.retention_days,
+            )
+            return 2
+        if args.backplane:
+            log.error(
+                "--retention-days (or ZCHAT_RETENTION_DAYS) applies to the store in --data; "
+                "with --backplane, --retention sets how many events of each room Redis keeps"
+            )
+            return 2
     for flag, rate in (
         ("--rate-limit", args.rate_limit),
         ("--join-rate", args.join_rate),
@@ -257,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     store: Store | None = None
     if not config.backplane:
         try:
-            store = Store(data_dir, config.durability, config.retention)
+            max_age = None if args.retention_days is None else round(args.retention_days * 86_400_000)
+            store = Store(data_dir, config.durability, config.retention, max_age)
         except StoreError as exc:
             log.error("%s", exc)
             return 1

@@ -353,6 +353,9 @@ class Broker:
                 if cluster is not None:
                     actions.extend(cluster.tick(now))
                 next_tick = now + tick_every
+                if writer is not None and not self._waiting and self.store is not None and self.store.aged_due(now):
+                    # Nothing is written, so no commit deletes what ages: this does, a step a tick.
+                    self.store.prune_aged()
             if self._reload.is_set():
                 self._reload.clear()
                 actions.extend(self._reload_keys(now))

@@ -17,6 +17,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,11 @@ SCHEMA_VERSION = 2
 #: With a retention, a room's old events are deleted this many at a time: a room
 #: holds from ``retention`` to ``retention + PRUNE_STEP - 1`` events.
 PRUNE_STEP = 64
+#: With a maximum age, a commit (or an idle tick) deletes at most this many aged events,
+#: looking at most AGE_SCAN_ROWS rows past the oldest: bounded work, even when a clock
+#: set back left newer events before older ones.
+AGE_STEP = 256
+AGE_SCAN_ROWS = 4096
 
 Durability = Literal["full", "normal"]
 
@@ -105,14 +111,28 @@ class StoreError(Exception):
 
 class Store:
     """``retention``: the events kept per room, newest first (None: all of them). Older
-    ones are deleted when the store opens and then in each commit that passes them."""
+    ones are deleted when the store opens and then in each commit that passes them.
+    ``max_age_ms``: events older than this (by their ``ts``) are deleted too: at open,
+    then a few at a time in each commit and, while nothing is written, by
+    :meth:`prune_aged` (the broker calls it when :meth:`aged_due`)."""
 
-    def __init__(self, data_dir: Path, durability: Durability = "full", retention: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        durability: Durability = "full",
+        retention: int | None = None,
+        max_age_ms: int | None = None,
+    ) -> None:
         if durability not in ("full", "normal"):  # anything else was once quietly "normal"
             raise ValueError(f"durability {durability!r}: full or normal")
         if retention is not None and retention < 1:
             raise ValueError(f"retention {retention}: at least 1 event per room, or None for all")
+        if max_age_ms is not None and max_age_ms < 1:
+            raise ValueError(f"max_age_ms {max_age_ms}: at least 1, or None for no limit")
         self.retention = retention
+        self.max_age_ms = max_age_ms
+        #: The first row in arrival order (``id``, ``ts``), while there is a maximum age.
+        self._oldest: tuple[int, int] | None = None
         #: Per room, the seq up to which events have been deleted for the retention.
         self._pruned: dict[str, int] = {}
         lock: int | None = None
@@ -139,16 +159,12 @@ class Store:
             # volume, a full disk) stops the broker here, before "ready", rather than at
             # its first message (and a restart loop under compose). Setting the version
             # to itself writes and syncs a page like any commit.
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+            with self._immediate() as db:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if retention is not None:
                 self._prune_all(retention)
+            if max_age_ms is not None:
+                self._prune_aged_all(max_age_ms)
             # Checkpoints (copying the WAL back into the database) run in a thread
             # of their own, on a connection of their own: run by the committing
             # connection, one stalled a commit, and every ack and publish behind
@@ -173,6 +189,19 @@ class Store:
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="zchat-checkpoint", daemon=True)
         self._checkpointer.start()
 
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction at open (BEGIN IMMEDIATE): committed, or rolled back whatever failed."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
     def _open_schema(self) -> None:
         """Create the table in a new store, upgrade an older one, refuse a newer one."""
         db = self._db
@@ -188,15 +217,10 @@ class Store:
         if version in (0, 1):
             # One transaction (user_version is part of it): a crash leaves the old store whole.
             steps = (_SCHEMA,) if version == 0 else _UPGRADE_FROM_1
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._immediate():
                 for statement in steps:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             if version == 1:
                 count = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
                 log.warning("store %s upgraded from schema 1 to %d (%d events)", self.path, SCHEMA_VERSION, count)
@@ -206,20 +230,13 @@ class Store:
     def _prune_all(self, retention: int) -> None:
         """Delete what is past the retention in every room, in one transaction (at open:
         a store kept whole so far, or a retention made smaller, may have much to delete)."""
-        db, deleted = self._db, 0
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        deleted = 0
+        with self._immediate() as db:
             for room, top in self.room_seqs().items():
                 cutoff = top - retention
                 if cutoff > 0:
                     deleted += db.execute("DELETE FROM events WHERE room = ? AND seq <= ?", (room, cutoff)).rowcount
                     self._pruned[room] = cutoff
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            self._pruned.clear()
-            raise
         if deleted:
             log.warning(
                 "retention %d events per room: deleted %d older events from %s (the file keeps its size; "
@@ -228,6 +245,30 @@ class Store:
                 deleted,
                 self.path,
             )
+
+    def _prune_aged_all(self, max_age_ms: int) -> None:
+        """At open: delete every event older than ``max_age_ms`` (one scan of the table)."""
+        with self._immediate() as db:
+            deleted = db.execute("DELETE FROM events WHERE ts < ?", (_now_ms() - max_age_ms,)).rowcount
+        self._oldest = db.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
+        if deleted:
+            log.warning(
+                "retention %s: deleted %d events older than that from %s (the file keeps its size; "
+                "the space is reused)",
+                _age(max_age_ms),
+                deleted,
+                self.path,
+            )
+
+    def aged_due(self, now_ms: int) -> bool:
+        """Whether the oldest event has passed the maximum age (a plain read: any thread)."""
+        oldest = self._oldest
+        return oldest is not None and self.max_age_ms is not None and oldest[1] < now_ms - self.max_age_ms
+
+    def prune_aged(self) -> None:
+        """Delete aged events while nothing else is written (a commit of no rows). Only
+        where :meth:`append` may be called: the loop, while the writer has nothing in flight."""
+        self.append([])
 
     def _checkpoint_loop(self) -> None:
         """CHECKPOINT_S after a commit, a PASSIVE checkpoint, which never blocks the writer.
@@ -308,10 +349,13 @@ class Store:
                 db.execute(_INSERTS[size], list(flat(rows[at : at + size])))
                 at += size
             pruned = self._prune(rows) if self.retention is not None else None
+            aged = self._prune_aged_step() if self.max_age_ms is not None else False
             db.execute("COMMIT")
             self.commits += 1
             if pruned:
                 self._pruned.update(pruned)
+            if aged or (self._oldest is None and self.max_age_ms is not None):
+                self._oldest = db.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
             if not self._dirty.is_set():  # a plain read; set() takes a lock
                 self._dirty.set()
         except BaseException as exc:
@@ -343,6 +387,19 @@ class Store:
                 done[room] = cutoff
         return done
 
+    def _prune_aged_step(self) -> bool:
+        """In the open transaction: delete up to AGE_STEP aged events, oldest first. Rows are
+        in arrival order by ``id``, and so (clocks aside) by ``ts``: the aged ones lead."""
+        assert self.max_age_ms is not None
+        oldest = self._oldest
+        if oldest is None or oldest[1] >= _now_ms() - self.max_age_ms:
+            return False
+        self._db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= ? AND ts < ? ORDER BY id LIMIT ?)",
+            (oldest[0] + AGE_SCAN_ROWS, _now_ms() - self.max_age_ms, AGE_STEP),
+        )
+        return True
+
     def history(self, room: str, after: int, limit: int, upto: int | None = None) -> list[bytes]:
         """Bodies of the committed events of ``room`` with ``after < seq <= upto``, oldest first."""
         try:
@@ -364,6 +421,16 @@ class Store:
         self._read.close()
         self._db.close()
         os.close(self._lock)  # and with it the lock
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _age(ms: int) -> str:
+    """A maximum age as an operator gave it: days, or less."""
+    days = ms / 86_400_000
+    return f"{days:g} days" if days >= 1 else f"{ms / 1000:g} s"
 
 
 def _warn_if_open(data_dir: Path) -> None:

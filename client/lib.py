@@ -1740,9 +1740,9 @@ class Client:
         count = to - first + 1
         what = f"{count} events of #{room} (seq {first}-{to}) are" if count > 1 else f"event {first} of #{room} is"
         if why == "retention":
-            text = f"{what} no longer kept by the broker (its --retention): skipped"
+            text = f"{what} no longer kept by the broker (its retention): skipped"
         else:
-            text = f"{what} missing from the broker's store (lost, or deleted by its --retention): skipped"
+            text = f"{what} missing from the broker's store (lost, or deleted by its retention): skipped"
         self._events.append(Event(type="status", event="skipped", room=room, seq=to, text=text))
 
     def _stored_original(self, env: Envelope) -> Envelope | None:

@@ -349,6 +349,17 @@ def test_broker_help_and_bad_port() -> None:
         ("ZCHAT_JOIN_RATE", "nan", "--join-rate (or ZCHAT_JOIN_RATE) must be 0 (off) or more, not nan"),
         ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be at least 1, not 0"),
         ("ZCHAT_RETENTION", "0", "--retention (or ZCHAT_RETENTION) must be at least 1, not 0"),
+        ("ZCHAT_RETENTION_DAYS", "week", "ZCHAT_RETENTION_DAYS='week': not a number"),
+        (
+            "ZCHAT_RETENTION_DAYS",
+            "0",
+            "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days above 0, not 0.0",
+        ),
+        (
+            "ZCHAT_RETENTION_DAYS",
+            "inf",
+            "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days above 0, not inf",
+        ),
     ],
 )
 def test_a_bad_broker_environment_variable_exits_2_naming_it(
@@ -362,6 +373,12 @@ def test_a_bad_broker_environment_variable_exits_2_naming_it(
     assert not (tmp_path / "d").exists()  # refused before anything was opened
     # A variable is only a default: --version and --help still work.
     assert _broker_cmd("--version", env=env).returncode == 0
+
+
+def test_retention_days_is_for_the_embedded_store_only(tmp_path: Path) -> None:
+    result = _broker_cmd("--retention-days", "30", "--backplane", "redis://127.0.0.1:1/0", "--data", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "--retention-days (or ZCHAT_RETENTION_DAYS) applies to the store in --data" in result.stderr
 
 
 def test_a_flag_wins_over_a_bad_variable_and_names_are_not_case_sensitive(tmp_path: Path) -> None:

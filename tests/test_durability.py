@@ -354,3 +354,65 @@ def test_the_broker_keeps_the_retention_it_is_given_and_trims_at_start(tmp_path:
         assert any("retention 5 events per room: deleted" in line for line in second.log)
     finally:
         second.kill()
+
+
+def _aged_rows(room: str, first: int, count: int, ts: int) -> list[tuple[str, int, int, str, str, bytes]]:
+    return [(room, seq, ts, "ann", f"m{seq}", body) for room, seq, _, _, _, body in _rows(room, first, count)]
+
+
+@pytest.mark.timeout(30)
+def test_events_older_than_the_maximum_age_are_deleted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = time.time_ns() // 1_000_000
+    store = Store(tmp_path, "normal")
+    try:
+        store.append(_aged_rows("a", 1, 300, now - 120_000) + _aged_rows("b", 1, 5, now - 120_000))
+        store.append(_aged_rows("a", 301, 10, now))
+    finally:
+        store.close()
+    # Opened with a maximum age of a minute: what is older goes at once, and the log says so.
+    store = Store(tmp_path, "normal", max_age_ms=60_000)
+    try:
+        assert _seqs(store, "a") == list(range(301, 311)) and _seqs(store, "b") == []
+        assert store.room_seqs() == {"a": 310}  # numbering goes on from the kept events
+        assert any("retention 60 s: deleted 305 events" in r.getMessage() for r in caplog.records)
+        assert not store.aged_due(time.time_ns() // 1_000_000)
+    finally:
+        store.close()
+    # While it runs: a commit deletes up to AGE_STEP aged events, oldest first, and while
+    # nothing is written prune_aged does, a step at a time.
+    store = Store(tmp_path / "running", "normal", max_age_ms=60_000)
+    try:
+        store.append(_aged_rows("c", 1, 600, now - 120_000))  # stored already aged (a slow clock, say)
+        assert store.aged_due(time.time_ns() // 1_000_000)
+        store.append(_aged_rows("a", 1, 1, time.time_ns() // 1_000_000))
+        assert len(_seqs(store, "c")) == 600 - store_module.AGE_STEP
+        left: list[int] = []
+        while store.aged_due(time.time_ns() // 1_000_000) and len(left) < 5:
+            store.prune_aged()
+            left.append(len(_seqs(store, "c")))
+        assert left == [88, 0] and _seqs(store, "a") == [1]
+        # Aged events stored after a newer one wait for it: only the oldest in arrival order is
+        # looked at (a clock set back), so the work per commit stays bounded.
+        store.append(_aged_rows("d", 1, 5, now - 120_000))
+        assert not store.aged_due(time.time_ns() // 1_000_000) and len(_seqs(store, "d")) == 5
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_quiet_broker_deletes_events_as_they_pass_the_maximum_age(tmp_path: Path) -> None:
+    """No commit comes to delete them: the loop's tick does. 0.00003 days is 2.6 s."""
+    broker = BrokerProcess(tmp_path / "d", extra=["--retention-days", "0.00003", "--heartbeat-ms", "200"]).start()
+    try:
+        with Client("ann", HOST, broker.port, broker.pub_port) as ann:
+            ann.join("general")
+            sent = ann.send_wait("general", "soon gone")
+            assert all_history(ann, "general")[-1] == (sent.seq, "msg", "soon gone")
+            started = time.monotonic()
+            wait_for(lambda: all_history(ann, "general") == [], 15, interval=0.2)
+            assert time.monotonic() - started > 1.5  # not before it aged
+            # Numbering goes on; the new message is kept until it ages in turn.
+            again = ann.send_wait("general", "still here")
+            assert again.seq == sent.seq + 1 and all_history(ann, "general") == [(again.seq, "msg", "still here")]
+    finally:
+        broker.kill()
