@@ -29,6 +29,8 @@ log = logging.getLogger("zchat.broker")
 #: Start, ready and stop lines are shown whatever --log-level says: an operator
 #: (and a test) must always learn where the broker listens and when it is gone.
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
+#: The longest --retention-days (a million days): beyond, the cutoff leaves SQLite's integers.
+MAX_AGE_MS = 1_000_000 * 86_400_000
 #: Seconds after a SIGTERM or SIGINT after which a stop still under way logs every thread's stack.
 STOP_STACKS_S = 5.0
 
@@ -220,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s (or %s) must be %s, not %s", flag, _variable(flag), bounds, value)
             return 2
     if args.retention_days is not None:
-        if not (math.isfinite(args.retention_days) and args.retention_days * 86_400_000 >= 1):
+        if not (math.isfinite(args.retention_days) and 1 <= args.retention_days * 86_400_000 <= MAX_AGE_MS):
             log.error(
-                "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days above 0, not %s",
+                "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days above 0 and at most %d, not %s",
+                MAX_AGE_MS // 86_400_000,
                 args.retention_days,
             )
             return 2

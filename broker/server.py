@@ -353,9 +353,7 @@ class Broker:
                 if cluster is not None:
                     actions.extend(cluster.tick(now))
                 next_tick = now + tick_every
-                if writer is not None and not self._waiting and self.store is not None and self.store.aged_due(now):
-                    # Nothing is written, so no commit deletes what ages: this does, a step a tick.
-                    self.store.prune_aged()
+                self._prune_aged(now)
             if self._reload.is_set():
                 self._reload.clear()
                 actions.extend(self._reload_keys(now))
@@ -374,6 +372,16 @@ class Broker:
             # Stopping: what was decided is committed, then acknowledged and
             # published (the sockets linger briefly for it), as a pass would.
             self._release(writer.wait_all(timeout=10))
+
+    def _prune_aged(self, now: int) -> None:
+        """While nobody writes, no commit deletes what ages (--retention-days): a commit of
+        no rows does, a step a tick. Not while the disk is slow: the writer thread's
+        commits do it then."""
+        writer, store = self.writer, self.store
+        if writer is None or store is None or self._waiting or time.monotonic() < self._handoff_until:
+            return
+        if store.aged_due(now) and writer.append_now([]) > SLOW_DISK_WAIT_S:
+            self._handoff_until = time.monotonic() + SLOW_DISK_HOLD_S
 
     def _drain(self, now: int) -> list[Action]:
         """Read every message that is ready (up to BATCH) and let the core decide."""

@@ -70,6 +70,19 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+# Where a room's last seq is kept once age retention may delete all its events: else a
+# restart would number an emptied room from 1 again. Not part of the versioned schema:
+# created by a broker run with --retention-days and read by every broker of this version
+# (an older one ignores it, as it ignores any table but ``events``).
+_ROOM_TOPS = "CREATE TABLE IF NOT EXISTS room_tops (room TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
+#: Before aged events are deleted: the last seq of each of their rooms, kept.
+_KEEP_TOPS = (
+    "INSERT INTO room_tops (room, seq) SELECT room, MAX(seq) FROM events WHERE {where} GROUP BY room "
+    "ON CONFLICT (room) DO UPDATE SET seq = MAX(seq, excluded.seq)"
+)
+#: The aged events one step deletes: the first ones in arrival order, within a bounded scan.
+_AGED_STEP = "id IN (SELECT id FROM events WHERE id <= ? AND ts < ? ORDER BY id LIMIT ?)"
+
 #: Version 1 to 2, in one transaction: the same rows, in the order they were stored.
 _UPGRADE_FROM_1 = (
     "ALTER TABLE events RENAME TO events_v1",
@@ -113,8 +126,8 @@ class Store:
     """``retention``: the events kept per room, newest first (None: all of them). Older
     ones are deleted when the store opens and then in each commit that passes them.
     ``max_age_ms``: events older than this (by their ``ts``) are deleted too: at open,
-    then a few at a time in each commit and, while nothing is written, by
-    :meth:`prune_aged` (the broker calls it when :meth:`aged_due`)."""
+    then in each commit (AGE_STEP more than it stores) and, while nothing is written,
+    by a commit of no rows, ``append([])``, which the broker makes when :meth:`aged_due`."""
 
     def __init__(
         self,
@@ -161,6 +174,11 @@ class Store:
             # to itself writes and syncs a page like any commit.
             with self._immediate() as db:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                if max_age_ms is not None:
+                    db.execute(_ROOM_TOPS)
+            self._has_tops = bool(
+                self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'room_tops'").fetchall()
+            )
             if retention is not None:
                 self._prune_all(retention)
             if max_age_ms is not None:
@@ -249,7 +267,9 @@ class Store:
     def _prune_aged_all(self, max_age_ms: int) -> None:
         """At open: delete every event older than ``max_age_ms`` (one scan of the table)."""
         with self._immediate() as db:
-            deleted = db.execute("DELETE FROM events WHERE ts < ?", (_now_ms() - max_age_ms,)).rowcount
+            cutoff = _now_ms() - max_age_ms
+            db.execute(_KEEP_TOPS.format(where="ts < ?"), (cutoff,))
+            deleted = db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
         self._oldest = db.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
         if deleted:
             log.warning(
@@ -264,11 +284,6 @@ class Store:
         """Whether the oldest event has passed the maximum age (a plain read: any thread)."""
         oldest = self._oldest
         return oldest is not None and self.max_age_ms is not None and oldest[1] < now_ms - self.max_age_ms
-
-    def prune_aged(self) -> None:
-        """Delete aged events while nothing else is written (a commit of no rows). Only
-        where :meth:`append` may be called: the loop, while the writer has nothing in flight."""
-        self.append([])
 
     def _checkpoint_loop(self) -> None:
         """CHECKPOINT_S after a commit, a PASSIVE checkpoint, which never blocks the writer.
@@ -311,7 +326,11 @@ class Store:
     def room_seqs(self) -> dict[str, int]:
         """The last ``seq`` of every room, so numbering continues after a restart."""
         rows = self._db.execute("SELECT room, MAX(seq) FROM events GROUP BY room")
-        return {room: seq for room, seq in rows}
+        seqs = {room: seq for room, seq in rows}
+        if self._has_tops:  # rooms whose events all aged away keep their numbering
+            for room, seq in self._db.execute("SELECT room, seq FROM room_tops"):
+                seqs[room] = max(seq, seqs.get(room, 0))
+        return seqs
 
     def recent_acks(self, limit: int) -> list[dict[str, Any]]:
         """The acks of the last ``limit`` messages, oldest first, with their author in ``from``.
@@ -349,7 +368,7 @@ class Store:
                 db.execute(_INSERTS[size], list(flat(rows[at : at + size])))
                 at += size
             pruned = self._prune(rows) if self.retention is not None else None
-            aged = self._prune_aged_step() if self.max_age_ms is not None else False
+            aged = self._prune_aged_step(len(rows)) if self.max_age_ms is not None else False
             db.execute("COMMIT")
             self.commits += 1
             if pruned:
@@ -387,17 +406,17 @@ class Store:
                 done[room] = cutoff
         return done
 
-    def _prune_aged_step(self) -> bool:
-        """In the open transaction: delete up to AGE_STEP aged events, oldest first. Rows are
-        in arrival order by ``id``, and so (clocks aside) by ``ts``: the aged ones lead."""
+    def _prune_aged_step(self, stored: int) -> bool:
+        """In the open transaction: delete up to AGE_STEP aged events more than the commit
+        stores (so deleting keeps up with any rate), oldest first. Rows are in arrival
+        order by ``id``, and so (clocks aside) by ``ts``: the aged ones lead."""
         assert self.max_age_ms is not None
-        oldest = self._oldest
-        if oldest is None or oldest[1] >= _now_ms() - self.max_age_ms:
+        oldest, cutoff = self._oldest, _now_ms() - self.max_age_ms
+        if oldest is None or oldest[1] >= cutoff:
             return False
-        self._db.execute(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= ? AND ts < ? ORDER BY id LIMIT ?)",
-            (oldest[0] + AGE_SCAN_ROWS, _now_ms() - self.max_age_ms, AGE_STEP),
-        )
+        step = (oldest[0] + AGE_SCAN_ROWS + stored, cutoff, AGE_STEP + stored)
+        self._db.execute(_KEEP_TOPS.format(where=_AGED_STEP), step)
+        self._db.execute(f"DELETE FROM events WHERE {_AGED_STEP}", step)  # noqa: S608 (constants only)
         return True
 
     def history(self, room: str, after: int, limit: int, upto: int | None = None) -> list[bytes]:

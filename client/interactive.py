@@ -31,6 +31,7 @@ from prompt_toolkit.application import in_terminal, run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
+from prompt_toolkit.filters import is_searching
 from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
 from prompt_toolkit.input import Input
 from prompt_toolkit.input.vt100 import Vt100Input
@@ -545,11 +546,12 @@ class ChatUI:
                 if index < len(rooms):
                     self.switch(rooms[index])
 
-        @kb.add("tab")
+        # Not in the Ctrl-R search field: names have nothing to do there.
+        @kb.add("tab", filter=~is_searching)
         def _tab(event: KeyPressEvent) -> None:
             self.complete(event.current_buffer, 1)
 
-        @kb.add("s-tab")
+        @kb.add("s-tab", filter=~is_searching)
         def _back_tab(event: KeyPressEvent) -> None:
             self.complete(event.current_buffer, -1)
 

@@ -611,7 +611,7 @@ def test_tab_completes_commands_names_and_rooms(alice: Client, bob: Client, make
                     await until(lambda line=line: t.buffer.text == line, what=lambda: t.buffer.text)
 
             await complete("/hi", "/history ")
-            await complete("/sw", "/switch ")
+            await complete("/sw", "/switch ", "/switch ")  # one match: Tab again changes nothing
             await complete("/msg ca", "/msg ca")  # carol is in no room of ours: unknown
             await complete("/msg bobb", "/msg bobby ")
             await complete("/msg b", "/msg bob ", "/msg bobby ", "/msg bob ")  # round and round
@@ -625,6 +625,8 @@ def test_tab_completes_commands_names_and_rooms(alice: Client, bob: Client, make
             t.keys(SHIFT_TAB)
             await until(lambda: t.buffer.text == "/help ", what=lambda: t.buffer.text)
             await complete("/help x", "/help x")  # nothing matches "x": left as it is
+            t.keys(CTRL_U + "/msg b" + SHIFT_TAB)  # Shift-Tab first: the last match
+            await until(lambda: t.buffer.text == "/msg bobby ", what=lambda: t.buffer.text)
             await complete("/msg b", "/msg bob ")
             t.keys("y\t")  # typed after a Tab: the next Tab completes anew, it does not cycle
             await until(lambda: t.buffer.text == "/msg bob y", what=lambda: t.buffer.text)
