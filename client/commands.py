@@ -27,6 +27,7 @@ commands:
   /who [ROOM]        who is in ROOM (default: the current room)
   /rooms             list rooms
   /history [N]       the last N events of the current room (default 20)
+  /lastlog TEXT      the lines shown so far that contain TEXT (any case; terminal only)
   /help              this help
   /quit              leave the chat"""
 
@@ -40,6 +41,7 @@ USAGE = {
     "who": "/who [ROOM]",
     "rooms": "/rooms",
     "history": "/history [N]",
+    "lastlog": "/lastlog TEXT",
     "help": "/help",
     "quit": "/quit",
 }
@@ -72,6 +74,8 @@ class Commands:
     strict: bool = False
     #: The terminal: a /join also lists who is in the room, as IRC clients do.
     join_names: bool = False
+    #: The terminal's /lastlog: the lines shown so far that contain a text (None: no such lines).
+    lastlog: Callable[[str], list[str]] | None = None
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
@@ -189,6 +193,16 @@ class Commands:
             self._info(text or "-!- no rooms yet", {"type": "rooms", "rooms": rooms})
         elif name == "history":
             self._history(args)
+        elif name == "lastlog":
+            if not rest:
+                self._usage(name)
+            elif self.lastlog is None:
+                self.err("/lastlog searches what the terminal client has shown; here, search your own output")
+            else:
+                found = self.lastlog(rest)
+                self.out(f"-!- lastlog: {len(found)} line{'' if len(found) == 1 else 's'} with {rest!r}")
+                for text in found:
+                    self.out(text)
         else:
             self.err(f"unknown command /{name}; /help lists them")
         return True

@@ -196,9 +196,13 @@ class ChatUI:
             join_names=True,
             show=self._show,
             help_extra=KEYS_HELP,
+            lastlog=self.lastlog,
         )
         #: Plain text of the lines shown, newest last (one per event, before wrapping).
         self.transcript: deque[str] = deque(maxlen=TRANSCRIPT_LINES)
+        #: The same, of chat lines only (messages, DMs, joins and leaves): what /lastlog searches,
+        #: so that its own output (and other notices) is not found again.
+        self._said: deque[str] = deque(maxlen=TRANSCRIPT_LINES)
         #: Names we have exchanged DMs with (for completion).
         self.dm_peers: set[str] = set()
         #: Who spoke when (a count of the messages seen), for completion: latest first, as irssi.
@@ -446,6 +450,13 @@ class ChatUI:
         self._ring |= line.alert
         self._mark_day(event.ts)
         self._emit(line)
+        if event.type in ("msg", "dm", "presence"):
+            self._said.append(f"{render.short_day(event.ts)} {line.plain}")
+
+    def lastlog(self, text: str) -> list[str]:
+        """The chat lines shown so far (the last TRANSCRIPT_LINES) that contain ``text``, any case."""
+        folded = text.casefold()
+        return [line for line in self._said if folded in line.casefold()]
 
     def _mark_day(self, ts: int | None) -> None:
         """Before a line of another date than the last (a backlog from yesterday, or past

@@ -181,6 +181,11 @@ def day(ts: int | None) -> str:
     return time.strftime("%a %d %b %Y", time.localtime(ts / 1000 if ts is not None else None))
 
 
+def short_day(ts: int | None) -> str:
+    """``01 Dec``: the date before a line's time where lines of several days meet (/lastlog)."""
+    return time.strftime("%d %b", time.localtime(ts / 1000 if ts is not None else None))
+
+
 def day_changed(date: str) -> Styled:
     """``--- Day changed to Tue 01 Dec 2026``, irssi's mark, with no time of its own."""
     head: list[Fragment] = [("class:info", "--- ")]

@@ -162,6 +162,15 @@ def test_dm_and_commands_in_pipe_mode(chats: Any) -> None:
     assert side[0]["room"] == "side"
 
 
+def test_lastlog_is_for_the_terminal_and_pipe_mode_says_so(chats: Any) -> None:
+    alice = chats("alice", "--json")
+    alice.say("/lastlog deploy")
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 1, "a refused command makes the exit status 1"
+    alice.rest()
+    assert any("/lastlog searches what the terminal client has shown" in e for e in alice.errors), alice.errors
+
+
 def test_over_long_line_is_refused_next_line_delivered(chats: Any) -> None:
     bob = chats("bob", "--json")
     bob.expect_json(type="presence", name="bob")

@@ -505,8 +505,41 @@ def test_help_lists_commands_and_keys(alice: Client) -> None:
             t.line("/help")
             await t.shows("Alt-1")
             text = "\n".join(t.lines())
-            for command in ("/me", "/msg", "/join", "/switch", "/leave", "/who", "/rooms", "/history", "/quit"):
+            for command in (
+                "/me",
+                "/msg",
+                "/join",
+                "/switch",
+                "/leave",
+                "/who",
+                "/rooms",
+                "/history",
+                "/lastlog",
+                "/quit",
+            ):
                 assert command in text
+
+    run(main())
+
+
+def test_lastlog_finds_the_chat_lines_shown_that_contain_a_text(alice: Client, bob: Client) -> None:
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            bob.send_wait("general", "the Deploy is at noon")
+            bob.dm_wait("alice", "deploy key is in the vault")
+            bob.send_wait("general", "lunch?")
+            await t.shows("lunch?")
+            t.line("/lastlog DEPLOY")
+            await t.shows("lastlog: 2 lines with 'DEPLOY'")
+            await t.settled()
+            found = sorted(t.lines()[-2:], key=lambda line: "*bob*" in line)  # in the order shown
+            assert "<bob> the Deploy is at noon" in found[0] and "*bob* deploy key is in the vault" in found[1]
+            assert re.search(r"\d\d [A-Z][a-z]{2} \d\d:\d\d ", found[0]), found  # its date and time
+            # Its own output is not searched again, nor are other notices.
+            t.line("/lastlog deploy")
+            await t.shows("lastlog: 2 lines with 'deploy'")
+            t.line("/lastlog")
+            await t.shows("usage: /lastlog TEXT")
 
     run(main())
 
