@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         __version__,
         broker.endpoint,
         broker.pub_endpoint,
-        store.path if store is not None else f"backplane {config.backplane} (broker {broker.core_id})",
+        store.describe() if store is not None else f"backplane {config.backplane} (broker {broker.core_id})",
         broker.core.epoch,
     )
     try:

@@ -280,6 +280,15 @@ class Store:
                 self.path,
             )
 
+    def describe(self) -> str:
+        """Its path and what it keeps, for the broker's "ready" line."""
+        kept = []
+        if self.retention is not None:
+            kept.append(f"the newest {self.retention} events of each room")
+        if self.max_age_ms is not None:
+            kept.append(f"events of the last {_age(self.max_age_ms)}")
+        return f"{self.path} (keeping {' and '.join(kept) or 'every event'})"
+
     def aged_due(self, now_ms: int) -> bool:
         """Whether the oldest event has passed the maximum age (a plain read: any thread)."""
         oldest = self._oldest

@@ -352,6 +352,7 @@ def test_the_broker_keeps_the_retention_it_is_given_and_trims_at_start(tmp_path:
             assert top in (151, 152) and [seq for seq, _, _ in kept] == list(range(top - 4, top + 1))
             assert all(text == f"m{seq - 2}" for seq, kind, text in kept if kind == "msg")
         assert any("retention 5 events per room: deleted" in line for line in second.log)
+        assert any("(keeping the newest 5 events of each room)" in line for line in second.log)
     finally:
         second.kill()
 
@@ -410,6 +411,7 @@ def test_events_older_than_the_maximum_age_are_deleted(tmp_path: Path, caplog: p
 def test_a_quiet_broker_deletes_events_as_they_pass_the_maximum_age(tmp_path: Path) -> None:
     """No commit comes to delete them: the loop's tick does. 0.00003 days is 2.6 s."""
     broker = BrokerProcess(tmp_path / "d", extra=["--retention-days", "0.00003", "--heartbeat-ms", "200"]).start()
+    assert any("(keeping events of the last 2.592 s)" in line for line in broker.log), broker.log
     try:
         with Client("ann", HOST, broker.port, broker.pub_port) as ann:
             ann.join("general")
