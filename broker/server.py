@@ -40,7 +40,7 @@ from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
 from broker.core import DEDUP_WINDOW, Action, Core, Direct, HistoryQuery, Limits, LogBudget, Publish, Reply
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
-from broker.store import Durability, Row, Store, StoreError
+from broker.store import Durability, Row, Store, StoreError, now_ms
 from broker.writer import Writer
 from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
@@ -168,14 +168,9 @@ class Config:
     keys_dir: Path | None = None
     #: ``redis://HOST:PORT/DB``: share the chat with other brokers (no SQLite store).
     backplane: str | None = None
-    #: Events kept per room on the backplane.
-    #: Events kept per room in the backplane (None: DEFAULT_RETENTION). The embedded
-    #: store's is given to :class:`Store` itself.
+    #: Events kept per room: in the backplane (None: DEFAULT_RETENTION), or in the
+    #: embedded store (None: all), which takes it as Store(retention=...).
     retention: int | None = None
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _endpoint(host: str, port: int) -> str:

@@ -150,7 +150,7 @@ class Store:
         self._pruned: dict[str, int] = {}
         lock: int | None = None
         try:
-            # Messages and DMs are in here: readable by this user only. A directory
+            # Room messages are in here: readable by this user only. A directory
             # that exists is not changed, but one others can read is warned about.
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             _warn_if_open(data_dir)
@@ -267,7 +267,7 @@ class Store:
     def _prune_aged_all(self, max_age_ms: int) -> None:
         """At open: delete every event older than ``max_age_ms`` (one scan of the table)."""
         with self._immediate() as db:
-            cutoff = _now_ms() - max_age_ms
+            cutoff = now_ms() - max_age_ms
             db.execute(_KEEP_TOPS.format(where="ts < ?"), (cutoff,))
             deleted = db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
         self._oldest = db.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
@@ -289,10 +289,10 @@ class Store:
             kept.append(f"events of the last {_age(self.max_age_ms)}")
         return f"{self.path} (keeping {' and '.join(kept) or 'every event'})"
 
-    def aged_due(self, now_ms: int) -> bool:
-        """Whether the oldest event has passed the maximum age (a plain read: any thread)."""
+    def aged_due(self, now: int) -> bool:
+        """Whether the oldest event has passed the maximum age at ``now`` (ms; a plain read: any thread)."""
         oldest = self._oldest
-        return oldest is not None and self.max_age_ms is not None and oldest[1] < now_ms - self.max_age_ms
+        return oldest is not None and self.max_age_ms is not None and oldest[1] < now - self.max_age_ms
 
     def _checkpoint_loop(self) -> None:
         """CHECKPOINT_S after a commit, a PASSIVE checkpoint, which never blocks the writer.
@@ -420,7 +420,7 @@ class Store:
         stores (so deleting keeps up with any rate), oldest first. Rows are in arrival
         order by ``id``, and so (clocks aside) by ``ts``: the aged ones lead."""
         assert self.max_age_ms is not None
-        oldest, cutoff = self._oldest, _now_ms() - self.max_age_ms
+        oldest, cutoff = self._oldest, now_ms() - self.max_age_ms
         if oldest is None or oldest[1] >= cutoff:
             return False
         step = (oldest[0] + AGE_SCAN_ROWS + stored, cutoff, AGE_STEP + stored)
@@ -451,21 +451,27 @@ class Store:
         os.close(self._lock)  # and with it the lock
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """The wall clock in ms: what events' ``ts`` are stamped with."""
     return time.time_ns() // 1_000_000
 
 
 def _age(ms: int) -> str:
     """A maximum age as an operator gave it: days, or less."""
-    days = ms / 86_400_000
-    return f"{days:g} days" if days >= 1 else f"{ms / 1000:g} s"
+    if ms >= 86_400_000:
+        days = ms / 86_400_000
+        return f"{days:g} day{'' if days == 1 else 's'}"
+    if ms >= 3_600_000:
+        hours = ms / 3_600_000
+        return f"{hours:g} hour{'' if hours == 1 else 's'}"
+    return f"{ms / 1000:g} s"
 
 
 def _warn_if_open(data_dir: Path) -> None:
     mode = data_dir.stat().st_mode & 0o777
     if mode & 0o077:
         log.warning(
-            "data directory %s has mode %o: other users of this machine may read the messages and DMs "
+            "data directory %s has mode %o: other users of this machine may read the room messages "
             "stored in it; chmod 700 it (a new one is created 700)",
             data_dir,
             mode,

@@ -27,7 +27,7 @@ commands:
   /who [ROOM]        who is in ROOM (default: the current room)
   /rooms             list rooms
   /history [N]       the last N events of the current room (default 20)
-  /lastlog TEXT      the lines shown so far that contain TEXT (any case; terminal only)
+  /lastlog TEXT      the chat lines shown so far (the last 2,000) that contain TEXT (any case; terminal only)
   /help              this help
   /quit              leave the chat"""
 
@@ -74,8 +74,8 @@ class Commands:
     strict: bool = False
     #: The terminal: a /join also lists who is in the room, as IRC clients do.
     join_names: bool = False
-    #: The terminal's /lastlog: the lines shown so far that contain a text (None: no such lines).
-    lastlog: Callable[[str], list[str]] | None = None
+    #: The terminal's /lastlog: shows the chat lines shown so far that contain a text (None: not here).
+    lastlog: Callable[[str], None] | None = None
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
@@ -199,10 +199,7 @@ class Commands:
             elif self.lastlog is None:
                 self.err("/lastlog searches what the terminal client has shown; here, search your own output")
             else:
-                found = self.lastlog(rest)
-                self.out(f"-!- lastlog: {len(found)} line{'' if len(found) == 1 else 's'} with {rest!r}")
-                for text in found:
-                    self.out(text)
+                self.lastlog(rest)
         else:
             self.err(f"unknown command /{name}; /help lists them")
         return True

@@ -200,9 +200,9 @@ class ChatUI:
         )
         #: Plain text of the lines shown, newest last (one per event, before wrapping).
         self.transcript: deque[str] = deque(maxlen=TRANSCRIPT_LINES)
-        #: The same, of chat lines only (messages, DMs, joins and leaves): what /lastlog searches,
-        #: so that its own output (and other notices) is not found again.
-        self._said: deque[str] = deque(maxlen=TRANSCRIPT_LINES)
+        #: Chat lines only (messages, DMs, joins and leaves), each with its date and room: what
+        #: /lastlog searches and shows (not its own output, nor other notices).
+        self._said: deque[render.Styled] = deque(maxlen=TRANSCRIPT_LINES)
         #: Names we have exchanged DMs with (for completion).
         self.dm_peers: set[str] = set()
         #: Who spoke when (a count of the messages seen), for completion: latest first, as irssi.
@@ -451,12 +451,18 @@ class ChatUI:
         self._mark_day(event.ts)
         self._emit(line)
         if event.type in ("msg", "dm", "presence"):
-            self._said.append(f"{render.short_day(event.ts)} {line.plain}")
+            # Labelled with its room whatever room is current, and dated: out of context later.
+            labelled = render.styled(event, self.client.name, None, self._colours)
+            day: render.Fragment = ("class:time", render.short_day(event.ts) + " ")
+            self._said.append(render.Styled([day, *labelled.fragments], labelled.indent + len(day[1])))
 
-    def lastlog(self, text: str) -> list[str]:
-        """The chat lines shown so far (the last TRANSCRIPT_LINES) that contain ``text``, any case."""
+    def lastlog(self, text: str) -> None:
+        """/lastlog: the chat lines shown so far (the last TRANSCRIPT_LINES) that contain ``text``, any case."""
         folded = text.casefold()
-        return [line for line in self._said if folded in line.casefold()]
+        found = [line for line in self._said if folded in line.plain.casefold()]
+        self._out(f'lastlog: {len(found)} chat line{"" if len(found) == 1 else "s"} with "{text}"')
+        for line in found:
+            self._emit(line)
 
     def _mark_day(self, ts: int | None) -> None:
         """Before a line of another date than the last (a backlog from yesterday, or past

@@ -1702,11 +1702,11 @@ class Client:
         top = reply.get("seq")
         top = top if isinstance(top, int) and not isinstance(top, bool) else state.last
         if not events and after <= state.last < top:
-            # The room is at ``top`` but the store has nothing after ``after``: only
-            # if the broker lost (part of) its store. Only an empty reply says so:
-            # one whose events we already have (SUB overtook it) says nothing about
-            # the events after them. Asked twice, a moment apart, before skipping
-            # them rather than stalling the room forever.
+            # The room is at ``top`` but the store has nothing after ``after``: the
+            # broker lost (part of) its store, or its retention deleted them all. A
+            # reply whose events we already have (SUB overtook it) says nothing about
+            # the events after them; an empty one does. Asked twice, a moment apart,
+            # before skipping them rather than stalling the room forever.
             if state.empty_after != after:
                 state.empty_after = after
                 state.refetch_at = time.monotonic() + PROBE_INTERVAL_S
