@@ -96,6 +96,9 @@ class Printer:
             return
         if event.type == "status":
             self.err(event.text or "")
+            if self.as_json and event.event == "skipped":
+                # A gap in what a --json reader (an archiver, a bot) gets: said in its stream too.
+                self.out(render.json_line(event))
             return
         self.out(render.json_line(event) if self.as_json else render.text_line(event))
 

@@ -629,3 +629,23 @@ def test_lines_never_acknowledged_are_listed_when_the_client_ends(tmp_path: Path
             bob.stop()
     finally:
         broker.kill()
+
+
+def test_a_skipped_run_is_also_in_the_json_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    """An archiver reading --json must learn of the events it will never get (the broker's
+    retention deleted them); other status changes stay on stderr only."""
+    from client.cli import Printer
+    from client.lib import Event
+
+    text = "930 events of #general (seq 12-941) are no longer kept by the broker (its retention): skipped"
+    skipped = Event(type="status", event="skipped", room="general", seq=941, text=text)
+    Printer(as_json=True).event(skipped)
+    Printer(as_json=True).event(Event(type="status", event="reconnecting", text="reconnecting to x"))
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"type": "status", "event": "skipped", "room": "general", "seq": 941, "text": text}
+    ]
+    assert text in err and "reconnecting to x" in err
+    Printer(as_json=False).event(skipped)
+    out, err = capsys.readouterr()
+    assert out == "" and text in err
