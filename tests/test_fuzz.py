@@ -1,7 +1,9 @@
-"""Property tests: the wire module only ever raises ProtocolError, and the core keeps its invariants.
+"""Property tests: the wire module only ever raises ProtocolError, the core keeps its
+invariants, and the client's gap fetch never loses an event.
 
 Every property is bounded (``max_examples``, ``deadline=None``) so the whole file
-runs in a few seconds: it is pure code, no sockets.
+runs in a few seconds: it is pure code, no broker (the client of (e) makes its
+sockets but never reaches one).
 """
 
 from __future__ import annotations
@@ -423,3 +425,69 @@ def test_hello_with_any_resume_token_never_raises(token: str) -> None:
         assert reply.env["type"] == "error"
         assert reply.env["code"] == "name_taken"
         assert core.by_name["alice"].identity == b"owner"
+
+
+# --------------------------------------------------------------------------
+# (e) the client's gap fetch over a history whose start the broker deleted
+
+
+@dataclass
+class _Gap:
+    last: int  # the room's last delivered seq
+    held: set[int]  # events SUB brought past it, waiting for the gap to fill
+    first_kept: int  # the oldest seq the broker's store still has
+    top: int  # the room's seq
+
+
+@st.composite
+def _gaps(draw: st.DrawFn) -> _Gap:
+    last = draw(st.integers(0, 50))
+    top = draw(st.integers(last + 1, last + 60))
+    # last + 1 is the gap's start: SUB lost it, or there would be no fetch.
+    held = draw(st.sets(st.integers(last + 2, top), max_size=20)) if top >= last + 2 else set()
+    first_kept = draw(st.integers(1, top))
+    return _Gap(last, held, first_kept, top)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_gaps(), st.integers(1, 60))
+def test_a_gap_fetch_never_skips_an_event_it_has_or_one_the_store_has(gap: _Gap, limit: int) -> None:
+    """Whatever the client holds and wherever the store now starts, the reply to its fetch
+    moves the room on without dropping an event it holds or one the store still has, and
+    what it passes over is exactly what neither has, said once."""
+    from client.lib import Client, _Room
+
+    client = Client("me", "127.0.0.1", 1, 2)  # never connected: nothing is sent
+    try:
+        state = client._rooms["r"] = _Room(last=gap.last, joined=True)
+
+        def env(seq: int) -> dict[str, Any]:
+            return {"type": "msg", "room": "r", "seq": seq, "ts": 1, "from": "x", "text": f"t{seq}", "id": f"i{seq}"}
+
+        for seq in gap.held:
+            state.pending[seq] = env(seq)
+        stored = [s for s in range(max(gap.last + 1, gap.first_kept), gap.top + 1)][:limit]
+        state.fetching, state.fetch_after = True, gap.last
+        client._on_fetched("r", {"type": "history", "room": "r", "seq": gap.top, "messages": [env(s) for s in stored]})
+        events = client.drain_events()
+        shown = [e.seq for e in events if e.type == "msg"]
+        skipped = [e for e in events if e.type == "status" and e.event == "skipped"]
+        # Shown in order, each once, from last + 1 on, and never anything but what exists.
+        assert shown == sorted(set(shown)) and all(s is not None and s > gap.last for s in shown)
+        known = gap.held | set(stored)
+        assert set(shown) <= known
+        assert min(known) in shown  # and it moves on: the first event it has is shown at once
+        # Nothing held or fetched is lost: shown, or still waiting past the new last.
+        assert state.last is not None
+        assert all(s in shown or (s in state.pending and s > state.last) for s in known)
+        # Passed over: only what neither the client nor the store has, in one run, said once.
+        passed = set(range(gap.last + 1, state.last + 1)) - set(shown)
+        assert not passed & known
+        if passed:
+            assert len(skipped) == 1 and skipped[0].seq == max(passed)
+            assert passed == set(range(min(passed), max(passed) + 1)) and min(passed) == gap.last + 1
+            assert min(passed) >= 1 and max(passed) < gap.first_kept  # the store really had none of them
+        else:
+            assert not skipped
+    finally:
+        client.close(0)
