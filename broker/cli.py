@@ -21,7 +21,7 @@ from broker.backplane import DEFAULT_RETENTION, HAVE_REDIS, NO_REDIS
 from broker.backplane import Errors as BackplaneErrors
 from broker.core import Limits
 from broker.server import FD_MARGIN, PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config, fit_open_files_limit
-from broker.store import Store, StoreError, default_data_dir
+from broker.store import DAY_MS, Store, StoreError, default_data_dir
 from zchat import __version__, envargs
 from zchat import protocol as p
 
@@ -30,7 +30,7 @@ log = logging.getLogger("zchat.broker")
 #: (and a test) must always learn where the broker listens and when it is gone.
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
 #: The longest --retention-days (a million days): beyond, the cutoff leaves SQLite's integers.
-MAX_AGE_MS = 1_000_000 * 86_400_000
+MAX_AGE_MS = 1_000_000 * DAY_MS
 #: Seconds after a SIGTERM or SIGINT after which a stop still under way logs every thread's stack.
 STOP_STACKS_S = 5.0
 
@@ -222,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s (or %s) must be %s, not %s", flag, _variable(flag), bounds, value)
             return 2
     if args.retention_days is not None:
-        if not (math.isfinite(args.retention_days) and 1 <= args.retention_days * 86_400_000 <= MAX_AGE_MS):
+        if not (math.isfinite(args.retention_days) and 1 <= args.retention_days * DAY_MS <= MAX_AGE_MS):
             log.error(
                 "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days above 0 and at most %d, not %s",
-                MAX_AGE_MS // 86_400_000,
+                MAX_AGE_MS // DAY_MS,
                 args.retention_days,
             )
             return 2
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     store: Store | None = None
     if not config.backplane:
         try:
-            max_age = None if args.retention_days is None else round(args.retention_days * 86_400_000)
+            max_age = None if args.retention_days is None else round(args.retention_days * DAY_MS)
             store = Store(data_dir, config.durability, config.retention, max_age)
         except StoreError as exc:
             log.error("%s", exc)

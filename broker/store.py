@@ -48,6 +48,7 @@ PRUNE_STEP = 64
 #: set back left newer events before older ones.
 AGE_STEP = 256
 AGE_SCAN_ROWS = 4096
+DAY_MS = 86_400_000
 
 Durability = Literal["full", "normal"]
 
@@ -270,7 +271,7 @@ class Store:
             cutoff = now_ms() - max_age_ms
             db.execute(_KEEP_TOPS.format(where="ts < ?"), (cutoff,))
             deleted = db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
-        self._oldest = db.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
+        self._oldest = self._first_row()
         if deleted:
             log.warning(
                 "retention %s: deleted %d events older than that from %s (the file keeps its size; "
@@ -279,6 +280,11 @@ class Store:
                 deleted,
                 self.path,
             )
+
+    def _first_row(self) -> tuple[int, int] | None:
+        """``(id, ts)`` of the first row in arrival order: where deleting by age starts."""
+        row: tuple[int, int] | None = self._db.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
+        return row
 
     def describe(self) -> str:
         """Its path and what it keeps, for the broker's "ready" line."""
@@ -383,7 +389,7 @@ class Store:
             if pruned:
                 self._pruned.update(pruned)
             if aged or (self._oldest is None and self.max_age_ms is not None):
-                self._oldest = db.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
+                self._oldest = self._first_row()
             if not self._dirty.is_set():  # a plain read; set() takes a lock
                 self._dirty.set()
         except BaseException as exc:
@@ -458,8 +464,8 @@ def now_ms() -> int:
 
 def _age(ms: int) -> str:
     """A maximum age as an operator gave it: days, or less."""
-    if ms >= 86_400_000:
-        days = ms / 86_400_000
+    if ms >= DAY_MS:
+        days = ms / DAY_MS
         return f"{days:g} day{'' if days == 1 else 's'}"
     if ms >= 3_600_000:
         hours = ms / 3_600_000

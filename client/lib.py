@@ -56,7 +56,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 import zmq.auth
@@ -1731,7 +1731,7 @@ class Client:
             # One page of a longer catch-up (after a reconnect): ask for the next.
             self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
 
-    def _skip(self, room: str, state: _Room, to: int, why: str) -> None:
+    def _skip(self, room: str, state: _Room, to: int, why: Literal["retention", "lost"]) -> None:
         """Move the room past events the broker no longer has, saying so in a status event."""
         assert state.last is not None
         if to <= state.last:
