@@ -1,6 +1,6 @@
 """Micro-measurements behind broker fixes and claims, in-process and single-threaded.
 
-    python -m bench.micro window   # resend window: plain-dict eviction vs OrderedDict, us per message
+    python -m bench.micro window   # resend window: plain dict, OrderedDict, AckWindow: us per message, longest
     python -m bench.micro gc       # GC pauses of the core over 300k messages
     python -m bench.micro commit   # store commit latency (p50/p99/p99.9/max) for small batches
     python -m bench.micro rows     # WAL bytes per stored row: schema 1 (WITHOUT ROWID) vs 2, 100 B and 1 KiB
@@ -27,21 +27,70 @@ from typing import Any
 WINDOW = 100_000
 
 
-def window(n: int = 300_000) -> None:
-    plain: dict[tuple[str, str], int] = {}
-    started = time.process_time()
-    for i in range(n):
-        plain[("bob", f"m{i}")] = i
-        if len(plain) > WINDOW:
-            del plain[next(iter(plain))]
-    print(f"plain dict, del d[next(iter(d))]: {(time.process_time() - started) / n * 1e6:.2f} us per insert+evict")
-    ordered: OrderedDict[tuple[str, str], int] = OrderedDict()
-    started = time.process_time()
-    for i in range(n):
-        ordered[("bob", f"m{i}")] = i
-        if len(ordered) > WINDOW:
-            ordered.popitem(last=False)
-    print(f"OrderedDict.popitem(last=False): {(time.process_time() - started) / n * 1e6:.2f} us per insert+evict")
+def window(n: int = 600_000) -> None:
+    """The resend window: CPU per message (lookup, insert, evict), and the longest one.
+
+    A dict that takes an entry and drops its oldest at every message rebuilds
+    its table now and then, all at once: the longest message is that rebuild,
+    and in the broker every message of the moment waits behind it.
+    """
+    from broker.core import WINDOW_SHARDS, AckWindow
+
+    keys = [("bob", f"m{i}") for i in range(n)]
+    acked = ("m", 1, 1, "general", None)
+
+    def plain() -> Callable[[tuple[str, str]], None]:
+        d: dict[tuple[str, str], object] = {}
+
+        def one(key: tuple[str, str]) -> None:
+            d.get(key)
+            d[key] = acked
+            if len(d) > WINDOW:
+                del d[next(iter(d))]
+
+        return one
+
+    def ordered() -> Callable[[tuple[str, str]], None]:
+        d: OrderedDict[tuple[str, str], object] = OrderedDict()
+
+        def one(key: tuple[str, str]) -> None:
+            d.get(key)
+            d[key] = acked
+            if len(d) > WINDOW:
+                d.popitem(last=False)
+
+        return one
+
+    def sharded() -> Callable[[tuple[str, str]], None]:
+        w = AckWindow(WINDOW)
+
+        def one(key: tuple[str, str]) -> None:
+            w.get(key)
+            w.put(key, acked)  # type: ignore[arg-type]
+
+        return one
+
+    clock = time.perf_counter
+    for name, make in (
+        ("plain dict, del d[next(iter(d))]", plain),
+        ("OrderedDict.popitem(last=False)", ordered),
+        (f"AckWindow ({WINDOW_SHARDS} dicts, a ring of keys)", sharded),
+    ):
+        gc.disable()  # the window's own cost, not the collector's
+        try:
+            one = make()
+            started = time.process_time()
+            for key in keys:
+                one(key)
+            used = time.process_time() - started
+            one, longest = make(), 0.0
+            for key in keys:
+                before = clock()
+                one(key)
+                longest = max(longest, clock() - before)
+        finally:
+            gc.enable()
+        print(f"{name}: {used / n * 1e6:.2f} us per message, the longest {longest * 1e3:.2f} ms ({n} messages)")
 
 
 def gc_pauses(n: int = 300_000) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -72,9 +72,62 @@ Action = Reply | Publish | HistoryQuery | Direct
 #: What resend detection remembers of a message: its id, seq (None for a DM) and
 #: ts, where it went (room, or "@" + recipient) and the hash of its text (None
 #: when reloaded from the store). Only atoms, never the ack dict itself: a tuple
-#: of atoms is untracked by the garbage collector, so 100k of them cost no GC
-#: time (holding dicts, they made full collections pause the loop for ~65 ms).
+#: of atoms is untracked by the first collection that sees it, so 100k of them cost
+#: no GC time (holding dicts, they made full collections pause the loop for ~65 ms).
+#: The loop runs that collection after every pass (see Broker._serve).
 _Acked = tuple[str, int | None, int, str, int | None]
+#: The resend window's dicts (see AckWindow); a power of two.
+WINDOW_SHARDS = 64
+
+
+class AckWindow:
+    """What resend detection remembers of the last ``size`` messages, by (name, id).
+
+    Not one dict: a dict that takes an entry and drops its oldest at every
+    message rebuilds its whole table every so often, at once. With 100,000
+    entries an OrderedDict did so every ~250,000 messages and took 11.6 ms,
+    every message of the moment waiting behind it (``python -m bench.micro
+    window``). Here the entries are spread over WINDOW_SHARDS dicts by the
+    key's hash, so a rebuild is that much shorter, and a ring of the keys keeps
+    their order for eviction.
+    """
+
+    __slots__ = ("_ring", "_shards", "_stale", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._shards: list[dict[tuple[str, str], _Acked]] = [{} for _ in range(WINDOW_SHARDS)]
+        self._ring: deque[tuple[str, str]] = deque()
+        #: Keys forgotten while their place in the ring is still ahead, with how
+        #: many such places: an eviction that reaches one has nothing to drop,
+        #: above all not the same key remembered again since.
+        self._stale: dict[tuple[str, str], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._ring) - sum(self._stale.values())
+
+    def get(self, key: tuple[str, str]) -> _Acked | None:
+        return self._shards[hash(key) & (WINDOW_SHARDS - 1)].get(key)
+
+    def put(self, key: tuple[str, str], acked: _Acked) -> None:
+        """Remember ``key``, which :meth:`get` has just not found; past ``size`` keys, forget the oldest."""
+        self._shards[hash(key) & (WINDOW_SHARDS - 1)][key] = acked
+        ring = self._ring
+        ring.append(key)
+        if len(ring) > self.size:
+            old = ring.popleft()
+            stale = self._stale
+            if stale and old in stale:
+                if stale[old] == 1:
+                    del stale[old]
+                else:
+                    stale[old] -= 1
+            else:
+                self._shards[hash(old) & (WINDOW_SHARDS - 1)].pop(old, None)
+
+    def forget(self, key: tuple[str, str]) -> None:
+        if self._shards[hash(key) & (WINDOW_SHARDS - 1)].pop(key, None) is not None:
+            self._stale[key] = self._stale.get(key, 0) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,12 +260,11 @@ class Core:
         #: always changes one of the two counts.
         self._room_names: tuple[tuple[int, int], list[str]] = ((0, 0), [])
         #: (name, id) -> the ack first given for that message.
-        # OrderedDict, not a plain dict: evicting the oldest entry of a plain dict
-        # (del d[next(iter(d))]) scans the deleted slots at its front, about
-        # 50 us per message once the window is full; popitem(last=False) is O(1).
-        self._acked: OrderedDict[tuple[str, str], _Acked] = OrderedDict()
+        self._acked = AckWindow(DEDUP_WINDOW)
         for ack in recent_acks:  # oldest first, as the store hands them over
-            self._remember_ack(ack.pop("from"), ack, ack["room"], None)
+            # A message stored twice (see protocol.md) keeps its first ack.
+            if self._acked.get((ack["from"], ack["id"])) is None:
+                self._remember_ack(ack.pop("from"), ack, ack["room"], None)
         self._handlers: dict[str, Callable[[Session, Envelope, int], list[Action]]] = {
             "join": self._join,
             "leave": self._leave,
@@ -502,11 +554,8 @@ class Core:
             )
 
     def _remember_ack(self, name: str, ack: Envelope, where: str, text_hash: int | None) -> None:
-        acked = self._acked
         msg_id: str = ack["id"]
-        acked[(name, msg_id)] = (msg_id, ack.get("seq"), ack["ts"], where, text_hash)
-        if len(acked) > DEDUP_WINDOW:
-            acked.popitem(last=False)  # the oldest
+        self._acked.put((name, msg_id), (msg_id, ack.get("seq"), ack["ts"], where, text_hash))
 
     def _dm(self, session: Session, env: Envelope, now: int) -> list[Action]:
         to: str = env["to"]
@@ -530,7 +579,7 @@ class Core:
         (its queue is full). Forget the ack, so that a resend is delivered, not
         acknowledged again; the error is what its author gets instead."""
         msg_id: str = dm.ack["id"]
-        self._acked.pop((dm.env["from"], msg_id), None)
+        self._acked.forget((dm.env["from"], msg_id))
         return p.error(
             ErrorCode.UNDELIVERED,
             f"{dm.env['to']}'s connection could not take it (reconnecting, or not reading); not delivered",

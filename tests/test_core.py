@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.core import Action, Core, Direct, HistoryQuery, Limits, Publish, Reply
+from broker.core import WINDOW_SHARDS, AckWindow, Action, Core, Direct, HistoryQuery, Limits, Publish, Reply
 from zchat import protocol as p
 from zchat.protocol import ErrorCode
 
@@ -374,6 +374,55 @@ def test_recent_acks_from_the_store_are_remembered() -> None:
     actions = msg(core, A, "general", "again", "m1")
     assert publishes(actions) == []
     assert only_reply(actions, A) == {"type": "ack", "id": "m1", "room": "general", "seq": 5, "ts": 99}
+
+
+def test_a_message_stored_twice_keeps_its_first_ack() -> None:
+    first = {"type": "ack", "from": "alice", "id": "m1", "room": "general", "seq": 5, "ts": 99}
+    copy = {**first, "seq": 6, "ts": 120}
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={"general": 6}, recent_acks=[dict(first), dict(copy)])
+    hello(core, A, "alice")
+    join(core, A, "general")
+    assert only_reply(msg(core, A, "general", "again", "m1"), A)["seq"] == 5
+    assert len(core._acked) == 1
+
+
+def _acked(seq: int) -> tuple[str, int | None, int, str, int | None]:
+    return (f"m{seq}", seq, seq, "general", None)
+
+
+def test_the_resend_window_keeps_the_newest_and_forgets_the_oldest_first() -> None:
+    window = AckWindow(1000)
+    for i in range(5000):
+        assert window.get(("alice", f"m{i}")) is None
+        window.put(("alice", f"m{i}"), _acked(i))
+    assert len(window) == 1000
+    assert [i for i in range(5000) if window.get(("alice", f"m{i}")) is not None] == list(range(4000, 5000))
+    assert window.get(("bob", "m4999")) is None
+    # Spread over its dicts: none holds more than a few times its share (no one big rebuild).
+    assert max(len(shard) for shard in window._shards) < 4 * 1000 // WINDOW_SHARDS
+
+
+def test_a_forgotten_ack_remembered_again_keeps_its_new_place() -> None:
+    """An undelivered DM's ack is forgotten; the resend's ack is remembered anew
+    and must last ``size`` messages from then, not from the first attempt."""
+    window = AckWindow(10)
+    window.put(("alice", "dm"), _acked(0))
+    window.forget(("alice", "dm"))
+    assert window.get(("alice", "dm")) is None
+    for i in range(1, 5):
+        window.put(("alice", f"m{i}"), _acked(i))
+    window.put(("alice", "dm"), _acked(5))
+    # The first place of "dm" leaves the ring here: nothing of it may go with it.
+    for i in range(6, 15):
+        window.put(("alice", f"m{i}"), _acked(i))
+    assert window.get(("alice", "dm")) == _acked(5)
+    assert len(window) == 10
+    window.put(("alice", "m15"), _acked(15))  # 10 more since the second: now it goes
+    assert window.get(("alice", "dm")) is None
+    assert window.get(("alice", "m14")) == _acked(14)
+    assert len(window) == 10
+    window.forget(("alice", "never"))  # not there: no stale place counted
+    assert len(window) == 10
 
 
 @pytest.mark.parametrize(

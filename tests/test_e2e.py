@@ -330,13 +330,13 @@ def test_a_history_reply_lost_on_the_way_is_asked_for_again(
 
 @pytest.mark.timeout(30)
 def test_a_message_whose_ack_was_lost_is_not_stored_twice_after_a_long_absence(
-    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, connect_to: ConnectTo
+    broker: RunningBroker, connect_to: ConnectTo
 ) -> None:
     """Alice's message is stored but its ack lost with her connection; by the time she
     is back the broker's resend window has moved past it (here 5 messages, normally
     100 000). Her rejoin's catch-up brings the original, which counts as its ack: it
     is not resent, so nobody sees it twice."""
-    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    broker.broker.core._acked.size = 5  # before any message: nothing to evict yet
     # Alice's SUB misses the room from here; she sends, and her connection is cut
     # before she reads the ack (she does not pump meanwhile).
     alice, bob = deaf_to_g(connect_to, broker)
@@ -358,7 +358,7 @@ def test_a_message_whose_ack_was_lost_is_not_resent_twice_on_a_live_connection(
     she stalls past her resend timeout while the broker's resend window (here 5
     messages) moves past it. Before resending she asks where the room stands and
     catches up: the original is there, and counts as its ack. Nobody sees it twice."""
-    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    broker.broker.core._acked.size = 5  # before any message: nothing to evict yet
     monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
     alice, bob = deaf_to_g(connect_to, broker)
     dropped = drop_first(alice, "ack", "g")
@@ -432,7 +432,7 @@ def test_a_message_whose_ack_was_lost_before_leaving_is_acknowledged_by_the_rejo
     """Alice leaves a room with a message whose ack was lost, and joins it again with a
     backlog, after the broker's resend window (here 5 messages) has passed it: the
     original in the backlog is its ack. Resent, it would be stored twice."""
-    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    broker.broker.core._acked.size = 5  # before any message: nothing to evict yet
     monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
     alice, bob = deaf_to_g(connect_to, broker)
     dropped = drop_first(alice, "ack", "g")
@@ -505,12 +505,10 @@ def test_a_join_whose_rejoin_is_refused_mid_backlog_raises(make_client: MakeClie
     assert [e.code for e in errors] == [p.ErrorCode.LIMIT_REACHED]
 
 
-def test_a_message_stored_twice_shows_once(
-    broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_message_stored_twice_shows_once(broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     """A resend that comes after the broker's resend detection forgot the first copy
     (here after 5 messages, normally 100 000) is stored again; readers show it once."""
-    monkeypatch.setattr("broker.core.DEDUP_WINDOW", 5)
+    broker.broker.core._acked.size = 5  # before any message: nothing to evict yet
     bob = Client("bob", "127.0.0.1", broker.port, broker.pub_port)
     author = Raw(ctx, broker.port)
     try:
