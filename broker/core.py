@@ -100,7 +100,7 @@ class AckWindow:
 
     Not one dict: a dict that takes an entry and drops its oldest at every
     message rebuilds its whole table every so often, at once. With 100,000
-    entries an OrderedDict did so every ~250,000 messages and took 11.6 ms,
+    entries an OrderedDict did so every ~250,000 messages and took 8-12 ms,
     every message of the moment waiting behind it (``python -m bench.micro
     window``). Here the entries are spread over WINDOW_SHARDS dicts by the
     key's hash, so a rebuild is that much shorter, and a ring of the keys keeps
