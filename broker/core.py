@@ -277,9 +277,11 @@ class Core:
         #: (name, id) -> the ack first given for that message.
         self._acked = AckWindow(DEDUP_WINDOW)
         for ack in recent_acks:  # oldest first, as the store hands them over
-            # A message stored twice (see protocol.md) keeps its first ack.
-            if self._acked.get((ack["from"], ack["id"])) is None:
-                self._remember_ack(ack.pop("from"), ack, ack["room"], None)
+            # A message stored twice (its resend came after the window had passed the
+            # first copy) was acked live with its second copy's ack from then on: so
+            # after a restart too. (The window takes no key it holds: forget it first.)
+            self._acked.forget((ack["from"], ack["id"]))
+            self._remember_ack(ack.pop("from"), ack, ack["room"], None)
         self._handlers: dict[str, Callable[[Session, Envelope, int], list[Action]]] = {
             "join": self._join,
             "leave": self._leave,

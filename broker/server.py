@@ -375,7 +375,7 @@ class Broker:
                 # (measured at 25k msg/s, 1 room x 1). Each collection untracks the
                 # window's new tuples (they hold only strings and ints): about 0.2 us
                 # for each, the work the automatic one did, spread out.
-                actions = []  # this pass's own are garbage now: not walked, not promoted
+                actions = []  # garbage now, unless waiting for the writer thread: not walked
                 gc.collect(0)
         if writer is not None:
             # Stopping: what was decided is committed, then acknowledged and

@@ -376,14 +376,23 @@ def test_recent_acks_from_the_store_are_remembered() -> None:
     assert only_reply(actions, A) == {"type": "ack", "id": "m1", "room": "general", "seq": 5, "ts": 99}
 
 
-def test_a_message_stored_twice_keeps_its_first_ack() -> None:
+def test_a_message_stored_twice_is_acked_after_a_restart_as_before_it() -> None:
+    """Stored twice (the resend came after the window had passed the first copy), a
+    message was acked with its second copy's seq from then on: after a restart too,
+    and its one entry in the window lasts as long as any other."""
     first = {"type": "ack", "from": "alice", "id": "m1", "room": "general", "seq": 5, "ts": 99}
     copy = {**first, "seq": 6, "ts": 120}
     core = Core(epoch="e", heartbeat_ms=HB, room_seqs={"general": 6}, recent_acks=[dict(first), dict(copy)])
     hello(core, A, "alice")
     join(core, A, "general")
-    assert only_reply(msg(core, A, "general", "again", "m1"), A)["seq"] == 5
+    assert only_reply(msg(core, A, "general", "again", "m1"), A)["seq"] == 6
     assert len(core._acked) == 1
+    core._acked.size = 3
+    for i in range(2):
+        msg(core, A, "general", f"other {i}", f"o{i}")
+    assert publishes(msg(core, A, "general", "again", "m1")) == [], "dropped early: still among the last 3"
+    msg(core, A, "general", "other 2", "o2")
+    assert publishes(msg(core, A, "general", "again", "m1")) != [], "kept past its place: not among the last 3"
 
 
 def _acked(seq: int) -> tuple[str, int | None, int, str, int | None]:
