@@ -66,7 +66,7 @@ def window(n: int = 600_000) -> None:
 
         def one(key: tuple[str, str]) -> None:
             w.get(key)
-            w.put(key, acked)  # type: ignore[arg-type]
+            w.put(key, acked)
 
         return one
 
