@@ -182,10 +182,13 @@ def write(run: Run, plan: list[Group], meta: Meta, out: Path, raw: Path | None) 
                 {
                     "mode": run.mode.name,
                     "trials": run.mode.trials,
+                    "repeat_ladders": run.mode.repeat_ladders,
+                    "repeat_refine": run.mode.repeat_refine,
                     "workers": run.workers,
                     "meta": asdict(meta),
                     "results": [r.to_json() for r in run.results],
                     "capacity": [[*k, v] for k, v in run.capacity.items()],
+                    "ladders": [[*k, v] for k, v in run.ladders.items()],
                 },
                 indent=1,
                 default=list,
@@ -200,9 +203,12 @@ def load(path: Path) -> tuple[Run, list[Group], Meta]:
     mode = QUICK if data.get("mode") == "quick" else FULL
     # Runs saved before step trials existed ran each step once.
     mode = replace(mode, trials=data.get("trials", 1))
+    # ... and before repeated ladders, one ladder of every target.
+    mode = replace(mode, repeat_ladders=data.get("repeat_ladders", 1), repeat_refine=data.get("repeat_refine"))
     run = Run(mode, Pinning(), data.get("workers", 2), path.parent)
     run.results = [Result(**{**r, "point": Point(**r["point"])}) for r in data["results"]]
     run.capacity = {(key, target): value for key, target, value in data["capacity"]}
+    run.ladders = {(key, target): values for key, target, values in data.get("ladders", [])}
     peers = tuple(p for p in PEERS if any(r.point.target == p for r in run.results))
     plan = [g for g in groups(mode, peers) if _ran(g, run.results)]
     return run, plan, Meta(**data["meta"])
@@ -235,6 +241,7 @@ def merge(
     workers, run.workers = run.workers, old.workers
     run.results = [r for r in old.results if not any(_owns(g, r) for g in plan)] + run.results
     run.capacity = {**{k: v for k, v in old.capacity.items() if k[0] not in keys}, **run.capacity}
+    run.ladders = {**{k: v for k, v in old.ladders.items() if k[0] not in keys}, **run.ladders}
     peers = tuple(p for p in PEERS if any(r.point.target == p for r in run.results))
     merged_plan = [g for g in groups(run.mode, peers) if _ran(g, run.results)]
     entry = {

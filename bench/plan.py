@@ -20,6 +20,7 @@ from bench.harness import Point, Timing
 from broker.server import Config
 
 ZCHAT = "zchat"
+NAIVE = "naive"
 SCALE_OUT = "scale-out"
 #: Round trips each idle client makes after the first memory sample of the idle-rooms group:
 #: a client pings every heartbeat when quiet, so 300 are 25 minutes of idling by default.
@@ -56,12 +57,23 @@ class Mode:
     #: held 85k), and of the step that turns the ladder round: the step runs until this
     #: many runs' majority agrees.
     trials: int = 1
+    #: Ladders of zchat and of the naive forwarder in a group marked ``repeat`` (the two
+    #: taking turns), and how many times each of those bisects its final bracket. There
+    #: zchat and naive are near each other and near what the load generators can offer on
+    #: 2 cores, and one ladder each left their ratio to chance: the naive forwarder's
+    #: capacity at 1x1 moved between 75k and 98k msg/s from run to run, and a bracket
+    #: bisected twice is +-19% wide (zchat at 1x1 kept up with 71k and failed 85k, where
+    #: its overloaded runs delivered 65-74k). Their capacity is the median ladder's.
+    repeat_ladders: int = 1
+    repeat_refine: int | None = None  # None: ``refine``
     #: Targets of the scale-out group: the embedded store, then N brokers on one Redis.
     scale_out_targets: tuple[str, ...] = ("zchat", "zchat-normal", "zchat-bp-1", "zchat-bp-2", "zchat-bp-4")
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.trials % 2 == 0:
             raise ValueError(f"trials must be odd (a majority decides), not {self.trials}")
+        if self.repeat_ladders < 1 or self.repeat_ladders % 2 == 0:
+            raise ValueError(f"repeat_ladders must be odd (a median decides), not {self.repeat_ladders}")
 
 
 #: One point per target and workload: proves every workload runs (numbers are rough).
@@ -89,6 +101,8 @@ FULL = Mode(
     peer_idle_clients=1000,
     latency_runs=3,
     trials=3,
+    repeat_ladders=3,
+    repeat_refine=4,
 )
 
 
@@ -116,6 +130,8 @@ class Group:
     series: str = ""
     #: Idle groups: round trips per client after the first memory sample (see Point.pings).
     pings: int = 0
+    #: Ladders: run zchat's and the naive forwarder's ``mode.repeat_ladders`` times (see Mode).
+    repeat: bool = False
 
     def point(self, target: str, rate: float | None, tag: str) -> Point:
         return Point(target, self.rooms, self.members, self.size, rate, self.sessions, tag=tag, series=self.series)
@@ -151,11 +167,21 @@ def groups(mode: Mode, peers: tuple[str, ...]) -> list[Group]:
                 f,
                 100,
                 headline=f == 100,
+                repeat=f == 1,
             )
         )
     for f in (1, 100):
         out.append(
-            Group(f"fanout-{f}-1k", f"1 room x {f}, 1 KiB texts", "ladder", ("zchat", "naive", "raw"), 1, f, 1024)
+            Group(
+                f"fanout-{f}-1k",
+                f"1 room x {f}, 1 KiB texts",
+                "ladder",
+                ("zchat", "naive", "raw"),
+                1,
+                f,
+                1024,
+                repeat=f == 1,
+            )
         )
     out.append(
         Group(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.harness import Pinning, Point, Result, run_point
-from bench.plan import ZCHAT, Group, Mode, nice, start_rate
+from bench.plan import NAIVE, ZCHAT, Group, Mode, nice, start_rate
 from bench.targets import get_target
 
 #: A step the system "kept up with": this little loss, this much of the offered rate delivered.
@@ -39,6 +40,9 @@ class Run:
     results: list[Result] = field(default_factory=list)
     #: (group key, target) -> capacity in delivered msg/s.
     capacity: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: (group key, target) -> each ladder's capacity (None: it kept up with no step), in the
+    #: order run, where a group ran more than one (Mode.repeat_ladders).
+    ladders: dict[tuple[str, str], list[float | None]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     def point(self, point: Point) -> Result:
@@ -78,10 +82,24 @@ class Run:
             for rate in g.rates:
                 self.latency_points([g.point(target, rate, "fixed") for target in g.targets])
             return
-        for target in g.targets:
-            if g.size > get_target(target).max_text:
+        targets = [t for t in g.targets if g.size <= get_target(t).max_text]
+        repeated = [t for t in (ZCHAT, NAIVE) if t in targets] if g.repeat and self.mode.repeat_ladders > 1 else []
+        # A repeated group bisects finer, every target of it alike (they share its table).
+        refine = self.mode.repeat_refine if g.repeat else None
+        # The repeated pair takes turns, so a drift of the machine over the minutes
+        # the ladders take falls on both alike.
+        for _ in range(self.mode.repeat_ladders if repeated else 0):
+            for target in repeated:
+                self.ladders.setdefault((g.key, target), []).append(self.ladder(g, target, refine))
+        for target in repeated:
+            # A ladder that kept up with no step counts as 0 msg/s: it pulls the median down.
+            median = statistics.median_low([c or 0.0 for c in self.ladders[(g.key, target)]])
+            if median > 0:
+                self.capacity[(g.key, target)] = median
+        for target in targets:
+            if target in repeated:
                 continue
-            best = self.ladder(g, target)
+            best = self.ladder(g, target, refine)
             if best is not None:
                 self.capacity[(g.key, target)] = best
         if g.fixed_rate is not None:
@@ -107,7 +125,7 @@ class Run:
             chosen.p99_runs_us = [r.latency_us.get("p99") for r in runs[p]]
             self.results.append(chosen)
 
-    def ladder(self, g: Group, target: str) -> float | None:
+    def ladder(self, g: Group, target: str, refine: int | None = None) -> float | None:
         """Step test: double while keeping up, halve while not; then bisect the bracket.
 
         The step that turns the ladder round (the first doubling step it fails, the first
@@ -138,7 +156,7 @@ class Run:
                 rate = nice(rate * 2)
         if low is None or high is None:
             return best
-        for _ in range(self.mode.refine):
+        for _ in range(self.mode.refine if refine is None else refine):
             middle = nice(math.sqrt(low * high))
             if not low < middle < high:
                 break

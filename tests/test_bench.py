@@ -15,7 +15,7 @@ import pytest
 from bench import cli
 from bench.harness import Pinning, Point, Result, Timing, run_point
 from bench.loops import STAMP, stamps_of
-from bench.plan import FULL, QUICK, Group, Mode
+from bench.plan import FULL, QUICK, Group, Mode, nice
 from bench.runner import Run
 from zchat import protocol as p
 
@@ -194,3 +194,99 @@ def test_a_halving_step_that_keeps_up_once_by_chance_is_run_again(tmp_path: Path
     rates = [r.point.rate or 0.0 for r in run.results]
     assert rates[:6] == [30_000, 15_000, 15_000, 15_000, 7_500, 7_500]
     assert max(rates[4:]) < 15_000 and run.near == []
+
+
+class _Turns(Run):
+    """A Run whose every ladder has its own capacity, taken in turn from ``caps``: a step
+    keeps up exactly when its rate is at most that capacity. No server, no latency points."""
+
+    def __init__(self, mode: Mode, caps: dict[str, list[float]], tmp: Path) -> None:
+        super().__init__(mode, Pinning(), 1, tmp)
+        self.caps, self.cap, self.order = caps, 0.0, list[str]()
+        self.latency: list[Point] = []
+
+    def ladder(self, g: Group, target: str, refine: int | None = None) -> float | None:
+        self.order.append(target)
+        self.cap = self.caps[target].pop(0)
+        return super().ladder(g, target, refine)
+
+    def point(self, point: Point) -> Result:
+        rate = point.rate or 0.0
+        r = Result(point, offered=rate, sent_rate=rate, delivered=rate if rate <= self.cap else 0.5 * self.cap)
+        r.deliveries = r.delivered
+        self.results.append(r)
+        return r
+
+    def latency_points(self, points: list[Point]) -> None:
+        self.latency += points
+
+
+@pytest.mark.timeout(10)
+def test_zchat_and_naive_take_turns_at_several_ladders_and_keep_the_median(tmp_path: Path) -> None:
+    group = Group("g", "1 room x 1", "ladder", ("zchat", "zchat-normal", "naive", "raw"), repeat=True)
+    caps = {"zchat": [70_000.0, 80_000.0, 75_000.0], "naive": [90_000.0, 100_000.0, 85_000.0]}
+    run = _Turns(
+        replace(FULL, trials=1, repeat_ladders=3, repeat_refine=4),
+        {**{t: list(c) for t, c in caps.items()}, "zchat-normal": [77_000.0], "raw": [150_000.0]},
+        tmp_path,
+    )
+    run.group(group)
+    assert run.order == ["zchat", "naive"] * 3 + ["zchat-normal", "raw"]
+    for target, scripted in caps.items():
+        found = run.ladders[("g", target)]
+        assert len(found) == 3
+        # Bisected 4 times: each ladder lands within 2^(1/16) (+ the 2-digit rounding of a rate) below its capacity.
+        for got, cap in zip(found, scripted, strict=True):
+            assert got is not None and 0.94 * cap <= got <= cap, (target, found)
+        assert run.capacity[("g", target)] == sorted(found)[1]  # type: ignore[type-var]
+    assert 0.94 * 77_000 <= run.capacity[("g", "zchat-normal")] <= 77_000, "the other targets bisect as finely"
+    assert ("g", "raw") not in run.ladders and ("g", "zchat-normal") not in run.ladders
+    assert {p.rate for p in run.latency} == {nice(0.3 * run.capacity[("g", "zchat")])}
+
+
+@pytest.mark.timeout(10)
+def test_a_group_not_repeated_runs_one_ladder_of_each_target_in_order(tmp_path: Path) -> None:
+    group = Group("g", "1 room x 10", "ladder", ("zchat", "naive", "raw"))
+    caps = {"zchat": [70_000.0], "naive": [90_000.0], "raw": [150_000.0]}
+    run = _Turns(replace(FULL, trials=1, repeat_ladders=3, repeat_refine=4), caps, tmp_path)
+    run.group(group)
+    assert run.order == ["zchat", "naive", "raw"] and run.ladders == {}
+    # Twice bisected: the bracket is +-19%, the capacity as a single ladder found it.
+    assert run.capacity[("g", "zchat")] == 60_000
+
+
+@pytest.mark.timeout(60)
+def test_the_report_gives_every_ladder_of_a_repeated_group_and_the_ratio_of_their_medians(tmp_path: Path) -> None:
+    saved = json.loads(SAVED.read_text())
+    saved["capacity"] = [c for c in saved["capacity"] if c[0] != "fanout-1" or c[1] not in ("zchat", "naive")]
+    saved["capacity"] += [["fanout-1", "zchat", 74_000.0], ["fanout-1", "naive", 88_000.0]]
+    saved["ladders"] = [
+        ["fanout-1", "zchat", [71_000.0, 74_000.0, 76_000.0]],
+        ["fanout-1", "naive", [98_000.0, 85_000.0, 88_000.0]],
+    ]
+    saved["repeat_ladders"], saved["repeat_refine"] = 3, 4
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(saved))
+    out = tmp_path / "benchmarks.md"
+    assert cli.main(["--from-json", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if "1 room x 1 subscriber, 100 B | >= 0.8x" in line)
+    assert (
+        "0.84x (74,000 / 88,000 msg/s; each the median of 3 ladders: zchat 71,000, 74,000, 76,000; "
+        "naive 98,000, 85,000, 88,000)"
+    ) in row
+    assert "| met |" in row
+    assert "- 1 room x 1 subscriber, 100 B: each the median of 3 ladders" in text
+    assert "zchat and the naive forwarder each ran 3 ladders" in text
+    # Saved again and read back, the ladders are the same.
+    again = tmp_path / "again.md"
+    run, plan, meta = cli.load(results)
+    cli.write(run, plan, meta, again, tmp_path / "again.json")
+    assert (
+        cli.load(tmp_path / "again.json")[0].ladders
+        == run.ladders
+        == {
+            ("fanout-1", "zchat"): [71_000.0, 74_000.0, 76_000.0],
+            ("fanout-1", "naive"): [98_000.0, 85_000.0, 88_000.0],
+        }
+    )
