@@ -238,6 +238,13 @@ def merge(
             f"{run.mode.trials}: run every group again rather than mix the two"
         )
     keys = {g.key for g in plan}
+    kept_ladders = {k for k in old.ladders if k[0] not in keys}
+    settings = (run.mode.repeat_ladders, run.mode.repeat_refine)
+    if kept_ladders and (old.mode.repeat_ladders, old.mode.repeat_refine) != settings:
+        raise SystemExit(
+            "bench: --merge: the earlier run repeated its ladders with other settings than this one: "
+            "run every group again rather than mix the two"
+        )
     workers, run.workers = run.workers, old.workers
     run.results = [r for r in old.results if not any(_owns(g, r) for g in plan)] + run.results
     run.capacity = {**{k: v for k, v in old.capacity.items() if k[0] not in keys}, **run.capacity}

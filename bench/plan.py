@@ -61,9 +61,11 @@ class Mode:
     #: taking turns), and how many times each of those bisects its final bracket. There
     #: zchat and naive are near each other and near what the load generators can offer on
     #: 2 cores, and one ladder each left their ratio to chance: the naive forwarder's
-    #: capacity at 1x1 moved between 75k and 98k msg/s from run to run, and a bracket
-    #: bisected twice is +-19% wide (zchat at 1x1 kept up with 71k and failed 85k, where
-    #: its overloaded runs delivered 65-74k). Their capacity is the median ladder's.
+    #: capacity at 1x1 moved between 75k and 101k msg/s from run to run, and a bracket
+    #: bisected twice reaches 19% above the capacity found (zchat at 1x1 kept up with 71k
+    #: and failed 85k, where its overloaded runs delivered 65-74k). Four bisections reach
+    #: 4.4% above it (about 5% with rates rounded to 2 digits, 10% above 100k msg/s).
+    #: Their capacity is the median ladder's.
     repeat_ladders: int = 1
     repeat_refine: int | None = None  # None: ``refine``
     #: Targets of the scale-out group: the embedded store, then N brokers on one Redis.

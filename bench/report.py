@@ -60,6 +60,11 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
+def bracket(refine: int) -> str:
+    """How far above the capacity found a step test's last bracket reaches, after ``refine`` bisections."""
+    return f"+{2 ** (1 / 2**refine) - 1:.1%}"
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -630,13 +635,15 @@ class Report:
             return ""
         mode = self.run.mode
         fine = mode.refine if mode.repeat_refine is None else mode.repeat_refine
+        ladders = max(len(v) for (key, _), v in self.run.ladders.items() if key in keys)
         return (
-            f"In {', '.join(self.groups[k].title for k in keys)}, zchat and the naive forwarder each ran "
-            f"{mode.repeat_ladders} ladders, taking turns, and every target there bisects {fine} times "
-            f"(to within 2^(1/{2**fine}), {2 ** (1 / 2**fine) - 1:+.1%}): their ratio is a target, both sit near "
-            "what the load generators can offer on this machine, and with one ladder each and a bracket of "
-            "+-19% it was left to chance (the naive forwarder's capacity at 1x1 moved between 75k and 98k msg/s "
-            "from one full run to the next). Their capacity is the median ladder's. "
+            f"In {' and '.join(self.groups[k].title for k in keys)}, zchat and the naive forwarder each ran "
+            f"{ladders} ladders, taking turns, and every target there bisects up to {fine} times, to within "
+            f"{bracket(fine)} (rates keep 2 significant digits, so above 100k msg/s the steps are 10k apart and "
+            f"the bracket stays wider): their ratio is a target, both sit near what the load generators can "
+            f"offer on this machine, and with one ladder each and a bracket of {bracket(mode.refine)} it was left "
+            "to chance (the naive forwarder's capacity at 1x1 moved between 75k and 101k msg/s from one run "
+            "to another). Their capacity is the median ladder's. "
         )
 
     def bottleneck(self, key: str, target: str) -> str:

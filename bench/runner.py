@@ -84,8 +84,8 @@ class Run:
             return
         targets = [t for t in g.targets if g.size <= get_target(t).max_text]
         repeated = [t for t in (ZCHAT, NAIVE) if t in targets] if g.repeat and self.mode.repeat_ladders > 1 else []
-        # A repeated group bisects finer, every target of it alike (they share its table).
-        refine = self.mode.repeat_refine if g.repeat else None
+        # Where it repeats ladders a group bisects finer, every target of it alike (they share its table).
+        refine = self.mode.repeat_refine if repeated else None
         # The repeated pair takes turns, so a drift of the machine over the minutes
         # the ladders take falls on both alike.
         for _ in range(self.mode.repeat_ladders if repeated else 0):

@@ -290,3 +290,63 @@ def test_the_report_gives_every_ladder_of_a_repeated_group_and_the_ratio_of_thei
             ("fanout-1", "naive"): [98_000.0, 85_000.0, 88_000.0],
         }
     )
+
+
+@pytest.mark.timeout(10)
+def test_a_repeat_group_runs_one_ladder_of_each_target_when_the_mode_repeats_none(tmp_path: Path) -> None:
+    group = Group("g", "1 room x 1", "ladder", ("zchat", "zchat-normal", "naive"), repeat=True)
+    caps = {"zchat": [70_000.0], "zchat-normal": [70_000.0], "naive": [90_000.0]}
+    run = _Turns(replace(FULL, trials=1, repeat_ladders=1, repeat_refine=4), caps, tmp_path)
+    run.group(group)
+    assert run.order == ["zchat", "zchat-normal", "naive"] and run.ladders == {}
+    assert run.capacity[("g", "zchat")] == 60_000, "bisected as often as any other group (twice)"
+
+
+@pytest.mark.timeout(10)
+def test_a_ladder_that_kept_up_with_nothing_counts_against_the_median(tmp_path: Path) -> None:
+    group = Group("g", "1 room x 1", "ladder", ("zchat", "naive"), repeat=True)
+    # Two of zchat's three ladders keep up with no step (capacity under the lowest one).
+    caps = {"zchat": [100.0, 80_000.0, 100.0], "naive": [90_000.0] * 3}
+    run = _Turns(replace(FULL, trials=1, repeat_ladders=3, repeat_refine=4), caps, tmp_path)
+    run.group(group)
+    assert run.ladders[("g", "zchat")][0] is None and run.ladders[("g", "zchat")][2] is None
+    assert ("g", "zchat") not in run.capacity, "the median ladder kept up with nothing"
+    assert ("g", "naive") in run.capacity and run.latency == [], "no 30% point without zchat's capacity"
+
+
+@pytest.mark.timeout(60)
+def test_a_merge_keeps_the_ladders_of_the_groups_run_again_and_refuses_to_mix_settings(tmp_path: Path) -> None:
+    # Results saved before runs repeated ladders.
+    saved = {
+        k: v
+        for k, v in json.loads(SAVED.read_text()).items()
+        if k not in ("ladders", "repeat_ladders", "repeat_refine")
+    }
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(saved))
+    old_run, _, old_meta = cli.load(older)
+    assert old_run.ladders == {} and old_run.mode.repeat_ladders == 1
+    plan = [g for g in cli.groups(FULL, ()) if g.key == "fanout-1"]
+    again = Run(FULL, Pinning(), 2, tmp_path)
+    again.results = [r for r in old_run.results if cli._owns(plan[0], r)]
+    again.capacity = {("fanout-1", "zchat"): 74_000.0, ("fanout-1", "naive"): 88_000.0}
+    again.ladders = {("fanout-1", "zchat"): [71_000.0, 74_000.0, 76_000.0], ("fanout-1", "naive"): [88_000.0] * 3}
+    run, merged_plan, meta = cli.merge(cli.load(older), again, plan, replace(old_meta, merged=[]))
+    assert run.ladders == again.ladders and run.capacity[("fanout-1", "zchat")] == 74_000.0
+    assert run.capacity[("fanout-100", "zchat")] == old_run.capacity[("fanout-100", "zchat")]
+    out = tmp_path / "merged.md"
+    cli.write(run, merged_plan, meta, out, tmp_path / "merged.json")
+    text = out.read_text()
+    assert "In 1 room x 1 subscriber, 100 B, zchat and the naive forwarder each ran 3 ladders" in text
+    assert "1 KiB texts: each the median" not in text, "fanout-1-1k ran one ladder each, in the earlier run"
+    # Merging into a run whose kept groups repeated their ladders otherwise would mix two methods.
+    other = Run(replace(FULL, repeat_ladders=5), Pinning(), 2, tmp_path)
+    other.results, other.capacity = [], {}
+    rerun = [g for g in cli.groups(FULL, ()) if g.key == "fanout-1-1k"]
+    with pytest.raises(SystemExit, match="other settings"):
+        cli.merge(cli.load(tmp_path / "merged.json"), other, rerun, meta)
+    # With the same settings, the ladders of the group not run again are kept beside the new ones.
+    same = Run(FULL, Pinning(), 2, tmp_path)
+    same.ladders = {("fanout-1-1k", "zchat"): [50_000.0] * 3}
+    run, _, _ = cli.merge(cli.load(tmp_path / "merged.json"), same, rerun, meta)
+    assert run.ladders == {**again.ladders, ("fanout-1-1k", "zchat"): [50_000.0] * 3}
