@@ -36,7 +36,10 @@ STOP_STACKS_S = 5.0
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 picks a free one)")
     return port
@@ -221,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             log.error("%s (or %s) must be %s, not %s", flag, _variable(flag), bounds, value)
             return 2
+    if args.port == args.pub_port != 0:
+        log.error(
+            "--port and --pub-port (or ZCHAT_PORT and ZCHAT_PUB_PORT) are both %d: requests and room events "
+            "need a port each",
+            args.port,
+        )
+        return 2
     if args.retention_days is not None:
         if not (math.isfinite(args.retention_days) and 1 <= args.retention_days * DAY_MS <= MAX_AGE_MS):
             log.error(

@@ -175,7 +175,9 @@ class Config:
 
 
 def _endpoint(host: str, port: int) -> str:
-    return f"tcp://{host}:{'*' if port == 0 else port}"
+    # An IPv6 address goes in brackets (libzmq reads "::1:5555" as no address at all).
+    where = f"[{host}]" if ":" in host else host
+    return f"tcp://{where}:{'*' if port == 0 else port}"
 
 
 class Broker:
@@ -223,6 +225,8 @@ class Broker:
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 500)
             sock.setsockopt(zmq.MAXMSGSIZE, config.max_msg_bytes)
+            if ":" in config.host:  # an IPv6 address ("::" too: IPv6 and IPv4 both)
+                sock.setsockopt(zmq.IPV6, 1)
             if self.keys is not None:
                 secure_server(sock, self.keys)
         # An unreachable peer raises instead of silently eating the reply.

@@ -150,6 +150,8 @@ class Store:
         #: Per room, the seq up to which events have been deleted for the retention.
         self._pruned: dict[str, int] = {}
         lock: int | None = None
+        if data_dir.exists() and not data_dir.is_dir():
+            raise StoreError(f"cannot open the store in {data_dir}: it is not a directory")
         try:
             # Room messages are in here: readable by this user only. A directory
             # that exists is not changed, but one others can read is warned about.

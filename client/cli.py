@@ -25,13 +25,25 @@ SEND_WINDOW = 1000
 ACK_WAIT_S = SETTLE_S
 
 
+def _count(text: str) -> int:
+    """A number of events, 0 or more, as a flag's ``type``."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number} is not a count (0 or more)")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zchat",
         description="Chat through a zchat broker. With a terminal on stdin: interactive. "
         "With a pipe: every input line is sent, every event is printed as one line.",
         epilog="Lines starting with / are commands: /msg NAME TEXT, /me ACTION, /join ROOM, /leave [ROOM], "
-        "/switch ROOM, /who [ROOM], /rooms, /history [N], /help, /quit (//TEXT sends a text starting with /).",
+        "/switch ROOM, /who [ROOM], /rooms, /history [N], /lastlog TEXT (interactive), /help, /quit "
+        "(//TEXT sends a text starting with /).",
     )
     parser.add_argument("--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . -")
     parser.add_argument(
@@ -56,10 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--room", default="general", help="room to join first (default general)")
     parser.add_argument(
-        "--backlog", type=int, default=50, help="show this many of the room's latest events first (default 50)"
+        "--backlog", type=_count, default=50, help="show this many of the room's latest events first (default 50)"
     )
-    parser.add_argument("--json", action="store_true", help="print each event as one JSON object per line")
-    parser.add_argument("--send", metavar="TEXT", help="send TEXT to the room, wait for its ack, exit")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="pipe mode and --send: print each event as one JSON object per line (the terminal shows text)",
+    )
+    parser.add_argument(
+        "--send",
+        metavar="TEXT",
+        help="send TEXT to the room as it is (a text starting with / too), wait for its ack, exit",
+    )
     parser.add_argument(
         "--key",
         default=envargs.default("ZCHAT_KEY", None),
@@ -174,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         except ProtocolError as exc:
             printer.err(f"--send: {exc.message}")
             return 2
+        if not args.send.strip():
+            printer.err("--send: the text is blank: nothing to send")  # (pipe mode skips blank lines too)
+            return 2
     try:
         curve = None
         if args.key or args.broker_key:
@@ -195,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client.connect()
     except BrokerUnreachable as exc:
-        printer.err(f"{exc} (is zchat-broker running there?)")
+        printer.err(f"{exc} (is zchat-broker running there?)" if exc.maybe_down else str(exc))
         client.close(settle=0)
         return 1
     except RequestError as exc:
@@ -211,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.send is not None:
             return _send_once(client, room, args.send, printer)
-        client.join(room, backlog=0 if args.backlog < 0 else args.backlog)
+        client.join(room, backlog=args.backlog)
         if interactive:
             from client.interactive import run_interactive  # noqa: PLC0415  (prompt_toolkit only when needed)
 
@@ -290,9 +313,7 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
 
 
 def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:
-    commands = Commands(
-        client, room, printer.out, printer.fail, as_json=args.json, backlog=max(0, args.backlog), strict=True
-    )
+    commands = Commands(client, room, printer.out, printer.fail, as_json=args.json, backlog=args.backlog, strict=True)
     fd = sys.stdin.fileno()
     pending = b""
     reading = True

@@ -52,6 +52,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -70,6 +71,10 @@ log.addHandler(logging.NullHandler())  # a library: the program decides what is 
 
 #: Longest wait for the broker's ``welcome`` (per broker address).
 CONNECT_TIMEOUT_S = 5.0
+#: Why an address failed whose port accepts connections and closes them without a word.
+_DROPPED = "it closes the connection before any greeting (a proxy with no broker behind it?)"
+#: After the welcome, how long connect() waits for the room event port's handshake (seconds).
+SUB_GRACE_S = 1.0
 #: Longest wait for any other reply.
 REQUEST_TIMEOUT_S = 10.0
 #: Until a room's first event arrives on SUB, history is polled this often
@@ -130,10 +135,13 @@ class BrokerUnreachable(ZchatError):
     (an own ``msg`` or ``dm`` event with that id), so it must not be sent again.
     """
 
-    def __init__(self, message: str, msg_id: str | None = None) -> None:
+    def __init__(self, message: str, msg_id: str | None = None, *, maybe_down: bool = True) -> None:
         super().__init__("", message)
         self.code = "unreachable"
         self.msg_id = msg_id
+        #: False when no address failed for want of an answer: every one named a host
+        #: that does not resolve, or something that is not a zchat broker answered.
+        self.maybe_down = maybe_down
 
 
 class RequestError(ZchatError):
@@ -193,6 +201,60 @@ def _is_ipv6(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _unresolved(host: str) -> str | None:
+    """Why ``host`` cannot be connected to by name (None: it resolves, or is an address).
+
+    libzmq would retry a name that does not resolve for ever, each failure looking
+    like a refused connection; asked here, the error says what is wrong.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            return None  # no answer from the resolver, for now: libzmq asks again as it retries
+        return f"cannot resolve the host name {host!r} ({exc.strerror})"
+    except UnicodeError as exc:
+        return f"cannot resolve the host name {host!r} ({exc})"
+    return None
+
+
+#: The start of a ZeroMQ 3.0 greeting (signature and version): enough for a peer to send
+#: the whole of its own (:func:`_greeting_mechanism`), not enough for it to judge ours
+#: (with a whole greeting of another mechanism, a peer hangs up before sending its own).
+_GREETING_START = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0])
+
+
+def _greeting_mechanism(host: str, port: int, timeout: float = 0.5) -> str | None:
+    """The security mechanism ("NULL", "CURVE") a ZeroMQ peer at ``host:port`` announces in its greeting.
+
+    "" when what answers is not ZeroMQ: its first bytes are not a ZeroMQ
+    signature. None when nothing can be told: nothing answered within
+    ``timeout`` (refused, silent, unreachable), or it hung up without a byte,
+    as a proxy does while the broker behind it is down or starting.
+    """
+    data = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall(_GREETING_START)
+            while len(data) < 32:
+                chunk = conn.recv(64 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        pass  # refused, silent, or hung up: what it said before counts
+    if data and (data[0] != 0xFF or (len(data) >= 10 and data[9] != 0x7F)):
+        return ""
+    if len(data) < 32:
+        return None
+    return data[12:32].rstrip(b"\0").decode("ascii", "replace")
 
 
 def parse_address(text: str, port: int = 5555, pub_port: int = 5556) -> BrokerAddress:
@@ -394,6 +456,9 @@ class _Room:
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ECONNREFUSED})
 
+#: The handshake failure of two ends whose security differs (CURVE against none).
+_MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -490,6 +555,17 @@ class Client:
         self._moved: str | None = None
         #: The DEALER's connection was refused (or dropped) since the sockets were opened.
         self._refused = False
+        #: Why what answers at the request port is not a zchat broker (its ZeroMQ handshake failed).
+        self._foreign: str | None = None
+        #: The request port's peer closed the connection before any greeting (a proxy whose broker is down?).
+        self._dropped = False
+        #: In connect(), up to its return (handshake failures are looked into until then).
+        self._connecting = False
+        #: The SUB's handshake with the room event port succeeded; why it failed, if it did.
+        self._sub_up = False
+        self._sub_failure: str | None = None
+        #: How long the DEALER's last words (a bye) may take to leave when its socket closes (ms).
+        self._dealer_linger_ms = 0
         self._hold_until = 0.0
         self._rooms: dict[str, _Room] = {}
         self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
@@ -572,29 +648,75 @@ class Client:
         is an answer: it is raised at once. ``BrokerUnreachable`` names every
         address tried and why it failed.
         """
+        self._connecting = True
+        try:
+            self._connect()
+        finally:
+            self._connecting = False
+
+    def _connect(self) -> None:
         tried: list[tuple[BrokerAddress, str]] = []
+        #: Whether an address failed for want of an answer (it may be down), not for a
+        #: host that does not resolve or an answer from something else.
+        silent = False
         for i in range(len(self.addresses)):
-            if i != self._index:
+            if i != self._index or self._refused or self._sub_failure is not None:
+                # Fresh sockets: those refused before (the broker was not up yet) may be
+                # backing off for seconds before they try again.
                 self._use_address(i)
+            unresolved = _unresolved(self.address.host)
+            if unresolved is not None:
+                tried.append((self.address, unresolved))
+                continue
             try:
                 welcome = self._hello_here(last=i == len(self.addresses) - 1)
             except BrokerUnreachable as exc:
                 tried.append((self.address, exc.message))
+                silent = silent or exc.maybe_down
                 continue
             except RequestError as exc:
                 if exc.code != ErrorCode.UNAVAILABLE:
                     raise
                 tried.append((self.address, f"unavailable: {exc.message}"))
+                silent = True
                 continue
             self._welcomed(welcome)
+            self._await_sub()
             return
         if len(tried) == 1:
             reason = tried[0][1]
             if reason.startswith("no answer"):
                 raise BrokerUnreachable(f"no answer from a zchat broker at {self.endpoint} {reason[10:]}")
+            if not silent:
+                raise BrokerUnreachable(reason, maybe_down=False)
             raise BrokerUnreachable(f"the zchat broker at {self.endpoint}: {reason}")
         raise BrokerUnreachable(
-            "no zchat broker answered; tried " + ", ".join(f"{addr} ({reason})" for addr, reason in tried)
+            "no zchat broker answered; tried " + ", ".join(f"{addr} ({reason})" for addr, reason in tried),
+            maybe_down=silent,
+        )
+
+    def _await_sub(self) -> None:
+        """After the welcome: give the SUB's handshake with the room event port up to
+        SUB_GRACE_S (on a working broker it is done by then), and if it failed or has not
+        happened, say so in a status event. Connected all the same: requests work, and room
+        events still come, late, by catch-up; but a wrong ``PUBPORT`` must not go unsaid."""
+        where = f"{self.address.pub_endpoint} (the room event port)"
+        if self._sub_failure is not None and not self._sub_up:
+            # Refused while the broker was not up yet, maybe: a fresh try, not libzmq's backoff.
+            self._sub_failure = None
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.disconnect(self.address.pub_endpoint)
+            self._sub.connect(self.address.pub_endpoint)
+        deadline = time.monotonic() + SUB_GRACE_S
+        while not self._sub_up and self._sub_failure is None and (remaining := deadline - time.monotonic()) > 0:
+            self.pump(min(remaining, 0.05))
+        if self._sub_up:
+            return
+        why = self._sub_failure or f"no answer within {SUB_GRACE_S:g} s"
+        self._status(
+            "no_room_events",
+            f"room events from {where}: {why}; live events will only come late, by catch-up "
+            "(is the room event port right, and open?)",
         )
 
     def _hello_here(self, *, last: bool) -> Envelope:
@@ -608,6 +730,10 @@ class Client:
                 hello = p.hello(self.name, resume=self._resume)
                 return self._request(hello, timeout=remaining, give_up_if_refused=not last)
             except BrokerUnreachable:
+                if self._foreign is not None:
+                    raise BrokerUnreachable(self._foreign, maybe_down=False) from None
+                if self._dropped:
+                    raise BrokerUnreachable(_DROPPED) from None
                 if self._refused:
                     raise BrokerUnreachable("connection refused") from None
                 raise BrokerUnreachable(f"no answer within {self.connect_timeout:g} s") from None
@@ -654,7 +780,8 @@ class Client:
                 said_bye = True
         self.state = "closed"
         if said_bye:
-            self._dealer.setsockopt(zmq.LINGER, int(flush_timeout * 1000))
+            # (Set on the socket alone, it was undone by _close_sockets' close(linger=0).)
+            self._dealer_linger_ms = int(flush_timeout * 1000)
         self._close_sockets()
         if self._own_context:
             self._ctx.term()
@@ -973,6 +1100,8 @@ class Client:
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * p.MAX_REPLY_BYTES)
+            # Without it libzmq connects to IPv4 only: "[::1]:5555" would be refused for ever.
+            sock.setsockopt(zmq.IPV6, 1)
             if self._curve is not None:
                 sock.curve_publickey = self._curve.public
                 sock.curve_secretkey = self._curve.secret
@@ -980,11 +1109,12 @@ class Client:
             self._poller.register(sock, zmq.POLLIN)
             # Handshake outcomes: a refused key must be an error, not a silent hang;
             # and a refused connection lets connect() go on to the next address.
-            events = _HANDSHAKE_EVENTS | (zmq.EVENT_CONNECT_RETRIED if sock is dealer else 0)
+            events = _HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED
             monitor = sock.get_monitor_socket(events)
             self._monitors[monitor] = sock
             self._poller.register(monitor, zmq.POLLIN)
-        self._refused = False
+        self._refused = self._sub_up = self._dropped = False
+        self._foreign = self._sub_failure = None
         address = self.address
         dealer.connect(address.endpoint)
         sub.connect(address.pub_endpoint)
@@ -1001,7 +1131,9 @@ class Client:
         self._monitors.clear()
         for sock in (self._dealer, self._sub):
             self._poller.unregister(sock)
-            sock.close(linger=0)
+            # A bye just sent may leave (close() sets how long); nothing else lingers.
+            sock.close(linger=self._dealer_linger_ms if sock is self._dealer else 0)
+        self._dealer_linger_ms = 0
 
     def _use_address(self, index: int) -> None:
         """Fresh sockets to ``addresses[index]``; what was in flight on the old ones is gone."""
@@ -1032,10 +1164,14 @@ class Client:
                 return
             event = message["event"]
             if event == zmq.EVENT_CONNECT_RETRIED:
-                self._refused = True
+                if sock is self._sub:
+                    # (After a failed handshake too: that failure says more.)
+                    self._sub_failure = self._sub_failure or "connection refused"
+                else:
+                    self._refused = True
                 continue
             if (
-                self.state != "new"
+                not (self.state == "new" or self._connecting)
                 and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH
                 and message.get("value") in _TRANSIENT_ERRNOS
             ):
@@ -1047,17 +1183,60 @@ class Client:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._auth_failure = None
                 if sock is self._sub:
+                    self._sub_up, self._sub_failure = True, None
+                else:
+                    self._foreign = None
                     # A (re)connected SUB may have missed events while it was away.
                     for state in self._rooms.values():
                         state.confirmed, state.probes, state.next_probe = False, 0, time.monotonic()
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._auth_failure = f"the broker at {where} does not accept our key (is it in its authorized/?)"
-            elif self._curve is not None:
-                self._auth_failure = (
-                    f"the CURVE handshake with {where} failed: is the broker key the broker's public key?"
-                )
             else:
-                self._auth_failure = f"the broker at {where} requires CURVE keys (--key and --broker-key)"
+                self._handshake_failed(sock, message.get("value"))
+
+    def _handshake_failed(self, sock: zmq.Socket[bytes], value: object) -> None:
+        """A handshake failed, not for our key: say why, or (``_foreign``) that no zchat broker answers.
+
+        libzmq names a mismatch of security only when it has read the broker's
+        greeting; a broker that hangs up first (as a zchat broker with keys often
+        does) and any other server that answers and hangs up look alike to it.
+        While connecting, a probe of the port tells them apart: it reads the
+        greeting itself. A failure it cannot explain (nothing answered, or the
+        broker's security is ours) is left to libzmq's retries and the timeout.
+        """
+        ours = "NULL" if self._curve is None else "CURVE"
+        theirs: str | None = None  # not known
+        if value == _MECHANISM_MISMATCH:
+            theirs = "CURVE" if ours == "NULL" else "NULL"
+        elif self.state == "new" or self._connecting:
+            port = self.address.pub_port if sock is self._sub else self.address.port
+            told = _greeting_mechanism(self.address.host, port)
+            if told == "":
+                if sock is self._sub:
+                    self._sub_failure = "what answers there is not a zchat broker (it does not speak ZeroMQ)"
+                else:  # connect() goes on to the next address
+                    self._foreign = f"what answers at {self.endpoint} is not a zchat broker (it does not speak ZeroMQ)"
+                return
+            if told is None or (told == ours == "NULL"):
+                # Gone, not up yet, or a proxy with nothing behind it: libzmq tries again.
+                if sock is self._sub:
+                    self._sub_failure = _DROPPED
+                else:
+                    self._dropped = True
+                return
+            theirs = told
+        where = self.endpoint
+        if ours == "NULL":
+            why = f"the broker at {where} requires CURVE keys (--key and --broker-key)"
+        elif theirs == "NULL":
+            why = f"the broker at {where} does not use CURVE keys: connect without them"
+        else:
+            # A broker that cannot decrypt our hello hangs up without a word.
+            why = f"the CURVE handshake with {where} failed: is the broker key the broker's public key?"
+        if sock is self._sub:
+            self._sub_failure = why  # the request port's handshake says it too, and that one counts
+        else:
+            self._auth_failure = why
 
     def _welcomed(self, welcome: Envelope) -> None:
         restarted = self.epoch is not None and welcome["epoch"] != self.epoch
@@ -1453,7 +1632,7 @@ class Client:
                     if self._auth_failure:
                         raise RequestError("auth_failed", self._auth_failure)
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or (give_up_if_refused and self._refused):
+                    if remaining <= 0 or (give_up_if_refused and self._refused) or self._foreign is not None:
                         raise BrokerUnreachable(f"no reply from {self.endpoint} to {env['type']!r}")
                     self.pump(remaining)
             finally:

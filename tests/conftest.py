@@ -30,7 +30,9 @@ from client.lib import Client
 from zchat import protocol as p
 
 HOST = "127.0.0.1"
-READY_RE = re.compile(r"ready: requests on tcp://[^:]+:(\d+), room events on tcp://[^:]+:(\d+)")
+READY_RE = re.compile(
+    r"ready: requests on tcp://(?:\[[^]]*\]|[^:]+):(\d+), room events on tcp://(?:\[[^]]*\]|[^:]+):(\d+)"
+)
 
 
 def wait_for(

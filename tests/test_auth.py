@@ -235,3 +235,18 @@ def test_keygen_refuses_bad_names_and_overwrites(tmp_path: Path) -> None:
         [bin_path("zchat-keygen"), "carol", "--dir", str(tmp_path)], capture_output=True, timeout=15, check=False
     )
     assert again.returncode == 1
+
+
+def test_keys_against_a_broker_without_them_say_so(broker: RunningBroker, keys: Path) -> None:
+    """The broker's greeting names its security: the two ends differ, not a wrong key."""
+    c = client(broker, "alice", curve(keys, "alice"))
+    try:
+        with pytest.raises(RequestError) as err:
+            c.connect()
+        assert err.value.code == "auth_failed"
+        assert (
+            err.value.message
+            == f"the broker at tcp://{HOST}:{broker.port} does not use CURVE keys: connect without them"
+        )
+    finally:
+        c.close(0)

@@ -343,13 +343,46 @@ def test_broker_help_and_bad_port() -> None:
     assert bad.returncode == 2 and "not a TCP port" in bad.stderr
 
 
+def test_broker_arguments_that_cannot_work_are_refused_saying_why(tmp_path: Path) -> None:
+    word = _broker_cmd("--port", "abc", "--data", str(tmp_path / "d"))
+    assert word.returncode == 2 and "argument --port: 'abc' is not a TCP port (0-65535)" in word.stderr, word.stderr
+    same = _broker_cmd("--port", "17572", "--pub-port", "17572", "--data", str(tmp_path / "d"))
+    assert same.returncode == 2
+    assert "--port and --pub-port (or ZCHAT_PORT and ZCHAT_PUB_PORT) are both 17572" in same.stderr, same.stderr
+    assert not (tmp_path / "d").exists(), "refused before anything was opened"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a store")
+    filed = _broker_cmd("--port", "0", "--pub-port", "0", "--data", str(a_file))
+    assert filed.returncode == 1 and f"cannot open the store in {a_file}: it is not a directory" in filed.stderr
+    assert a_file.read_text() == "not a store"
+
+
+def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
+    for args, said in (
+        (["--backlog", "-5"], "argument --backlog: -5 is not a count (0 or more)"),
+        (["--backlog", "all"], "argument --backlog: 'all' is not a count (0 or more)"),
+        (["--send", "  \t "], "zchat: --send: the text is blank: nothing to send"),
+    ):
+        result = subprocess.run(
+            [bin_path("zchat"), "--name", "bob", "--host", f"{HOST}:1:2", *args],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        assert result.returncode == 2 and said in result.stderr, (args, result.stderr)
+    usage = subprocess.run([bin_path("zchat"), "--help"], capture_output=True, text=True, timeout=15, check=True)
+    assert "/lastlog TEXT (interactive)" in " ".join(usage.stdout.split())
+    assert "pipe mode and --send: print each event as one JSON object" in " ".join(usage.stdout.split())
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "said"),
     [
         ("ZCHAT_DURABILITY", "fsync", "ZCHAT_DURABILITY='fsync': choose one of full, normal"),  # was "normal"
         ("ZCHAT_LOG_LEVEL", "verbose", "ZCHAT_LOG_LEVEL='verbose': choose one of debug, info, warning, error"),
         ("ZCHAT_PORT", "99999", "ZCHAT_PORT='99999': 99999 is not a TCP port"),  # libzmq: port 34463
-        ("ZCHAT_PUB_PORT", "x", "ZCHAT_PUB_PORT='x': not a number"),
+        ("ZCHAT_PUB_PORT", "x", "ZCHAT_PUB_PORT='x': 'x' is not a TCP port (0-65535)"),
         ("ZCHAT_RATE_LIMIT", "fast", "ZCHAT_RATE_LIMIT='fast': not a number"),
         ("ZCHAT_HEARTBEAT_MS", "5.5", "ZCHAT_HEARTBEAT_MS='5.5': not a whole number"),
         # In range only once parsed: said by the broker, naming the flag and the variable.

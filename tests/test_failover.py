@@ -767,3 +767,191 @@ def test_a_rejoin_below_what_we_had_starts_from_the_new_numbering() -> None:
     finally:
         alice.client.close(0)
         fake.stop()
+
+
+@pytest.fixture
+def foreign() -> Iterator[int]:
+    """A port where another service answers (it greets as SSH does and hangs up): not ZeroMQ."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen()
+    port: int = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield port
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+    thread.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_service_that_is_not_a_zchat_broker_is_named_and_the_next_address_tried(
+    broker: RunningBroker, foreign: int
+) -> None:
+    """Not "requires CURVE keys" (what any failed handshake was called): what answers is named, and
+    connect() goes on to the next address, as it does past a refused one."""
+    alone = Client("alice", hosts=[f"{HOST}:{foreign}:{free_port()}"], connect_timeout=5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(BrokerUnreachable) as err:
+            alone.connect()
+        assert time.monotonic() - start < 3, "an answer that is not ZeroMQ is not waited out"
+        assert (
+            err.value.message
+            == f"what answers at tcp://{HOST}:{foreign} is not a zchat broker (it does not speak ZeroMQ)"
+        )
+        assert not err.value.maybe_down
+    finally:
+        alone.close(0)
+    both = Client("alice", hosts=[f"{HOST}:{foreign}:{free_port()}", address_of(broker)], connect_timeout=5)
+    try:
+        start = time.monotonic()
+        both.connect()
+        assert time.monotonic() - start < 3
+        assert both.state == "connected" and both.address == parse_address(address_of(broker))
+        both.join("general")
+        assert both.send_wait("general", "hi").seq is not None
+    finally:
+        both.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_a_host_name_that_does_not_resolve_is_named_and_the_next_address_tried(broker: RunningBroker) -> None:
+    """libzmq retries a name it cannot resolve for ever, each try looking like a refused connection."""
+    alone = Client("alice", hosts=["no-such-host.invalid:5555:5556"], connect_timeout=5)
+    try:
+        with pytest.raises(BrokerUnreachable) as err:
+            alone.connect()
+        assert err.value.message.startswith("cannot resolve the host name 'no-such-host.invalid' (")
+        assert not err.value.maybe_down
+    finally:
+        alone.close(0)
+    both = Client("alice", hosts=["no-such-host.invalid", address_of(broker)], connect_timeout=5)
+    try:
+        both.connect()
+        assert both.state == "connected" and both.address == parse_address(address_of(broker))
+    finally:
+        both.close(0)
+    # Several failed, one of them for want of an answer: that one may be down.
+    dead = dead_address()
+    mixed = Client("alice", hosts=["no-such-host.invalid", dead], connect_timeout=1)
+    try:
+        with pytest.raises(BrokerUnreachable) as err:
+            mixed.connect()
+        assert "cannot resolve" in err.value.message and f"{dead} (connection refused)" in err.value.message
+        assert err.value.maybe_down
+    finally:
+        mixed.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_the_cli_names_what_is_wrong_without_guessing_the_broker_is_down(foreign: int) -> None:
+    for host, said in (
+        (f"{HOST}:{foreign}:{free_port()}", f"zchat: what answers at tcp://{HOST}:{foreign} is not a zchat broker"),
+        ("no-such-host.invalid", "zchat: cannot resolve the host name 'no-such-host.invalid'"),
+    ):
+        result = subprocess.run(
+            [bin_path("zchat"), "--name", "bob", "--host", host, "--send", "hi"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith(said), result.stderr
+        assert "is zchat-broker running there?" not in result.stderr
+
+
+def _no_room_events(client: Client) -> list[Event]:
+    return [e for e in client.drain_events() if e.type == "status" and e.event == "no_room_events"]
+
+
+@pytest.mark.timeout(30)
+def test_a_wrong_room_event_port_is_said_and_requests_still_work(broker: RunningBroker, foreign: int) -> None:
+    """The request port answers, the room event port does not: connected all the same (requests
+    work, room events come late, by catch-up), but said at once, not left to be guessed."""
+    refused = free_port()
+    for pub_port, why in (
+        (refused, "connection refused"),
+        (foreign, "what answers there is not a zchat broker (it does not speak ZeroMQ)"),
+    ):
+        client = Client("alice", hosts=[f"{HOST}:{broker.port}:{pub_port}"], connect_timeout=5)
+        try:
+            start = time.monotonic()
+            client.connect()
+            assert time.monotonic() - start < 3
+            assert client.state == "connected"
+            [said] = _no_room_events(client)
+            assert said.text == (
+                f"room events from tcp://{HOST}:{pub_port} (the room event port): {why}; live events will only "
+                "come late, by catch-up (is the room event port right, and open?)"
+            )
+            client.join("general")
+            assert client.send_wait("general", "hi").seq is not None
+        finally:
+            client.close(0)
+    right = Client("bob", hosts=[address_of(broker)], connect_timeout=5)
+    try:
+        right.connect()
+        assert _no_room_events(right) == [], "nothing to say when the room event port answers"
+    finally:
+        right.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_a_port_that_hangs_up_without_a_word_is_not_called_a_foreign_service() -> None:
+    """A proxy whose broker is down (or starting) accepts and hangs up: that may be a zchat broker
+    soon, so it is waited for (and said to be silent), not called something else."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = Client("alice", hosts=[f"{HOST}:{port}:{free_port()}"], connect_timeout=1)
+    try:
+        with pytest.raises(BrokerUnreachable) as err:
+            client.connect()
+        assert "not a zchat broker" not in err.value.message and "CURVE" not in err.value.message
+        assert err.value.message == (
+            f"the zchat broker at tcp://{HOST}:{port}: it closes the connection before any greeting "
+            "(a proxy with no broker behind it?)"
+        )
+        assert err.value.maybe_down
+    finally:
+        client.close(0)
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_broker_on_ipv6_loopback_is_reached_by_its_bracketed_address(tmp_path: Path) -> None:
+    port, pub = free_port(), free_port()
+    broker = BrokerProcess(tmp_path / "data", ["--host", "::1"], port=port, pub_port=pub).start()
+    try:
+        with Client("alice", hosts=[f"[::1]:{port}:{pub}"], connect_timeout=5) as alice:
+            assert _no_room_events(alice) == []
+            alice.join("general")
+            assert alice.send_wait("general", "over IPv6").seq is not None
+    finally:
+        broker.kill()
