@@ -73,6 +73,8 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if ":" in host:  # an IPv6 address: libzmq connects to IPv4 only without it
+            sock.setsockopt(zmq.IPV6, 1)
         try:
             if curve is not None:
                 sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve

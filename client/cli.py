@@ -298,6 +298,9 @@ def unsent_lines(client: Client) -> list[str]:
 
 def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
     try:
+        for event in client.drain_events():  # what connect() said (a room event port that does not answer)
+            if event.type == "status":
+                printer.event(event)
         client.join(room)
         client.drain_events()
         try:

@@ -710,6 +710,8 @@ class Client:
         deadline = time.monotonic() + SUB_GRACE_S
         while not self._sub_up and self._sub_failure is None and (remaining := deadline - time.monotonic()) > 0:
             self.pump(min(remaining, 0.05))
+            if self.state != "connected":
+                return  # lost meanwhile: the reconnect says where it goes, and tries the SUB again
         if self._sub_up:
             return
         why = self._sub_failure or f"no answer within {SUB_GRACE_S:g} s"
@@ -1100,8 +1102,11 @@ class Client:
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * p.MAX_REPLY_BYTES)
-            # Without it libzmq connects to IPv4 only: "[::1]:5555" would be refused for ever.
-            sock.setsockopt(zmq.IPV6, 1)
+            if _is_ipv6(self.address.host):
+                # Without it libzmq connects to IPv4 only: "[::1]:5555" would be refused for ever.
+                # Not for names: with it, libzmq takes a name's IPv6 address alone when it has
+                # one ("localhost" is ::1 too), and a broker on 0.0.0.0 would refuse it.
+                sock.setsockopt(zmq.IPV6, 1)
             if self._curve is not None:
                 sock.curve_publickey = self._curve.public
                 sock.curve_secretkey = self._curve.secret
@@ -1184,11 +1189,11 @@ class Client:
                 self._auth_failure = None
                 if sock is self._sub:
                     self._sub_up, self._sub_failure = True, None
-                else:
-                    self._foreign = None
                     # A (re)connected SUB may have missed events while it was away.
                     for state in self._rooms.values():
                         state.confirmed, state.probes, state.next_probe = False, 0, time.monotonic()
+                else:
+                    self._foreign = None
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._auth_failure = f"the broker at {where} does not accept our key (is it in its authorized/?)"
             else:
@@ -1205,26 +1210,34 @@ class Client:
         broker's security is ours) is left to libzmq's retries and the timeout.
         """
         ours = "NULL" if self._curve is None else "CURVE"
+        other = "CURVE" if ours == "NULL" else "NULL"
         theirs: str | None = None  # not known
-        if value == _MECHANISM_MISMATCH:
-            theirs = "CURVE" if ours == "NULL" else "NULL"
-        elif self.state == "new" or self._connecting:
+        if self.state == "new" or self._connecting:
             port = self.address.pub_port if sock is self._sub else self.address.port
             told = _greeting_mechanism(self.address.host, port)
-            if told == "":
+            if told is not None and told not in ("NULL", "CURVE"):
+                # Not ZeroMQ at all (""), or a ZeroMQ peer with a security no zchat broker has.
+                what = "it does not speak ZeroMQ" if told == "" else f"a ZeroMQ peer with {told} security"
                 if sock is self._sub:
-                    self._sub_failure = "what answers there is not a zchat broker (it does not speak ZeroMQ)"
+                    self._sub_failure = f"what answers there is not a zchat broker ({what})"
                 else:  # connect() goes on to the next address
-                    self._foreign = f"what answers at {self.endpoint} is not a zchat broker (it does not speak ZeroMQ)"
+                    self._foreign = f"what answers at {self.endpoint} is not a zchat broker ({what})"
                 return
-            if told is None or (told == ours == "NULL"):
+            if told is None and value != _MECHANISM_MISMATCH:
                 # Gone, not up yet, or a proxy with nothing behind it: libzmq tries again.
                 if sock is self._sub:
                     self._sub_failure = _DROPPED
                 else:
                     self._dropped = True
                 return
-            theirs = told
+            if told == ours and value != _MECHANISM_MISMATCH:
+                if ours == "NULL":
+                    return  # a zchat broker like us, its handshake cut short (restarting?): tried again
+                theirs = told  # CURVE both: the keys do not fit
+            else:
+                theirs = other if told is None else told
+        elif value == _MECHANISM_MISMATCH:
+            theirs = other
         where = self.endpoint
         if ours == "NULL":
             why = f"the broker at {where} requires CURVE keys (--key and --broker-key)"

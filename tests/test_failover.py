@@ -955,3 +955,41 @@ def test_a_broker_on_ipv6_loopback_is_reached_by_its_bracketed_address(tmp_path:
             assert alice.send_wait("general", "over IPv6").seq is not None
     finally:
         broker.kill()
+
+
+@pytest.mark.timeout(30)
+def test_the_greeting_probe_tells_a_zchat_broker_from_anything_else(broker: RunningBroker, foreign: int) -> None:
+    from client.lib import _greeting_mechanism
+
+    assert _greeting_mechanism(HOST, broker.port) == "NULL"
+    assert _greeting_mechanism(HOST, broker.pub_port) == "NULL"
+    assert _greeting_mechanism(HOST, foreign) == "", "bytes that are not ZeroMQ"
+    assert _greeting_mechanism(HOST, free_port()) is None, "refused: nothing can be told"
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen()
+    try:
+        # Accepted (by the kernel) and never answered: nothing told within the timeout.
+        start = time.monotonic()
+        assert _greeting_mechanism(HOST, listener.getsockname()[1], timeout=0.3) is None
+        assert time.monotonic() - start < 2
+    finally:
+        listener.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_zeromq_peer_with_a_security_no_zchat_broker_has_is_named(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    plain = ctx.socket(zmq.ROUTER)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.plain_server = True
+    port = plain.bind_to_random_port(f"tcp://{HOST}")
+    client = Client("alice", hosts=[f"{HOST}:{port}:{free_port()}"], connect_timeout=5)
+    try:
+        with pytest.raises(BrokerUnreachable) as err:
+            client.connect()
+        assert err.value.message == (
+            f"what answers at tcp://{HOST}:{port} is not a zchat broker (a ZeroMQ peer with PLAIN security)"
+        )
+    finally:
+        client.close(0)
+        plain.close()
