@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each setting also reads an environment variable, named in brackets; a flag wins over it.",
     )
     parser.add_argument(
-        "--host", default=envargs.default("ZCHAT_HOST", "0.0.0.0"), help="address to bind (ZCHAT_HOST; default 0.0.0.0)"
+        "--host",
+        default=envargs.default("ZCHAT_HOST", "0.0.0.0"),
+        help="address to bind, IPv4 or IPv6 (:: for every address of both) (ZCHAT_HOST; default 0.0.0.0)",
     )
     parser.add_argument(
         "--port",
