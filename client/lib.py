@@ -150,6 +150,8 @@ class RequestError(ZchatError):
 
 def _room(room: str) -> str:
     """``room`` without its ``#``, checked; a bad name is a :class:`RequestError` like any refusal."""
+    if not isinstance(room, str):
+        raise RequestError(ErrorCode.BAD_ROOM, f"a room is a name (a str), not {type(room).__name__}")
     try:
         return p.parse_room(room)
     except ProtocolError as exc:
@@ -648,9 +650,16 @@ class Client:
         is an answer: it is raised at once. ``BrokerUnreachable`` names every
         address tried and why it failed.
         """
+        if self.state == "closed":
+            raise ZchatError("closed", self._moved or "this client is closed")
         self._connecting = True
         try:
             self._connect()
+        except BrokerUnreachable:
+            # Fresh sockets: the hellos queued on these would reach a broker that comes up
+            # later and make a session no one sees, its name taken until it expires.
+            self._use_address(self._index)
+            raise
         finally:
             self._connecting = False
 
@@ -752,8 +761,9 @@ class Client:
 
         The wait is :meth:`settling`: it goes on while acks keep coming, and gives up
         after ``settle`` seconds without one (``settle=0``: close at once). Returns how
-        many messages were still unacknowledged, and so lost; a warning is logged for
-        them too. Events that arrive meanwhile stay queued (:meth:`drain_events`).
+        many messages were still unacknowledged: the broker may have stored some of them
+        (their acks had not arrived), so sending them again may post them twice; a
+        warning is logged for them too. Events that arrive meanwhile stay queued (:meth:`drain_events`).
         ``flush_timeout``: how long the bye may take to leave.
         """
         if self.state == "closed":
@@ -798,7 +808,11 @@ class Client:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         # Leaving the block waits for the messages sent in it, but not after a Ctrl-C,
         # nor for a broker that is not answering anyway.
-        quick = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, BrokerUnreachable))
+        quick = exc_type is not None and (
+            issubclass(exc_type, KeyboardInterrupt)
+            # (A broker that answers, and holds messages back for its rate limit, is waited for.)
+            or (issubclass(exc_type, BrokerUnreachable) and self.state != "connected")
+        )
         self.close(settle=0 if quick else SETTLE_S)
 
     @property
@@ -1004,6 +1018,9 @@ class Client:
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, waiting up to ``timeout`` seconds (None: forever)."""
+        if self.state == "new":
+            # (Nothing would ever come: events() before connect() waited for ever.)
+            raise ZchatError("not_connected", "connect() first")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._events:
             wait = None if deadline is None else deadline - time.monotonic()
@@ -1618,9 +1635,15 @@ class Client:
                     return event
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if self.state == "connected" and rid in self._queued:
+                    # The broker answers: it is the rate limit that holds the message back.
+                    ahead = list(self._queued).index(rid)
+                    why = f"it waits, with {ahead} message(s) ahead of it, for the broker's rate limit"
+                else:
+                    why = f"no ack from {self.endpoint} within the timeout"
                 raise BrokerUnreachable(
-                    f"no ack from {self.endpoint} within the timeout; the message is still queued and will be"
-                    f" resent until it is acknowledged (id {rid}): do not send it again",
+                    f"{why}; the message is still queued and will be sent until it is acknowledged"
+                    f" (id {rid}): do not send it again",
                     msg_id=rid,
                 )
             self.pump(remaining)

@@ -993,3 +993,72 @@ def test_a_zeromq_peer_with_a_security_no_zchat_broker_has_is_named(ctx: zmq.Con
     finally:
         client.close(0)
         plain.close()
+
+
+@pytest.mark.timeout(60)
+def test_connect_again_after_a_failure_gets_the_name_at_once(tmp_path: Path) -> None:
+    """The failed connect()'s hellos must not reach the broker once it is up: they made a session
+    no one saw, and every retry met name_taken until it expired (15 s)."""
+    port, pub = free_port(), free_port()
+    client = Client("alice", hosts=[f"{HOST}:{port}:{pub}"], connect_timeout=1)
+    broker: BrokerProcess | None = None
+    try:
+        with pytest.raises(BrokerUnreachable):
+            client.connect()
+        broker = BrokerProcess(tmp_path / "data", port=port, pub_port=pub).start()
+        time.sleep(1.5)  # what the failed attempt left queued would have been delivered by now
+        other = Client("bob", hosts=[address_of(broker)], connect_timeout=5)
+        try:
+            other.connect()
+            other.join("general")
+            assert "alice" not in other.who("general")
+        finally:
+            other.close(0)
+        client.connect()  # name_taken if a hello of the failed attempt had got in
+        assert client.state == "connected"
+    finally:
+        client.close(0)
+        if broker is not None:
+            broker.kill()
+
+
+@pytest.mark.timeout(30)
+def test_calls_on_a_client_that_is_not_open_say_so(broker: RunningBroker) -> None:
+    from client.lib import RequestError, ZchatError
+
+    client = Client("alice", hosts=[address_of(broker)], connect_timeout=5)
+    with pytest.raises(ZchatError) as err:
+        client.next_event(0.1)  # events() before connect() waited for ever
+    assert err.value.code == "not_connected"
+    with pytest.raises(ZchatError) as err:
+        next(iter(client.events()))
+    assert err.value.code == "not_connected"
+    client.connect()
+    with pytest.raises(RequestError) as bad:
+        client.send(None, "x")  # type: ignore[arg-type]
+    assert bad.value.code == "bad_room"
+    client.close(0)
+    with pytest.raises(ZchatError) as err:
+        client.connect()  # was "no answer ... within 5 s", at once
+    assert err.value.code == "closed"
+
+
+@pytest.mark.timeout(60)
+def test_a_with_block_left_on_a_rate_limit_wait_still_delivers_what_it_sent(tmp_path: Path) -> None:
+    """send_wait() behind the broker's rate limit times out with the reason, and leaving the
+    block waits for the queue (it used to close at once, dropping what the limit held back)."""
+    from broker.core import Limits
+
+    limited = RunningBroker(tmp_path / "data", limits=Limits(rate=20, burst=10, join_rate=0)).start()
+    try:
+        with pytest.raises(BrokerUnreachable) as err, Client("alice", hosts=[address_of(limited)]) as alice:
+            alice.join("general", backlog=0)
+            for i in range(30):
+                alice.send("general", f"m{i}")
+            alice.send_wait("general", "done", timeout=0.3)
+        assert "for the broker's rate limit" in err.value.message, err.value.message
+        with Client("bob", hosts=[address_of(limited)]) as bob:
+            events, _ = bob.history("general")
+            assert [e.text for e in events if e.type == "msg"] == [*(f"m{i}" for i in range(30)), "done"]
+    finally:
+        limited.stop()

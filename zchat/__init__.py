@@ -12,13 +12,38 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from client.lib import BrokerUnreachable, Client, Event, RequestError, ZchatError
+    from client.lib import (
+        BrokerAddress,
+        BrokerUnreachable,
+        Client,
+        CurveKeys,
+        Event,
+        RequestError,
+        ZchatError,
+        parse_hosts,
+    )
+    from zchat.protocol import ErrorCode
 
-__all__ = ["BrokerUnreachable", "Client", "Event", "RequestError", "ZchatError", "__version__"]
+__all__ = [
+    "BrokerAddress",
+    "BrokerUnreachable",
+    "Client",
+    "CurveKeys",
+    "ErrorCode",
+    "Event",
+    "RequestError",
+    "ZchatError",
+    "__version__",
+    "parse_hosts",
+]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that the broker (which imports zchat.protocol) never loads the client.
+    if name == "ErrorCode":
+        from zchat.protocol import ErrorCode  # noqa: PLC0415
+
+        return ErrorCode
     if name in __all__:
         from client import lib  # noqa: PLC0415
 
