@@ -8,7 +8,6 @@ import faulthandler
 import gc
 import logging
 import math
-import shutil
 import signal
 import sys
 import time
@@ -292,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", NO_REDIS)
         return 2
     store: Store | None = None
-    #: Made by this start: if the broker cannot start, nothing of it is left behind.
-    fresh = not data_dir.exists()
     if not config.backplane:
         try:
             max_age = None if args.retention_days is None else round(args.retention_days * DAY_MS)
@@ -305,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         broker = Broker(config, store)
     except zmq.ZMQError as exc:
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, exc.strerror)
-        _close(store, data_dir if fresh else None)
+        _close(store)
         return 1
     except KeysError as exc:
         log.error("%s", exc)
-        _close(store, data_dir if fresh else None)
+        _close(store)
         return 1
     except BackplaneErrors as exc:
         log.error("cannot reach the backplane %s: %s", config.backplane, exc)
@@ -372,14 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _close(store: Store | None, made: Path | None = None) -> None:
-    """Close the store; and remove ``made``, the data directory this start created, when it
-    did not get as far as serving (a busy port): an empty store must not be left as if a
-    broker had run there."""
+def _close(store: Store | None) -> None:
     if store is not None:
         store.close()
-    if made is not None and store is not None:
-        shutil.rmtree(made, ignore_errors=True)
 
 
 if __name__ == "__main__":
