@@ -135,10 +135,12 @@ class BrokerUnreachable(ZchatError):
     (an own ``msg`` or ``dm`` event with that id), so it must not be sent again.
     """
 
-    def __init__(self, message: str, msg_id: str | None = None, *, maybe_down: bool = True) -> None:
+    def __init__(self, message: str, msg_id: str | None = None, *, maybe_down: bool = True, held: bool = False) -> None:
         super().__init__("", message)
         self.code = "unreachable"
         self.msg_id = msg_id
+        #: The broker answers: the message waits behind its rate limit (or an ``unavailable``).
+        self.held = held
         #: False when no address failed for want of an answer: every one named a host
         #: that does not resolve, or something that is not a zchat broker answered.
         self.maybe_down = maybe_down
@@ -569,6 +571,8 @@ class Client:
         #: How long the DEALER's last words (a bye) may take to leave when its socket closes (ms).
         self._dealer_linger_ms = 0
         self._hold_until = 0.0
+        #: The refusal that set the last hold (rate_limited or unavailable).
+        self._hold_code: str | None = None
         self._rooms: dict[str, _Room] = {}
         self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
         if resume is not None and not (isinstance(resume, str) and len(resume) <= p.MAX_ID_CHARS):
@@ -655,10 +659,12 @@ class Client:
         self._connecting = True
         try:
             self._connect()
-        except BrokerUnreachable:
-            # Fresh sockets: the hellos queued on these would reach a broker that comes up
-            # later and make a session no one sees, its name taken until it expires.
-            self._use_address(self._index)
+        except BaseException:
+            if self.state == "new":
+                # Fresh sockets: the hellos queued on these would reach a broker that comes up
+                # (or authorizes our key) later and make a session no one sees, its name taken
+                # until it expires.
+                self._use_address(self._index)
             raise
         finally:
             self._connecting = False
@@ -811,7 +817,7 @@ class Client:
         quick = exc_type is not None and (
             issubclass(exc_type, KeyboardInterrupt)
             # (A broker that answers, and holds messages back for its rate limit, is waited for.)
-            or (issubclass(exc_type, BrokerUnreachable) and self.state != "connected")
+            or (issubclass(exc_type, BrokerUnreachable) and not (exc and getattr(exc[0], "held", False)))
         )
         self.close(settle=0 if quick else SETTLE_S)
 
@@ -1018,7 +1024,7 @@ class Client:
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, waiting up to ``timeout`` seconds (None: forever)."""
-        if self.state == "new":
+        if self.state == "new" and not self._events:
             # (Nothing would ever come: events() before connect() waited for ever.)
             raise ZchatError("not_connected", "connect() first")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1635,16 +1641,23 @@ class Client:
                     return event
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                if self.state == "connected" and rid in self._queued:
-                    # The broker answers: it is the rate limit that holds the message back.
+                held = self.state == "connected" and rid in self._queued and self._hold_code is not None
+                if held:
+                    # The broker answers, and held messages back: its rate limit, or an unavailable.
                     ahead = list(self._queued).index(rid)
-                    why = f"it waits, with {ahead} message(s) ahead of it, for the broker's rate limit"
+                    reason = (
+                        "the broker's rate limit"
+                        if self._hold_code == ErrorCode.RATE_LIMITED
+                        else "the broker, which answered unavailable"
+                    )
+                    why = f"it waits, with {ahead} message(s) ahead of it, for {reason}"
                 else:
                     why = f"no ack from {self.endpoint} within the timeout"
                 raise BrokerUnreachable(
                     f"{why}; the message is still queued and will be sent until it is acknowledged"
                     f" (id {rid}): do not send it again",
                     msg_id=rid,
+                    held=held,
                 )
             self.pump(remaining)
 
@@ -1761,6 +1774,7 @@ class Client:
                 # sends, then resend in order.
                 wait = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
+                self._hold_code = code
                 self._queue(rid)
                 return
             if code == ErrorCode.NO_SUCH_USER and rid in self._dm_early and time.monotonic() < self._dm_grace_until:
