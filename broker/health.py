@@ -59,16 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _endpoint(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
 def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes] | None = None) -> str | None:
     """Ping the broker at ``host:port``; ``None`` when it answered, else why not.
 
     ``curve`` is (our public key, our secret key, the broker's public key), z85.
     """
-    endpoint = _endpoint(host, port)
+    endpoint = p.tcp_endpoint(host, port)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)

@@ -175,9 +175,7 @@ class Config:
 
 
 def _endpoint(host: str, port: int) -> str:
-    # An IPv6 address goes in brackets (libzmq reads "::1:5555" as no address at all).
-    where = f"[{host}]" if ":" in host else host
-    return f"tcp://{where}:{'*' if port == 0 else port}"
+    return p.tcp_endpoint(host, "*" if port == 0 else port)  # (port 0: a free one)
 
 
 class Broker:

@@ -163,10 +163,6 @@ def _room(room: str) -> str:
 # ------------------------------------------------------------ broker addresses
 
 
-def endpoint(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
     """Where one broker listens: its host, request (ROUTER) port and room-event (PUB) port."""
@@ -183,11 +179,11 @@ class BrokerAddress:
 
     @property
     def endpoint(self) -> str:
-        return endpoint(self.host, self.port)
+        return p.tcp_endpoint(self.host, self.port)
 
     @property
     def pub_endpoint(self) -> str:
-        return endpoint(self.host, self.pub_port)
+        return p.tcp_endpoint(self.host, self.pub_port)
 
     def __str__(self) -> str:
         """``HOST:PORT:PUBPORT`` (IPv6 in brackets): the form :func:`parse_address` reads back."""

@@ -129,6 +129,11 @@ def parse_room(text: str) -> str:
     return room
 
 
+def tcp_endpoint(host: str, port: int | str) -> str:
+    """A ZeroMQ TCP endpoint; an IPv6 address goes in brackets (libzmq reads "::1:5555" as no address)."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
 def room_topic(room: str) -> bytes:
     """The PUB/SUB topic of a room: its name and one NUL, so a prefix match is exact."""
     return room.encode() + b"\x00"
