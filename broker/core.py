@@ -12,7 +12,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
@@ -216,6 +216,21 @@ def _ident(identity: bytes) -> str:
 LOG_LINES_PER_S = 20
 
 
+#: Refusals a working chat gives every day, logged at info: a DM to someone offline (or
+#: reconnecting: the client sends it again), a name in use, a session that expired while
+#: its client slept, a room left, a limit doing its job. Every other refusal means a
+#: client that breaks the protocol (a bug, or an attack): a warning.
+_ROUTINE_REFUSALS: Final = frozenset(
+    {
+        ErrorCode.NAME_TAKEN,
+        ErrorCode.NO_SUCH_USER,
+        ErrorCode.NOT_JOINED,
+        ErrorCode.NOT_REGISTERED,
+        ErrorCode.RATE_LIMITED,
+    }
+)
+
+
 class LogBudget:
     """At most :data:`LOG_LINES_PER_S` log lines a second of one kind (``what``)."""
 
@@ -352,7 +367,10 @@ class Core:
             return [Reply(identity, exc.to_envelope())]
         session = self.by_identity.get(identity)
         who = session.name if session else "-"
-        log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
+        if exc.code in _ROUTINE_REFUSALS:
+            log.info("refused a request from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
+        else:
+            log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
         return [Reply(identity, exc.to_envelope())]
 
     def expire(self, now: int) -> list[Action]:

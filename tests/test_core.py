@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -815,3 +816,22 @@ def test_after_a_rate_limited_refusal_the_session_is_refused_until_that_message_
     assert msg("m4", 3_400) == "rate_limited"  # no token left: m4 is the one held now
     assert msg("m5", 3_500) == "rate_limited"
     assert msg("m5", 3_400 + p.RATE_HOLD_MAX_MS) == "ack"
+
+
+def test_everyday_refusals_are_info_and_protocol_violations_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """An operator reads warnings as "look at this": a DM to someone offline is not one."""
+    core = make_core()
+    hello(core, A, "ann")
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    assert error_code(core.handle(A, enc(type="dm", to="nobody", text="hi", id="d1"), 1), A) == "no_such_user"
+    assert error_code(core.handle(B, enc(type="hello", v=1, name="ann"), 1), B) == "name_taken"
+    assert error_code(core.handle(C, enc(type="join", room="general"), 1), C) == "not_registered"
+    assert error_code(core.handle(A, b"\xc1", 1), A) == "bad_envelope"
+    lines = [r for r in caplog.records if r.getMessage().startswith(("refused", "rejected"))]
+    levels = [(r.levelname, r.getMessage().split(": ")[1]) for r in lines]
+    assert levels == [
+        ("INFO", "no_such_user"),
+        ("INFO", "name_taken"),
+        ("INFO", "not_registered"),
+        ("WARNING", "bad_envelope"),
+    ]
