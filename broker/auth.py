@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from broker.core import LogBudget
 from zchat import protocol as p
 
 log = logging.getLogger("zchat.broker")
@@ -95,11 +97,13 @@ class Authenticator(ThreadAuthenticator):
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], users: dict[bytes, str]) -> None:
         super().__init__(context, log=logging.getLogger("zchat.broker.zap"))
         self.users = users
+        self._refused_lines = LogBudget("refused CURVE keys")
         self.configure_curve_callback(ZAP_DOMAIN, self)
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self.users
-        if not allowed:
+        # Anyone can make a key and knock: at most LOG_LINES_PER_S lines a second of it.
+        if not allowed and self._refused_lines.allow(int(time.time())):
             log.warning("refused a CURVE key that is not authorized: %s", key.decode("ascii", "replace"))
         return allowed
 

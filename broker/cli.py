@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=envargs.default("ZCHAT_HISTORY_RATE", limits.history_bytes / 1048576),
         metavar="MIB",
-        help="MiB of history and rooms replies a second per session, with a burst of "
+        help="MiB of history and rooms replies, and of member lists (who, join), a second per session, with a burst of "
         f"{limits.history_burst // 1048576} MiB; 0 turns it off (ZCHAT_HISTORY_RATE; "
         f"default {limits.history_bytes / 1048576:g})",
     )

@@ -324,7 +324,9 @@ class ClusterCore(Core):
             token, sender = presented, claim.sender
             if claim.previous and claim.previous != self.bp.id:
                 self.bp.send_to_broker(claim.previous, "takeover", name)
-            log.info("session resumed from broker %s: %s (%s)", claim.previous or "?", name, identity.hex())
+            self._log_session(
+                now, "session resumed from broker %s: %s (%s)", claim.previous or "?", name, identity.hex()
+            )
         limits = self.limits
         session = Session(
             identity,
@@ -342,7 +344,7 @@ class ClusterCore(Core):
         self.by_identity[identity] = session
         self.by_name[name] = session
         if not resumed:
-            log.info("session start: %s (%s) sender=%s", name, identity.hex(), sender)
+            self._log_session(now, "session start: %s (%s) sender=%s", name, identity.hex(), sender)
         actions = self._welcome(session, resumed, rid)
         if resumed and claim.previous and claim.previous != self.bp.id:
             actions.extend(self._rescue_dms(session, claim.previous))
@@ -373,6 +375,7 @@ class ClusterCore(Core):
 
     def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
+        self._check_bulk(session, now)  # (as Core._join)
         self._up()
         if room not in session.rooms:
             if len(session.rooms) >= self.limits.max_rooms:
@@ -390,6 +393,7 @@ class ClusterCore(Core):
             seq, members = self.bp.room_seq(room), self.bp.members(room)
         if seq > self.seqs.get(room, 0):
             self.seqs[room] = seq
+        members = self._charged(session, room, members, now)
         return [self._reply(session, {"type": "joined", "room": room, "members": members, "seq": seq}, env)]
 
     def _leave(self, session: Session, env: Envelope, now: int) -> list[Action]:
@@ -455,8 +459,10 @@ class ClusterCore(Core):
 
     def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
+        self._check_bulk(session, now)
         self._up()
-        return [self._reply(session, {"type": "who", "room": room, "members": self.bp.members(room)}, env)]
+        members = self._charged(session, room, self.bp.members(room), now)
+        return [self._reply(session, {"type": "who", "room": room, "members": members}, env)]
 
     def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
         self._up()

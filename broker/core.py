@@ -274,6 +274,7 @@ class Core:
         #: With CURVE on, every request carries the name its key belongs to.
         self.authenticated = authenticated
         self._log_budget = LogBudget("rejected inputs")
+        self._session_lines = LogBudget("session lines")
         #: The latest time we were given (ms), for log throttling: no clock of our own.
         self._clock = 0
         self._new_sender = new_sender
@@ -373,13 +374,19 @@ class Core:
             log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
         return [Reply(identity, exc.to_envelope())]
 
+    def _log_session(self, now: int, line: str, *args: object) -> None:
+        """A session's start, resume or end: at most LOG_LINES_PER_S lines a second, or a
+        client that says hello and bye in a loop (no limit charges either) fills the disk."""
+        if self._session_lines.allow(now // 1000):
+            log.info(line, *args)
+
     def expire(self, now: int) -> list[Action]:
         """End the sessions that have been silent for 3 x heartbeat."""
         deadline = now - self.expiry_ms
         stale = [s for s in self.by_identity.values() if s.last_seen < deadline]
         actions: list[Action] = []
         for session in stale:
-            log.info("session expired: %s (%s)", session.name, _ident(session.identity))
+            self._log_session(now, "session expired: %s (%s)", session.name, _ident(session.identity))
             actions.extend(self._end(session, now))
         return actions
 
@@ -460,7 +467,7 @@ class Core:
             # The same client on a new connection (a blip, a reconnect) takes its
             # session over. Nobody left or joined, so nothing is published; the
             # old connection is nobody from now on.
-            log.info("session resumed: %s (%s -> %s)", name, _ident(holder.identity), _ident(identity))
+            self._log_session(now, "session resumed: %s (%s -> %s)", name, _ident(holder.identity), _ident(identity))
             old = holder.identity
             del self.by_identity[old]
             holder.identity = identity
@@ -486,11 +493,14 @@ class Core:
         )
         self.by_identity[identity] = session
         self.by_name[name] = session
-        log.info("session start: %s (%s) sender=%s", name, _ident(identity), session.sender)
+        self._log_session(now, "session start: %s (%s) sender=%s", name, _ident(identity), session.sender)
         return self._welcome(session, False, rid)
 
     def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
+        # Every join's reply is a member list: charged like history. Joining a room again
+        # costs no join token (a client that lost the reply asks again), but this it does.
+        self._check_bulk(session, now)
         actions: list[Action] = []
         if room not in session.rooms:
             if len(session.rooms) >= self.limits.max_rooms:
@@ -501,7 +511,7 @@ class Core:
             session.rooms.add(room)
             self.members.setdefault(room, {})[session.name] = session
             actions.append(self._presence(room, session.name, "join", now))
-        members = sorted(self.members[room])
+        members = self._charged(session, room, sorted(self.members[room]), now)
         actions.append(
             self._reply(session, {"type": "joined", "room": room, "members": members, "seq": self.seqs[room]}, env)
         )
@@ -623,13 +633,22 @@ class Core:
 
     def history_refused(self, identity: bytes, now: int) -> Envelope | None:
         """Asked by the loop just before it answers a history query (queries of one
-        pass are answered in turn, so each sees the charges of the ones before)."""
+        pass are answered in turn, so each sees the charges of the ones before).
+
+        A session that ended since it asked (a ``bye`` in the same pass, an expiry, a
+        resume on another connection) gets no history: its budget went with it, and a
+        connection that asks and says bye, again and again, would have the broker
+        queue replies that nothing charges.
+        """
         session = self.by_identity.get(identity)
-        return None if session is None else self._bulk_refused(session, now)
+        if session is None:
+            return p.error(ErrorCode.NOT_REGISTERED, "the session ended before its history was sent")
+        return self._bulk_refused(session, now)
 
     def _bulk_refused(self, session: Session, now: int) -> Envelope | None:
-        """The refusal of a ``history`` or ``rooms`` request when the session's budget
-        of such replies (``history_bytes``) is spent, else None."""
+        """The refusal of a request whose reply may be large (``history``, ``rooms``,
+        ``who``, ``join``) when the session's budget of such replies (``history_bytes``)
+        is spent, else None."""
         limits = self.limits
         if session.history is None or limits.history_bytes <= 0:
             return None
@@ -638,7 +657,8 @@ class Core:
             return None
         return p.error(
             ErrorCode.RATE_LIMITED,
-            f"slow down: history and rooms replies are limited to {limits.history_bytes / 1048576:g} MiB a second",
+            f"slow down: history, rooms, who and join replies are limited to {limits.history_bytes / 1048576:g} MiB "
+            "a second",
         )
 
     def charge_history(self, identity: bytes, size: int, now: int) -> None:
@@ -668,9 +688,23 @@ class Core:
         return [HistoryQuery(session.identity, room, env["after"], env["limit"], env.get("id"), self.seqs.get(room, 0))]
 
     def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        self._check_bulk(session, now)
         room: str = env["room"]
-        members = sorted(self.members.get(room, ()))
+        members = self._charged(session, room, sorted(self.members.get(room, ())), now)
         return [self._reply(session, {"type": "who", "room": room, "members": members}, env)]
+
+    def _check_bulk(self, session: Session, now: int) -> None:
+        """``rate_limited`` when the session's budget of large replies is spent."""
+        refused = self._bulk_refused(session, now)
+        if refused is not None:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, refused["message"])
+
+    def _charged(self, session: Session, room: str, members: list[str], now: int) -> list[str]:
+        """``members``, the member list of a reply to ``session``, charged to its budget of
+        large replies: with 10,000 members a list is some 300 KB, and a session that asks
+        and never reads would otherwise make the broker queue them without end."""
+        self._charge_bulk(session, sum(len(name) + 1 for name in members), now)
+        return members
 
     def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
         # Up to 1000 rooms, some 50 KB: charged like history, or a session that asks
@@ -701,5 +735,5 @@ class Core:
         return [self._reply(session, {"type": "pong", "seqs": seqs}, env)]
 
     def _bye(self, session: Session, env: Envelope, now: int) -> list[Action]:
-        log.info("session end: %s (%s) said bye", session.name, _ident(session.identity))
+        self._log_session(now, "session end: %s (%s) said bye", session.name, _ident(session.identity))
         return self._end(session, now)

@@ -250,3 +250,18 @@ def test_keys_against_a_broker_without_them_say_so(broker: RunningBroker, keys: 
         )
     finally:
         c.close(0)
+
+
+def test_refused_keys_are_logged_at_most_20_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone can make a key and knock: a loop of refused handshakes must not fill the disk."""
+    from broker.auth import Authenticator
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        auth = Authenticator(ctx, {})
+        for _ in range(50):
+            assert auth.callback("zchat", b"x" * 40) is False
+        refused = [r for r in caplog.records if "not authorized" in r.getMessage()]
+        assert 20 <= len(refused) <= 40  # 20 a second: the loop may straddle one boundary
+    finally:
+        ctx.term()

@@ -835,3 +835,30 @@ def test_everyday_refusals_are_info_and_protocol_violations_warnings(caplog: pyt
         ("INFO", "not_registered"),
         ("WARNING", "bad_envelope"),
     ]
+
+
+def test_history_of_a_session_that_ended_before_its_answer_is_refused() -> None:
+    """History is answered after the pass's commit: a session that said bye in the same
+    pass has no budget left to charge, and gets no history (else asking and saying bye,
+    again and again, would have the broker queue replies without end)."""
+    core = make_core()
+    hello(core, A, "ann")
+    (query,) = core.handle(A, enc(type="history", room="general", id="h1"), 1)
+    assert isinstance(query, HistoryQuery)
+    assert core.history_refused(A, 1) is None
+    core.handle(A, enc(type="bye"), 1)
+    refused = core.history_refused(A, 1)
+    assert refused is not None and refused["code"] == "not_registered"
+
+
+def test_session_lines_are_bounded_per_second(caplog: pytest.LogCaptureFixture) -> None:
+    """hello and bye cost no rate-limit token: in a loop they must not log a line each."""
+    core = make_core()
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    for i in range(30):
+        hello(core, A, "ann", now=1000 + i)
+        core.handle(A, enc(type="bye"), 1000 + i)
+    hello(core, B, "bob", now=2000)  # the next second: the count of what was left out
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if line.startswith("session")]) == 21  # 20, then bob's
+    assert "... and 40 more session lines not logged" in lines

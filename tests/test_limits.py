@@ -305,3 +305,30 @@ def test_rooms_a_session_never_reads_is_bounded(
     assert kinds == ["rooms"] * 2 + ["rate_limited"] * 18
     assert len(replies[0]["rooms"]) == 300 and not replies[0]["truncated"]
     bystander_ok(b)
+
+
+def test_member_lists_a_session_never_reads_are_bounded(
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """``who`` and ``joined`` replies carry the room's member list (some 300 KB with 10,000
+    members): asked for over and over and never read (joining a room again costs no join
+    token), they are charged to the same budget as history, then refused."""
+    b = limited(rate=0, join_rate=0, history_bytes=1024, history_burst=8 * 1024)
+    for i in range(100):  # names of 32 characters: a list of some 3.3 KB
+        registered(ctx, b, f"member{i:03d}-" + "x" * 22, "big")
+    asker = registered(ctx, b, "asker")
+    for i in range(10):
+        asker.send({"type": "who", "room": "big", "id": f"w{i}"})
+    replies = [asker.recv() for _ in range(10)]
+    kinds = [r["type"] if r["type"] != "error" else r["code"] for r in replies]
+    # 8 KiB of burst: three lists (the third takes it below zero), then refusals.
+    assert kinds == ["who"] * 3 + ["rate_limited"] * 7
+    assert len(replies[0]["members"]) == 100
+    joiner = registered(ctx, b, "joiner")
+    for i in range(10):
+        joiner.send({"type": "join", "room": "big", "id": f"j{i}"})
+    replies = [joiner.recv() for _ in range(10)]
+    kinds = [r["type"] if r["type"] != "error" else r["code"] for r in replies]
+    assert kinds == ["joined"] * 3 + ["rate_limited"] * 7
+    assert len(replies[0]["members"]) == 101
+    bystander_ok(b)
