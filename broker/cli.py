@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"live sessions at most (ZCHAT_MAX_SESSIONS; default {limits.max_sessions})",
     )
     parser.add_argument(
+        "--max-sessions-per-host",
+        type=int,
+        metavar="N",
+        default=envargs.default("ZCHAT_MAX_SESSIONS_PER_HOST", limits.max_sessions_per_host),
+        help="live sessions at most whose hello came from one network address (a session outlives its "
+        "connection for 3 heartbeats: without it, one host that says hello on short connections fills the "
+        f"broker); 0 turns it off (ZCHAT_MAX_SESSIONS_PER_HOST; default {limits.max_sessions_per_host})",
+    )
+    parser.add_argument(
         "--max-rooms",
         type=int,
         default=envargs.default("ZCHAT_MAX_ROOMS", limits.max_rooms),
@@ -217,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--max-text", args.max_text, 1, p.MAX_TEXT_CHARS),
         ("--rate-burst", args.rate_burst, 1, None),
         ("--max-sessions", args.max_sessions, 1, None),
+        ("--max-sessions-per-host", args.max_sessions_per_host, 0, None),
         ("--max-rooms", args.max_rooms, 1, None),
         ("--max-msg-bytes", args.max_msg_bytes, p.MAX_FRAME_BYTES, None),
         ("--retention", 1 if args.retention is None else args.retention, 1, None),
@@ -279,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             join_rate=args.join_rate,
             history_bytes=args.history_rate * 1048576,
             max_sessions=args.max_sessions,
+            max_sessions_per_host=args.max_sessions_per_host,
             max_rooms=args.max_rooms,
             max_text=args.max_text,
         ),

@@ -23,7 +23,7 @@ from typing import Any
 
 from broker import backplane as bpmod
 from broker.backplane import Backplane, PendingMsg
-from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, Reply, Session
+from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, PeerInfo, Reply, Session
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
 
@@ -59,9 +59,11 @@ class ClusterCore(Core):
 
     # ------------------------------------------------------------ plumbing
 
-    def handle(self, identity: bytes, frame: bytes, now: int, user: str | None = None) -> list[Action]:
+    def handle(
+        self, identity: bytes, frame: bytes, now: int, user: str | None = None, meta: PeerInfo | None = None
+    ) -> list[Action]:
         try:
-            return super().handle(identity, frame, now, user)
+            return super().handle(identity, frame, now, user, meta)
         except _Failures as exc:
             if not isinstance(exc, BackplaneDown):
                 self._failed(exc, now)
@@ -265,8 +267,7 @@ class ClusterCore(Core):
 
     def _drop_local(self, session: Session) -> None:
         """Forget a session here without a word to anyone (it lives on elsewhere)."""
-        self.by_identity.pop(session.identity, None)
-        self.by_name.pop(session.name, None)
+        self._detach(session)
         for room in session.rooms:
             self._drop_member(room, session.name)
 
@@ -309,10 +310,9 @@ class ClusterCore(Core):
                 actions.extend(self._rescue_dms(back, moved_from))
             return actions
         rid = env.get("id")
-        if len(self.by_name) >= self.limits.max_sessions:
-            return self.reject(
-                identity, ProtocolError(ErrorCode.LIMIT_REACHED, "the broker is full; try again later", rid)
-            )
+        refused = self._full(rid)
+        if refused is not None:
+            return self.reject(identity, refused)
         self._up()
         token, sender = self._new_token(), self._new_sender()
         presented = env.get("resume")
@@ -336,13 +336,13 @@ class ClusterCore(Core):
             now,
             sends=_bucket(limits.burst, now),
             joins=_bucket(limits.join_burst, now),
+            host=self._hello_host,
         )
         if resumed:
             session.rooms = set(claim.rooms)
             for room in session.rooms:
                 self.members.setdefault(room, {})[name] = session
-        self.by_identity[identity] = session
-        self.by_name[name] = session
+        self._attach(session)
         if not resumed:
             self._log_session(now, "session start: %s (%s) sender=%s", name, identity.hex(), sender)
         actions = self._welcome(session, resumed, rid)

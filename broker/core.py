@@ -12,7 +12,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
@@ -160,6 +160,10 @@ class Limits:
     join_rate: float = 2.0
     join_burst: int = 20
     max_sessions: int = 10_000
+    #: Live sessions whose hello came from one network address (0: no limit). A session
+    #: outlives its connection for 3 heartbeats, so without it one host that says hello
+    #: on short connections, ~700 a second, keeps the broker full and everyone else out.
+    max_sessions_per_host: int = 100
     max_rooms: int = 100
     #: Longest text accepted (at most the protocol's MAX_TEXT_CHARS).
     max_text: int = p.MAX_TEXT_CHARS
@@ -205,6 +209,25 @@ class Session:
     #: DMs are refused until it is accepted, or until ``held_until`` (ms). See _throttle_send.
     held_id: str | None = None
     held_until: int = 0
+    #: The network address its hello came from (None: not known, as over ipc).
+    host: str | None = None
+
+
+class PeerInfo(Protocol):
+    """What the socket loop knows of a message's connection (a ``zmq.Frame``)."""
+
+    def get(self, option: str, /) -> object: ...
+
+
+def _peer_host(meta: PeerInfo | None) -> str | None:
+    """The network address a message came from, or None (not TCP, or not known)."""
+    if meta is None:
+        return None
+    try:
+        host = meta.get("Peer-Address")
+    except Exception:  # (zmq.ZMQError, not importable here) no such property: ipc, inproc
+        return None
+    return host if isinstance(host, str) and host else None
 
 
 def _ident(identity: bytes) -> str:
@@ -274,6 +297,9 @@ class Core:
         #: With CURVE on, every request carries the name its key belongs to.
         self.authenticated = authenticated
         self._log_budget = LogBudget("rejected inputs")
+        #: Live sessions per network address, and the address of the hello being handled.
+        self._hosts: dict[str, int] = {}
+        self._hello_host: str | None = None
         self._session_lines = LogBudget("session lines")
         #: The latest time we were given (ms), for log throttling: no clock of our own.
         self._clock = 0
@@ -312,12 +338,15 @@ class Core:
 
     # ------------------------------------------------------------------ input
 
-    def handle(self, identity: bytes, frame: bytes, now: int, user: str | None = None) -> list[Action]:
+    def handle(
+        self, identity: bytes, frame: bytes, now: int, user: str | None = None, meta: PeerInfo | None = None
+    ) -> list[Action]:
         """One envelope frame from ``identity`` at time ``now`` (ms).
 
         ``user`` is the name the connection's CURVE key belongs to (ZeroMQ's
         ``User-Id``); when the broker runs with keys it is the only name that
-        connection may use.
+        connection may use. ``meta`` tells the connection's address, asked for
+        only by a ``hello`` (``max_sessions_per_host``).
         """
         self._clock = now
         try:
@@ -341,6 +370,7 @@ class Core:
                         env.get("id"),
                     ),
                 )
+            self._hello_host = _peer_host(meta)
             return self._hello(identity, session, env, now)
         if session is None and kind == "ping":
             # A liveness probe (the container healthcheck, every 10 s): answered
@@ -413,9 +443,42 @@ class Core:
     def _presence(self, room: str, name: str, event: str, now: int) -> Publish:
         return Publish(room, p.presence_event(room, self._next_seq(room), now, name, event))
 
-    def _end(self, session: Session, now: int) -> list[Action]:
-        del self.by_identity[session.identity]
+    def _full(self, rid: str | None) -> ProtocolError | None:
+        """Why a new session cannot start now (the hello being handled), or None."""
+        if len(self.by_name) >= self.limits.max_sessions:
+            return ProtocolError(ErrorCode.LIMIT_REACHED, "the broker is full; try again later", rid)
+        host, most = self._hello_host, self.limits.max_sessions_per_host
+        if host is not None and 0 < most <= self._hosts.get(host, 0):
+            return ProtocolError(
+                ErrorCode.LIMIT_REACHED,
+                f"{host} has {most} sessions here already, the most one address may have; try again later",
+                rid,
+            )
+        return None
+
+    def _attach(self, session: Session) -> None:
+        """Make ``session`` live: found by its connection and its name, counted for its host."""
+        self.by_identity[session.identity] = session
+        self.by_name[session.name] = session
+        if session.host is not None:
+            self._hosts[session.host] = self._hosts.get(session.host, 0) + 1
+
+    def _detach(self, session: Session) -> None:
+        """Undo :meth:`_attach` (nothing if ``session`` is not the live one of its name)."""
+        if self.by_name.get(session.name) is not session:
+            return
         del self.by_name[session.name]
+        self.by_identity.pop(session.identity, None)
+        host = session.host
+        if host is not None:
+            left = self._hosts[host] - 1
+            if left:
+                self._hosts[host] = left
+            else:
+                del self._hosts[host]
+
+    def _end(self, session: Session, now: int) -> list[Action]:
+        self._detach(session)
         actions: list[Action] = []
         for room in sorted(session.rooms):
             self._drop_member(room, session.name)
@@ -469,18 +532,17 @@ class Core:
             # old connection is nobody from now on.
             self._log_session(now, "session resumed: %s (%s -> %s)", name, _ident(holder.identity), _ident(identity))
             old = holder.identity
-            del self.by_identity[old]
-            holder.identity = identity
+            self._detach(holder)
+            holder.identity, holder.host = identity, self._hello_host
             holder.last_seen = now
-            self.by_identity[identity] = holder
+            self._attach(holder)
             # The old connection hears why it is nobody now. After a blip it is gone and
             # this is dropped; alive, it is a second client with this token, which stops.
             moved = p.error(ErrorCode.SESSION_MOVED, f"{name!r} was resumed on another connection with its token")
             return [Reply(old, moved), *self._welcome(holder, True, rid)]
-        if len(self.by_name) >= self.limits.max_sessions:
-            return self.reject(
-                identity, ProtocolError(ErrorCode.LIMIT_REACHED, "the broker is full; try again later", rid)
-            )
+        refused = self._full(rid)
+        if refused is not None:
+            return self.reject(identity, refused)
         limits = self.limits
         session = Session(
             identity,
@@ -490,9 +552,9 @@ class Core:
             now,
             sends=Bucket(float(limits.burst), now),
             joins=Bucket(float(limits.join_burst), now),
+            host=self._hello_host,
         )
-        self.by_identity[identity] = session
-        self.by_name[name] = session
+        self._attach(session)
         self._log_session(now, "session start: %s (%s) sender=%s", name, _ident(identity), session.sender)
         return self._welcome(session, False, rid)
 

@@ -423,7 +423,7 @@ class Broker:
                 )
                 continue
             try:
-                actions.extend(handle(identity, frame, now, user))
+                actions.extend(handle(identity, frame, now, user, part))
             except Exception:
                 # A bug of ours must cost one request, not the broker: log it whole.
                 log.exception("internal error handling a request from %s", identity.hex())

@@ -155,12 +155,19 @@ def make_client(broker: RunningBroker, connect_to: Callable[..., Client]) -> Cal
 class Raw:
     """A bare DEALER (and optionally SUB) speaking the wire protocol by hand."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], port: int, routing_id: bytes | None = None) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        port: int,
+        routing_id: bytes | None = None,
+        source: str | None = None,
+    ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if routing_id is not None:  # one of its own choosing, as any peer may
             self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
-        self.sock.connect(f"tcp://{HOST}:{port}")
+        # From another loopback address (127.0.0.2: another host, as the broker sees it).
+        self.sock.connect(f"tcp://{source}:0;{HOST}:{port}" if source else f"tcp://{HOST}:{port}")
         #: Replies that came in the same ``batch`` as one already returned.
         self.queued: list[dict[str, Any]] = []
 

@@ -862,3 +862,36 @@ def test_session_lines_are_bounded_per_second(caplog: pytest.LogCaptureFixture) 
     lines = [r.getMessage() for r in caplog.records]
     assert len([line for line in lines if line.startswith("session")]) == 21  # 20, then bob's
     assert "... and 40 more session lines not logged" in lines
+
+
+class _From:
+    """A message's connection, as the socket loop hands it over (a zmq.Frame's ``get``)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def get(self, option: str, /) -> object:
+        assert option == "Peer-Address"
+        return self.host
+
+
+def test_sessions_per_host_follow_a_resume_and_an_expiry() -> None:
+    core = Core(epoch="e", heartbeat_ms=HB, limits=Limits(max_sessions_per_host=1))
+
+    def hello_from(identity: bytes, name: str, host: str, now: int = 0, **extra: Any) -> dict[str, Any]:
+        return only_reply(
+            core.handle(identity, enc(type="hello", v=1, name=name, **extra), now, None, _From(host)), identity
+        )
+
+    token = hello_from(A, "ann", "10.0.0.1")["resume"]
+    refused = hello_from(B, "bob", "10.0.0.1")
+    assert refused["code"] == "limit_reached" and "10.0.0.1 has 1 sessions" in refused["message"]
+    # ann moves to another address with her token: the first has room again, the second not.
+    moved = core.handle(C, enc(type="hello", v=1, name="ann", resume=token), 0, None, _From("10.0.0.2"))
+    assert [r.env["type"] for r in replies(moved)] == ["error", "welcome"] and moved[1].env["resumed"] is True
+    assert hello_from(B, "bob", "10.0.0.1")["type"] == "welcome"
+    assert hello_from(b"id-d", "cat", "10.0.0.2")["code"] == "limit_reached"
+    # Expired sessions free their slots.
+    core.expire(10 * HB)
+    assert hello_from(b"id-d", "cat", "10.0.0.2", now=10 * HB)["type"] == "welcome"
+    assert hello_from(b"id-e", "dan", "10.0.0.1", now=10 * HB)["type"] == "welcome"

@@ -313,7 +313,7 @@ def test_member_lists_a_session_never_reads_are_bounded(
     """``who`` and ``joined`` replies carry the room's member list (some 300 KB with 10,000
     members): asked for over and over and never read (joining a room again costs no join
     token), they are charged to the same budget as history, then refused."""
-    b = limited(rate=0, join_rate=0, history_bytes=1024, history_burst=8 * 1024)
+    b = limited(rate=0, join_rate=0, history_bytes=1024, history_burst=8 * 1024, max_sessions_per_host=0)
     for i in range(100):  # names of 32 characters: a list of some 3.3 KB
         registered(ctx, b, f"member{i:03d}-" + "x" * 22, "big")
     asker = registered(ctx, b, "asker")
@@ -332,3 +332,30 @@ def test_member_lists_a_session_never_reads_are_bounded(
     assert kinds == ["joined"] * 3 + ["rate_limited"] * 7
     assert len(replies[0]["members"]) == 101
     bystander_ok(b)
+
+
+def test_one_host_cannot_fill_the_broker_with_sessions(
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A session outlives its connection for 3 heartbeats: hellos on short connections
+    from one address would keep every slot taken. Past --max-sessions-per-host, that
+    address is refused (limit_reached); others get in, and a slot frees when a session ends."""
+    b = limited(rate=0, join_rate=0, max_sessions=10, max_sessions_per_host=3)
+    for i in range(3):  # say hello and drop the connection at once
+        squatter = Raw(ctx, b.port)
+        assert squatter.request(p.hello(f"squat{i}"))["type"] == "welcome"
+        squatter.sock.close(0)
+    fourth = Raw(ctx, b.port)
+    refused = fourth.request(p.hello("squat3"))
+    assert refused["type"] == "error" and refused["code"] == "limit_reached"
+    assert "127.0.0.1 has 3 sessions here already" in refused["message"]
+    # Another address is not held back by the first; and when one of its sessions ends,
+    # it has a slot again.
+    others = [Raw(ctx, b.port, source="127.0.0.2") for _ in range(4)]
+    for i, other in enumerate(others[:3]):
+        assert other.request(p.hello(f"other{i}"))["type"] == "welcome"
+    assert others[3].request(p.hello("other3"))["code"] == "limit_reached"
+    others[0].send({"type": "bye"})  # no reply; the next request shows it was handled
+    assert others[0].request({"type": "ping", "id": "p1"})["code"] == "not_registered"
+    assert others[3].request(p.hello("other3"))["type"] == "welcome"
+    assert fourth.request(p.hello("squat3"))["code"] == "limit_reached"

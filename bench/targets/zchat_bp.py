@@ -28,7 +28,10 @@ APPENDFSYNC = "everysec"
 
 class ZchatBackplane(Zchat):
     #: Per-session limits off, as for the embedded zchat (there: the same settings by environment).
-    LIMITS: ClassVar[list[str]] = ["--rate-limit", "0", "--join-rate", "0", "--max-sessions", "100000"]
+    LIMITS: ClassVar[list[str]] = [
+        *("--rate-limit", "0", "--join-rate", "0"),
+        *("--max-sessions", "100000", "--max-sessions-per-host", "0"),
+    ]
 
     def __init__(self, brokers: int) -> None:
         super().__init__("full")

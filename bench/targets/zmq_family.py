@@ -374,7 +374,12 @@ class Zchat(Target):
         ]
 
     #: Per-session limits off, as for a trusted bot; the harness counts rate_limited errors if any remain.
-    ENV: ClassVar[dict[str, str]] = {"ZCHAT_RATE_LIMIT": "0", "ZCHAT_JOIN_RATE": "0", "ZCHAT_MAX_SESSIONS": "100000"}
+    ENV: ClassVar[dict[str, str]] = {
+        "ZCHAT_RATE_LIMIT": "0",
+        "ZCHAT_JOIN_RATE": "0",
+        "ZCHAT_MAX_SESSIONS": "100000",
+        "ZCHAT_MAX_SESSIONS_PER_HOST": "0",
+    }
 
     def start(self, workdir: Path, cpus: set[int] | None) -> Server:
         argv = self.command(workdir / "data")
