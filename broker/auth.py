@@ -70,15 +70,30 @@ def load_users(directory: Path) -> dict[bytes, str]:
     if not directory.is_dir():
         raise KeysError(f"no authorized-users directory {directory} (put users' NAME.key files there)")
     users: dict[bytes, str] = {}
+    #: Keys found under two names, and those names: the key says who is speaking, so
+    #: it cannot be both. Either could be the mistake: neither is accepted.
+    shared: dict[bytes, list[str]] = {}
     for path in sorted(directory.glob("*.key")):
         name = path.stem
         if not p.is_name(name):
             log.warning("skipping %s: %r is not a valid user name", path, name)
             continue
         try:
-            users[load_public(path)] = name
+            key = load_public(path)
         except KeysError as exc:
             log.warning("skipping %s", exc)
+            continue
+        if key in users or key in shared:
+            shared.setdefault(key, [users.pop(key)] if key in users else []).append(name)
+            continue
+        users[key] = name
+    for names in shared.values():
+        log.error(
+            "one key is authorized as %s in %s: a key names one user, so none of them is accepted "
+            "until only one of those files is left",
+            " and ".join(repr(n) for n in names),
+            directory,
+        )
     return users
 
 

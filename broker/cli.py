@@ -20,7 +20,15 @@ from broker.auth import KeysError
 from broker.backplane import DEFAULT_RETENTION, HAVE_REDIS, NO_REDIS
 from broker.backplane import Errors as BackplaneErrors
 from broker.core import Limits
-from broker.server import FD_MARGIN, PUB_SNDHWM, SOCKET_MAX_MSG_BYTES, Broker, Config, fit_open_files_limit
+from broker.server import (
+    FD_MARGIN,
+    PUB_SNDHWM,
+    SOCKET_MAX_MSG_BYTES,
+    Broker,
+    Config,
+    ListenLost,
+    fit_open_files_limit,
+)
 from broker.store import DAY_MS, Store, StoreError, default_data_dir
 from zchat import __version__, envargs
 from zchat import protocol as p
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, exc.strerror)
         _close(store)
         return 1
-    except KeysError as exc:
+    except (KeysError, StoreError) as exc:
         log.error("%s", exc)
         _close(store)
         return 1
@@ -369,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         broker.run()
     except StoreError as exc:
         log.critical("%s; stopping so that nothing unstored is acknowledged", exc)
+        return 1
+    except ListenLost as exc:
+        log.critical("%s; stopping", exc)
         return 1
     finally:
         _close(store)

@@ -7,6 +7,7 @@ events it publishes, and only then performs the actions in order.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import secrets
 from collections import deque
@@ -262,15 +263,20 @@ class LogBudget:
         self.second = 0
         self.used = 0
         self.dropped = 0
+        self.dropped_level = logging.DEBUG
 
-    def allow(self, second: int) -> bool:
+    def allow(self, second: int, level: int = logging.WARNING) -> bool:
+        """Whether a line of ``level`` may be logged in ``second``. The count of those
+        left out is logged at the highest level among them: a summary of info lines is
+        no warning (and is not shown where they would not have been)."""
         if second != self.second:
             if self.dropped:
-                log.warning("... and %d more %s not logged", self.dropped, self.what)
-            self.second, self.used, self.dropped = second, 0, 0
+                log.log(self.dropped_level, "... and %d more %s not logged", self.dropped, self.what)
+            self.second, self.used, self.dropped, self.dropped_level = second, 0, 0, logging.DEBUG
         self.used += 1
         if self.used > LOG_LINES_PER_S:
             self.dropped += 1
+            self.dropped_level = max(self.dropped_level, level)
             return False
         return True
 
@@ -296,7 +302,7 @@ class Core:
         self.limits = limits or Limits()
         #: With CURVE on, every request carries the name its key belongs to.
         self.authenticated = authenticated
-        self._log_budget = LogBudget("rejected inputs")
+        self._log_budget = LogBudget("refused requests")
         #: Live sessions per network address, and the address of the hello being handled.
         self._hosts: dict[str, int] = {}
         self._hello_host: str | None = None
@@ -311,11 +317,11 @@ class Core:
         self.by_name: dict[str, Session] = {}
         #: room -> name -> session, for membership checks, who and presence.
         self.members: dict[str, dict[str, Session]] = {}
-        #: Every room's name, sorted, and the (len(seqs), len(members)) it was sorted at:
-        #: a ``rooms`` flood must not sort them all again for every request. Rooms are
-        #: never deleted, and a member's room has a seq from its join on, so a new room
-        #: always changes one of the two counts.
-        self._room_names: tuple[tuple[int, int], list[str]] = ((0, 0), [])
+        #: Every room's name, sorted: a ``rooms`` request lists the first ones. Rooms are
+        #: never deleted, and a member's room has a seq from its join on: a room is added
+        #: here when it gets its first seq, in its place (a flood of ``rooms`` requests,
+        #: or of joins and leaves, must not sort 20,000 names again at every request).
+        self._room_index: list[str] = sorted(self.seqs)
         #: (name, id) -> the ack first given for that message.
         self._acked = AckWindow(DEDUP_WINDOW)
         for ack in recent_acks:  # oldest first, as the store hands them over
@@ -394,20 +400,20 @@ class Core:
     def reject(self, identity: bytes, exc: ProtocolError) -> list[Action]:
         """Answer bad input with a coded error; the one log line per rejected input
         (at most LOG_LINES_PER_S a second, so a flood cannot fill the disk)."""
-        if not self._log_budget.allow(self._clock // 1000):
-            return [Reply(identity, exc.to_envelope())]
-        session = self.by_identity.get(identity)
-        who = session.name if session else "-"
-        if exc.code in _ROUTINE_REFUSALS:
-            log.info("refused a request from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
-        else:
-            log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
+        routine = exc.code in _ROUTINE_REFUSALS
+        if self._log_budget.allow(self._clock // 1000, logging.INFO if routine else logging.WARNING):
+            session = self.by_identity.get(identity)
+            who = session.name if session else "-"
+            if routine:
+                log.info("refused a request from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
+            else:
+                log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
         return [Reply(identity, exc.to_envelope())]
 
     def _log_session(self, now: int, line: str, *args: object) -> None:
         """A session's start, resume or end: at most LOG_LINES_PER_S lines a second, or a
         client that says hello and bye in a loop (no limit charges either) fills the disk."""
-        if self._session_lines.allow(now // 1000):
+        if self._session_lines.allow(now // 1000, logging.INFO):
             log.info(line, *args)
 
     def expire(self, now: int) -> list[Action]:
@@ -437,6 +443,8 @@ class Core:
 
     def _next_seq(self, room: str) -> int:
         seq = self.seqs.get(room, 0) + 1
+        if seq == 1 and room not in self.seqs:  # a new room
+            bisect.insort(self._room_index, room)
         self.seqs[room] = seq
         return seq
 
@@ -782,10 +790,7 @@ class Core:
 
     def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
         """(room, members, seq) of the first MAX_ROOMS_LISTED rooms by name, and whether there are more."""
-        counts = (len(self.seqs), len(self.members))
-        if self._room_names[0] != counts:
-            self._room_names = (counts, sorted(set(self.seqs) | set(self.members)))
-        names = self._room_names[1]
+        names = self._room_index
         listed = [(room, len(self.members.get(room, ())), self.seqs.get(room, 0)) for room in names[:MAX_ROOMS_LISTED]]
         return listed, len(names) > MAX_ROOMS_LISTED
 

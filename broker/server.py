@@ -47,6 +47,7 @@ from zchat import protocol as p
 from zchat.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("zchat.broker")
+lifecycle = logging.getLogger("zchat.broker.lifecycle")
 
 
 def _seed_routing_ids() -> None:
@@ -445,7 +446,11 @@ class Broker:
         removed = set(self.keys.users.values()) - set(users.values())
         self.keys = Keys(self.keys.public, self.keys.secret, users)
         self.auth.users = users  # swapped whole: the ZAP thread only ever reads it
-        log.warning("reloaded %d authorized keys; revoked: %s", len(users), ", ".join(sorted(removed)) or "none")
+        # A reload is the operator's own doing: said whatever --log-level says, a warning
+        # only when it cuts connections (below).
+        (log.warning if removed else lifecycle.info)(
+            "reloaded %d authorized keys; revoked: %s", len(users), ", ".join(sorted(removed)) or "none"
+        )
         if not removed:
             return []
         # ZeroMQ cannot close one peer of a bound socket, so rebind both: every
@@ -682,7 +687,7 @@ class Broker:
             # gone is routine (the session_moved sent after every resume goes to
             # a connection a blip already closed): debug. One not reading: info.
             level = logging.DEBUG if exc.errno == errno.EHOSTUNREACH else logging.INFO
-            if log.isEnabledFor(level) and self._dropped_log.allow(int(time.monotonic())):
+            if log.isEnabledFor(level) and self._dropped_log.allow(int(time.monotonic()), level):
                 log.log(level, "reply to %s dropped: %s", identity.hex(), exc.strerror)
             return False
         return True
@@ -709,11 +714,11 @@ class Broker:
             key = (kind, fd)
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self._peers[key] = peer = _peer_name(fd)
-                if self._connections_log.allow(int(time.monotonic())):
+                if self._connections_log.allow(int(time.monotonic()), logging.INFO):
                     log.info("%s connected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
-                peer = self._peers.pop(key, "?")
-                if self._connections_log.allow(int(time.monotonic())):
+                peer = self._peers.pop(key, "an address not known")
+                if self._connections_log.allow(int(time.monotonic()), logging.INFO):
                     log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_ACCEPT_FAILED:
                 # ``value`` is the errno. Out of file descriptors, libzmq retries the
@@ -784,8 +789,16 @@ def _id_of(frame: bytes) -> str | None:
     return rid if isinstance(rid, str) and len(rid) <= p.MAX_ID_CHARS else None
 
 
+class ListenLost(Exception):
+    """The broker could not listen on a port again after letting go of it (to cut the
+    connections of a revoked key): it cannot serve, and stops."""
+
+
 def _rebind(sock: zmq.Socket[bytes], endpoint: str, timeout: float = 5.0) -> None:
-    """Unbind and bind again; libzmq closes the listener asynchronously, so retry briefly."""
+    """Unbind and bind again; libzmq closes the listener asynchronously, so retry briefly.
+
+    In that moment another process of this host may take the port: then ListenLost.
+    """
     sock.unbind(endpoint)
     deadline = time.monotonic() + timeout
     while True:
@@ -794,7 +807,10 @@ def _rebind(sock: zmq.Socket[bytes], endpoint: str, timeout: float = 5.0) -> Non
             return
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                raise
+                raise ListenLost(
+                    f"cannot listen on {endpoint} again after cutting every connection (a key was revoked): "
+                    f"{exc.strerror}; another process took the port?"
+                ) from exc
             time.sleep(0.01)
 
 
@@ -807,4 +823,6 @@ def _peer_name(fd: int) -> str:
             host, port = sock.getpeername()[:2]
             return f"{host}:{port}"
     except OSError:
-        return "?"
+        # Gone already (a health check, a refused CURVE handshake): libzmq tells of an
+        # accept only after it happened.
+        return "an address it closed before it could be read"

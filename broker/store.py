@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 log = logging.getLogger("zchat.broker")
+#: Lines an operator must see whatever --log-level says, and that are no warning (see broker/cli.py).
+lifecycle = logging.getLogger("zchat.broker.lifecycle")
 
 DB_NAME = "zchat.sqlite3"
 #: How long after a commit the WAL is copied back into the database (seconds).
@@ -244,7 +246,7 @@ class Store:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if version == 1:
                 count = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-                log.warning("store %s upgraded from schema 1 to %d (%d events)", self.path, SCHEMA_VERSION, count)
+                lifecycle.info("store %s upgraded from schema 1 to %d (%d events)", self.path, SCHEMA_VERSION, count)
         elif version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this broker knows {SCHEMA_VERSION}")
 
@@ -259,7 +261,7 @@ class Store:
                     deleted += db.execute("DELETE FROM events WHERE room = ? AND seq <= ?", (room, cutoff)).rowcount
                     self._pruned[room] = cutoff
         if deleted:
-            log.warning(
+            lifecycle.info(
                 "retention %d events per room: deleted %d older events from %s (the file keeps its size; "
                 "the space is reused)",
                 retention,
@@ -275,7 +277,7 @@ class Store:
             deleted = db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
         self._oldest = self._first_row()
         if deleted:
-            log.warning(
+            lifecycle.info(
                 "retention %s: deleted %d events older than that from %s (the file keeps its size; "
                 "the space is reused)",
                 _age(max_age_ms),
@@ -342,11 +344,14 @@ class Store:
 
     def room_seqs(self) -> dict[str, int]:
         """The last ``seq`` of every room, so numbering continues after a restart."""
-        rows = self._db.execute("SELECT room, MAX(seq) FROM events GROUP BY room")
-        seqs = {room: seq for room, seq in rows}
-        if self._has_tops:  # rooms whose events all aged away keep their numbering
-            for room, seq in self._db.execute("SELECT room, seq FROM room_tops"):
-                seqs[room] = max(seq, seqs.get(room, 0))
+        try:
+            rows = self._db.execute("SELECT room, MAX(seq) FROM events GROUP BY room")
+            seqs = {room: seq for room, seq in rows}
+            if self._has_tops:  # rooms whose events all aged away keep their numbering
+                for room, seq in self._db.execute("SELECT room, seq FROM room_tops"):
+                    seqs[room] = max(seq, seqs.get(room, 0))
+        except sqlite3.Error as exc:  # a damaged page ("database disk image is malformed")
+            raise StoreError(f"cannot read the store {self.path}: {exc}") from exc
         return seqs
 
     def recent_acks(self, limit: int) -> list[dict[str, Any]]:
@@ -355,6 +360,12 @@ class Store:
         They seed the broker's resend detection, so a message resent across a
         broker restart is acknowledged again instead of stored twice.
         """
+        try:
+            return self._recent_acks(limit)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store {self.path}: {exc}") from exc
+
+    def _recent_acks(self, limit: int) -> list[dict[str, Any]]:
 
         # Per room along the primary key (no extra index to slow every insert),
         # streamed through a heap of the newest ``limit``: memory stays bounded

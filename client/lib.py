@@ -551,6 +551,9 @@ class Client:
         self._sub_hwm = sub_hwm
         self._curve = curve
         self._auth_failure: str | None = None
+        #: The key refusal last reported (an ``auth_failed`` event), so that retrying
+        #: sockets that are refused again do not report it at every try.
+        self._auth_said: str | None = None
         #: Set by a session_moved error: the pump that read it closes this client.
         self._moved: str | None = None
         #: The DEALER's connection was refused (or dropped) since the sockets were opened.
@@ -1176,7 +1179,9 @@ class Client:
             self._read_monitor(monitor, sock)
         finally:
             if self._auth_failure and self._auth_failure != before:
-                self._events.append(Event(type="error", code="auth_failed", message=self._auth_failure))
+                if self._auth_failure != self._auth_said:
+                    self._auth_said = self._auth_failure
+                    self._events.append(Event(type="error", code="auth_failed", message=self._auth_failure))
                 # Refused on a reconnect (say, our key was revoked): we are not connected.
                 self._lost("the broker refused our key")
 
@@ -1282,6 +1287,7 @@ class Client:
         self._resume = token if isinstance(token, str) else None
         self._last_recv = time.monotonic()
         self._welcomed_by = self.address
+        self._auth_said = None
         was = self.state
         self.state = "connected"
         if was == "reconnecting":
@@ -1319,7 +1325,11 @@ class Client:
                 self._retry_rooms(now)
                 self._probe_rooms(now)
         if self.state == "reconnecting" and now >= self._next_hello:
-            if self._hellos_here and len(self.addresses) > 1:
+            if self._auth_failure is not None:
+                # libzmq never reconnects a socket whose handshake the broker refused:
+                # fresh sockets try again (the key may have been authorized again).
+                self._use_address((self._index + 1) % len(self.addresses))
+            elif self._hellos_here and len(self.addresses) > 1:
                 # No welcome from this one within the backoff: on to the next.
                 silent = self.address
                 self._use_address((self._index + 1) % len(self.addresses))
@@ -1753,9 +1763,10 @@ class Client:
             self._moved = str(env.get("message") or "our session was resumed elsewhere")
             return
         if code == ErrorCode.NOT_REGISTERED and self.state == "connected":
-            # The broker no longer knows us (it restarted, or expired us while we
-            # were stopped): whatever this was, it is redone after a new hello.
-            self._lost("the broker no longer knows our session: it restarted, or expired us")
+            # The broker no longer knows us on this connection (it restarted, expired
+            # us while we were stopped, or cut every connection, as it does when a key
+            # is revoked): whatever this was, it is redone after a new hello.
+            self._lost("the broker no longer knows this connection: it restarted, expired us, or cut it")
             return
         if isinstance(rid, str):
             if rid in self._replies:

@@ -11,7 +11,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from client.lib import Client, CurveKeys, RequestError
+from client.lib import Client, CurveKeys, Event, RequestError
 from tests.conftest import HOST, BrokerProcess, RunningBroker, bin_path, recv_all, wait_for
 from zchat import protocol as p
 
@@ -265,3 +265,82 @@ def test_refused_keys_are_logged_at_most_20_a_second(caplog: pytest.LogCaptureFi
         assert 20 <= len(refused) <= 40  # 20 a second: the loop may straddle one boundary
     finally:
         ctx.term()
+
+
+def test_a_key_authorized_again_lets_the_refused_client_back_in(secure: RunningBroker, keys: Path) -> None:
+    """Refused on a reconnect, the client tries again on fresh sockets (libzmq never
+    reconnects one whose handshake was refused), says so once, and loses nothing."""
+    key = keys / "keys" / "authorized" / "bob.key"
+    with client(secure, "bob", curve(keys, "bob")) as bob:
+        bob.join("general")
+        saved = key.read_bytes()
+        key.unlink()
+        secure.broker.reload()
+        events: list[Event] = []
+
+        def refused() -> bool:
+            bob.pump(0.05)
+            events.extend(bob.drain_events())
+            return any(e.code == "auth_failed" for e in events)
+
+        wait_for(refused, 15, interval=0)
+        bob.send("general", "written while refused")
+        until = time.monotonic() + 7  # two tries at least (one every 3 s here)
+        while time.monotonic() < until:
+            bob.pump(0.1)
+            events.extend(bob.drain_events())
+        assert bob.state == "reconnecting"
+        assert len([e for e in events if e.code == "auth_failed"]) == 1, events
+        key.write_bytes(saved)
+        secure.broker.reload()
+        wait_for(lambda: bob.pump(0.05) is not None and bob.state == "connected" and bob.unacked == 0, 15)
+        texts = [e.text for e in bob.history("general")[0] if e.type == "msg"]
+        assert texts == ["written while refused"]
+
+
+def test_one_key_under_two_names_is_accepted_under_neither(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The key says who is speaking: copied as zed.key beside alice.key, it made alice's
+    key speak as zed (the last file in sorted order won), without a word."""
+    from broker.auth import load_users
+
+    authorized = keys / "keys" / "authorized"
+    (authorized / "zed.key").write_bytes((authorized / "alice.key").read_bytes())
+    users = load_users(authorized)
+    assert sorted(users.values()) == ["bob"]
+    assert any(r.levelname == "ERROR" and "'alice' and 'zed'" in r.getMessage() for r in caplog.records), caplog.records
+
+
+def test_a_port_taken_while_rebinding_stops_the_broker_with_a_reason() -> None:
+    """Revoking a key lets go of both ports for a moment (to cut every connection); a
+    process of this host may take one then. The broker says so and stops (exit 1 in the
+    CLI), rather than dying on an unhandled error."""
+    from broker.server import ListenLost, _rebind
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock, thief = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    try:
+        for s in (sock, thief):
+            s.setsockopt(zmq.LINGER, 0)
+        port = sock.bind_to_random_port(f"tcp://{HOST}")
+        endpoint = f"tcp://{HOST}:{port}"
+        unbind = sock.unbind
+
+        def unbind_and_lose_the_port(address: str) -> None:
+            unbind(address)
+            wait_for(lambda: _took(thief, address), 5, interval=0.01)
+
+        sock.unbind = unbind_and_lose_the_port  # type: ignore[method-assign]
+        with pytest.raises(ListenLost, match=f"cannot listen on {endpoint} again"):
+            _rebind(sock, endpoint, timeout=0.2)
+    finally:
+        sock.close(0)
+        thief.close(0)
+        ctx.term()
+
+
+def _took(sock: zmq.Socket[bytes], endpoint: str) -> bool:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        return False
+    return True

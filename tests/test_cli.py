@@ -682,3 +682,21 @@ def test_a_skipped_run_is_also_in_the_json_stream(capsys: pytest.CaptureFixture[
     Printer(as_json=False).event(skipped)
     out, err = capsys.readouterr()
     assert out == "" and text in err
+
+
+@pytest.mark.parametrize("page", [2, 3, 6])
+def test_a_damaged_store_is_refused_in_one_line(tmp_path: Path, page: int) -> None:
+    """A page of garbage in the store ("database disk image is malformed") is a line that
+    says so and exit 1, as for any store the broker cannot use, not a traceback."""
+    from broker.store import Store
+
+    store = Store(tmp_path / "d", "normal", None)
+    store.append([("general", i, i, "ann", f"m{i}", b"x" * 200) for i in range(1, 3001)])
+    store.close()
+    with open(tmp_path / "d" / "zchat.sqlite3", "r+b") as db:
+        db.seek(page * 4096)
+        db.write(b"\xff" * 4096)
+    refused = _broker_cmd("--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d"))
+    assert refused.returncode == 1, refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
+    assert "malformed" in refused.stderr and "ready" not in refused.stderr, refused.stderr

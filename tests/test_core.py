@@ -597,6 +597,11 @@ def test_rooms() -> None:
         "truncated": False,
         "id": "r",
     }
+    # A room made after a listing is in the next one, in its place; one left stays.
+    join(core, A, "alpha")
+    core.handle(B, enc(type="leave", room="dev"), 0)
+    env = only_reply(core.handle(A, enc(type="rooms"), 0), A)
+    assert [(r["room"], r["members"]) for r in env["rooms"]] == [("alpha", 1), ("dev", 0), ("general", 2), ("old", 0)]
 
 
 @pytest.mark.parametrize("request_id", [None, "p1", "x" * 64])
@@ -895,3 +900,21 @@ def test_sessions_per_host_follow_a_resume_and_an_expiry() -> None:
     core.expire(10 * HB)
     assert hello_from(b"id-d", "cat", "10.0.0.2", now=10 * HB)["type"] == "welcome"
     assert hello_from(b"id-e", "dan", "10.0.0.1", now=10 * HB)["type"] == "welcome"
+
+
+def test_the_count_of_lines_left_out_has_the_level_of_those_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Past 20 lines a second the rest are counted: as info when they were info lines (at
+    --log-level warning, a warning that counts lines never shown would be noise)."""
+    core = make_core()
+    hello(core, A, "ann")
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    for i in range(25):
+        core.handle(A, enc(type="dm", to="nobody", text="hi", id=f"d{i}"), 1000)
+    for _ in range(25):
+        core.handle(A, b"\xc1", 2000)
+    core.handle(A, b"\xc1", 3000)
+    counts = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("...")]
+    assert counts == [
+        ("INFO", "... and 5 more refused requests not logged"),
+        ("WARNING", "... and 5 more refused requests not logged"),
+    ]
