@@ -310,16 +310,23 @@ class ClusterCore(Core):
                 actions.extend(self._rescue_dms(back, moved_from))
             return actions
         rid = env.get("id")
-        refused = self._full(rid)
+        presented = env.get("resume")
+        # With a token this may be a resume from another broker (a failover): the
+        # per-host limit is for new sessions only, known after the claim.
+        refused = self._full(rid) if presented is None else self._broker_full(rid)
         if refused is not None:
             return self.reject(identity, refused)
         self._up()
         token, sender = self._new_token(), self._new_sender()
-        presented = env.get("resume")
         claim = self.bp.claim(name, presented, token, sender)
         if claim.outcome == "taken":
             return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
         resumed = claim.outcome == "resumed"
+        if not resumed and presented is not None:
+            refused = self._host_full(rid)
+            if refused is not None:
+                self.bp.release(name)
+                return self.reject(identity, refused)
         if resumed and presented is not None:
             token, sender = presented, claim.sender
             if claim.previous and claim.previous != self.bp.id:

@@ -8,6 +8,7 @@ events it publishes, and only then performs the actions in order.
 from __future__ import annotations
 
 import bisect
+import ipaddress
 import logging
 import secrets
 from collections import deque
@@ -168,9 +169,9 @@ class Limits:
     max_rooms: int = 100
     #: Longest text accepted (at most the protocol's MAX_TEXT_CHARS).
     max_text: int = p.MAX_TEXT_CHARS
-    #: Bytes of ``history`` replies per second, and the burst above it: what a
-    #: session that asks for history and never reads the replies can make the
-    #: broker queue for it. A catch-up of 100 busy rooms fits in the burst.
+    #: Bytes of ``history`` and ``rooms`` replies, and of member lists (``who``, ``joined``),
+    #: per second, and the burst above it: what a session that asks and never reads the
+    #: replies can make the broker queue for it. A catch-up of 100 busy rooms fits in the burst.
     history_bytes: float = 1024 * 1024
     history_burst: int = 32 * 1024 * 1024
 
@@ -221,14 +222,26 @@ class PeerInfo(Protocol):
 
 
 def _peer_host(meta: PeerInfo | None) -> str | None:
-    """The network address a message came from, or None (not TCP, or not known)."""
+    """The host a message came from, as ``max_sessions_per_host`` counts it, or None (not
+    TCP, or not known): an IPv4 address (also one mapped into IPv6), or an IPv6 /64 (one
+    host is usually given a whole /64, and may use any address in it)."""
     if meta is None:
         return None
     try:
         host = meta.get("Peer-Address")
     except Exception:  # (zmq.ZMQError, not importable here) no such property: ipc, inproc
         return None
-    return host if isinstance(host, str) and host else None
+    if not isinstance(host, str) or not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])  # (without a zone: fe80::1%eth0)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
 
 
 def _ident(identity: bytes) -> str:
@@ -302,7 +315,8 @@ class Core:
         self.limits = limits or Limits()
         #: With CURVE on, every request carries the name its key belongs to.
         self.authenticated = authenticated
-        self._log_budget = LogBudget("refused requests")
+        self._log_budget = LogBudget("rejected inputs")
+        self._refusals_log = LogBudget("refused requests")
         #: Live sessions per network address, and the address of the hello being handled.
         self._hosts: dict[str, int] = {}
         self._hello_host: str | None = None
@@ -400,20 +414,22 @@ class Core:
     def reject(self, identity: bytes, exc: ProtocolError) -> list[Action]:
         """Answer bad input with a coded error; the one log line per rejected input
         (at most LOG_LINES_PER_S a second, so a flood cannot fill the disk)."""
+        # Two budgets: a client that keeps itself rate_limited must not use up the lines
+        # that would show another's protocol violations; and a line not shown at this
+        # --log-level spends none.
         routine = exc.code in _ROUTINE_REFUSALS
-        if self._log_budget.allow(self._clock // 1000, logging.INFO if routine else logging.WARNING):
+        level, budget = (logging.INFO, self._refusals_log) if routine else (logging.WARNING, self._log_budget)
+        if log.isEnabledFor(level) and budget.allow(self._clock // 1000, level):
             session = self.by_identity.get(identity)
             who = session.name if session else "-"
-            if routine:
-                log.info("refused a request from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
-            else:
-                log.warning("rejected input from %s (%s): %s: %s", _ident(identity), who, exc.code, exc.message)
+            what = "rejected input" if level == logging.WARNING and exc.code != ErrorCode.LIMIT_REACHED else "refused"
+            log.log(level, "%s from %s (%s): %s: %s", what, _ident(identity), who, exc.code, exc.message)
         return [Reply(identity, exc.to_envelope())]
 
     def _log_session(self, now: int, line: str, *args: object) -> None:
         """A session's start, resume or end: at most LOG_LINES_PER_S lines a second, or a
         client that says hello and bye in a loop (no limit charges either) fills the disk."""
-        if self._session_lines.allow(now // 1000, logging.INFO):
+        if log.isEnabledFor(logging.INFO) and self._session_lines.allow(now // 1000, logging.INFO):
             log.info(line, *args)
 
     def expire(self, now: int) -> list[Action]:
@@ -453,13 +469,21 @@ class Core:
 
     def _full(self, rid: str | None) -> ProtocolError | None:
         """Why a new session cannot start now (the hello being handled), or None."""
+        return self._broker_full(rid) or self._host_full(rid)
+
+    def _broker_full(self, rid: str | None) -> ProtocolError | None:
         if len(self.by_name) >= self.limits.max_sessions:
             return ProtocolError(ErrorCode.LIMIT_REACHED, "the broker is full; try again later", rid)
+        return None
+
+    def _host_full(self, rid: str | None) -> ProtocolError | None:
+        """Why the host of the hello being handled may not start one more session, or None.
+        (A resume is never refused for it: it starts no session, it moves one.)"""
         host, most = self._hello_host, self.limits.max_sessions_per_host
         if host is not None and 0 < most <= self._hosts.get(host, 0):
             return ProtocolError(
                 ErrorCode.LIMIT_REACHED,
-                f"{host} has {most} sessions here already, the most one address may have; try again later",
+                f"{host} has {most} session(s) here already, the most one address may have; try again later",
                 rid,
             )
         return None

@@ -714,11 +714,11 @@ class Broker:
             key = (kind, fd)
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self._peers[key] = peer = _peer_name(fd)
-                if self._connections_log.allow(int(time.monotonic()), logging.INFO):
+                if log.isEnabledFor(logging.INFO) and self._connections_log.allow(int(time.monotonic()), logging.INFO):
                     log.info("%s connected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 peer = self._peers.pop(key, "an address not known")
-                if self._connections_log.allow(int(time.monotonic()), logging.INFO):
+                if log.isEnabledFor(logging.INFO) and self._connections_log.allow(int(time.monotonic()), logging.INFO):
                     log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_ACCEPT_FAILED:
                 # ``value`` is the errno. Out of file descriptors, libzmq retries the
@@ -807,9 +807,10 @@ def _rebind(sock: zmq.Socket[bytes], endpoint: str, timeout: float = 5.0) -> Non
             return
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                took = "; another process took the port?" if exc.errno == zmq.EADDRINUSE else ""
                 raise ListenLost(
                     f"cannot listen on {endpoint} again after cutting every connection (a key was revoked): "
-                    f"{exc.strerror}; another process took the port?"
+                    f"{exc.strerror}{took}"
                 ) from exc
             time.sleep(0.01)
 

@@ -551,9 +551,9 @@ class Client:
         self._sub_hwm = sub_hwm
         self._curve = curve
         self._auth_failure: str | None = None
-        #: The key refusal last reported (an ``auth_failed`` event), so that retrying
-        #: sockets that are refused again do not report it at every try.
-        self._auth_said: str | None = None
+        #: A key refusal was reported (an ``auth_failed`` event) since the last welcome:
+        #: retries refused again (by this broker or the next) do not report it at every try.
+        self._auth_said = False
         #: Set by a session_moved error: the pump that read it closes this client.
         self._moved: str | None = None
         #: The DEALER's connection was refused (or dropped) since the sockets were opened.
@@ -1179,8 +1179,8 @@ class Client:
             self._read_monitor(monitor, sock)
         finally:
             if self._auth_failure and self._auth_failure != before:
-                if self._auth_failure != self._auth_said:
-                    self._auth_said = self._auth_failure
+                if not self._auth_said:
+                    self._auth_said = True
                     self._events.append(Event(type="error", code="auth_failed", message=self._auth_failure))
                 # Refused on a reconnect (say, our key was revoked): we are not connected.
                 self._lost("the broker refused our key")
@@ -1287,7 +1287,7 @@ class Client:
         self._resume = token if isinstance(token, str) else None
         self._last_recv = time.monotonic()
         self._welcomed_by = self.address
-        self._auth_said = None
+        self._auth_said = False
         was = self.state
         self.state = "connected"
         if was == "reconnecting":

@@ -23,6 +23,7 @@ from broker.server import Broker, Config
 from client.lib import Client, Event
 from tests.conftest import HOST, BrokerProcess, Raw, wait_for
 from tests.redis_servers import RedisCluster, RedisServer, redis_available
+from zchat import protocol as p
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -72,6 +73,7 @@ class Node:
 
     url: str
     heartbeat_ms: int = HEARTBEAT_MS
+    sessions_per_host: int = Limits().max_sessions_per_host
     broker: Broker = field(init=False)
 
     def start(self) -> Node:
@@ -81,7 +83,7 @@ class Node:
             pub_port=0,
             heartbeat_ms=self.heartbeat_ms,
             backplane=self.url,
-            limits=Limits(rate=0, join_rate=0),
+            limits=Limits(rate=0, join_rate=0, max_sessions_per_host=self.sessions_per_host),
         )
         self.broker = Broker(config, None)
         self.failure: BaseException | None = None
@@ -453,3 +455,25 @@ def test_a_broker_presumed_dead_takes_its_sessions_back(
         collect(carol, got, lambda: any(e.type == "dm" and e.text == "still there?" for e in got))
     finally:
         r.close()
+
+
+def test_a_failover_is_not_refused_by_the_per_host_limit(backend: Backend) -> None:
+    """Users behind one address failing over to a broker that already has as many from
+    that address as --max-sessions-per-host allows: a resume starts no session, so it
+    is let in; a hello with a token that resumes nothing is a new session, refused, and
+    leaves its name free."""
+    a = Node(backend.url, sessions_per_host=1).start()
+    b = Node(backend.url).start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        token = Raw(ctx, b.broker.port).request(p.hello("ann"))["resume"]
+        assert Raw(ctx, a.broker.port).request(p.hello("bob"))["type"] == "welcome"
+        moved = Raw(ctx, a.broker.port).request(p.hello("ann", "h1", token))
+        assert moved["type"] == "welcome" and moved["resumed"] is True, moved
+        refused = Raw(ctx, a.broker.port).request(p.hello("cat", "h2", "no-such-token"))
+        assert refused["code"] == "limit_reached", refused
+        assert Raw(ctx, b.broker.port).request(p.hello("cat"))["type"] == "welcome"
+    finally:
+        ctx.destroy(linger=0)
+        a.stop()
+        b.stop()

@@ -833,6 +833,7 @@ def test_everyday_refusals_are_info_and_protocol_violations_warnings(caplog: pyt
     assert error_code(core.handle(C, enc(type="join", room="general"), 1), C) == "not_registered"
     assert error_code(core.handle(A, b"\xc1", 1), A) == "bad_envelope"
     lines = [r for r in caplog.records if r.getMessage().startswith(("refused", "rejected"))]
+    assert [r.getMessage().split(" from ")[0] for r in lines] == ["refused"] * 3 + ["rejected input"]
     levels = [(r.levelname, r.getMessage().split(": ")[1]) for r in lines]
     assert levels == [
         ("INFO", "no_such_user"),
@@ -890,7 +891,7 @@ def test_sessions_per_host_follow_a_resume_and_an_expiry() -> None:
 
     token = hello_from(A, "ann", "10.0.0.1")["resume"]
     refused = hello_from(B, "bob", "10.0.0.1")
-    assert refused["code"] == "limit_reached" and "10.0.0.1 has 1 sessions" in refused["message"]
+    assert refused["code"] == "limit_reached" and "10.0.0.1 has 1 session(s)" in refused["message"]
     # ann moves to another address with her token: the first has room again, the second not.
     moved = core.handle(C, enc(type="hello", v=1, name="ann", resume=token), 0, None, _From("10.0.0.2"))
     assert [r.env["type"] for r in replies(moved)] == ["error", "welcome"] and moved[1].env["resumed"] is True
@@ -912,9 +913,49 @@ def test_the_count_of_lines_left_out_has_the_level_of_those_lines(caplog: pytest
         core.handle(A, enc(type="dm", to="nobody", text="hi", id=f"d{i}"), 1000)
     for _ in range(25):
         core.handle(A, b"\xc1", 2000)
+    core.handle(A, enc(type="dm", to="nobody", text="hi", id="d99"), 3000)
     core.handle(A, b"\xc1", 3000)
     counts = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("...")]
     assert counts == [
         ("INFO", "... and 5 more refused requests not logged"),
-        ("WARNING", "... and 5 more refused requests not logged"),
+        ("WARNING", "... and 5 more rejected inputs not logged"),
     ]
+
+
+def test_everyday_refusals_do_not_hide_protocol_violations(caplog: pytest.LogCaptureFixture) -> None:
+    """At --log-level warning, 20 refusals (info, not shown) spent the budget of the one
+    violation that came after them: it was never shown, only counted."""
+    core = make_core()
+    hello(core, A, "ann")
+    caplog.set_level(logging.WARNING, logger="zchat.broker")
+    for i in range(25):
+        core.handle(A, enc(type="dm", to="nobody", text="hi", id=f"d{i}"), 1000)
+    core.handle(A, b"\xc1", 1000)
+    core.handle(A, b"\xc1", 2000)
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(shown) == 2 and all(line.startswith("rejected input") for line in shown), shown
+    # At info too: a client that keeps itself refused cannot hide another's violations.
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    for i in range(25):
+        core.handle(A, enc(type="dm", to="nobody", text="hi", id=f"e{i}"), 5000)
+    core.handle(B, b"\xc1", 5000)
+    assert any(r.getMessage().startswith("rejected input from 69642d62") for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::7", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+    ],
+)
+def test_a_host_is_an_ipv4_address_or_an_ipv6_64(address: str, host: str) -> None:
+    """One IPv6 host is usually given a /64 and may speak from any address in it."""
+    core = Core(epoch="e", heartbeat_ms=HB, limits=Limits(max_sessions_per_host=1))
+    assert core.handle(A, enc(type="hello", v=1, name="ann"), 0, None, _From(address))[0].env["type"] == "welcome"
+    refused = core.handle(B, enc(type="hello", v=1, name="bob"), 0, None, _From(address))[0].env
+    assert refused["code"] == "limit_reached" and refused["message"].startswith(f"{host} has 1 session(s)")
