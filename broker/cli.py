@@ -321,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         broker = Broker(config, store)
     except zmq.ZMQError as exc:
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, exc.strerror)
-        _close(store)
+        _discard(store)
         return 1
     except (KeysError, StoreError) as exc:
         log.error("%s", exc)
-        _close(store)
+        _discard(store)
         return 1
     except BackplaneErrors as exc:
         log.error("cannot reach the backplane %s: %s", config.backplane, exc)
@@ -394,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
 def _close(store: Store | None) -> None:
     if store is not None:
         store.close()
+
+
+def _discard(store: Store | None) -> None:
+    """A broker that never served leaves no empty store behind (Store.discard)."""
+    if store is not None:
+        store.discard()
 
 
 if __name__ == "__main__":

@@ -154,6 +154,10 @@ class Store:
         lock: int | None = None
         if data_dir.exists() and not data_dir.is_dir():
             raise StoreError(f"cannot open the store in {data_dir}: it is not a directory")
+        self.data_dir = data_dir
+        #: Whether this open made the directory, and the store in it (see :meth:`discard`).
+        self._made_dir = not data_dir.exists()
+        self._created = False
         try:
             # Room messages are in here: readable by this user only. A directory
             # that exists is not changed, but one others can read is warned about.
@@ -244,6 +248,7 @@ class Store:
                 for statement in steps:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._created = version == 0
             if version == 1:
                 count = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
                 lifecycle.info("store %s upgraded from schema 1 to %d (%d events)", self.path, SCHEMA_VERSION, count)
@@ -468,6 +473,31 @@ class Store:
         self._read.close()
         self._db.close()
         os.close(self._lock)  # and with it the lock
+
+    def discard(self) -> None:
+        """Close, for a broker that never served (it could not listen): a store this open
+        created and nothing was written to is deleted, and the directory too if this open
+        made it and nothing else is in it. The files go while the directory's lock is
+        still held, so no other broker can have opened them; after it, only an empty
+        directory can go (rmdir), never another broker's store."""
+        if not self._created or self.commits:
+            self.close()
+            return
+        self._stop.set()
+        self._dirty.set()
+        self._checkpointer.join(timeout=10)
+        self._read.close()
+        self._db.close()
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not delete the empty store %s: %s", self.path, exc)
+        finally:
+            os.close(self._lock)
+        if self._made_dir:
+            with contextlib.suppress(OSError):  # not empty, or already gone: left as it is
+                self.data_dir.rmdir()
 
 
 def now_ms() -> int:

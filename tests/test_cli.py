@@ -580,12 +580,26 @@ def test_a_broker_out_of_file_descriptors_says_so(tmp_path: Path) -> None:
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    """And a broker that could not listen leaves no empty store behind (nor the directory
+    it had made for it); a store that was there before is kept."""
     first = BrokerProcess(tmp_path / "d").start()
     try:
         busy = _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "e"))
         assert busy.returncode == 1
         assert f"cannot listen on {HOST} ports {first.port}/0" in busy.stderr, busy.stderr
         assert "Traceback" not in busy.stderr
+        assert not (tmp_path / "e").exists()
+        (tmp_path / "f").mkdir()
+        (tmp_path / "f" / "notes.txt").write_text("the operator's")
+        _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "f"))
+        assert sorted(path.name for path in (tmp_path / "f").iterdir()) == ["notes.txt"]
+        # A store with something in it stays, whatever happens to the broker.
+        kept = BrokerProcess(tmp_path / "g").start()
+        assert _send_one(kept, "keep me").returncode == 0
+        kept.kill(signal.SIGTERM)
+        busy = _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "g"))
+        assert busy.returncode == 1
+        assert (tmp_path / "g" / "zchat.sqlite3").stat().st_size > 0
     finally:
         first.kill()
 
