@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "/switch ROOM, /who [ROOM], /rooms, /history [N], /lastlog TEXT (interactive), /help, /quit "
         "(//TEXT sends a text starting with /).",
     )
-    parser.add_argument("--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . -")
+    parser.add_argument(
+        "--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . - (case counts: Bob is not bob)"
+    )
     parser.add_argument(
         "--host",
         default=envargs.default("ZCHAT_HOST", "127.0.0.1"),
@@ -223,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RequestError as exc:
         if exc.code == "name_taken":
-            printer.err(f"the name {args.name!r} is already in use on {client.endpoint}; pick another with --name")
+            printer.err(
+                f"the name {args.name!r} is already in use on {client.endpoint}; pick another with --name "
+                "(or, if it was yours in a client that just ended without saying bye, the broker frees it "
+                "within 3 heartbeats, 15 s by default)"
+            )
         else:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close(settle=0)

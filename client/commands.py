@@ -76,6 +76,10 @@ class Commands:
     join_names: bool = False
     #: The terminal's /lastlog: shows the chat lines shown so far that contain a text (None: not here).
     lastlog: Callable[[str], None] | None = None
+    #: What the last /join or /switch asked for, when it failed (None: it did not). The
+    #: next plain line is not sent: it may have been typed for that room, while the
+    #: command was under way. In pipe mode every line is refused until one succeeds.
+    failed: str | None = None
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
@@ -91,6 +95,17 @@ class Commands:
         return True
 
     def _say(self, text: str, *, action: bool = False) -> None:
+        if self.failed is not None:
+            if self.strict:
+                self.err(f"not sent: {self.failed!r} failed; lines are refused until a /join or /switch succeeds")
+                return
+            wanted, self.failed = self.failed, None  # said once: sent again, it goes
+            if self.current is not None:
+                self.err(
+                    f"not sent: {wanted!r} failed, and this line may have been meant for it; "
+                    f"send it again (Up, Enter) to write it in #{self.current}"
+                )
+                return
         if self.current is None:
             self.err("not in a room: /join ROOM first")
             return
@@ -99,8 +114,9 @@ class Commands:
         else:
             self.client.send(self.current, text)
 
-    def _no_room(self) -> None:
-        """A /join or /switch failed: in pipe mode, what follows must not go to the room before."""
+    def _no_room(self, line: str) -> None:
+        """``line`` (a /join or /switch) failed: what follows must not go to the room before."""
+        self.failed = line
         if self.strict:
             self.current = None
 
@@ -127,43 +143,47 @@ class Commands:
             to, _, text = rest.partition(" ")
             if not to or not text.strip():
                 self._usage(name)
+            elif to.startswith("#"):
+                self.err(f"/msg writes to a person; to write in {to}, /switch {to} (or /join it)")
             else:
                 self.client.dm(to, text)
         elif name == "join":
             if len(args) != 1:
                 self._usage(name)
-                self._no_room()
+                self._no_room(line)
             else:
                 try:
                     room = p.parse_room(args[0])
                     members = self.client.join(room, backlog=self.backlog)
                 except (ZchatError, ProtocolError):
-                    self._no_room()
+                    self._no_room(line)
                     raise
                 self.members[room] = set(members)
                 self.known_rooms.add(room)
-                self.current = room
+                self.current, self.failed = room, None
                 if self.join_names:
                     self._info(f"-!- #{room}: {', '.join(members)}", {"type": "who", "room": room, "members": members})
         elif name == "switch":
             if len(args) != 1:
                 self._usage(name)
-                self._no_room()
+                self._no_room(line)
             else:
                 try:
                     room = p.parse_room(args[0])
                 except ProtocolError:
-                    self._no_room()
+                    self._no_room(line)
                     raise
                 if room not in self.client.rooms_joined:
                     self.err(f"not in #{room}: /join #{room} first")
-                    self._no_room()
+                    self._no_room(line)
                 else:
-                    self.current = room
+                    self.current, self.failed = room, None
         elif name == "leave":
             target = args[0] if args else self.current
-            if target is None or len(args) > 1:
+            if len(args) > 1:
                 self._usage(name)
+            elif target is None:
+                self.err("not in a room: nothing to leave")
             else:
                 room = p.parse_room(target)
                 self.client.leave(room)

@@ -57,7 +57,7 @@ PASTE_CONFIRM_LINES = 5
 
 KEYS_HELP = """\
 keys:
-  Alt-1 … Alt-9      switch to the 1st … 9th room you are in (the bar below lists them)
+  Alt-1 … Alt-9, 0   switch to the 1st … 9th, 10th room you are in (the bar below lists them)
   Tab / Shift-Tab    complete a command, a name or a #room; again: the next / previous match
                      (names: who spoke last first)
   Up / Down          recall earlier lines
@@ -348,7 +348,13 @@ class ChatUI:
             self._show(event)
         await self._flush()
         if self.client.unacked:
-            print(f"zchat: {self.client.unacked} message(s) not sent:", file=sys.stderr)
+            # Sent, but not acknowledged: some may have arrived (the broker was slow, or
+            # its acks were lost). "Not sent" would have the user type them again.
+            print(
+                f"zchat: {self.client.unacked} message(s) not acknowledged (they may have arrived; "
+                "check the room before sending them again):",
+                file=sys.stderr,
+            )
             for line in unsent_lines(self.client):
                 print(line, file=sys.stderr)
             return 1
@@ -547,7 +553,7 @@ class ChatUI:
             style = "class:bottom-toolbar.current" if room == self.current else ""
             if unread:
                 style = "class:bottom-toolbar.unread"
-            label = f"{i}:#{room}" if i <= 9 else f"#{room}"
+            label = f"{i % 10}:#{room}" if i <= 10 else f"#{room}"  # (Alt-0 is the 10th, as in irssi)
             out.append((style, f" {label}" + (f"({unread})" if unread else "")))
         out.append(("", "  | /help"))
         return out
@@ -555,10 +561,12 @@ class ChatUI:
     def _key_bindings(self) -> KeyBindings:
         kb = KeyBindings()
 
-        for digit in range(1, 10):
+        # Alt-0 is the 10th room (irssi's): unbound, prompt_toolkit took it for the
+        # start of a repeat count, and swallowed the next key.
+        for digit in range(10):
 
             @kb.add("escape", str(digit))
-            def _alt_digit(event: KeyPressEvent, index: int = digit - 1) -> None:
+            def _alt_digit(event: KeyPressEvent, index: int = (digit - 1) % 10) -> None:
                 rooms = self.rooms
                 if index < len(rooms):
                     self.switch(rooms[index])

@@ -26,8 +26,22 @@ Fragment = tuple[str, str]
 #: hash of the name that is the same in every process and on every machine.
 PALETTE_SIZE = 12
 
-#: Invisible but harmless: joins emoji into one (👩‍💻); it cannot drive a terminal.
+#: Joins emoji into one (👩‍💻), and is kept there. Anywhere else it is shown escaped:
+#: terminals disagree on the width of what it joins (tmux took ``x``+ZWJ+``y`` for one
+#: cell fewer than we did, which moved every receiver's prompt a column).
 _ZWJ = "\u200d"
+
+
+def _pictographic(ch: str) -> bool:
+    """Roughly Unicode's Extended_Pictographic, and the emoji presentation and skin-tone
+    modifiers that may stand between a pictograph and a ZWJ (🏳️‍🌈, 👩🏽‍💻)."""
+    code = ord(ch)
+    return code >= 0x1F000 or 0x2190 <= code <= 0x2BFF or code == 0xFE0F or 0x3030 <= code <= 0x303D
+
+
+def _joins_emoji(text: str, i: int) -> bool:
+    """Whether the ZWJ at ``text[i]`` stands between two pictographs."""
+    return 0 < i < len(text) - 1 and _pictographic(text[i - 1]) and _pictographic(text[i + 1])
 
 
 def clean(text: str) -> str:
@@ -35,10 +49,10 @@ def clean(text: str) -> str:
     if text.isprintable():
         return text
     out = []
-    for ch in text:
+    for i, ch in enumerate(text):
         if ch == "\t":
             out.append("    ")
-        elif ch.isprintable() or ch in (" ", _ZWJ):
+        elif ch.isprintable() or ch == " " or (ch == _ZWJ and _joins_emoji(text, i)):
             out.append(ch)
         elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
             out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")

@@ -197,7 +197,8 @@ def test_lines_after_a_refused_join_go_nowhere_and_the_exit_status_says_so(chats
     assert alice.proc.wait(timeout=15) == 1
     out = [json.loads(line) for line in alice.rest()]
     assert [(e["room"], e["text"]) for e in out if e["type"] == "msg"] == [("side", "in side")]
-    assert sum("not in a room" in e for e in alice.errors) == 2, alice.errors
+    refused = [e for e in alice.errors if "lines are refused until a /join or /switch succeeds" in e]
+    assert len(refused) == 2 and "'/join BAD!' failed" in refused[0], alice.errors
     carol = chats("carol", "--json")
     carol.say("sentinel")
     seen = [json.loads(line) for line in bob.expect(lambda line: "sentinel" in line)]
