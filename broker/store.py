@@ -154,10 +154,11 @@ class Store:
         lock: int | None = None
         if data_dir.exists() and not data_dir.is_dir():
             raise StoreError(f"cannot open the store in {data_dir}: it is not a directory")
-        self.data_dir = data_dir
-        #: Whether this open made the directory, and the store in it (see :meth:`discard`).
-        self._made_dir = not data_dir.exists()
+        #: Whether this open made the database file and its schema (see :meth:`discard`),
+        #: and the files beside it that were there before it (never deleted).
+        self._made_file = False
         self._created = False
+        self._there_before: set[str] = set()
         try:
             # Room messages are in here: readable by this user only. A directory
             # that exists is not changed, but one others can read is warned about.
@@ -167,9 +168,11 @@ class Store:
             # own, and the first to commit a seq the other had used would stop.
             self._lock = lock = _lock_dir(data_dir)
             self.path = data_dir / DB_NAME
+            self._there_before = {suffix for suffix in ("-wal", "-shm") if Path(f"{self.path}{suffix}").exists()}
             # SQLite would create it 0644 (then its -wal and -shm, which copy its mode).
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                self._made_file = True
             # Autocommit mode: transactions are explicit, one per loop pass.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -248,7 +251,7 @@ class Store:
                 for statement in steps:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            self._created = version == 0
+            self._created = self._made_file and version == 0
             if version == 1:
                 count = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
                 lifecycle.info("store %s upgraded from schema 1 to %d (%d events)", self.path, SCHEMA_VERSION, count)
@@ -475,11 +478,11 @@ class Store:
         os.close(self._lock)  # and with it the lock
 
     def discard(self) -> None:
-        """Close, for a broker that never served (it could not listen): a store this open
-        created and nothing was written to is deleted, and the directory too if this open
-        made it and nothing else is in it. The files go while the directory's lock is
-        still held, so no other broker can have opened them; after it, only an empty
-        directory can go (rmdir), never another broker's store."""
+        """Close, for a broker that never served (it could not listen): a store whose file
+        this open created, and nothing was written to, is deleted; any other is closed as
+        it is. The files go while the directory's lock is held, so no other broker can
+        have opened them. The directory stays (removing it would race a broker that has
+        just opened it to take the lock)."""
         if not self._created or self.commits:
             self.close()
             return
@@ -490,14 +493,13 @@ class Store:
         self._db.close()
         try:
             for suffix in ("", "-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("could not delete the empty store %s: %s", self.path, exc)
+                if suffix not in self._there_before:
+                    try:
+                        Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                    except OSError as exc:
+                        log.warning("could not delete the empty store's %s%s: %s", self.path, suffix, exc)
         finally:
             os.close(self._lock)
-        if self._made_dir:
-            with contextlib.suppress(OSError):  # not empty, or already gone: left as it is
-                self.data_dir.rmdir()
 
 
 def now_ms() -> int:

@@ -8,6 +8,7 @@ command gets one line of usage on ``err``, never an exception.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,6 +52,12 @@ COMMANDS = tuple(USAGE)
 HISTORY_DEFAULT = 20
 
 
+#: After a /join or /switch that failed, plain lines handled within this many seconds
+#: are not sent to the room before: typed or pasted while it was under way (a broker
+#: that stalled makes a join wait up to 5 s), they may be meant for the room it named.
+HOLD_AFTER_FAILURE_S = 2.0
+
+
 @dataclass
 class Commands:
     """Interprets lines for one client; ``current`` is the room plain text goes to."""
@@ -76,10 +83,12 @@ class Commands:
     join_names: bool = False
     #: The terminal's /lastlog: shows the chat lines shown so far that contain a text (None: not here).
     lastlog: Callable[[str], None] | None = None
-    #: What the last /join or /switch asked for, when it failed (None: it did not). The
-    #: next plain line is not sent: it may have been typed for that room, while the
-    #: command was under way. In pipe mode every line is refused until one succeeds.
+    #: What the last /join or /switch asked for, when it failed (None: it did not), and
+    #: when (time.monotonic()). Lines handled within HOLD_AFTER_FAILURE_S of it are not
+    #: sent: typed (or pasted) while the command was under way, they may be meant for
+    #: that room. In pipe mode every line is refused until a /join or /switch succeeds.
     failed: str | None = None
+    failed_at: float = 0.0
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
@@ -99,13 +108,13 @@ class Commands:
             if self.strict:
                 self.err(f"not sent: {self.failed!r} failed; lines are refused until a /join or /switch succeeds")
                 return
-            wanted, self.failed = self.failed, None  # said once: sent again, it goes
-            if self.current is not None:
+            if self.current is not None and time.monotonic() - self.failed_at < HOLD_AFTER_FAILURE_S:
                 self.err(
-                    f"not sent: {wanted!r} failed, and this line may have been meant for it; "
-                    f"send it again (Up, Enter) to write it in #{self.current}"
+                    f"not sent: {self.failed!r} failed just before, and this line may have been meant for it; "
+                    f"send it again to write it in #{self.current}"
                 )
                 return
+            self.failed = None
         if self.current is None:
             self.err("not in a room: /join ROOM first")
             return
@@ -116,9 +125,13 @@ class Commands:
 
     def _no_room(self, line: str) -> None:
         """``line`` (a /join or /switch) failed: what follows must not go to the room before."""
-        self.failed = line
+        self.failed, self.failed_at = line, time.monotonic()
         if self.strict:
             self.current = None
+
+    def chose(self, room: str) -> None:
+        """The user chose the room to write in (a /join, a /switch, a key): lines go there."""
+        self.current, self.failed = room, None
 
     def _usage(self, name: str) -> None:
         self.err(f"usage: {USAGE[name]}")
@@ -160,7 +173,7 @@ class Commands:
                     raise
                 self.members[room] = set(members)
                 self.known_rooms.add(room)
-                self.current, self.failed = room, None
+                self.chose(room)
                 if self.join_names:
                     self._info(f"-!- #{room}: {', '.join(members)}", {"type": "who", "room": room, "members": members})
         elif name == "switch":
@@ -177,7 +190,7 @@ class Commands:
                     self.err(f"not in #{room}: /join #{room} first")
                     self._no_room(line)
                 else:
-                    self.current, self.failed = room, None
+                    self.chose(room)
         elif name == "leave":
             target = args[0] if args else self.current
             if len(args) > 1:

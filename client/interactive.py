@@ -266,7 +266,7 @@ class ChatUI:
         return sorted(found, key=lambda name: (-self._spoke.get(name, -1), name.lower()))
 
     def switch(self, room: str) -> None:
-        self.commands.current = room
+        self.commands.chose(room)
         self.unread.pop(room, None)
         if room != self._talking_in:
             # One stream for every room, and lines of the current one carry no label:

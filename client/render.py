@@ -26,22 +26,25 @@ Fragment = tuple[str, str]
 #: hash of the name that is the same in every process and on every machine.
 PALETTE_SIZE = 12
 
-#: Joins emoji into one (👩‍💻), and is kept there. Anywhere else it is shown escaped:
-#: terminals disagree on the width of what it joins (tmux took ``x``+ZWJ+``y`` for one
-#: cell fewer than we did, which moved every receiver's prompt a column).
+#: The zero-width joiner: terminals disagree on how many cells what it joins takes
+#: (tmux counted ``x``+ZWJ+``y`` one cell narrower than we did, and 👩‍💻 as one emoji,
+#: and every receiver's prompt moved), so it never reaches the terminal. Between two
+#: emoji it is dropped (👩💻: each as wide everywhere); anywhere else shown escaped.
 _ZWJ = "\u200d"
 
 
-def _pictographic(ch: str) -> bool:
-    """Roughly Unicode's Extended_Pictographic, and the emoji presentation and skin-tone
-    modifiers that may stand between a pictograph and a ZWJ (🏳️‍🌈, 👩🏽‍💻)."""
+def _wide_emoji(ch: str) -> bool:
     code = ord(ch)
-    return code >= 0x1F000 or 0x2190 <= code <= 0x2BFF or code == 0xFE0F or 0x3030 <= code <= 0x303D
+    return unicodedata.east_asian_width(ch) == "W" and (code >= 0x1F000 or 0x2600 <= code <= 0x2BFF)
 
 
 def _joins_emoji(text: str, i: int) -> bool:
-    """Whether the ZWJ at ``text[i]`` stands between two pictographs."""
-    return 0 < i < len(text) - 1 and _pictographic(text[i - 1]) and _pictographic(text[i + 1])
+    """Whether the ZWJ at ``text[i]`` joins two wide emoji (skin tones and the emoji
+    variation selector may stand between the first and the ZWJ: 👩🏽‍💻)."""
+    j = i - 1
+    while j >= 0 and (text[j] == "\ufe0f" or 0x1F3FB <= ord(text[j]) <= 0x1F3FF):
+        j -= 1
+    return j >= 0 and i + 1 < len(text) and _wide_emoji(text[j]) and _wide_emoji(text[i + 1])
 
 
 def clean(text: str) -> str:
@@ -52,7 +55,9 @@ def clean(text: str) -> str:
     for i, ch in enumerate(text):
         if ch == "\t":
             out.append("    ")
-        elif ch.isprintable() or ch == " " or (ch == _ZWJ and _joins_emoji(text, i)):
+        elif ch == _ZWJ:
+            out.append("" if _joins_emoji(text, i) else "\\u200d")
+        elif ch.isprintable() or ch == " ":
             out.append(ch)
         elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
             out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")

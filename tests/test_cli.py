@@ -11,6 +11,7 @@ import resource
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -581,19 +582,29 @@ def test_a_broker_out_of_file_descriptors_says_so(tmp_path: Path) -> None:
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
-    """And a broker that could not listen leaves no empty store behind (nor the directory
-    it had made for it); a store that was there before is kept."""
+    """And a broker that could not listen leaves no empty store behind; a store or a
+    file that was there before is kept, whatever it holds."""
     first = BrokerProcess(tmp_path / "d").start()
     try:
         busy = _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "e"))
         assert busy.returncode == 1
         assert f"cannot listen on {HOST} ports {first.port}/0" in busy.stderr, busy.stderr
         assert "Traceback" not in busy.stderr
-        assert not (tmp_path / "e").exists()
+        assert list((tmp_path / "e").iterdir()) == []
         (tmp_path / "f").mkdir()
         (tmp_path / "f" / "notes.txt").write_text("the operator's")
         _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "f"))
         assert sorted(path.name for path in (tmp_path / "f").iterdir()) == ["notes.txt"]
+        # An SQLite file that is not a zchat store (version 0, no events table) is not ours.
+        foreign = sqlite3.connect(tmp_path / "f" / "zchat.sqlite3")
+        foreign.execute("CREATE TABLE notes (text TEXT)")
+        foreign.execute("INSERT INTO notes VALUES ('precious')")
+        foreign.commit()
+        foreign.close()
+        _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "f"))
+        kept_notes = sqlite3.connect(tmp_path / "f" / "zchat.sqlite3")
+        assert kept_notes.execute("SELECT text FROM notes").fetchall() == [("precious",)]
+        kept_notes.close()
         # A store with something in it stays, whatever happens to the broker.
         kept = BrokerProcess(tmp_path / "g").start()
         assert _send_one(kept, "keep me").returncode == 0
