@@ -203,6 +203,8 @@ class ChatUI:
         #: Chat lines only (messages, DMs, joins and leaves), each with its date and room: what
         #: /lastlog searches and shows (not its own output, nor other notices).
         self._said: deque[render.Styled] = deque(maxlen=TRANSCRIPT_LINES)
+        #: Per room, the backlog events shown since the last mark of where they end.
+        self._backlog: dict[str, int] = {}
         #: Names we have exchanged DMs with (for completion).
         self.dm_peers: set[str] = set()
         #: Who spoke when (a count of the messages seen), for completion: latest first, as irssi.
@@ -373,8 +375,13 @@ class ChatUI:
             while True:
                 if self.client.state != "closed":  # (a command's own pumping may have closed it)
                     self.client.pump(0)
+                backlog_now: set[str] = set()
                 for event in self.client.drain_events():
                     self._show(event)
+                    if event.backlog and event.room:
+                        self._backlog[event.room] = self._backlog.get(event.room, 0) + 1
+                        backlog_now.add(event.room)
+                self._mark_backlog_ends(backlog_now)
                 now = connection_status(self.client)
                 if now != state:
                     state = now
@@ -461,6 +468,13 @@ class ChatUI:
             labelled = render.styled(event, self.client.name, None, self._colours)
             day: render.Fragment = ("class:time", render.short_day(event.ts) + " ")
             self._said.append(render.Styled([day, *labelled.fragments], labelled.indent + len(day[1])))
+
+    def _mark_backlog_ends(self, still_coming: set[str]) -> None:
+        """After a join's backlog, a line that says where it ends: what follows is live.
+        (A pump that brought none of a room's backlog events means its backlog is over.)"""
+        for room in [r for r in self._backlog if r not in still_coming]:
+            n = self._backlog.pop(room)
+            self._out(f"#{room}: the {n} event{'' if n == 1 else 's'} above came before you joined; live from here")
 
     def lastlog(self, text: str) -> None:
         """/lastlog: the chat lines shown so far (the last TRANSCRIPT_LINES) that contain ``text``, any case."""

@@ -429,6 +429,28 @@ def test_lines_right_after_a_failed_join_are_not_sent_to_the_room_before(
     run(main())
 
 
+def test_a_line_says_where_a_joins_backlog_ends(alice: Client, bob: Client) -> None:
+    """Coming back to a room, what is from before and what is live is told apart."""
+    bob.join("dev")
+    for i in range(2):
+        bob.send_wait("dev", f"earlier {i}")
+
+    async def main() -> None:
+        async with chat_ui(alice, backlog=50) as t:
+            t.line("/join dev")
+            mark = await t.shows("came before you joined; live from here")
+            assert re.search(r"#dev: the \d+ events above came before you joined", mark), mark
+            bob.send_wait("dev", "live one")
+            await t.shows("live one")
+            lines = t.lines()
+            at = [i for i, line in enumerate(lines) if "came before you joined" in line]
+            assert len(at) == 1, lines
+            assert max(i for i, line in enumerate(lines) if "earlier" in line) < at[0]
+            assert at[0] < next(i for i, line in enumerate(lines) if "live one" in line)
+
+    run(main())
+
+
 def test_who_lists_members_of_current_or_named_room(alice: Client, bob: Client) -> None:
     bob.join("dev")
 
