@@ -467,15 +467,20 @@ class Store:
             raise StoreError(f"cannot read {self.path}: {exc}") from exc
 
     def close(self) -> None:
+        self._close_connections(truncate_wal=True)
+        os.close(self._lock)  # and with it the lock
+
+    def _close_connections(self, *, truncate_wal: bool) -> None:
+        """Stop the checkpointer and close the database connections (not the lock)."""
         self._stop.set()
         self._dirty.set()  # wakes an idle checkpointer to see the stop
         self._checkpointer.join(timeout=10)
-        with contextlib.suppress(sqlite3.Error):
-            # Leave a small WAL behind: the next start reads less.
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if truncate_wal:
+            with contextlib.suppress(sqlite3.Error):
+                # Leave a small WAL behind: the next start reads less.
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._read.close()
         self._db.close()
-        os.close(self._lock)  # and with it the lock
 
     def discard(self) -> None:
         """Close, for a broker that never served (it could not listen): a store whose file
@@ -486,20 +491,14 @@ class Store:
         if not self._created or self.commits:
             self.close()
             return
-        self._stop.set()
-        self._dirty.set()
-        self._checkpointer.join(timeout=10)
-        self._read.close()
-        self._db.close()
-        try:
-            for suffix in ("", "-wal", "-shm"):
-                if suffix not in self._there_before:
-                    try:
-                        Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-                    except OSError as exc:
-                        log.warning("could not delete the empty store's %s%s: %s", self.path, suffix, exc)
-        finally:
-            os.close(self._lock)
+        self._close_connections(truncate_wal=False)
+        for suffix in ("", "-wal", "-shm"):
+            if suffix not in self._there_before:
+                try:
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("could not delete the empty store's %s%s: %s", self.path, suffix, exc)
+        os.close(self._lock)
 
 
 def now_ms() -> int:

@@ -318,22 +318,26 @@ def test_member_lists_a_session_never_reads_are_bounded(
     b = limited(rate=0, join_rate=0, history_bytes=1024, history_burst=8 * 1024, max_sessions_per_host=0)
     for i in range(100):  # names of 32 characters: a list of some 3.3 KB
         registered(ctx, b, f"member{i:03d}-" + "x" * 22, "big")
-    asker = registered(ctx, b, "asker")
-    for i in range(10):
-        asker.send({"type": "who", "room": "big", "id": f"w{i}"})
-    replies = [asker.recv() for _ in range(10)]
-    kinds = [r["type"] if r["type"] != "error" else r["code"] for r in replies]
+    replies = _unread(registered(ctx, b, "asker"), [{"type": "who", "room": "big", "id": f"w{i}"} for i in range(10)])
     # 8 KiB of burst: three lists (the third takes it below zero), then refusals.
-    assert kinds == ["who"] * 3 + ["rate_limited"] * 7
+    assert _kinds(replies) == ["who"] * 3 + ["rate_limited"] * 7
     assert len(replies[0]["members"]) == 100
-    joiner = registered(ctx, b, "joiner")
-    for i in range(10):
-        joiner.send({"type": "join", "room": "big", "id": f"j{i}"})
-    replies = [joiner.recv() for _ in range(10)]
-    kinds = [r["type"] if r["type"] != "error" else r["code"] for r in replies]
-    assert kinds == ["joined"] * 3 + ["rate_limited"] * 7
+    replies = _unread(registered(ctx, b, "joiner"), [{"type": "join", "room": "big", "id": f"j{i}"} for i in range(10)])
+    assert _kinds(replies) == ["joined"] * 3 + ["rate_limited"] * 7
     assert len(replies[0]["members"]) == 101
     bystander_ok(b)
+
+
+def _unread(raw: Raw, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send every request before reading any reply (as a client that does not read would)."""
+    for request in requests:
+        raw.send(request)
+    return [raw.recv() for _ in requests]
+
+
+def _kinds(replies: list[dict[str, Any]]) -> list[str]:
+    """Each reply's type, or its error code."""
+    return [r["type"] if r["type"] != "error" else r["code"] for r in replies]
 
 
 def test_one_host_cannot_fill_the_broker_with_sessions(
