@@ -58,6 +58,7 @@ PASTE_CONFIRM_LINES = 5
 KEYS_HELP = """\
 keys:
   Alt-1 … Alt-9, 0   switch to the 1st … 9th, 10th room you are in (the bar below lists them)
+  Alt-A              go to a room that mentioned you (marked ! in the bar), else the first with unread lines
   Tab / Shift-Tab    complete a command, a name or a #room; again: the next / previous match
                      (names: who spoke last first)
   Up / Down          recall earlier lines
@@ -107,6 +108,7 @@ STYLE = Style.from_dict(
         "bottom-toolbar": "reverse",
         "bottom-toolbar.current": "bold",
         "bottom-toolbar.unread": "bold underline",
+        "bottom-toolbar.mention": "bold underline ansiyellow",
         "bottom-toolbar.state": "",
         "bottom-toolbar.state.away": "bold",
     }
@@ -214,6 +216,8 @@ class ChatUI:
         self._cycle: _Cycle | None = None
         #: Room -> messages that arrived there while another room was current.
         self.unread: dict[str, int] = {}
+        #: Rooms where such a message mentioned us, in the order of their first mention since.
+        self.mentioned: dict[str, None] = {}
         #: Lines queued to be shown, and lines printed to the terminal so far.
         self.lines_shown = 0
         self.lines_printed = 0
@@ -267,9 +271,18 @@ class ChatUI:
         # Who spoke last first (the one being answered, mostly), then by name.
         return sorted(found, key=lambda name: (-self._spoke.get(name, -1), name.lower()))
 
+    def next_active(self) -> str | None:
+        """Where Alt-A goes: the room that mentioned us first, else the first in the bar with unread lines."""
+        joined = self.rooms
+        for room in self.mentioned:
+            if room in joined:
+                return room
+        return next((room for room in joined if self.unread.get(room)), None)
+
     def switch(self, room: str) -> None:
         self.commands.chose(room)
         self.unread.pop(room, None)
+        self.mentioned.pop(room, None)
         if room != self._talking_in:
             # One stream for every room, and lines of the current one carry no label:
             # a mark where that changes says which room the unlabelled lines above are.
@@ -461,6 +474,9 @@ class ChatUI:
             self.session.app.invalidate()
         line = render.styled(event, self.client.name, self.current, self._colours)
         self._ring |= line.alert
+        if line.alert and event.type == "msg" and event.room and event.room != self.current:
+            # The bell rang, but the line scrolls away among the rest: the bar keeps it.
+            self.mentioned.setdefault(event.room, None)
         self._mark_day(event.ts)
         self._emit(line)
         if event.type in ("msg", "dm", "presence"):
@@ -565,10 +581,13 @@ class ChatUI:
         for i, room in enumerate(self.rooms, 1):
             unread = self.unread.get(room, 0)
             style = "class:bottom-toolbar.current" if room == self.current else ""
-            if unread:
-                style = "class:bottom-toolbar.unread"
+            count = ""
+            if room in self.mentioned:  # "!" says it where the terminal shows no colour
+                style, count = "class:bottom-toolbar.mention", f"({unread}!)"
+            elif unread:
+                style, count = "class:bottom-toolbar.unread", f"({unread})"
             label = f"{i % 10}:#{room}" if i <= 10 else f"#{room}"  # (Alt-0 is the 10th, as in irssi)
-            out.append((style, f" {label}" + (f"({unread})" if unread else "")))
+            out.append((style, f" {label}{count}"))
         out.append(("", "  | /help"))
         return out
 
@@ -584,6 +603,12 @@ class ChatUI:
                 rooms = self.rooms
                 if index < len(rooms):
                     self.switch(rooms[index])
+
+        # irssi's Alt-A: to where something happened, mentions first.
+        @kb.add("escape", "a")
+        def _active(event: KeyPressEvent) -> None:
+            if (room := self.next_active()) is not None:
+                self.switch(room)
 
         # Not in the Ctrl-R search field: names have nothing to do there.
         @kb.add("tab", filter=~is_searching)

@@ -554,6 +554,43 @@ def test_switch_and_alt_digits_move_among_joined_rooms(alice: Client, bob: Clien
     run(main())
 
 
+def test_bar_marks_a_mention_elsewhere_and_alt_a_goes_there_first(alice: Client, bob: Client) -> None:
+    bob.join("dev")
+    bob.join("ops")
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/join dev")
+            t.line("/join ops")
+            await until(lambda: t.ui.current == "ops")
+            t.line("/switch #general")
+            await until(lambda: t.ui.current == "general")
+            t.keys("\x1ba")  # Alt-A with nothing unread: stays
+            bob.send_wait("dev", "plain in dev")
+            bob.send_wait("ops", "alice: look at this")
+            bob.send_wait("ops", "and this")
+            # The mention's room is marked, the other only counted.
+            await until(lambda: "3:#ops(2!)" in t.toolbar(), what=t.toolbar)
+            assert "2:#dev(1)" in t.toolbar() and "2:#dev(1!)" not in t.toolbar()
+            assert t.ui.current == "general"
+            t.keys("\x1ba")  # the mention first, though #dev is earlier in the bar
+            await until(lambda: t.ui.current == "ops")
+            assert "3:#ops" in t.toolbar() and "#ops(" not in t.toolbar()
+            t.keys("\x1ba")  # then the room with unread lines
+            await until(lambda: t.ui.current == "dev")
+            assert "#dev(" not in t.toolbar()
+            t.keys("\x1ba")  # nothing left: stays
+            t.keys("\x1b1")
+            await until(lambda: t.ui.current == "general")
+            # A mention in the room you are in is not marked (you see it).
+            bob.join("general")
+            bob.send_wait("general", "alice, here")
+            await t.shows("alice, here")
+            assert "1:#general(" not in t.toolbar()
+
+    run(main())
+
+
 def test_help_lists_commands_and_keys(alice: Client) -> None:
     async def main() -> None:
         async with chat_ui(alice) as t:
