@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import faulthandler
 import gc
 import logging
@@ -221,37 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: glibc's malloc: past this much free memory at the top of its heap, it gives the top
-#: back to the kernel; below, it keeps it for the next allocations.
-_M_TRIM_THRESHOLD, _TRIM_AT = -1, 32 << 20
-#: ... and allocations of at least this much get pages of their own (mmap), freed at once.
-_M_MMAP_THRESHOLD, _MMAP_FROM = -3, 4 << 20
-
-
-def _keep_freed_heap() -> None:
-    """Let glibc keep freed heap memory for reuse instead of handing it back at every pass.
-
-    Left to itself, glibc gives the heap's top back once twice its (adaptive) mmap
-    threshold is free there: a pass's frames of 1 KiB texts (a few hundred KiB) went
-    back to the kernel and came again as fresh pages, each faulted in and zeroed
-    (clear_page, 8% of the broker's CPU in a profile). Measured at 30k msg/s of 1 KiB
-    texts, 1 room x 1: 4,600 page faults a second before, 940 after, and 4% less
-    broker CPU; 100 B texts the same either way. The cost: up to _TRIM_AT of freed
-    memory stays in the process after a burst. Nothing is done where malloc is not
-    glibc's (musl's mallopt does nothing; macOS has none).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # Setting either turns glibc's adaptive thresholds off: both are set.
-    mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM)
-    mallopt(_M_TRIM_THRESHOLD, _TRIM_AT)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = envargs.resolve(parser, parser.parse_args(argv))
@@ -368,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     # no longer holds the loop up for ~5-10 ms now and then.
     gc.collect()
     gc.freeze()
-    _keep_freed_heap()
 
     stopping_at: list[float] = []
 
