@@ -564,6 +564,8 @@ class Client:
         self._dropped = False
         #: In connect(), up to its return (handshake failures are looked into until then).
         self._connecting = False
+        #: The broker closed the request connection of a session we had (it stopped, or crashed).
+        self._hung_up = False
         #: The SUB's handshake with the room event port succeeded; why it failed, if it did.
         self._sub_up = False
         self._sub_failure: str | None = None
@@ -1137,10 +1139,15 @@ class Client:
             # Handshake outcomes: a refused key must be an error, not a silent hang;
             # and a refused connection lets connect() go on to the next address.
             events = _HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED
+            if sock is dealer:
+                # A broker that stops or crashes closes its connections: known at once,
+                # not after 3 silent heartbeats (15 s with the default), which is what a
+                # broker that vanished without closing them (a cable, a dead host) takes.
+                events |= zmq.EVENT_DISCONNECTED
             monitor = sock.get_monitor_socket(events)
             self._monitors[monitor] = sock
             self._poller.register(monitor, zmq.POLLIN)
-        self._refused = self._sub_up = self._dropped = False
+        self._refused = self._sub_up = self._dropped = self._hung_up = False
         self._foreign = self._sub_failure = None
         address = self.address
         dealer.connect(address.endpoint)
@@ -1178,6 +1185,8 @@ class Client:
         try:
             self._read_monitor(monitor, sock)
         finally:
+            if self._hung_up:
+                self._lost(f"{self.endpoint} closed the connection")
             if self._auth_failure and self._auth_failure != before:
                 if not self._auth_said:
                     self._auth_said = True
@@ -1192,6 +1201,10 @@ class Client:
             except zmq.Again:
                 return
             event = message["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                # Only a session's connection: while connecting, the handshake events say more.
+                self._hung_up |= sock is self._dealer and self.state == "connected" and not self._connecting
+                continue
             if event == zmq.EVENT_CONNECT_RETRIED:
                 if sock is self._sub:
                     # (After a failed handshake too: that failure says more.)

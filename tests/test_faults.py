@@ -49,6 +49,38 @@ class Inbox:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_a_broker_that_goes_away_is_noticed_at_once(tmp_path: Path, sig: int) -> None:
+    """Not 3 silent heartbeats later (15 s at the default 5 s heartbeat, which this broker has):
+    its connection closing says it. What is written meanwhile goes once it is back."""
+    first = BrokerProcess(tmp_path / "data").start()
+    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
+    second: BrokerProcess | None = None
+    try:
+        alice.client.connect()
+        assert alice.client.heartbeat_ms == 5000
+        alice.client.join("general")
+        first.kill(sig)
+
+        def state(want: str) -> Callable[[], bool]:
+            return lambda: (alice.pump(), alice.client.state == want)[1]
+
+        wait_for(state("reconnecting"), 3, interval=0)
+        lost = [e for e in alice.events if e.type == "status" and e.event == "reconnecting"]
+        assert "closed the connection" in (lost[0].text or ""), lost
+        alice.client.send("general", "during")
+        second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+        wait_for(state("connected"), 20, interval=0)
+        wait_for(lambda: (alice.pump(), "during" in alice.texts())[1], 20, interval=0)
+        assert alice.client.unacked == 0
+    finally:
+        alice.client.close(0)
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+@pytest.mark.timeout(60)
 def test_kill_9_and_restart_no_client_restarted(tmp_path: Path) -> None:
     first = BrokerProcess(tmp_path / "data", extra=FAST).start()
     alice = Inbox(Client("alice", HOST, first.port, first.pub_port))

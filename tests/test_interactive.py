@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import re
+import signal
 import time
 import types
 import zlib
@@ -33,7 +34,7 @@ from client import commands, render
 from client.commands import Commands
 from client.interactive import ChatUI, connection_status
 from client.lib import Client, Event
-from tests.conftest import HOST, RunningBroker
+from tests.conftest import HOST, BrokerProcess, RunningBroker
 
 ENTER = "\r"
 UP, DOWN, LEFT = "\x1b[A", "\x1b[B", "\x1b[D"
@@ -227,19 +228,28 @@ def test_lost_broker_shows_in_prompt_and_status_line(tmp_path: Path) -> None:
 
 
 def test_a_line_not_acknowledged_yet_shows_in_the_status_line(tmp_path: Path) -> None:
-    """The broker has gone silent and nothing says so yet (that takes 3 heartbeats): the
+    """The broker has gone silent and nothing says so yet (that takes 3 heartbeats; it is
+    stopped, its connections open: one that closed them would be known gone at once): the
     line typed is not shown until acknowledged, but the status line says it is on its way."""
-    with alice_of_a_broker_to_stop(tmp_path) as (client, stop_broker):
+    broker = BrokerProcess(tmp_path / "data").start()
+    client = Client("alice", HOST, broker.port, broker.pub_port)
+    try:
+        client.connect()
+        client.join("general")
 
         async def main() -> None:
             async with chat_ui(client) as t:
                 assert "sending" not in t.toolbar()
-                stop_broker()
+                assert broker.proc is not None
+                broker.proc.send_signal(signal.SIGSTOP)
                 t.line("into the silence")
                 await until(lambda: "sending 1" in t.toolbar(), what=t.toolbar)
                 assert "connected" in t.toolbar()
 
         run(main())
+    finally:
+        client.close(0, settle=0)
+        broker.kill()
 
 
 def test_enter_sends_and_up_down_recall_earlier_lines(alice: Client, bob: Client) -> None:
