@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.retention_days is not None:
         if not (math.isfinite(args.retention_days) and 1 <= args.retention_days * DAY_MS <= MAX_AGE_MS):
             log.error(
-                "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days above 0 and at most %d, not %s",
+                # (Kept in whole ms: a positive number of days below one ms would round to none.)
+                "--retention-days (or ZCHAT_RETENTION_DAYS) must be a number of days of at least 1 ms "
+                "(0.0000000116) and at most %d, not %s",
                 MAX_AGE_MS // DAY_MS,
                 args.retention_days,
             )

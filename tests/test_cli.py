@@ -394,9 +394,22 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
         ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be at least 1, not 0"),
         ("ZCHAT_RETENTION", "0", "--retention (or ZCHAT_RETENTION) must be at least 1, not 0"),
         ("ZCHAT_RETENTION_DAYS", "week", "ZCHAT_RETENTION_DAYS='week': not a number"),
-        ("ZCHAT_RETENTION_DAYS", "0", "must be a number of days above 0 and at most 1000000, not 0.0"),
-        ("ZCHAT_RETENTION_DAYS", "inf", "must be a number of days above 0 and at most 1000000, not inf"),
-        ("ZCHAT_RETENTION_DAYS", "1e12", "must be a number of days above 0 and at most 1000000, not 1000000000000.0"),
+        ("ZCHAT_RETENTION_DAYS", "1e-8", "at least 1 ms (0.0000000116) and at most 1000000, not 1e-08"),
+        (
+            "ZCHAT_RETENTION_DAYS",
+            "0",
+            "must be a number of days of at least 1 ms (0.0000000116) and at most 1000000, not 0.0",
+        ),
+        (
+            "ZCHAT_RETENTION_DAYS",
+            "inf",
+            "must be a number of days of at least 1 ms (0.0000000116) and at most 1000000, not inf",
+        ),
+        (
+            "ZCHAT_RETENTION_DAYS",
+            "1e12",
+            "must be a number of days of at least 1 ms (0.0000000116) and at most 1000000, not 1000000000000.0",
+        ),
     ],
 )
 def test_a_bad_broker_environment_variable_exits_2_naming_it(
