@@ -22,8 +22,9 @@ Guarantees it gives on top of the wire (DESIGN.md "Client rules"):
   is among its last 100,000. A DM delivered twice (resent across a failover),
   or a room message stored twice (resent after that), is shown once: the last
   :data:`DM_WINDOW` and :data:`MSG_WINDOW` (author, id) pairs are remembered.
-* It pings every heartbeat; a broker silent for 3 heartbeats, or one that no
-  longer knows the session, is lost: the client opens fresh sockets to the
+* It pings every heartbeat; a broker silent for 3 heartbeats, one that closes
+  the connection (it stopped or crashed), or one that no longer knows the
+  session, is lost: the client opens fresh sockets to the
   next broker address (round-robin over ``hosts``; the same one when there is
   only one), says hello again with its resume token (taking its old session
   back if that broker, or its cluster, still has it), rejoins its rooms

@@ -159,9 +159,12 @@ def styled(event: Event, me: str, current: str | None, colour: Callable[[str], i
         head = [when]
         if event.room != current:
             head.append(("class:room", f"#{event.room} "))
-        nick = "class:nick.own" if event.own else f"class:nick.{colour(name)}"
-        mention = not event.own and mentions(text, me)
-        body_style = "class:text.own" if event.own else "class:text.mention" if mention else "class:text"
+        # Ours too when written by an earlier session of our name (a backlog after a
+        # restart): names are unique among live sessions, so no one else's live line.
+        own = event.own or event.name == me
+        nick = "class:nick.own" if own else f"class:nick.{colour(name)}"
+        mention = not own and mentions(text, me)
+        body_style = "class:text.own" if own else "class:text.mention" if mention else "class:text"
         if event.action:
             head += [("class:action", "* "), (nick, name), ("class:action", " ")]
             body_style += " class:action"

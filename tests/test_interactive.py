@@ -923,6 +923,9 @@ def test_render_styles_own_others_dms_presence_actions_and_rooms() -> None:
     assert (f"class:nick.{render.name_colour('bob')}", "bob") in other.fragments
     own = render.styled(_event(name="alice", text="hi", own=True), "alice", "general")
     assert ("class:nick.own", "alice") in own.fragments and ("class:text.own", "hi") in own.fragments
+    # Written by an earlier session of ours (a join's backlog after a restart): ours all the same.
+    earlier = render.styled(_event(name="alice", text="alice here", backlog=True), "alice", "general")
+    assert ("class:nick.own", "alice") in earlier.fragments and ("class:text.own", "alice here") in earlier.fragments
     assert render.styled(_event(room="dev", text="hi"), "alice", "general").plain == f"{when} #dev <bob> hi"
     assert render.styled(_event(text="waves", action=True), "alice", "general").plain == f"{when} * bob waves"
     dm = render.styled(_event(type="dm", room=None, text="psst", to="alice"), "alice", "general")
