@@ -737,22 +737,22 @@ class Core:
         session = self.by_identity.get(identity)
         if session is None:
             return p.error(ErrorCode.NOT_REGISTERED, "the session ended before its history was sent")
-        return self._bulk_refused(session, now)
+        spent = self._bulk_spent(session, now)
+        return None if spent is None else p.error(ErrorCode.RATE_LIMITED, spent)
 
-    def _bulk_refused(self, session: Session, now: int) -> Envelope | None:
-        """The refusal of a request whose reply may be large (``history``, ``rooms``,
-        ``who``, ``join``) when the session's budget of such replies (``history_bytes``)
-        is spent, else None."""
+    def _bulk_spent(self, session: Session, now: int) -> str | None:
+        """Why a request whose reply may be large (``history``, ``rooms``, ``who``, ``join``)
+        is refused when the session's budget of such replies (``history_bytes``) is spent,
+        else None."""
         limits = self.limits
         if session.history is None or limits.history_bytes <= 0:
             return None
         self._refill(session.history, now)
         if session.history.tokens >= 0:
             return None
-        return p.error(
-            ErrorCode.RATE_LIMITED,
+        return (
             f"slow down: history, rooms, who and join replies are limited to {limits.history_bytes / 1048576:g} MiB "
-            "a second",
+            "a second"
         )
 
     def charge_history(self, identity: bytes, size: int, now: int) -> None:
@@ -789,9 +789,9 @@ class Core:
 
     def _check_bulk(self, session: Session, now: int) -> None:
         """``rate_limited`` when the session's budget of large replies is spent."""
-        refused = self._bulk_refused(session, now)
-        if refused is not None:
-            raise ProtocolError(ErrorCode.RATE_LIMITED, refused["message"])
+        spent = self._bulk_spent(session, now)
+        if spent is not None:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, spent)
 
     def _charged(self, session: Session, room: str, members: list[str], now: int) -> list[str]:
         """``members``, the member list of a reply to ``session``, charged to its budget of
@@ -803,9 +803,7 @@ class Core:
     def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
         # Up to 1000 rooms, some 50 KB: charged like history, or a session that asks
         # and never reads could make the broker queue replies without end.
-        refused = self._bulk_refused(session, now)
-        if refused is not None:
-            return [self._reply(session, refused, env)]
+        self._check_bulk(session, now)
         listed, truncated = self._room_list()
         # About what it encodes to: each entry's name, its three keys and two ints.
         self._charge_bulk(session, 32 + sum(len(room) + 30 for room, _, _ in listed), now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -289,10 +290,12 @@ def test_history_a_session_never_reads_is_bounded(
 
 
 def test_rooms_a_session_never_reads_is_bounded(
-    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A ``rooms`` reply lists up to 1000 rooms (about 50 KB): asked for over and over and
-    never read, it is charged to the same budget as history, then refused."""
+    never read, it is charged to the same budget as history, then refused (and logged as
+    a refusal, as ``who`` and ``join`` are)."""
+    caplog.set_level(logging.INFO, logger="zchat.broker")
     b = limited(rate=0, join_rate=0, max_rooms=1000, history_bytes=1024, history_burst=16 * 1024)
     maker = registered(ctx, b, "maker")
     for i in range(300):
@@ -305,7 +308,10 @@ def test_rooms_a_session_never_reads_is_bounded(
     kinds = [r["type"] if r["type"] != "error" else r["code"] for r in replies]
     # 16 KiB of burst: two replies, then refusals until it refills at 1 KiB a second.
     assert kinds == ["rooms"] * 2 + ["rate_limited"] * 18
+    assert [r["id"] for r in replies[2:]] == [f"r{i}" for i in range(2, 20)]
     assert len(replies[0]["rooms"]) == 300 and not replies[0]["truncated"]
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused") and "rate_limited" in r.getMessage()]
+    assert len(refused) == 18 and all(r.levelname == "INFO" for r in refused)
     bystander_ok(b)
 
 
