@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -336,6 +339,39 @@ def test_a_port_taken_while_rebinding_stops_the_broker_with_a_reason() -> None:
         sock.close(0)
         thief.close(0)
         ctx.term()
+
+
+#: The broker with its rebind made to lose the port (the real race cannot be staged on
+#: demand); the revocation, the signal and the CLI's handling of the loss are real.
+_LOSES_ITS_PORT = """
+import sys
+import broker.server as server
+
+def lose(sock, endpoint, timeout=5.0):
+    raise server.ListenLost(f"cannot listen on {endpoint} again after cutting every connection (a key was revoked)")
+
+server._rebind = lose
+from broker.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.timeout(30)
+def test_the_cli_stops_with_one_critical_line_when_a_revocation_loses_a_port(keys: Path) -> None:
+    broker = BrokerProcess(
+        keys / "data", extra=["--keys", str(keys / "keys")], prefix=[sys.executable, "-c", _LOSES_ITS_PORT]
+    ).start()
+    try:
+        (keys / "keys" / "authorized" / "bob.key").unlink()
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # reload: bob revoked, every connection cut
+        assert broker.proc.wait(timeout=10) == 1
+        wait_for(lambda: any("CRITICAL" in line for line in broker.log), 5)
+        log = "".join(broker.log)
+        assert re.search(r"CRITICAL cannot listen on tcp://\S+ again after cutting every connection .*; stopping", log)
+        assert "Traceback" not in log
+    finally:
+        broker.kill()
 
 
 def _took(sock: zmq.Socket[bytes], endpoint: str) -> bool:
