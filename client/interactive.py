@@ -189,6 +189,7 @@ class ChatUI:
         self.color = color and not os.environ.get("NO_COLOR")
         #: The room whose lines show unlabelled since the last "now talking in" mark.
         self._talking_in = room
+        self._hinted = False
         self.commands = Commands(
             client,
             room,
@@ -286,8 +287,10 @@ class ChatUI:
         if room != self._talking_in:
             # One stream for every room, and lines of the current one carry no label:
             # a mark where that changes says which room the unlabelled lines above are.
-            self._talking_in = room
-            self._out(f"now talking in #{room}; lines of other rooms show their #name")
+            # How the stream reads is said once; later switches only name the room.
+            hint = "" if self._hinted else "; lines of other rooms show their #name"
+            self._talking_in, self._hinted = room, True
+            self._out(f"now talking in #{room}{hint}")
         self.session.app.invalidate()
 
     # ------------------------------------------------------------ running

@@ -538,7 +538,13 @@ def test_switch_and_alt_digits_move_among_joined_rooms(alice: Client, bob: Clien
             await until(lambda: t.ui.current == "dev")
             assert t.prompt() == "[#dev] alice> "
             # One stream for all rooms: a mark says where the unlabelled lines change room.
-            await t.shows("now talking in #dev")
+            assert "now talking in #dev; lines of other rooms show their #name" in await t.shows("now talking in #dev")
+            t.keys("\x1b1")
+            await until(lambda: t.ui.current == "general")
+            # Said once: later switches only name the room.
+            assert (await t.shows("now talking in #general")).endswith("now talking in #general")
+            t.keys("\x1b2")
+            await until(lambda: t.ui.current == "dev")
             # A message in another room is labelled with it and counted in the bar.
             bob.send_wait("ops", "in ops")
             assert "#ops <bob> in ops" in await t.shows("in ops")
