@@ -51,6 +51,7 @@ import errno
 import ipaddress
 import logging
 import os
+import random
 import re
 import secrets
 import socket
@@ -565,8 +566,10 @@ class Client:
         self._dropped = False
         #: In connect(), up to its return (handshake failures are looked into until then).
         self._connecting = False
-        #: The broker closed the request connection of a session we had (it stopped, or crashed).
-        self._hung_up = False
+        #: The request connection is down (its last handshake was followed by a close), and
+        #: when a session that is connected is taken for lost because of it (see _maintain).
+        self._dealer_down = False
+        self._lose_at: float | None = None
         #: The SUB's handshake with the room event port succeeded; why it failed, if it did.
         self._sub_up = False
         self._sub_failure: str | None = None
@@ -1148,7 +1151,8 @@ class Client:
             monitor = sock.get_monitor_socket(events)
             self._monitors[monitor] = sock
             self._poller.register(monitor, zmq.POLLIN)
-        self._refused = self._sub_up = self._dropped = self._hung_up = False
+        self._refused = self._sub_up = self._dropped = self._dealer_down = False
+        self._lose_at = None
         self._foreign = self._sub_failure = None
         address = self.address
         dealer.connect(address.endpoint)
@@ -1186,8 +1190,6 @@ class Client:
         try:
             self._read_monitor(monitor, sock)
         finally:
-            if self._hung_up:
-                self._lost(f"{self.endpoint} closed the connection")
             if self._auth_failure and self._auth_failure != before:
                 if not self._auth_said:
                     self._auth_said = True
@@ -1203,8 +1205,9 @@ class Client:
                 return
             event = message["event"]
             if event == zmq.EVENT_DISCONNECTED:
-                # Only a session's connection: while connecting, the handshake events say more.
-                self._hung_up |= sock is self._dealer and self.state == "connected" and not self._connecting
+                # In order with the handshakes: a close read after the handshake of a later
+                # connection (a failed try before it) is not about the connection in use.
+                self._dealer_down = self._dealer_down or sock is self._dealer
                 continue
             if event == zmq.EVENT_CONNECT_RETRIED:
                 if sock is self._sub:
@@ -1232,6 +1235,7 @@ class Client:
                         state.confirmed, state.probes, state.next_probe = False, 0, time.monotonic()
                 else:
                     self._foreign = None
+                    self._dealer_down = False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._auth_failure = f"the broker at {where} does not accept our key (is it in its authorized/?)"
             else:
@@ -1326,6 +1330,17 @@ class Client:
             # program that pumps too rarely must still learn its broker is gone).
             self._last_recv = self._excused = max(self._last_recv, now - hb)
         self._last_maintain = now
+        if self.state == "connected" and self._dealer_down:
+            if self._lose_at is None:
+                # Not at once: every client of a broker that stopped sees the close in the
+                # same instant; spread over up to a second, they do not all come back (or
+                # fail over) in one burst.
+                self._lose_at = now + random.uniform(0.0, min(1.0, hb))  # noqa: S311 (a spread, not a secret)
+            elif now >= self._lose_at:
+                self._read_dealer()  # the broker's last answers, sent before it closed
+                self._lost(f"the connection to {self.endpoint} closed")
+        else:
+            self._lose_at = None
         if self.state == "connected":
             if now - self._last_recv > 3 * hb:
                 self._lost(f"no answer from {self.endpoint} for {now - self._last_recv:.0f} s")
