@@ -465,9 +465,7 @@ class ChatUI:
         elif event.type == "msg" and event.room and event.name:
             self.commands.members.setdefault(event.room, set()).add(event.name)
             self._spoke[event.name] = next(self._ticks)
-            # (Ours also when an earlier session of our name wrote it, as render styles it.)
-            mine = event.own or event.name == self.client.name
-            if event.room != self.current and not mine and not event.backlog:
+            if event.room != self.current and not render.is_own(event, self.client.name) and not event.backlog:
                 self.unread[event.room] = self.unread.get(event.room, 0) + 1
                 self.session.app.invalidate()
         elif event.type == "dm":

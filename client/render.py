@@ -123,6 +123,12 @@ class NickColours:
         return colour
 
 
+def is_own(event: Event, me: str) -> bool:
+    """Ours: sent by this session, or (a join's backlog after a restart) by an earlier one
+    of our name; names are unique among live sessions, so no one else's live line."""
+    return event.own or event.name == me
+
+
 def mentions(text: str, name: str) -> bool:
     """Whether ``text`` names ``name`` as a word ("bob:", "hi Bob!", not "bobcat")."""
     pattern = r"(?<![\w.-])" + re.escape(name) + r"(?![\w-])"
@@ -159,9 +165,7 @@ def styled(event: Event, me: str, current: str | None, colour: Callable[[str], i
         head = [when]
         if event.room != current:
             head.append(("class:room", f"#{event.room} "))
-        # Ours too when written by an earlier session of our name (a backlog after a
-        # restart): names are unique among live sessions, so no one else's live line.
-        own = event.own or event.name == me
+        own = is_own(event, me)
         nick = "class:nick.own" if own else f"class:nick.{colour(name)}"
         mention = not own and mentions(text, me)
         body_style = "class:text.own" if own else "class:text.mention" if mention else "class:text"

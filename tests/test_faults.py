@@ -11,7 +11,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,30 @@ class Inbox:
     def texts(self, kind: str = "msg") -> list[str | None]:
         return [e.text for e in self.events if e.type == kind]
 
+    def until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Pump until ``predicate`` holds (fail at ``timeout``)."""
+        wait_for(lambda: (self.pump(), predicate())[1], timeout, interval=0)
+
+    def statuses(self) -> list[str | None]:
+        return [e.event for e in self.events if e.type == "status"]
+
+
+@contextmanager
+def restartable(data: Path) -> Iterator[tuple[BrokerProcess, Inbox, list[BrokerProcess]]]:
+    """A broker process, alice connected to it in #general, and where the test puts the broker
+    that replaces it on the same ports (killed at the end with the first)."""
+    first = BrokerProcess(data).start()
+    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
+    later: list[BrokerProcess] = []
+    try:
+        alice.client.connect()
+        alice.client.join("general")
+        yield first, alice, later
+    finally:
+        alice.client.close(0)
+        for broker in (first, *later):
+            broker.kill()
+
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
@@ -55,31 +80,17 @@ def test_a_broker_that_goes_away_is_noticed_at_once(tmp_path: Path, sig: int) ->
     """Not 3 silent heartbeats later (15 s at the default 5 s heartbeat, which this broker has):
     its connection closing says it (within the 1 s spread). What is written meanwhile goes
     once it is back."""
-    first = BrokerProcess(tmp_path / "data").start()
-    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
-    second: BrokerProcess | None = None
-    try:
-        alice.client.connect()
+    with restartable(tmp_path / "data") as (first, alice, later):
         assert alice.client.heartbeat_ms == 5000
-        alice.client.join("general")
         first.kill(sig)
-
-        def state(want: str) -> Callable[[], bool]:
-            return lambda: (alice.pump(), alice.client.state == want)[1]
-
-        wait_for(state("reconnecting"), 3, interval=0)
+        alice.until(lambda: alice.client.state == "reconnecting", 3)
         lost = [e for e in alice.events if e.type == "status" and e.event == "reconnecting"]
         assert f"the connection to tcp://{HOST}:{first.port} closed" in (lost[0].text or ""), lost
         alice.client.send("general", "during")
-        second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
-        wait_for(state("connected"), 20, interval=0)
-        wait_for(lambda: (alice.pump(), "during" in alice.texts())[1], 20, interval=0)
+        later.append(BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start())
+        alice.until(lambda: alice.client.state == "connected", 20)
+        alice.until(lambda: "during" in alice.texts(), 20)
         assert alice.client.unacked == 0
-    finally:
-        alice.client.close(0)
-        first.kill()
-        if second is not None:
-            second.kill()
 
 
 @pytest.mark.timeout(60)
@@ -88,33 +99,23 @@ def test_a_failed_try_read_after_the_welcome_does_not_lose_the_new_session(tmp_p
     no broker behind it); the broker comes back and welcomes the hello queued meanwhile,
     while the program is busy. That close is then read after the welcome: it was about
     the failed try, not the connection in use, and must not cost the new session."""
-    first = BrokerProcess(tmp_path / "data").start()
-    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
-    second: BrokerProcess | None = None
-    try:
-        alice.client.connect()
-        alice.client.join("general")
+    with restartable(tmp_path / "data") as (first, alice, later):
         first.kill()
-        wait_for(lambda: (alice.pump(), alice.client.state == "reconnecting")[1], 5, interval=0)
+        alice.until(lambda: alice.client.state == "reconnecting", 5)
         alice.pump()  # the hello, queued on the fresh sockets
         with socket.create_server((HOST, first.port)) as proxy:
             conn, _ = proxy.accept()
             conn.close()
         second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+        later.append(second)
         # Busy, not pumping: libzmq connects and the queued hello is answered meanwhile.
         wait_for(lambda: any("session start: alice" in line for line in second.log), 15)
-        wait_for(lambda: (alice.pump(), alice.client.state == "connected")[1], 10, interval=0)
+        alice.until(lambda: alice.client.state == "connected", 10)
         deadline = time.monotonic() + 2.5  # past the longest wait before a close counts (1 s)
         while time.monotonic() < deadline:
             alice.pump()
-        statuses = [e.event for e in alice.events if e.type == "status"]
-        assert statuses == ["reconnecting", "connected"], statuses
+        assert alice.statuses() == ["reconnecting", "connected"], alice.statuses()
         assert alice.client.state == "connected"
-    finally:
-        alice.client.close(0)
-        first.kill()
-        if second is not None:
-            second.kill()
 
 
 @pytest.mark.timeout(60)

@@ -524,16 +524,21 @@ def test_history_shows_last_n_events_of_current_room(bob: Client, make_client: C
     run(main())
 
 
+async def in_general_dev_and_ops(t: Driver) -> None:
+    """Joins #dev then #ops (each becomes current), and goes back to #general: 1, 2, 3 in the bar."""
+    t.line("/join dev")
+    t.line("/join ops")
+    await until(lambda: t.ui.current == "ops")
+    t.line("/switch #general")
+    await until(lambda: t.ui.current == "general")
+
+
 def test_switch_and_alt_digits_move_among_joined_rooms(alice: Client, bob: Client) -> None:
     bob.join("ops")
 
     async def main() -> None:
         async with chat_ui(alice) as t:
-            t.line("/join dev")
-            t.line("/join ops")
-            await until(lambda: t.ui.current == "ops")
-            t.line("/switch #general")
-            await until(lambda: t.ui.current == "general")
+            await in_general_dev_and_ops(t)
             t.keys("\x1b2")  # Alt-2
             await until(lambda: t.ui.current == "dev")
             assert t.prompt() == "[#dev] alice> "
@@ -576,11 +581,7 @@ def test_bar_marks_a_mention_elsewhere_and_alt_a_goes_there_first(alice: Client,
 
     async def main() -> None:
         async with chat_ui(alice) as t:
-            t.line("/join dev")
-            t.line("/join ops")
-            await until(lambda: t.ui.current == "ops")
-            t.line("/switch #general")
-            await until(lambda: t.ui.current == "general")
+            await in_general_dev_and_ops(t)
             t.keys("\x1ba")  # Alt-A with nothing unread: stays
             bob.send_wait("dev", "plain in dev")
             bob.send_wait("ops", "alice: look at this")
