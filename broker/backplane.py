@@ -329,16 +329,6 @@ class Backplane:
     def close(self) -> None:
         self.r.close()
 
-    def deregister(self) -> None:
-        """A clean stop: our sessions have ended, so our keys can go."""
-        self.r.delete(
-            broker_key(self.id, "alive"),
-            broker_key(self.id, "names"),
-            broker_key(self.id, "inbox"),
-            broker_key(self.id, "notices"),
-        )
-        self.r.hdel(BROKERS_KEY, self.id)
-
     # --------------------------------------------------------------- names
 
     def claim(self, name: str, presented: str | None, new_token: str, new_sender: str) -> Claim:

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send TEXT to the room as it is (a text starting with / too), wait for its ack, exit",
     )
     parser.add_argument(
+        "--no-commands",
+        action="store_true",
+        help="pipe mode: every input line is a message, one starting with / too "
+        "(for logs and other text that is not yours: no line runs as a command)",
+    )
+    parser.add_argument(
         "--key",
         default=envargs.default("ZCHAT_KEY", None),
         metavar="FILE",
@@ -105,10 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 class Printer:
     """Writes events and notices; flushes per line so pipes see them at once."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, on_a_terminal: bool = False) -> None:
         self.as_json = as_json
+        #: An EIO writing stdout then means the terminal is gone (main() ends as after a SIGHUP).
+        self.on_a_terminal = on_a_terminal
         #: Lines and commands refused or failed so far (pipe mode exits 1 if any).
         self.failures = 0
+        #: Set once stdout takes no more: its reader went away (`zchat ... | head`), or it
+        #: fails (a full disk, closed). Events are no longer shown; pipe mode reads no
+        #: more input and ends once what it read is acknowledged.
+        self.out_gone = False
 
     def event(self, event: Event) -> None:
         if event.type == "error":
@@ -125,13 +137,23 @@ class Printer:
         self.out(render.json_line(event) if self.as_json else render.text_line(event))
 
     def out(self, line: str) -> None:
+        if self.out_gone:
+            return
+        stream = sys.stdout
         try:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            # The reader went away (`zchat ... | head`): stop quietly, as Unix tools do.
-            _mute(sys.stdout)
-            raise SystemExit(0) from None
+            if stream is None:  # started with stdout closed (`>&-`)
+                raise OSError(errno.EBADF, "stdout is closed")
+            stream.write(line + "\n")
+            stream.flush()
+        except OSError as exc:
+            if self.on_a_terminal and exc.errno in (errno.EIO, errno.ENXIO):
+                raise  # the terminal is gone: main() ends as after a SIGHUP
+            self.out_gone = True
+            if stream is not None:
+                _mute(stream)
+            if exc.errno != errno.EPIPE:
+                # Events this user asked for cannot be shown: a failure, not a reader that is done.
+                self.fail(f"cannot write to stdout: {exc.strerror or exc}; events are no longer shown")
 
     @staticmethod
     def err(line: str) -> None:
@@ -184,13 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     # An EIO later means a lost terminal only if we had one (not a failing file or disk).
     # A character device, not isatty(): a terminal already hung up is no tty any more.
     on_a_terminal = any(_is_char_device(fd) for fd in (0, 1, 2))
-    printer = Printer(args.json)
+    printer = Printer(args.json, on_a_terminal)
     try:
         room = p.parse_room(args.room)
     except ProtocolError as exc:
         printer.err(exc.message)
         return 2
     if args.send is not None:
+        # Bytes that are not UTF-8 become U+FFFD, as in pipe mode's lines (Python hands
+        # them over as lone surrogates, which no message can carry).
+        with contextlib.suppress(UnicodeError):
+            args.send = args.send.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         try:
             p.check_text(args.send)
         except ProtocolError as exc:
@@ -219,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         client.connect()
+    except KeyboardInterrupt:  # Ctrl-C while it connects: nothing was sent yet
+        client.close(settle=0)
+        return 130
     except BrokerUnreachable as exc:
         printer.err(f"{exc} (is zchat-broker running there?)" if exc.maybe_down else str(exc))
         client.close(settle=0)
@@ -253,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         printer.err(f"{exc.code}: {exc.message}")
         return 1
     except KeyboardInterrupt:
+        _say_unacked(client, printer, "SIGINT")
         return 130
     except OSError as exc:
         if not (on_a_terminal and exc.errno in (errno.EIO, errno.ENXIO)):
@@ -262,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         _mute(sys.stdout, sys.stderr)
         return 128 + signal.SIGHUP
     except _Terminated as exc:
-        if client.unacked:
-            printer.err(f"{signal.Signals(exc.signum).name}: {client.unacked} message(s) not acknowledged:")
-            for line in unsent_lines(client):
-                printer.err(line)
+        _say_unacked(client, printer, signal.Signals(exc.signum).name)
         return 128 + exc.signum
     finally:
         client.close(settle=0)
@@ -294,6 +321,14 @@ def terminal_gone(exc: OSError) -> bool:
     return exc.errno in (errno.EIO, errno.ENXIO, errno.EPIPE)
 
 
+def _say_unacked(client: Client, printer: Printer, why: str) -> None:
+    """Stopped early: each message the broker has not acknowledged, on stderr, to copy."""
+    if client.unacked:
+        printer.err(f"{why}: {client.unacked} message(s) not acknowledged:")
+        for line in unsent_lines(client):
+            printer.err(line)
+
+
 def unsent_lines(client: Client) -> list[str]:
     """Each message the broker never acknowledged, a line each, for the user to copy."""
     return [
@@ -311,6 +346,8 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
         client.drain_events()
         try:
             printer.event(client.send_wait(room, text))
+            if printer.failures:  # stored, but its line could not be shown (stdout failed)
+                return 1
         except BrokerUnreachable:
             # The library would keep it queued, but this one-shot ends here: say what is known.
             printer.err(f"no ack from {client.endpoint} in time: the message may or may not have been stored")
@@ -323,10 +360,11 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
 
 def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:
     commands = Commands(client, room, printer.out, printer.fail, as_json=args.json, backlog=args.backlog, strict=True)
+    commands.literal = args.no_commands
     fd = sys.stdin.fileno()
     pending = b""
     reading = True
-    while reading:
+    while reading and not printer.out_gone:
         for event in client.drain_events():
             printer.event(event)
         if client.state == "closed":  # closed under us (session_moved): the event said why
@@ -342,7 +380,7 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
         else:
             *lines, pending = (pending + chunk).split(b"\n")
         for raw in lines:
-            if not commands.handle(raw.decode("utf-8", errors="replace")):
+            if printer.out_gone or not commands.handle(raw.decode("utf-8", errors="replace")):
                 reading = False
                 break
     return _finish(client, printer)

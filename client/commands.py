@@ -89,18 +89,26 @@ class Commands:
     #: that room. In pipe mode every line is refused until a /join or /switch succeeds.
     failed: str | None = None
     failed_at: float = 0.0
+    #: Pipe mode's --no-commands: every line is a message, one starting with / too
+    #: (a log streamed into a room must not run its lines as commands).
+    literal: bool = False
 
     def handle(self, line: str) -> bool:
         """Act on one line; False means the user asked to quit."""
         line = line.rstrip("\r\n")
         if not line.strip():
             return True
+        command = not self.literal and line.startswith("/") and not line.startswith("//")
         try:
-            if line.startswith("/") and not line.startswith("//"):
+            if command:
                 return self._command(line)
-            self._say(line[1:] if line.startswith("//") else line)
+            self._say(line[1:] if not self.literal and line.startswith("//") else line)
         except (ZchatError, ProtocolError) as exc:  # refused, or the broker is away: say so, go on
-            self.err(f"{exc.code}: {exc.message}")
+            # A script's lines are many and the error comes after them: say which one it
+            # was, as the broker's refusals of sent lines do (render.error_text).
+            where = "" if command or self.current is None else f"#{self.current}: "
+            tag = f" [{render.clean(where + render.excerpt(line))}]" if self.strict else ""
+            self.err(f"{exc.code}: {exc.message}{tag}")
         return True
 
     def _say(self, text: str, *, action: bool = False) -> None:

@@ -6,7 +6,7 @@ the thread that calls it, so use one ``Client`` per thread. Nothing happens
 behind your back; the sockets are read whenever you call :meth:`Client.pump`,
 :meth:`Client.next_event`, :meth:`Client.events` or a request method.
 
-Guarantees it gives on top of the wire (DESIGN.md "Client rules"):
+Guarantees it gives on top of the wire (the design brief's "Client rules"; docs/protocol.md):
 
 * Joining follows the Clone pattern: subscribe, then ask for history, then
   drop live events at or below what history covered.
@@ -319,6 +319,17 @@ def parse_hosts(
     return out
 
 
+def _skipped(room: str, first: int, to: int, why: Literal["retention", "lost"]) -> Event:
+    """The status event that says events ``first``-``to`` of ``room`` were passed over."""
+    count = to - first + 1
+    what = f"{count} events of #{room} (seq {first}-{to}) are" if count > 1 else f"event {first} of #{room} is"
+    if why == "retention":
+        text = f"{what} no longer kept by the broker (its retention): skipped"
+    else:
+        text = f"{what} missing from the broker's store (lost, or deleted by its retention): skipped"
+    return Event(type="status", event="skipped", room=room, seq=to, text=text)
+
+
 # ------------------------------------------------------------------ events
 
 
@@ -327,7 +338,9 @@ class Event:
     """Something to show: a room message or presence change, a DM, an error, or a
     ``status`` change of the connection (``event`` is "reconnecting" or "connected"),
     or a ``status`` "skipped": events of ``room`` up to ``seq`` that the broker no
-    longer has (deleted by its retention, or lost from its store) were passed over.
+    longer has (deleted by its retention, or lost from its store) were passed over,
+    or a ``status`` "no_room_events": right after connect(), the broker's room event
+    port refused or did not answer (room events then come late, by catch-up).
 
     ``name`` is who wrote or joined/left (the wire's ``from`` or ``name``).
     ``own`` marks your own messages (delivered on their ack); ``backlog``
@@ -855,17 +868,24 @@ class Client:
 
     # ------------------------------------------------------------- requests
 
-    def join(self, room: str, backlog: int = 0) -> list[str]:
+    def join(self, room: str, backlog: int = 0, *, after: int | None = None) -> list[str]:
         """Join ``room``; queue its last ``backlog`` events; return its members.
 
         Back in a room this client left on the same broker, the backlog starts no
         earlier than where it left: what was already shown is not queued again.
+        ``after`` queues every event after that seq instead, however many: a bot that
+        logs a room passes the last seq it logged, and after its own restart misses
+        nothing and gets nothing twice. Events after it that the broker no longer
+        keeps are said by a ``status`` "skipped" event first; an ``after`` above the
+        room's seq (a broker that lost its store numbers the room anew) queues it all.
         An ``unavailable`` or ``rate_limited`` answer is asked again after a moment
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
         a script joining many rooms at once meets the join rate limit.
         """
         self._check_open()
         room = _room(room)
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+            raise ValueError(f"after={after!r}: a seq is an int, 0 or more")
         if room in self._rooms:
             reply = self._join_request(room)
             if not self._rooms[room].joined:
@@ -884,19 +904,24 @@ class Client:
             since = self._own_join_seen(state, top)
             backlog_to = max(0, top - max(0, backlog))
             seen = self._seen_before.pop(room, None)
-            if seen is not None and seen <= top:
+            if after is not None:
+                backlog_to = after if after <= top else 0
+            elif seen is not None and seen <= top:
                 # Back in a room we left: the backlog starts where we were, not again
                 # at what is already on screen. (Above top: the broker numbers the room
                 # anew, having lost its store; then it is all new.)
                 backlog_to = max(backlog_to, seen)
-            after = backlog_to if since is None else min(since, backlog_to)
-            while after < top:
+            cursor = backlog_to if since is None else min(since, backlog_to)
+            while cursor < top:
                 reply = self._request(
-                    {"type": "history", "room": room, "after": after, "limit": min(top - after, p.MAX_HISTORY_LIMIT)}
+                    {"type": "history", "room": room, "after": cursor, "limit": min(top - cursor, p.MAX_HISTORY_LIMIT)}
                 )
-                got = [m for m in reply["messages"] if _is_event(m) and after < m["seq"] <= top]
+                got = [m for m in reply["messages"] if _is_event(m) and cursor < m["seq"] <= top]
                 if not got:
                     break
+                if after is not None and cursor == backlog_to and got[0]["seq"] > cursor + 1:
+                    # Asked for every event after a seq: the ones the broker no longer has are said.
+                    self._events.append(_skipped(room, cursor + 1, got[0]["seq"] - 1, "retention"))
                 for env in got:
                     backlog = since is None or env["seq"] <= since
                     sent = self._stored_original(env)
@@ -904,7 +929,7 @@ class Client:
                     event = Event.from_envelope(env, backlog=backlog) if sent is None else self._own_event(sent, env)
                     event.backlog = backlog
                     self._events.append(event)
-                after = got[-1]["seq"]
+                cursor = got[-1]["seq"]
         except BaseException:
             self._forget_room(room)
             raise
@@ -944,11 +969,18 @@ class Client:
     def leave(self, room: str) -> None:
         """Leave ``room``. If the connection is lost meanwhile, the leave is asked again
         after the reconnect (which does not rejoin the room), and a broker that no
-        longer has us in it (``not_joined``) counts as done."""
+        longer has us in it (``not_joined``) counts as done.
+
+        Messages sent to the room before go first: the leave waits until each is
+        acknowledged (or refused), however long a rate-limited queue takes, as long as
+        acks keep coming. With none for the request timeout it raises
+        :class:`BrokerUnreachable` and the client stays in the room (they are kept).
+        """
         self._check_open()
         room = _room(room)
         state = self._rooms.get(room)
         if state is not None:
+            self._settle_room(room)
             state.leaving = True
         try:
             self._request({"type": "leave", "room": room})
@@ -958,6 +990,25 @@ class Client:
                     state.leaving = False
                 raise
         self._forget_room(room)
+
+    def _settle_room(self, room: str) -> None:
+        """Pump until no message to ``room`` awaits its ack: held by the rate limit, they
+        would go out after a leave sent now, and be refused as not_joined."""
+
+        def waiting() -> int:
+            return sum(env.get("room") == room for env in self._unacked.values())
+
+        left = waiting()
+        deadline = time.monotonic() + self.request_timeout
+        while left:
+            if time.monotonic() >= deadline:
+                raise BrokerUnreachable(
+                    f"{left} message(s) to #{room} not acknowledged by {self.endpoint} in "
+                    f"{self.request_timeout:g} s: still in #{room}, so they can go out"
+                )
+            self.pump(0.1)
+            if (now_left := waiting()) < left:
+                left, deadline = now_left, time.monotonic() + self.request_timeout
 
     def send(self, room: str, text: str, *, action: bool = False) -> str:
         """Send a room message without waiting; returns its id.
@@ -1618,6 +1669,15 @@ class Client:
             p.check_text(text)
         except ProtocolError as exc:
             raise RequestError(exc.code, exc.message) from None
+        try:
+            # Checked here, not by the broker: what reaches it was decoded from UTF-8
+            # already. A lone surrogate (a line read with errors="surrogateescape")
+            # cannot be sent; queued, it would fail every later pump and the close.
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(
+                ErrorCode.BAD_ENVELOPE, f"'text' is not valid Unicode ({exc.reason} at character {exc.start})"
+            ) from None
 
     def _check_open(self) -> None:
         """Every call but connect() and close() needs an open client (a message queued
@@ -2002,13 +2062,7 @@ class Client:
         if to <= state.last:
             return
         first, state.last = state.last + 1, to
-        count = to - first + 1
-        what = f"{count} events of #{room} (seq {first}-{to}) are" if count > 1 else f"event {first} of #{room} is"
-        if why == "retention":
-            text = f"{what} no longer kept by the broker (its retention): skipped"
-        else:
-            text = f"{what} missing from the broker's store (lost, or deleted by its retention): skipped"
-        self._events.append(Event(type="status", event="skipped", room=room, seq=to, text=text))
+        self._events.append(_skipped(room, first, to, why))
 
     def _stored_original(self, env: Envelope) -> Envelope | None:
         """If ``env`` is the stored copy of a message of ours still waiting for its ack:

@@ -198,8 +198,12 @@ def error_text(event: Event) -> str:
     if event.text is None:
         return text
     where = f"DM to {event.to}" if event.to is not None else f"#{event.room}"
-    excerpt = event.text if len(event.text) <= 40 else event.text[:39] + "…"
-    return f"{text} [{clean(where)}: {clean(excerpt)}]"
+    return f"{text} [{clean(where)}: {clean(excerpt(event.text))}]"
+
+
+def excerpt(text: str, width: int = 40) -> str:
+    """The start of ``text``, enough to tell which line an error is about."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def day(ts: int | None) -> str:

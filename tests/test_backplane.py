@@ -312,7 +312,6 @@ def _vanish(node: Node) -> None:
     core: Any = node.broker.core
     core.tick = lambda now: []  # no more heartbeats
     core._end = lambda session, now: []  # a crash ends no session
-    core.bp.deregister = lambda: None
     node.stop()
 
 

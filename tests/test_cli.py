@@ -478,7 +478,7 @@ def _broker_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _send_one(broker: BrokerProcess, text: str, name: str = "carol") -> subprocess.CompletedProcess[str]:
+def _send_one(broker: BrokerProcess, text: str | bytes, name: str = "carol") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [bin_path("zchat"), "--name", name, "--send", text],
         env=broker.env(),
@@ -680,9 +680,10 @@ def test_sighup_stays_ignored_under_nohup(broker_proc: BrokerProcess) -> None:
         proc.wait(timeout=10)
 
 
-def test_lines_never_acknowledged_are_listed_when_the_client_ends(tmp_path: Path) -> None:
-    """Lines the rate limit still held when a SIGTERM came: the user is told which,
-    word for word, to send them again (a count alone left them lost)."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_lines_never_acknowledged_are_listed_when_the_client_ends(tmp_path: Path, sig: signal.Signals) -> None:
+    """Lines the rate limit still held when a SIGTERM (or a Ctrl-C) came: the user is told
+    which, word for word, to send them again (a count alone left them lost)."""
     broker = BrokerProcess(tmp_path / "data", extra=["--rate-limit", "0.1"]).start()
     try:
         bob = Chat(broker, "bob", "--json")
@@ -691,10 +692,12 @@ def test_lines_never_acknowledged_are_listed_when_the_client_ends(tmp_path: Path
             bob.expect_json(type="presence", name="alice", event="join")
             alice.say(*[f"m{i}" for i in range(60)])  # a burst of 50 passes; the rest is held
             alice.expect_json(type="msg", text="m49")  # her own line, shown once acknowledged
-            alice.proc.send_signal(signal.SIGTERM)
-            assert alice.proc.wait(timeout=10) == 128 + signal.SIGTERM
+            alice.proc.send_signal(sig)
+            assert alice.proc.wait(timeout=10) == 128 + sig
             wait_for(lambda: any("#general: m59" in line for line in alice.errors), 5, what=lambda: alice.errors)
-            assert any("message(s) not acknowledged" in line for line in alice.errors), alice.errors
+            assert any(
+                re.match(rf"zchat: {sig.name}: \d+ message\(s\) not acknowledged:$", line) for line in alice.errors
+            ), alice.errors
             assert not any("#general: m49" in line for line in alice.errors), alice.errors
         finally:
             alice.stop()
@@ -739,3 +742,130 @@ def test_a_damaged_store_is_refused_in_one_line(tmp_path: Path, page: int) -> No
     assert refused.returncode == 1, refused.stderr
     assert "Traceback" not in refused.stderr, refused.stderr
     assert "malformed" in refused.stderr and "ready" not in refused.stderr, refused.stderr
+
+
+def _texts_in(broker: BrokerProcess, room: str) -> list[str]:
+    """Every message text stored in ``room``, in seq order (read by a library client)."""
+    from client.lib import Client
+
+    reader = Client("reader", HOST, broker.port, broker.pub_port)
+    reader.connect()
+    try:
+        texts: list[str] = []
+        after, top = 0, 1
+        while after < top:
+            events, top = reader.history(room, after, p.MAX_HISTORY_LIMIT)
+            if not events:
+                break
+            texts += [e.text or "" for e in events if e.type == "msg"]
+            after = events[-1].seq or top
+        return texts
+    finally:
+        reader.close(settle=0)
+
+
+@pytest.fixture
+def slow_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A broker whose rate limit holds a burst of lines back for a second or two."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--rate-limit", "20", "--rate-burst", "5"]).start()
+    yield broker
+    broker.kill()
+
+
+def _lines_through(
+    broker: BrokerProcess, workdir: Path, lines: list[str], rest: str
+) -> subprocess.CompletedProcess[str]:
+    """``zchat --name alice --room r REST`` run by bash in ``workdir``, with ``lines`` in the file ``in``."""
+    (workdir / "in").write_text("".join(f"{line}\n" for line in lines))
+    return subprocess.run(
+        f"{shlex.quote(bin_path('zchat'))} --name alice --room r {rest}",
+        shell=True,
+        executable="/bin/bash",
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=broker.env(),
+        timeout=30,
+        check=False,
+    )
+
+
+def test_a_reader_that_goes_away_does_not_cost_the_lines_already_read(
+    slow_broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """``zchat < file | head -n 1``: head leaves while the rate limit still holds most of
+    the lines zchat has read. It stops reading, sends what it read and ends with 0 (it
+    used to end at once, with 0, and most lines were never sent)."""
+    lines = [f"line {i}" for i in range(30)]
+    run = _lines_through(
+        slow_broker, tmp_path, lines, '--backlog 0 < in | head -n 1; echo "zchat=${PIPESTATUS[0]}" >&2'
+    )
+    assert "zchat=0" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stdout.splitlines()) == 1
+    assert _texts_in(slow_broker, "r") == lines
+
+
+@pytest.mark.parametrize(("redirect", "why"), [("> /dev/full", "No space left on device"), (">&-", "stdout is closed")])
+def test_a_stdout_that_fails_is_said_in_one_line_and_ends_the_run(
+    slow_broker: BrokerProcess, tmp_path: Path, redirect: str, why: str
+) -> None:
+    lines = [f"line {i}" for i in range(12)]
+    run = _lines_through(slow_broker, tmp_path, lines, f"< in {redirect}")
+    assert run.returncode == 1, run.stderr
+    assert f"zchat: cannot write to stdout: {why}; events are no longer shown" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    # It read no more input after the failure; what it had read went, once, in order.
+    stored = _texts_in(slow_broker, "r")
+    assert stored == lines[: len(stored)]
+
+
+def test_ctrl_c_while_connecting_ends_quietly(tmp_path: Path) -> None:
+    """A port that accepts and never speaks: the client waits for its greeting, and a
+    Ctrl-C meanwhile ends it with 130 and no traceback."""
+    with socket.socket() as mute:
+        mute.bind((HOST, 0))
+        mute.listen()
+        mute.settimeout(10)
+        proc = subprocess.Popen(
+            [bin_path("zchat"), "--name", "alice", "--host", f"{HOST}:{mute.getsockname()[1]}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = mute.accept()  # it is connecting
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=10)
+            conn.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_send_turns_bytes_that_are_not_utf8_into_replacement_characters(broker_proc: BrokerProcess) -> None:
+    """As pipe mode does with its lines (it used to fail with a UnicodeEncodeError)."""
+    run = _send_one(broker_proc, b"caf\xe9 ok")
+    assert run.returncode == 0, run.stderr
+    assert _texts_in(broker_proc, "general") == ["caf\ufffd ok"]
+
+
+def test_no_commands_sends_lines_starting_with_a_slash_as_they_are(broker_proc: BrokerProcess) -> None:
+    """``tail -f app.log | zchat --no-commands``: a log line "/leave" is a line of the log.
+    A line refused in pipe mode says which line it was."""
+    lines = ["/var/log/app rotated", "/leave", "//two slashes", "/quit", "last"]
+    run = subprocess.run(
+        [bin_path("zchat"), "--name", "app", "--room", "ops", "--no-commands"],
+        input="".join(f"{line}\n" for line in [*lines[:2], "y" * 4001, *lines[2:]]),
+        env=broker_proc.env(),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr  # the line over the limit
+    assert "zchat: too_large: text of 4001 characters, the limit is 4000 [#ops: yyyyyyy" in run.stderr, run.stderr
+    assert _texts_in(broker_proc, "ops") == lines

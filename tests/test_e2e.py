@@ -434,6 +434,9 @@ def test_a_message_whose_ack_was_lost_before_leaving_is_acknowledged_by_the_rejo
     original in the backlog is its ack. Resent, it would be stored twice."""
     broker.broker.core._acked.size = 5  # before any message: nothing to evict yet
     monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
+    # A leave now waits for the room's acks (its resend would bring this one): here the
+    # room is let go with the message in flight, as a rejoin refused after a reconnect does.
+    monkeypatch.setattr(Client, "_settle_room", lambda self, room: None)
     alice, bob = deaf_to_g(connect_to, broker)
     dropped = drop_first(alice, "ack", "g")
     alice.send("g", "only once")
@@ -841,3 +844,81 @@ def test_a_resume_token_that_cannot_be_one_is_refused_at_once(broker: RunningBro
     assert bad.value.code == "bad_envelope"
     with Client("bot", HOST, broker.port, broker.pub_port, resume="") as bot:  # an empty saved file: none
         assert bot.resume_token
+
+
+def test_a_text_that_is_not_unicode_is_refused_and_the_client_goes_on(make_client: MakeClient) -> None:
+    """A line read with errors="surrogateescape" holds lone surrogates, which UTF-8 cannot
+    carry: refused before it is queued (queued, it failed every later pump and the close)."""
+    alice = make_client("alice")
+    alice.join("general")
+    for send in (lambda: alice.send("general", "a\udcffb"), lambda: alice.dm("alice", "\ud800")):
+        with pytest.raises(RequestError) as err:
+            send()
+        assert err.value.code == "bad_envelope" and "not valid Unicode" in err.value.message
+    assert alice.unacked == 0
+    assert alice.send_wait("general", "still here").seq is not None
+    alice.ping()
+
+
+def test_a_leave_waits_for_the_rooms_messages_held_by_the_rate_limit(tmp_path: Path, connect_to: ConnectTo) -> None:
+    """Lines written before a leave go out before it, as a server's queue would send them:
+    held back by the rate limit, they used to be refused as not_joined after it."""
+    from broker.core import Limits
+
+    broker = RunningBroker(tmp_path / "data", limits=Limits(rate=20, burst=5, join_rate=0)).start()
+    try:
+        alice = connect_to(broker, "alice")
+        alice.join("x")
+        alice.join("y")
+        for i in range(15):
+            alice.send("x", f"m{i}")
+        alice.send("y", "elsewhere")  # a message to another room does not hold the leave up
+        alice.leave("x")
+        assert "x" not in alice.rooms_joined
+        events = alice.drain_events()
+        assert not [e for e in events if e.type == "error"], events
+        assert [e.text for e in events if e.type == "msg" and e.room == "x"] == [f"m{i}" for i in range(15)]
+        stored, _ = alice.history("x", 0, 100)
+        assert [e.text for e in stored if e.type == "msg"] == [f"m{i}" for i in range(15)]
+    finally:
+        broker.stop()
+
+
+def test_a_bot_that_joins_after_the_last_seq_it_logged_misses_nothing_and_gets_nothing_twice(
+    make_client: MakeClient,
+) -> None:
+    alice = make_client("alice")
+    alice.join("log")
+    acked = [alice.send_wait("log", f"m{i}") for i in range(8)]
+    logged = acked[4].seq  # a logger that saw up to m4, then stopped
+    assert logged is not None
+    bot = make_client("bot")
+    bot.join("log", backlog=1, after=logged)
+    events = bot.drain_events()
+    assert [e.text for e in events if e.type == "msg"] == ["m5", "m6", "m7"]
+    assert [e.seq for e in events] == list(range(logged + 1, logged + 1 + len(events)))  # its own join last
+    with pytest.raises(ValueError):
+        bot.join("other", after=-1)
+
+
+def test_joining_after_a_seq_the_retention_deleted_says_what_is_gone(tmp_path: Path, connect_to: ConnectTo) -> None:
+    from broker.store import PRUNE_STEP
+
+    broker = RunningBroker(tmp_path / "data", retention=1).start()
+    try:
+        alice = connect_to(broker, "alice")
+        alice.join("log")  # seq 1
+        for i in range(PRUNE_STEP + 5):
+            alice.send("log", f"m{i}")
+        wait_for(lambda: bool(alice.pump(0.05) or True) and alice.unacked == 0, 10)
+        kept, top = alice.history("log", 0, 500)
+        first = kept[0].seq
+        assert first is not None and first > 3, kept[:3]  # the oldest went
+        bot = connect_to(broker, "bot")
+        bot.join("log", after=2)
+        events = bot.drain_events()
+        assert events[0].type == "status" and events[0].event == "skipped" and events[0].seq == first - 1, events[0]
+        assert f"(seq 3-{first - 1}) are no longer kept" in (events[0].text or "")
+        assert [e.seq for e in events[1:]] == list(range(first, top + 2))  # kept ones, then the bot's join
+    finally:
+        broker.stop()

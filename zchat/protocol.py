@@ -125,7 +125,10 @@ def parse_room(text: str) -> str:
     """
     room = text.strip().removeprefix("#").lower()
     if not is_room(room):
-        _fail(ErrorCode.BAD_ROOM, f"{text!r} is not a room: use 1-32 of a-z 0-9 _ -")
+        _fail(
+            ErrorCode.BAD_ROOM,
+            f"{text!r} is not a room: use 1-32 of a-z 0-9 _ - (a # before it optional, A-Z read as a-z)",
+        )
     return room
 
 
