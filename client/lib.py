@@ -319,6 +319,15 @@ def parse_hosts(
     return out
 
 
+class RoomList(list[dict[str, Any]]):
+    """What :meth:`Client.rooms` returns: a list, which also says whether it is all."""
+
+    def __init__(self, rooms: Sequence[dict[str, Any]], *, truncated: bool) -> None:
+        super().__init__(rooms)
+        #: The broker had more rooms than a reply lists (see docs/protocol.md, ``rooms``).
+        self.truncated = truncated
+
+
 def _skipped(room: str, first: int, to: int, why: Literal["retention", "lost"]) -> Event:
     """The status event that says events ``first``-``to`` of ``room`` were passed over."""
     count = to - first + 1
@@ -880,7 +889,9 @@ class Client:
         room's seq (a broker that lost its store numbers the room anew) queues it all.
         An ``unavailable`` or ``rate_limited`` answer is asked again after a moment
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
-        a script joining many rooms at once meets the join rate limit.
+        a script joining many rooms at once meets the join rate limit. A join that
+        raised (a timeout, say) may still have joined on the broker: calling it again
+        is safe, and makes this client hear the room too.
         """
         self._check_open()
         room = _room(room)
@@ -1066,10 +1077,12 @@ class Client:
         self._check_open()
         return list(self._request({"type": "who", "room": _room(room)})["members"])
 
-    def rooms(self) -> list[dict[str, Any]]:
-        """Every room, by name: ``{"room", "members" (a count), "seq"}`` each; at most 1000."""
+    def rooms(self) -> RoomList:
+        """Every room, by name: ``{"room", "members" (a count), "seq"}`` each; at most 1000
+        (the list's ``truncated`` is True when the broker had more)."""
         self._check_open()
-        return list(self._request({"type": "rooms"})["rooms"])
+        reply = self._request({"type": "rooms"})
+        return RoomList(reply["rooms"], truncated=bool(reply.get("truncated")))
 
     def ping(self) -> None:
         """A round trip to the broker; raises :class:`BrokerUnreachable` if it does not answer in time."""

@@ -922,3 +922,17 @@ def test_joining_after_a_seq_the_retention_deleted_says_what_is_gone(tmp_path: P
         assert [e.seq for e in events[1:]] == list(range(first, top + 2))  # kept ones, then the bot's join
     finally:
         broker.stop()
+
+
+def test_rooms_says_when_the_broker_listed_only_some(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker.core
+
+    monkeypatch.setattr(broker.core, "MAX_ROOMS_LISTED", 2)
+    alice = make_client("alice")
+    alice.join("a")
+    alice.join("b")
+    listed = alice.rooms()
+    assert [r["room"] for r in listed] == ["a", "b"] and not listed.truncated
+    alice.join("c")
+    listed = alice.rooms()
+    assert [r["room"] for r in listed] == ["a", "b"] and listed.truncated
