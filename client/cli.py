@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send TEXT to the room as it is (a text starting with / too), wait for its ack, exit",
     )
     parser.add_argument(
+        "--dump",
+        type=_count,
+        metavar="N",
+        help="print the room's last N events and exit, without joining it: nobody sees you come and go, "
+        "and the room's history gets no join and leave of yours",
+    )
+    parser.add_argument(
         "--no-commands",
         action="store_true",
         help="pipe mode: every input line is a message, one starting with / too "
@@ -212,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProtocolError as exc:
         printer.err(exc.message)
         return 2
+    if args.send is not None and args.dump is not None:
+        printer.err("--send and --dump do not go together: one sends, the other only reads")
+        return 2
     if args.send is not None:
         # Bytes that are not UTF-8 become U+FFFD, as in pipe mode's lines (Python hands
         # them over as lone surrogates, which no message can carry).
@@ -263,12 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close(settle=0)
         return 1
-    interactive = args.send is None and sys.stdin.isatty()
+    interactive = args.send is None and args.dump is None and sys.stdin.isatty()
     if not interactive:
         _catch_terminating()
     try:
         if args.send is not None:
             return _send_once(client, room, args.send, printer)
+        if args.dump is not None:
+            return _dump(client, room, args.dump, printer)
         client.join(room, backlog=args.backlog)
         if interactive:
             from client.interactive import run_interactive  # noqa: PLC0415  (prompt_toolkit only when needed)
@@ -356,6 +368,25 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
         printer.err(f"not sent: {exc.code}: {exc.message}")
         return 1
     return 0
+
+
+def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
+    """--dump: the room's last ``count`` events from its history; no join, so no presence."""
+    _, top = client.history(room, 0, 1)
+    after = max(0, top - count)
+    while after < top and not printer.out_gone:
+        events, _ = client.history(room, after, min(top - after, p.MAX_HISTORY_LIMIT))
+        events = [e for e in events if e.seq is not None and after < e.seq <= top]
+        if not events:
+            break
+        for event in events:
+            printer.event(event)
+        after = events[-1].seq or top
+    for event in client.drain_events():
+        if event.type == "status" and event.event == "no_room_events":
+            continue  # it reads no room events
+        printer.event(event)
+    return 1 if printer.failures else 0
 
 
 def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:

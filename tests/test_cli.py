@@ -479,9 +479,15 @@ def _broker_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 def _send_one(broker: BrokerProcess, text: str | bytes, name: str = "carol") -> subprocess.CompletedProcess[str]:
+    return _run_zchat(broker, "--name", name, "--send", text)
+
+
+def _run_zchat(broker: BrokerProcess, *args: str | bytes) -> subprocess.CompletedProcess[str]:
+    """``zchat ARGS`` against ``broker``, run to its end (stdin empty)."""
     return subprocess.run(
-        [bin_path("zchat"), "--name", name, "--send", text],
+        [bin_path("zchat"), *args],
         env=broker.env(),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=15,
@@ -869,3 +875,20 @@ def test_no_commands_sends_lines_starting_with_a_slash_as_they_are(broker_proc: 
     assert run.returncode == 1, run.stderr  # the line over the limit
     assert "zchat: too_large: text of 4001 characters, the limit is 4000 [#ops: yyyyyyy" in run.stderr, run.stderr
     assert _texts_in(broker_proc, "ops") == lines
+
+
+def test_dump_prints_the_last_events_without_joining(chats: Any, broker_proc: BrokerProcess) -> None:
+    """``--dump N``: the room's last N events, and nothing of the dumper in the room."""
+    writer = chats("writer")
+    writer.say(*[f"m{i}" for i in range(20)])
+    writer.close_input()
+    assert writer.proc.wait(timeout=15) == 0
+    for _ in range(2):  # a second dump sees the same: the first left no trace
+        run = _run_zchat(broker_proc, "--name", "dumper", "--json", "--dump", "12")
+        assert run.returncode == 0, run.stderr
+        events = [json.loads(line) for line in run.stdout.splitlines()]
+        assert [e.get("text") for e in events] == [*(f"m{i}" for i in range(9, 20)), None]  # the writer's leave last
+        assert all(e["backlog"] for e in events) and events[-1]["name"] == "writer", events[-1]
+    assert "dumper" not in run.stdout
+    both = _run_zchat(broker_proc, "--name", "x", "--dump", "1", "--send", "hi")
+    assert both.returncode == 2 and "--send and --dump do not go together" in both.stderr
