@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         client.connect()
-    except KeyboardInterrupt:  # Ctrl-C while it connects: nothing was sent yet
+    except KeyboardInterrupt:  # Ctrl-C while it connects: no line was read yet
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut the close short
         client.close(settle=0)
         return 130
     except BrokerUnreachable as exc:
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         printer.err(f"{exc.code}: {exc.message}")
         return 1
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for SIGTERM: the bye is not cut short
         _say_unacked(client, printer, "SIGINT")
         return 130
     except OSError as exc:
@@ -410,8 +412,10 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
             lines = [pending] if pending else []
         else:
             *lines, pending = (pending + chunk).split(b"\n")
+        # Every line read is handled, even once stdout has gone (its reader left): what
+        # was read is sent. Only input not read yet is left.
         for raw in lines:
-            if printer.out_gone or not commands.handle(raw.decode("utf-8", errors="replace")):
+            if not commands.handle(raw.decode("utf-8", errors="replace")):
                 reading = False
                 break
     return _finish(client, printer)

@@ -111,10 +111,30 @@ class Commands:
             self.err(f"{exc.code}: {exc.message}{tag}")
         return True
 
+    def leave_target(self, line: str) -> str | None:
+        """The joined room that ``line`` would leave, if it is a /leave (or /part) that can."""
+        line = line.strip()
+        if self.literal or not line.startswith("/") or line.startswith("//"):
+            return None
+        name, _, rest = line[1:].partition(" ")
+        args = rest.split()
+        if ALIASES.get(name.lower(), name.lower()) != "leave" or len(args) > 1:
+            return None
+        target = args[0] if args else self.current
+        try:
+            room = p.parse_room(target) if target is not None else None
+        except ProtocolError:
+            return None
+        return room if room in self.client.rooms_joined else None
+
     def _say(self, text: str, *, action: bool = False) -> None:
+        # A script's many lines: a refusal says which (the terminal's user just typed it).
+        which = f" [{render.clean(render.excerpt(text))}]" if self.strict else ""
         if self.failed is not None:
             if self.strict:
-                self.err(f"not sent: {self.failed!r} failed; lines are refused until a /join or /switch succeeds")
+                self.err(
+                    f"not sent: {self.failed!r} failed; lines are refused until a /join or /switch succeeds{which}"
+                )
                 return
             if self.current is not None and time.monotonic() - self.failed_at < HOLD_AFTER_FAILURE_S:
                 self.err(
@@ -124,7 +144,7 @@ class Commands:
                 return
             self.failed = None
         if self.current is None:
-            self.err("not in a room: /join ROOM first")
+            self.err(f"not in a room: /join ROOM first{which}")
             return
         if action:
             self.client.send(self.current, text, action=True)

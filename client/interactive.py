@@ -208,6 +208,9 @@ class ChatUI:
         self._said: deque[render.Styled] = deque(maxlen=TRANSCRIPT_LINES)
         #: Per room, the backlog events shown since the last mark of where they end.
         self._backlog: dict[str, int] = {}
+        #: /leave lines that wait for the room's messages to be acknowledged (by room):
+        #: run from the pump loop once they are, so the screen never freezes meanwhile.
+        self._leaving: dict[str, str] = {}
         #: Names we have exchanged DMs with (for completion).
         self.dm_peers: set[str] = set()
         #: Who spoke when (a count of the messages seen), for completion: latest first, as irssi.
@@ -398,6 +401,12 @@ class ChatUI:
                         self._backlog[event.room] = self._backlog.get(event.room, 0) + 1
                         backlog_now.add(event.room)
                 self._mark_backlog_ends(backlog_now)
+                for room, line in list(self._leaving.items()):
+                    if room not in self.client.rooms_joined:
+                        del self._leaving[room]  # left meanwhile (or its rejoin refused)
+                    elif not self.client.unacked_in(room):
+                        del self._leaving[room]
+                        self.handle(line)
                 now = connection_status(self.client)
                 if now != state:
                     state = now
@@ -526,6 +535,13 @@ class ChatUI:
     def handle(self, line: str) -> None:
         """One line typed (or pasted): a message or a command."""
         if self._quit:
+            return
+        room = self.commands.leave_target(line)
+        if room is not None and (waiting := self.client.unacked_in(room)):
+            # The library's leave would wait for them right here, with the screen frozen
+            # (a long paste held by the rate limit takes many seconds).
+            self._leaving[room] = line
+            self._out(f"leaving #{room} once your {waiting} message(s) there are acknowledged")
             return
         before = self.current
         try:

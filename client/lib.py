@@ -475,6 +475,8 @@ class _Room:
     #: stored, its ack lost, shows in the catch-up and counts as its ack; resent
     #: first, it could be stored twice once the broker's resend window has passed it.
     catch_up_to: int = 0
+    #: Events up to this seq are history, shown with ``backlog`` set (join with ``after``).
+    backlog_to: int = 0
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -882,11 +884,15 @@ class Client:
 
         Back in a room this client left on the same broker, the backlog starts no
         earlier than where it left: what was already shown is not queued again.
-        ``after`` queues every event after that seq instead, however many: a bot that
+        ``after`` gives every event after that seq instead, however many: a bot that
         logs a room passes the last seq it logged, and after its own restart misses
-        nothing and gets nothing twice. Events after it that the broker no longer
-        keeps are said by a ``status`` "skipped" event first; an ``after`` above the
-        room's seq (a broker that lost its store numbers the room anew) queues it all.
+        nothing and gets nothing twice. They come page by page as the client pumps (as
+        a catch-up after a reconnect does: a page refused by the broker's history
+        budget is asked again), so join() returns at once. Events the broker no longer
+        keeps are said by a ``status`` "skipped" event in their place; an ``after``
+        above the room's seq (a broker that lost its store numbers the room anew) gives
+        it all. For a room this client is in already, ``after`` is ignored: what came
+        since it joined is queued already.
         An ``unavailable`` or ``rate_limited`` answer is asked again after a moment
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
         a script joining many rooms at once meets the join rate limit. A join that
@@ -916,13 +922,18 @@ class Client:
             backlog_to = max(0, top - max(0, backlog))
             seen = self._seen_before.pop(room, None)
             if after is not None:
-                backlog_to = after if after <= top else 0
+                # Not read here: a logger far behind must neither hold it all in memory
+                # nor lose the lot to one refused page. The room starts at ``after``, and
+                # its gap fetches page up to the top (_on_fetched).
+                state.backlog_to = top if since is None else since
             elif seen is not None and seen <= top:
                 # Back in a room we left: the backlog starts where we were, not again
                 # at what is already on screen. (Above top: the broker numbers the room
                 # anew, having lost its store; then it is all new.)
                 backlog_to = max(backlog_to, seen)
             cursor = backlog_to if since is None else min(since, backlog_to)
+            if after is not None:
+                cursor = top
             while cursor < top:
                 reply = self._request(
                     {"type": "history", "room": room, "after": cursor, "limit": min(top - cursor, p.MAX_HISTORY_LIMIT)}
@@ -930,9 +941,6 @@ class Client:
                 got = [m for m in reply["messages"] if _is_event(m) and cursor < m["seq"] <= top]
                 if not got:
                     break
-                if after is not None and cursor == backlog_to and got[0]["seq"] > cursor + 1:
-                    # Asked for every event after a seq: the ones the broker no longer has are said.
-                    self._events.append(_skipped(room, cursor + 1, got[0]["seq"] - 1, "retention"))
                 for env in got:
                     backlog = since is None or env["seq"] <= since
                     sent = self._stored_original(env)
@@ -949,6 +957,10 @@ class Client:
             # good (the error event says why): we are not in the room.
             raise RequestError(ErrorCode.NOT_JOINED, f"#{room}: the rejoin after a reconnect was refused")
         state.last = top
+        if after is not None:
+            state.last = after if after <= top else 0
+            if state.last < top and not state.pending:
+                self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
         state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self._flush(room, state)
         return list(joined["members"])
@@ -1002,23 +1014,30 @@ class Client:
                 raise
         self._forget_room(room)
 
+    def unacked_in(self, room: str) -> int:
+        """Messages to ``room`` sent and not acknowledged yet (a :meth:`leave` waits for them)."""
+        room = _room(room)
+        return sum(env.get("room") == room for env in self._unacked.values())
+
     def _settle_room(self, room: str) -> None:
         """Pump until no message to ``room`` awaits its ack: held by the rate limit, they
-        would go out after a leave sent now, and be refused as not_joined."""
-
-        def waiting() -> int:
-            return sum(env.get("room") == room for env in self._unacked.values())
-
-        left = waiting()
+        would go out after a leave sent now, and be refused as not_joined. Gives up after
+        the request timeout with no ack, unless the broker answers and its rate limit is
+        what holds them (however slow, it lets them through)."""
+        left = self.unacked_in(room)
         deadline = time.monotonic() + self.request_timeout
         while left:
             if time.monotonic() >= deadline:
-                raise BrokerUnreachable(
-                    f"{left} message(s) to #{room} not acknowledged by {self.endpoint} in "
-                    f"{self.request_timeout:g} s: still in #{room}, so they can go out"
-                )
+                held = any(rid in self._queued for rid, env in self._unacked.items() if env.get("room") == room)
+                if held and self.state == "connected" and self._hold_code == ErrorCode.RATE_LIMITED:
+                    deadline = time.monotonic() + self.request_timeout
+                else:
+                    raise BrokerUnreachable(
+                        f"{left} message(s) to #{room} not acknowledged by {self.endpoint} in "
+                        f"{self.request_timeout:g} s: still in #{room}, so they can go out"
+                    )
             self.pump(0.1)
-            if (now_left := waiting()) < left:
+            if (now_left := self.unacked_in(room)) < left:
                 left, deadline = now_left, time.monotonic() + self.request_timeout
 
     def send(self, room: str, text: str, *, action: bool = False) -> str:
@@ -2007,7 +2026,7 @@ class Client:
             del state.pending[seq]
         while (item := state.pending.pop(state.last + 1, None)) is not None:
             state.last += 1
-            self._deliver(item)
+            self._deliver(item, backlog=state.last <= state.backlog_to)
         if state.catch_up_to and state.last >= state.catch_up_to:
             state.catch_up_to = 0
             self._resend(0.0)  # what waited for the catch-up, in order
@@ -2085,7 +2104,7 @@ class Client:
             return self._acked(rid)
         return None
 
-    def _deliver(self, item: Envelope | Event) -> None:
+    def _deliver(self, item: Envelope | Event, *, backlog: bool = False) -> None:
         if isinstance(item, Event):
             self._events.append(item)  # our own, acknowledged: its turn has come
             return
@@ -2106,7 +2125,7 @@ class Client:
             self._msgs_seen[key] = None
             if len(self._msgs_seen) > MSG_WINDOW:
                 self._msgs_seen.popitem(last=False)
-        self._events.append(Event.from_envelope(env))
+        self._events.append(Event.from_envelope(env, backlog=backlog))
 
 
 def _is_event(env: object) -> bool:

@@ -892,3 +892,28 @@ def test_dump_prints_the_last_events_without_joining(chats: Any, broker_proc: Br
     assert "dumper" not in run.stdout
     both = _run_zchat(broker_proc, "--name", "x", "--dump", "1", "--send", "hi")
     assert both.returncode == 2 and "--send and --dump do not go together" in both.stderr
+
+
+def test_lines_read_with_the_output_that_failed_are_still_sent(broker_proc: BrokerProcess) -> None:
+    """The reader leaves; then one read brings a line, a /who (whose answer meets the
+    closed pipe) and two more lines: all three lines go (the last two used to be dropped)."""
+    proc = subprocess.Popen(
+        [bin_path("zchat"), "--name", "alice", "--room", "r", "--backlog", "1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=broker_proc.env(),
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.read(1)  # its join is shown: it is in the room
+        proc.stdout.close()  # the reader goes away
+        proc.stdin.write(b"a\n/who\nb\nc\n")  # one write, one read
+        proc.stdin.close()
+        assert proc.wait(timeout=15) == 0
+        assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+    assert _texts_in(broker_proc, "r") == ["a", "b", "c"]

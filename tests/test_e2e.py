@@ -884,6 +884,19 @@ def test_a_leave_waits_for_the_rooms_messages_held_by_the_rate_limit(tmp_path: P
         broker.stop()
 
 
+def until_own_join(client: Client, room: str, timeout: float = 15.0) -> list[Event]:
+    """Events of ``room`` as they come, up to and with ``client``'s own join presence."""
+    got: list[Event] = []
+
+    def joined() -> bool:
+        client.pump(0.05)
+        got.extend(client.drain_events())
+        return any(e.type == "presence" and e.name == client.name and e.room == room for e in got)
+
+    wait_for(joined, timeout, interval=0, what=lambda: got[-3:])
+    return got
+
+
 def test_a_bot_that_joins_after_the_last_seq_it_logged_misses_nothing_and_gets_nothing_twice(
     make_client: MakeClient,
 ) -> None:
@@ -894,9 +907,13 @@ def test_a_bot_that_joins_after_the_last_seq_it_logged_misses_nothing_and_gets_n
     assert logged is not None
     bot = make_client("bot")
     bot.join("log", backlog=1, after=logged)
-    events = bot.drain_events()
+    events = until_own_join(bot, "log")
     assert [e.text for e in events if e.type == "msg"] == ["m5", "m6", "m7"]
     assert [e.seq for e in events] == list(range(logged + 1, logged + 1 + len(events)))  # its own join last
+    assert all(e.backlog for e in events)
+    alice.send_wait("log", "live")
+    [live] = collect(bot, 1, kind="msg")
+    assert live.text == "live" and not live.backlog
     with pytest.raises(ValueError):
         bot.join("other", after=-1)
 
@@ -916,10 +933,43 @@ def test_joining_after_a_seq_the_retention_deleted_says_what_is_gone(tmp_path: P
         assert first is not None and first > 3, kept[:3]  # the oldest went
         bot = connect_to(broker, "bot")
         bot.join("log", after=2)
-        events = bot.drain_events()
+        events = until_own_join(bot, "log")
         assert events[0].type == "status" and events[0].event == "skipped" and events[0].seq == first - 1, events[0]
         assert f"(seq 3-{first - 1}) are no longer kept" in (events[0].text or "")
         assert [e.seq for e in events[1:]] == list(range(first, top + 2))  # kept ones, then the bot's join
+    finally:
+        broker.stop()
+
+
+def test_joining_after_a_seq_far_behind_rides_out_the_history_budget(tmp_path: Path, connect_to: ConnectTo) -> None:
+    """More history than the broker's per-session budget lets out at once: pages it
+    refuses are asked again, and every event comes once (join() used to raise
+    rate_limited, with the pages it had read left queued, again at every retry)."""
+    from broker.core import Limits
+
+    limits = Limits(rate=0, join_rate=0, history_bytes=60_000, history_burst=20_000)
+    broker = RunningBroker(tmp_path / "data", limits=limits).start()
+    try:
+        alice = connect_to(broker, "alice")
+        alice.join("log")
+        texts = [f"{i:04d} " + "x" * 60 for i in range(1200)]
+        for text in texts:
+            alice.send("log", text)
+        wait_for(lambda: bool(alice.pump(0.05) or True) and alice.unacked == 0, 20)
+        bot = connect_to(broker, "bot")
+        refused: list[str] = []
+        on_fetched = bot._on_fetched
+
+        def noting(room: str, reply: dict[str, Any]) -> None:
+            if reply.get("type") == "error":
+                refused.append(str(reply.get("code")))
+            on_fetched(room, reply)
+
+        bot._on_fetched = noting  # type: ignore[method-assign]
+        bot.join("log", after=1)
+        events = until_own_join(bot, "log", timeout=30)
+        assert [e.text for e in events if e.type == "msg"] == texts
+        assert "rate_limited" in refused  # the budget was met, and ridden out
     finally:
         broker.stop()
 

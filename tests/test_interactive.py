@@ -664,6 +664,38 @@ def test_quit_ends_with_status_0(alice: Client) -> None:
     run(main())
 
 
+def test_leave_waits_for_the_lines_a_rate_limit_held_and_the_screen_goes_on(tmp_path: Path) -> None:
+    """A paste the rate limit holds, then /leave at once: the lines go first (they used
+    to be refused as not_joined), and the terminal answers meanwhile instead of freezing
+    in the library's wait."""
+    broker = RunningBroker(tmp_path / "data", limits=Limits(rate=5, burst=2, join_rate=0)).start()
+    client = Client("alice", HOST, broker.port, broker.pub_port)
+    try:
+        client.connect()
+        client.join("general")
+        lines = [f"line {i}" for i in range(8)]
+
+        async def main() -> None:
+            async with chat_ui(client) as t:
+                t.keys(paste("\n".join(lines) + "\n"))
+                t.keys(ENTER)  # over 5 lines: held until Enter
+                await until(lambda: client.unacked == len(lines))
+                t.line("/leave")
+                await t.shows("leaving #general once your")
+                t.line("/who general")
+                await t.shows("#general: alice", timeout=0.5)  # answered while the leave waits
+                assert client.rooms_joined == ["general"] and client.unacked
+                await until(lambda: client.rooms_joined == [], timeout=10)
+                assert not [x for x in t.lines() if "not_joined" in x], t.lines()
+
+        run(main())
+        events, _ = client.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == lines
+    finally:
+        client.close(0)
+        broker.stop()
+
+
 def test_quit_waits_for_the_lines_a_rate_limit_held(tmp_path: Path) -> None:
     """Lines pasted faster than the rate limit, then /quit at once: the held ones still
     go out, in order, before the UI ends (they used to be dropped without a word)."""
