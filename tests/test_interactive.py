@@ -664,22 +664,41 @@ def test_quit_ends_with_status_0(alice: Client) -> None:
     run(main())
 
 
-def test_leave_waits_for_the_lines_a_rate_limit_held_and_the_screen_goes_on(tmp_path: Path) -> None:
-    """A paste the rate limit holds, then /leave at once: the lines go first (they used
-    to be refused as not_joined), and the terminal answers meanwhile instead of freezing
-    in the library's wait."""
+PASTED = [f"line {i}" for i in range(8)]
+
+
+@contextmanager
+def pasted_past_the_rate_limit(tmp_path: Path) -> Iterator[tuple[Client, Callable[[Driver], None]]]:
+    """Alice in #general of a broker whose rate limit holds most of PASTED, and a step
+    that pastes them (confirmed with Enter); on leaving, they are all in the history."""
     broker = RunningBroker(tmp_path / "data", limits=Limits(rate=5, burst=2, join_rate=0)).start()
     client = Client("alice", HOST, broker.port, broker.pub_port)
     try:
         client.connect()
         client.join("general")
-        lines = [f"line {i}" for i in range(8)]
+
+        def paste_them(t: Driver) -> None:
+            t.keys(paste("\n".join(PASTED) + "\n"))
+            t.keys(ENTER)  # over 5 lines: held until Enter
+
+        yield client, paste_them
+        events, _ = client.history("general", 0, 100)
+        assert [e.text for e in events if e.type == "msg"] == PASTED
+    finally:
+        client.close(0)
+        broker.stop()
+
+
+def test_leave_waits_for_the_lines_a_rate_limit_held_and_the_screen_goes_on(tmp_path: Path) -> None:
+    """A paste the rate limit holds, then /leave at once: the lines go first (they used
+    to be refused as not_joined), and the terminal answers meanwhile instead of freezing
+    in the library's wait."""
+    with pasted_past_the_rate_limit(tmp_path) as (client, paste_them):
 
         async def main() -> None:
             async with chat_ui(client) as t:
-                t.keys(paste("\n".join(lines) + "\n"))
-                t.keys(ENTER)  # over 5 lines: held until Enter
-                await until(lambda: client.unacked == len(lines))
+                paste_them(t)
+                await until(lambda: client.unacked == len(PASTED))
                 t.line("/leave")
                 await t.shows("leaving #general once your")
                 t.line("/who general")
@@ -689,37 +708,21 @@ def test_leave_waits_for_the_lines_a_rate_limit_held_and_the_screen_goes_on(tmp_
                 assert not [x for x in t.lines() if "not_joined" in x], t.lines()
 
         run(main())
-        events, _ = client.history("general", 0, 100)
-        assert [e.text for e in events if e.type == "msg"] == lines
-    finally:
-        client.close(0)
-        broker.stop()
 
 
 def test_quit_waits_for_the_lines_a_rate_limit_held(tmp_path: Path) -> None:
     """Lines pasted faster than the rate limit, then /quit at once: the held ones still
     go out, in order, before the UI ends (they used to be dropped without a word)."""
-    broker = RunningBroker(tmp_path / "data", limits=Limits(rate=5, burst=2)).start()
-    client = Client("alice", HOST, broker.port, broker.pub_port)
-    try:
-        client.connect()
-        client.join("general")
-        lines = [f"line {i}" for i in range(8)]
+    with pasted_past_the_rate_limit(tmp_path) as (client, paste_them):
 
         async def main() -> None:
             async with chat_ui(client) as t:
-                t.keys(paste("\n".join(lines) + "\n"))
-                t.keys(ENTER)  # over 5 lines: held until Enter
+                paste_them(t)
                 t.line("/quit")
                 assert await asyncio.wait_for(t.task, 20) == 0
 
         run(main())
         assert client.unacked == 0, "every line was acknowledged before the UI ended"
-        events, _ = client.history("general", 0, 100)
-        assert [e.text for e in events if e.type == "msg"] == lines
-    finally:
-        client.close(0)
-        broker.stop()
 
 
 def test_ctrl_c_clears_a_line_then_quits_ctrl_d_quits(alice: Client) -> None:
