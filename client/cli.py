@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client.connect()
     except KeyboardInterrupt:  # Ctrl-C while it connects: no line was read yet
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut the close short
-        client.close(settle=0)
+        _close(client)
         return 130
     except BrokerUnreachable as exc:
         printer.err(f"{exc} (is zchat-broker running there?)" if exc.maybe_down else str(exc))
@@ -295,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
         printer.err(f"{exc.code}: {exc.message}")
         return 1
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for SIGTERM: the bye is not cut short
         _say_unacked(client, printer, "SIGINT")
         return 130
     except OSError as exc:
@@ -309,7 +307,22 @@ def main(argv: list[str] | None = None) -> int:
         _say_unacked(client, printer, signal.Signals(exc.signum).name)
         return 128 + exc.signum
     finally:
+        _close(client)
+
+
+def _close(client: Client) -> None:
+    """Close (and say bye) with Ctrl-C ignored meanwhile: a second one, or the first
+    during the close, must not cut the bye short with a traceback."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect it from there
         client.close(settle=0)
+        return
+    try:
+        client.close(settle=0)
+    finally:
+        if previous is not None:  # (None: a handler Python did not install; left ignored)
+            signal.signal(signal.SIGINT, previous)
 
 
 def _is_char_device(fd: int) -> bool:

@@ -111,21 +111,21 @@ class Commands:
             self.err(f"{exc.code}: {exc.message}{tag}")
         return True
 
-    def leave_target(self, line: str) -> str | None:
-        """The joined room that ``line`` would leave, if it is a /leave (or /part) that can."""
+    def room_command(self, line: str) -> tuple[str, str] | None:
+        """(command, room) if ``line`` is a /join, /switch or /leave (aliases too) of one
+        valid room (/leave without one: the current room), else None."""
         line = line.strip()
         if self.literal or not line.startswith("/") or line.startswith("//"):
             return None
         name, _, rest = line[1:].partition(" ")
-        args = rest.split()
-        if ALIASES.get(name.lower(), name.lower()) != "leave" or len(args) > 1:
+        name, args = ALIASES.get(name.lower(), name.lower()), rest.split()
+        if name not in ("join", "switch", "leave") or len(args) > 1:
             return None
-        target = args[0] if args else self.current
+        target = args[0] if args else self.current if name == "leave" else None
         try:
-            room = p.parse_room(target) if target is not None else None
+            return (name, p.parse_room(target)) if target is not None else None
         except ProtocolError:
             return None
-        return room if room in self.client.rooms_joined else None
 
     def _say(self, text: str, *, action: bool = False) -> None:
         # A script's many lines: a refusal says which (the terminal's user just typed it).

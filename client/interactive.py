@@ -404,7 +404,7 @@ class ChatUI:
                 for room, line in list(self._leaving.items()):
                     if room not in self.client.rooms_joined:
                         del self._leaving[room]  # left meanwhile (or its rejoin refused)
-                    elif not self.client.unacked_in(room):
+                    elif not self.client.unacked_in(room) and self.client.state == "connected":
                         del self._leaving[room]
                         self.handle(line)
                 now = connection_status(self.client)
@@ -536,13 +536,16 @@ class ChatUI:
         """One line typed (or pasted): a message or a command."""
         if self._quit:
             return
-        room = self.commands.leave_target(line)
-        if room is not None and (waiting := self.client.unacked_in(room)):
+        command, room = self.commands.room_command(line) or ("", "")
+        if command == "leave" and room in self.client.rooms_joined and (waiting := self.client.unacked_in(room)):
             # The library's leave would wait for them right here, with the screen frozen
-            # (a long paste held by the rate limit takes many seconds).
-            self._leaving[room] = line
+            # (a long paste held by the rate limit takes many seconds). The room is named:
+            # a bare /leave means the room current now, not the one current then.
+            self._leaving[room] = f"/leave #{room}"
             self._out(f"leaving #{room} once your {waiting} message(s) there are acknowledged")
             return
+        if command in ("join", "switch") and self._leaving.pop(room, None) is not None:
+            self._out(f"no longer leaving #{room}")
         before = self.current
         try:
             keep_going = self.commands.handle(line)

@@ -59,7 +59,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import zmq
 import zmq.auth
@@ -115,7 +115,7 @@ TAIL_GRACE_S = 1.0
 DM_RETRY_S = 1.0
 DM_GRACE_EXTRA_S = 5.0
 #: Join refusals that are asked again after a moment (seconds), within the request timeout.
-_JOIN_RETRY_S: dict[str, float] = {ErrorCode.UNAVAILABLE: UNAVAILABLE_RETRY_S, ErrorCode.RATE_LIMITED: RATE_RETRY_S}
+_PATIENT_RETRY_S: dict[str, float] = {ErrorCode.UNAVAILABLE: UNAVAILABLE_RETRY_S, ErrorCode.RATE_LIMITED: RATE_RETRY_S}
 #: Pings whose pong we wait for at most (one per heartbeat, and one per resend due).
 PINGS_TRACKED = 8
 
@@ -602,6 +602,8 @@ class Client:
         self._hold_until = 0.0
         #: The refusal that set the last hold (rate_limited or unavailable).
         self._hold_code: str | None = None
+        #: When a message was last refused as rate_limited (time.monotonic()).
+        self._rate_limited_at = float("-inf")
         self._rooms: dict[str, _Room] = {}
         self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
         if resume is not None and not (isinstance(resume, str) and len(resume) <= p.MAX_ID_CHARS):
@@ -875,7 +877,8 @@ class Client:
     @property
     def own_pending(self) -> int:
         """Own messages acknowledged but not shown yet: they wait for earlier events of their room."""
-        return sum(isinstance(item, Event) for state in self._rooms.values() for item in state.pending.values())
+        rooms = self._rooms.values()
+        return sum(isinstance(item, Event) and item is not _TAKEN for state in rooms for item in state.pending.values())
 
     # ------------------------------------------------------------- requests
 
@@ -892,7 +895,9 @@ class Client:
         keeps are said by a ``status`` "skipped" event in their place; an ``after``
         above the room's seq (a broker that lost its store numbers the room anew) gives
         it all. For a room this client is in already, ``after`` is ignored: what came
-        since it joined is queued already.
+        since it joined is queued already. A reconnect during such a catch-up holds new
+        messages to the room until it is done (as after any reconnect: an earlier one
+        whose ack was lost must be found in the room before it may be sent again).
         An ``unavailable`` or ``rate_limited`` answer is asked again after a moment
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
         a script joining many rooms at once meets the join rate limit. A join that
@@ -904,7 +909,7 @@ class Client:
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
             raise ValueError(f"after={after!r}: a seq is an int, 0 or more")
         if room in self._rooms:
-            reply = self._join_request(room)
+            reply = self._patient_request({"type": "join", "room": room})
             if not self._rooms[room].joined:
                 self._on_rejoin(room, reply)  # it was waiting for a retry: this was it
             return list(reply["members"])
@@ -912,7 +917,7 @@ class Client:
         # Subscribe before asking, so nothing published after our join is missed.
         self._sub.subscribe(p.room_topic(room))
         try:
-            joined = self._join_request(room)
+            joined = self._patient_request({"type": "join", "room": room})
             state.joined = True
             top: int = joined["seq"]
             # A join whose reply was lost with the connection (and asked again after
@@ -978,13 +983,16 @@ class Client:
         ]
         return min(seqs) if seqs else None
 
-    def _join_request(self, room: str) -> Envelope:
+    def _patient_request(self, env: Envelope) -> Envelope:
+        """A request answered ``rate_limited`` or ``unavailable`` is asked again after a
+        moment, within the request timeout (the broker's budget of large replies is shared
+        by join, who, rooms and history: a catch-up may have spent it for a moment)."""
         deadline = time.monotonic() + self.request_timeout
         while True:
             try:
-                return self._request({"type": "join", "room": room}, timeout=max(0.0, deadline - time.monotonic()))
+                return self._request(dict(env), timeout=max(0.0, deadline - time.monotonic()))
             except RequestError as exc:
-                wait = _JOIN_RETRY_S.get(exc.code, 0.0)
+                wait = _PATIENT_RETRY_S.get(exc.code, 0.0)
                 if not wait or time.monotonic() + wait > deadline:
                     raise
             self._idle(wait)
@@ -1028,8 +1036,10 @@ class Client:
         deadline = time.monotonic() + self.request_timeout
         while left:
             if time.monotonic() >= deadline:
-                held = any(rid in self._queued for rid, env in self._unacked.items() if env.get("room") == room)
-                if held and self.state == "connected" and self._hold_code == ErrorCode.RATE_LIMITED:
+                # The broker answers, and its rate limit (met again at each try) is what
+                # holds them: however slow, it lets them through.
+                limited = time.monotonic() - self._rate_limited_at < self.request_timeout
+                if limited and self.state == "connected" and self._room_ready({"type": "msg", "room": room}):
                     deadline = time.monotonic() + self.request_timeout
                 else:
                     raise BrokerUnreachable(
@@ -1087,20 +1097,20 @@ class Client:
     def history(self, room: str, after: int = 0, limit: int = p.DEFAULT_HISTORY_LIMIT) -> tuple[list[Event], int]:
         """Events of ``room`` with seq > ``after`` (oldest first) and the room's current seq."""
         self._check_open()
-        reply = self._request({"type": "history", "room": _room(room), "after": after, "limit": limit})
+        reply = self._patient_request({"type": "history", "room": _room(room), "after": after, "limit": limit})
         events = [Event.from_envelope(m, backlog=True) for m in reply["messages"] if _is_event(m)]
         return events, int(reply["seq"])
 
     def who(self, room: str) -> list[str]:
         """The names of ``room``'s members, sorted (any room; joining it is not needed)."""
         self._check_open()
-        return list(self._request({"type": "who", "room": _room(room)})["members"])
+        return list(self._patient_request({"type": "who", "room": _room(room)})["members"])
 
     def rooms(self) -> RoomList:
         """Every room, by name: ``{"room", "members" (a count), "seq"}`` each; at most 1000
         (the list's ``truncated`` is True when the broker had more)."""
         self._check_open()
-        reply = self._request({"type": "rooms"})
+        reply = self._patient_request({"type": "rooms"})
         return RoomList(reply["rooms"], truncated=bool(reply.get("truncated")))
 
     def ping(self) -> None:
@@ -1548,6 +1558,7 @@ class Client:
             # than this reply, which travels on the other socket.)
             self._release_own(state)
             state.last = top
+            state.backlog_to = 0  # the numbers of a join's backlog mean nothing any more
             state.pending.clear()
         elif top > state.last:
             state.catch_up_to = top
@@ -1767,6 +1778,10 @@ class Client:
                         raise RequestError(event.code or "error", event.message or "")
                     return event
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and (taken := self._take_pending(rid)) is not None:
+                # Acknowledged, and waiting behind earlier events of its room that are still
+                # coming (a join with after far behind): it is not lost, so it is answered.
+                return taken
             if remaining <= 0:
                 held = self.state == "connected" and rid in self._queued and self._hold_code is not None
                 if held:
@@ -1787,6 +1802,16 @@ class Client:
                     held=held,
                 )
             self.pump(remaining)
+
+    def _take_pending(self, rid: str) -> Event | None:
+        """The own message ``rid`` if it is acknowledged and waits for its turn in its room;
+        a mark takes its place, so it is not shown again when the turn comes."""
+        for state in self._rooms.values():
+            for seq, item in state.pending.items():
+                if isinstance(item, Event) and item is not _TAKEN and item.id == rid:
+                    state.pending[seq] = _TAKEN
+                    return item
+        return None
 
     def _request(self, env: Envelope, timeout: float | None = None, *, give_up_if_refused: bool = False) -> Envelope:
         """Send a request and pump until its reply; other traffic is queued meanwhile.
@@ -1837,7 +1862,8 @@ class Client:
         for seq in sorted(s for s, item in state.pending.items() if isinstance(item, Event)):
             item = state.pending.pop(seq)
             assert isinstance(item, Event)
-            self._events.append(item)
+            if item is not _TAKEN:
+                self._events.append(item)
 
     def _read_dealer(self) -> None:
         while True:
@@ -1903,6 +1929,8 @@ class Client:
                 wait = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
                 self._hold_code = code
+                if code == ErrorCode.RATE_LIMITED:
+                    self._rate_limited_at = time.monotonic()
                 self._queue(rid)
                 return
             if code == ErrorCode.NO_SUCH_USER and rid in self._dm_early and time.monotonic() < self._dm_grace_until:
@@ -2106,18 +2134,23 @@ class Client:
 
     def _deliver(self, item: Envelope | Event, *, backlog: bool = False) -> None:
         if isinstance(item, Event):
-            self._events.append(item)  # our own, acknowledged: its turn has come
+            if item is not _TAKEN:  # (a send_wait took that one already)
+                self._events.append(item)  # our own, acknowledged: its turn has come
             return
         env = item
         if env["type"] == "msg" and env.get("from") == self.name:
             sent = self._stored_original(env)
             if sent is not None:
                 # Stored, but the ack was lost (broker crash) or is still on its way: this is our ack.
-                self._events.append(self._own_event(sent, env))
+                event = self._own_event(sent, env)
+                event.backlog = backlog
+                self._events.append(event)
                 return
             rid = env.get("id")
-            if env.get("sender") == self.sender or rid in self._shown:
+            if not backlog and (env.get("sender") == self.sender or rid in self._shown):
                 return  # our own, shown once when its ack arrived
+        elif backlog:
+            pass  # history asked for (join with after): shown again, as a backlog is
         elif env["type"] == "msg":
             key = (str(env.get("from")), str(env.get("id")))
             if key in self._msgs_seen:
@@ -2126,6 +2159,10 @@ class Client:
             if len(self._msgs_seen) > MSG_WINDOW:
                 self._msgs_seen.popitem(last=False)
         self._events.append(Event.from_envelope(env, backlog=backlog))
+
+
+#: Where an own message waited in its room's order before a send_wait took it (_take_pending).
+_TAKEN: Final = Event(type="taken")
 
 
 def _is_event(env: object) -> bool:

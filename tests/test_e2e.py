@@ -916,6 +916,13 @@ def test_a_bot_that_joins_after_the_last_seq_it_logged_misses_nothing_and_gets_n
     assert live.text == "live" and not live.backlog
     with pytest.raises(ValueError):
         bot.join("other", after=-1)
+    # Asked for by the client that saw them (its own among them): given again, as asked.
+    alice.leave("log")
+    alice.drain_events()
+    alice.join("log", after=0)
+    again = until_own_join(alice, "log")
+    assert [e.text for e in again if e.type == "msg"] == [*(f"m{i}" for i in range(8)), "live"]
+    assert all(e.backlog for e in again)
 
 
 def test_joining_after_a_seq_the_retention_deleted_says_what_is_gone(tmp_path: Path, connect_to: ConnectTo) -> None:
@@ -967,8 +974,18 @@ def test_joining_after_a_seq_far_behind_rides_out_the_history_budget(tmp_path: P
 
         bot._on_fetched = noting  # type: ignore[method-assign]
         bot.join("log", after=1)
+        # Acknowledged at once, its event waits behind the catch-up: send_wait answers.
+        mine = bot.send_wait("log", "mine", timeout=0.5)
+        assert mine.own and mine.seq == len(texts) + 3  # after the texts and the bot's join
+        wait_for(lambda: bool(bot.pump(0.05) or True) and bool(refused), 10)
+        # The catch-up has spent the budget of large replies: who waits for it, not fail.
+        assert bot.who("log") == ["alice", "bot"]
         events = until_own_join(bot, "log", timeout=30)
-        assert [e.text for e in events if e.type == "msg"] == texts
+        quiet_until = time.monotonic() + 0.5  # what else comes: nothing (mine was answered)
+        while time.monotonic() < quiet_until:
+            bot.pump(0.05)
+        events += bot.drain_events()
+        assert [e.text for e in events if e.type == "msg"] == texts  # and "mine" not again
         assert "rate_limited" in refused  # the budget was met, and ridden out
     finally:
         broker.stop()

@@ -710,6 +710,34 @@ def test_leave_waits_for_the_lines_a_rate_limit_held_and_the_screen_goes_on(tmp_
         run(main())
 
 
+def test_a_waiting_leave_leaves_the_room_it_named_and_a_join_of_it_calls_it_off(tmp_path: Path) -> None:
+    """A bare /leave while #general's lines wait is a leave of #general, whatever room is
+    current once they are acknowledged; a /join of a room about to be left calls it off."""
+    with pasted_past_the_rate_limit(tmp_path) as (client, paste_them):
+        client.join("other")
+
+        async def main() -> None:
+            async with chat_ui(client) as t:
+                paste_them(t)
+                await until(lambda: client.unacked == len(PASTED))
+                t.line("/leave")
+                await t.shows("leaving #general once your")
+                t.line("/switch other")
+                await until(lambda: client.rooms_joined == ["other"], timeout=10)
+                assert t.ui.current == "other"
+                for i in range(4):  # past the burst: the last ones wait for the rate limit
+                    t.line(f"in other {i}")
+                t.line("/leave #other")
+                await t.shows("leaving #other once your")
+                t.line("/join other")
+                await t.shows("no longer leaving #other")
+                await until(lambda: client.unacked == 0, timeout=10)
+                await t.settled()
+                assert client.rooms_joined == ["other"], "the called-off leave did not happen"
+
+        run(main())
+
+
 def test_quit_waits_for_the_lines_a_rate_limit_held(tmp_path: Path) -> None:
     """Lines pasted faster than the rate limit, then /quit at once: the held ones still
     go out, in order, before the UI ends (they used to be dropped without a word)."""
