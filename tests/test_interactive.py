@@ -17,7 +17,7 @@ import signal
 import time
 import types
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -668,18 +668,20 @@ PASTED = [f"line {i}" for i in range(8)]
 
 
 @contextmanager
-def pasted_past_the_rate_limit(tmp_path: Path) -> Iterator[tuple[Client, Callable[[Driver], None]]]:
+def pasted_past_the_rate_limit(tmp_path: Path) -> Iterator[tuple[Client, Callable[[Driver], Awaitable[None]]]]:
     """Alice in #general of a broker whose rate limit holds most of PASTED, and a step
-    that pastes them (confirmed with Enter); on leaving, they are all in the history."""
+    that pastes them (confirmed with Enter) and waits until all are sent; on leaving,
+    they are all in the history."""
     broker = RunningBroker(tmp_path / "data", limits=Limits(rate=5, burst=2, join_rate=0)).start()
     client = Client("alice", HOST, broker.port, broker.pub_port)
     try:
         client.connect()
         client.join("general")
 
-        def paste_them(t: Driver) -> None:
+        async def paste_them(t: Driver) -> None:
             t.keys(paste("\n".join(PASTED) + "\n"))
             t.keys(ENTER)  # over 5 lines: held until Enter
+            await until(lambda: client.unacked == len(PASTED))
 
         yield client, paste_them
         events, _ = client.history("general", 0, 100)
@@ -697,8 +699,7 @@ def test_leave_waits_for_the_lines_a_rate_limit_held_and_the_screen_goes_on(tmp_
 
         async def main() -> None:
             async with chat_ui(client) as t:
-                paste_them(t)
-                await until(lambda: client.unacked == len(PASTED))
+                await paste_them(t)
                 t.line("/leave")
                 await t.shows("leaving #general once your")
                 t.line("/who general")
@@ -718,8 +719,7 @@ def test_a_waiting_leave_leaves_the_room_it_named_and_a_join_of_it_calls_it_off(
 
         async def main() -> None:
             async with chat_ui(client) as t:
-                paste_them(t)
-                await until(lambda: client.unacked == len(PASTED))
+                await paste_them(t)
                 t.line("/leave")
                 await t.shows("leaving #general once your")
                 t.line("/switch other")
@@ -745,7 +745,7 @@ def test_quit_waits_for_the_lines_a_rate_limit_held(tmp_path: Path) -> None:
 
         async def main() -> None:
             async with chat_ui(client) as t:
-                paste_them(t)
+                await paste_them(t)
                 t.line("/quit")
                 assert await asyncio.wait_for(t.task, 20) == 0
 
