@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         printer.err(f"{exc.code}: {exc.message}")
         return 1
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut the list short
         _say_unacked(client, printer, "SIGINT")
         return 130
     except OSError as exc:

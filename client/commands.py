@@ -113,8 +113,8 @@ class Commands:
 
     def room_command(self, line: str) -> tuple[str, str] | None:
         """(command, room) if ``line`` is a /join, /switch or /leave (aliases too) of one
-        valid room (/leave without one: the current room), else None."""
-        line = line.strip()
+        valid room (/leave without one: the current room), else None: as :meth:`handle` reads it."""
+        line = line.rstrip("\r\n")
         if self.literal or not line.startswith("/") or line.startswith("//"):
             return None
         name, _, rest = line[1:].partition(" ")

@@ -477,6 +477,8 @@ class _Room:
     catch_up_to: int = 0
     #: Events up to this seq are history, shown with ``backlog`` set (join with ``after``).
     backlog_to: int = 0
+    #: (author, id) of the messages that history has shown (a copy stored twice shows once).
+    backlog_seen: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
 
 
 #: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
@@ -1778,7 +1780,7 @@ class Client:
                         raise RequestError(event.code or "error", event.message or "")
                     return event
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and (taken := self._take_pending(rid)) is not None:
+            if rid not in self._unacked and (taken := self._take_pending(rid, remaining <= 0)) is not None:
                 # Acknowledged, and waiting behind earlier events of its room that are still
                 # coming (a join with after far behind): it is not lost, so it is answered.
                 return taken
@@ -1803,10 +1805,13 @@ class Client:
                 )
             self.pump(remaining)
 
-    def _take_pending(self, rid: str) -> Event | None:
-        """The own message ``rid`` if it is acknowledged and waits for its turn in its room;
-        a mark takes its place, so it is not shown again when the turn comes."""
+    def _take_pending(self, rid: str, anyway: bool) -> Event | None:
+        """The own message ``rid`` if it is acknowledged and waits for its turn in its room
+        behind the history a join with ``after`` asked for (or ``anyway``: behind a gap
+        that is being filled); a mark takes its place, so it is not shown again then."""
         for state in self._rooms.values():
+            if not anyway and (state.last is None or state.last >= state.backlog_to):
+                continue
             for seq, item in state.pending.items():
                 if isinstance(item, Event) and item is not _TAKEN and item.id == rid:
                     state.pending[seq] = _TAKEN
@@ -2054,7 +2059,7 @@ class Client:
             del state.pending[seq]
         while (item := state.pending.pop(state.last + 1, None)) is not None:
             state.last += 1
-            self._deliver(item, backlog=state.last <= state.backlog_to)
+            self._deliver(item, state.backlog_seen if state.last <= state.backlog_to else None)
         if state.catch_up_to and state.last >= state.catch_up_to:
             state.catch_up_to = 0
             self._resend(0.0)  # what waited for the catch-up, in order
@@ -2132,12 +2137,15 @@ class Client:
             return self._acked(rid)
         return None
 
-    def _deliver(self, item: Envelope | Event, *, backlog: bool = False) -> None:
+    def _deliver(self, item: Envelope | Event, backlog_seen: OrderedDict[tuple[str, str], None] | None = None) -> None:
+        """Show one event of a room in its turn. With ``backlog_seen`` it is history that a
+        join with ``after`` asked for: shown even if this client showed it before (it was
+        asked for again), and a copy stored twice once (``backlog_seen`` remembers)."""
         if isinstance(item, Event):
             if item is not _TAKEN:  # (a send_wait took that one already)
                 self._events.append(item)  # our own, acknowledged: its turn has come
             return
-        env = item
+        env, backlog = item, backlog_seen is not None
         if env["type"] == "msg" and env.get("from") == self.name:
             sent = self._stored_original(env)
             if sent is not None:
@@ -2147,22 +2155,32 @@ class Client:
                 self._events.append(event)
                 return
             rid = env.get("id")
-            if not backlog and (env.get("sender") == self.sender or rid in self._shown):
+            if backlog_seen is not None:
+                if _seen(backlog_seen, (self.name, str(rid))):
+                    return
+            elif env.get("sender") == self.sender or rid in self._shown:
                 return  # our own, shown once when its ack arrived
-        elif backlog:
-            pass  # history asked for (join with after): shown again, as a backlog is
         elif env["type"] == "msg":
             key = (str(env.get("from")), str(env.get("id")))
-            if key in self._msgs_seen:
+            if backlog_seen is not None and _seen(backlog_seen, key):
+                return
+            if _seen(self._msgs_seen, key) and backlog_seen is None:
                 return  # stored twice (resent after the broker forgot it): shown already
-            self._msgs_seen[key] = None
-            if len(self._msgs_seen) > MSG_WINDOW:
-                self._msgs_seen.popitem(last=False)
         self._events.append(Event.from_envelope(env, backlog=backlog))
 
 
 #: Where an own message waited in its room's order before a send_wait took it (_take_pending).
 _TAKEN: Final = Event(type="taken")
+
+
+def _seen(window: OrderedDict[tuple[str, str], None], key: tuple[str, str]) -> bool:
+    """Whether ``key`` is in ``window`` (the last MSG_WINDOW remembered); it is from now on."""
+    if key in window:
+        return True
+    window[key] = None
+    if len(window) > MSG_WINDOW:
+        window.popitem(last=False)
+    return False
 
 
 def _is_event(env: object) -> bool:
