@@ -912,7 +912,12 @@ class Client:
             raise ValueError(f"after={after!r}: a seq is an int, 0 or more")
         if room in self._rooms:
             reply = self._patient_request({"type": "join", "room": room})
-            if not self._rooms[room].joined:
+            known = self._rooms.get(room)
+            if known is None:
+                # Its rejoin was refused for good meanwhile (the room forgotten), yet this join
+                # was let in: join it as a new room (a repeated join is answered again).
+                return self.join(room, backlog, after=after)
+            if not known.joined:
                 self._on_rejoin(room, reply)  # it was waiting for a retry: this was it
             return list(reply["members"])
         state = self._rooms[room] = _Room()
