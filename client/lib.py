@@ -1849,6 +1849,10 @@ class Client:
             finally:
                 self._replies.pop(rid, None)
             if reply["type"] != "error":
+                if not _reply_fits(reply):
+                    raise RequestError(
+                        ErrorCode.BAD_ENVELOPE, f"a malformed {reply['type']!r} reply from {self.endpoint}"
+                    )
                 return reply
             if reply.get("code") != "unreachable":
                 raise RequestError(str(reply.get("code")), str(reply.get("message")))
@@ -1948,6 +1952,8 @@ class Client:
                 # may still be on its way back too. Ask again in a moment, for a while.
                 self._sent_at[rid] = time.monotonic() - self._resend_after + DM_RETRY_S
                 return
+            if kind == "ack" and rid in self._unacked and not _ack_fits(env, self._unacked[rid]):
+                return  # a broker that says nonsense: the message stays unacknowledged, and goes again
             if kind in ("ack", "error") and rid in self._unacked:
                 sent = self._acked(rid)
                 assert sent is not None
@@ -2176,6 +2182,30 @@ class Client:
 
 #: Where an own message waited in its room's order before a send_wait took it (_take_pending).
 _TAKEN: Final = Event(type="taken")
+
+
+#: Fields of the replies that calls read, and their types: a reply without them (a broker
+#: that speaks nonsense) is an error of the call, not a TypeError in the bot.
+_REPLY_FIELDS: Final[dict[str, dict[str, type]]] = {
+    "joined": {"seq": int, "members": list},
+    "history": {"seq": int, "messages": list},
+    "who": {"members": list},
+    "rooms": {"rooms": list},
+}
+
+
+def _reply_fits(reply: Envelope) -> bool:
+    fields = _REPLY_FIELDS.get(reply["type"], {})
+    if not all(type(reply.get(name)) is kind for name, kind in fields.items()):
+        return False
+    members = reply.get("members", [])
+    rooms = reply.get("rooms", [])
+    return all(type(m) is str for m in members) and all(type(r) is dict and type(r.get("room")) is str for r in rooms)
+
+
+def _ack_fits(ack: Envelope, sent: Envelope) -> bool:
+    """Whether ``ack`` has what the own event made of it needs (a room message's seq)."""
+    return type(ack.get("ts")) is int and (sent["type"] != "msg" or type(ack.get("seq")) is int)
 
 
 def _seen(window: OrderedDict[tuple[str, str], None], key: tuple[str, str]) -> bool:

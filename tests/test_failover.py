@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import zmq
 
-from client.lib import BrokerAddress, BrokerUnreachable, Client, Event, parse_address, parse_hosts
+from client.lib import BrokerAddress, BrokerUnreachable, Client, Event, RequestError, parse_address, parse_hosts
 from tests.conftest import HOST, BrokerProcess, RunningBroker, bin_path, wait_for
 from zchat import protocol as p
 
@@ -1058,3 +1058,56 @@ def test_a_with_block_left_on_a_rate_limit_wait_still_delivers_what_it_sent(tmp_
             assert [e.text for e in events if e.type == "msg"] == [*(f"m{i}" for i in range(30)), "done"]
     finally:
         limited.stop()
+
+
+class Nonsense(Script):
+    """A broker that answers with the wrong types: the first ack of each message, and
+    every reply to join, who, rooms and history."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acked: set[str] = set()
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        kind, rid = env["type"], env.get("id")
+        if kind == "join" and env["room"] != "general":
+            return [{"type": "joined", "room": env["room"], "members": ["alice"], "seq": "7", "id": rid}]
+        if kind == "who":
+            return [{"type": "who", "room": env["room"], "members": ["alice", 3], "id": rid}]
+        if kind == "rooms":
+            return [{"type": "rooms", "rooms": [{"members": 1}], "id": rid}]
+        if kind == "history":
+            return [{"type": "history", "room": env["room"], "seq": 1, "messages": {}, "id": rid}]
+        if kind == "msg" and rid not in self.acked:
+            self.acked.add(str(rid))
+            return [{"type": "ack", "id": rid, "room": env["room"], "seq": {"general": 3}, "ts": 1}]
+        if kind == "ping":  # with the room's seq, which a resend waits for (nothing stored: 0)
+            return [{"type": "pong", "id": rid, "seqs": {"general": self.seq}}]
+        return super().__call__(env)
+
+
+@pytest.mark.timeout(30)
+def test_a_broker_that_answers_nonsense_costs_calls_not_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies of the wrong shape are errors of the calls that asked (they were a TypeError
+    in the bot, or in a pump, for good); a malformed ack leaves its message to be sent again."""
+    monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
+    fake = ScriptedBroker(Nonsense())
+    client = Client("alice", hosts=[fake.address])
+    try:
+        client.connect()
+        client.join("general")
+        for call in (
+            lambda: client.join("other"),
+            lambda: client.who("general"),
+            client.rooms,
+            lambda: client.history("general"),
+        ):
+            with pytest.raises(RequestError) as err:
+                call()
+            assert err.value.code == "bad_envelope" and "malformed" in err.value.message
+        mine = client.send_wait("general", "still works", timeout=10)
+        assert mine.seq == 1 and len(fake.of_type("msg")) == 2  # the nonsense ack, then the resend's
+        client.ping()
+    finally:
+        client.close(0)
+        fake.stop()
