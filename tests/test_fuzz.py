@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -491,3 +492,90 @@ def test_a_gap_fetch_never_skips_an_event_it_has_or_one_the_store_has(gap: _Gap,
             assert not skipped
     finally:
         client.close(0)
+
+
+# (e) the client library reading envelopes of a broker that speaks nonsense
+
+_REPLY_TYPES = ["ack", "error", "joined", "left", "history", "who", "rooms", "pong", "welcome", "msg", "presence", "dm"]
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63),
+    st.text(max_size=8),
+    st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.one_of(st.integers(), st.text(max_size=4)), max_size=3),
+)
+_REPLY_KEYS = [
+    "id",
+    "seq",
+    "ts",
+    "room",
+    "from",
+    "to",
+    "text",
+    "members",
+    "messages",
+    "rooms",
+    "code",
+    "seqs",
+    "sender",
+]
+
+
+@pytest.fixture
+def reader(tmp_path: Any) -> Any:
+    from client.lib import Client
+    from tests.conftest import HOST, RunningBroker
+
+    broker = RunningBroker(tmp_path / "d").start()
+    client = Client("alice", HOST, broker.port, broker.pub_port)
+    try:
+        client.connect()
+        client.join("r")
+        yield client
+    finally:
+        client.close(settle=0)
+        broker.stop()
+
+
+# One client absorbs every example's envelopes, as a long-lived bot would (it may end up
+# closed by a session_moved: then the rest checks that a closed client stays quiet).
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    envs=st.lists(
+        st.tuples(
+            st.sampled_from(_REPLY_TYPES),
+            st.fixed_dictionaries({}, optional=dict.fromkeys(_REPLY_KEYS, _ANY_VALUE)),
+            st.sampled_from(["own", "room", "none"]),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_a_client_survives_any_envelope_from_its_broker(
+    reader: Any, envs: list[tuple[str, dict[str, Any], str]]
+) -> None:
+    """Whatever well-framed envelope a broker sends (a broker of another version, or a
+    false one on an open LAN), the client goes on: no exception out of its reader."""
+    from client.lib import ZchatError
+
+    client = reader
+    if not client._unacked and client.state == "connected":
+        client.send("r", "mine")
+    for kind, fields, aim in envs:
+        env = {"type": kind, **fields}
+        if aim == "own" and client._unacked:
+            env["id"] = next(iter(client._unacked))  # as if it answered our message
+        if aim == "room":
+            env["room"] = "r"
+        try:
+            client._on_direct(env)
+            client.pump(0)
+        except ZchatError:
+            pass  # a coded error of ours (session_moved, say): a refusal, not a crash
+        client.drain_events()
+    assert client.state in ("connected", "reconnecting", "closed")
