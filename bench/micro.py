@@ -8,6 +8,7 @@
     python -m bench.micro append   # store CPU per row, commits of 3, 30 and 300 rows, with and without
                                    # a retention (on /dev/shm: no disk)
     python -m bench.micro growth   # store size on disk per message, 100 B and 1 KiB texts (docs/operations.md)
+    python -m bench.micro core     # CPU per room message of decode_request and of Core.handle (which includes it)
 
 They measure one mechanism each, not the broker; the suite (``python -m bench``)
 measures the broker.
@@ -256,6 +257,45 @@ def growth(n: int = 20_000) -> None:
         print(f"{size:>4} B texts: {total / n:.0f} bytes on disk per message ({n} messages in one room)")
 
 
+def core(n: int = 100_000, runs: int = 7) -> None:
+    """The core's part of a room message: decode_request, and Core.handle with it (decoding,
+    checks, seq, event, ack, resend window full), 100 B texts; the fastest of ``runs``."""
+    import msgpack
+
+    from broker.core import Core, Limits
+    from zchat import protocol as p
+
+    frames = [
+        msgpack.packb({"type": "msg", "id": f"{i:08x}", "room": "bench", "text": "x" * 100}) for i in range(2 * n)
+    ]
+    handle_s = decode_s = float("inf")
+    for _ in range(runs):
+        core = Core(epoch="e", heartbeat_ms=5000, limits=Limits(rate=0, join_rate=0, max_sessions_per_host=0))
+        ident = b"\x00bench"
+        core.handle(ident, msgpack.packb({"type": "hello", "v": p.VERSION, "name": "bob"}), 1)
+        core.handle(ident, msgpack.packb({"type": "join", "room": "bench"}), 1)
+        handle, decode, now = core.handle, p.decode_request, 1_700_000_000_000
+        for frame in frames[:n]:  # fills the resend window as a busy broker's is
+            handle(ident, frame, now)
+        gc.collect()
+        gc.disable()
+        try:
+            started = time.thread_time()
+            for frame in frames[n:]:
+                handle(ident, frame, now)
+            handle_s = min(handle_s, time.thread_time() - started)
+            started = time.thread_time()
+            for frame in frames[n:]:
+                decode(frame)
+            decode_s = min(decode_s, time.thread_time() - started)
+        finally:
+            gc.enable()
+    print(
+        f"decode_request {decode_s / n * 1e6:.2f} us, Core.handle {handle_s / n * 1e6:.2f} us "
+        f"per message (best of {runs})"
+    )
+
+
 def main(argv: list[str]) -> int:
     what: dict[str, Callable[[], None]] = {
         "window": window,
@@ -265,6 +305,7 @@ def main(argv: list[str]) -> int:
         "sessions": sessions,
         "append": append,
         "growth": growth,
+        "core": core,
     }
     if len(argv) != 1 or argv[0] not in what:
         print(__doc__)

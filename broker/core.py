@@ -624,22 +624,30 @@ class Core:
         ]
 
     def _msg(self, session: Session, env: Envelope, now: int) -> list[Action]:
+        # Every message passes here: one key for the window's lookup and entry, and
+        # _remember_ack's and _check_text's work written out.
         room: str = env["room"]
         msg_id: str = env["id"]
-        first = self._acked.get((session.name, msg_id))
+        text: str = env["text"]
+        key = (session.name, msg_id)
+        acked = self._acked
+        first = acked.get(key)
         if first is not None:
             # Before the membership check: a stored message whose ack was lost
             # is acknowledged again even if we have left the room since.
-            return self._resent(session, first, room, env["text"])
+            return self._resent(session, first, room, text)
         if room not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
-        self._check_text(env["text"])
+        if len(text) > self.limits.max_text:
+            self._check_text(text)
         self._throttle_send(session, now, msg_id)
         seq = self._next_seq(room)
-        event = p.msg_event(room, seq, now, session.name, session.sender, env["text"], msg_id, env.get("action", False))
-        ack: Envelope = {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}
-        self._remember_ack(session.name, ack, room, hash(env["text"]))
-        return [Publish(room, event), Reply(session.identity, ack)]
+        event = p.msg_event(room, seq, now, session.name, session.sender, text, msg_id, env.get("action", False))
+        acked.put(key, (msg_id, seq, now, room, hash(text)))
+        return [
+            Publish(room, event),
+            Reply(session.identity, {"type": "ack", "id": msg_id, "room": room, "seq": seq, "ts": now}),
+        ]
 
     def _resent(self, session: Session, first: _Acked, where: str, text: str) -> list[Action]:
         """A (name, id) seen before: the same message again gets its first ack again

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from broker.core import Action, Core, Direct, HistoryQuery, Publish, Reply
@@ -98,6 +98,50 @@ def test_decode_arbitrary_msgpack(value: object) -> None:
 @given(envelopes)
 def test_decode_envelope_shaped_maps(env: dict[str, Any]) -> None:
     check_decode(msgpack.packb(env, use_bin_type=True))
+
+
+def _general_decision(frame: bytes) -> dict[str, Any] | tuple[str, str, str | None]:
+    """What the general checks alone decide: the request, or the refusal's code, text and id."""
+    try:
+        return p.validate_request(p.decode(frame))
+    except ProtocolError as exc:
+        return (str(exc.code), str(exc), exc.request_id)
+
+
+msg_shaped = st.builds(
+    lambda extra, env: {**extra, **env},
+    st.dictionaries(st.text(max_size=5), plausible | values, max_size=2),
+    st.fixed_dictionaries(
+        {"type": st.just("msg")},
+        optional={
+            "id": st.text(max_size=70) | plausible,
+            "room": st.sampled_from(["general", "a" * 32, "a" * 33, "General", "", "é", "x y"]) | plausible,
+            "text": st.text(max_size=30) | st.sampled_from(["x" * 4000, "x" * 4001]) | plausible,
+            "action": st.booleans() | plausible,
+        },
+    ),
+)
+
+
+@FAST
+@given(msg_shaped | envelopes, st.booleans())
+@example({"type": "msg", "id": "a", "room": "general", "text": "hi", "action": "yes"}, False)
+@example({"type": "msg", "id": "a", "room": "general", "text": "hi"}, True)
+@example({"type": "msg", "id": "a" * 65, "room": "general", "text": "hi"}, False)
+@example({"type": "msg", "id": "a", "room": "general", "text": "x" * 4001}, False)
+@example({"type": "msg", "id": "a", "room": "Gen", "text": "hi"}, False)
+@example({"type": "msg", "id": "a", "room": "general", "text": "hi", "to": 2**64 - 1}, False)
+def test_message_fast_path_decides_as_the_general_checks(env: dict[str, Any], bin_keys: bool) -> None:
+    """decode_request's one-pass check of a plain msg accepts exactly what the general
+    checks accept, and leaves every refusal (its code, text and id) to them."""
+    if bin_keys and env:
+        env = {**env, b"x": "y"}  # a bin key: strict_map_key lets it through msgpack
+    frame = msgpack.packb(env, use_bin_type=True)
+    try:
+        fast: dict[str, Any] | tuple[str, str, str | None] = p.decode_request(frame)
+    except ProtocolError as exc:
+        fast = (str(exc.code), str(exc), exc.request_id)
+    assert fast == _general_decision(frame)
 
 
 @FAST
