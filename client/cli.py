@@ -164,6 +164,8 @@ class Printer:
 
     @staticmethod
     def err(line: str) -> None:
+        if sys.stderr is None:  # started with stderr closed (`2>&-`): nowhere to say it
+            return
         try:
             sys.stderr.write(f"zchat: {line}\n")
             sys.stderr.flush()
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close(settle=0)
         return 1
-    interactive = args.send is None and args.dump is None and sys.stdin.isatty()
+    # (stdin is None when started with it closed, `<&-`: read as empty input)
+    interactive = args.send is None and args.dump is None and sys.stdin is not None and sys.stdin.isatty()
     if not interactive:
         _catch_terminating()
     try:
@@ -338,6 +341,8 @@ def _mute(*streams: TextIO) -> None:
     them at exit, with a warning nobody can read."""
     null = os.open(os.devnull, os.O_WRONLY)
     for stream in streams:
+        if stream is None:  # (closed at start: nothing to flush)
+            continue
         with contextlib.suppress(OSError, ValueError):
             os.dup2(null, stream.fileno())
     os.close(null)
@@ -408,6 +413,8 @@ def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
 def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:
     commands = Commands(client, room, printer.out, printer.fail, as_json=args.json, backlog=args.backlog, strict=True)
     commands.literal = args.no_commands
+    if sys.stdin is None:  # started with stdin closed (`<&-`): no lines, as from an empty file
+        return _finish(client, printer)
     fd = sys.stdin.fileno()
     pending = b""
     reading = True

@@ -947,7 +947,8 @@ class Client:
             if after is not None:
                 cursor = top
             while cursor < top:
-                reply = self._request(
+                # Patient as the join: a catch-up may have spent the budget of large replies.
+                reply = self._patient_request(
                     {"type": "history", "room": room, "after": cursor, "limit": min(top - cursor, p.MAX_HISTORY_LIMIT)}
                 )
                 got = [m for m in reply["messages"] if _is_event(m) and cursor < m["seq"] <= top]
@@ -1021,7 +1022,9 @@ class Client:
             self._settle_room(room)
             state.leaving = True
         try:
-            self._request({"type": "leave", "room": room})
+            # A leave counts against the joins' rate limit: refused by it, it was not
+            # carried out, and is asked again as a join would be.
+            self._patient_request({"type": "leave", "room": room})
         except RequestError as exc:
             if state is None or exc.code != ErrorCode.NOT_JOINED:
                 if state is not None:
@@ -1504,6 +1507,15 @@ class Client:
                 # name_taken: someone else holds our name now; keep trying (they may leave).
                 self._events.append(Event.from_envelope(reply))
             return  # asked again after the backoff (of another broker, if there are several)
+        if not _reply_fits(reply):
+            # Not a zchat broker we can use (a welcome without its session's fields):
+            # said, and asked again after the backoff, as a refusal is.
+            self._events.append(
+                Event.from_envelope(
+                    p.error(ErrorCode.BAD_ENVELOPE, f"a malformed 'welcome' reply from {self.endpoint}")
+                )
+            )
+            return
         moved = self._welcomed_by is not None and self._welcomed_by != self.address
         self._welcomed(reply)
         if moved and not reply.get("resumed"):
@@ -1849,7 +1861,7 @@ class Client:
             finally:
                 self._replies.pop(rid, None)
             if reply["type"] != "error":
-                if not _reply_fits(reply):
+                if not _reply_fits(reply, env["type"]):
                     raise RequestError(
                         ErrorCode.BAD_ENVELOPE, f"a malformed {reply['type']!r} reply from {self.endpoint}"
                     )
@@ -2187,6 +2199,7 @@ _TAKEN: Final = Event(type="taken")
 #: Fields of the replies that calls read, and their types: a reply without them (a broker
 #: that speaks nonsense) is an error of the call, not a TypeError in the bot.
 _REPLY_FIELDS: Final[dict[str, dict[str, type]]] = {
+    "welcome": {"sender": str, "epoch": str, "heartbeat_ms": int},
     "joined": {"seq": int, "members": list},
     "history": {"seq": int, "messages": list},
     "who": {"members": list},
@@ -2194,13 +2207,39 @@ _REPLY_FIELDS: Final[dict[str, dict[str, type]]] = {
 }
 
 
-def _reply_fits(reply: Envelope) -> bool:
+#: The reply each request made with :meth:`Client._request` is answered with (or an error).
+_REPLY_TYPES: Final[dict[str, str]] = {
+    "hello": "welcome",
+    "join": "joined",
+    "leave": "left",
+    "history": "history",
+    "who": "who",
+    "rooms": "rooms",
+    "ping": "pong",
+}
+
+
+def _reply_fits(reply: Envelope, request: str | None = None) -> bool:
+    """Whether ``reply`` (not an error) has what its readers take from it, and answers
+    ``request`` (a request type) with the reply it calls for."""
+    if request is not None and _REPLY_TYPES.get(request, reply["type"]) != reply["type"]:
+        return False
     fields = _REPLY_FIELDS.get(reply["type"], {})
     if not all(type(reply.get(name)) is kind for name, kind in fields.items()):
         return False
     members = reply.get("members", [])
     rooms = reply.get("rooms", [])
-    return all(type(m) is str for m in members) and all(type(r) is dict and type(r.get("room")) is str for r in rooms)
+    return all(type(m) is str for m in members) and all(_room_item_fits(r) for r in rooms)
+
+
+def _room_item_fits(item: object) -> bool:
+    """One entry of a ``rooms`` reply: its name, member count and last seq."""
+    return (
+        type(item) is dict
+        and type(item.get("room")) is str
+        and type(item.get("members")) is int
+        and type(item.get("seq")) is int
+    )
 
 
 def _ack_fits(ack: Envelope, sent: Envelope) -> bool:

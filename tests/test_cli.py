@@ -825,6 +825,21 @@ def test_a_stdout_that_fails_is_said_in_one_line_and_ends_the_run(
     assert stored == lines[: len(stored)]
 
 
+def test_pipe_mode_with_stderr_closed_still_sends(slow_broker: BrokerProcess, tmp_path: Path) -> None:
+    """Started with stderr closed (`2>&-`), its first notice (here: no room events on a
+    wrong --pub-port) ended the run with the line unsent (Python's stderr is None)."""
+    run = _lines_through(slow_broker, tmp_path, ["hello there"], "--pub-port 1 --backlog 0 < in 2>&-")
+    assert run.returncode == 0
+    assert _texts_in(slow_broker, "r") == ["hello there"]
+
+
+def test_pipe_mode_with_stdin_closed_reads_no_lines(slow_broker: BrokerProcess, tmp_path: Path) -> None:
+    """Started with stdin closed (`<&-`): as an empty input, not a traceback."""
+    run = _lines_through(slow_broker, tmp_path, [], "--backlog 0 <&-")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # (no traceback)
+
+
 def test_ctrl_c_while_connecting_ends_quietly(tmp_path: Path) -> None:
     """A port that accepts and never speaks: the client waits for its greeting, and a
     Ctrl-C meanwhile ends it with 130 and no traceback."""

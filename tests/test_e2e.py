@@ -1004,6 +1004,49 @@ def test_joining_after_a_seq_far_behind_rides_out_the_history_budget(tmp_path: P
         broker.stop()
 
 
+def test_a_backlog_read_past_the_history_budget_waits_for_it(tmp_path: Path, connect_to: ConnectTo) -> None:
+    """join(room, backlog=N) reads its backlog in pages; a page the broker's budget of
+    large replies refuses is asked again, as the join itself is (the join raised
+    rate_limited and dropped a room the broker had it in)."""
+    from broker.core import Limits
+
+    limits = Limits(rate=0, join_rate=0, history_bytes=20_000, history_burst=30_000)
+    broker = RunningBroker(tmp_path / "data", limits=limits).start()
+    try:
+        writer = connect_to(broker, "writer")
+        writer.join("a")
+        texts = [f"line {i} " + "y" * 80 for i in range(700)]
+        for text in texts:
+            writer.send("a", text)
+        wait_for(lambda: bool(writer.pump(0.05) or True) and writer.unacked == 0, 20)
+        reader = connect_to(broker, "reader")
+        assert reader.join("a", backlog=600) == ["reader", "writer"]  # two pages: 500, then 100
+        backlog = [e.text for e in reader.drain_events() if e.type == "msg"]
+        assert backlog == texts[-599:]  # the newest 600 events: the writer's join is not among them
+        assert reader.rooms_joined == ["a"]
+    finally:
+        broker.stop()
+
+
+def test_leaves_past_the_join_rate_limit_wait_for_it(tmp_path: Path, connect_to: ConnectTo) -> None:
+    """Joins and leaves share a rate limit: a leave it refuses is asked again, as a join
+    is (leave() raised rate_limited, and the bot stayed in the room)."""
+    from broker.core import Limits
+
+    broker = RunningBroker(tmp_path / "data", limits=Limits(rate=0, join_rate=2, join_burst=20)).start()
+    try:
+        bot = connect_to(broker, "bot")
+        for i in range(20):
+            bot.join(f"r{i}")  # the whole burst
+        for room in ("r0", "r1", "r2"):
+            bot.leave(room)
+        assert bot.rooms_joined == [f"r{i}" for i in range(3, 20)]
+        watcher = connect_to(broker, "watcher")
+        assert "bot" not in watcher.who("r0") and "bot" in watcher.who("r3")
+    finally:
+        broker.stop()
+
+
 def test_rooms_says_when_the_broker_listed_only_some(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     import broker.core
 

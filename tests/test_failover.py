@@ -1070,12 +1070,14 @@ class Nonsense(Script):
 
     def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
         kind, rid = env["type"], env.get("id")
+        if kind == "join" and env["room"] == "third":  # answered as if it were a who
+            return [{"type": "who", "room": env["room"], "members": ["alice"], "id": rid}]
         if kind == "join" and env["room"] != "general":
             return [{"type": "joined", "room": env["room"], "members": ["alice"], "seq": "7", "id": rid}]
         if kind == "who":
             return [{"type": "who", "room": env["room"], "members": ["alice", 3], "id": rid}]
         if kind == "rooms":
-            return [{"type": "rooms", "rooms": [{"members": 1}], "id": rid}]
+            return [{"type": "rooms", "rooms": [{"room": "general", "members": 1}], "id": rid}]  # no seq
         if kind == "history":
             return [{"type": "history", "room": env["room"], "seq": 1, "messages": {}, "id": rid}]
         if kind == "msg" and rid not in self.acked:
@@ -1084,6 +1086,29 @@ class Nonsense(Script):
         if kind == "ping":  # with the room's seq, which a resend waits for (nothing stored: 0)
             return [{"type": "pong", "id": rid, "seqs": {"general": self.seq}}]
         return super().__call__(env)
+
+
+class NoSession(Script):
+    """A broker whose welcome lacks the session's fields (sender, epoch, heartbeat)."""
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        if env["type"] == "hello":
+            return [{"type": "welcome", "id": env.get("id")}]
+        return super().__call__(env)
+
+
+@pytest.mark.timeout(30)
+def test_a_welcome_without_a_session_is_a_refusal_not_a_crash() -> None:
+    """connect() raised KeyError (a traceback in the CLI) at a welcome it could not use."""
+    fake = ScriptedBroker(NoSession())
+    client = Client("alice", hosts=[fake.address])
+    try:
+        with pytest.raises(RequestError) as err:
+            client.connect()
+        assert err.value.code == "bad_envelope" and "malformed 'welcome'" in err.value.message
+    finally:
+        client.close(0)
+        fake.stop()
 
 
 @pytest.mark.timeout(30)
@@ -1098,6 +1123,7 @@ def test_a_broker_that_answers_nonsense_costs_calls_not_the_client(monkeypatch: 
         client.join("general")
         for call in (
             lambda: client.join("other"),
+            lambda: client.join("third"),
             lambda: client.who("general"),
             client.rooms,
             lambda: client.history("general"),
