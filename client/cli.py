@@ -10,7 +10,7 @@ import signal
 import stat
 import sys
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 from client import render
 from client.commands import Commands
@@ -315,18 +315,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _close(client: Client) -> None:
-    """Close (and say bye) with Ctrl-C ignored meanwhile: a second one, or the first
-    during the close, must not cut the bye short with a traceback."""
+    """Close (and say bye) with Ctrl-C, SIGTERM and SIGHUP ignored meanwhile: one that
+    comes during the close (it is what they ask for) must not cut the bye short with a
+    traceback."""
+    previous: dict[signal.Signals, Any] = {}
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGINT, *TERMINATING):
+            previous[sig] = signal.signal(sig, signal.SIG_IGN)
     except ValueError:  # not the main thread: nothing to protect it from there
         client.close(settle=0)
         return
     try:
         client.close(settle=0)
     finally:
-        if previous is not None:  # (None: a handler Python did not install; left ignored)
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # (None: a handler Python did not install; left ignored)
+                signal.signal(signum, handler)
 
 
 def _is_char_device(fd: int) -> bool:

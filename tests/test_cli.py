@@ -932,3 +932,28 @@ def test_lines_read_with_the_output_that_failed_are_still_sent(broker_proc: Brok
             proc.kill()
         proc.wait(timeout=10)
     assert _texts_in(broker_proc, "r") == ["a", "b", "c"]
+
+
+def test_a_signal_during_the_final_close_does_not_cut_it_short() -> None:
+    """SIGTERM, SIGHUP or Ctrl-C while zchat says its bye (its input done): ignored for
+    the close, which they ask for anyway (SIGTERM escaped main() as a traceback)."""
+    from client import cli
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *cli.TERMINATING)}
+    cli._catch_terminating()
+    try:
+        closed: list[int] = []
+
+        class Closing:
+            def close(self, settle: float) -> None:
+                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                    os.kill(os.getpid(), sig)
+                    time.sleep(0.01)  # (a handler runs at the next bytecode)
+                closed.append(1)
+
+        cli._close(Closing())  # type: ignore[arg-type]
+        assert closed == [1]
+        assert signal.getsignal(signal.SIGTERM) is cli._terminate  # put back after the close
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
