@@ -359,7 +359,11 @@ def terminal_gone(exc: OSError) -> bool:
 
 
 def _say_unacked(client: Client, printer: Printer, why: str) -> None:
-    """Stopped early: each message the broker has not acknowledged, on stderr, to copy."""
+    """Stopped early: what had arrived is shown (own lines acknowledged among it, so
+    that every line is either shown as sent or listed), then each message the broker
+    has not acknowledged, on stderr, to copy."""
+    for event in client.drain_events():
+        printer.event(event)
     if client.unacked:
         printer.err(f"{why}: {client.unacked} message(s) not acknowledged:")
         for line in unsent_lines(client):

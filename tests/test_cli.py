@@ -957,3 +957,24 @@ def test_a_signal_during_the_final_close_does_not_cut_it_short() -> None:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A signal between an ack and its line being shown: the line is shown (it was sent),
+    not left out of both the output and the list of unsent lines."""
+    from client.cli import Printer, _say_unacked
+    from client.lib import Event
+
+    class Stopped:
+        unacked = 1
+
+        def drain_events(self) -> list[Event]:
+            return [Event(type="msg", room="general", seq=7, ts=0, name="alice", text="sent", own=True)]
+
+        def unacknowledged(self) -> list[Event]:
+            return [Event(type="msg", room="general", name="alice", text="held")]
+
+    _say_unacked(Stopped(), Printer(as_json=True), "SIGINT")  # type: ignore[arg-type]
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["text"] for line in out.splitlines()] == ["sent"]
+    assert "SIGINT: 1 message(s) not acknowledged:" in err and "#general: held" in err
