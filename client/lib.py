@@ -946,6 +946,9 @@ class Client:
             cursor = backlog_to if since is None else min(since, backlog_to)
             if after is not None:
                 cursor = top
+            #: Messages of this backlog: one the broker stored twice (a resend it had
+            #: forgotten) is shown once, as in a catch-up.
+            shown: OrderedDict[tuple[str, str], None] = OrderedDict()
             while cursor < top:
                 # Patient as the join: a catch-up may have spent the budget of large replies.
                 reply = self._patient_request(
@@ -955,6 +958,8 @@ class Client:
                 if not got:
                     break
                 for env in got:
+                    if env["type"] == "msg" and _seen(shown, (str(env.get("from")), str(env.get("id")))):
+                        continue
                     backlog = since is None or env["seq"] <= since
                     sent = self._stored_original(env)
                     # One of ours from before we left, its ack lost: stored, so acknowledged.

@@ -541,6 +541,10 @@ def test_a_message_stored_twice_shows_once(
             assert backlog == expected
             expected.append(reader.send_wait("g", f"live from {reader.name}").text)
             assert "resent" not in [e.text for e in reader.drain_events()]
+        # And a plain join's backlog.
+        dave = connect_to(broker, "dave")
+        dave.join("g", backlog=50)
+        assert [e.text for e in dave.drain_events() if e.type == "msg"] == expected
     finally:
         author.sock.close()
         bob.close(0.2)
