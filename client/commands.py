@@ -89,6 +89,9 @@ class Commands:
     #: that room. In pipe mode every line is refused until a /join or /switch succeeds.
     failed: str | None = None
     failed_at: float = 0.0
+    #: The lines that hold refused: one sent again is the user's answer ("yes, here"),
+    #: and goes, with the hold ended (the refusal says to send it again).
+    held_back: set[str] = field(default_factory=set)
     #: Pipe mode's --no-commands: every line is a message, one starting with / too
     #: (a log streamed into a room must not run its lines as commands).
     literal: bool = False
@@ -136,13 +139,16 @@ class Commands:
                     f"not sent: {self.failed!r} failed; lines are refused until a /join or /switch succeeds{which}"
                 )
                 return
-            if self.current is not None and time.monotonic() - self.failed_at < HOLD_AFTER_FAILURE_S:
+            held = time.monotonic() - self.failed_at < HOLD_AFTER_FAILURE_S and text not in self.held_back
+            if self.current is not None and held:
+                self.held_back.add(text)
                 self.err(
                     f"not sent: {self.failed!r} failed just before, and this line may have been meant for it; "
                     f"send it again to write it in #{self.current}"
                 )
                 return
             self.failed = None
+            self.held_back.clear()
         if self.current is None:
             self.err(f"not in a room: /join ROOM first{which}")
             return
@@ -154,12 +160,14 @@ class Commands:
     def _no_room(self, line: str) -> None:
         """``line`` (a /join or /switch) failed: what follows must not go to the room before."""
         self.failed, self.failed_at = line, time.monotonic()
+        self.held_back.clear()
         if self.strict:
             self.current = None
 
     def chose(self, room: str) -> None:
         """The user chose the room to write in (a /join, a /switch, a key): lines go there."""
         self.current, self.failed = room, None
+        self.held_back.clear()
 
     def _usage(self, name: str) -> None:
         self.err(f"usage: {USAGE[name]}")

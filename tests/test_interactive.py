@@ -439,6 +439,27 @@ def test_lines_right_after_a_failed_join_are_not_sent_to_the_room_before(
     run(main())
 
 
+def test_a_line_held_after_a_failed_join_goes_when_sent_again(
+    alice: Client, bob: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal says "send it again": sent again at once (Up, Enter), it goes; it was
+    refused again for as long as the hold lasted."""
+    monkeypatch.setattr(commands, "HOLD_AFTER_FAILURE_S", 30.0)
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/switch nowhere")
+            t.line("here after all")
+            await t.shows("send it again to write it in #general")
+            t.line("here after all")
+            got = await receive(bob, lambda e: e.type == "msg")
+            assert got.text == "here after all"
+            t.line("and this one")  # the hold is over: the user said where they write
+            assert (await receive(bob, lambda e: e.type == "msg")).text == "and this one"
+
+    run(main())
+
+
 def test_a_line_says_where_a_joins_backlog_ends(alice: Client, bob: Client) -> None:
     """Coming back to a room, what is from before and what is live is told apart."""
     bob.join("dev")
