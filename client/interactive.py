@@ -396,6 +396,8 @@ class ChatUI:
                     self.client.pump(0)
                 backlog_now: set[str] = set()
                 for event in self.client.drain_events():
+                    if not event.backlog and event.room in self._backlog:
+                        self._end_backlog(event.room)  # a live one of that room: it is over
                     self._show(event)
                     if event.backlog and event.room:
                         self._backlog[event.room] = self._backlog.get(event.room, 0) + 1
@@ -501,8 +503,11 @@ class ChatUI:
         """After a join's backlog, a line that says where it ends: what follows is live.
         (A pump that brought none of a room's backlog events means its backlog is over.)"""
         for room in [r for r in self._backlog if r not in still_coming]:
-            n = self._backlog.pop(room)
-            self._out(f"#{room}: the {n} event{'' if n == 1 else 's'} above came before you joined; live from here")
+            self._end_backlog(room)
+
+    def _end_backlog(self, room: str) -> None:
+        n = self._backlog.pop(room)
+        self._out(f"#{room}: the {n} event{'' if n == 1 else 's'} above came before you joined; live from here")
 
     def lastlog(self, text: str) -> None:
         """/lastlog: the chat lines shown so far (the last TRANSCRIPT_LINES) that contain ``text``, any case."""
@@ -721,7 +726,10 @@ class ChatUI:
         lines = [line for line in lines if line.strip()]
         if self._held or len(lines) > PASTE_CONFIRM_LINES:
             self._held += lines  # into the history only if Enter sends them
-            self._out(f"paste of {len(self._held)} lines held: Enter sends them, Ctrl-C drops them")
+            # (Its last line, without a newline, waits in the input line: said, or the
+            # count looks one short of what Enter sends.)
+            last_too = " and the input line after them" if rest.strip() else ""
+            self._out(f"paste of {len(self._held)} lines held: Enter sends them{last_too}, Ctrl-C drops them")
             self.session.app.invalidate()
             return
         for line in lines:

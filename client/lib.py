@@ -353,7 +353,8 @@ class Event:
 
     ``name`` is who wrote or joined/left (the wire's ``from`` or ``name``).
     ``own`` marks your own messages (delivered on their ack); ``backlog``
-    marks events replayed from history when joining. A ``status`` event names
+    marks events replayed from history when joining, from before the join (the
+    join's own presence event is not one of them). A ``status`` event names
     in ``broker`` the broker address (``HOST:PORT:PUBPORT``) it is about: the
     one being tried, or the one now connected.
     """
@@ -960,7 +961,9 @@ class Client:
                 for env in got:
                     if env["type"] == "msg" and _seen(shown, (str(env.get("from")), str(env.get("id")))):
                         continue
-                    backlog = since is None or env["seq"] <= since
+                    # The join this call made (the last event, ours) is not from before it.
+                    this_join = env["seq"] == top and self._is_own_join(env)
+                    backlog = (since is None or env["seq"] <= since) and not this_join
                     sent = self._stored_original(env)
                     # One of ours from before we left, its ack lost: stored, so acknowledged.
                     event = Event.from_envelope(env, backlog=backlog) if sent is None else self._own_event(sent, env)
@@ -982,6 +985,15 @@ class Client:
         state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self._flush(room, state)
         return list(joined["members"])
+
+    def _is_own_join(self, item: Envelope | Event) -> bool:
+        """Whether ``item`` (a room event as it waits in order) is a join presence of ours."""
+        return (
+            isinstance(item, dict)
+            and item.get("type") == "presence"
+            and item.get("event") == "join"
+            and item.get("name") == self.name
+        )
 
     def _own_join_seen(self, state: _Room, top: int) -> int | None:
         """The seq of a join presence of ours that SUB brought before ``top``, if any."""
@@ -2087,7 +2099,11 @@ class Client:
             del state.pending[seq]
         while (item := state.pending.pop(state.last + 1, None)) is not None:
             state.last += 1
-            self._deliver(item, state.backlog_seen if state.last <= state.backlog_to else None)
+            backlog = state.last <= state.backlog_to and not (
+                # the join that asked for this backlog: the moment it joined, not before
+                state.last == state.backlog_to and self._is_own_join(item)
+            )
+            self._deliver(item, state.backlog_seen if backlog else None)
         if state.catch_up_to and state.last >= state.catch_up_to:
             state.catch_up_to = 0
             self._resend(0.0)  # what waited for the catch-up, in order

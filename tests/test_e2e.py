@@ -474,7 +474,8 @@ def test_joining_a_room_again_shows_only_what_happened_while_away(make_client: M
     ]
     # Her leave came live, unless the `left` reply overtook it (it travels the other
     # socket) and the room was forgotten first: then it is the backlog's first event.
-    assert [e.backlog for e in shown][1:] == [True, True]
+    # Her join is the moment she joined, not from before it.
+    assert [e.backlog for e in shown][1:] == [True, False]
 
 
 def test_a_join_whose_rejoin_is_refused_mid_backlog_raises(make_client: MakeClient) -> None:
@@ -925,7 +926,7 @@ def test_a_bot_that_joins_after_the_last_seq_it_logged_misses_nothing_and_gets_n
     events = until_own_join(bot, "log")
     assert [e.text for e in events if e.type == "msg"] == ["m5", "m6", "m7"]
     assert [e.seq for e in events] == list(range(logged + 1, logged + 1 + len(events)))  # its own join last
-    assert all(e.backlog for e in events)
+    assert all(e.backlog for e in events[:-1]) and not events[-1].backlog  # (its join is not from before)
     alice.send_wait("log", "live")
     [live] = collect(bot, 1, kind="msg")
     assert live.text == "live" and not live.backlog
@@ -937,7 +938,7 @@ def test_a_bot_that_joins_after_the_last_seq_it_logged_misses_nothing_and_gets_n
     alice.join("log", after=0)
     again = until_own_join(alice, "log")
     assert [e.text for e in again if e.type == "msg"] == [*(f"m{i}" for i in range(8)), "live"]
-    assert all(e.backlog for e in again)
+    assert all(e.backlog for e in again[:-1]) and not again[-1].backlog
 
 
 def test_joining_after_a_seq_the_retention_deleted_says_what_is_gone(tmp_path: Path, connect_to: ConnectTo) -> None:

@@ -314,6 +314,7 @@ def test_a_paste_of_many_lines_waits_for_enter_and_ctrl_c_drops_it(alice: Client
             got = await receive_n(bob, lambda e: e.type == "msg" and e.name == "alice", 3)
             assert [e.text for e in got] == short  # and nothing of the dropped paste before them
             t.keys(paste("\n".join(log) + "\nand a half"))
+            await t.shows("paste of 8 lines held: Enter sends them and the input line after them, Ctrl-C drops them")
             await until(lambda: t.buffer.text == "and a half", what=lambda: t.buffer.text)
             t.keys(" typed" + ENTER)
             got = await receive_n(bob, lambda e: e.type == "msg" and e.name == "alice", 9)
@@ -470,13 +471,15 @@ def test_a_line_says_where_a_joins_backlog_ends(alice: Client, bob: Client) -> N
         async with chat_ui(alice, backlog=50) as t:
             t.line("/join dev")
             mark = await t.shows("came before you joined; live from here")
-            assert re.search(r"#dev: the \d+ events above came before you joined", mark), mark
+            # bob's join and his 2 lines; alice's own join is not from before it
+            assert mark.endswith("#dev: the 3 events above came before you joined; live from here"), mark
             bob.send_wait("dev", "live one")
             await t.shows("live one")
             lines = t.lines()
             at = [i for i, line in enumerate(lines) if "came before you joined" in line]
             assert len(at) == 1, lines
             assert max(i for i, line in enumerate(lines) if "earlier" in line) < at[0]
+            assert at[0] < next(i for i, line in enumerate(lines) if "alice joined #dev" in line), lines
             assert at[0] < next(i for i, line in enumerate(lines) if "live one" in line)
 
     run(main())
