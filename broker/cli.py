@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import faulthandler
 import gc
+import ipaddress
 import logging
 import math
 import signal
@@ -53,6 +55,21 @@ def _port(text: str) -> int:
     return port
 
 
+def _bind_host(value: str) -> str | None:
+    """``--host`` as libzmq binds it: an IPv6 address may come in brackets (as clients
+    write it); anything else with a colon (``HOST:PORT``, a client's ``ZCHAT_HOST``
+    list) is no address to bind (None)."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    return host or None
+
+
 def _variable(flag: str) -> str:
     """The environment variable of ``flag``: --max-text is ZCHAT_MAX_TEXT."""
     return "ZCHAT_" + flag[2:].upper().replace("-", "_")
@@ -71,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host",
         default=envargs.default("ZCHAT_HOST", "0.0.0.0"),
-        help="address to bind, IPv4 or IPv6 (:: for every address of both) (ZCHAT_HOST; default 0.0.0.0)",
+        help="address to bind, IPv4 or IPv6 (:: for every address of both), or a host or interface name; "
+        "no port (ZCHAT_HOST; default 0.0.0.0)",
     )
     parser.add_argument(
         "--port",
@@ -244,6 +262,16 @@ def main(argv: list[str] | None = None) -> int:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             log.error("%s (or %s) must be %s, not %s", flag, _variable(flag), bounds, value)
             return 2
+    host = _bind_host(args.host)
+    if host is None:
+        log.error(
+            "%s must be an address of this machine to listen on (IPv4, IPv6, a host or interface name, "
+            "or * for all), not %r: its ports are --port and --pub-port",
+            envargs.given_as(args, "host", "--host"),
+            args.host,
+        )
+        return 2
+    args.host = host
     if args.port == args.pub_port != 0:
         log.error(
             "--port and --pub-port (or ZCHAT_PORT and ZCHAT_PUB_PORT) are both %d: requests and room events "
@@ -322,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = Broker(config, store)
     except zmq.ZMQError as exc:
-        log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, exc.strerror)
+        why = exc.strerror
+        if exc.errno == errno.ENODEV:  # libzmq's word for a name that is no address or interface here
+            why += " (no address or network interface of this machine has that name)"
+        log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, why)
         _discard(store)
         return 1
     except (KeysError, StoreError) as exc:

@@ -978,3 +978,44 @@ def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(capsys: py
     out, err = capsys.readouterr()
     assert [json.loads(line)["text"] for line in out.splitlines()] == ["sent"]
     assert "SIGINT: 1 message(s) not acknowledged:" in err and "#general: held" in err
+
+
+def test_a_broker_host_with_ports_in_it_is_refused_naming_how_it_was_given(tmp_path: Path) -> None:
+    """A client's ZCHAT_HOST (HOST:PORT:PUBPORT) exported in the broker's shell was bound
+    as 'tcp://[127.0.0.1:47605:47606]' and failed with 'No such device', exit 1."""
+    env = {**os.environ, "ZCHAT_HOST": "127.0.0.1:47605:47606"}
+    result = subprocess.run(
+        [bin_path("zchat-broker"), "--data", str(tmp_path / "d")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "ZCHAT_HOST must be an address of this machine to listen on" in result.stderr, result.stderr
+    assert "not '127.0.0.1:47605:47606': its ports are --port and --pub-port" in result.stderr
+    result = _broker_cmd("--host", "localhost:5000", "--data", str(tmp_path / "d"))
+    assert result.returncode == 2 and "--host must be an address" in result.stderr, result.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was opened
+    result = _broker_cmd("--host", "no-such-host.invalid", "--port", "0", "--pub-port", "0", "--data", str(tmp_path))
+    assert result.returncode == 1
+    assert "no address or network interface of this machine has that name" in result.stderr, result.stderr
+
+
+def test_a_broker_takes_an_ipv6_host_in_brackets(tmp_path: Path) -> None:
+    """As clients write it ([::1]); it was bound as 'tcp://[[::1]]:PORT'."""
+    proc = subprocess.Popen(
+        [bin_path("zchat-broker"), "--host", "[::1]", "--port", "0", "--pub-port", "0", "--data", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not any(" ready: " in line for line in lines) and proc.poll() is None:
+            lines.append(proc.stderr.readline())
+        assert any("requests on tcp://[::1]:" in line for line in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
