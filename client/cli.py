@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 "(or, if it was yours in a client that just ended without saying bye, the broker frees it "
                 "within 3 heartbeats, 15 s by default)"
             )
+        elif exc.code == "auth_failed":
+            printer.err(exc.message)  # it says which broker, and what about the keys
         else:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close(settle=0)

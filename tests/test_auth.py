@@ -211,6 +211,17 @@ def test_cli_with_keys(keys: Path) -> None:
             check=False,
         )
         assert missing.returncode == 2 and "/nonexistent" in missing.stderr
+        keyless = subprocess.run(
+            [bin_path("zchat"), "--name", "x", "--send", "hi"],
+            env=broker.env(),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        endpoint = f"tcp://{HOST}:{broker.port}"
+        assert keyless.returncode == 1
+        assert keyless.stderr == f"zchat: the broker at {endpoint} requires CURVE keys (--key and --broker-key)\n"
     finally:
         broker.kill()
 
