@@ -404,6 +404,8 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
 def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
     """--dump: the room's last ``count`` events from its history; no join, so no presence."""
     _, top = client.history(room, 0, 1)
+    if top == 0:  # (a mistyped name looks just like this: say so rather than print nothing)
+        printer.err(f"#{room} has no events: nobody has joined it")
     after = max(0, top - count)
     while after < top and not printer.out_gone:
         events, _ = client.history(room, after, min(top - after, p.MAX_HISTORY_LIMIT))

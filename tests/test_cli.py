@@ -905,6 +905,9 @@ def test_dump_prints_the_last_events_without_joining(chats: Any, broker_proc: Br
         assert [e.get("text") for e in events] == [*(f"m{i}" for i in range(9, 20)), None]  # the writer's leave last
         assert all(e["backlog"] for e in events) and events[-1]["name"] == "writer", events[-1]
     assert "dumper" not in run.stdout
+    empty = _run_zchat(broker_proc, "--name", "x", "--dump", "5", "--room", "genral")
+    assert (empty.returncode, empty.stdout) == (0, "")
+    assert empty.stderr == "zchat: #genral has no events: nobody has joined it\n"
     both = _run_zchat(broker_proc, "--name", "x", "--dump", "1", "--send", "hi")
     assert both.returncode == 2 and "--send and --dump do not go together" in both.stderr
 
