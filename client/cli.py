@@ -124,6 +124,8 @@ class Printer:
         self.on_a_terminal = on_a_terminal
         #: Lines and commands refused or failed so far (pipe mode exits 1 if any).
         self.failures = 0
+        #: stdout failed (not a reader that went away): events could not be shown; exit 1.
+        self.output_failed = False
         #: Set once stdout takes no more: its reader went away (`zchat ... | head`), or it
         #: fails (a full disk, closed). Events are no longer shown; pipe mode reads no
         #: more input and ends once what it read is acknowledged.
@@ -160,7 +162,8 @@ class Printer:
                 _mute(stream)
             if exc.errno != errno.EPIPE:
                 # Events this user asked for cannot be shown: a failure, not a reader that is done.
-                self.fail(f"cannot write to stdout: {exc.strerror or exc}; events are no longer shown")
+                self.output_failed = True
+                self.err(f"cannot write to stdout: {exc.strerror or exc}; events are no longer shown")
 
     @staticmethod
     def err(line: str) -> None:
@@ -389,7 +392,7 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
         client.drain_events()
         try:
             printer.event(client.send_wait(room, text))
-            if printer.failures:  # stored, but its line could not be shown (stdout failed)
+            if printer.output_failed:  # stored, but its line could not be shown
                 return 1
         except BrokerUnreachable:
             # The library would keep it queued, but this one-shot ends here: say what is known.
@@ -419,7 +422,7 @@ def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
         if event.type == "status" and event.event == "no_room_events":
             continue  # it reads no room events
         printer.event(event)
-    return 1 if printer.failures else 0
+    return 1 if printer.failures or printer.output_failed else 0
 
 
 def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:
@@ -470,7 +473,7 @@ def _finish(client: Client, printer: Printer) -> int:
     if printer.failures:
         printer.err(f"{printer.failures} line(s) or command(s) refused or failed (above)")
         return 1
-    return 0
+    return 1 if printer.output_failed else 0  # (said when it happened)
 
 
 if __name__ == "__main__":

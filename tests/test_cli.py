@@ -820,6 +820,7 @@ def test_a_stdout_that_fails_is_said_in_one_line_and_ends_the_run(
     assert run.returncode == 1, run.stderr
     assert f"zchat: cannot write to stdout: {why}; events are no longer shown" in run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+    assert "refused or failed" not in run.stderr, run.stderr  # no line was refused
     # It read no more input after the failure; what it had read went, once, in order.
     stored = _texts_in(slow_broker, "r")
     assert stored == lines[: len(stored)]
