@@ -467,9 +467,10 @@ def test_client_argument_errors_exit_2() -> None:
         assert result.returncode == 2 and needle in result.stderr, result.stderr
 
 
-def _broker_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def _broker_cmd(*args: str, host: str | None = HOST, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``zchat-broker ARGS`` run to its end (``--host HOST`` first, unless ``host`` is None)."""
     return subprocess.run(
-        [bin_path("zchat-broker"), "--host", HOST, *args],
+        [bin_path("zchat-broker"), *(["--host", host] if host else []), *args],
         capture_output=True,
         text=True,
         timeout=15,
@@ -988,14 +989,7 @@ def test_a_broker_host_with_ports_in_it_is_refused_naming_how_it_was_given(tmp_p
     """A client's ZCHAT_HOST (HOST:PORT:PUBPORT) exported in the broker's shell was bound
     as 'tcp://[127.0.0.1:47605:47606]' and failed with 'No such device', exit 1."""
     env = {**os.environ, "ZCHAT_HOST": "127.0.0.1:47605:47606"}
-    result = subprocess.run(
-        [bin_path("zchat-broker"), "--data", str(tmp_path / "d")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=15,
-        check=False,
-    )
+    result = _broker_cmd("--data", str(tmp_path / "d"), host=None, env=env)
     assert result.returncode == 2, result.stderr
     assert "ZCHAT_HOST must be an address of this machine to listen on" in result.stderr, result.stderr
     assert "not '127.0.0.1:47605:47606': its ports are --port and --pub-port" in result.stderr

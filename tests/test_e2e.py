@@ -964,21 +964,33 @@ def test_joining_after_a_seq_the_retention_deleted_says_what_is_gone(tmp_path: P
         broker.stop()
 
 
+@contextlib.contextmanager
+def written_past_the_budget(
+    tmp_path: Path, connect_to: ConnectTo, history: tuple[int, int], room: str, texts: list[str]
+) -> Iterator[tuple[RunningBroker, Client]]:
+    """A broker whose budget of large replies is ``history`` (bytes a second, burst), and
+    ``texts`` in ``room``, written (and acknowledged) by ``alice``."""
+    from broker.core import Limits
+
+    limits = Limits(rate=0, join_rate=0, history_bytes=history[0], history_burst=history[1])
+    broker = RunningBroker(tmp_path / "data", limits=limits).start()
+    try:
+        alice = connect_to(broker, "alice")
+        alice.join(room)
+        for text in texts:
+            alice.send(room, text)
+        wait_for(lambda: bool(alice.pump(0.05) or True) and alice.unacked == 0, 20)
+        yield broker, alice
+    finally:
+        broker.stop()
+
+
 def test_joining_after_a_seq_far_behind_rides_out_the_history_budget(tmp_path: Path, connect_to: ConnectTo) -> None:
     """More history than the broker's per-session budget lets out at once: pages it
     refuses are asked again, and every event comes once (join() used to raise
     rate_limited, with the pages it had read left queued, again at every retry)."""
-    from broker.core import Limits
-
-    limits = Limits(rate=0, join_rate=0, history_bytes=60_000, history_burst=20_000)
-    broker = RunningBroker(tmp_path / "data", limits=limits).start()
-    try:
-        alice = connect_to(broker, "alice")
-        alice.join("log")
-        texts = [f"{i:04d} " + "x" * 60 for i in range(1200)]
-        for text in texts:
-            alice.send("log", text)
-        wait_for(lambda: bool(alice.pump(0.05) or True) and alice.unacked == 0, 20)
+    texts = [f"{i:04d} " + "x" * 60 for i in range(1200)]
+    with written_past_the_budget(tmp_path, connect_to, (60_000, 20_000), "log", texts) as (broker, _):
         bot = connect_to(broker, "bot")
         refused: list[str] = []
         on_fetched = bot._on_fetched
@@ -1005,32 +1017,19 @@ def test_joining_after_a_seq_far_behind_rides_out_the_history_budget(tmp_path: P
         events += bot.drain_events()
         assert [e.text for e in events if e.type == "msg"] == texts  # and "mine" not again
         assert "rate_limited" in refused  # the budget was met, and ridden out
-    finally:
-        broker.stop()
 
 
 def test_a_backlog_read_past_the_history_budget_waits_for_it(tmp_path: Path, connect_to: ConnectTo) -> None:
     """join(room, backlog=N) reads its backlog in pages; a page the broker's budget of
     large replies refuses is asked again, as the join itself is (the join raised
     rate_limited and dropped a room the broker had it in)."""
-    from broker.core import Limits
-
-    limits = Limits(rate=0, join_rate=0, history_bytes=20_000, history_burst=30_000)
-    broker = RunningBroker(tmp_path / "data", limits=limits).start()
-    try:
-        writer = connect_to(broker, "writer")
-        writer.join("a")
-        texts = [f"line {i} " + "y" * 80 for i in range(700)]
-        for text in texts:
-            writer.send("a", text)
-        wait_for(lambda: bool(writer.pump(0.05) or True) and writer.unacked == 0, 20)
+    texts = [f"line {i} " + "y" * 80 for i in range(700)]
+    with written_past_the_budget(tmp_path, connect_to, (20_000, 30_000), "a", texts) as (broker, _):
         reader = connect_to(broker, "reader")
-        assert reader.join("a", backlog=600) == ["reader", "writer"]  # two pages: 500, then 100
+        assert reader.join("a", backlog=600) == ["alice", "reader"]  # two pages: 500, then 100
         backlog = [e.text for e in reader.drain_events() if e.type == "msg"]
         assert backlog == texts[-599:]  # the newest 600 events: the writer's join is not among them
         assert reader.rooms_joined == ["a"]
-    finally:
-        broker.stop()
 
 
 def test_leaves_past_the_join_rate_limit_wait_for_it(tmp_path: Path, connect_to: ConnectTo) -> None:
