@@ -603,8 +603,9 @@ class Client:
         #: How long the DEALER's last words (a bye) may take to leave when its socket closes (ms).
         self._dealer_linger_ms = 0
         self._hold_until = 0.0
-        #: The refusal that set the last hold (rate_limited or unavailable).
+        #: The refusal that set the last hold (rate_limited or unavailable), and when it came.
         self._hold_code: str | None = None
+        self._hold_at = float("-inf")
         #: When a message was last refused as rate_limited (time.monotonic()).
         self._rate_limited_at = float("-inf")
         self._rooms: dict[str, _Room] = {}
@@ -1819,7 +1820,15 @@ class Client:
                 # coming (a join with after far behind): it is not lost, so it is answered.
                 return taken
             if remaining <= 0:
-                held = self.state == "connected" and rid in self._queued and self._hold_code is not None
+                # Held by the broker if it refused us lately (a hold it keeps refuses again at
+                # each try); queued for another reason (a room catching up after a reconnect)
+                # long after a hold, it is not.
+                held = (
+                    self.state == "connected"
+                    and rid in self._queued
+                    and self._hold_code is not None
+                    and time.monotonic() - self._hold_at < self.request_timeout
+                )
                 if held:
                     # The broker answers, and held messages back: its rate limit, or an unavailable.
                     ahead = list(self._queued).index(rid)
@@ -1971,7 +1980,7 @@ class Client:
                 # sends, then resend in order.
                 wait = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
-                self._hold_code = code
+                self._hold_code, self._hold_at = code, time.monotonic()
                 if code == ErrorCode.RATE_LIMITED:
                     self._rate_limited_at = time.monotonic()
                 self._queue(rid)

@@ -1060,6 +1060,30 @@ def test_a_with_block_left_on_a_rate_limit_wait_still_delivers_what_it_sent(tmp_
         limited.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_message_queued_long_after_a_rate_limit_is_not_said_to_wait_for_it(tmp_path: Path) -> None:
+    """Once rate-limited, a later send_wait that timed out for another reason (its room
+    catching up after a reconnect) said it waited for the rate limit, held=True."""
+    from broker.core import Limits
+
+    limited = RunningBroker(tmp_path / "data", limits=Limits(rate=20, burst=10, join_rate=0)).start()
+    try:
+        with Client("alice", hosts=[address_of(limited)]) as alice:
+            alice.request_timeout = 1.0
+            alice.join("general", backlog=0)
+            for i in range(30):
+                alice.send("general", f"m{i}")
+            wait_for(lambda: bool(alice.pump(0.05) or True) and alice.unacked == 0, 20)
+            time.sleep(1.1)  # the last refusal is a request timeout ago
+            alice._rooms["general"].catch_up_to = 1 << 40  # as while catching up after a reconnect
+            with pytest.raises(BrokerUnreachable) as err:
+                alice.send_wait("general", "later", timeout=0.3)
+            assert not err.value.held and "no ack from" in err.value.message, err.value.message
+            alice._rooms["general"].catch_up_to = 0
+    finally:
+        limited.stop()
+
+
 class Nonsense(Script):
     """A broker that answers with the wrong types: the first ack of each message, and
     every reply to join, who, rooms and history."""
