@@ -169,8 +169,10 @@ class Commands:
         self.current, self.failed = room, None
         self.held_back.clear()
 
-    def _usage(self, name: str) -> None:
-        self.err(f"usage: {USAGE[name]}")
+    def _usage(self, name: str, args: list[str] | None = None) -> None:
+        # Several words where one room goes: say what a room name is (it has no spaces).
+        rule = " (a room name has no spaces: 1-32 of a-z 0-9 _ -)" if args and len(args) > 1 else ""
+        self.err(f"usage: {USAGE[name]}{rule}")
 
     def _command(self, line: str) -> bool:
         name, _, rest = line[1:].partition(" ")
@@ -198,7 +200,7 @@ class Commands:
                 self.client.dm(to, text)
         elif name == "join":
             if len(args) != 1:
-                self._usage(name)
+                self._usage(name, args)
                 self._no_room(line)
             else:
                 try:
@@ -214,7 +216,7 @@ class Commands:
                     self._info(f"-!- #{room}: {', '.join(members)}", {"type": "who", "room": room, "members": members})
         elif name == "switch":
             if len(args) != 1:
-                self._usage(name)
+                self._usage(name, args)
                 self._no_room(line)
             else:
                 try:
@@ -230,7 +232,7 @@ class Commands:
         elif name == "leave":
             target = args[0] if args else self.current
             if len(args) > 1:
-                self._usage(name)
+                self._usage(name, args)
             elif target is None:
                 self.err("not in a room: nothing to leave")
             else:
@@ -242,8 +244,10 @@ class Commands:
                     self.current = joined[-1] if joined else None
         elif name == "who":
             target = args[0] if args else self.current
-            if target is None or len(args) > 1:
-                self._usage(name)
+            if len(args) > 1:
+                self._usage(name, args)
+            elif target is None:
+                self.err("not in a room: /who ROOM")
             else:
                 room = p.parse_room(target)
                 members = self.client.who(room)

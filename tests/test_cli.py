@@ -1017,3 +1017,11 @@ def test_a_broker_takes_an_ipv6_host_in_brackets(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_who_outside_a_room_says_so(slow_broker: BrokerProcess, tmp_path: Path) -> None:
+    """/who after /leave: 'not in a room', not the usage line of a mistyped command."""
+    run = _lines_through(slow_broker, tmp_path, ["/leave", "/who"], "--backlog 0 < in")
+    assert run.returncode == 1
+    assert "zchat: not in a room: /who ROOM" in run.stderr, run.stderr
+    assert "usage:" not in run.stderr

@@ -802,7 +802,7 @@ def test_ctrl_c_clears_a_line_then_quits_ctrl_d_quits(alice: Client) -> None:
         ("/msg bob", "usage: /msg NAME TEXT"),
         ("/msg not/a/name hi", "bad_name"),
         ("/join", "usage: /join ROOM"),
-        ("/join two rooms", "usage: /join ROOM"),
+        ("/join two rooms", "usage: /join ROOM (a room name has no spaces: 1-32 of a-z 0-9 _ -)"),
         ("/join #Not!A!Room", "bad_room"),
         ("/switch", "usage: /switch ROOM"),
         ("/leave a b", "usage: /leave [ROOM]"),
