@@ -367,8 +367,15 @@ def _say_unacked(client: Client, printer: Printer, why: str) -> None:
     """Stopped early: what had arrived is shown (own lines acknowledged among it, so
     that every line is either shown as sent or listed), then each message the broker
     has not acknowledged, on stderr, to copy."""
-    for event in client.drain_events():
-        printer.event(event)
+    client.release_own()  # acknowledged, waiting for earlier events of their room: shown too
+    try:
+        for event in client.drain_events():
+            printer.event(event)
+    except OSError:
+        # The terminal is gone (Printer.out raises for that): what is left goes to stderr,
+        # and the exit status stays the signal's.
+        printer.out_gone = True
+        _mute(sys.stdout)
     if client.unacked:
         printer.err(f"{why}: {client.unacked} message(s) not acknowledged:")
         for line in unsent_lines(client):

@@ -56,6 +56,9 @@ HISTORY_DEFAULT = 20
 #: are not sent to the room before: typed or pasted while it was under way (a broker
 #: that stalled makes a join wait up to 5 s), they may be meant for the room it named.
 HOLD_AFTER_FAILURE_S = 2.0
+#: A held line that comes again at least this much later was sent again by the user
+#: (Up, Enter), not repeated within one paste.
+RESENT_AFTER_S = 0.3
 
 
 @dataclass
@@ -89,9 +92,10 @@ class Commands:
     #: that room. In pipe mode every line is refused until a /join or /switch succeeds.
     failed: str | None = None
     failed_at: float = 0.0
-    #: The lines that hold refused: one sent again is the user's answer ("yes, here"),
-    #: and goes, with the hold ended (the refusal says to send it again).
-    held_back: set[str] = field(default_factory=set)
+    #: The lines that hold refused, and when: one sent again later (RESENT_AFTER_S: not a
+    #: repeat within the same paste, such as two '---') is the user's answer ("yes, here"),
+    #: and goes, as the refusal says; the hold stays for the others.
+    held_back: dict[str, float] = field(default_factory=dict)
     #: Pipe mode's --no-commands: every line is a message, one starting with / too
     #: (a log streamed into a room must not run its lines as commands).
     literal: bool = False
@@ -139,16 +143,19 @@ class Commands:
                     f"not sent: {self.failed!r} failed; lines are refused until a /join or /switch succeeds{which}"
                 )
                 return
-            held = time.monotonic() - self.failed_at < HOLD_AFTER_FAILURE_S and text not in self.held_back
-            if self.current is not None and held:
-                self.held_back.add(text)
-                self.err(
-                    f"not sent: {self.failed!r} failed just before, and this line may have been meant for it; "
-                    f"send it again to write it in #{self.current}"
-                )
-                return
-            self.failed = None
-            self.held_back.clear()
+            now = time.monotonic()
+            if self.current is not None and now - self.failed_at < HOLD_AFTER_FAILURE_S:
+                first = self.held_back.setdefault(text, now)
+                if now - first < RESENT_AFTER_S:
+                    self.err(
+                        f"not sent: {self.failed!r} failed just before, and this line may have been meant for it; "
+                        f"send it again to write it in #{self.current}"
+                    )
+                    return
+                del self.held_back[text]  # sent again: it goes
+            else:
+                self.failed = None
+                self.held_back.clear()
         if self.current is None:
             self.err(f"not in a room: /join ROOM first{which}")
             return

@@ -728,7 +728,8 @@ class ChatUI:
             self._held += lines  # into the history only if Enter sends them
             # (Its last line, without a newline, waits in the input line: said, or the
             # count looks one short of what Enter sends.)
-            last_too = " and the input line after them" if rest.strip() else ""
+            command = rest.startswith("/") and not rest.startswith("//")  # (Enter runs one alone)
+            last_too = " and the input line after them" if rest.strip() and not command else ""
             self._out(f"paste of {len(self._held)} lines held: Enter sends them{last_too}, Ctrl-C drops them")
             self.session.app.invalidate()
             return

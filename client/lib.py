@@ -884,6 +884,12 @@ class Client:
         rooms = self._rooms.values()
         return sum(isinstance(item, Event) and item is not _TAKEN for state in rooms for item in state.pending.values())
 
+    def release_own(self) -> None:
+        """Queue now the :attr:`own_pending` messages, ahead of the earlier events they wait
+        for: for a program that stops, so that a line the broker stored is still shown."""
+        for state in self._rooms.values():
+            self._release_own(state)
+
     # ------------------------------------------------------------- requests
 
     def join(self, room: str, backlog: int = 0, *, after: int | None = None) -> list[str]:
@@ -962,8 +968,9 @@ class Client:
                 for env in got:
                     if env["type"] == "msg" and _seen(shown, (str(env.get("from")), str(env.get("id")))):
                         continue
-                    # The join this call made (the last event, ours) is not from before it.
-                    this_join = env["seq"] == top and self._is_own_join(env)
+                    # The join this call made (ours, the last event; or, its reply lost and
+                    # asked again, the one SUB brought) is not from before it.
+                    this_join = env["seq"] in (top, since) and self._is_own_join(env)
                     backlog = (since is None or env["seq"] <= since) and not this_join
                     sent = self._stored_original(env)
                     # One of ours from before we left, its ack lost: stored, so acknowledged.
@@ -1820,14 +1827,16 @@ class Client:
                 # coming (a join with after far behind): it is not lost, so it is answered.
                 return taken
             if remaining <= 0:
-                # Held by the broker if it refused us lately (a hold it keeps refuses again at
-                # each try); queued for another reason (a room catching up after a reconnect)
-                # long after a hold, it is not.
+                # Held by the broker if we hold for it now, or it refused us lately (a hold it
+                # keeps is refused again at each try, every RATE_RETRY_S); queued for another
+                # reason (a room catching up after a reconnect) long after a hold, it is not.
+                lately = max(self.request_timeout, 2 * max(RATE_RETRY_S, UNAVAILABLE_RETRY_S))
+                now = time.monotonic()
                 held = (
                     self.state == "connected"
                     and rid in self._queued
                     and self._hold_code is not None
-                    and time.monotonic() - self._hold_at < self.request_timeout
+                    and (now < self._hold_until or now - self._hold_at < lately)
                 )
                 if held:
                     # The broker answers, and held messages back: its rate limit, or an unavailable.

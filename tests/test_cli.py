@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import queue
@@ -964,7 +966,9 @@ def test_a_signal_during_the_final_close_does_not_cut_it_short() -> None:
             signal.signal(sig, handler)
 
 
-def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
+def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A signal between an ack and its line being shown: the line is shown (it was sent),
     not left out of both the output and the list of unsent lines."""
     from client.cli import Printer, _say_unacked
@@ -973,16 +977,33 @@ def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(capsys: py
     class Stopped:
         unacked = 1
 
+        def __init__(self) -> None:
+            self.queued = [Event(type="msg", room="general", seq=7, ts=0, name="alice", text="sent", own=True)]
+
+        def release_own(self) -> None:  # one acknowledged, waiting for an earlier event of its room
+            self.queued.append(Event(type="msg", room="general", seq=9, ts=0, name="alice", text="also", own=True))
+
         def drain_events(self) -> list[Event]:
-            return [Event(type="msg", room="general", seq=7, ts=0, name="alice", text="sent", own=True)]
+            queued, self.queued = self.queued, []
+            return queued
 
         def unacknowledged(self) -> list[Event]:
             return [Event(type="msg", room="general", name="alice", text="held")]
 
     _say_unacked(Stopped(), Printer(as_json=True), "SIGINT")  # type: ignore[arg-type]
     out, err = capsys.readouterr()
-    assert [json.loads(line)["text"] for line in out.splitlines()] == ["sent"]
+    assert [json.loads(line)["text"] for line in out.splitlines()] == ["sent", "also"]
     assert "SIGINT: 1 message(s) not acknowledged:" in err and "#general: held" in err
+
+    class GoneTerminal(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+    # Its terminal gone (a pty that hung up): the list still goes to stderr, no OSError
+    # escapes (main() would end with 1 and a traceback instead of 128 + the signal).
+    monkeypatch.setattr(sys, "stdout", GoneTerminal())
+    _say_unacked(Stopped(), Printer(as_json=True, on_a_terminal=True), "SIGHUP")  # type: ignore[arg-type]
+    assert "SIGHUP: 1 message(s) not acknowledged:" in capsys.readouterr().err
 
 
 def test_a_broker_host_with_ports_in_it_is_refused_naming_how_it_was_given(tmp_path: Path) -> None:

@@ -572,6 +572,27 @@ def test_own_message_waits_for_earlier_events_of_its_room(make_client: MakeClien
     assert [e.text for e in collect(alice, 1, kind="msg")] == ["later"]
 
 
+def test_own_lines_waiting_for_earlier_events_are_released_on_request(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program that stops (a signal in pipe mode) asks for the own messages that are
+    acknowledged but wait for an earlier event of their room: stored, they must be shown."""
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.join("general")
+    bob.join("general")
+    collect(alice, 1, kind="presence")  # bob's join: alice's SUB is live
+    alice._sub.unsubscribe(p.room_topic("general"))  # it misses bob's next line...
+    monkeypatch.setattr(alice, "_fetch", lambda *args, **kwargs: None)  # ...and nothing fetches it
+    bob.send_wait("general", "bob's line")
+    alice.send("general", "alice's line")
+    wait_for(lambda: bool(alice.pump(0.02) or True) and alice.unacked == 0)
+    assert alice.own_pending == 1
+    assert not [e for e in alice.drain_events() if e.type == "msg"]
+    alice.release_own()
+    assert alice.own_pending == 0
+    assert [(e.text, e.own) for e in alice.drain_events() if e.type == "msg"] == [("alice's line", True)]
+
+
 def test_history_page_overtaken_by_sub_skips_nothing(make_client: MakeClient) -> None:
     """A history reply whose events SUB has already delivered says nothing about the
     events after them: they must not be skipped as if the store had lost them."""

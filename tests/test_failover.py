@@ -1069,12 +1069,15 @@ def test_a_message_queued_long_after_a_rate_limit_is_not_said_to_wait_for_it(tmp
     limited = RunningBroker(tmp_path / "data", limits=Limits(rate=20, burst=10, join_rate=0)).start()
     try:
         with Client("alice", hosts=[address_of(limited)]) as alice:
-            alice.request_timeout = 1.0
             alice.join("general", backlog=0)
+            alice.request_timeout = 0.4  # shorter than the resends' period: still the rate limit
             for i in range(30):
                 alice.send("general", f"m{i}")
+            with pytest.raises(BrokerUnreachable) as held:
+                alice.send_wait("general", "held", timeout=0.8)
+            assert held.value.held and "for the broker's rate limit" in held.value.message, held.value.message
             wait_for(lambda: bool(alice.pump(0.05) or True) and alice.unacked == 0, 20)
-            time.sleep(1.1)  # the last refusal is a request timeout ago
+            time.sleep(2.1)  # the last refusal is two resend periods ago (and a request timeout)
             alice._rooms["general"].catch_up_to = 1 << 40  # as while catching up after a reconnect
             with pytest.raises(BrokerUnreachable) as err:
                 alice.send_wait("general", "later", timeout=0.3)

@@ -443,20 +443,24 @@ def test_lines_right_after_a_failed_join_are_not_sent_to_the_room_before(
 def test_a_line_held_after_a_failed_join_goes_when_sent_again(
     alice: Client, bob: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The refusal says "send it again": sent again at once (Up, Enter), it goes; it was
-    refused again for as long as the hold lasted."""
+    """The refusal says "send it again": sent again (Up, Enter), it goes; it was refused
+    again for as long as the hold lasted. The same line twice in one paste (two '---')
+    is no such answer: both are held, and so is what follows."""
     monkeypatch.setattr(commands, "HOLD_AFTER_FAILURE_S", 30.0)
 
     async def main() -> None:
         async with chat_ui(alice) as t:
             t.line("/switch nowhere")
-            t.line("here after all")
-            await t.shows("send it again to write it in #general")
-            t.line("here after all")
+            t.keys(paste("---\nfor nowhere\n---\nsecret\n"))
+            await until(lambda: len([x for x in t.lines() if "not sent:" in x]) == 4, what=t.lines)
+            await asyncio.sleep(commands.RESENT_AFTER_S)
+            t.line("for nowhere")  # sent again: the user means #general
             got = await receive(bob, lambda e: e.type == "msg")
-            assert got.text == "here after all"
-            t.line("and this one")  # the hold is over: the user said where they write
-            assert (await receive(bob, lambda e: e.type == "msg")).text == "and this one"
+            assert got.text == "for nowhere"
+            t.line("and this one")  # still within the hold: held, as the rest of the paste was
+            await until(lambda: len([x for x in t.lines() if "not sent:" in x]) == 5, what=t.lines)
+            bob.pump(0.3)
+            assert [e.text for e in bob.drain_events() if e.type == "msg"] == []
 
     run(main())
 
