@@ -153,6 +153,16 @@ class Report:
         """The most messages/s any step delivered, kept up with or not."""
         return max((r.delivered for r in self.of(key, target, "step") if not r.error), default=None)
 
+    def spread_note(self, key: str) -> str:
+        """Said beside a verdict the ladders' own spread could turn either way."""
+        spread = self.ladders_spread(key)
+        if spread is None or not spread[0] <= TARGET_RATIO_NAIVE <= spread[1]:
+            return ""
+        return (
+            f", but not robustly: pairs of these ladders give {spread[0]:.2f}x to {spread[1]:.2f}x, "
+            f"either side of {TARGET_RATIO_NAIVE}x"
+        )
+
     def ladders_text(self, key: str) -> str:
         """How the capacities of zchat and naive were found, where they ran several ladders."""
         runs = {t: self.run.ladders.get((key, t), []) for t in (ZCHAT, "naive")}
@@ -161,6 +171,14 @@ class Report:
             return ""
         each = "; ".join(f"{t} {', '.join(rate(c) for c in caps)}" for t, caps in runs.items() if caps)
         return f"each the median of {n} ladders: {each}"
+
+    def ladders_spread(self, key: str) -> tuple[float, float] | None:
+        """The lowest and highest zchat/naive ratio any pair of their ladders gives, where
+        each ran several: a target inside that range is met or missed by the draw."""
+        z, n = self.run.ladders.get((key, ZCHAT), []), self.run.ladders.get((key, "naive"), [])
+        if len(z) < 2 or len(n) < 2 or min(n) <= 0:
+            return None
+        return min(z) / max(n), max(z) / min(n)
 
     def lat30(self, key: str, target: str) -> Result | None:
         found = self.of(key, target, "lat30")
@@ -230,7 +248,7 @@ class Report:
                         + (f"; {lt})" if (lt := self.ladders_text(key)) else ")")
                     )
                     + ("" if pr is None else f"; peak {pr:.2f}x ({rate(pz)} / {rate(pn)})"),
-                    verdict_min(r, TARGET_RATIO_NAIVE),
+                    verdict_min(r, TARGET_RATIO_NAIVE) + self.spread_note(key),
                 ]
             )
         head = self.headline_group()
