@@ -13,7 +13,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from client import render
-from client.commands import Commands
+from client.commands import Commands, last_events
 from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError, ZchatError
 from zchat import __version__, envargs
 from zchat import protocol as p
@@ -413,18 +413,13 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
 
 def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
     """--dump: the room's last ``count`` events from its history; no join, so no presence."""
-    _, top = client.history(room, 0, 1)
+    top, events = last_events(client, room, count)
     if top == 0:  # (a mistyped name looks just like this: say so rather than print nothing)
         printer.err(f"#{room} has no events: nobody has joined it")
-    after = max(0, top - count)
-    while after < top and not printer.out_gone:
-        events, _ = client.history(room, after, min(top - after, p.MAX_HISTORY_LIMIT))
-        events = [e for e in events if e.seq is not None and after < e.seq <= top]
-        if not events:
+    for event in events:
+        if printer.out_gone:
             break
-        for event in events:
-            printer.event(event)
-        after = events[-1].seq or top
+        printer.event(event)
     for event in client.drain_events():
         if event.type == "status" and event.event == "no_room_events":
             continue  # it reads no room events

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from client import render
@@ -27,7 +27,7 @@ commands:
   /leave [ROOM]      leave ROOM (default: the current room)
   /who [ROOM]        who is in ROOM (default: the current room)
   /rooms             list rooms
-  /history [N]       the last N events of the current room (default 20)
+  /history [N]       the last N events of the current room (default 20, at most 10,000)
   /lastlog TEXT      the chat lines shown so far (the last 2,000) that contain TEXT (any case; terminal only)
   /help              this help
   /quit              leave the chat"""
@@ -50,6 +50,8 @@ USAGE = {
 ALIASES = {"part": "leave", "exit": "quit", "query": "msg", "names": "who", "action": "me"}
 COMMANDS = tuple(USAGE)
 HISTORY_DEFAULT = 20
+#: /history N shows at most this many (a mistyped 1000000 would fill the screen for minutes).
+HISTORY_MAX = 10_000
 
 
 #: After a /join or /switch that failed, plain lines handled within this many seconds
@@ -59,6 +61,24 @@ HOLD_AFTER_FAILURE_S = 2.0
 #: A held line that comes again at least this much later was sent again by the user
 #: (Up, Enter), not repeated within one paste.
 RESENT_AFTER_S = 0.3
+
+
+def last_events(client: Client, room: str, count: int) -> tuple[int, Iterator[Event]]:
+    """The room's last seq, and its last ``count`` events from its history, oldest first,
+    read page by page (one reply holds at most ``MAX_HISTORY_LIMIT``) as they are taken."""
+    _, top = client.history(room, 0, 1)
+
+    def pages() -> Iterator[Event]:
+        after = max(0, top - count)
+        while after < top:
+            events, _ = client.history(room, after, min(top - after, p.MAX_HISTORY_LIMIT))
+            events = [e for e in events if e.seq is not None and after < e.seq <= top]
+            if not events:
+                return
+            yield from events
+            after = events[-1].seq or top
+
+    return top, pages()
 
 
 @dataclass
@@ -290,13 +310,13 @@ class Commands:
             self._usage("history")
             return
         if args:
-            count = min(int(args[0]), p.MAX_HISTORY_LIMIT)
+            count = min(int(args[0]), HISTORY_MAX)
         room = self.current
         if room is None:
             self.err("not in a room: /join ROOM first")
             return
-        _, top = self.client.history(room, after=0, limit=1)  # the room's latest seq
-        events, _ = self.client.history(room, after=max(0, top - count), limit=count)
+        _, pages = last_events(self.client, room, count)
+        events = list(pages)
         if not self.as_json:
             self.out(f"-!- #{room}: the last {len(events)} event{'' if len(events) == 1 else 's'}")
         for event in events:

@@ -34,7 +34,7 @@ from client import commands, render
 from client.commands import Commands
 from client.interactive import ChatUI, connection_status
 from client.lib import Client, Event
-from tests.conftest import HOST, BrokerProcess, RunningBroker
+from tests.conftest import HOST, BrokerProcess, RunningBroker, wait_for
 
 ENTER = "\r"
 UP, DOWN, LEFT = "\x1b[A", "\x1b[B", "\x1b[D"
@@ -1004,6 +1004,17 @@ def test_pipe_mode_understands_the_same_commands(alice: Client, bob: Client) -> 
     text.handle("/history 1")
     assert out[-2] == "-!- #general: the last 1 event"
     assert out[-1].endswith("#general * alice stretches")
+
+
+def test_history_of_more_than_one_reply_holds(alice: Client, bob: Client) -> None:
+    """/history 600: all 600, read in two pages (it stopped at 500, while --dump 600 gave 600)."""
+    for i in range(601):
+        bob.send("general", f"m{i}")
+    wait_for(lambda: bool(bob.pump(0.05) or True) and bob.unacked == 0, 20)
+    out: list[str] = []
+    Commands(alice, "general", out.append, out.append).handle("/history 600")
+    assert out[0] == "-!- #general: the last 600 events"
+    assert [line.rsplit("> ", 1)[-1] for line in out[1:]] == [f"m{i}" for i in range(1, 601)]
 
 
 # ------------------------------------------------------------------ rendering
