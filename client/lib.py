@@ -1005,15 +1005,7 @@ class Client:
 
     def _own_join_seen(self, state: _Room, top: int) -> int | None:
         """The seq of a join presence of ours that SUB brought before ``top``, if any."""
-        seqs = [
-            seq
-            for seq, env in state.pending.items()
-            if seq < top
-            and isinstance(env, dict)
-            and env.get("type") == "presence"
-            and env.get("event") == "join"
-            and env.get("name") == self.name
-        ]
+        seqs = [seq for seq, env in state.pending.items() if seq < top and self._is_own_join(env)]
         return min(seqs) if seqs else None
 
     def _patient_request(self, env: Envelope) -> Envelope:
