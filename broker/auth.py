@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,12 +26,16 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from broker.core import LogBudget
+from broker.store import runs_as
 from zchat import protocol as p
 
 log = logging.getLogger("zchat.broker")
 
 ZAP_DOMAIN = "zchat"
 BROKER_CERT = "broker"
+#: A refused client knocks on both ports at each try: the same key from the same
+#: address within this many seconds is the same try, logged once.
+REFUSAL_REPEAT_S = 1.0
 
 
 class KeysError(Exception):
@@ -46,12 +51,20 @@ class Keys:
     users: dict[bytes, str]
 
 
+def _unreadable(what: str, path: Path, exc: OSError | ValueError) -> KeysError:
+    hint = ""
+    if isinstance(exc, PermissionError):
+        # Keys made by root for a broker that runs as a service user: the usual cause.
+        hint = f"; the broker runs as {runs_as()} and must be able to read it"
+    return KeysError(f"cannot read the {what} {path}: {exc}{hint}")
+
+
 def load_secret(path: Path) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` certificate."""
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise KeysError(f"cannot read the secret key {path}: {exc}") from None
+        raise _unreadable("secret key", path, exc) from None
     if not secret:
         raise KeysError(f"{path} holds no secret key (use the .key_secret file)")
     return public, secret
@@ -61,19 +74,31 @@ def load_public(path: Path) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise KeysError(f"cannot read the public key {path}: {exc}") from None
+        raise _unreadable("public key", path, exc) from None
     return public
 
 
-def load_users(directory: Path) -> dict[bytes, str]:
-    """Every ``NAME.key`` in ``directory``: public key -> NAME. Bad files are skipped, loudly."""
-    if not directory.is_dir():
-        raise KeysError(f"no authorized-users directory {directory} (put users' NAME.key files there)")
+def load_users(directory: Path, before: dict[bytes, str] | None = None) -> dict[bytes, str]:
+    """Every ``NAME.key`` in ``directory``: public key -> NAME. Bad files are skipped, loudly.
+
+    A directory that cannot be listed is a KeysError, never an empty one: on a
+    reload that would revoke everyone. ``before`` is what the last load found:
+    a NAME.key that cannot be read or parsed now (a file being rewritten, a mode
+    or owner changed by mistake) keeps NAME's key from before, if NAME had one.
+    Revoking a user is removing the file.
+    """
+    try:
+        files = sorted(entry for entry in os.listdir(directory) if entry.endswith(".key"))
+    except (FileNotFoundError, NotADirectoryError):
+        raise KeysError(f"no authorized-users directory {directory} (put users' NAME.key files there)") from None
+    except OSError as exc:
+        raise _unreadable("authorized-users directory", directory, exc) from None
+    keys_before = {name: key for key, name in (before or {}).items()}
     users: dict[bytes, str] = {}
     #: Keys found under two names, and those names: the key says who is speaking, so
     #: it cannot be both. Either could be the mistake: neither is accepted.
     shared: dict[bytes, list[str]] = {}
-    for path in sorted(directory.glob("*.key")):
+    for path in (directory / entry for entry in files):
         name = path.stem
         if not p.is_name(name):
             log.warning("skipping %s: %r is not a valid user name", path, name)
@@ -81,8 +106,11 @@ def load_users(directory: Path) -> dict[bytes, str]:
         try:
             key = load_public(path)
         except KeysError as exc:
-            log.warning("skipping %s", exc)
-            continue
+            if name not in keys_before:
+                log.warning("skipping %s", exc)
+                continue
+            log.warning("%s: %s keeps the key it had (remove the file to revoke it)", exc, name)
+            key = keys_before[name]
         if key in users or key in shared:
             shared.setdefault(key, [users.pop(key)] if key in users else []).append(name)
             continue
@@ -98,7 +126,14 @@ def load_users(directory: Path) -> dict[bytes, str]:
 
 
 def load_keys(directory: Path) -> Keys:
-    public, secret = load_secret(directory / f"{BROKER_CERT}.key_secret")
+    path = directory / f"{BROKER_CERT}.key_secret"
+    public, secret = load_secret(path)
+    if path.stat().st_mode & 0o004:
+        log.warning(
+            "%s is readable by every user of this machine, and whoever reads it can impersonate the "
+            "broker: chmod 600 it (or 640, its group the broker's user's)",
+            path,
+        )
     return Keys(public, secret, load_users(directory / "authorized"))
 
 
@@ -112,15 +147,41 @@ class Authenticator(ThreadAuthenticator):
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], users: dict[bytes, str]) -> None:
         super().__init__(context, log=logging.getLogger("zchat.broker.zap"))
         self.users = users
+        #: Keys that reloads took away, and whose they were: a refusal names the user. Set
+        #: by the loop (replaced whole, as ``users``); this thread only reads it.
+        self.revoked: dict[bytes, str] = {}
         self._refused_lines = LogBudget("refused CURVE keys")
+        #: The peer address of the ZAP request being handled (this thread's own state).
+        self._address = "?"
+        #: The last refusal logged and when: a client tries both ports at once, one line says it.
+        self._last_refusal: tuple[bytes, str, float] = (b"", "", 0.0)
         self.configure_curve_callback(ZAP_DOMAIN, self)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        # The address is in the request, not in what the key callback is given.
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
+        await super().handle_zap_message(msg)
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self.users
-        # Anyone can make a key and knock: at most LOG_LINES_PER_S lines a second of it.
-        if not allowed and self._refused_lines.allow(int(time.time())):
-            log.warning("refused a CURVE key that is not authorized: %s", key.decode("ascii", "replace"))
+        if not allowed:
+            self._log_refusal(key)
         return allowed
+
+    def _log_refusal(self, key: bytes) -> None:
+        now, address = time.monotonic(), self._address
+        last_key, last_address, last_at = self._last_refusal
+        self._last_refusal = (key, address, now)
+        if key == last_key and address == last_address and now - last_at < REFUSAL_REPEAT_S:
+            return
+        # Anyone can make a key and knock: at most LOG_LINES_PER_S lines a second of it.
+        if not self._refused_lines.allow(int(time.time())):
+            return
+        if (name := self.revoked.get(key)) is not None:
+            log.warning("refused the CURVE key of %s from %s: it was revoked", name, address)
+        else:
+            shown = key.decode("ascii", "replace")
+            log.warning("refused a CURVE key that is not authorized, from %s: %s", address, shown)
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.users.get(zmq.utils.z85.encode(client_public_key), "")
@@ -154,7 +215,14 @@ def keygen_main(argv: list[str] | None = None) -> int:
         print(f"zchat-keygen: {public} or {secret} exists; --force overwrites", file=sys.stderr)
         return 1
     args.dir.mkdir(parents=True, exist_ok=True)
-    zmq.auth.create_certificates(args.dir, args.name)
+    # pyzmq writes both files under the process's umask: the secret must never be
+    # readable by others, not even until a chmod after the write.
+    umask = os.umask(0o077)
+    try:
+        zmq.auth.create_certificates(args.dir, args.name)
+    finally:
+        os.umask(umask)
     secret.chmod(0o600)
+    public.chmod(0o644 & ~umask)  # the public key is for sharing
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0

@@ -398,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         lifecycle.info(
             "CURVE on: %d authorized users; broker public key %s", len(broker.keys.users), broker.keys.public.decode()
         )
+        if not broker.keys.users:
+            log.warning(
+                "no authorized users: nobody can connect until users' NAME.key files are in %s "
+                "and the broker gets a SIGHUP",
+                broker.config.keys_dir / "authorized" if broker.config.keys_dir else "authorized/",
+            )
     lifecycle.info(
         "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s",
         __version__,

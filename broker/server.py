@@ -438,18 +438,34 @@ class Broker:
         if self.keys is None or self.auth is None or self.config.keys_dir is None:
             log.info("reload requested, but the broker runs without keys: nothing to do")
             return []
+        before = self.keys.users
         try:
-            users = load_users(self.config.keys_dir / "authorized")
+            users = load_users(self.config.keys_dir / "authorized", before)
         except KeysError as exc:
             log.error("reload failed, keeping the old keys: %s", exc)
             return []
-        removed = set(self.keys.users.values()) - set(users.values())
+        names = set(users.values())
+        added = names - set(before.values())
+        gone = set(before.values()) - names
+        # A user whose file now holds another key (the old secret leaked, say): the
+        # sessions made with the old key end as a removed user's do.
+        rekeyed = {name for key, name in before.items() if name in names and users.get(key) != name}
+        removed = gone | rekeyed
         self.keys = Keys(self.keys.public, self.keys.secret, users)
-        self.auth.users = users  # swapped whole: the ZAP thread only ever reads it
+        # Each swapped whole: the ZAP thread only ever reads them.
+        self.auth.revoked = {
+            **{key: name for key, name in self.auth.revoked.items() if key not in users},
+            **{key: name for key, name in before.items() if users.get(key) != name},
+        }
+        self.auth.users = users
         # A reload is the operator's own doing: said whatever --log-level says, a warning
         # only when it cuts connections (below).
         (log.warning if removed else lifecycle.info)(
-            "reloaded %d authorized keys; revoked: %s", len(users), ", ".join(sorted(removed)) or "none"
+            "reloaded %d authorized keys; added: %s; revoked: %s; new key: %s",
+            len(users),
+            ", ".join(sorted(added)) or "none",
+            ", ".join(sorted(gone)) or "none",
+            ", ".join(sorted(rekeyed)) or "none",
         )
         if not removed:
             return []

@@ -15,6 +15,8 @@ import heapq
 import itertools
 import logging
 import os
+import pwd
+import shutil
 import sqlite3
 import threading
 import time
@@ -152,8 +154,11 @@ class Store:
         #: Per room, the seq up to which events have been deleted for the retention.
         self._pruned: dict[str, int] = {}
         lock: int | None = None
-        if data_dir.exists() and not data_dir.is_dir():
-            raise StoreError(f"cannot open the store in {data_dir}: it is not a directory")
+        try:
+            if data_dir.exists() and not data_dir.is_dir():
+                raise StoreError(f"cannot open the store in {data_dir}: it is not a directory")
+        except OSError as exc:  # a parent this user may not enter
+            raise StoreError(f"cannot open the store in {data_dir}: {exc}{_why(data_dir, exc)}") from exc
         #: Whether this open made the database file and its schema (see :meth:`discard`),
         #: and the files beside it that were there before it (never deleted).
         self._made_file = False
@@ -207,7 +212,7 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             if lock is not None:
                 os.close(lock)
-            raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
+            raise StoreError(f"cannot open the store in {data_dir}: {exc}{_why(data_dir, exc)}") from exc
         #: Commits so far.
         self.commits = 0
         #: Set by a commit, and to stop: the checkpointer sleeps on it while nothing is committed
@@ -418,7 +423,7 @@ class Store:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"cannot write to {self.path}: {exc}") from exc
+                raise StoreError(f"cannot write to {self.path}: {exc}{_why(self.path.parent, exc)}") from exc
             raise
 
     def _prune(self, rows: list[Row]) -> dict[str, int]:
@@ -515,6 +520,44 @@ def _age(ms: int) -> str:
         hours = ms / 3_600_000
         return f"{hours:g} hour{'' if hours == 1 else 's'}"
     return f"{ms / 1000:g} s"
+
+
+def runs_as() -> str:
+    """Who this process is, for a message about a file it may not use: 'zchat (uid 998)'."""
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+#: Free space under which a failure of the store is said to be likely the disk's being full:
+#: SQLite says "disk I/O error" for a file it could not even create on a full file system.
+LOW_SPACE_BYTES = 1 << 20
+
+
+def _why(data_dir: Path, exc: BaseException) -> str:
+    """What an operator needs beside SQLite's or the OS's words for a store that failed:
+    the user the broker runs as, for a file or directory it may not use, and the free
+    space left. Empty when nothing of that applies, or it cannot be found out."""
+    hints = []
+    denied = isinstance(exc, PermissionError) or "readonly" in str(exc) or "unable to open" in str(exc)
+    for path in (data_dir, data_dir / DB_NAME, Path(f"{data_dir / DB_NAME}-wal"), Path(f"{data_dir / DB_NAME}-shm")):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        want = os.R_OK | os.W_OK | (os.X_OK if path == data_dir else 0)
+        if not os.access(path, want):
+            denied = False  # named here: no need for the general hint
+            hints.append(f"{path} (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}) is not usable by {runs_as()}")
+    if denied and os.geteuid() != 0:  # root is refused by a read-only mount, not by modes
+        hints.append(f"the broker runs as {runs_as()}")
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(data_dir).free
+        if free < LOW_SPACE_BYTES:
+            hints.append(f"{free} bytes free on its file system")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _warn_if_open(data_dir: Path) -> None:

@@ -6,13 +6,16 @@ terminated; waits are for events with deadlines, never bare sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -313,3 +316,53 @@ def broker_proc(tmp_path: Path) -> Iterator[BrokerProcess]:
 @pytest.fixture(autouse=True)
 def _quiet_broker_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="zchat.broker")
+
+
+#: The uid of Debian's (and most systems') "nobody".
+NOBODY = 65534
+
+
+def as_user(fn: Callable[[], str], uid: int = NOBODY) -> str:
+    """What ``fn`` returns, or the text of what it raises, run in a forked child as ``uid``:
+    as root (as CI runs) nothing is ever refused for its mode, so this is how a test sees
+    what a broker run as a service user sees."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can run a test as another user (CI runs as root)")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no zmq, no pytest, only fn
+        code = 0
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write, fn_text(fn).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        out = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+    return out
+
+
+@contextlib.contextmanager
+def world_traversable() -> Iterator[Path]:
+    """A fresh directory that every user can reach (pytest's tmp_path is under a 0700 one)."""
+    top = Path(tempfile.mkdtemp(prefix="zchat-modes-"))
+    try:
+        top.chmod(0o755)
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def fn_text(fn: Callable[[], str]) -> str:
+    try:
+        return fn()
+    except Exception as exc:  # the text is what the tests check
+        return f"{type(exc).__name__}: {exc}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import zmq
 import zmq.auth
 
 from client.lib import Client, CurveKeys, Event, RequestError
-from tests.conftest import HOST, BrokerProcess, RunningBroker, bin_path, recv_all, wait_for
+from tests.conftest import HOST, BrokerProcess, RunningBroker, as_user, bin_path, recv_all, wait_for, world_traversable
 from zchat import protocol as p
 
 
@@ -132,6 +134,26 @@ def test_a_key_file_that_is_not_there_is_named(keys: Path) -> None:
     assert "no broker key file" in err.value.message and "missing.key" in err.value.message
 
 
+def wait_until_cut_off(witness: Client, revoked: Client) -> None:
+    """Until ``witness`` (in #general) sees ``revoked`` leave, and ``revoked`` is refused its key."""
+    seen: list[Event] = []
+
+    def left() -> bool:
+        witness.pump(0.05)
+        revoked.pump(0.01)
+        seen.extend(witness.drain_events())
+        return any(e.type == "presence" and e.name == revoked.name and e.event == "leave" for e in seen)
+
+    wait_for(left, 10, interval=0, what=lambda: (seen, witness.state))
+
+    def refused() -> bool:
+        revoked.pump(0.05)
+        witness.pump(0.01)
+        return any(e.type == "error" and e.code == "auth_failed" for e in revoked.drain_events())
+
+    wait_for(refused, 15, interval=0)
+
+
 def test_revoked_key_is_refused_and_session_ended(secure: RunningBroker, keys: Path) -> None:
     alice = client(secure, "alice", curve(keys, "alice"))
     bob = client(secure, "bob", curve(keys, "bob"))
@@ -142,22 +164,7 @@ def test_revoked_key_is_refused_and_session_ended(secure: RunningBroker, keys: P
         bob.join("general")
         (keys / "keys" / "authorized" / "bob.key").unlink()
         secure.broker.reload()
-        seen = []
-
-        def bob_left() -> bool:
-            alice.pump(0.05)
-            bob.pump(0.01)
-            seen.extend(alice.drain_events())
-            return any(e.type == "presence" and e.name == "bob" and e.event == "leave" for e in seen)
-
-        wait_for(bob_left, 10, interval=0, what=lambda: (seen, alice.state, alice._rooms))
-
-        def bob_refused() -> bool:
-            bob.pump(0.05)
-            alice.pump(0.01)
-            return any(e.type == "error" and e.code == "auth_failed" for e in bob.drain_events())
-
-        wait_for(bob_refused, 15, interval=0)
+        wait_until_cut_off(alice, bob)
         assert bob.state != "connected"
         # Refused, bob's client goes on trying (a key may be authorized again), but a
         # pump never blocks: it hung in a send to a DEALER with no peer to take it.
@@ -273,8 +280,8 @@ def test_refused_keys_are_logged_at_most_20_a_second(caplog: pytest.LogCaptureFi
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         auth = Authenticator(ctx, {})
-        for _ in range(50):
-            assert auth.callback("zchat", b"x" * 40) is False
+        for i in range(50):  # new keys each time: one repeated is one line (the next test)
+            assert auth.callback("zchat", b"%040d" % i) is False
         refused = [r for r in caplog.records if "not authorized" in r.getMessage()]
         assert 20 <= len(refused) <= 40  # 20 a second: the loop may straddle one boundary
     finally:
@@ -391,3 +398,132 @@ def _took(sock: zmq.Socket[bytes], endpoint: str) -> bool:
     except zmq.ZMQError:
         return False
     return True
+
+
+def test_an_authorized_directory_the_broker_cannot_read_is_an_error_not_no_users(keys: Path) -> None:
+    """Python's glob skips a directory it may not list: a reload then found 0 users and
+    revoked everyone ('reloaded 0 authorized keys; revoked: alice, bob'), a start let
+    nobody in with no error. Keys made by root for a service user do that."""
+    from broker.auth import load_users
+
+    with world_traversable() as top:
+        authorized = top / "authorized"
+        shutil.copytree(keys / "keys" / "authorized", authorized)
+        authorized.chmod(0o700)  # root's
+        out = as_user(lambda: repr(sorted(load_users(authorized).values())))
+        assert out.startswith("KeysError: cannot read the authorized-users directory"), out
+        assert "Permission denied" in out and "runs as nobody (uid 65534)" in out, out
+        authorized.chmod(0o755)
+        assert as_user(lambda: repr(sorted(load_users(authorized).values()))) == "['alice', 'bob']"
+
+
+def test_a_key_file_that_cannot_be_read_at_a_reload_keeps_its_users_key(
+    secure: RunningBroker, keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Revoking is removing the file; a file cut short while it is rewritten (or one whose
+    owner was changed by mistake) revoked its user, cutting them off."""
+    alice = client(secure, "alice", curve(keys, "alice"))
+    try:
+        alice.connect()
+        alice.join("general")
+        key = keys / "keys" / "authorized" / "alice.key"
+        key.write_bytes(key.read_bytes()[:40])
+        secure.broker.reload()
+        wait_for(lambda: any("alice keeps the key it had" in r.getMessage() for r in caplog.records), 5)
+        assert any("revoked: none; new key: none" in r.getMessage() for r in caplog.records)
+        assert alice.send_wait("general", "still in").seq is not None
+        assert alice.state == "connected"
+    finally:
+        alice.close(0)
+
+
+def test_a_user_given_a_new_key_loses_the_sessions_of_the_old_one(
+    secure: RunningBroker, keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob's secret leaked, the operator put a new bob.key in place and sent SIGHUP: the
+    session made with the old key stayed (only removed names were revoked)."""
+    alice = client(secure, "alice", curve(keys, "alice"))
+    leaked = client(secure, "bob", curve(keys, "bob"))
+    try:
+        alice.connect()
+        leaked.connect()
+        alice.join("general")
+        leaked.join("general")
+        zmq.auth.create_certificates(keys / "users", "bob2")
+        (keys / "keys" / "authorized" / "bob.key").write_bytes((keys / "users" / "bob2.key").read_bytes())
+        secure.broker.reload()
+        wait_until_cut_off(alice, leaked)
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("revoked: none; new key: bob" in line for line in lines), lines
+        assert any(re.search(r"refused the CURVE key of bob from 127\.0\.0\.1: it was revoked", line) for line in lines)
+        fresh = client(secure, "bob", CurveKeys.load(keys / "users" / "bob2.key_secret", keys / "keys/broker.key"))
+        try:
+            fresh.connect()
+            fresh.join("general")
+            assert fresh.who("general") == ["alice", "bob"]
+        finally:
+            fresh.close(0)
+    finally:
+        alice.close(0)
+        leaked.close(0)
+
+
+def test_a_client_refused_on_both_ports_is_one_log_line_naming_its_address(
+    ctx: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    from broker.auth import Authenticator
+
+    auth = Authenticator(ctx, {b"k" * 40: "alice"})
+    for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):  # a try (two ports), then another host
+        auth._address = address
+        assert auth.callback("zchat", b"m" * 40) is False
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert lines == [
+        f"refused a CURVE key that is not authorized, from 10.0.0.1: {'m' * 40}",
+        f"refused a CURVE key that is not authorized, from 10.0.0.2: {'m' * 40}",
+    ]
+
+
+def test_keygen_never_leaves_a_secret_others_can_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyzmq writes the files under the umask (0644 under 022); keygen chmod'ed the
+    secret only after it was written."""
+    from broker import auth
+
+    modes: list[int] = []
+    create = zmq.auth.create_certificates
+
+    def create_and_look(directory: Path, name: str) -> tuple[str, str]:
+        made = create(directory, name)
+        modes.append((Path(directory) / f"{name}.key_secret").stat().st_mode & 0o777)
+        return made
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", create_and_look)
+    old = os.umask(0o022)
+    try:
+        assert auth.keygen_main(["carol", "--dir", str(tmp_path)]) == 0
+    finally:
+        os.umask(old)
+    assert modes == [0o600]
+    assert (tmp_path / "carol.key").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "carol.key_secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_secret_key_every_user_can_read_is_warned_about(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from broker.auth import load_keys
+
+    (keys / "keys" / "broker.key_secret").chmod(0o640)
+    load_keys(keys / "keys")
+    assert not [r for r in caplog.records if "impersonate" in r.getMessage()]
+    (keys / "keys" / "broker.key_secret").chmod(0o644)
+    load_keys(keys / "keys")
+    assert [r.levelname for r in caplog.records if "impersonate the broker" in r.getMessage()] == ["WARNING"]
+
+
+def test_a_broker_with_no_authorized_users_says_nobody_can_connect(keys: Path) -> None:
+    for path in (keys / "keys" / "authorized").iterdir():
+        path.unlink()
+    broker = BrokerProcess(keys / "data", extra=["--keys", str(keys / "keys")]).start()
+    try:
+        assert any("no authorized users: nobody can connect" in line for line in broker.log), broker.log
+    finally:
+        broker.kill()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from broker import store as store_module
 from broker.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
 from client.lib import BrokerUnreachable, Client
-from tests.conftest import HOST, BrokerProcess, wait_for
+from tests.conftest import HOST, NOBODY, BrokerProcess, as_user, wait_for, world_traversable
 
 
 def all_history(client: Client, room: str) -> list[tuple[int, str | None, str | None]]:
@@ -425,3 +427,57 @@ def test_a_quiet_broker_deletes_events_as_they_pass_the_maximum_age(tmp_path: Pa
             assert again.seq == sent.seq + 1 and all_history(ann, "general") == [(again.seq, "msg", "still here")]
     finally:
         broker.kill()
+
+
+def _open_store(data_dir: Path) -> str:
+    Store(data_dir, "normal").close()
+    return "opened"
+
+
+@pytest.mark.timeout(30)
+def test_a_data_directory_under_one_the_broker_cannot_enter_is_a_one_line_error() -> None:
+    """It was a traceback (data_dir.exists() raised PermissionError), not the one
+    'cannot open the store' line every other refusal is."""
+    with world_traversable() as top:
+        (top / "locked").mkdir(mode=0o700)  # root's
+        out = as_user(lambda: _open_store(top / "locked" / "data"))
+        assert out.startswith("StoreError: cannot open the store in"), out
+        assert "Permission denied" in out and "the broker runs as nobody (uid 65534)" in out, out
+
+
+@pytest.mark.timeout(30)
+def test_a_store_file_the_broker_may_not_write_is_named_with_its_owner() -> None:
+    """'unable to open database file' said neither which file nor why: a database left
+    owned by root (a broker once started by hand as root) in the service user's directory."""
+    with world_traversable() as top:
+        data = top / "data"
+        Store(data, "normal").close()  # as root: the file is root's, 0600
+        os.chown(data, NOBODY, NOBODY)
+        out = as_user(lambda: _open_store(data))
+        assert out.startswith("StoreError: cannot open the store in"), out
+        assert f"{data / DB_NAME} (owner uid 0, mode 600) is not usable by nobody (uid 65534)" in out, out
+        os.chown(data / DB_NAME, NOBODY, NOBODY)
+        assert as_user(lambda: _open_store(data)) == "opened"
+
+
+@pytest.mark.timeout(30)
+def test_a_store_on_a_full_disk_says_how_much_space_is_left(tmp_path: Path) -> None:
+    """SQLite says 'disk I/O error' when it cannot even create its WAL on a full file
+    system: an operator looks for a failing disk, not for space."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can mount a small file system (CI runs as root)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True, timeout=10)
+    try:
+        filler = mount / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            for _ in range(1000):  # 4 MiB: far past the 256 KiB there are
+                f.write(b"\0" * 4096)
+                f.flush()
+        with pytest.raises(StoreError, match=r"cannot open the store in .*\(\d+ bytes free on its file system\)"):
+            Store(mount / "data", "normal")
+        filler.unlink()
+        Store(mount / "data", "normal").close()  # with the space back, it opens
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=10)
