@@ -282,6 +282,29 @@ def connect(url: str, timeout: float = 1.0) -> redis.Redis | RedisCluster:
     return RedisCluster.from_url(url, **opts)
 
 
+def shown_url(url: str) -> str:
+    """``url`` for a log line: a password in it (redis://:SECRET@host) shown as ***."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.password is None:
+        return url
+    user = parsed.username or ""
+    host = parsed.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunparse(parsed._replace(netloc=f"{user}:***@{host}"))
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is no backplane address this broker can use (None if it is one)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+        return "it must be redis://HOST[:PORT][/DB] (or rediss:// for TLS)"
+    try:
+        parsed.port  # noqa: B018 (parsing it is the check: a port that is no number raises)
+        events_channel(url)
+    except ValueError:
+        return "its port and database must be numbers"
+    return None
+
+
 def events_channel(url: str) -> str:
     """The chat's event channel: one per database of a server (a Cluster has only database 0)."""
     parsed = urllib.parse.urlparse(url)
@@ -297,6 +320,8 @@ class Backplane:
 
     def __init__(self, url: str, broker_id: str, *, retention: int = DEFAULT_RETENTION, alive_ms: int = 15_000):
         self.url = url
+        #: For log lines: without its password.
+        self.shown_url = shown_url(url)
         self.id = broker_id
         self.retention = retention
         self.alive_ms = alive_ms
@@ -520,8 +545,12 @@ class Backplane:
         return [(bytes(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def drop_dms(self, broker: str, ids: Sequence[bytes]) -> None:
+        self.drop_entries(broker_key(broker, "inbox"), ids)
+
+    def drop_entries(self, stream: str, ids: Sequence[bytes]) -> None:
+        """Delete entries of a broker's inbox or notices Stream (handed over, or handled)."""
         if ids:
-            self.r.xdel(broker_key(broker, "inbox"), *ids)
+            self.r.xdel(stream, *ids)
 
     # -------------------------------------------------------------- reaper
 

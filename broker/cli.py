@@ -19,8 +19,9 @@ from types import FrameType
 import zmq
 
 from broker.auth import KeysError
-from broker.backplane import DEFAULT_RETENTION, HAVE_REDIS, NO_REDIS
+from broker.backplane import DEFAULT_RETENTION, HAVE_REDIS, NO_REDIS, shown_url
 from broker.backplane import Errors as BackplaneErrors
+from broker.backplane import url_problem as backplane_url_problem
 from broker.core import Limits
 from broker.server import (
     FD_MARGIN,
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             args.port,
         )
         return 2
+    if args.backplane and (problem := backplane_url_problem(args.backplane)):
+        log.error("--backplane (or ZCHAT_BACKPLANE) %r: %s", shown_url(args.backplane), problem)
+        return 2
     if args.retention_days is not None:
         if not (math.isfinite(args.retention_days) and 1 <= args.retention_days * DAY_MS <= MAX_AGE_MS):
             log.error(
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         _discard(store)
         return 1
     except BackplaneErrors as exc:
-        log.error("cannot reach the backplane %s: %s", config.backplane, exc)
+        log.error("cannot reach the backplane %s: %s", shown_url(config.backplane or ""), exc)
         return 1
 
     # What exists now (modules, the resend window read from the store) lives as

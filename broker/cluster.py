@@ -85,7 +85,10 @@ class ClusterCore(Core):
 
     def _failed(self, exc: BaseException, now: int) -> None:
         if not self.down:
-            log.error("backplane %s unreachable: %s; answering 'unavailable' until it is back", self.bp.url, exc)
+            reason = str(exc).rstrip(".")  # redis-py's texts end with one
+            log.error(
+                "backplane %s unreachable: %s; answering 'unavailable' until it is back", self.bp.shown_url, reason
+            )
         self.down = True
         self.down_until = now + self._backoff
         self._backoff = min(BACKOFF_MAX_MS, self._backoff * 2)
@@ -164,7 +167,7 @@ class ClusterCore(Core):
             except bpmod.Errors as exc:
                 self._failed(exc, now)
                 return []
-            log.warning("backplane %s is back; sessions re-asserted", self.bp.url)
+            log.warning("backplane %s is back; sessions re-asserted", self.bp.shown_url)
             self.down = False
             self._backoff = BACKOFF_MIN_MS
             return []
@@ -265,6 +268,27 @@ class ClusterCore(Core):
             self._failed(exc, now)
         return []
 
+    def _name_taken(self, name: str, rid: str | None) -> ProtocolError:
+        held = (
+            f"a session that ended without a bye holds its name up to {self.expiry_ms / 1000:g} s, "
+            f"up to about {(self.bp.alive_ms + self.expiry_ms) / 1000:g} s when its broker stopped"
+        )
+        return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken in this chat ({held})", rid)
+
+    def drop_handled(self, entries: dict[str, list[bytes]]) -> None:
+        """Delete entries of this broker's inbox and notices that :meth:`inbox` has handled.
+
+        Should the backplane fail here, they stay: a resume of their user on another
+        broker may hand a DM over a second time, which the client drops (it knows DMs
+        by sender and id); nothing is lost.
+        """
+        try:
+            for stream, ids in entries.items():
+                self.bp.drop_entries(stream, ids)
+        except bpmod.Errors as exc:
+            log.warning("handled inbox entries not deleted from the backplane: %s", exc)
+            self._failed(exc, self._clock)
+
     def _drop_local(self, session: Session) -> None:
         """Forget a session here without a word to anyone (it lives on elsewhere)."""
         self._detach(session)
@@ -320,7 +344,7 @@ class ClusterCore(Core):
         token, sender = self._new_token(), self._new_sender()
         claim = self.bp.claim(name, presented, token, sender)
         if claim.outcome == "taken":
-            return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
+            return self.reject(identity, self._name_taken(name, rid))
         resumed = claim.outcome == "resumed"
         if not resumed and presented is not None:
             refused = self._host_full(rid)

@@ -467,6 +467,11 @@ class Core:
     def _presence(self, room: str, name: str, event: str, now: int) -> Publish:
         return Publish(room, p.presence_event(room, self._next_seq(room), now, name, event))
 
+    def _name_taken(self, name: str, rid: str | None) -> ProtocolError:
+        # A user whose client died without a bye retries the name: say how long it waits.
+        held = f"a session that ended without a bye holds its name up to {self.expiry_ms / 1000:g} s"
+        return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken ({held})", rid)
+
     def _full(self, rid: str | None) -> ProtocolError | None:
         """Why a new session cannot start now (the hello being handled), or None."""
         return self._broker_full(rid) or self._host_full(rid)
@@ -558,7 +563,7 @@ class Core:
             token = env.get("resume")
             # Bytes, not str: compare_digest refuses non-ASCII str, and the token is untrusted.
             if token is None or not secrets.compare_digest(token.encode(), holder.token.encode()):
-                return self.reject(identity, ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken", rid))
+                return self.reject(identity, self._name_taken(name, rid))
             # The same client on a new connection (a blip, a reconnect) takes its
             # session over. Nobody left or joined, so nothing is published; the
             # old connection is nobody from now on.

@@ -5,8 +5,11 @@ one socket per thread); the loop owns the PULL end. Frames sent to the loop:
 
 - ``[b"ev", b"ROOM SEQ BODY"]``: a room event, from any broker (ours included);
 - ``[b"sync"]``: the event subscription was (re)made: events may have been missed;
-- ``[b"in", kind, name, body]``: an entry of this broker's inbox (a DM for one
-  of our users) or of its notices (a session taken over by another broker).
+- ``[b"in", kind, name, body, stream, entry id]``: an entry of this broker's inbox
+  (a DM for one of our users) or of its notices (a session taken over by another
+  broker). The entry stays in Redis until the loop has handled it and deletes it: a
+  broker that stops with entries read but not handled leaves them for the broker
+  its users resume on (which hands over the DMs it finds in the old inbox).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ log = logging.getLogger("zchat.broker")
 FANIN_ENDPOINT = "inproc://zchat-fanin"
 #: How long a blocking read waits, so a stop is noticed within this (s).
 POLL_S = 0.2
+#: Waits before reconnecting after a lost connection: doubling from the first while
+#: tries fail, up to the last (s).
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
 
 
 class _Listener(threading.Thread):
@@ -33,26 +40,32 @@ class _Listener(threading.Thread):
         self.ctx = ctx
         self.url = url
         self.stop = stop
+        #: Set by listen() once its connection works: the next failure is a new one,
+        #: retried after BACKOFF_FIRST_S again (listen() only ever ends by raising).
+        self.up = False
 
     def run(self) -> None:
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(FANIN_ENDPOINT)
-        backoff = 0.1
+        backoff = BACKOFF_FIRST_S
         try:
             while not self.stop.is_set():
                 try:
                     self.listen(push.send_multipart)
-                    backoff = 0.1
-                except bpmod.Errors as exc:
-                    log.warning("%s: backplane connection lost (%s); retrying in %.1f s", self.name, exc, backoff)
+                except Exception as exc:
+                    if self.up:
+                        self.up, backoff = False, BACKOFF_FIRST_S
+                    if isinstance(exc, bpmod.Errors):
+                        reason = str(exc).rstrip(".")  # redis-py's texts end with one
+                        log.warning(
+                            "%s: backplane connection lost (%s); retrying in %.1f s", self.name, reason, backoff
+                        )
+                    else:
+                        # Never die: a broker whose listener is gone acks but never publishes.
+                        log.exception("%s: unexpected error; restarting in %.1f s", self.name, backoff)
                     self.stop.wait(backoff)
-                    backoff = min(5.0, backoff * 2)
-                except Exception:
-                    # Never die: a broker whose listener is gone acks but never publishes.
-                    log.exception("%s: unexpected error; restarting in %.1f s", self.name, backoff)
-                    self.stop.wait(backoff)
-                    backoff = min(5.0, backoff * 2)
+                    backoff = min(BACKOFF_MAX_S, backoff * 2)
         finally:
             push.close()
 
@@ -79,6 +92,7 @@ class EventListener(_Listener):
                 if m["type"] == "message":
                     send([b"ev", m["data"]])
                 elif m["type"] == "subscribe":
+                    self.up = True
                     # Pub/sub is at-most-once: whatever was published while we were
                     # not subscribed is recovered from the room logs by the loop.
                     send([b"sync"])
@@ -102,12 +116,15 @@ class InboxListener(_Listener):
         try:
             while not self.stop.is_set():
                 res = r.xread(dict(self.last), count=256, block=int(POLL_S * 1000))
+                self.up = True
                 for raw_key, entries in res or ():
                     key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                    stream = key.encode()
                     for entry_id, fields in entries:
-                        send([b"in", fields.get(b"k", b""), fields.get(b"to", b""), fields.get(b"b", b"")])
+                        entry = entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
+                        fields_of = (fields.get(b"k", b""), fields.get(b"to", b""), fields.get(b"b", b""))
+                        # Not deleted here: read now, it may never be handled (the loop stopping).
+                        send([b"in", *fields_of, stream, entry])
                         self.last[key] = entry_id
-                    # Handed over: a DM passes through Redis, it is not kept there.
-                    r.xdel(key, *(entry_id for entry_id, _fields in entries))
         finally:
             r.close()

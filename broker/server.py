@@ -269,7 +269,7 @@ class Broker:
             ]
             for listener in self._listeners:
                 listener.start()
-            log.info("backplane %s: this broker is %s", bp.url, bp.id)
+            log.info("backplane %s: this broker is %s", bp.shown_url, bp.id)
         #: Passes whose actions wait for their rows to be durable, oldest first:
         #: (ticket, actions, their published bodies); ticket 0 for a pass with no rows.
         self._waiting: deque[tuple[int, list[Action], list[tuple[str, bytes]]]] = deque()
@@ -612,6 +612,8 @@ class Broker:
         core = self.core
         out: list[tuple[str, bytes]] = []
         actions: list[Action] = []
+        #: Inbox and notice entries handled in this pass, per stream: deleted once done.
+        handled: dict[bytes, list[bytes]] = {}
         if core.epoch_changed:
             core.epoch_changed = False
             self._published.clear()  # seq starts over with the new epoch
@@ -631,6 +633,7 @@ class Broker:
                     self._sequence(room, int(seq_b), body, out, now)
                 elif kind == b"in":
                     actions.extend(core.inbox(frames[1].decode(), frames[2].decode(), frames[3], now))
+                    handled.setdefault(frames[4], []).append(frames[5])
                 elif kind == b"sync":
                     self._catch_up(out, now)
             except Exception as exc:
@@ -640,6 +643,9 @@ class Broker:
             self._publish(out)
         if actions:
             self._perform(actions)
+        if handled:
+            # After the DMs went to their connections: a DM passes through Redis, it is not kept there.
+            core.drop_handled({stream.decode(): ids for stream, ids in handled.items()})
 
     def _sequence(self, room: str, seq: int, body: bytes, out: list[tuple[str, bytes]], now: int) -> None:
         last = self._published.get(room)

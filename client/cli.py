@@ -269,11 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RequestError as exc:
         if exc.code == "name_taken":
-            printer.err(
-                f"the name {args.name!r} is already in use on {client.endpoint}; pick another with --name "
-                "(or, if it was yours in a client that just ended without saying bye, the broker frees it "
-                "within 3 heartbeats, 15 s by default)"
-            )
+            # The broker says how long a name outlives a client that ended without a bye.
+            printer.err(f"the broker at {client.endpoint}: {exc.message}; pick another with --name")
         elif exc.code == "auth_failed":
             printer.err(exc.message)  # it says which broker, and what about the keys
         else:

@@ -7,7 +7,9 @@ from Debian's ``redis-server`` on loopback with free ports (tests/redis_servers.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,10 @@ import zmq
 
 from broker import backplane as bpmod
 from broker.core import Limits
+from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.server import Broker, Config
 from client.lib import Client, Event, RequestError
-from tests.conftest import HOST, BrokerProcess, Raw, wait_for
+from tests.conftest import HOST, BrokerProcess, Raw, bin_path, wait_for
 from tests.redis_servers import RedisCluster, RedisServer, redis_available
 from zchat import protocol as p
 
@@ -228,8 +231,13 @@ def test_dms_never_go_over_pub_or_into_room_logs(
 def test_names_are_unique_across_brokers(nodes: Callable[[], Node], clients: Callable[..., Client]) -> None:
     a, b = nodes(), nodes()
     alice = clients("alice", a)
-    with pytest.raises(Exception, match="name_taken"):
+    with pytest.raises(RequestError) as refused:
         clients("alice", b)
+    # How long a name outlives its client here: HEARTBEAT_MS x 3, or its broker's alive key more.
+    assert refused.value.code == "name_taken" and refused.value.message == (
+        "the name 'alice' is taken in this chat (a session that ended without a bye holds its name up to 0.9 s, "
+        "up to about 2.7 s when its broker stopped)"
+    )
     alice.close()
     # Said bye: the name is free again, on any broker (once A has read the bye: close()
     # hands it to the socket and returns, and a busy machine may run B's hello first).
@@ -487,3 +495,103 @@ def test_a_failover_is_not_refused_by_the_per_host_limit(backend: Backend) -> No
         ctx.destroy(linger=0)
         a.stop()
         b.stop()
+
+
+def _pull_fanin(ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+    """The loop's end of the fan-in, for a listener run alone on ``ctx``."""
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(FANIN_ENDPOINT)
+    return pull
+
+
+def _next_frames(pull: zmq.Socket[bytes], timeout: float) -> list[bytes]:
+    assert pull.poll(int(timeout * 1000)), "nothing from the listener"
+    return pull.recv_multipart()
+
+
+def test_an_inbox_entry_stays_in_redis_until_the_loop_has_handled_it(
+    backend: Backend, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """The listener deleted each DM as it handed it to the loop: a broker stopping (SIGTERM)
+    read one in its last 200 ms, after its loop had stopped, and lost it, acknowledged.
+    Left in the inbox, it goes to the broker its recipient resumes on."""
+    pull, stop = _pull_fanin(ctx), threading.Event()
+    listener = InboxListener(ctx, backend.url, stop, "gone")
+    r: Any = bpmod.connect(backend.url)
+    inbox = bpmod.broker_key("gone", "inbox")
+    try:
+        listener.start()
+        r.xadd(inbox, {"k": "dm", "to": "alice", "b": b"body"})
+        frames = _next_frames(pull, 5)
+        assert frames[:4] == [b"in", b"dm", b"alice", b"body"] and frames[4] == inbox.encode()
+    finally:
+        stop.set()
+        listener.join(5)
+        pull.close(0)
+    assert r.xlen(inbox) == 1  # handed to a loop that never handled it: still there
+    r.close()
+
+
+def test_a_dm_handled_by_the_loop_leaves_the_inbox(
+    nodes: Callable[[], Node], clients: Callable[..., Client], backend: Backend
+) -> None:
+    a, b = nodes(), nodes()
+    alice, bob = clients("alice", a), clients("bob", b)
+    bob.dm_wait("alice", "through A's inbox")
+    got: list[Event] = []
+    collect(alice, got, lambda: any(e.type == "dm" for e in got))
+    assert a.broker.backplane is not None
+    r: Any = bpmod.connect(backend.url)
+    try:
+        inbox = bpmod.broker_key(a.broker.backplane.id, "inbox")
+        wait_for(lambda: r.xlen(inbox) == 0, 5, what=lambda: r.xlen(inbox))
+    finally:
+        r.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_listener_reconnects_at_once_after_each_new_loss(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """The wait before reconnecting doubled at each loss and never went back (listen() only
+    ends by raising): after five blips, every later one held cross-broker events for 5 s."""
+    server = RedisServer(tmp_path / "redis").start()
+    pull, stop = _pull_fanin(ctx), threading.Event()
+    listener = EventListener(ctx, server.url, stop)
+    admin = redis.Redis(host=HOST, port=server.port)
+    waits = []
+    try:
+        listener.start()
+        assert _next_frames(pull, 5) == [b"sync"]
+        for _ in range(7):
+            started = time.monotonic()
+            assert admin.client_kill_filter(_type="pubsub") == 1
+            assert _next_frames(pull, 10) == [b"sync"]  # subscribed again
+            waits.append(time.monotonic() - started)
+        assert max(waits) < 1.0, waits
+    finally:
+        stop.set()
+        listener.join(5)
+        pull.close(0)
+        admin.close()
+        server.stop()
+
+
+def test_a_backplane_address_that_is_no_redis_url_is_refused_at_start(tmp_path: Path) -> None:
+    """http:// and unix:// (which redis-py suggests) ended in a traceback, exit 1; a
+    password in the address went into the log."""
+    for url, why in (
+        ("http://127.0.0.1:6379/0", "it must be redis://HOST[:PORT][/DB]"),
+        ("unix:///tmp/redis.sock", "it must be redis://HOST[:PORT][/DB]"),
+        ("redis://127.0.0.1:6379/x", "its port and database must be numbers"),
+        ("redis://:hunter2@127.0.0.1:abc/0", "its port and database must be numbers"),
+    ):
+        result = subprocess.run(
+            [bin_path("zchat-broker"), "--port", "0", "--pub-port", "0", "--backplane", url],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert result.returncode == 2, (url, result.stderr)
+        assert why in result.stderr and "Traceback" not in result.stderr, (url, result.stderr)
+        assert "hunter2" not in result.stderr
