@@ -10,6 +10,7 @@ import gc
 import ipaddress
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -239,12 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr_is_the_journal() -> bool:
+    """Whether systemd connected stderr to its journal (JOURNAL_STREAM names that stream:
+    "device:inode"; a child that inherited the variable but not the stream is not)."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = envargs.resolve(parser, parser.parse_args(argv))
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(message)s",
+        # The journal stamps every line itself: a second time would only be noise.
+        format="%(levelname)s %(message)s" if _stderr_is_the_journal() else "%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     lifecycle.setLevel(logging.INFO)

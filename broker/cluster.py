@@ -177,7 +177,7 @@ class ClusterCore(Core):
             for dead in self.bp.dead_brokers():
                 ended = self.bp.reap(dead, lambda room, name: self._presence_head(room, name, "leave", now))
                 if ended:
-                    log.warning("broker %s is gone: ended its %d sessions", dead, ended)
+                    log.warning("broker %s is gone: ended its %s", dead, _sessions(ended))
         except bpmod.Errors as exc:
             self._failed(exc, now)
         return []
@@ -211,10 +211,10 @@ class ClusterCore(Core):
             # next request gets not_registered, it says hello again and learns
             # the new epoch from the welcome.
             log.error(
-                "the backplane lost its data (epoch %s -> %s): ending all %d sessions here so clients start over",
+                "the backplane lost its data (epoch %s -> %s): ending the %s here so clients start over",
                 self.epoch,
                 epoch,
-                len(self.by_name),
+                _sessions(len(self.by_name)),
             )
             self.epoch = epoch
             self.seqs.clear()
@@ -520,3 +520,7 @@ def _request_id(frame: bytes) -> str | None:
     except ProtocolError:
         return None
     return rid if isinstance(rid, str) and len(rid) <= p.MAX_ID_CHARS else None
+
+
+def _sessions(count: int) -> str:
+    return f"{count} session{'' if count == 1 else 's'}"

@@ -1047,3 +1047,25 @@ def test_who_outside_a_room_says_so(slow_broker: BrokerProcess, tmp_path: Path) 
     assert run.returncode == 1
     assert "zchat: not in a room: /who ROOM" in run.stderr, run.stderr
     assert "usage:" not in run.stderr
+
+
+def test_broker_lines_carry_no_timestamp_of_their_own_in_the_journal(tmp_path: Path) -> None:
+    """journald stamps each line: under systemd every line showed two times."""
+    log = tmp_path / "stderr"
+    for journal in (True, False):
+        with log.open("w") as stderr:
+            st = os.fstat(stderr.fileno())
+            env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}" if journal else "1:2"}
+            result = subprocess.run(
+                [bin_path("zchat-broker"), "--port", "0", "--pub-port", "0", "--backplane", "http://x"],
+                stderr=stderr,
+                env=env,
+                timeout=20,
+                check=False,
+            )
+        assert result.returncode == 2
+        line = log.read_text().splitlines()[0]
+        if journal:
+            assert line.startswith("ERROR --backplane"), line
+        else:
+            assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ERROR --backplane", line), line
