@@ -375,7 +375,9 @@ class ClusterCore(Core):
                 self.members.setdefault(room, {})[name] = session
         self._attach(session)
         if not resumed:
-            self._log_session(now, "session start: %s (%s) sender=%s", name, identity.hex(), sender)
+            self._log_session(
+                now, "session start: %s (%s) from %s sender=%s", name, identity.hex(), self._hello_host, sender
+            )
         actions = self._welcome(session, resumed, rid)
         if resumed and claim.previous and claim.previous != self.bp.id:
             actions.extend(self._rescue_dms(session, claim.previous))

@@ -592,7 +592,9 @@ class Core:
             host=self._hello_host,
         )
         self._attach(session)
-        self._log_session(now, "session start: %s (%s) sender=%s", name, _ident(identity), session.sender)
+        self._log_session(
+            now, "session start: %s (%s) from %s sender=%s", name, _ident(identity), session.host, session.sender
+        )
         return self._welcome(session, False, rid)
 
     def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:

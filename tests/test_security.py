@@ -338,3 +338,13 @@ def test_a_connection_flood_cannot_flood_the_log(broker: RunningBroker, caplog: 
     logged = [line for line in lines() if "connected from" in line]  # (and "disconnected from")
     assert len(logged) <= seconds * LOG_LINES_PER_S, (len(logged), seconds)
     assert_still_serving(broker)
+
+
+def test_a_session_start_names_the_host_it_came_from(
+    make_client: Callable[..., Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 'client connected from ADDRESS' line and the session's own line had to be
+    matched up by time to know where a user connected from."""
+    alice = make_client("alice")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session start: alice")]
+    assert len(lines) == 1 and f" from {HOST} sender={alice.sender}" in lines[0], lines
