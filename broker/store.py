@@ -169,6 +169,7 @@ class Store:
             # that exists is not changed, but one others can read is warned about.
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             _warn_if_open(data_dir)
+            _warn_if_nearly_full(data_dir)
             # One broker per directory: a second would number the same rooms on its
             # own, and the first to commit a seq the other had used would stop.
             self._lock = lock = _lock_dir(data_dir)
@@ -558,6 +559,22 @@ def _why(data_dir: Path, exc: BaseException) -> str:
         if free < LOW_SPACE_BYTES:
             hints.append(f"{free} bytes free on its file system")
     return f" ({'; '.join(hints)})" if hints else ""
+
+
+#: Free space under which the broker warns at start: it stops when the disk is full.
+LOW_SPACE_WARN_BYTES = 64 << 20
+
+
+def _warn_if_nearly_full(data_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(data_dir).free
+        if free < LOW_SPACE_WARN_BYTES:
+            log.warning(
+                "only %.1f MiB free on the file system of %s: the broker stops (so that nothing unstored "
+                "is acknowledged) when it is full; free some space, or set a retention",
+                free / (1 << 20),
+                data_dir,
+            )
 
 
 def _warn_if_open(data_dir: Path) -> None:

@@ -461,7 +461,7 @@ def test_a_store_file_the_broker_may_not_write_is_named_with_its_owner() -> None
 
 
 @pytest.mark.timeout(30)
-def test_a_store_on_a_full_disk_says_how_much_space_is_left(tmp_path: Path) -> None:
+def test_a_store_on_a_full_disk_says_how_much_space_is_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SQLite says 'disk I/O error' when it cannot even create its WAL on a full file
     system: an operator looks for a failing disk, not for space."""
     if os.geteuid() != 0:
@@ -470,6 +470,8 @@ def test_a_store_on_a_full_disk_says_how_much_space_is_left(tmp_path: Path) -> N
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True, timeout=10)
     try:
+        Store(mount / "data", "normal").close()  # opens, and says the disk is nearly full
+        assert any("MiB free on the file system of" in r.getMessage() for r in caplog.records), caplog.records
         filler = mount / "filler"
         with contextlib.suppress(OSError), filler.open("wb") as f:
             for _ in range(1000):  # 4 MiB: far past the 256 KiB there are
