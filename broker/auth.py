@@ -78,14 +78,13 @@ def load_public(path: Path) -> bytes:
     return public
 
 
-def load_users(directory: Path, before: dict[bytes, str] | None = None) -> dict[bytes, str]:
+def load_users(directory: Path) -> dict[bytes, str]:
     """Every ``NAME.key`` in ``directory``: public key -> NAME. Bad files are skipped, loudly.
 
     A directory that cannot be listed is a KeysError, never an empty one: on a
-    reload that would revoke everyone. ``before`` is what the last load found:
-    a NAME.key that cannot be read or parsed now (a file being rewritten, a mode
-    or owner changed by mistake) keeps NAME's key from before, if NAME had one.
-    Revoking a user is removing the file.
+    reload that would revoke everyone. A NAME.key that cannot be read or parsed
+    lets nobody in as NAME (on a reload, NAME's sessions end): it may be the new
+    key of a user whose old one leaked, and the broker cannot tell.
     """
     try:
         files = sorted(entry for entry in os.listdir(directory) if entry.endswith(".key"))
@@ -93,7 +92,6 @@ def load_users(directory: Path, before: dict[bytes, str] | None = None) -> dict[
         raise KeysError(f"no authorized-users directory {directory} (put users' NAME.key files there)") from None
     except OSError as exc:
         raise _unreadable("authorized-users directory", directory, exc) from None
-    keys_before = {name: key for key, name in (before or {}).items()}
     users: dict[bytes, str] = {}
     #: Keys found under two names, and those names: the key says who is speaking, so
     #: it cannot be both. Either could be the mistake: neither is accepted.
@@ -106,11 +104,8 @@ def load_users(directory: Path, before: dict[bytes, str] | None = None) -> dict[
         try:
             key = load_public(path)
         except KeysError as exc:
-            if name not in keys_before:
-                log.warning("skipping %s", exc)
-                continue
-            log.warning("%s: %s keeps the key it had (remove the file to revoke it)", exc, name)
-            key = keys_before[name]
+            log.warning("%s: nobody is let in as %s until it can be", exc, name)
+            continue
         if key in users or key in shared:
             shared.setdefault(key, [users.pop(key)] if key in users else []).append(name)
             continue
@@ -153,7 +148,7 @@ class Authenticator(ThreadAuthenticator):
         self._refused_lines = LogBudget("refused CURVE keys")
         #: The peer address of the ZAP request being handled (this thread's own state).
         self._address = "?"
-        #: The last refusal logged and when: a client tries both ports at once, one line says it.
+        #: The last refusal logged, and when: a client tries both ports at once, one line says it.
         self._last_refusal: tuple[bytes, str, float] = (b"", "", 0.0)
         self.configure_curve_callback(ZAP_DOMAIN, self)
 
@@ -170,13 +165,13 @@ class Authenticator(ThreadAuthenticator):
 
     def _log_refusal(self, key: bytes) -> None:
         now, address = time.monotonic(), self._address
-        last_key, last_address, last_at = self._last_refusal
-        self._last_refusal = (key, address, now)
-        if key == last_key and address == last_address and now - last_at < REFUSAL_REPEAT_S:
-            return
+        last_key, last_address, logged_at = self._last_refusal
+        if key == last_key and address == last_address and now - logged_at < REFUSAL_REPEAT_S:
+            return  # the same try on the other port (a knock repeated later is a line again)
         # Anyone can make a key and knock: at most LOG_LINES_PER_S lines a second of it.
         if not self._refused_lines.allow(int(time.time())):
             return
+        self._last_refusal = (key, address, now)
         if (name := self.revoked.get(key)) is not None:
             log.warning("refused the CURVE key of %s from %s: it was revoked", name, address)
         else:

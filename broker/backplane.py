@@ -283,13 +283,17 @@ def connect(url: str, timeout: float = 1.0) -> redis.Redis | RedisCluster:
 
 
 def shown_url(url: str) -> str:
-    """``url`` for a log line: a password in it (redis://:SECRET@host) shown as ***."""
+    """``url`` for a log line: a password in it (redis://:SECRET@host, or ?password=SECRET,
+    which redis-py takes too) shown as ***."""
     parsed = urllib.parse.urlparse(url)
-    if parsed.password is None:
-        return url
-    user = parsed.username or ""
-    host = parsed.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunparse(parsed._replace(netloc=f"{user}:***@{host}"))
+    if parsed.password is not None:
+        user, host = parsed.username or "", parsed.netloc.rsplit("@", 1)[1]
+        parsed = parsed._replace(netloc=f"{user}:***@{host}")
+    query = urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)
+    if any(key == "password" for key, _value in query):
+        masked = [(key, "***" if key == "password" else value) for key, value in query]
+        parsed = parsed._replace(query=urllib.parse.urlencode(masked, safe="*"))
+    return urllib.parse.urlunparse(parsed)
 
 
 def url_problem(url: str) -> str | None:
@@ -301,7 +305,7 @@ def url_problem(url: str) -> str | None:
         parsed.port  # noqa: B018 (parsing it is the check: a port that is no number raises)
         events_channel(url)
     except ValueError:
-        return "its port and database must be numbers"
+        return "its port must be a number of 1-65535, and its database a number"
     return None
 
 
@@ -520,8 +524,9 @@ class Backplane:
         """Put a DM (``kind`` "dm", body the event) into a broker's inbox, or a
         takeover notice (``kind`` "takeover") into its notices.
 
-        Its listener deletes each entry once it has handed it over: a DM passes
-        through Redis, it is not kept there. Notices have a Stream of their own
+        That broker deletes each entry once its loop has handled it (handed the DM
+        to its user, or forwarded it): a DM passes through Redis, it is not kept
+        there. Notices have a Stream of their own
         (same slot): a failover of thousands of sessions leaves thousands of
         them with a dead broker, and they must not trim its DMs away.
         """

@@ -423,12 +423,13 @@ def main(argv: list[str] | None = None) -> int:
                 "and the broker gets a SIGHUP",
                 broker.config.keys_dir / "authorized" if broker.config.keys_dir else "authorized/",
             )
+    where = f"backplane {shown_url(config.backplane or '')} (broker {broker.core_id})"
     lifecycle.info(
         "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s",
         __version__,
         broker.endpoint,
         broker.pub_endpoint,
-        store.describe() if store is not None else f"backplane {config.backplane} (broker {broker.core_id})",
+        store.describe() if store is not None else where,
         broker.core.epoch,
     )
     try:

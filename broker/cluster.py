@@ -271,7 +271,7 @@ class ClusterCore(Core):
     def _name_taken(self, name: str, rid: str | None) -> ProtocolError:
         held = (
             f"a session that ended without a bye holds its name up to {self.expiry_ms / 1000:g} s, "
-            f"up to about {(self.bp.alive_ms + self.expiry_ms) / 1000:g} s when its broker stopped"
+            f"up to about {self.bp.alive_ms / 1000:g} s when its broker stopped"
         )
         return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken in this chat ({held})", rid)
 

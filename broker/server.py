@@ -440,7 +440,7 @@ class Broker:
             return []
         before = self.keys.users
         try:
-            users = load_users(self.config.keys_dir / "authorized", before)
+            users = load_users(self.config.keys_dir / "authorized")
         except KeysError as exc:
             log.error("reload failed, keeping the old keys: %s", exc)
             return []

@@ -47,6 +47,8 @@ class RedisServer:
     workdir: Path
     cluster: bool = False
     port: int = 0
+    #: --requirepass: clients must AUTH with it.
+    password: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
@@ -70,11 +72,13 @@ class RedisServer:
             "--logfile",
             "redis.log",
         ]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             args += ["--cluster-node-timeout", "2000"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host=HOST, port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(host=HOST, port=self.port, socket_connect_timeout=0.2, password=self.password)
         deadline = time.monotonic() + timeout
         try:
             while True:
