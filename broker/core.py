@@ -550,13 +550,13 @@ class Core:
         name: str = env["name"]
         rid = env.get("id")
         if session is not None:
+            session.last_seen = now  # a request of the session's connection, refused or not
             # A client that lost our welcome may say hello again: same answer.
             if session.name != name:
                 return self.reject(
                     identity,
                     ProtocolError(ErrorCode.ALREADY_REGISTERED, f"this connection is already {session.name!r}", rid),
                 )
-            session.last_seen = now
             return self._welcome(session, False, rid)
         holder = self.by_name.get(name)
         if holder is not None:
@@ -688,7 +688,8 @@ class Core:
                 session.held_id = held = None
             elif msg_id != held:
                 raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, "slow down: an earlier message of yours was refused; resend it first"
+                    ErrorCode.RATE_LIMITED,
+                    f"slow down: an earlier message of yours (id {held!r}) was refused; resend it first",
                 )
         if not session.sends.take(now, limits.rate, limits.burst):
             if held is None:

@@ -959,3 +959,32 @@ def test_a_host_is_an_ipv4_address_or_an_ipv6_64(address: str, host: str) -> Non
     assert core.handle(A, enc(type="hello", v=1, name="ann"), 0, None, _From(address))[0].env["type"] == "welcome"
     refused = core.handle(B, enc(type="hello", v=1, name="bob"), 0, None, _From(address))[0].env
     assert refused["code"] == "limit_reached" and refused["message"].startswith(f"{host} has 1 session(s)")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"type": "hello", "v": 1, "name": "bob", "id": "h"},  # already_registered (step 5)
+        {"type": "join", "room": "Bad Room", "id": "j"},  # bad_room (step 2)
+        {"type": "nosuch", "id": "n"},  # unknown_type (step 2)
+    ],
+    ids=lambda env: env["type"],
+)
+def test_a_refused_request_of_a_session_keeps_it_alive(env: dict[str, Any]) -> None:
+    """Every request from the session's connection proves it is there, refused or not;
+    a second hello under another name did not (its session expired meanwhile)."""
+    core = make_core()
+    hello(core, A, "alice", 0)
+    assert core.handle(A, p.encode(env), 2 * HB)[0].env["type"] == "error"  # type: ignore[attr-defined]
+    assert core.expire(3 * HB + 1) == []
+    assert "alice" in core.by_name
+
+
+def test_a_message_held_for_an_earlier_refusal_names_the_one_to_resend() -> None:
+    core = Core(epoch="e", heartbeat_ms=HB, limits=Limits(rate=1, burst=1))
+    hello(core, A, "alice")
+    join(core, A, "general")
+    assert replies(msg(core, A, "general", "one", "m1"))[0].env["type"] == "ack"
+    assert only_reply(msg(core, A, "general", "two", "m2"), A)["code"] == "rate_limited"
+    held = only_reply(msg(core, A, "general", "three", "m3"), A)
+    assert held["code"] == "rate_limited" and "(id 'm2') was refused; resend it first" in held["message"]

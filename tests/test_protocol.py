@@ -838,3 +838,20 @@ def test_a_refused_envelope_says_why_in_the_protocols_words(frame: bytes, says: 
     with pytest.raises(p.ProtocolError) as refused:
         p.decode(frame)
     assert refused.value.code == "bad_envelope" and says in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"type": "ping", "id": None},
+        {"type": "msg", "room": "general", "text": "hi", "id": None},
+        {"type": "hello", "v": 1, "name": "alice", "resume": None, "id": "h1"},
+    ],
+    ids=["ping", "msg", "hello-resume"],
+)
+def test_a_nil_id_or_resume_is_refused_not_taken_for_absent(env: dict[str, Any]) -> None:
+    """protocol.md: a non-string id or resume is bad_envelope; nil was quietly taken for none
+    (a ping with id nil got a pong without one), while a nil action or after was refused."""
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode_request(p.encode(env))
+    assert err.value.code == "bad_envelope" and "must be a string" in err.value.message

@@ -360,11 +360,11 @@ def _read_id(env: Mapping[str, Any]) -> str | None:
 
 
 def _check_id(env: Envelope, required: bool) -> None:
-    rid = env.get("id")
-    if rid is None:
+    if "id" not in env:  # (a nil id is no absent one: it is refused below, as a nil of any field)
         if required:
             _fail(ErrorCode.BAD_ENVELOPE, "'id' is required")
         return
+    rid = env["id"]
     if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_CHARS:
         _fail(ErrorCode.BAD_ENVELOPE, f"'id' must be a string of 1-{MAX_ID_CHARS} characters")
 
@@ -415,7 +415,7 @@ def _v_hello(env: Envelope) -> None:
         _fail(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {v} is not supported; this broker speaks {VERSION}")
     _check_name(env, "name")
     token = env.get("resume")
-    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= MAX_ID_CHARS):
+    if "resume" in env and (not isinstance(token, str) or not 0 < len(token) <= MAX_ID_CHARS):
         _fail(ErrorCode.BAD_ENVELOPE, f"'resume' must be a string of 1-{MAX_ID_CHARS} characters")
 
 
