@@ -423,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
                 "and the broker gets a SIGHUP",
                 broker.config.keys_dir / "authorized" if broker.config.keys_dir else "authorized/",
             )
-    where = f"backplane {shown_url(config.backplane or '')} (broker {broker.core_id})"
+    kept = DEFAULT_RETENTION if config.retention is None else config.retention
+    where = (
+        f"backplane {shown_url(config.backplane or '')} "
+        f"(broker {broker.core_id}; keeping the newest {kept} events of each room)"
+    )
     lifecycle.info(
         "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s",
         __version__,

@@ -40,9 +40,12 @@ class _Listener(threading.Thread):
         self.ctx = ctx
         self.url = url
         self.stop = stop
-        #: Set by listen() once its connection works: the next failure is a new one,
-        #: retried after BACKOFF_FIRST_S again (listen() only ever ends by raising).
+        #: Set by listen() (through :meth:`connected`) once its connection works: the next
+        #: failure is a new one, retried after BACKOFF_FIRST_S again (listen() only ever ends
+        #: by raising).
         self.up = False
+        #: A loss was logged and its recovery not yet: said once it is back.
+        self._lost = False
 
     def run(self) -> None:
         push = self.ctx.socket(zmq.PUSH)
@@ -54,6 +57,7 @@ class _Listener(threading.Thread):
                 try:
                     self.listen(push.send_multipart)
                 except Exception as exc:
+                    self._lost = True
                     if self.up:
                         self.up, backoff = False, BACKOFF_FIRST_S
                     if isinstance(exc, bpmod.Errors):
@@ -71,6 +75,14 @@ class _Listener(threading.Thread):
 
     def listen(self, send: Callable[[list[bytes]], Any]) -> None:
         raise NotImplementedError
+
+    def connected(self) -> None:
+        """listen() has a working connection (cheap: called at every read)."""
+        self.up = True
+        if self._lost:
+            self._lost = False
+            # An operator who read "connection lost" must also read that it came back.
+            log.warning("%s: backplane connection back", self.name)
 
 
 class EventListener(_Listener):
@@ -92,7 +104,7 @@ class EventListener(_Listener):
                 if m["type"] == "message":
                     send([b"ev", m["data"]])
                 elif m["type"] == "subscribe":
-                    self.up = True
+                    self.connected()
                     # Pub/sub is at-most-once: whatever was published while we were
                     # not subscribed is recovered from the room logs by the loop.
                     send([b"sync"])
@@ -116,7 +128,7 @@ class InboxListener(_Listener):
         try:
             while not self.stop.is_set():
                 res = r.xread(dict(self.last), count=256, block=int(POLL_S * 1000))
-                self.up = True
+                self.connected()
                 for raw_key, entries in res or ():
                     key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
                     stream = key.encode()

@@ -77,7 +77,12 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
             sock.connect(endpoint)
             sock.send(p.encode({"type": "ping", "id": PING_ID}))
             if not sock.poll(int(timeout * 1000)):
-                hint = " (is our key in the broker's authorized/?)" if curve is not None else ""
+                hint = (
+                    " (is our key in the broker's authorized/?)"
+                    if curve is not None
+                    # A broker run with keys does not answer a connection without them.
+                    else " (a broker run with --keys answers only keys it knows: pass --keys DIR)"
+                )
                 return f"no answer from {endpoint} within {timeout:g} s{hint}"
             frame = sock.recv()
         finally:

@@ -541,3 +541,13 @@ def test_a_broker_with_no_authorized_users_says_nobody_can_connect(keys: Path) -
         assert any("no authorized users: nobody can connect" in line for line in broker.log), broker.log
     finally:
         broker.kill()
+
+
+def test_the_health_check_without_keys_says_a_broker_with_keys_wants_them(
+    secure: RunningBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said only 'no answer … within 3 s', as for a broker that is down."""
+    from broker import health
+
+    assert health.main(["--host", HOST, "--port", str(secure.port), "--timeout", "1"]) == 1
+    assert "answers only keys it knows: pass --keys DIR" in capsys.readouterr().err

@@ -551,7 +551,9 @@ def test_a_dm_handled_by_the_loop_leaves_the_inbox(
 
 
 @pytest.mark.timeout(60)
-def test_a_listener_reconnects_at_once_after_each_new_loss(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+def test_a_listener_reconnects_at_once_after_each_new_loss(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
     """The wait before reconnecting doubled at each loss and never went back (listen() only
     ends by raising): after five blips, every later one held cross-broker events for 5 s."""
     server = RedisServer(tmp_path / "redis").start()
@@ -568,6 +570,8 @@ def test_a_listener_reconnects_at_once_after_each_new_loss(tmp_path: Path, ctx: 
             assert _next_frames(pull, 10) == [b"sync"]  # subscribed again
             waits.append(time.monotonic() - started)
         assert max(waits) < 1.0, waits
+        back = [r for r in caplog.records if r.getMessage() == "zchat-events: backplane connection back"]
+        assert len(back) == 7  # each loss logged is followed by its recovery
     finally:
         stop.set()
         listener.join(5)
@@ -606,6 +610,7 @@ def test_a_backplane_password_is_never_in_the_log(tmp_path: Path) -> None:
         broker.start()
         ready = [line for line in broker.log if " ready: " in line]
         assert ready and f"backplane redis://:***@{HOST}:{server.port}/0" in ready[0], broker.log
+        assert "keeping the newest 100000 events of each room)" in ready[0]
     finally:
         broker.kill()
         server.stop()
