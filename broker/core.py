@@ -381,6 +381,8 @@ class Core:
         if self.authenticated and not user:
             return self.reject(identity, ProtocolError(ErrorCode.NOT_REGISTERED, "not authenticated", env.get("id")))
         if kind == "hello":
+            if session is not None and (not user or session.name == user):
+                session.last_seen = now  # a request of the session's connection, refused or not
             if user and env["name"] != user:
                 return self.reject(
                     identity,
@@ -550,8 +552,7 @@ class Core:
         name: str = env["name"]
         rid = env.get("id")
         if session is not None:
-            session.last_seen = now  # a request of the session's connection, refused or not
-            # A client that lost our welcome may say hello again: same answer.
+            # (Refreshed by handle() already.) A client that lost our welcome may say hello again: same answer.
             if session.name != name:
                 return self.reject(
                     identity,

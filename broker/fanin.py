@@ -57,10 +57,10 @@ class _Listener(threading.Thread):
                 try:
                     self.listen(push.send_multipart)
                 except Exception as exc:
-                    self._lost = True
                     if self.up:
                         self.up, backoff = False, BACKOFF_FIRST_S
                     if isinstance(exc, bpmod.Errors):
+                        self._lost = True  # said below: its recovery will be said too
                         reason = str(exc).rstrip(".")  # redis-py's texts end with one
                         log.warning(
                             "%s: backplane connection lost (%s); retrying in %.1f s", self.name, reason, backoff

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zmq
 
-from broker.auth import BROKER_CERT, KeysError, load_secret
+from broker.auth import BROKER_CERT, KeysError, load_public, load_secret
 from zchat import envargs
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
@@ -81,7 +81,7 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
                     " (is our key in the broker's authorized/?)"
                     if curve is not None
                     # A broker run with keys does not answer a connection without them.
-                    else " (a broker run with --keys answers only keys it knows: pass --keys DIR)"
+                    else " (down or stuck; or run with --keys, then it answers only keys it knows: pass --keys DIR)"
                 )
                 return f"no answer from {endpoint} within {timeout:g} s{hint}"
             frame = sock.recv()
@@ -102,7 +102,13 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
 
 def load_curve(keys: Path, key: Path | None) -> tuple[bytes, bytes, bytes]:
     """(our public, our secret, broker public) for a broker run with ``--keys keys``."""
-    broker_public, _ = load_secret(keys / f"{BROKER_CERT}.key_secret")
+    # The broker's public key: from broker.key where it is (anyone may read it), else
+    # from the secret file (what a container that mounts the broker's directory has).
+    public_file = keys / f"{BROKER_CERT}.key"
+    if public_file.exists():
+        broker_public = load_public(public_file)
+    else:
+        broker_public, _ = load_secret(keys / f"{BROKER_CERT}.key_secret")
     ours = key or keys / f"{HEALTH_USER}.key_secret"
     if key is None and not ours.exists():
         raise KeysError(

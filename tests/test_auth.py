@@ -551,3 +551,17 @@ def test_the_health_check_without_keys_says_a_broker_with_keys_wants_them(
 
     assert health.main(["--host", HOST, "--port", str(secure.port), "--timeout", "1"]) == 1
     assert "answers only keys it knows: pass --keys DIR" in capsys.readouterr().err
+
+
+def test_the_health_check_needs_only_the_brokers_public_key(secure: RunningBroker, keys: Path) -> None:
+    """It read the broker's public key out of broker.key_secret: run from the host, that is
+    root's (docker.md's chown), and elsewhere it meant copying the broker's secret."""
+    from broker import health
+
+    directory = keys / "keys"
+    zmq.auth.create_certificates(directory, "health")
+    (directory / "authorized" / "health.key").write_bytes((directory / "health.key").read_bytes())
+    secure.broker.reload()
+    (directory / "broker.key_secret").rename(keys / "elsewhere.key_secret")
+    args = ["--host", HOST, "--port", str(secure.port), "--keys", str(directory), "--timeout", "2"]
+    wait_for(lambda: health.main(args) == 0, 10)

@@ -988,3 +988,14 @@ def test_a_message_held_for_an_earlier_refusal_names_the_one_to_resend() -> None
     assert only_reply(msg(core, A, "general", "two", "m2"), A)["code"] == "rate_limited"
     held = only_reply(msg(core, A, "general", "three", "m3"), A)
     assert held["code"] == "rate_limited" and "(id 'm2') was refused; resend it first" in held["message"]
+
+
+def test_a_hello_under_another_name_than_the_key_refreshes_the_session_too() -> None:
+    """With CURVE such a hello is refused (bad_name) before the other hellos: it did not
+    refresh the session either."""
+    core = Core(epoch="e", heartbeat_ms=HB, authenticated=True)
+    core.handle(A, enc(type="hello", v=1, name="alice"), 0, user="alice")
+    refused = core.handle(A, enc(type="hello", v=1, name="bob", id="h"), 2 * HB, user="alice")
+    assert only_reply(refused, A)["code"] == "bad_name"
+    assert core.expire(3 * HB + 1) == []
+    assert "alice" in core.by_name
