@@ -56,6 +56,8 @@ class ClusterCore(Core):
         self._presumed_dead = False
         #: Set when the backplane's epoch changed; the loop resets what it published and clears it.
         self.epoch_changed = False
+        #: Names of our sessions with DMs left in our inbox for them (see :meth:`park`).
+        self._parked: set[str] = set()
 
     # ------------------------------------------------------------ plumbing
 
@@ -275,6 +277,13 @@ class ClusterCore(Core):
         )
         return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken in this chat ({held})", rid)
 
+    def park(self, name: str) -> None:
+        """A DM in our inbox for ``name`` could not go to its connection (gone, the client
+        about to resume): it stays in the inbox, handed over when the session resumes
+        (here: :meth:`_hello`; on another broker: its rescue of our inbox), dropped when
+        the session ends."""
+        self._parked.add(name)
+
     def drop_handled(self, entries: dict[str, list[bytes]]) -> None:
         """Delete entries of this broker's inbox and notices that :meth:`inbox` has handled.
 
@@ -291,6 +300,7 @@ class ClusterCore(Core):
 
     def _drop_local(self, session: Session) -> None:
         """Forget a session here without a word to anyone (it lives on elsewhere)."""
+        self._parked.discard(session.name)  # (resumed elsewhere: that broker took them)
         self._detach(session)
         for room in session.rooms:
             self._drop_member(room, session.name)
@@ -298,9 +308,18 @@ class ClusterCore(Core):
     # ------------------------------------------------------------ requests
 
     def _end(self, session: Session, now: int) -> list[Action]:
+        parked = session.name in self._parked
         self._drop_local(session)
         try:
             self._up()
+            if parked:
+                # Not kept for a session that ends (as with one broker): nobody resumes it.
+                dropped = self.bp.waiting_dms(self.bp.id, session.name)
+                self.bp.drop_dms(self.bp.id, [entry for entry, _body in dropped])
+                if dropped:
+                    log.info(
+                        "%d DM(s) for %s dropped: the session ended before it came back", len(dropped), session.name
+                    )
             # Freed only if still ours (atomically): a session resumed elsewhere
             # meanwhile is left alone, and nobody sees it leave.
             rooms = self.bp.release(session.name)
@@ -330,8 +349,12 @@ class ClusterCore(Core):
                     moved_from = claim.previous
             actions = super()._hello(identity, session, env, now)
             back = self.by_name.get(name)
-            if moved_from is not None and back is not None and back.identity == identity:
-                actions.extend(self._rescue_dms(back, moved_from))
+            if back is not None and back.identity == identity:
+                if moved_from is not None:
+                    actions.extend(self._rescue_dms(back, moved_from))
+                if name in self._parked:
+                    self._parked.discard(name)
+                    actions.extend(self._rescue_dms(back, self.bp.id))
             return actions
         rid = env.get("id")
         presented = env.get("resume")

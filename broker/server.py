@@ -632,7 +632,16 @@ class Broker:
                         raise ValueError(f"not ROOM SEQ BODY: {frames[1][:60]!r}")
                     self._sequence(room, int(seq_b), body, out, now)
                 elif kind == b"in":
-                    actions.extend(core.inbox(frames[1].decode(), frames[2].decode(), frames[3], now))
+                    acts = core.inbox(frames[1].decode(), frames[2].decode(), frames[3], now)
+                    if frames[1] == b"dm" and acts:
+                        # Handed to its user's connection here, and now: one that is gone
+                        # (its client restarting to resume) cannot take it, and the sender
+                        # was acked long ago. It stays in the inbox for the resume.
+                        if not all(self._send(a.identity, self._encode(a.env)) for a in acts if isinstance(a, Reply)):
+                            core.park(frames[2].decode())
+                            continue
+                    else:
+                        actions.extend(acts)
                     handled.setdefault(frames[4], []).append(frames[5])
                 elif kind == b"sync":
                     self._catch_up(out, now)

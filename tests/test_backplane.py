@@ -20,6 +20,7 @@ import redis
 import zmq
 
 from broker import backplane as bpmod
+from broker.cluster import ClusterCore
 from broker.core import Limits
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.server import Broker, Config
@@ -616,3 +617,34 @@ def test_a_backplane_password_is_never_in_the_log(tmp_path: Path) -> None:
         server.stop()
     assert "hunter2" not in "".join(broker.log)
     assert bpmod.shown_url("redis://h/0?password=hunter2&db=1") == "redis://h/0?password=***&db=1"
+
+
+def test_a_dm_for_a_client_that_is_restarting_waits_for_its_resume(
+    backend: Backend, clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A bot restarted by its supervisor resumes its session with its token a few seconds
+    later. A DM sent to it meanwhile from another broker came to its broker's inbox, went
+    to a connection that was gone, and was lost: acked to its sender, never delivered."""
+    a, b = Node(backend.url, heartbeat_ms=5000).start(), Node(backend.url, heartbeat_ms=5000).start()
+    try:
+        bob = clients("bob", b)
+        first = Raw(ctx, a.broker.port)
+        welcome = first.request({"type": "hello", "v": 1, "name": "bot", "id": "h1"})
+        assert welcome["type"] == "welcome"
+        first.sock.close(linger=0)  # the process dies: no bye
+        wait_for(lambda: not a.broker._peers, 5, what=lambda: a.broker._peers)  # A saw it go
+        assert bob.dm_wait("bot", "while you restart").text == "while you restart"  # acked
+        assert isinstance(a.broker.core, ClusterCore)
+        core = a.broker.core
+        wait_for(lambda: "bot" in core._parked, 5)  # it could not go to the old connection
+        again = Raw(ctx, a.broker.port)
+        resumed = again.request({"type": "hello", "v": 1, "name": "bot", "resume": welcome["resume"], "id": "h2"})
+        assert resumed["type"] == "welcome" and resumed["resumed"]
+        dm = again.recv()
+        assert (dm["type"], dm["from"], dm["text"]) == ("dm", "bob", "while you restart")
+        assert again.silent()  # once
+        again.send({"type": "bye"})
+        again.sock.close(linger=0)
+    finally:
+        a.stop()
+        b.stop()
