@@ -617,6 +617,8 @@ class Client:
         self._welcomed_by: BrokerAddress | None = None
         #: Hellos sent to the current address while reconnecting.
         self._hellos_here = 0
+        #: The code of the last hello refused at the address in use (None: no answer yet).
+        self._hello_refused: str | None = None
         #: ``unavailable`` answers in a row, and when the first of them came.
         self._unavailable = 0
         self._unavailable_since = 0.0
@@ -1303,6 +1305,7 @@ class Client:
         self._callbacks.clear()
         self._hellos_here = 0
         self._unavailable = 0
+        self._hello_refused = None
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         sock = self._monitors.get(monitor)
@@ -1480,9 +1483,15 @@ class Client:
                 self._use_address((self._index + 1) % len(self.addresses))
             elif self._hellos_here and len(self.addresses) > 1:
                 # No welcome from this one within the backoff: on to the next.
-                silent = self.address
+                silent, refused = self.address, self._hello_refused
                 self._use_address((self._index + 1) % len(self.addresses))
-                self._status("reconnecting", f"no welcome from {silent}; trying {self.address}")
+                if refused == ErrorCode.UNAVAILABLE:
+                    why = f"{silent} is unavailable (it has lost its backplane)"
+                elif refused is not None:
+                    why = f"{silent} refused our hello ({refused})"
+                else:
+                    why = f"no welcome from {silent}"
+                self._status("reconnecting", f"{why}; trying {self.address}")
             self._next_hello = now + max(1.0, min(self.connect_timeout, 3 * hb))
             rid = self._new_id()
             self._callbacks[rid] = self._on_rehello
@@ -1520,7 +1529,9 @@ class Client:
         if self.state != "reconnecting":
             return
         if reply["type"] != "welcome":
-            if reply.get("code") != ErrorCode.UNAVAILABLE:
+            code = reply.get("code")
+            self._hello_refused = code if isinstance(code, str) else None  # said if we move on
+            if code != ErrorCode.UNAVAILABLE:
                 # name_taken: someone else holds our name now; keep trying (they may leave).
                 self._events.append(Event.from_envelope(reply))
             return  # asked again after the backoff (of another broker, if there are several)

@@ -1164,3 +1164,34 @@ def test_a_broker_that_answers_nonsense_costs_calls_not_the_client(monkeypatch: 
     finally:
         client.close(0)
         fake.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_broker_that_refused_our_hello_is_not_said_to_be_silent() -> None:
+    """Moving on from a broker that answered every hello 'unavailable' said 'no welcome
+    from it', as if it were down (seen during a Redis outage with two brokers)."""
+    pings = 0
+
+    def first(env: dict[str, Any]) -> list[dict[str, Any]]:
+        nonlocal pings
+        rid = env.get("id")
+        if env["type"] == "hello":
+            return [p.welcome(env["name"], "f" * 16, "e" * 16, 300, "token", False, rid)]
+        if env["type"] == "ping":
+            pings += 1
+            if pings == 1:  # it has forgotten us: start over, on the next broker
+                return [p.error(p.ErrorCode.NOT_REGISTERED, "say hello before 'ping'", rid)]
+            return [{"type": "pong", "seqs": {}, "id": rid}]
+        return []
+
+    one, two = ScriptedBroker(first), ScriptedBroker(Script(hello=-1))
+    alice = Inbox(Client("alice", hosts=[one.address, two.address]))
+    try:
+        alice.client.connect()
+        alice.until(lambda: any(two.address in (e.text or "") for e in alice.statuses() if "trying" in (e.text or "")))
+        moved = [e.text for e in alice.statuses() if "trying" in (e.text or "")]
+        assert moved[-1] == f"{two.address} is unavailable (it has lost its backplane); trying {one.address}", moved
+    finally:
+        alice.client.close(0)
+        one.stop()
+        two.stop()
