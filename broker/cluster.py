@@ -56,8 +56,12 @@ class ClusterCore(Core):
         self._presumed_dead = False
         #: Set when the backplane's epoch changed; the loop resets what it published and clears it.
         self.epoch_changed = False
-        #: Names of our sessions with DMs left in our inbox for them (see :meth:`park`).
-        self._parked: set[str] = set()
+        #: Our sessions with DMs left in our inbox for them (see :meth:`park`): name -> the
+        #: connection that could not take them. Handed over once the session is on another.
+        self._parked: dict[str, bytes] = {}
+        #: Names whose session ended with DMs parked: those are deleted (retried each tick
+        #: until the backplane does it), never handed to a later session of the name.
+        self._parked_ended: set[str] = set()
 
     # ------------------------------------------------------------ plumbing
 
@@ -182,7 +186,8 @@ class ClusterCore(Core):
                     log.warning("broker %s is gone: ended its %s", dead, _sessions(ended))
         except bpmod.Errors as exc:
             self._failed(exc, now)
-        return []
+            return []
+        return self._hand_over_parked(now) if self._parked or self._parked_ended else []
 
     def _come_back(self, now: int) -> None:
         """Our alive key had expired (the loop stalled longer than its lifetime):
@@ -245,6 +250,8 @@ class ClusterCore(Core):
             if kind == "takeover":
                 if session is not None and not self.bp.owns(name):
                     log.info("session moved to another broker: %s (%s)", name, session.identity.hex())
+                    if name in self._parked:
+                        self._forward_parked(name)
                     self._drop_local(session)
                     self.bp.forget_session(name)
                     # No session_moved here, unlike Core._hello: a notice read late may
@@ -277,12 +284,42 @@ class ClusterCore(Core):
         )
         return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken in this chat ({held})", rid)
 
-    def park(self, name: str) -> None:
-        """A DM in our inbox for ``name`` could not go to its connection (gone, the client
-        about to resume): it stays in the inbox, handed over when the session resumes
-        (here: :meth:`_hello`; on another broker: its rescue of our inbox), dropped when
-        the session ends."""
-        self._parked.add(name)
+    def park(self, name: str, identity: bytes) -> None:
+        """A DM in our inbox for ``name`` could not go to its connection ``identity`` (gone:
+        the client is about to resume): it stays in the inbox. Handed over once the
+        session is on a new connection (:meth:`_hand_over_parked`, at its resume here and
+        at each tick until the backplane does it), by the broker it resumes on if that is
+        another (its rescue of our inbox), to the new owner if a takeover notice comes
+        first; deleted if the session ends."""
+        self._parked.setdefault(name, identity)
+
+    def _hand_over_parked(self, now: int) -> list[Action]:
+        """DMs parked for sessions now on another connection, and deletion of those of ended ones."""
+        actions: list[Action] = []
+        if self.down and now < self.down_until:
+            return actions
+        for name, identity in list(self._parked.items()):
+            session = self.by_name.get(name)
+            if session is None:
+                del self._parked[name]
+                self._parked_ended.add(name)
+            elif session.identity != identity:
+                rescued = self._rescue_dms(session, self.bp.id)
+                if rescued is None:
+                    return actions  # the backplane failed: next tick
+                del self._parked[name]
+                actions.extend(rescued)
+        for name in list(self._parked_ended):
+            try:
+                dropped = self.bp.waiting_dms(self.bp.id, name)
+                self.bp.drop_dms(self.bp.id, [entry for entry, _body in dropped])
+            except bpmod.Errors as exc:
+                self._failed(exc, now)
+                return actions
+            self._parked_ended.discard(name)
+            if dropped and name not in self.by_name:
+                log.info("%d DM(s) for %s dropped: the session ended before it came back", len(dropped), name)
+        return actions
 
     def drop_handled(self, entries: dict[str, list[bytes]]) -> None:
         """Delete entries of this broker's inbox and notices that :meth:`inbox` has handled.
@@ -300,7 +337,7 @@ class ClusterCore(Core):
 
     def _drop_local(self, session: Session) -> None:
         """Forget a session here without a word to anyone (it lives on elsewhere)."""
-        self._parked.discard(session.name)  # (resumed elsewhere: that broker took them)
+        self._parked.pop(session.name, None)  # (see _forward_parked)
         self._detach(session)
         for room in session.rooms:
             self._drop_member(room, session.name)
@@ -308,18 +345,12 @@ class ClusterCore(Core):
     # ------------------------------------------------------------ requests
 
     def _end(self, session: Session, now: int) -> list[Action]:
-        parked = session.name in self._parked
+        if self._parked.pop(session.name, None) is not None:
+            # Not kept for a session that ends (as with one broker): nobody resumes it.
+            self._parked_ended.add(session.name)
         self._drop_local(session)
         try:
             self._up()
-            if parked:
-                # Not kept for a session that ends (as with one broker): nobody resumes it.
-                dropped = self.bp.waiting_dms(self.bp.id, session.name)
-                self.bp.drop_dms(self.bp.id, [entry for entry, _body in dropped])
-                if dropped:
-                    log.info(
-                        "%d DM(s) for %s dropped: the session ended before it came back", len(dropped), session.name
-                    )
             # Freed only if still ours (atomically): a session resumed elsewhere
             # meanwhile is left alone, and nobody sees it leave.
             rooms = self.bp.release(session.name)
@@ -351,10 +382,9 @@ class ClusterCore(Core):
             back = self.by_name.get(name)
             if back is not None and back.identity == identity:
                 if moved_from is not None:
-                    actions.extend(self._rescue_dms(back, moved_from))
+                    actions.extend(self._rescue_dms(back, moved_from) or ())
                 if name in self._parked:
-                    self._parked.discard(name)
-                    actions.extend(self._rescue_dms(back, self.bp.id))
+                    actions.extend(self._hand_over_parked(now))
             return actions
         rid = env.get("id")
         presented = env.get("resume")
@@ -403,11 +433,26 @@ class ClusterCore(Core):
             )
         actions = self._welcome(session, resumed, rid)
         if resumed and claim.previous and claim.previous != self.bp.id:
-            actions.extend(self._rescue_dms(session, claim.previous))
+            actions.extend(self._rescue_dms(session, claim.previous) or ())
         return actions
 
-    def _rescue_dms(self, session: Session, previous: str) -> list[Action]:
-        """DMs routed to the broker this session came from, and not handed over there.
+    def _forward_parked(self, name: str) -> None:
+        """The session of DMs parked here moved to another broker before it took them
+        from our inbox: they follow it there, as a DM that comes after the move does."""
+        try:
+            owner = self.bp.owner(name)
+            waiting = self.bp.waiting_dms(self.bp.id, name)
+            if owner is not None and owner != self.bp.id:
+                for _entry, body in waiting:
+                    self.bp.send_to_broker(owner, "dm", name, body)
+            self.bp.drop_dms(self.bp.id, [entry for entry, _body in waiting])
+        except bpmod.Errors as exc:
+            log.warning("DMs for %s left in this broker's inbox not forwarded: %s", name, exc)
+            self._failed(exc, self._clock)
+
+    def _rescue_dms(self, session: Session, previous: str) -> list[Action] | None:
+        """DMs routed to the broker this session came from, and not handed over there;
+        None if the backplane failed.
 
         After the welcome, whatever happens: a backplane that fails here costs
         the rescue (the DMs stay where they are, and go with the old inbox when
@@ -425,6 +470,7 @@ class ClusterCore(Core):
         except bpmod.Errors as exc:
             log.warning("DMs for %s in the inbox of broker %s not taken over: %s", session.name, previous, exc)
             self._failed(exc, self._clock)
+            return None
         if actions:
             log.info("%d DM(s) for %s taken from the inbox of broker %s", len(actions), session.name, previous)
         return actions

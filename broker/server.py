@@ -211,6 +211,8 @@ class Broker:
         self._dropped_log = LogBudget("dropped replies")
         self._connections_log = LogBudget("connection lines")
         self._accept_failures = 0
+        #: Why the last reply that failed to go out failed (an errno).
+        self._send_errno = 0
         self._accept_logged_at = -ACCEPT_FAILED_LOG_S
         self._fanin: zmq.Socket[bytes] | None = None
         self._listeners: list[threading.Thread] = []
@@ -637,11 +639,18 @@ class Broker:
                         # Handed to its user's connection here, and now: one that is gone
                         # (its client restarting to resume) cannot take it, and the sender
                         # was acked long ago. It stays in the inbox for the resume.
-                        if not all(self._send(a.identity, self._encode(a.env)) for a in acts if isinstance(a, Reply)):
-                            core.park(frames[2].decode())
-                            continue
-                    else:
-                        actions.extend(acts)
+                        # (One that is not reading, EAGAIN, drops it and says so, as any reply.)
+                        for act in acts:
+                            if not isinstance(act, Reply):
+                                continue
+                            sent = self._send(act.identity, self._encode(act.env))
+                            if not sent and self._send_errno == errno.EHOSTUNREACH:
+                                core.park(frames[2].decode(), act.identity)
+                                break
+                        else:
+                            handled.setdefault(frames[4], []).append(frames[5])
+                        continue
+                    actions.extend(acts)
                     handled.setdefault(frames[4], []).append(frames[5])
                 elif kind == b"sync":
                     self._catch_up(out, now)
@@ -713,6 +722,7 @@ class Broker:
             _send(self.router, identity, _SNDMORE_NOBLOCK)
             _send(self.router, frame, _NOBLOCK)
         except zmq.ZMQError as exc:
+            self._send_errno = exc.errno or 0
             # Gone (EHOSTUNREACH) or not reading (EAGAIN): never block everyone
             # else for one peer. Its requests are safe to resend. A peer that is
             # gone is routine (the session_moved sent after every resume goes to

@@ -6,6 +6,7 @@ from Debian's ``redis-server`` on loopback with free ports (tests/redis_servers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -619,13 +620,14 @@ def test_a_backplane_password_is_never_in_the_log(tmp_path: Path) -> None:
     assert bpmod.shown_url("redis://h/0?password=hunter2&db=1") == "redis://h/0?password=***&db=1"
 
 
-def test_a_dm_for_a_client_that_is_restarting_waits_for_its_resume(
-    backend: Backend, clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
-) -> None:
-    """A bot restarted by its supervisor resumes its session with its token a few seconds
-    later. A DM sent to it meanwhile from another broker came to its broker's inbox, went
-    to a connection that was gone, and was lost: acked to its sender, never delivered."""
-    a, b = Node(backend.url, heartbeat_ms=5000).start(), Node(backend.url, heartbeat_ms=5000).start()
+@contextlib.contextmanager
+def dm_parked(
+    backend: Backend, clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]], heartbeat_ms: int = 5000
+) -> Iterator[tuple[Node, Node, dict[str, Any]]]:
+    """Brokers A and B; "bot" on A vanished without a bye (its client restarting) and
+    bob on B sent it a DM, acked, which A could not hand to it. Yields A, B and the
+    bot's first welcome."""
+    a, b = Node(backend.url, heartbeat_ms=heartbeat_ms).start(), Node(backend.url, heartbeat_ms=heartbeat_ms).start()
     try:
         bob = clients("bob", b)
         first = Raw(ctx, a.broker.port)
@@ -637,14 +639,92 @@ def test_a_dm_for_a_client_that_is_restarting_waits_for_its_resume(
         assert isinstance(a.broker.core, ClusterCore)
         core = a.broker.core
         wait_for(lambda: "bot" in core._parked, 5)  # it could not go to the old connection
-        again = Raw(ctx, a.broker.port)
-        resumed = again.request({"type": "hello", "v": 1, "name": "bot", "resume": welcome["resume"], "id": "h2"})
-        assert resumed["type"] == "welcome" and resumed["resumed"]
-        dm = again.recv()
-        assert (dm["type"], dm["from"], dm["text"]) == ("dm", "bob", "while you restart")
-        assert again.silent()  # once
-        again.send({"type": "bye"})
-        again.sock.close(linger=0)
+        yield a, b, welcome
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.fixture
+def parked(
+    backend: Backend, clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> Iterator[tuple[Node, Node, dict[str, Any]]]:
+    with dm_parked(backend, clients, ctx) as nodes:
+        yield nodes
+
+
+def _resume(ctx: zmq.Context[zmq.Socket[bytes]], node: Node, welcome: dict[str, Any]) -> Raw:
+    raw = Raw(ctx, node.broker.port)
+    resumed = raw.request({"type": "hello", "v": 1, "name": "bot", "resume": welcome["resume"], "id": "h2"})
+    assert resumed["type"] == "welcome" and resumed["resumed"], resumed
+    return raw
+
+
+def test_a_dm_for_a_client_that_is_restarting_waits_for_its_resume(
+    parked: tuple[Node, Node, dict[str, Any]], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A bot restarted by its supervisor resumes its session with its token a few seconds
+    later. A DM sent to it meanwhile from another broker came to its broker's inbox, went
+    to a connection that was gone, and was lost: acked to its sender, never delivered."""
+    a, _b, welcome = parked
+    again = _resume(ctx, a, welcome)
+    dm = again.recv()
+    assert (dm["type"], dm["from"], dm["text"]) == ("dm", "bob", "while you restart")
+    assert again.silent()  # once
+    again.send({"type": "bye"})
+    again.sock.close(linger=0)
+
+
+def test_a_dm_parked_on_one_broker_reaches_a_resume_on_the_other(
+    parked: tuple[Node, Node, dict[str, Any]], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    _a, b, welcome = parked
+    again = _resume(ctx, b, welcome)
+    dm = again.recv()
+    assert (dm["type"], dm["text"]) == ("dm", "while you restart")
+    again.send({"type": "bye"})
+    again.sock.close(linger=0)
+
+
+def test_a_dm_parked_for_a_session_that_ends_goes_and_no_later_session_gets_it(
+    backend: Backend, clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    with dm_parked(backend, clients, ctx, heartbeat_ms=400) as (a, _b, _welcome):
+        assert isinstance(a.broker.core, ClusterCore)
+        core = a.broker.core
+        r: Any = bpmod.connect(backend.url)
+        try:
+            inbox = bpmod.broker_key(core.bp.id, "inbox")
+            # The session expires (3 heartbeats) without coming back: its DM goes with it.
+            wait_for(lambda: "bot" not in core.by_name and r.xlen(inbox) == 0, 10, what=lambda: r.xlen(inbox))
+        finally:
+            r.close()
+        later = Raw(ctx, a.broker.port)
+        assert later.request({"type": "hello", "v": 1, "name": "bot", "id": "h3"})["type"] == "welcome"
+        assert later.silent(0.5)  # a new session of the name: nothing of the old one's
+        later.send({"type": "bye"})
+        later.sock.close(linger=0)
+
+
+def test_a_parked_dm_whose_hand_over_fails_is_handed_over_at_a_later_tick(
+    parked: tuple[Node, Node, dict[str, Any]], ctx: zmq.Context[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name left the parked set before the hand-over, which a Redis blip then failed:
+    the DM stayed in the inbox with nothing pointing at it."""
+    a, _b, welcome = parked
+    assert isinstance(a.broker.core, ClusterCore)
+    bp = a.broker.core.bp
+    waiting = bp.waiting_dms
+    failures = [redis.ConnectionError("a blip")]
+
+    def blip(broker: str, name: str) -> list[tuple[bytes, bytes]]:
+        if failures:
+            raise failures.pop()
+        return waiting(broker, name)
+
+    monkeypatch.setattr(bp, "waiting_dms", blip)
+    again = _resume(ctx, a, welcome)
+    dm = again.recv(timeout=10)
+    assert (dm["type"], dm["text"]) == ("dm", "while you restart") and not failures
+    again.send({"type": "bye"})
+    again.sock.close(linger=0)
