@@ -552,6 +552,12 @@ class Backplane:
     def drop_dms(self, broker: str, ids: Sequence[bytes]) -> None:
         self.drop_entries(broker_key(broker, "inbox"), ids)
 
+    def take_dms(self, broker: str, name: str) -> list[bytes]:
+        """The bodies of :meth:`waiting_dms`, deleted from the inbox (whoever calls hands them on)."""
+        waiting = self.waiting_dms(broker, name)
+        self.drop_dms(broker, [entry for entry, _body in waiting])
+        return [body for _entry, body in waiting]
+
     def drop_entries(self, stream: str, ids: Sequence[bytes]) -> None:
         """Delete entries of a broker's inbox or notices Stream (handed over, or handled)."""
         if ids:

@@ -311,8 +311,7 @@ class ClusterCore(Core):
                 actions.extend(rescued)
         for name in list(self._parked_ended):
             try:
-                dropped = self.bp.waiting_dms(self.bp.id, name)
-                self.bp.drop_dms(self.bp.id, [entry for entry, _body in dropped])
+                dropped = self.bp.take_dms(self.bp.id, name)
             except bpmod.Errors as exc:
                 self._failed(exc, now)
                 return actions
@@ -445,6 +444,7 @@ class ClusterCore(Core):
             if owner is not None and owner != self.bp.id:
                 for _entry, body in waiting:
                     self.bp.send_to_broker(owner, "dm", name, body)
+            # Deleted once sent on: a failure before that leaves them here, not lost.
             self.bp.drop_dms(self.bp.id, [entry for entry, _body in waiting])
         except bpmod.Errors as exc:
             log.warning("DMs for %s left in this broker's inbox not forwarded: %s", name, exc)
@@ -460,13 +460,11 @@ class ClusterCore(Core):
         """
         actions: list[Action] = []
         try:
-            waiting = self.bp.waiting_dms(previous, session.name)
-            for _entry, body in waiting:
+            for body in self.bp.take_dms(previous, session.name):
                 try:
                     actions.append(Reply(session.identity, p.decode(body, p.MAX_REPLY_BYTES)))
                 except ProtocolError as exc:
                     log.error("unreadable DM for %s in the inbox of %s dropped: %s", session.name, previous, exc)
-            self.bp.drop_dms(previous, [entry for entry, _body in waiting])
         except bpmod.Errors as exc:
             log.warning("DMs for %s in the inbox of broker %s not taken over: %s", session.name, previous, exc)
             self._failed(exc, self._clock)
