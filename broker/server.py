@@ -17,6 +17,7 @@ import ctypes
 import errno
 import gc
 import logging
+import math
 import os
 import secrets
 import socket
@@ -41,6 +42,7 @@ from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
 from broker.core import DEDUP_WINDOW, Action, Core, Direct, HistoryQuery, Limits, LogBudget, Publish, Reply
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
+from broker.hold import PresenceHold
 from broker.store import Durability, Row, Store, StoreError, now_ms
 from broker.writer import Writer
 from zchat import protocol as p
@@ -252,6 +254,8 @@ class Broker:
         self._peers: dict[tuple[str, int], str] = {}
         #: room -> last seq published on our PUB (backplane mode): in order, once.
         self._published: dict[str, int] = {}
+        #: Presence of a join storm, waiting to go out in batches (broker/hold.py).
+        self._hold = PresenceHold()
         self.core: Core
         if self.backplane is not None:
             bp = self.backplane
@@ -331,6 +335,7 @@ class Broker:
         tick_every = max(50, self.config.heartbeat_ms // 4)
         next_tick = now_ms() + tick_every
         reading = True
+        hold = self._hold
         while not self._stop.is_set():
             if writer is not None and reading != (len(self._waiting) < MAX_PASSES_WAITING):
                 reading = not reading
@@ -341,7 +346,10 @@ class Broker:
                     next_tick = max(next_tick, now_ms() + self.core.expiry_ms)
                 else:
                     log.debug("the store is %d commits behind: requests wait until it catches up", writer.behind)
-            ready = dict(poller.poll(IDLE_WAKE_MS))
+            wake_ms = IDLE_WAKE_MS
+            if hold.held:
+                wake_ms = max(0, min(wake_ms, math.ceil(hold.due - time.monotonic() * 1000)))
+            ready = dict(poller.poll(wake_ms))
             now = now_ms()
             actions: list[Action] = []
             if router in ready:
@@ -355,6 +363,7 @@ class Broker:
                     actions.extend(cluster.tick(now))
                 next_tick = now + tick_every
                 self._prune_aged(now)
+                hold.forget(time.monotonic() * 1000)
             if self._reload.is_set():
                 self._reload.clear()
                 actions.extend(self._reload_keys(now))
@@ -369,6 +378,8 @@ class Broker:
                 self._perform(actions)
             if fanin is not None and fanin in ready:
                 self._fan_in(now)
+            if hold.held and time.monotonic() * 1000 >= hold.due:
+                self._publish([])
             if actions:
                 # The young generation, collected after every pass that did something,
                 # while it holds that pass's leftovers only. Left to the automatic
@@ -386,6 +397,7 @@ class Broker:
             # Stopping: what was decided is committed, then acknowledged and
             # published (the sockets linger briefly for it), as a pass would.
             self._release(writer.wait_all(timeout=10))
+        self._publish([], release_all=True)
 
     def _prune_aged(self, now: int) -> None:
         """While nobody writes, no commit deletes what ages (--retention-days): a commit of
@@ -551,8 +563,12 @@ class Broker:
         for identity, owed in replies.items():
             self._send_frames(identity, owed)
 
-    def _publish(self, published: list[tuple[str, bytes]]) -> None:
-        """Events as (room, body), each room's in order, batched per room (see :meth:`_send_all`)."""
+    def _publish(self, published: list[tuple[str, bytes]], release_all: bool = False) -> None:
+        """Events as (room, body), each room's in order, batched per room (see :meth:`_send_all`).
+
+        Presence may wait (broker/hold.py); what has waited its time goes out
+        here too, so the loop calls this with no events when that time is up.
+        """
         rooms: dict[str, list[bytes]] = {}
         for room, body in published:
             bodies = rooms.get(room)
@@ -560,6 +576,10 @@ class Broker:
                 rooms[room] = [body]
             else:
                 bodies.append(body)
+        if rooms or self._hold.held:
+            self._hold.pass_on(rooms, time.monotonic() * 1000, release_all)
+        if not rooms:
+            return
         pub = self.pub
         send = _send
         # Make PUB take in the subscriptions that have arrived: libzmq applies

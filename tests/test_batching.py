@@ -6,6 +6,7 @@ burst is waiting when it resumes and its passes are full: the case batching is f
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from broker.hold import PresenceHold
 from client.lib import Client, Event
 from tests.conftest import HOST, BrokerProcess, Raw, wait_for
 from zchat import protocol as p
@@ -141,3 +143,85 @@ def test_a_client_cannot_send_a_batch(stoppable: BrokerProcess, ctx: zmq.Context
     assert (reply["type"], reply["code"]) == ("error", "unknown_type")
     history = alice.request({"type": "history", "room": "general", "id": "h"})
     assert not any(m.get("text") == "smuggled" for m in history["messages"])
+
+
+# ---------------------------------------------------------------- presence storms
+
+STORM = 40
+
+
+@pytest.mark.timeout(60)
+def test_a_join_storm_reaches_the_room_in_a_few_frames_in_order(
+    stoppable: BrokerProcess, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """Joins one after another, each in a pass of its own: the room hears the first at
+    once and the rest batched (broker/hold.py), every one, in seq order, and a message
+    after them still after them."""
+    alice = joined(ctx, stoppable, "alice")
+    spy = ctx.socket(zmq.SUB)
+    spy.setsockopt(zmq.LINGER, 0)
+    spy.setsockopt(zmq.SUBSCRIBE, b"general\x00")
+    spy.connect(f"tcp://{HOST}:{stoppable.pub_port}")
+    # The spy's subscription is live once it hears anything published after it.
+    alice.request({"type": "msg", "room": "general", "text": "warm-up", "id": "w"})
+    top = 0
+    while not top:
+        assert spy.poll(5000), "the spy heard no warm-up"
+        top = next((e["seq"] for e in p.decode_many(spy.recv_multipart()[1]) if e.get("text") == "warm-up"), 0)
+    joiners = [Raw(ctx, stoppable.port) for _ in range(STORM)]
+    for i, raw in enumerate(joiners):
+        assert raw.request(p.hello(f"j{i}"))["type"] == "welcome"
+    for raw in joiners:
+        assert raw.request({"type": "join", "room": "general"})["type"] == "joined"
+    assert alice.request({"type": "msg", "room": "general", "text": "after", "id": "a"})["type"] == "ack"
+
+    frames = frames_until(spy, STORM + 1, multipart=True)
+    events = [env for body in frames for env in p.decode_many(body)]
+    assert [(e["type"], e.get("name") or e.get("from"), e["seq"]) for e in events] == [
+        *(("presence", f"j{i}", top + 1 + i) for i in range(STORM)),
+        ("msg", "alice", top + 1 + STORM),
+    ]
+    # One frame per join without the hold. The joins took at most a few hold times.
+    assert len(frames) <= STORM // 4, f"{len(frames)} frames for {STORM} joins and a message"
+
+
+def test_presence_hold_lets_a_lone_join_go_and_holds_a_storm() -> None:
+    hold = PresenceHold(hold_ms=50)
+    enc = p.Encoder()
+
+    def join(name: str, room: str = "r") -> bytes:
+        return enc(p.presence_event(room, 1, 0, name, "join"))
+
+    msg = enc(p.msg_event("r", 9, 0, "alice", "s", "hi", "m1", False))
+    rooms = {"r": [join("a")]}
+    hold.pass_on(rooms, now=1000)
+    assert rooms == {"r": [join("a")]}, "a lone join goes at once"
+    rooms = {"r": [join("b")], "other": [join("x", "other")]}
+    hold.pass_on(rooms, now=1010)
+    assert rooms == {"other": [join("x", "other")]}, "the next within 50 ms waits; another room's does not"
+    assert hold.due == 1050
+    rooms = {"r": [join("c")]}
+    hold.pass_on(rooms, now=1049)
+    assert rooms == {}
+    rooms = {}
+    hold.pass_on(rooms, now=1050)
+    assert rooms == {"r": [join("b"), join("c")]}, "at its time, what waited goes, in order, as one"
+    assert hold.due == math.inf
+    rooms = {"r": [join("d")]}
+    hold.pass_on(rooms, now=1060)
+    assert rooms == {}, "still a storm: 50 ms from the last send"
+    rooms = {"r": [msg]}
+    hold.pass_on(rooms, now=1061)
+    assert rooms == {"r": [join("d"), msg]}, "a message goes at once, after what its room held"
+    rooms = {"r": [join("e"), msg]}
+    hold.pass_on(rooms, now=1062)
+    assert rooms == {"r": [join("e"), msg]}, "a pass with a message holds nothing of its room"
+    rooms = {"r": [join("f")]}
+    hold.pass_on(rooms, now=1070)
+    assert rooms == {}
+    hold.pass_on(rooms, now=1071, release_all=True)
+    assert rooms == {"r": [join("f")]}, "stopping gives back everything"
+    hold.forget(now=1200)
+    rooms = {"r": [join("g")]}
+    hold.pass_on(rooms, now=1201)
+    assert rooms == {"r": [join("g")]}, "after a quiet spell, a join goes at once again"

@@ -323,6 +323,19 @@ def batches(bodies: list[bytes]) -> list[bytes]:
     return frames
 
 
+#: How :func:`presence_event` encodes: a map of 6 fields, ``type`` first.
+_PRESENCE_HEAD = b"\x86\xa4type\xa8presence"
+
+
+def is_presence(body: bytes) -> bool:
+    """Whether ``body`` is a presence event as this module encodes it, told without decoding.
+
+    Any other encoding of one (another field order) reads as not presence: callers may
+    use this to decide when to send an event, never whether or what.
+    """
+    return body.startswith(_PRESENCE_HEAD)
+
+
 def _batch(chunk: list[bytes]) -> bytes:
     if len(chunk) == 1:
         return chunk[0]
