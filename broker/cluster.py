@@ -277,7 +277,8 @@ class ClusterCore(Core):
             self._failed(exc, now)
         return []
 
-    def _name_taken(self, name: str, rid: str | None) -> ProtocolError:
+    def _name_taken(self, name: str, rid: str | None, holder: Session | None = None, now: int = 0) -> ProtocolError:
+        # The holder may be on another broker: what this one knows of it is not all.
         held = (
             f"a session that ended without a bye holds its name up to {self.expiry_ms / 1000:g} s, "
             f"up to about {self.bp.alive_ms / 1000:g} s when its broker stopped"

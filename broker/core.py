@@ -8,8 +8,10 @@ events it publishes, and only then performs the actions in order.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import ipaddress
 import logging
+import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -26,6 +28,9 @@ log = logging.getLogger("zchat.broker")
 DEDUP_WINDOW = 100_000
 #: ``rooms`` lists at most this many rooms.
 MAX_ROOMS_LISTED = 1000
+#: A session heard from within a heartbeat and this much is taken to have a client
+#: connected now (clients ping every heartbeat; this allows for a late one).
+HEARTBEAT_SLACK_MS = 1000
 
 
 # Actions are NamedTuples, not frozen dataclasses: several are made per
@@ -213,6 +218,37 @@ class Session:
     held_until: int = 0
     #: The network address its hello came from (None: not known, as over ipc).
     host: str | None = None
+    #: Of a session restored at start (:meth:`Core.restore`), until its client resumes it:
+    #: the SHA-256 of its token, all the store keeps of it (``token`` is empty meanwhile).
+    token_sha256: bytes | None = None
+
+
+def _token_fits(holder: Session, token: str) -> bool:
+    """Whether ``token`` (untrusted) is ``holder``'s resume token."""
+    # Bytes, not str: compare_digest refuses non-ASCII str.
+    presented = token.encode()
+    if holder.token_sha256 is None:
+        return secrets.compare_digest(presented, holder.token.encode())
+    if not secrets.compare_digest(hashlib.sha256(presented).digest(), holder.token_sha256):
+        return False
+    holder.token, holder.token_sha256 = token, None  # restored: known again, as its client holds it
+    return True
+
+
+class SavedSession(NamedTuple):
+    """A session as a clean stop leaves it in the store, for the next start to restore."""
+
+    name: str
+    sender: str
+    token_sha256: bytes
+    host: str | None
+    rooms: list[str]
+
+
+#: The connection of a restored session until its client resumes it, for the log: it is
+#: no connection's. (A peer may choose any routing id, this one too: restored sessions
+#: are not found by connection, see Core._restored.)
+RESTORED_PREFIX: Final = b"\x00restored:"
 
 
 class PeerInfo(Protocol):
@@ -329,6 +365,9 @@ class Core:
         self.seqs: dict[str, int] = dict(room_seqs or {})
         self.by_identity: dict[bytes, Session] = {}
         self.by_name: dict[str, Session] = {}
+        #: Sessions restored at start (:meth:`restore`) whose clients have not resumed
+        #: them yet, by name: they have no connection, so they are not in ``by_identity``.
+        self._restored: dict[str, Session] = {}
         #: room -> name -> session, for membership checks, who and presence.
         self.members: dict[str, dict[str, Session]] = {}
         #: Every room's name, sorted: a ``rooms`` request lists the first ones. Rooms are
@@ -438,6 +477,8 @@ class Core:
         """End the sessions that have been silent for 3 x heartbeat."""
         deadline = now - self.expiry_ms
         stale = [s for s in self.by_identity.values() if s.last_seen < deadline]
+        if self._restored:
+            stale += [s for s in self._restored.values() if s.last_seen < deadline]
         actions: list[Action] = []
         for session in stale:
             self._log_session(now, "session expired: %s (%s)", session.name, _ident(session.identity))
@@ -457,6 +498,55 @@ class Core:
                 actions.extend(self._end(session, now))
         return actions
 
+    def restore(self, saved: Iterable[SavedSession], now: int) -> int:
+        """Take back the sessions a clean stop saved (``Store.take_saved_sessions``).
+
+        Each is as after a blip: its name held, a member of its rooms, waiting for
+        its client to resume it with its token. Its client comes back on its own,
+        resumes, and rejoins its rooms, which publishes nothing: to the rooms the
+        restart is invisible. One that does not come back within the expiry ends
+        as any silent session does, its leave published. Returns how many.
+        """
+        restored = 0
+        for saved_session in saved:
+            name = saved_session.name
+            if name in self.by_name or not p.is_name(name):
+                continue
+            limits = self.limits
+            session = Session(
+                RESTORED_PREFIX + name.encode(),
+                name,
+                saved_session.sender,
+                "",
+                now,
+                sends=Bucket(float(limits.burst), now),
+                joins=Bucket(float(limits.join_burst), now),
+                host=saved_session.host,
+                token_sha256=saved_session.token_sha256,
+            )
+            # A room with no seq (all its events gone, and with them its number) is
+            # joined anew by the client's rejoin: its join is published then.
+            session.rooms = {room for room in saved_session.rooms if room in self.seqs}
+            self._attach(session, connected=False)
+            self._restored[name] = session
+            for room in session.rooms:
+                self.members.setdefault(room, {})[name] = session
+            restored += 1
+        return restored
+
+    def sessions_to_save(self) -> list[SavedSession]:
+        """Every session, for the store at a clean stop (see :meth:`restore`)."""
+        return [
+            SavedSession(
+                s.name,
+                s.sender,
+                hashlib.sha256(s.token.encode()).digest() if s.token_sha256 is None else s.token_sha256,
+                s.host,
+                sorted(s.rooms),
+            )
+            for s in self.by_name.values()
+        ]
+
     # ------------------------------------------------------------- helpers
 
     def _next_seq(self, room: str) -> int:
@@ -469,10 +559,26 @@ class Core:
     def _presence(self, room: str, name: str, event: str, now: int) -> Publish:
         return Publish(room, p.presence_event(room, self._next_seq(room), now, name, event))
 
-    def _name_taken(self, name: str, rid: str | None) -> ProtocolError:
-        # A user whose client died without a bye retries the name: say how long it waits.
-        held = f"a session that ended without a bye holds its name up to {self.expiry_ms / 1000:g} s"
-        return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken ({held})", rid)
+    def _name_taken(self, name: str, rid: str | None, holder: Session | None = None, now: int = 0) -> ProtocolError:
+        """Who holds the name, as far as this broker can tell, and for how long: the user
+        whose client died without a bye waits; one whose name another client uses now
+        should not think it will come free by itself."""
+        expiry_s = self.expiry_ms / 1000
+        if holder is None:
+            why = f"a session that ended without a bye holds its name up to {expiry_s:g} s"
+        else:
+            silent_s = max(0, now - holder.last_seen) / 1000
+            left_s = max(1, math.ceil(expiry_s - silent_s))
+            if holder.identity.startswith(RESTORED_PREFIX):
+                why = f"its session from before the broker restarted waits {left_s} s more for its client to resume it"
+            elif silent_s * 1000 <= self.heartbeat_ms + HEARTBEAT_SLACK_MS:
+                why = (
+                    "a client connected now is using it; the name is free once that client quits, "
+                    f"or {expiry_s:g} s after it goes silent"
+                )
+            else:
+                why = f"by a session silent for {silent_s:.0f} s, which ends in {left_s} s unless its client comes back"
+        return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken ({why})", rid)
 
     def _full(self, rid: str | None) -> ProtocolError | None:
         """Why a new session cannot start now (the hello being handled), or None."""
@@ -495,9 +601,10 @@ class Core:
             )
         return None
 
-    def _attach(self, session: Session) -> None:
-        """Make ``session`` live: found by its connection and its name, counted for its host."""
-        self.by_identity[session.identity] = session
+    def _attach(self, session: Session, connected: bool = True) -> None:
+        """Make ``session`` live: found by its connection (if it has one) and its name, counted for its host."""
+        if connected:
+            self.by_identity[session.identity] = session
         self.by_name[session.name] = session
         if session.host is not None:
             self._hosts[session.host] = self._hosts.get(session.host, 0) + 1
@@ -507,7 +614,8 @@ class Core:
         if self.by_name.get(session.name) is not session:
             return
         del self.by_name[session.name]
-        self.by_identity.pop(session.identity, None)
+        if self._restored.pop(session.name, None) is None:
+            self.by_identity.pop(session.identity, None)
         host = session.host
         if host is not None:
             left = self._hosts[host] - 1
@@ -562,9 +670,8 @@ class Core:
         holder = self.by_name.get(name)
         if holder is not None:
             token = env.get("resume")
-            # Bytes, not str: compare_digest refuses non-ASCII str, and the token is untrusted.
-            if token is None or not secrets.compare_digest(token.encode(), holder.token.encode()):
-                return self.reject(identity, self._name_taken(name, rid))
+            if token is None or not _token_fits(holder, token):
+                return self.reject(identity, self._name_taken(name, rid, holder, now))
             # The same client on a new connection (a blip, a reconnect) takes its
             # session over. Nobody left or joined, so nothing is published; the
             # old connection is nobody from now on.
@@ -574,6 +681,8 @@ class Core:
             holder.identity, holder.host = identity, self._hello_host
             holder.last_seen = now
             self._attach(holder)
+            if old.startswith(RESTORED_PREFIX):
+                return self._welcome(holder, True, rid)
             # The old connection hears why it is nobody now. After a blip it is gone and
             # this is dropped; alive, it is a second client with this token, which stops.
             moved = p.error(ErrorCode.SESSION_MOVED, f"{name!r} was resumed on another connection with its token")

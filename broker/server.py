@@ -292,6 +292,14 @@ class Broker:
                 limits=config.limits,
                 authenticated=self.keys is not None,
             )
+            restored = self.core.restore(store.take_saved_sessions(), now_ms())
+            if restored:
+                lifecycle.info(
+                    "restored %d session%s saved at the last stop: each has %g s to resume",
+                    restored,
+                    "" if restored == 1 else "s",
+                    self.core.expiry_ms / 1000,
+                )
             # Started once the store has been read: from now on only the writer
             # writes, on its thread or, while nothing is in flight, on the loop's.
             self.writer = Writer(self.ctx, store)
@@ -397,7 +405,24 @@ class Broker:
             # Stopping: what was decided is committed, then acknowledged and
             # published (the sockets linger briefly for it), as a pass would.
             self._release(writer.wait_all(timeout=10))
+            self._save_sessions(writer)
         self._publish([], release_all=True)
+
+    def _save_sessions(self, writer: Writer) -> None:
+        """A clean stop: the sessions go to the store, and the next start takes them back
+        (Core.restore): its clients resume, and the rooms see no one leave or join."""
+        if self.store is None or writer.behind:
+            return  # a commit still in flight holds the store's connection
+        saved = self.core.sessions_to_save()
+        try:
+            self.store.save_sessions(saved)
+        except StoreError as exc:
+            log.error("the sessions could not be saved for the next start: %s", exc)
+            return
+        if saved:
+            lifecycle.info(
+                "saved %d session%s for the next start to restore", len(saved), "" if len(saved) == 1 else "s"
+            )
 
     def _prune_aged(self, now: int) -> None:
         """While nobody writes, no commit deletes what ages (--retention-days): a commit of

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from broker.core import SavedSession
+
 log = logging.getLogger("zchat.broker")
 #: Lines an operator must see whatever --log-level says, and that are no warning (see broker/cli.py).
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
@@ -80,6 +82,16 @@ CREATE TABLE IF NOT EXISTS events (
 # created by a broker run with --retention-days and read by every broker of this version
 # (an older one ignores it, as it ignores any table but ``events``).
 _ROOM_TOPS = "CREATE TABLE IF NOT EXISTS room_tops (room TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
+# The sessions a clean stop leaves for the next start (broker/core.py: Core.restore),
+# read and deleted by that start. Not part of the versioned schema either: an older
+# broker ignores it, and a start after a crash finds none (or, if the broker that
+# saved them was followed by an older one, the same ones: they are only restored if
+# their clients resume them, within seconds). Only a SHA-256 of each resume token.
+_SAVED_SESSIONS = (
+    "CREATE TABLE IF NOT EXISTS saved_sessions (name TEXT PRIMARY KEY, sender TEXT NOT NULL, "
+    "token_sha256 BLOB NOT NULL, host TEXT, rooms TEXT NOT NULL)"
+)
+
 #: Before aged events are deleted: the last seq of each of their rooms, kept.
 _KEEP_TOPS = (
     "INSERT INTO room_tops (room, seq) SELECT room, MAX(seq) FROM events WHERE {where} GROUP BY room "
@@ -355,6 +367,41 @@ class Store:
                     stop.wait(1.0)
         finally:
             db.close()
+
+    def save_sessions(self, sessions: list[SavedSession]) -> None:
+        """At a clean stop, with the writer idle: the live sessions, for the next start."""
+        try:
+            with self._immediate() as db:
+                db.execute(_SAVED_SESSIONS)
+                db.execute("DELETE FROM saved_sessions")
+                db.executemany(
+                    "INSERT INTO saved_sessions (name, sender, token_sha256, host, rooms) VALUES (?, ?, ?, ?, ?)",
+                    [(s.name, s.sender, s.token_sha256, s.host, "\n".join(s.rooms)) for s in sessions],
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to {self.path}: {exc}{_why(self.path.parent, exc)}") from exc
+
+    def take_saved_sessions(self) -> list[SavedSession]:
+        """At start: the sessions the last clean stop saved, deleted from the store as they
+        are read (a later start after a crash must not restore them again)."""
+        try:
+            if not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'saved_sessions'"
+            ).fetchall():
+                return []
+            with self._immediate() as db:
+                rows = db.execute("SELECT name, sender, token_sha256, host, rooms FROM saved_sessions").fetchall()
+                db.execute("DELETE FROM saved_sessions")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store {self.path}: {exc}{_why(self.path.parent, exc)}") from exc
+        saved = []
+        for name, sender, digest, host, rooms in rows:
+            if not (isinstance(name, str) and isinstance(sender, str) and isinstance(digest, bytes)):
+                continue  # not what this broker writes: no session rather than a wrong one
+            if not (isinstance(rooms, str) and (host is None or isinstance(host, str))):
+                continue
+            saved.append(SavedSession(name, sender, digest, host, rooms.split("\n") if rooms else []))
+        return saved
 
     def room_seqs(self) -> dict[str, int]:
         """The last ``seq`` of every room, so numbering continues after a restart."""

@@ -1435,7 +1435,7 @@ class Client:
             # Everyone else lost the broker too, and takes up to 3 heartbeats to notice.
             self._dm_grace_until = time.monotonic() + 3 * self.heartbeat_ms / 1000 + DM_GRACE_EXTRA_S
             resumed = "session resumed" if welcome.get("resumed") else "new session"
-            how = f"another broker; {resumed}" if moved else ("broker restarted" if restarted else resumed)
+            how = f"another broker; {resumed}" if moved else (f"broker restarted; {resumed}" if restarted else resumed)
             self._status("connected", f"reconnected to {self.address} ({how})")
 
     def _status(self, state: str, text: str) -> None:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
 import pytest
 
-from broker.core import WINDOW_SHARDS, AckWindow, Action, Core, Direct, HistoryQuery, Limits, Publish, Reply
+from broker.core import (
+    WINDOW_SHARDS,
+    AckWindow,
+    Action,
+    Core,
+    Direct,
+    HistoryQuery,
+    Limits,
+    Publish,
+    Reply,
+    SavedSession,
+)
 from zchat import protocol as p
 from zchat.protocol import ErrorCode
 
@@ -102,6 +114,41 @@ def test_name_taken() -> None:
     assert env["id"] == "h2"
     assert core.by_name["alice"].identity == A
     assert B not in core.by_identity
+
+
+def test_name_taken_says_whether_a_connected_client_holds_the_name() -> None:
+    """A client that lost its name to a live one must not be told it comes free by itself;
+    one whose old session is dying is told how long it has left."""
+    core = make_core()
+    hello(core, A, "alice", now=0)
+    live = only_reply(core.handle(B, enc(type="hello", v=1, name="alice"), HB // 2), B)
+    assert "a client connected now is using it" in live["message"], live
+    silent = only_reply(core.handle(B, enc(type="hello", v=1, name="alice"), 2 * HB + 1000), B)
+    assert "silent for" in silent["message"] and "ends in" in silent["message"], silent
+    assert core.expiry_ms == 3 * HB
+
+
+def test_a_restored_session_waits_for_its_token_and_ends_unresumed() -> None:
+    """Core.restore: the name is held, the rooms keep the member, the token (known by
+    its hash) resumes it with its sender, and an unresumed one ends with its leave."""
+    core = make_core(general=7)
+    saved = [
+        SavedSession("alice", "s-alice", hashlib.sha256(b"tok-a").digest(), None, ["general"]),
+        SavedSession("bob", "s-bob", hashlib.sha256(b"tok-b").digest(), None, ["general", "gone"]),
+    ]
+    assert core.restore(saved, now=1000) == 2
+    assert sorted(core.members["general"]) == ["alice", "bob"]
+    assert "gone" not in core.members, "a room with no seq is joined anew"
+    refused = only_reply(core.handle(A, enc(type="hello", v=1, name="alice", resume="tok-b"), 1001), A)
+    assert refused["code"] == "name_taken" and "before the broker restarted" in refused["message"]
+    welcome = only_reply(core.handle(A, enc(type="hello", v=1, name="alice", resume="tok-a"), 1002), A)
+    assert (welcome["resumed"], welcome["sender"], welcome["resume"]) == (True, "s-alice", "tok-a")
+    rejoined = join(core, A, "general", now=1003)
+    assert not publishes(rejoined), "a rejoin of a restored member publishes nothing"
+    ended = publishes(core.expire(1000 + core.expiry_ms + 1))
+    assert [(a.env["name"], a.env["event"]) for a in ended] == [("bob", "leave")]
+    assert "bob" not in core.by_name and "alice" in core.by_name
+    assert [s.name for s in core.sessions_to_save()] == ["alice"]
 
 
 def test_second_hello_same_name_same_welcome() -> None:

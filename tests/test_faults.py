@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import zmq
 
+from broker.core import RESTORED_PREFIX
 from client.lib import Client, Event
 from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, bin_path, published, recv_all, wait_for
 from zchat import protocol as p
@@ -116,6 +117,121 @@ def test_a_failed_try_read_after_the_welcome_does_not_lose_the_new_session(tmp_p
             alice.pump()
         assert alice.statuses() == ["reconnecting", "connected"], alice.statuses()
         assert alice.client.state == "connected"
+
+
+@pytest.mark.timeout(60)
+def test_a_clean_restart_is_invisible_to_the_rooms(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """SIGTERM saves the sessions; the next start restores them. The clients resume theirs
+    (same sender), nobody is shown leaving or joining, and a session whose client does
+    not come back ends as a silent one does, with its leave."""
+    slow = ["--heartbeat-ms", "1000"]  # 3 s to resume: room for a loaded machine
+    first = BrokerProcess(tmp_path / "data", extra=slow).start()
+    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
+    bob = Inbox(Client("bob", HOST, first.port, first.pub_port))
+    carol = Raw(ctx, first.port)  # joins, then is never heard from again
+    second: BrokerProcess | None = None
+    try:
+        for box in (alice, bob):
+            box.client.connect()
+            box.client.join("general")
+        assert carol.request(p.hello("carol"))["type"] == "welcome"
+        assert carol.request({"type": "join", "room": "general"})["type"] == "joined"
+        senders = {box.client.name: box.client.sender for box in (alice, bob)}
+
+        def both_until(predicate: Callable[[], bool]) -> None:
+            wait_for(lambda: (alice.pump(), bob.pump(), predicate())[-1], 10, interval=0)
+
+        alice.client.send("general", "before")
+        both_until(lambda: "before" in bob.texts() and "before" in alice.texts())
+        top = alice.client.history("general", 0)[1]
+
+        marks = {box.client.name: len(box.events) for box in (alice, bob)}
+        assert first.kill(signal.SIGTERM) == 0
+        assert any("saved 3 sessions for the next start" in line for line in first.log), first.log[-5:]
+        second = BrokerProcess(tmp_path / "data", extra=slow, port=first.port, pub_port=first.pub_port).start()
+        assert any("restored 3 sessions saved at the last stop" in line for line in second.log), second.log[-5:]
+
+        for box in (alice, bob):
+            # Back when it says so: it may not have noticed the stop before the start.
+            def back(box: Inbox = box) -> list[str]:
+                return [e.text or "" for e in box.events if e.type == "status" and e.event == "connected"]
+
+            box.until(lambda back=back: bool(back()), 15)  # type: ignore[misc]
+            assert back()[-1].endswith("(broker restarted; session resumed)"), back()
+            assert box.client.sender == senders[box.client.name]
+        bob.client.send("general", "after")
+        both_until(lambda: "after" in alice.texts())
+        # Carol's session ends when its time to resume is up: her leave, and only that.
+        assert "carol" in alice.client.who("general")
+        both_until(lambda: any(e.type == "presence" and (e.name, e.event) == ("carol", "leave") for e in alice.events))
+        assert sorted(alice.client.who("general")) == ["alice", "bob"]
+        events, _ = alice.client.history("general", top)
+        assert [(e.type, e.name, e.event) for e in events] == [("msg", "bob", None), ("presence", "carol", "leave")]
+        for box in (alice, bob):
+            since = box.events[marks[box.client.name] :]
+            assert [(e.name, e.event) for e in since if e.type == "presence"] == [("carol", "leave")]
+    finally:
+        alice.client.close(0)
+        bob.client.close(0)
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+@pytest.mark.timeout(60)
+def test_saved_sessions_are_restored_once_and_not_after_a_crash(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """The start that restores the saved sessions deletes them from the store: a later
+    start after a crash has none to restore (its clients start new sessions)."""
+    first = BrokerProcess(tmp_path / "data").start()
+    alice = Raw(ctx, first.port)
+    assert alice.request(p.hello("alice"))["type"] == "welcome"
+    assert first.kill(signal.SIGTERM) == 0
+    second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+    assert any("restored 1 session saved at the last stop" in line for line in second.log)
+    second.kill(signal.SIGKILL)
+    third = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+    try:
+        assert not any("restored" in line for line in third.log), third.log
+        again = Raw(ctx, third.port)
+        assert again.request(p.hello("alice"))["type"] == "welcome", "no restored session holds the name"
+    finally:
+        third.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_restored_session_is_taken_only_with_its_token(tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """Until its client resumes it, a restored session holds its name against anyone
+    without the token, and its placeholder connection is no one's: a peer that picks
+    it as its routing id gets nowhere."""
+    first = BrokerProcess(tmp_path / "data").start()
+    second: BrokerProcess | None = None
+    try:
+        raw = Raw(ctx, first.port)
+        welcome = raw.request(p.hello("alice"))
+        assert welcome["type"] == "welcome"
+        assert first.kill(signal.SIGTERM) == 0
+        store_bytes = b"".join(f.read_bytes() for f in (tmp_path / "data").iterdir() if f.is_file())
+        assert welcome["resume"].encode() not in store_bytes, "the store keeps only a hash of the token"
+        second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+        forger = Raw(ctx, second.port, routing_id=RESTORED_PREFIX + b"alice")
+        reply = forger.request({"type": "msg", "room": "general", "text": "hi", "id": "f1"})
+        assert reply.get("code") == "not_registered", reply
+        impostor = Raw(ctx, second.port)
+        refused = impostor.request(p.hello("alice"))
+        assert refused.get("code") == "name_taken", refused
+        assert "before the broker restarted" in refused["message"]
+        wrong = impostor.request(p.hello("alice", resume="x" + welcome["resume"][1:]))
+        assert wrong.get("code") == "name_taken", wrong
+        back = Raw(ctx, second.port)
+        resumed = back.request(p.hello("alice", resume=welcome["resume"]))
+        assert (resumed["type"], resumed["resumed"], resumed["sender"]) == ("welcome", True, welcome["sender"])
+        assert back.request({"type": "ping"})["type"] == "pong"
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
 
 
 @pytest.mark.timeout(60)
@@ -593,14 +709,14 @@ def test_resend_after_restart_is_not_stored_twice(tmp_path: Path, ctx: zmq.Conte
     data = tmp_path / "data"
     first = RunningBroker(data).start()
     raw = Raw(ctx, first.port)
-    raw.request(p.hello("alice"))
+    token = raw.request(p.hello("alice"))["resume"]
     raw.request({"type": "join", "room": "general"})
     ack = raw.request({"type": "msg", "room": "general", "text": "once", "id": "m-1"})
     first.stop()
     second = RunningBroker(data).start()
     try:
         again = Raw(ctx, second.port)
-        assert again.request(p.hello("alice"))["type"] == "welcome"
+        assert again.request(p.hello("alice", resume=token))["type"] == "welcome"
         again.request({"type": "join", "room": "general"})
         reack = again.request({"type": "msg", "room": "general", "text": "once", "id": "m-1"})
         assert (reack["type"], reack["seq"], reack["ts"]) == ("ack", ack["seq"], ack["ts"])
