@@ -323,6 +323,9 @@ class Broker:
         try:
             self._serve()
         finally:
+            # Presence still held goes out, however the loop ended: it is committed.
+            with contextlib.suppress(zmq.ZMQError):
+                self._publish([], release_all=True)
             self._close_sockets()
 
     # ------------------------------------------------------------------ loop
@@ -406,7 +409,6 @@ class Broker:
             # published (the sockets linger briefly for it), as a pass would.
             self._release(writer.wait_all(timeout=10))
             self._save_sessions(writer)
-        self._publish([], release_all=True)
 
     def _save_sessions(self, writer: Writer) -> None:
         """A clean stop: the sessions go to the store, and the next start takes them back
@@ -601,7 +603,8 @@ class Broker:
                 rooms[room] = [body]
             else:
                 bodies.append(body)
-        if rooms or self._hold.held:
+        # (A room whose first event is not presence holds nothing back: only then is there work.)
+        if self._hold.held or any(p.is_presence(bodies[0]) for bodies in rooms.values()):
             self._hold.pass_on(rooms, time.monotonic() * 1000, release_all)
         if not rooms:
             return
