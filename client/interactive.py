@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import signal
 import sys
 from collections import deque
@@ -26,19 +27,22 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from prompt_toolkit import PromptSession
+from prompt_toolkit import PromptSession, search
 from prompt_toolkit.application import in_terminal, run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
-from prompt_toolkit.filters import is_searching
+from prompt_toolkit.filters import emacs_insert_mode, is_searching, vi_insert_mode
 from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
 from prompt_toolkit.input import Input
 from prompt_toolkit.input.vt100 import Vt100Input
+from prompt_toolkit.input.vt100_parser import Vt100Parser
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.key_binding.bindings.named_commands import get_by_name
 from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import ColorDepth, Output
 from prompt_toolkit.renderer import print_formatted_text
+from prompt_toolkit.search import SearchDirection
 from prompt_toolkit.shortcuts import CompleteStyle
 from prompt_toolkit.styles import Attrs, Style
 
@@ -62,6 +66,9 @@ keys:
   Tab / Shift-Tab    complete a command, a name or a #room; again: the next / previous match
                      (names: who spoke last first)
   Up / Down          recall earlier lines
+  Ctrl-R             search earlier lines (again: further back; Enter: take the line; Ctrl-C or Ctrl-G: cancel)
+  PgUp / PgDn        nothing (nor any key not listed here): the chat scrolls up into the terminal's own
+                     scrollback (in tmux: copy mode, prefix then [; elsewhere mostly Shift-PgUp)
   Enter / Ctrl-C     on a paste of over 5 lines, held: send it / drop it
   Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit
   Ctrl-Z             suspend (fg resumes; away for over 15 s, it reconnects and catches up; needs job control)"""
@@ -168,6 +175,24 @@ class _RawInput(Vt100Input):
         return super().cooked_mode() if self.suspending else contextlib.nullcontext()
 
 
+#: A whole CSI sequence, as a terminal sends for a key: ESC [, parameters, a final byte.
+_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]\Z")
+
+
+class _KeyParser(Vt100Parser):
+    """prompt_toolkit's parser of the keys typed, which also drops a key it cannot decode.
+
+    Its table lacks some modified keys (Alt-F1 is ESC [ 1 ; 3 P); it read such a
+    sequence as Escape and plain characters, and "[1;3P" went into the line.
+    """
+
+    def _get_match(self, prefix: str) -> Keys | tuple[Keys, ...] | None:
+        match = super()._get_match(prefix)
+        if match is None and _CSI.match(prefix):
+            return Keys.Ignore
+        return match
+
+
 class ChatUI:
     """One terminal session: a prompt at the bottom, the chat scrolling above it."""
 
@@ -185,6 +210,8 @@ class ChatUI:
         self.client = client
         if input is None and sys.stdin.isatty():
             input = _RawInput(sys.stdin)
+        if isinstance(input, Vt100Input):
+            input.vt100_parser = _KeyParser(input.vt100_parser.feed_key_callback)
         self.bell = bell
         self.color = color and not os.environ.get("NO_COLOR")
         #: The room whose lines show unlabelled since the last "now talking in" mark.
@@ -230,6 +257,8 @@ class ChatUI:
         self._quit = False
         #: A paste of many lines, held until Enter sends it or Ctrl-C drops it.
         self._held: list[str] = []
+        #: The input line (its history entry, its cursor) when Ctrl-R began a search: Ctrl-C brings it back.
+        self._before_search: tuple[int, int] | None = None
         #: Each name's colour, distinct among the people seen while the palette lasts.
         self._colours = render.NickColours()
         #: The date of the last line shown: lines show only the time, so a new date gets a line.
@@ -646,7 +675,29 @@ class ChatUI:
         def _back_tab(event: KeyPressEvent) -> None:
             self.complete(event.current_buffer, -1)
 
-        @kb.add("c-c")
+        # Ctrl-R (Ctrl-S forward) searches the history, as readline does; prompt_toolkit's own
+        # start, but noting the line it leaves, which a cancelled search brings back.
+        @kb.add("c-r", filter=~is_searching)
+        @kb.add("c-s", filter=~is_searching)
+        def _search(event: KeyPressEvent) -> None:
+            buffer = event.current_buffer
+            self._before_search = (buffer.working_index, buffer.cursor_position)
+            backward = event.key_sequence[0].key == Keys.ControlR
+            search.start_search(direction=SearchDirection.BACKWARD if backward else SearchDirection.FORWARD)
+
+        # In the search, Ctrl-C is readline's Ctrl-G: back to the line as it was. (The line
+        # is empty while the search field has the cursor: unfiltered, Ctrl-C quit.)
+        @kb.add("c-c", filter=is_searching)
+        @kb.add("c-g", filter=is_searching)
+        def _cancel_search(event: KeyPressEvent) -> None:
+            search.stop_search()
+            before, self._before_search = self._before_search, None
+            if before is not None:
+                buffer = event.app.current_buffer
+                buffer.go_to_history(before[0])  # (a Ctrl-R again put a found line there)
+                buffer.cursor_position = min(before[1], len(buffer.text))
+
+        @kb.add("c-c", filter=~is_searching)
         def _interrupt(event: KeyPressEvent) -> None:
             buffer = event.current_buffer
             if self._held:
@@ -686,6 +737,23 @@ class ChatUI:
             # (ESC [ 3 1 m) parses as a mouse event, and prompt_toolkit's own handler
             # then fails on it; ours (bound later, so it wins) lets it go.
             pass
+
+        # The chat is printed above the prompt, into the terminal's scrollback: nothing here
+        # scrolls, and prompt_toolkit's PgUp/PgDn (the previous/next history line) looked broken.
+        @kb.add("pageup")
+        @kb.add("pagedown")
+        def _page(event: KeyPressEvent) -> None:
+            pass
+
+        # A key decoded to a name (Shift-PgUp, Ctrl-F5, …) that nothing is bound to reaches the
+        # catch-all binding; prompt_toolkit's inserts the key's data, its escape sequence
+        # (^[[5;2~ in the line). Ours drops such keys, and inserts what was typed as text.
+        self_insert = get_by_name("self-insert")
+
+        @kb.add(Keys.Any, filter=emacs_insert_mode | vi_insert_mode, save_before=lambda event: not event.is_repeat)
+        def _insert(event: KeyPressEvent) -> None:
+            if not isinstance(event.key_sequence[0].key, Keys):
+                self_insert.call(event)
 
         @kb.add(Keys.BracketedPaste)
         def _paste(event: KeyPressEvent) -> None:

@@ -39,6 +39,8 @@ from tests.conftest import HOST, BrokerProcess, RunningBroker, wait_for
 ENTER = "\r"
 UP, DOWN, LEFT = "\x1b[A", "\x1b[B", "\x1b[D"
 CTRL_C, CTRL_D, CTRL_U = "\x03", "\x04", "\x15"
+CTRL_G, CTRL_R = "\x07", "\x12"
+PGUP, PGDN = "\x1b[5~", "\x1b[6~"
 SHIFT_TAB = "\x1b[Z"
 
 
@@ -655,6 +657,7 @@ def test_help_lists_commands_and_keys(alice: Client) -> None:
                 "/quit",
             ):
                 assert command in text
+            assert "Ctrl-R" in text and "scrollback" in text  # PgUp/PgDn do not scroll: where the chat went
 
     run(main())
 
@@ -794,6 +797,108 @@ def test_ctrl_c_clears_a_line_then_quits_ctrl_d_quits(alice: Client) -> None:
         async with chat_ui(alice) as t:
             t.keys(CTRL_D)
             assert await asyncio.wait_for(t.task, 5) == 0
+
+    run(main())
+
+
+def test_ctrl_c_or_ctrl_g_in_a_ctrl_r_search_cancels_it_and_never_quits(alice: Client) -> None:
+    """The line is empty while the search field has the cursor: Ctrl-C there quit the
+    program. As readline's Ctrl-G it ends the search, the line back as it was."""
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+
+            def searching() -> bool:
+                return bool(t.ui.session.app.layout.is_searching)
+
+            t.line("first line")
+            t.line("second line")
+            await t.shows("<alice> second line")
+            for cancel in (CTRL_C, CTRL_G):
+                t.keys(CTRL_R + "fir")  # on an empty line
+                await until(searching)
+                await until(lambda: t.ui.session.app.current_buffer.text == "fir")
+                t.keys(cancel)
+                await until(lambda: not searching())
+                await asyncio.sleep(0.2)
+                assert not t.task.done() and t.ui.session.app.is_running
+                assert t.buffer.text == ""
+            # A draft, its cursor not at the end; Ctrl-R twice puts a match in the line.
+            t.keys("my draft" + LEFT)
+            await until(lambda: t.buffer.cursor_position == len("my draft") - 1)
+            t.keys(CTRL_R + "line" + CTRL_R)
+            await until(lambda: t.buffer.text.endswith("line"), what=lambda: t.buffer.text)
+            t.keys(CTRL_C)
+            await until(lambda: not searching())
+            assert (t.buffer.text, t.buffer.cursor_position) == ("my draft", len("my draft") - 1)
+            # Enter in the search takes the line found, as before.
+            t.keys("\x05" + CTRL_U + CTRL_R + "fir" + ENTER)  # (Ctrl-E, Ctrl-U: an empty line first)
+            await until(lambda: t.buffer.text == "first line", what=lambda: t.buffer.text)
+            assert not searching()
+            assert not t.task.done()
+            # Out of a search, Ctrl-C is as it was: clear the line, then quit.
+            t.keys(CTRL_C)
+            await until(lambda: t.buffer.text == "")
+            assert not t.task.done()
+            t.keys(CTRL_C)
+            assert await asyncio.wait_for(t.task, 5) == 0
+
+    run(main())
+
+
+#: Keys zchat does not use, as xterm and tmux send them: Shift-, Ctrl-, Ctrl-Shift-PgUp/PgDn,
+#: Ctrl-F5, Ctrl-Shift-Delete (prompt_toolkit knows their names, and bound nothing to them),
+#: Alt-PgUp (Escape, PgUp to it), and what its table lacks: Alt-F1, Alt-F5, Super-PgUp, a CSI u key.
+UNUSED_KEYS = {
+    "Shift-PgUp": "\x1b[5;2~",
+    "Shift-PgDn": "\x1b[6;2~",
+    "Ctrl-PgUp": "\x1b[5;5~",
+    "Ctrl-PgDn": "\x1b[6;5~",
+    "Ctrl-Shift-PgUp": "\x1b[5;6~",
+    "Ctrl-Shift-PgDn": "\x1b[6;6~",
+    "Ctrl-F5": "\x1b[15;5~",
+    "Ctrl-Shift-Delete": "\x1b[3;6~",
+    "Alt-PgUp": "\x1b[5;3~",
+    "Alt-F1": "\x1b[1;3P",
+    "Alt-F5": "\x1b[15;3~",
+    "Super-PgUp": "\x1b[5;9~",
+    "CSI u Ctrl-Tab": "\x1b[9;5u",
+}
+
+
+@pytest.mark.parametrize("keys", [pytest.param(seq, id=name) for name, seq in UNUSED_KEYS.items()])
+def test_a_key_not_used_does_nothing_to_the_line(alice: Client, keys: str) -> None:
+    """Shift-PgUp put ^[[5;2~ in the line (prompt_toolkit inserts the escape sequence of a
+    key nothing is bound to), Alt-F1 put [1;3P there (a sequence it does not decode)."""
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.keys("draft" + keys + ".")
+            await until(lambda: t.buffer.text.endswith("."), what=lambda: t.buffer.text)
+            assert t.buffer.text == "draft."
+            assert t.buffer.cursor_position == len("draft.")
+
+    run(main())
+
+
+def test_pgup_pgdn_neither_scroll_nor_recall_but_up_down_do(alice: Client) -> None:
+    """The chat is printed into the terminal's own scrollback: nothing to scroll here. PgUp
+    and PgDn recalled history lines (prompt_toolkit's), which looked like a broken scroll."""
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("earlier")
+            await t.shows("<alice> earlier")
+            t.keys("draft" + PGUP + PGUP + ".")
+            await until(lambda: t.buffer.text.endswith("."), what=lambda: t.buffer.text)
+            assert t.buffer.text == "draft."
+            t.keys(UP)
+            await until(lambda: t.buffer.text == "earlier", what=lambda: t.buffer.text)
+            t.keys(PGDN + "!")
+            await until(lambda: t.buffer.text.endswith("!"), what=lambda: t.buffer.text)
+            assert t.buffer.text == "earlier!"
+            t.keys(DOWN)
+            await until(lambda: t.buffer.text == "draft.", what=lambda: t.buffer.text)
 
     run(main())
 

@@ -35,16 +35,26 @@ WIDTH, HEIGHT = 100, 30
 class Tmux:
     """One tmux server on a private socket running ``zchat`` in window 0; its exit status goes to a file."""
 
-    def __init__(self, broker: BrokerProcess, tmp_path: Path, name: str, *flags: str, shell: bool = False) -> None:
+    def __init__(
+        self,
+        broker: BrokerProcess,
+        tmp_path: Path,
+        name: str,
+        *flags: str,
+        shell: bool = False,
+        term: str = "xterm-256color",
+    ) -> None:
         """``shell``: the window runs an interactive bash (job control: Ctrl-Z, ``fg``)
-        and ``zchat`` is typed at its prompt."""
+        and ``zchat`` is typed at its prompt; ``term``: the TERM it runs with."""
         if shutil.which("tmux") is None:
             raise AssertionError("tmux is not installed (.ci/run installs it)")
         self.socket = f"zchat-tmux-{uuid.uuid4().hex[:10]}"
         self.exit_file = tmp_path / f"exit-{name}"
-        env = {k: v for k, v in broker.env().items() if k.startswith("ZCHAT_") or k in ("PATH", "HOME", "LANG")}
+        # (PYTHONPATH: the zchat of the code under test, where that is not the one installed.)
+        keep = ("PATH", "HOME", "LANG", "PYTHONPATH")
+        env = {k: v for k, v in broker.env().items() if k.startswith("ZCHAT_") or k in keep}
         env.pop("NO_COLOR", None)
-        env["TERM"] = "xterm-256color"
+        env["TERM"] = term
         env.setdefault("LANG", "C.UTF-8")
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         zchat = " ".join(shlex.quote(a) for a in (bin_path("zchat"), "--name", name, *flags))
@@ -138,8 +148,8 @@ class PipeChat:
 def term(broker_proc: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., Tmux]]:
     started: list[Tmux] = []
 
-    def start(name: str, *flags: str, shell: bool = False) -> Tmux:
-        tmux = Tmux(broker_proc, tmp_path, name, *flags, shell=shell)
+    def start(name: str, *flags: str, shell: bool = False, term: str = "xterm-256color") -> Tmux:
+        tmux = Tmux(broker_proc, tmp_path, name, *flags, shell=shell, term=term)
         started.append(tmux)
         wait_for(lambda: any(f"] {name}> " in line + " " for line in tmux.screen()), 15, what=tmux.screen)
         return tmux
@@ -332,6 +342,35 @@ def test_a_raw_escape_sequence_typed_is_dropped_not_a_traceback(
         alice.type("x\x1b[31my")
         says(alice, "z", bob, expect="xyz")
         assert "Traceback" not in alice.text() and "Press ENTER" not in alice.text()
+    finally:
+        bob.stop()
+
+
+@pytest.mark.timeout(60)
+def test_page_keys_put_nothing_in_the_line_and_ctrl_c_in_a_search_cancels_it(
+    term: Callable[..., Tmux], broker_proc: BrokerProcess
+) -> None:
+    """As a user found in tmux: Shift-PgUp put ^[[5;2~ in the line, Ctrl-PgUp ^[[5;5~;
+    PgUp recalled a history line; Ctrl-C in a Ctrl-R search quit zchat."""
+    alice = term("alice", term="tmux-256color")
+    bob = PipeChat(broker_proc, "bob")
+    try:
+        bob.expect(lambda e: e.get("type") == "presence" and e.get("name") == "bob")
+        says(alice, "an earlier line", bob)
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#general] alice>"], 10, what=alice.screen)
+        alice.type("draft")
+        alice.keys("S-PageUp", "C-PageUp", "S-PageDown", "C-PageDown", "PageDown", "PageUp", "M-F1", "C-F5")
+        alice.type(".")
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#general] alice> draft."], 10, what=alice.screen)
+
+        alice.keys("C-u", "C-r")
+        alice.type("earl")
+        wait_for(lambda: "(reverse-i-search)`earl': an earlier line" in alice.text(), 10, what=alice.screen)
+        alice.keys("C-c")
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#general] alice>"], 10, what=alice.screen)
+        assert "reverse-i-search" not in alice.text()
+        says(alice, "still here", bob)  # not quit
+        assert alice.exit_status() is None
     finally:
         bob.stop()
 
