@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RequestError as exc:
         if exc.code == "name_taken":
-            # The broker says how long a name outlives a client that ended without a bye.
+            # The broker says who holds the name, and for how long if it can tell.
             printer.err(f"the broker at {client.endpoint}: {exc.message}; pick another with --name")
         elif exc.code == "auth_failed":
             printer.err(exc.message)  # it says which broker, and what about the keys

@@ -30,7 +30,8 @@ commands:
   /history [N]       the last N events of the current room (default 20, at most 10,000)
   /lastlog TEXT      the chat lines shown so far (the last 2,000) that contain TEXT (any case; terminal only)
   /help              this help
-  /quit              leave the chat"""
+  /quit              leave the chat
+  (IRC's spellings work too: /j, /part, /query, /names, /action, /exit)"""
 
 #: The argument hint of each command, for usage lines and completion.
 USAGE = {
@@ -47,7 +48,7 @@ USAGE = {
     "quit": "/quit",
 }
 #: Other spellings people bring from IRC.
-ALIASES = {"part": "leave", "exit": "quit", "query": "msg", "names": "who", "action": "me"}
+ALIASES = {"j": "join", "part": "leave", "exit": "quit", "query": "msg", "names": "who", "action": "me"}
 COMMANDS = tuple(USAGE)
 HISTORY_DEFAULT = 20
 #: /history N shows at most this many (a mistyped 1000000 would fill the screen for minutes).

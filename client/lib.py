@@ -103,6 +103,10 @@ RATE_RETRY_S = 1.0
 UNAVAILABLE_RETRY_S = 1.0
 #: A refused rejoin is retried after a delay growing by half each time, up to this.
 REJOIN_RETRY_MAX_S = 5.0
+#: While reconnecting, a hello refused again for the same reason (``name_taken``: another
+#: client has our name) is said again at most this often, in s: it is retried every few
+#: seconds, and one line each time buried the chat.
+REFUSAL_REPEAT_S = 60.0
 #: This many ``unavailable`` answers in a row, spread over at least this many
 #: seconds, make the client fail over to the next broker (when it has several).
 FAILOVER_UNAVAILABLE_COUNT = 3
@@ -619,6 +623,8 @@ class Client:
         self._hellos_here = 0
         #: The code of the last hello refused at the address in use (None: no answer yet).
         self._hello_refused: str | None = None
+        #: The refusal of a hello last said while reconnecting, and when (see REFUSAL_REPEAT_S).
+        self._refusal_said: tuple[object, float] | None = None
         #: ``unavailable`` answers in a row, and when the first of them came.
         self._unavailable = 0
         self._unavailable_since = 0.0
@@ -1531,10 +1537,13 @@ class Client:
         if reply["type"] != "welcome":
             code = reply.get("code")
             self._hello_refused = code if isinstance(code, str) else None  # said if we move on
-            if code != ErrorCode.UNAVAILABLE:
+            said, now = self._refusal_said, time.monotonic()
+            if code != ErrorCode.UNAVAILABLE and (said is None or said[0] != code or now >= said[1] + REFUSAL_REPEAT_S):
                 # name_taken: someone else holds our name now; keep trying (they may leave).
                 self._events.append(Event.from_envelope(reply))
+                self._refusal_said = (code, now)
             return  # asked again after the backoff (of another broker, if there are several)
+        self._refusal_said = None
         if not _reply_fits(reply):
             # Not a zchat broker we can use (a welcome without its session's fields):
             # said, and asked again after the backoff, as a refusal is.

@@ -27,6 +27,13 @@ from zchat import protocol as p
 FAST = ["--heartbeat-ms", "300"]
 
 
+@pytest.fixture
+def broker_proc_fast(tmp_path: Path) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    yield proc
+    proc.kill()
+
+
 def pump_until(clients: list[Client], done: Callable[[], bool], timeout: float) -> None:
     def step() -> bool:
         for c in clients:
@@ -232,6 +239,33 @@ def test_a_restored_session_is_taken_only_with_its_token(tmp_path: Path, ctx: zm
         first.kill()
         if second is not None:
             second.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_name_taken_while_reconnecting_is_said_once_not_at_every_retry(broker_proc_fast: BrokerProcess) -> None:
+    """A client whose session expired (stopped, asleep) finds its name in use by another
+    client: it keeps trying, and says so once, not at every hello (one a second here)."""
+    b = broker_proc_fast
+    first = Inbox(Client("carol", HOST, b.port, b.pub_port))
+    other = Client("carol", HOST, b.port, b.pub_port)
+    try:
+        first.client.connect()
+        wait_for(lambda: "session expired: carol" in "".join(b.log), 10)  # not pumped: silent
+        other.connect()
+
+        def refusals() -> list[Event]:
+            other.pump(0.02)
+            return [e for e in first.events if e.type == "error" and e.code == "name_taken"]
+
+        first.until(lambda: len(refusals()) >= 1, 10)
+        assert "a client connected now is using it" in (refusals()[0].message or "")
+        hellos = "".join(b.log).count("name_taken")
+        first.until(lambda: (refusals(), "".join(b.log).count("name_taken") >= hellos + 3)[1], 15)
+        assert len(refusals()) == 1, [e.message for e in refusals()]
+        assert first.client.state == "reconnecting"
+    finally:
+        first.client.close(0)
+        other.close(0)
 
 
 @pytest.mark.timeout(60)

@@ -1104,6 +1104,8 @@ def test_pipe_mode_understands_the_same_commands(alice: Client, bob: Client) -> 
     assert all(e["backlog"] for e in events)
     assert commands.handle("/switch #dev") and err == ["not in #dev: /join #dev first"]
     assert commands.handle("/join dev") and commands.handle("/switch general") and commands.current == "general"
+    assert commands.handle("/j ops") and commands.current == "ops", "irssi's /j is /join"
+    assert commands.handle("/switch general")
     assert not commands.handle("/quit")
     text = Commands(alice, "general", out.append, err.append)
     text.handle("/history 1")
