@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--room", default="general", help="room to join first (default general)")
     parser.add_argument(
-        "--backlog", type=_count, default=50, help="show this many of the room's latest events first (default 50)"
+        "--backlog",
+        type=_count,
+        default=50,
+        help="show this many of the room's latest events from before your join (default 50)",
     )
     parser.add_argument(
         "--json",

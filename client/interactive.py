@@ -193,6 +193,43 @@ class _KeyParser(Vt100Parser):
         return match
 
 
+@dataclass
+class _BarRoom:
+    """A room's entry in the bar: its place there (1 on), what it shows, and how it ranks
+    when they do not all fit (0: the current room, 1: a mention, 2: unread lines, 3: none)."""
+
+    place: int
+    rank: int
+    style: str
+    text: str
+    #: Its number and count without the name (" 7:…(2!)"), for a room with activity; "" if none.
+    short: str
+
+
+def _squeezed(entries: list[_BarRoom], width: int) -> StyleAndTextTuples:
+    """The rooms of a bar ``width`` cells wide that cannot show them all, as irssi's
+    activity list: the current room, then rooms that mentioned you, then rooms with unread
+    lines, then the rest (each in bar order, keeping its number), and ``+N`` for the N
+    left out. A room with activity whose name does not fit shows its number and count."""
+    marker = f" +{len(entries)}"
+    free = width - render.text_width(marker)
+    kept: dict[int, tuple[str, str]] = {}
+    for entry in sorted(entries, key=lambda e: (e.rank, e.place)):
+        for text in (entry.text, entry.short if entry.rank in (1, 2) else ""):
+            if text and (render.text_width(text) <= free or entry.rank == 0):
+                kept[entry.place] = (entry.style, text)
+                free -= render.text_width(text)
+                break
+        else:
+            break  # (what ranks lower is not shown before it)
+    out: StyleAndTextTuples = [kept[place] for place in sorted(kept)]
+    left = [e for e in entries if e.place not in kept]
+    if left:
+        # In the style of the most pressing room it hides (none, if they have no activity).
+        out.append((min(left, key=lambda e: e.rank).style, f" +{len(left)}"))
+    return out
+
+
 class ChatUI:
     """One terminal session: a prompt at the bottom, the chat scrolling above it."""
 
@@ -634,17 +671,25 @@ class ChatUI:
             # Lines typed but not acknowledged yet (shown once they are): a broker that
             # went silent shows here at once, not only when the connection is given up.
             out += [("class:bottom-toolbar.state.away", f" sending {self.client.unacked} "), ("", "|")]
+        entries: list[_BarRoom] = []
         for i, room in enumerate(self.rooms, 1):
             unread = self.unread.get(room, 0)
-            style = "class:bottom-toolbar.current" if room == self.current else ""
+            style, rank = ("class:bottom-toolbar.current", 0) if room == self.current else ("", 3)
             count = ""
             if room in self.mentioned:  # "!" says it where the terminal shows no colour
-                style, count = "class:bottom-toolbar.mention", f"({unread}!)"
+                style, count, rank = "class:bottom-toolbar.mention", f"({unread}!)", 1
             elif unread:
-                style, count = "class:bottom-toolbar.unread", f"({unread})"
-            label = f"{i % 10}:#{room}" if i <= 10 else f"#{room}"  # (Alt-0 is the 10th, as in irssi)
-            out.append((style, f" {label}{count}"))
-        out.append(("", "  | /help"))
+                style, count, rank = "class:bottom-toolbar.unread", f"({unread})", 2
+            number = f"{i % 10}:" if i <= 10 else ""  # (Alt-0 is the 10th, as in irssi)
+            entries.append(_BarRoom(i, rank, style, f" {number}#{room}{count}", f" {number}…{count}" if number else ""))
+        room_width = self.session.app.output.get_size().columns - sum(
+            render.text_width(fragment[1]) for fragment in out
+        )
+        if sum(render.text_width(e.text) for e in entries) <= room_width:
+            out += [(e.style, e.text) for e in entries]
+            out.append(("", "  | /help"))
+        else:
+            out += _squeezed(entries, room_width)
         return out
 
     def _key_bindings(self) -> KeyBindings:

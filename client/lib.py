@@ -901,7 +901,9 @@ class Client:
     # ------------------------------------------------------------- requests
 
     def join(self, room: str, backlog: int = 0, *, after: int | None = None) -> list[str]:
-        """Join ``room``; queue its last ``backlog`` events; return its members.
+        """Join ``room``; queue its last ``backlog`` events from before the join, then the
+        join's own presence event; return its members. (A session in the room already,
+        one resumed say, publishes no join: the room's last ``backlog`` events.)
 
         Back in a room this client left on the same broker, the backlog starts no
         earlier than where it left: what was already shown is not queued again.
@@ -947,7 +949,18 @@ class Client:
             # the reconnect) was in force from its own presence event on: what
             # happened since then is shown, as it would have been live.
             since = self._own_join_seen(state, top)
-            backlog_to = max(0, top - max(0, backlog))
+            # The backlog is ``backlog`` events from before this join: its own presence
+            # (the room's newest event, or the one SUB brought) is not one of them. Whether
+            # the newest is that presence (or the join published none: this session was in
+            # the room already) shows in the history: one more is read, and dropped after
+            # if the newest is not ours (trimmed below).
+            wanted = max(0, backlog)
+            if not wanted:
+                backlog_to = top
+            elif since is not None:
+                backlog_to = max(0, since - 1 - wanted)
+            else:
+                backlog_to = max(0, top - 1 - wanted)
             seen = self._seen_before.pop(room, None)
             if after is not None:
                 # Not read here: a logger far behind must neither hold it all in memory
@@ -962,9 +975,7 @@ class Client:
             cursor = backlog_to if since is None else min(since, backlog_to)
             if after is not None:
                 cursor = top
-            #: Messages of this backlog: one the broker stored twice (a resend it had
-            #: forgotten) is shown once, as in a catch-up.
-            shown: OrderedDict[tuple[str, str], None] = OrderedDict()
+            read: list[Envelope] = []
             while cursor < top:
                 # Patient as the join: a catch-up may have spent the budget of large replies.
                 reply = self._patient_request(
@@ -973,19 +984,27 @@ class Client:
                 got = [m for m in reply["messages"] if _is_event(m) and cursor < m["seq"] <= top]
                 if not got:
                     break
-                for env in got:
-                    if env["type"] == "msg" and _seen(shown, (str(env.get("from")), str(env.get("id")))):
-                        continue
-                    # The join this call made (ours, the last event; or, its reply lost and
-                    # asked again, the one SUB brought) is not from before it.
-                    this_join = env["seq"] in (top, since) and self._is_own_join(env)
-                    backlog = (since is None or env["seq"] <= since) and not this_join
-                    sent = self._stored_original(env)
-                    # One of ours from before we left, its ack lost: stored, so acknowledged.
-                    event = Event.from_envelope(env, backlog=backlog) if sent is None else self._own_event(sent, env)
-                    event.backlog = backlog
-                    self._events.append(event)
+                read += got
                 cursor = got[-1]["seq"]
+            if wanted and since is None and not (read and read[-1]["seq"] == top and self._is_own_join(read[-1])):
+                # The join published nothing (or its presence was not read): the newest
+                # ``backlog`` events, without the one read in case it had.
+                read = [env for env in read if env["seq"] > top - wanted]
+            #: Messages of this backlog: one the broker stored twice (a resend it had
+            #: forgotten) is shown once, as in a catch-up.
+            shown: OrderedDict[tuple[str, str], None] = OrderedDict()
+            for env in read:
+                if env["type"] == "msg" and _seen(shown, (str(env.get("from")), str(env.get("id")))):
+                    continue
+                # The join this call made (ours, the last event; or, its reply lost and
+                # asked again, the one SUB brought) is not from before it.
+                this_join = env["seq"] in (top, since) and self._is_own_join(env)
+                before = (since is None or env["seq"] <= since) and not this_join
+                sent = self._stored_original(env)
+                # One of ours from before we left, its ack lost: stored, so acknowledged.
+                event = Event.from_envelope(env, backlog=before) if sent is None else self._own_event(sent, env)
+                event.backlog = before
+                self._events.append(event)
         except BaseException:
             self._forget_room(room)
             raise

@@ -278,7 +278,12 @@ def test_late_joiner_sees_backlog_once_in_order(chats: Any, broker_proc: BrokerP
     msgs = [e for e in events if e["type"] == "msg"]
     seqs = [e["seq"] for e in events if e.get("room") == "general"]
     assert seqs == sorted(set(seqs)), "each once, in seq order"
-    assert [m["text"] for m in msgs] == [f"m{i}" for i in range(7, 20)]
+    # writer's join, m0..m19, writer's leave: the 15 events before late's join are m6..m19 and that leave
+    assert [m["text"] for m in msgs] == [f"m{i}" for i in range(6, 20)]
+    assert [(e["type"], e.get("backlog", False)) for e in events if e["type"] == "presence"][-2:] == [
+        ("presence", True),
+        ("presence", False),
+    ]
 
 
 def test_send_once(chats: Any, broker_proc: BrokerProcess) -> None:

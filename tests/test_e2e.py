@@ -144,13 +144,43 @@ def test_late_joiner_gets_backlog_once_in_order(make_client: MakeClient) -> None
     late = make_client("late")
     late.join("general", backlog=10)
     alice.send_wait("general", "live")
-    # seq 1 is alice's join, m0..m29 are 2..31, late's join is 32: the last
-    # ten events are m21..m29 and that join.
-    events = collect(late, 10, kind="msg")
-    assert [e.text for e in events] == [f"m{i}" for i in range(21, 30)] + ["live"]
+    # seq 1 is alice's join, m0..m29 are 2..31, late's join is 32: the ten events
+    # before that join are m20..m29 (the join, its own, is not one of them).
+    events = collect(late, 11, kind="msg")
+    assert [e.text for e in events] == [f"m{i}" for i in range(20, 30)] + ["live"]
     seqs = [e.seq for e in events]
     assert seqs == sorted(set(seqs))
     assert all(e.backlog for e in events[:-1]) and not events[-1].backlog
+    late.leave("general")
+    late.drain_events()
+    # So with a backlog of one: the one event before the join, then the join.
+    alice.send_wait("general", "last")
+    late.join("general", backlog=1)
+    shown = late.drain_events()
+    assert [(e.type, e.text or e.event, e.backlog) for e in shown] == [
+        ("msg", "last", True),
+        ("presence", "join", False),
+    ]
+
+
+def test_a_resumed_session_that_joins_its_room_again_gets_the_last_n_events(broker: RunningBroker) -> None:
+    """Its session was in the room already: the join publishes nothing, and the backlog
+    is the room's last N events (none of them dropped for a join of its own)."""
+    doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    bot = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
+    bot.connect()
+    bot.join("general")
+    token = bot.resume_token
+    doomed.destroy(linger=0)  # no bye: its session stays, in the room
+    with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+        alice.join("general")
+        for i in range(6):
+            alice.send_wait("general", f"m{i}")
+        with Client("bot", HOST, broker.port, broker.pub_port, resume=token) as again:
+            again.join("general", backlog=3)
+            shown = again.drain_events()
+            assert [e.text for e in shown if e.type != "status"] == ["m3", "m4", "m5"]
+            assert all(e.backlog for e in shown if e.type != "status")
 
 
 def test_backlog_larger_than_one_history_page(make_client: MakeClient) -> None:
@@ -1047,9 +1077,9 @@ def test_a_backlog_read_past_the_history_budget_waits_for_it(tmp_path: Path, con
     texts = [f"line {i} " + "y" * 80 for i in range(700)]
     with written_past_the_budget(tmp_path, connect_to, (20_000, 30_000), "a", texts) as (broker, _):
         reader = connect_to(broker, "reader")
-        assert reader.join("a", backlog=600) == ["alice", "reader"]  # two pages: 500, then 100
+        assert reader.join("a", backlog=600) == ["alice", "reader"]  # two pages: 500, then 101
         backlog = [e.text for e in reader.drain_events() if e.type == "msg"]
-        assert backlog == texts[-599:]  # the newest 600 events: the writer's join is not among them
+        assert backlog == texts[-600:]  # the 600 events before the reader's join
         assert reader.rooms_joined == ["a"]
 
 

@@ -491,6 +491,24 @@ def test_a_line_says_where_a_joins_backlog_ends(alice: Client, bob: Client) -> N
     run(main())
 
 
+def test_a_backlog_of_n_shows_the_n_events_before_the_join(alice: Client, bob: Client) -> None:
+    """--backlog N: N events from before the join (the join, published by it, is not one)."""
+    bob.join("dev")
+    for i in range(3):
+        bob.send_wait("dev", f"earlier {i}")
+
+    async def main() -> None:
+        async with chat_ui(alice, backlog=2) as t:
+            t.line("/join dev")
+            mark = await t.shows("came before you joined; live from here")
+            assert mark.endswith("#dev: the 2 events above came before you joined; live from here"), mark
+            await t.shows("alice joined #dev")
+            earlier = [line.split("> ")[-1] for line in t.lines() if "<bob> earlier" in line]
+            assert earlier == ["earlier 1", "earlier 2"], t.lines()
+
+    run(main())
+
+
 def test_who_lists_members_of_current_or_named_room(alice: Client, bob: Client) -> None:
     bob.join("dev")
 
@@ -1003,6 +1021,62 @@ def test_bell_rings_for_mentions_and_dms_only(alice: Client, bob: Client) -> Non
             await t.shows("<alice> talking about alice")
             await t.settled()
             assert t.output.bells == 2
+
+    run(main())
+
+
+class SizedOutput(BellOutput):
+    """A terminal of ``columns`` columns (which a test may change: a resize)."""
+
+    def __init__(self, columns: int) -> None:
+        super().__init__()
+        self.columns = columns
+
+    def get_size(self) -> Size:
+        return Size(rows=30, columns=self.columns)
+
+
+def test_a_narrow_bar_keeps_the_current_room_then_mentions_then_unread_and_counts_the_rest(
+    alice: Client, bob: Client
+) -> None:
+    for room in ("dev", "ops", "qa", "web", "docs", "frontend"):
+        alice.join(room)
+    bob.join("ops")
+    bob.join("frontend")
+    output = SizedOutput(120)
+
+    async def main() -> None:
+        async with chat_ui(alice, output=output) as t:
+            bob.send_wait("ops", "plain in ops")
+            bob.send_wait("frontend", "alice: look at this")
+            await until(lambda: "7:#frontend(1!)" in t.toolbar(), what=t.toolbar)
+            # Everything fits: the bar as ever.
+            full = " connected | 1:#general 2:#dev 3:#ops(1) 4:#qa 5:#web 6:#docs 7:#frontend(1!)  | /help"
+            assert t.toolbar() == full
+            output.columns = 77  # all the rooms still fit (the /help hint is cut, as ever)
+            assert t.toolbar() == full
+            # Narrower: the current room, the mention, the unread room, then the rest in
+            # bar order, numbers as they are; +N says how many are left out.
+            for columns, bar in [
+                (76, " connected | 1:#general 2:#dev 3:#ops(1) 4:#qa 5:#web 7:#frontend(1!) +1"),
+                (60, " connected | 1:#general 2:#dev 3:#ops(1) 7:#frontend(1!) +3"),
+                (50, " connected | 1:#general 3:…(1) 7:#frontend(1!) +4"),  # a name that does not fit: its count
+                (40, " connected | 1:#general 7:…(1!) +5"),
+                (20, " connected | 1:#general +6"),  # (the terminal cuts what is past its width)
+            ]:
+                output.columns = columns
+                assert t.toolbar() == bar, columns
+                assert render.text_width(t.toolbar()) <= columns or columns == 20
+            output.columns = 40
+            assert ("class:bottom-toolbar.mention", " 7:…(1!)") in t.ui.toolbar()
+            assert t.ui.toolbar()[-1] == ("class:bottom-toolbar.unread", " +5")  # it hides #ops(1)
+            t.keys("\x1b7")  # Alt-7: the room numbered 7, as the bar says
+            await until(lambda: t.ui.current == "frontend")
+            assert t.toolbar() == " connected | 3:#ops(1) 7:#frontend +5"
+            t.keys("\x1b3")
+            await until(lambda: t.ui.current == "ops")
+            assert t.toolbar() == " connected | 1:#general 2:#dev 3:#ops +4"
+            assert t.ui.toolbar()[-1] == ("", " +4")  # nothing unread among them
 
     run(main())
 

@@ -285,6 +285,35 @@ def test_paste_wrap_rooms_and_alt_keys_in_a_real_terminal(
         bob.close(0)
 
 
+def test_a_bar_too_narrow_for_every_room_still_shows_a_mention(
+    term: Callable[..., Tmux], broker_proc: BrokerProcess
+) -> None:
+    """At 40 columns with 7 rooms the bar used to be cut at the 4th: a mention in the
+    7th never showed. It keeps the current room and the mention, and counts the rest."""
+    rooms = ["dev", "ops", "qa", "web", "docs", "frontend"]
+    alice = term("alice")
+    bob = Client("bob", HOST, broker_proc.port, broker_proc.pub_port)
+    try:
+        bob.connect()
+        bob.join("frontend")
+        for room in rooms:
+            alice.type(f"/join {room}")
+            alice.keys("Enter")
+            wait_for(lambda r=room: prompt_line(alice.screen(), "alice") == [f"[#{r}] alice>"], 10, what=alice.screen)
+        alice.keys("M-1")
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#general] alice>"], 10, what=alice.screen)
+        alice.run("resize-window", "-t", ":0", "-x", "40")
+        bob.send_wait("frontend", "alice: over here")
+        wait_for(lambda: alice.screen()[-1:] == [" connected | 1:#general 7:…(1!) +5"], 10, what=alice.screen)
+        alice.keys("M-7")  # the number the bar shows
+        wait_for(lambda: prompt_line(alice.screen(), "alice") == ["[#frontend] alice>"], 10, what=alice.screen)
+        wait_for(lambda: alice.screen()[-1:] == [" connected | 1:#general 7:#frontend +5"], 10, what=alice.screen)
+        alice.keys("C-d")
+        assert wait_for(alice.exit_status, 10) == "EXIT=0"
+    finally:
+        bob.close(0)
+
+
 def _colours(lines: list[str]) -> set[str]:
     """Colour parameters of the SGR escapes in ``lines`` (tmux's ``capture-pane -e``)."""
     found = set()
