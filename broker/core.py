@@ -243,12 +243,16 @@ class SavedSession(NamedTuple):
     token_sha256: bytes
     host: str | None
     rooms: list[str]
+    #: With --keys, the z85 public key the name had when it was saved (the broker's, not
+    #: the core's concern: a restored user whose key changed or went is not restored).
+    key: bytes | None = None
 
 
-#: The connection of a restored session until its client resumes it, for the log: it is
-#: no connection's. (A peer may choose any routing id, this one too: restored sessions
-#: are not found by connection, see Core._restored.)
-RESTORED_PREFIX: Final = b"\x00restored:"
+#: The connection of a restored session until its client resumes it: none. A peer may
+#: choose any routing id, but not an empty one, so nothing sent to it reaches anyone;
+#: and nothing is sent to it (a DM to a restored session is ``no_such_user``), nor is a
+#: restored session found by connection (see Core._restored).
+NO_CONNECTION: Final = b""
 
 
 class PeerInfo(Protocol):
@@ -514,7 +518,7 @@ class Core:
                 continue
             limits = self.limits
             session = Session(
-                RESTORED_PREFIX + name.encode(),
+                NO_CONNECTION,
                 name,
                 saved_session.sender,
                 "",
@@ -535,16 +539,13 @@ class Core:
         return restored
 
     def sessions_to_save(self) -> list[SavedSession]:
-        """Every session, for the store at a clean stop (see :meth:`restore`)."""
+        """The sessions, for the store at a clean stop (see :meth:`restore`); not those still
+        waiting to be resumed from the last restart: they had their time, and restored
+        again they would hold their names through every restart."""
         return [
-            SavedSession(
-                s.name,
-                s.sender,
-                hashlib.sha256(s.token.encode()).digest() if s.token_sha256 is None else s.token_sha256,
-                s.host,
-                sorted(s.rooms),
-            )
+            SavedSession(s.name, s.sender, hashlib.sha256(s.token.encode()).digest(), s.host, sorted(s.rooms))
             for s in self.by_name.values()
+            if s.name not in self._restored
         ]
 
     # ------------------------------------------------------------- helpers
@@ -569,7 +570,7 @@ class Core:
         else:
             silent_s = max(0, now - holder.last_seen) / 1000
             left_s = max(1, math.ceil(expiry_s - silent_s))
-            if holder.identity.startswith(RESTORED_PREFIX):
+            if holder.name in self._restored:
                 why = f"its session from before the broker restarted waits {left_s} s more for its client to resume it"
             elif silent_s * 1000 <= self.heartbeat_ms + HEARTBEAT_SLACK_MS:
                 why = (
@@ -677,11 +678,12 @@ class Core:
             # old connection is nobody from now on.
             self._log_session(now, "session resumed: %s (%s -> %s)", name, _ident(holder.identity), _ident(identity))
             old = holder.identity
+            restored = name in self._restored
             self._detach(holder)
             holder.identity, holder.host = identity, self._hello_host
             holder.last_seen = now
             self._attach(holder)
-            if old.startswith(RESTORED_PREFIX):
+            if restored:
                 return self._welcome(holder, True, rid)
             # The old connection hears why it is nobody now. After a blip it is gone and
             # this is dropped; alive, it is a second client with this token, which stops.
@@ -830,6 +832,10 @@ class Core:
             return self._resent(session, first, "@" + to, env["text"])
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
+        if to in self._restored:
+            # Held for its client since the restart, which has not come back: as after a
+            # crash, the recipient is not online yet (a client retries this, for a while).
+            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"{to!r} is not back yet since the broker restarted")
         self._check_text(env["text"])
         self._throttle_send(session, now, env["id"])
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])

@@ -40,7 +40,18 @@ from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, s
 from broker.backplane import DEFAULT_RETENTION, Backplane
 from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
-from broker.core import DEDUP_WINDOW, Action, Core, Direct, HistoryQuery, Limits, LogBudget, Publish, Reply
+from broker.core import (
+    DEDUP_WINDOW,
+    Action,
+    Core,
+    Direct,
+    HistoryQuery,
+    Limits,
+    LogBudget,
+    Publish,
+    Reply,
+    SavedSession,
+)
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.hold import PresenceHold
 from broker.store import Durability, Row, Store, StoreError, now_ms
@@ -292,7 +303,7 @@ class Broker:
                 limits=config.limits,
                 authenticated=self.keys is not None,
             )
-            restored = self.core.restore(store.take_saved_sessions(), now_ms())
+            restored = self.core.restore(self._still_authorized(store.take_saved_sessions()), now_ms())
             if restored:
                 lifecycle.info(
                     "restored %d session%s saved at the last stop: each has %g s to resume",
@@ -410,12 +421,29 @@ class Broker:
             self._release(writer.wait_all(timeout=10))
             self._save_sessions(writer)
 
+    def _still_authorized(self, saved: list[SavedSession]) -> list[SavedSession]:
+        """With --keys, the saved sessions whose names still have the key they had when saved:
+        a user removed, or given a new key (a leaked one replaced), while the broker was
+        down is not restored, as a reload would have ended its sessions."""
+        if self.keys is None:
+            return saved
+        users = self.keys.users
+        return [s for s in saved if s.key is not None and users.get(s.key) == s.name]
+
     def _save_sessions(self, writer: Writer) -> None:
         """A clean stop: the sessions go to the store, and the next start takes them back
         (Core.restore): its clients resume, and the rooms see no one leave or join."""
-        if self.store is None or writer.behind:
-            return  # a commit still in flight holds the store's connection
+        if self.store is None:
+            return
+        if writer.behind:
+            # A commit still in flight holds the store's connection.
+            log.error("the sessions were not saved for the next start: the store did not finish its commits")
+            return
         saved = self.core.sessions_to_save()
+        if self.keys is not None:
+            # The key of each name now: a user whose key changes or goes meanwhile is not restored.
+            keys = {name: key for key, name in self.keys.users.items()}
+            saved = [s._replace(key=keys.get(s.name)) for s in saved]
         try:
             self.store.save_sessions(saved)
         except StoreError as exc:

@@ -84,12 +84,13 @@ CREATE TABLE IF NOT EXISTS events (
 _ROOM_TOPS = "CREATE TABLE IF NOT EXISTS room_tops (room TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 # The sessions a clean stop leaves for the next start (broker/core.py: Core.restore),
 # read and deleted by that start. Not part of the versioned schema either: an older
-# broker ignores it, and a start after a crash finds none (or, if the broker that
-# saved them was followed by an older one, the same ones: they are only restored if
-# their clients resume them, within seconds). Only a SHA-256 of each resume token.
+# broker ignores it, and a start after a crash finds none. Only a SHA-256 of each
+# resume token. A table of another shape is dropped, not read; one older than the
+# store's newest event (a broker that ignores it ran since) is stale and not restored.
+_SAVED_COLUMNS = ("name", "sender", "token_sha256", "host", "rooms", "key", "saved_at")
 _SAVED_SESSIONS = (
     "CREATE TABLE IF NOT EXISTS saved_sessions (name TEXT PRIMARY KEY, sender TEXT NOT NULL, "
-    "token_sha256 BLOB NOT NULL, host TEXT, rooms TEXT NOT NULL)"
+    "token_sha256 BLOB NOT NULL, host TEXT, rooms TEXT NOT NULL, key BLOB, saved_at INTEGER NOT NULL)"
 )
 
 #: Before aged events are deleted: the last seq of each of their rooms, kept.
@@ -370,13 +371,14 @@ class Store:
 
     def save_sessions(self, sessions: list[SavedSession]) -> None:
         """At a clean stop, with the writer idle: the live sessions, for the next start."""
+        saved_at = now_ms()
         try:
             with self._immediate() as db:
+                db.execute("DROP TABLE IF EXISTS saved_sessions")
                 db.execute(_SAVED_SESSIONS)
-                db.execute("DELETE FROM saved_sessions")
                 db.executemany(
-                    "INSERT INTO saved_sessions (name, sender, token_sha256, host, rooms) VALUES (?, ?, ?, ?, ?)",
-                    [(s.name, s.sender, s.token_sha256, s.host, "\n".join(s.rooms)) for s in sessions],
+                    f"INSERT INTO saved_sessions ({', '.join(_SAVED_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    [(s.name, s.sender, s.token_sha256, s.host, "\n".join(s.rooms), s.key, saved_at) for s in sessions],
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write to {self.path}: {exc}{_why(self.path.parent, exc)}") from exc
@@ -385,22 +387,35 @@ class Store:
         """At start: the sessions the last clean stop saved, deleted from the store as they
         are read (a later start after a crash must not restore them again)."""
         try:
-            if not self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'saved_sessions'"
-            ).fetchall():
+            columns = tuple(row[1] for row in self._db.execute("PRAGMA table_info(saved_sessions)"))
+            if not columns:
                 return []
             with self._immediate() as db:
-                rows = db.execute("SELECT name, sender, token_sha256, host, rooms FROM saved_sessions").fetchall()
-                db.execute("DELETE FROM saved_sessions")
+                rows = []
+                if columns == _SAVED_COLUMNS:
+                    rows = db.execute(f"SELECT {', '.join(_SAVED_COLUMNS)} FROM saved_sessions").fetchall()  # noqa: S608
+                db.execute("DROP TABLE saved_sessions")
+                last = db.execute("SELECT ts FROM events ORDER BY id DESC LIMIT 1").fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the store {self.path}: {exc}{_why(self.path.parent, exc)}") from exc
+        if columns != _SAVED_COLUMNS:
+            log.warning("saved sessions in %s are not in this version's form: not restored", self.path)
+            return []
+        saved_at = max((row[-1] for row in rows if isinstance(row[-1], int)), default=0)
+        if rows and last is not None and isinstance(last[0], int) and last[0] > saved_at:
+            log.warning(
+                "the sessions saved in %s predate events stored since (another broker ran): not restored", self.path
+            )
+            return []
         saved = []
-        for name, sender, digest, host, rooms in rows:
+        for name, sender, digest, host, rooms, key, _at in rows:
             if not (isinstance(name, str) and isinstance(sender, str) and isinstance(digest, bytes)):
                 continue  # not what this broker writes: no session rather than a wrong one
             if not (isinstance(rooms, str) and (host is None or isinstance(host, str))):
                 continue
-            saved.append(SavedSession(name, sender, digest, host, rooms.split("\n") if rooms else []))
+            if key is not None and not isinstance(key, bytes):
+                continue
+            saved.append(SavedSession(name, sender, digest, host, rooms.split("\n") if rooms else [], key))
         return saved
 
     def room_seqs(self) -> dict[str, int]:

@@ -565,3 +565,39 @@ def test_the_health_check_needs_only_the_brokers_public_key(secure: RunningBroke
     (directory / "broker.key_secret").rename(keys / "elsewhere.key_secret")
     args = ["--host", HOST, "--port", str(secure.port), "--keys", str(directory), "--timeout", "2"]
     wait_for(lambda: health.main(args) == 0, 10)
+
+
+def test_a_restart_restores_only_the_sessions_whose_keys_are_unchanged(
+    keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sessions saved at a clean stop come back only for names that still have the key
+    they had: bob's key replaced while the broker was down (a leaked one, say) and
+    carol's removed, as a reload would have ended their sessions."""
+    first = RunningBroker(keys / "data", keys_dir=keys / "keys").start()
+    for name in ("carol",):
+        zmq.auth.create_certificates(keys / "users", name)
+        (keys / "keys" / "authorized" / f"{name}.key").write_bytes((keys / "users" / f"{name}.key").read_bytes())
+    first.broker.reload()
+    wait_for(lambda: any("added: carol" in r.getMessage() for r in caplog.records), 5)
+    clients = [client(first, name, curve(keys, name)) for name in ("alice", "bob", "carol")]
+    for c in clients:
+        c.connect()
+    first.stop()
+    for c in clients:
+        c.close(0)  # (their byes go nowhere: the broker is down)
+    zmq.auth.create_certificates(keys / "users", "bob2")
+    (keys / "keys" / "authorized" / "bob.key").write_bytes((keys / "users" / "bob2.key").read_bytes())
+    (keys / "keys" / "authorized" / "carol.key").unlink()
+    caplog.clear()
+    second = RunningBroker(keys / "data", keys_dir=keys / "keys").start()
+    try:
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("restored 1 session saved at the last stop" in line for line in lines), lines
+        assert second.broker.core.by_name.keys() == {"alice"}
+        fresh = client(second, "bob", CurveKeys.load(keys / "users" / "bob2.key_secret", keys / "keys/broker.key"))
+        try:
+            fresh.connect()  # not held by the session of the old key
+        finally:
+            fresh.close(0)
+    finally:
+        second.stop()

@@ -139,6 +139,10 @@ def test_a_restored_session_waits_for_its_token_and_ends_unresumed() -> None:
     assert core.restore(saved, now=1000) == 2
     assert sorted(core.members["general"]) == ["alice", "bob"]
     assert "gone" not in core.members, "a room with no seq is joined anew"
+    assert core.sessions_to_save() == [], "not resumed since the last restart: not saved again"
+    hello(core, B, "carol", now=1000)
+    dm = only_reply(core.handle(B, enc(type="dm", to="bob", text="hi", id="d1"), 1000), B)
+    assert dm["code"] == "no_such_user" and "not back yet" in dm["message"], "a DM goes to no connection"
     refused = only_reply(core.handle(A, enc(type="hello", v=1, name="alice", resume="tok-b"), 1001), A)
     assert refused["code"] == "name_taken" and "before the broker restarted" in refused["message"]
     welcome = only_reply(core.handle(A, enc(type="hello", v=1, name="alice", resume="tok-a"), 1002), A)
@@ -148,7 +152,7 @@ def test_a_restored_session_waits_for_its_token_and_ends_unresumed() -> None:
     ended = publishes(core.expire(1000 + core.expiry_ms + 1))
     assert [(a.env["name"], a.env["event"]) for a in ended] == [("bob", "leave")]
     assert "bob" not in core.by_name and "alice" in core.by_name
-    assert [s.name for s in core.sessions_to_save()] == ["alice"]
+    assert [s.name for s in core.sessions_to_save()] == ["alice"]  # (carol was silent too)
 
 
 def test_second_hello_same_name_same_welcome() -> None:

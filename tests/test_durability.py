@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker import store as store_module
+from broker.core import SavedSession
 from broker.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
 from client.lib import BrokerUnreachable, Client
 from tests.conftest import HOST, NOBODY, BrokerProcess, as_user, wait_for, world_traversable
@@ -483,3 +484,36 @@ def test_a_store_on_a_full_disk_says_how_much_space_is_left(tmp_path: Path, capl
         Store(mount / "data", "normal").close()  # with the space back, it opens
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False, timeout=10)
+
+
+def test_saved_sessions_are_taken_once_and_not_when_stale_or_of_another_shape(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sessions a clean stop saved come back once; not if events were stored after
+    them (a broker that ignores them ran since), nor from a table of another shape
+    (which is dropped: the broker starts)."""
+    saved = [SavedSession("alice", "s1", b"h" * 32, "127.0.0.1", ["general", "dev"], None)]
+    store = Store(tmp_path, "normal")
+    try:
+        store.save_sessions(saved)
+        assert store.take_saved_sessions() == saved
+        assert store.take_saved_sessions() == [], "taken once"
+        store.save_sessions(saved)
+        time.sleep(0.01)
+        store.append([("general", 1, store_module.now_ms(), "bob", "m1", b"body")])
+        assert store.take_saved_sessions() == []
+        assert any("predate events stored since" in r.getMessage() for r in caplog.records)
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db:
+        db.execute("CREATE TABLE saved_sessions (name TEXT, token TEXT)")
+        db.execute("INSERT INTO saved_sessions VALUES ('alice', 'x')")
+        db.commit()
+    store = Store(tmp_path, "normal")
+    try:
+        assert store.take_saved_sessions() == []
+        assert any("not in this version's form" in r.getMessage() for r in caplog.records)
+        with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db:
+            assert not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'saved_sessions'").fetchall()
+    finally:
+        store.close()

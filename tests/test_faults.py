@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import zmq
 
-from broker.core import RESTORED_PREFIX
 from client.lib import Client, Event
 from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, bin_path, published, recv_all, wait_for
 from zchat import protocol as p
@@ -222,9 +221,18 @@ def test_a_restored_session_is_taken_only_with_its_token(tmp_path: Path, ctx: zm
         store_bytes = b"".join(f.read_bytes() for f in (tmp_path / "data").iterdir() if f.is_file())
         assert welcome["resume"].encode() not in store_bytes, "the store keeps only a hash of the token"
         second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
-        forger = Raw(ctx, second.port, routing_id=RESTORED_PREFIX + b"alice")
+        # (The routing id the first version gave a restored session: anyone may pick it.)
+        forger = Raw(ctx, second.port, routing_id=b"\x00restored:alice")
         reply = forger.request({"type": "msg", "room": "general", "text": "hi", "id": "f1"})
         assert reply.get("code") == "not_registered", reply
+        # A DM to the restored alice goes to no connection: not to the forger, who made a
+        # session of its own on that routing id, nor anyone; its author may try again.
+        assert forger.request(p.hello("mallory"))["type"] == "welcome"
+        carol = Raw(ctx, second.port)
+        assert carol.request(p.hello("carol"))["type"] == "welcome"
+        refused = carol.request({"type": "dm", "to": "alice", "text": "secret", "id": "d1"})
+        assert (refused.get("code"), refused.get("id")) == ("no_such_user", "d1"), refused
+        assert forger.silent(0.5), "nothing reaches the forger"
         impostor = Raw(ctx, second.port)
         refused = impostor.request(p.hello("alice"))
         assert refused.get("code") == "name_taken", refused
