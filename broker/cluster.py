@@ -110,8 +110,8 @@ class ClusterCore(Core):
             raise AssertionError("events are small fixmaps")
         return bytes((body[0] + 1,)) + body[1:] + b"\xa3seq"
 
-    def _presence_head(self, room: str, name: str, event: str, now: int) -> bytes:
-        env = p.presence_event(room, 0, now, name, event)
+    def _presence_head(self, room: str, name: str, event: str, now: int, reason: p.LeaveReason | None = None) -> bytes:
+        env = p.presence_event(room, 0, now, name, event, reason)
         del env["seq"]
         return self._head(env)
 
@@ -181,7 +181,7 @@ class ClusterCore(Core):
             if not self.bp.alive() or self._presumed_dead:
                 self._come_back(now)
             for dead in self.bp.dead_brokers():
-                ended = self.bp.reap(dead, lambda room, name: self._presence_head(room, name, "leave", now))
+                ended = self.bp.reap(dead, lambda room, name: self._presence_head(room, name, "leave", now, "timeout"))
                 if ended:
                     log.warning("broker %s is gone: ended its %s", dead, _sessions(ended))
         except bpmod.Errors as exc:
@@ -238,7 +238,9 @@ class ClusterCore(Core):
                 self.bp.presence("join", room, session.name, self._presence_head(room, session.name, "join", now))
         gone = self.bp.listed_names() - set(self.by_name)
         if gone:
-            self.bp.end_sessions(self.bp.id, gone, lambda room, name: self._presence_head(room, name, "leave", now))
+            self.bp.end_sessions(
+                self.bp.id, gone, lambda room, name: self._presence_head(room, name, "leave", now, "timeout")
+            )
 
     # --------------------------------------------------- from other brokers
 
@@ -344,7 +346,7 @@ class ClusterCore(Core):
 
     # ------------------------------------------------------------ requests
 
-    def _end(self, session: Session, now: int) -> list[Action]:
+    def _end(self, session: Session, now: int, reason: p.LeaveReason) -> list[Action]:
         if self._parked.pop(session.name, None) is not None:
             # Not kept for a session that ends (as with one broker): nobody resumes it.
             self._parked_ended.add(session.name)
@@ -355,7 +357,8 @@ class ClusterCore(Core):
             # meanwhile is left alone, and nobody sees it leave.
             rooms = self.bp.release(session.name)
             for room in sorted(rooms or ()):
-                self.bp.presence("leave", room, session.name, self._presence_head(room, session.name, "leave", now))
+                head = self._presence_head(room, session.name, "leave", now, reason)
+                self.bp.presence("leave", room, session.name, head)
         except BackplaneDown:
             pass  # _resync ends it on the backplane once it is back
         except bpmod.Errors as exc:

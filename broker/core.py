@@ -486,7 +486,7 @@ class Core:
         actions: list[Action] = []
         for session in stale:
             self._log_session(now, "session expired: %s (%s)", session.name, _ident(session.identity))
-            actions.extend(self._end(session, now))
+            actions.extend(self._end(session, now, "timeout"))
         return actions
 
     def room_seq(self, room: str) -> int:
@@ -499,7 +499,7 @@ class Core:
             session = self.by_name.get(name)
             if session is not None:
                 log.warning("session ended, key revoked: %s (%s)", name, _ident(session.identity))
-                actions.extend(self._end(session, now))
+                actions.extend(self._end(session, now, "revoked"))
         return actions
 
     def restore(self, saved: Iterable[SavedSession], now: int) -> int:
@@ -557,8 +557,8 @@ class Core:
         self.seqs[room] = seq
         return seq
 
-    def _presence(self, room: str, name: str, event: str, now: int) -> Publish:
-        return Publish(room, p.presence_event(room, self._next_seq(room), now, name, event))
+    def _presence(self, room: str, name: str, event: str, now: int, reason: p.LeaveReason | None = None) -> Publish:
+        return Publish(room, p.presence_event(room, self._next_seq(room), now, name, event, reason))
 
     def _name_taken(self, name: str, rid: str | None, holder: Session | None = None, now: int = 0) -> ProtocolError:
         """Who holds the name, as far as this broker can tell, and for how long: the user
@@ -625,12 +625,13 @@ class Core:
             else:
                 del self._hosts[host]
 
-    def _end(self, session: Session, now: int) -> list[Action]:
+    def _end(self, session: Session, now: int, reason: p.LeaveReason) -> list[Action]:
+        """End ``session``: its leave in each of its rooms says why (``reason``)."""
         self._detach(session)
         actions: list[Action] = []
         for room in sorted(session.rooms):
             self._drop_member(room, session.name)
-            actions.append(self._presence(room, session.name, "leave", now))
+            actions.append(self._presence(room, session.name, "leave", now, reason))
         return actions
 
     def _drop_member(self, room: str, name: str) -> None:
@@ -957,4 +958,4 @@ class Core:
 
     def _bye(self, session: Session, env: Envelope, now: int) -> list[Action]:
         self._log_session(now, "session end: %s (%s) said bye", session.name, _ident(session.identity))
-        return self._end(session, now)
+        return self._end(session, now, "quit")

@@ -380,6 +380,9 @@ class Event:
     #: A ``/me`` action ("* bob waves") rather than a plain message.
     action: bool = False
     broker: str | None = None
+    #: Of a presence ``leave`` that was no ``leave`` request: "quit" (its client said
+    #: bye), "timeout" (it went silent), "revoked" (its key was); None for a plain leave.
+    reason: str | None = None
 
     @classmethod
     def from_envelope(cls, env: Envelope, *, own: bool = False, backlog: bool = False) -> Event:
@@ -408,6 +411,7 @@ class Event:
             own=own,
             backlog=backlog,
             action=env.get("action") is True,
+            reason=s("reason") if kind == "presence" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -415,7 +419,7 @@ class Event:
         out: dict[str, Any] = {"type": self.type}
         fields: tuple[str, ...]
         if self.type == "presence":
-            fields = ("room", "seq", "ts", "name", "event")
+            fields = ("room", "seq", "ts", "name", "event", "reason")
         elif self.type == "dm":
             fields = ("from", "to", "text", "ts", "id")
         elif self.type == "error":

@@ -71,6 +71,18 @@ def clock(ts: int | None) -> str:
     return time.strftime("%H:%M", t)
 
 
+#: How the reason of a leave reads (see Event.reason); another is shown as it is.
+_LEFT_BECAUSE = {"quit": "quit", "timeout": "timed out", "revoked": "key revoked"}
+
+
+def presence_text(event: Event, name: str) -> str:
+    """``bob joined #dev``, ``bob left #dev``, ``bob left #dev (timed out)``."""
+    if event.event == "join":
+        return f"{name} joined #{event.room}"
+    why = f" ({_LEFT_BECAUSE.get(event.reason) or clean(event.reason)})" if event.reason else ""
+    return f"{name} left #{event.room}{why}"
+
+
 def text_line(event: Event) -> str:
     """One line for a person, irssi-style."""
     when = clock(event.ts)
@@ -81,8 +93,7 @@ def text_line(event: Event) -> str:
             return f"{when} #{event.room} * {name} {text}"
         return f"{when} #{event.room} <{name}> {text}"
     if event.type == "presence":
-        verb = "joined" if event.event == "join" else "left"
-        return f"{when} -!- {name} {verb} #{event.room}"
+        return f"{when} -!- {presence_text(event, name)}"
     if event.type == "dm":
         if event.own:
             return f"{when} -> *{clean(event.to or '?')}* {text}"
@@ -182,8 +193,7 @@ def styled(event: Event, me: str, current: str | None, colour: Callable[[str], i
         head = [when, ("class:dm", f"*{name}*"), ("", " ")]
         return Styled([*head, ("class:text.dm", text)], _width(head), alert=fresh)
     if event.type == "presence":
-        verb = "joined" if event.event == "join" else "left"
-        return Styled([when, ("class:presence", f"-!- {name} {verb} #{event.room}")], 10)
+        return Styled([when, ("class:presence", f"-!- {presence_text(event, name)}")], 10)
     if event.type == "status":
         return Styled([when, ("class:status", f"-!- {text}")], 10)
     if event.type == "error":

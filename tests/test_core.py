@@ -697,8 +697,16 @@ def test_bye_leaves_every_room_and_frees_the_name() -> None:
     actions = core.handle(A, enc(type="bye"), 500)
     assert all(isinstance(a, Publish) for a in actions)
     assert [a.env for a in publishes(actions)] == [
-        {"type": "presence", "room": "dev", "seq": 22, "ts": 500, "name": "alice", "event": "leave"},
-        {"type": "presence", "room": "general", "seq": 13, "ts": 500, "name": "alice", "event": "leave"},
+        {"type": "presence", "room": "dev", "seq": 22, "ts": 500, "name": "alice", "event": "leave", "reason": "quit"},
+        {
+            "type": "presence",
+            "room": "general",
+            "seq": 13,
+            "ts": 500,
+            "name": "alice",
+            "event": "leave",
+            "reason": "quit",
+        },
     ]
     assert "alice" not in core.by_name
     assert A not in core.by_identity
@@ -1050,3 +1058,19 @@ def test_a_hello_under_another_name_than_the_key_refreshes_the_session_too() -> 
     assert only_reply(refused, A)["code"] == "bad_name"
     assert core.expire(3 * HB + 1) == []
     assert "alice" in core.by_name
+
+
+def test_a_leave_says_why_when_it_was_no_leave_request() -> None:
+    """As IRC's quit messages: a leave request has no reason; a bye is "quit", a silent
+    session "timeout", a revoked key "revoked"."""
+    core = make_core(general=1)
+    for identity, name in ((A, "alice"), (B, "bob"), (b"\x00c", "carol"), (b"\x00d", "dave")):
+        hello(core, identity, name, now=0)
+        join(core, identity, "general", now=0)
+    left = publishes(core.handle(A, enc(type="leave", room="general"), 10))
+    bye = publishes(core.handle(B, enc(type="bye"), 10))
+    revoked = publishes(core.revoke(["carol"], 10))
+    expired = publishes(core.expire(3 * HB + 1))
+    reasons = [(a.env["name"], a.env.get("reason")) for a in left + bye + revoked + expired]
+    assert reasons == [("alice", None), ("bob", "quit"), ("carol", "revoked"), ("dave", "timeout")]
+    assert all(p.is_presence(p.encode(a.env)) for a in left + bye + revoked + expired)

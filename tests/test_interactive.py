@@ -1246,6 +1246,23 @@ def test_render_neutralises_control_characters() -> None:
     assert render.clean("\u200d!") == "\\u200d!" and render.clean("💻\u200d") == "💻\\u200d"
 
 
+def test_a_leave_shows_its_reason_as_irc_shows_a_quit(alice: Client, bob: Client) -> None:
+    """bob's client ends with a bye: alice sees "bob left #general (quit)"; a leave request
+    has no reason; an unknown reason from the wire is shown cleaned."""
+    bob.close(0)
+    left = next(e for e in alice.events(5) if e.type == "presence" and e.name == "bob" and e.event == "leave")
+    assert (left.event, left.reason) == ("leave", "quit")
+    assert render.text_line(left).endswith("-!- bob left #general (quit)")
+    assert render.styled(left, "alice", "general").plain.endswith("-!- bob left #general (quit)")
+    assert left.to_dict()["reason"] == "quit"
+    timeout = Event(type="presence", room="dev", name="carol", event="leave", reason="timeout")
+    assert render.text_line(timeout).endswith("-!- carol left #dev (timed out)")
+    odd = Event(type="presence", room="dev", name="carol", event="leave", reason="gone\x1b[2J")
+    assert render.text_line(odd).endswith("left #dev (gone\\x1b[2J)")
+    plain = Event(type="presence", room="dev", name="carol", event="leave")
+    assert render.text_line(plain).endswith("-!- carol left #dev") and "reason" not in plain.to_dict()
+
+
 def test_an_error_that_answers_a_message_names_it(alice: Client, bob: Client) -> None:
     """An error may come well after the line was typed (a DM ``undelivered``): it says which."""
     bob.close(0)  # gone: a DM to him is refused

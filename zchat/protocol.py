@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from enum import StrEnum
-from typing import Any, Final, NoReturn
+from typing import Any, Final, Literal, NoReturn
 
 import msgpack
 
@@ -323,8 +323,8 @@ def batches(bodies: list[bytes]) -> list[bytes]:
     return frames
 
 
-#: How :func:`presence_event` encodes: a map of 6 fields, ``type`` first.
-_PRESENCE_HEAD = b"\x86\xa4type\xa8presence"
+#: How :func:`presence_event` encodes: a map of 6 fields (7 with a reason), ``type`` first.
+_PRESENCE_HEADS = (b"\x86\xa4type\xa8presence", b"\x87\xa4type\xa8presence")
 
 
 def is_presence(body: bytes) -> bool:
@@ -333,7 +333,7 @@ def is_presence(body: bytes) -> bool:
     Any other encoding of one (another field order) reads as not presence: callers may
     use this to decide when to send an event, never whether or what.
     """
-    return body.startswith(_PRESENCE_HEAD)
+    return body.startswith(_PRESENCE_HEADS)
 
 
 def _batch(chunk: list[bytes]) -> bytes:
@@ -583,8 +583,16 @@ def msg_event(
     return env
 
 
-def presence_event(room: str, seq: int, ts: int, name: str, event: str) -> Envelope:
-    return {"type": "presence", "room": room, "seq": seq, "ts": ts, "name": name, "event": event}
+#: Why a session left its rooms, in a ``leave`` that was not a ``leave`` request: its
+#: client said ``bye``, it went silent (or its broker did), its user's key was revoked.
+LeaveReason = Literal["quit", "timeout", "revoked"]
+
+
+def presence_event(room: str, seq: int, ts: int, name: str, event: str, reason: LeaveReason | None = None) -> Envelope:
+    env: Envelope = {"type": "presence", "room": room, "seq": seq, "ts": ts, "name": name, "event": event}
+    if reason is not None:
+        env["reason"] = reason
+    return env
 
 
 def dm_event(name: str, sender: str, to: str, text: str, ts: int, msg_id: str) -> Envelope:
