@@ -321,7 +321,7 @@ def _vanish(node: Node) -> None:
     """Make a broker disappear as a crash would: its alive key is not refreshed, nothing is cleaned up."""
     core: Any = node.broker.core
     core.tick = lambda now: []  # no more heartbeats
-    core._end = lambda session, now: []  # a crash ends no session
+    core._end = lambda session, now, reason: []  # a crash ends no session
     node.stop()
 
 
