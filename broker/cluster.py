@@ -62,6 +62,9 @@ class ClusterCore(Core):
         #: Names whose session ended with DMs parked: those are deleted (retried each tick
         #: until the backplane does it), never handed to a later session of the name.
         self._parked_ended: set[str] = set()
+        #: Why sessions ended while the backplane was down (their leaves are published once it
+        #: is back, by _resync): a bye or a revocation then still reads as such, not as a timeout.
+        self._ended_why: dict[str, p.LeaveReason] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -228,6 +231,7 @@ class ClusterCore(Core):
             self.epoch_changed = True
             for session in list(self.by_name.values()):
                 self._drop_local(session)
+            self._ended_why.clear()
             return
         for session in list(self.by_name.values()):
             if not self.bp.assert_session(session.name, session.token, session.sender, session.rooms):
@@ -237,10 +241,14 @@ class ClusterCore(Core):
             for room in sorted(session.rooms):
                 self.bp.presence("join", room, session.name, self._presence_head(room, session.name, "join", now))
         gone = self.bp.listed_names() - set(self.by_name)
+        why = self._ended_why
         if gone:
             self.bp.end_sessions(
-                self.bp.id, gone, lambda room, name: self._presence_head(room, name, "leave", now, "timeout")
+                self.bp.id,
+                gone,
+                lambda room, name: self._presence_head(room, name, "leave", now, why.get(name, "timeout")),
             )
+        why.clear()
 
     # --------------------------------------------------- from other brokers
 
@@ -360,8 +368,9 @@ class ClusterCore(Core):
                 head = self._presence_head(room, session.name, "leave", now, reason)
                 self.bp.presence("leave", room, session.name, head)
         except BackplaneDown:
-            pass  # _resync ends it on the backplane once it is back
+            self._ended_why[session.name] = reason  # _resync ends it on the backplane once it is back
         except bpmod.Errors as exc:
+            self._ended_why[session.name] = reason
             self._failed(exc, now)
         return []
 

@@ -358,6 +358,40 @@ def test_backplane_lost_and_back(tmp_path: Path, ctx: zmq.Context[zmq.Socket[byt
         server.stop()
 
 
+def test_a_bye_while_the_backplane_is_down_still_reads_as_a_quit(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A session ended while Redis is unreachable gets its leave once Redis is back: with
+    the reason it ended for (a bye: "quit"), not as if it had timed out."""
+    server = RedisServer(tmp_path / "redis").start()
+    node = Node(server.url).start()
+    try:
+        dora, eve = Raw(ctx, node.broker.port), Raw(ctx, node.broker.port)
+        for name, raw in (("dora", dora), ("eve", eve)):
+            assert raw.request({"type": "hello", "v": 1, "name": name, "id": "h"})["type"] == "welcome"
+            assert raw.request({"type": "join", "room": "general", "id": "j"})["type"] == "joined"
+        server.kill()
+        eve.send({"type": "bye"})
+        assert eve.request({"type": "ping", "id": "p"})["code"] == "not_registered"  # the bye was handled
+        server.start()
+
+        def back() -> bool:
+            reply = dora.request({"type": "msg", "room": "general", "text": "back", "id": "m1"})
+            return reply["type"] == "ack"
+
+        wait_for(back, 15, interval=0.2)
+
+        def eve_left() -> dict[str, Any] | None:
+            history = dora.request({"type": "history", "room": "general", "after": 0, "id": "hist"})
+            return next((e for e in history["messages"] if e.get("name") == "eve" and e["event"] == "leave"), None)
+
+        left = wait_for(eve_left, 10, interval=0.2)
+        assert left.get("reason") == "quit", left
+    finally:
+        node.stop()
+        server.stop()
+
+
 def test_keys_of_a_room_share_one_slot() -> None:
     """What makes every script a single-slot operation on a Redis Cluster."""
     from redis.crc import key_slot
