@@ -23,7 +23,7 @@ from typing import Any
 
 from broker import backplane as bpmod
 from broker.backplane import Backplane, PendingMsg
-from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, PeerInfo, Reply, Session
+from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, PeerInfo, Reply, Session, sessions_text
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
 
@@ -186,7 +186,7 @@ class ClusterCore(Core):
             for dead in self.bp.dead_brokers():
                 ended = self.bp.reap(dead, lambda room, name: self._presence_head(room, name, "leave", now, "timeout"))
                 if ended:
-                    log.warning("broker %s is gone: ended its %s", dead, _sessions(ended))
+                    log.warning("broker %s is gone: ended its %s", dead, sessions_text(ended))
         except bpmod.Errors as exc:
             self._failed(exc, now)
             return []
@@ -224,7 +224,7 @@ class ClusterCore(Core):
                 "the backplane lost its data (epoch %s -> %s): ending the %s here so clients start over",
                 self.epoch,
                 epoch,
-                _sessions(len(self.by_name)),
+                sessions_text(len(self.by_name)),
             )
             self.epoch = epoch
             self.seqs.clear()
@@ -602,7 +602,3 @@ def _request_id(frame: bytes) -> str | None:
     except ProtocolError:
         return None
     return rid if isinstance(rid, str) and len(rid) <= p.MAX_ID_CHARS else None
-
-
-def _sessions(count: int) -> str:
-    return f"{count} session{'' if count == 1 else 's'}"

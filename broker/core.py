@@ -229,10 +229,12 @@ def _token_fits(holder: Session, token: str) -> bool:
     presented = token.encode()
     if holder.token_sha256 is None:
         return secrets.compare_digest(presented, holder.token.encode())
-    if not secrets.compare_digest(hashlib.sha256(presented).digest(), holder.token_sha256):
-        return False
-    holder.token, holder.token_sha256 = token, None  # restored: known again, as its client holds it
-    return True
+    return secrets.compare_digest(hashlib.sha256(presented).digest(), holder.token_sha256)
+
+
+def sessions_text(count: int) -> str:
+    """``1 session``, ``3 sessions``: for log lines."""
+    return f"{count} session{'' if count == 1 else 's'}"
 
 
 class SavedSession(NamedTuple):
@@ -680,6 +682,8 @@ class Core:
             self._log_session(now, "session resumed: %s (%s -> %s)", name, _ident(holder.identity), _ident(identity))
             old = holder.identity
             restored = name in self._restored
+            if restored:
+                holder.token, holder.token_sha256 = token, None  # known again, as its client holds it
             self._detach(holder)
             holder.identity, holder.host = identity, self._hello_host
             holder.last_seen = now

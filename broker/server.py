@@ -51,6 +51,7 @@ from broker.core import (
     Publish,
     Reply,
     SavedSession,
+    sessions_text,
 )
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.hold import PresenceHold
@@ -306,9 +307,8 @@ class Broker:
             restored = self.core.restore(self._still_authorized(store.take_saved_sessions()), now_ms())
             if restored:
                 lifecycle.info(
-                    "restored %d session%s saved at the last stop: each has %g s to resume",
-                    restored,
-                    "" if restored == 1 else "s",
+                    "restored %s saved at the last stop: each has %g s to resume",
+                    sessions_text(restored),
                     self.core.expiry_ms / 1000,
                 )
             # Started once the store has been read: from now on only the writer
@@ -450,9 +450,7 @@ class Broker:
             log.error("the sessions could not be saved for the next start: %s", exc)
             return
         if saved:
-            lifecycle.info(
-                "saved %d session%s for the next start to restore", len(saved), "" if len(saved) == 1 else "s"
-            )
+            lifecycle.info("saved %s for the next start to restore", sessions_text(len(saved)))
 
     def _prune_aged(self, now: int) -> None:
         """While nobody writes, no commit deletes what ages (--retention-days): a commit of
