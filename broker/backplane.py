@@ -497,6 +497,9 @@ class Backplane:
     def members(self, room: str) -> list[str]:
         return sorted(_s(m) for m in self.r.smembers(room_key(room, "members")))
 
+    def member_count(self, room: str) -> int:
+        return int(self.r.scard(room_key(room, "members")))
+
     def rooms(self, most: int) -> tuple[list[tuple[str, int, int]], bool]:
         """(room, members, seq) for up to ``most`` rooms, and whether there were more."""
         names = sorted(_s(r) for r in self.r.smembers(ROOMS_KEY))

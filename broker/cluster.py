@@ -488,7 +488,9 @@ class ClusterCore(Core):
 
     def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
-        self._check_bulk(session, now)  # (as Core._join)
+        listed = env.get("members", True)
+        if listed:
+            self._check_bulk(session, now)  # (as Core._join)
         self._up()
         if room not in session.rooms:
             if len(session.rooms) >= self.limits.max_rooms:
@@ -496,18 +498,18 @@ class ClusterCore(Core):
                     ErrorCode.LIMIT_REACHED, f"already in {self.limits.max_rooms} rooms; leave one first"
                 )
             self._throttle_join(session, now)
-            _, seq, members = self.bp.presence(
+            _, seq, names = self.bp.presence(
                 "join", room, session.name, self._presence_head(room, session.name, "join", now)
             )
             session.rooms.add(room)
             self.members.setdefault(room, {})[session.name] = session
             self.bp.set_rooms(session.name, session.rooms)
+            members: list[str] | int = names if listed else len(names)
         else:
-            seq, members = self.bp.room_seq(room), self.bp.members(room)
+            seq, members = self.bp.room_seq(room), (self.bp.members(room) if listed else self.bp.member_count(room))
         if seq > self.seqs.get(room, 0):
             self.seqs[room] = seq
-        members = self._charged(session, room, members, now)
-        return [self._reply(session, {"type": "joined", "room": room, "members": members, "seq": seq}, env)]
+        return [self._joined(session, env, room, seq, members, now)]
 
     def _leave(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]

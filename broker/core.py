@@ -716,9 +716,12 @@ class Core:
 
     def _join(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
-        # Every join's reply is a member list: charged like history. Joining a room again
-        # costs no join token (a client that lost the reply asks again), but this it does.
-        self._check_bulk(session, now)
+        # A join's reply is a member list, unless the join said members: false: charged like
+        # history. Joining a room again costs no join token (a client that lost the reply
+        # asks again), but this it does.
+        listed = env.get("members", True)
+        if listed:
+            self._check_bulk(session, now)
         actions: list[Action] = []
         if room not in session.rooms:
             if len(session.rooms) >= self.limits.max_rooms:
@@ -729,11 +732,21 @@ class Core:
             session.rooms.add(room)
             self.members.setdefault(room, {})[session.name] = session
             actions.append(self._presence(room, session.name, "join", now))
-        members = self._charged(session, room, sorted(self.members[room]), now)
+        members = self.members[room]
         actions.append(
-            self._reply(session, {"type": "joined", "room": room, "members": members, "seq": self.seqs[room]}, env)
+            self._joined(session, env, room, self.seqs[room], sorted(members) if listed else len(members), now)
         )
         return actions
+
+    def _joined(
+        self, session: Session, env: Envelope, room: str, seq: int, members: list[str] | int, now: int
+    ) -> Reply:
+        """The ``joined`` reply: with the room's member list, or, for a join that said
+        ``members: false``, only how many they are (``members`` is then that count)."""
+        if isinstance(members, int):
+            return self._reply(session, {"type": "joined", "room": room, "count": members, "seq": seq}, env)
+        members = self._charged(session, room, members, now)
+        return self._reply(session, {"type": "joined", "room": room, "members": members, "seq": seq}, env)
 
     def _leave(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]

@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             return _send_once(client, room, args.send, printer)
         if args.dump is not None:
             return _dump(client, room, args.dump, printer)
-        client.join(room, backlog=args.backlog)
+        # The member list is not shown here (the terminal asks `who` for completion): not asked for.
+        client.join(room, backlog=args.backlog, members=False)
         if interactive:
             from client.interactive import run_interactive  # noqa: PLC0415  (prompt_toolkit only when needed)
 
@@ -395,7 +396,7 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
         for event in client.drain_events():  # what connect() said (a room event port that does not answer)
             if event.type == "status":
                 printer.event(event)
-        client.join(room)
+        client.join(room, members=False)
         client.drain_events()
         try:
             printer.event(client.send_wait(room, text))

@@ -904,9 +904,11 @@ class Client:
 
     # ------------------------------------------------------------- requests
 
-    def join(self, room: str, backlog: int = 0, *, after: int | None = None) -> list[str]:
+    def join(self, room: str, backlog: int = 0, *, after: int | None = None, members: bool = True) -> list[str]:
         """Join ``room``; queue its last ``backlog`` events from before the join, then the
-        join's own presence event; return its members. (A session in the room already,
+        join's own presence event; return its members (with ``members=False``, an empty
+        list: the broker leaves the list out, which in a room of thousands is most of the
+        reply; :meth:`who` asks for it later). (A session in the room already,
         one resumed say, publishes no join: the room's last ``backlog`` events.)
 
         Back in a room this client left on the same broker, the backlog starts no
@@ -932,21 +934,24 @@ class Client:
         room = _room(room)
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
             raise ValueError(f"after={after!r}: a seq is an int, 0 or more")
+        request: Envelope = (
+            {"type": "join", "room": room} if members else {"type": "join", "room": room, "members": False}
+        )
         if room in self._rooms:
-            reply = self._patient_request({"type": "join", "room": room})
+            reply = self._patient_request(request)
             known = self._rooms.get(room)
             if known is None:
                 # Its rejoin was refused for good meanwhile (the room forgotten), yet this join
                 # was let in: join it as a new room (a repeated join is answered again).
-                return self.join(room, backlog, after=after)
+                return self.join(room, backlog, after=after, members=members)
             if not known.joined:
                 self._on_rejoin(room, reply)  # it was waiting for a retry: this was it
-            return list(reply["members"])
+            return list(reply.get("members", []))
         state = self._rooms[room] = _Room()
         # Subscribe before asking, so nothing published after our join is missed.
         self._sub.subscribe(p.room_topic(room))
         try:
-            joined = self._patient_request({"type": "join", "room": room})
+            joined = self._patient_request(request)
             state.joined = True
             top: int = joined["seq"]
             # A join whose reply was lost with the connection (and asked again after
@@ -1023,7 +1028,7 @@ class Client:
                 self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
         state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self._flush(room, state)
-        return list(joined["members"])
+        return list(joined.get("members", []))
 
     def _is_own_join(self, item: Envelope | Event) -> bool:
         """Whether ``item`` (a room event as it waits in order) is a join presence of ours."""
@@ -1598,7 +1603,10 @@ class Client:
         state.rejoin_at = 0.0
         rid = self._new_id()
         self._callbacks[rid] = lambda r, room=room: self._on_rejoin(room, r)  # type: ignore[misc]
-        self._send({"type": "join", "room": room, "id": rid})
+        # Its member list is not wanted here: in a large room, a reconnect of all its
+        # members would make it most of the traffic (a broker older than this option
+        # sends it all the same).
+        self._send({"type": "join", "room": room, "members": False, "id": rid})
 
     def _on_rejoin(self, room: str, reply: Envelope) -> None:
         state = self._rooms.get(room)
@@ -2274,7 +2282,7 @@ _TAKEN: Final = Event(type="taken")
 #: that speaks nonsense) is an error of the call, not a TypeError in the bot.
 _REPLY_FIELDS: Final[dict[str, dict[str, type]]] = {
     "welcome": {"sender": str, "epoch": str, "heartbeat_ms": int},
-    "joined": {"seq": int, "members": list},
+    "joined": {"seq": int},
     "history": {"seq": int, "messages": list},
     "who": {"members": list},
     "rooms": {"rooms": list},
@@ -2301,9 +2309,11 @@ def _reply_fits(reply: Envelope, request: str | None = None) -> bool:
     fields = _REPLY_FIELDS.get(reply["type"], {})
     if not all(type(reply.get(name)) is kind for name, kind in fields.items()):
         return False
+    if reply["type"] == "joined" and type(reply.get("members")) is not list and type(reply.get("count")) is not int:
+        return False  # a join's reply lists its members, or says how many (the join said members: false)
     members = reply.get("members", [])
     rooms = reply.get("rooms", [])
-    return all(type(m) is str for m in members) and all(_room_item_fits(r) for r in rooms)
+    return type(members) is list and all(type(m) is str for m in members) and all(_room_item_fits(r) for r in rooms)
 
 
 def _room_item_fits(item: object) -> bool:

@@ -296,6 +296,23 @@ def test_resume_on_another_broker_takes_the_session_over_silently(
         raw.sock.close(linger=0)
 
 
+def test_a_join_without_the_member_list_counts_the_members_of_every_broker(
+    nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    a, b = nodes(), nodes()
+    clients("bob", b).join("general")
+    on_a = Raw(ctx, a.broker.port)
+    assert on_a.request({"type": "hello", "v": 1, "name": "carol", "id": "h1"})["type"] == "welcome"
+    first = on_a.request({"type": "join", "room": "general", "members": False, "id": "j1"})
+    again = on_a.request({"type": "join", "room": "general", "members": False, "id": "j2"})
+    for joined in (first, again):
+        assert (joined["type"], joined["count"], "members" in joined) == ("joined", 2, False), joined
+    assert again["seq"] == first["seq"]  # in the room already: nothing published
+    assert on_a.request({"type": "join", "room": "general", "id": "j3"})["members"] == ["bob", "carol"]
+    on_a.send({"type": "bye"})
+    on_a.sock.close(linger=0)
+
+
 def test_a_dead_brokers_sessions_are_ended_by_a_survivor(
     nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]], backend: Backend
 ) -> None:

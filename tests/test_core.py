@@ -289,6 +289,31 @@ def test_join_new_room_starts_at_seq_1_and_lists_members_sorted() -> None:
     assert joined["seq"] == 2
 
 
+def test_a_join_that_says_members_false_gets_the_count_not_the_list() -> None:
+    core = make_core(general=5)
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, A, "general")
+    actions = core.handle(B, enc(type="join", room="general", members=False, id="j1"), 0)
+    assert [a.env["name"] for a in publishes(actions)] == ["bob"]  # a join like any other
+    assert replies(actions)[0].env == {"type": "joined", "room": "general", "count": 2, "seq": 7, "id": "j1"}
+    # Again, in the room already: the same, and nothing published.
+    again = core.handle(B, enc(type="join", room="general", members=False), 0)
+    assert only_reply(again, B) == {"type": "joined", "room": "general", "count": 2, "seq": 7}
+    # members: true is the default.
+    listed = core.handle(B, enc(type="join", room="general", members=True), 0)
+    assert only_reply(listed, B)["members"] == ["alice", "bob"]
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, []])
+def test_a_join_whose_members_is_not_a_boolean_is_refused(value: Any) -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    actions = core.handle(A, enc(type="join", room="general", members=value, id="j1"), 0)
+    assert error_code(actions, A) == "bad_envelope"
+    assert "general" not in core.members
+
+
 def test_rejoin_is_idempotent() -> None:
     core = make_core(general=5)
     hello(core, A, "alice")

@@ -769,6 +769,92 @@ def test_a_rejoin_below_what_we_had_starts_from_the_new_numbering() -> None:
         fake.stop()
 
 
+class ListlessRejoinScript(Script):
+    """Joins answered as this version's broker does (a count for ``members: false``, else the
+    list; ``bare``: neither); the first ping is refused ``not_registered``, so the client
+    says hello again and rejoins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pings = 0
+        self.bare = False
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        kind, rid = env["type"], env.get("id")
+        if kind == "hello":
+            return [p.welcome(env["name"], "f" * 16, "e" * 16, 300, "token", False, rid)]
+        if kind == "ping":
+            self.pings += 1
+            if self.pings == 1:
+                return [p.error(p.ErrorCode.NOT_REGISTERED, "say hello before 'ping'", rid)]
+        if kind == "join":
+            joined = {"type": "joined", "room": env["room"], "seq": self.seq, "id": rid}
+            if not self.bare:
+                joined.update({"count": 2} if env.get("members") is False else {"members": ["alice", "bob"]})
+            return [joined]
+        return super().__call__(env)
+
+
+@pytest.mark.timeout(30)
+def test_a_rejoin_after_a_reconnect_asks_for_no_member_list() -> None:
+    """The rejoin does not use the member list: in a large room whose members all reconnect
+    (a broker restart), the lists would be most of the traffic. join(members=False) asks the same."""
+    script = ListlessRejoinScript()
+    fake = ScriptedBroker(script)
+    alice = Inbox(Client("alice", hosts=[fake.address]))
+    try:
+        alice.client.connect()
+        assert alice.client.join("general") == ["alice", "bob"]
+        alice.until(
+            lambda: (
+                len(fake.of_type("join")) == 2
+                and alice.client.state == "connected"
+                and alice.client._rooms["general"].joined
+            )
+        )
+        first, rejoin = fake.of_type("join")
+        assert "members" not in first
+        assert rejoin["members"] is False
+        assert alice.client.send_wait("general", "back").seq == 1
+        assert alice.client.join("general", members=False) == []
+        assert fake.of_type("join")[-1]["members"] is False
+        assert alice.client.join("ops", members=False) == []
+        ops = fake.of_type("join")[-1]
+        assert ops == {"type": "join", "room": "ops", "members": False, "id": ops["id"]}
+        # A joined reply with neither the list nor the count is no answer to a join.
+        script.bare = True
+        with pytest.raises(RequestError) as err:
+            alice.client.join("dev")
+        assert err.value.code == "bad_envelope"
+        assert not [e for e in alice.events if e.type == "error"]
+    finally:
+        alice.client.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", [["--send", "one shot"], []])
+def test_the_command_line_client_joins_without_the_member_list(mode: list[str]) -> None:
+    """``zchat`` shows no member list when it starts (the terminal asks ``who`` for its
+    completion), so its join asks for none; a ``/join`` typed later does (it lists them)."""
+    fake = ScriptedBroker(ListlessRejoinScript())
+    try:
+        typed = "" if mode else "/join ops\n"
+        out = subprocess.run(
+            [bin_path("zchat"), "--name", "carol", "--host", fake.address, "--json", *mode],
+            input=typed,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        joins = [(env["room"], env.get("members", True)) for env in fake.of_type("join")]
+        assert joins == ([("general", False)] if mode else [("general", False), ("ops", True)])
+    finally:
+        fake.stop()
+
+
 @pytest.fixture
 def foreign() -> Iterator[int]:
     """A port where another service answers (it greets as SSH does and hangs up): not ZeroMQ."""

@@ -334,6 +334,24 @@ def test_member_lists_a_session_never_reads_are_bounded(
     bystander_ok(b)
 
 
+def test_joins_without_the_member_list_are_not_charged_for_it(
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A join that says ``members: false`` gets the members' count, not their list, and
+    is not refused when the budget of large replies would refuse the list."""
+    b = limited(rate=0, join_rate=0, history_bytes=1024, history_burst=8 * 1024, max_sessions_per_host=0)
+    for i in range(100):
+        registered(ctx, b, f"member{i:03d}-" + "x" * 22, "big")
+    counter = registered(ctx, b, "counter")
+    replies = _unread(counter, [{"type": "join", "room": "big", "members": False, "id": f"j{i}"} for i in range(10)])
+    assert _kinds(replies) == ["joined"] * 10
+    assert [(r["count"], "members" in r) for r in replies] == [(101, False)] * 10
+    # The budget is whole: lists still go to this session, until it is spent.
+    replies = _unread(counter, [{"type": "who", "room": "big", "id": f"w{i}"} for i in range(4)])
+    assert _kinds(replies) == ["who"] * 3 + ["rate_limited"]
+    bystander_ok(b)
+
+
 def _unread(raw: Raw, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Send every request before reading any reply (as a client that does not read would)."""
     for request in requests:

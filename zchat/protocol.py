@@ -436,6 +436,12 @@ def _v_room(env: Envelope) -> None:
     _check_room(env)
 
 
+def _v_join(env: Envelope) -> None:
+    _check_room(env)
+    if not isinstance(env.get("members", True), bool):
+        _fail(ErrorCode.BAD_ENVELOPE, "'members' must be a boolean")
+
+
 def _v_msg(env: Envelope) -> None:
     _check_room(env)
     check_text(env.get("text"))
@@ -461,7 +467,7 @@ def _v_none(env: Envelope) -> None:
 #: type -> (validator, is ``id`` required)
 _REQUESTS: Final[dict[str, tuple[Callable[[Envelope], None], bool]]] = {
     "hello": (_v_hello, False),
-    "join": (_v_room, False),
+    "join": (_v_join, False),
     "leave": (_v_room, False),
     "msg": (_v_msg, True),
     "dm": (_v_dm, True),
