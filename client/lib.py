@@ -573,6 +573,13 @@ class Client:
                 ErrorCode.BAD_NAME, f"{name!r} is not a name: use 1-32 of A-Z a-z 0-9 _ . -, not starting with . or -"
             )
         self.name = name
+        if hosts is None and isinstance(host, str) and ":" in host and not _is_ipv6(host):
+            # ("127.0.0.1:5555" was looked up as a host name, and connect() failed with
+            # "cannot resolve the host name": the CLI's --host takes that form, host= does not.)
+            raise ValueError(
+                f"host {host!r}: a host name or address alone, its ports given as port= and pub_port=; "
+                f"for {_ADDRESS_FORMS}, pass hosts="
+            )
         #: The brokers to use, in order of preference.
         self.addresses: list[BrokerAddress] = (
             [BrokerAddress(host, port, pub_port)] if hosts is None else parse_hosts(hosts, port, pub_port)

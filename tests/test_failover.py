@@ -97,6 +97,22 @@ def test_parse_address_errors_say_what_is_wrong(text: str, needle: str) -> None:
         assert repr(text) in str(err.value)  # names the address it refused
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1:5555", "broker:5555:5556", "[::1]:5555", "[::1]", "tcp://broker"])
+def test_a_host_with_a_port_is_refused_with_the_way_to_write_it(host: str) -> None:
+    """Client(name, host="127.0.0.1:5555") was looked up as a host name by connect():
+    "cannot resolve the host name '127.0.0.1:5555'", with no word of hosts=."""
+    with pytest.raises(ValueError) as err:
+        Client("bot", host)
+    assert repr(host) in str(err.value) and "hosts=" in str(err.value), str(err.value)
+    # A bare address, IPv6 too, is a host; the form with ports goes in hosts=.
+    for kwargs, want in (({"host": "::1"}, ("::1", 5555)), ({"hosts": f"{HOST}:7000"}, (HOST, 7000))):
+        client = Client("bot", **kwargs)
+        try:
+            assert client.addresses == [BrokerAddress(want[0], want[1], 5556)]
+        finally:
+            client.close(settle=0)
+
+
 def test_parse_hosts_lists() -> None:
     got = parse_hosts("a, b:6000 ,[::1]:7000:7001", port=1, pub_port=2)
     assert got == [BrokerAddress("a", 1, 2), BrokerAddress("b", 6000, 2), BrokerAddress("::1", 7000, 7001)]
