@@ -1191,16 +1191,21 @@ class Client:
     # --------------------------------------------------------------- events
 
     def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, waiting up to ``timeout`` seconds (None: forever)."""
+        """The next event, waiting up to ``timeout`` seconds (None: forever; 0: not at
+        all, only what has arrived)."""
         if self.state == "new" and not self._events:
             # (Nothing would ever come: events() before connect() waited for ever.)
             raise ZchatError("not_connected", "connect() first")
         deadline = None if timeout is None else time.monotonic() + timeout
+        pumped = False
         while not self._events:
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
-                return None
+                if pumped:
+                    return None
+                wait = 0  # no wait, but what the sockets have is read (a bot polling with 0)
             self.pump(wait)
+            pumped = True
         return self._events.popleft()
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:

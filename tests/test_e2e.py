@@ -163,6 +163,27 @@ def test_late_joiner_gets_backlog_once_in_order(make_client: MakeClient) -> None
     ]
 
 
+def test_next_event_without_a_wait_reads_what_has_arrived(make_client: MakeClient) -> None:
+    """A bot that polls, next_event(0) in a loop of its own (or events(0)), heard nothing:
+    with no time left the sockets were never read, nor a ping sent, so its session
+    even expired."""
+    alice, bob = make_client("alice"), make_client("bob")
+    alice.join("general")
+    bob.join("general")
+    bob.send_wait("general", "one")
+    got: list[Event] = []
+
+    def polled() -> bool:
+        event = alice.next_event(0)
+        if event is not None:
+            got.append(event)
+        return any(e.text == "one" for e in got)
+
+    wait_for(polled, 5, what=lambda: [(e.type, e.text) for e in got])
+    bob.send_wait("general", "two")
+    wait_for(lambda: any(e.text == "two" for e in alice.events(0)), 5)
+
+
 def test_a_resumed_session_that_joins_its_room_again_gets_the_last_n_events(broker: RunningBroker) -> None:
     """Its session was in the room already: the join publishes nothing, and the backlog
     is the room's last N events (none of them dropped for a join of its own)."""
