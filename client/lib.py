@@ -1248,6 +1248,7 @@ class Client:
         # Never sleep long: we must wake up in time to ping and to notice loss.
         cap = min(self.heartbeat_ms, 1000)
         poll_ms = cap if timeout is None else min(cap, max(0, int(timeout * 1000)))
+        fds = list(dict.fromkeys(fds))  # one given twice was unregistered twice: a KeyError
         for fd in fds:
             self._poller.register(fd, zmq.POLLIN)
         try:

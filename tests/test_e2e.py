@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -182,6 +183,21 @@ def test_next_event_without_a_wait_reads_what_has_arrived(make_client: MakeClien
     wait_for(polled, 5, what=lambda: [(e.type, e.text) for e in got])
     bob.send_wait("general", "two")
     wait_for(lambda: any(e.text == "two" for e in alice.events(0)), 5)
+
+
+def test_pump_waits_on_a_file_descriptor_of_ours_given_twice(make_client: MakeClient) -> None:
+    """pump(timeout, fds) returns the ready ones; an fd listed twice (stdin and a copy of
+    its number from another part of a program) raised KeyError, after the poll."""
+    alice = make_client("alice")
+    r, w = os.pipe()
+    try:
+        assert alice.pump(0, [r, r]) == []
+        os.write(w, b"x")
+        assert alice.pump(1, [r, r]) == [r]
+        assert alice.pump(0) == [] and alice.state == "connected"
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_a_resumed_session_that_joins_its_room_again_gets_the_last_n_events(broker: RunningBroker) -> None:
