@@ -575,9 +575,12 @@ class Core:
             if holder.name in self._restored:
                 why = f"its session from before the broker restarted waits {left_s} s more for its client to resume it"
             elif silent_s * 1000 <= self.heartbeat_ms + HEARTBEAT_SLACK_MS:
+                # Heard from lately, but whether its client still runs the broker cannot
+                # tell (a killed one's connection may look alive): both cases are said.
                 why = (
-                    "a client connected now is using it; the name is free once that client quits, "
-                    f"or {expiry_s:g} s after it goes silent"
+                    f"in use by a session heard from {silent_s:.0f} s ago: free once its client quits; if that "
+                    f"client is gone (killed, say), {expiry_s:g} s after it was last heard, in {left_s} s; "
+                    "a client with the session's resume token takes it back at once"
                 )
             else:
                 why = f"by a session silent for {silent_s:.0f} s, which ends in {left_s} s unless its client comes back"

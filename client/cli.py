@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backlog",
         type=_count,
         default=50,
-        help="show this many of the room's latest events from before your join (default 50)",
+        help="show this many of the room's latest events from before your join, then your join; 0: neither "
+        "(default 50)",
     )
     parser.add_argument(
         "--json",

@@ -813,7 +813,7 @@ class Client:
                     raise
                 if self._unavailable_exhausted() or time.monotonic() + UNAVAILABLE_RETRY_S > deadline:
                     raise
-            self._idle(UNAVAILABLE_RETRY_S)
+            self.idle(UNAVAILABLE_RETRY_S)
 
     def close(self, flush_timeout: float = 1.0, *, settle: float = SETTLE_S) -> int:
         """Wait for what was sent to be acknowledged, say bye (so the room sees the
@@ -913,7 +913,8 @@ class Client:
 
     def join(self, room: str, backlog: int = 0, *, after: int | None = None, members: bool = True) -> list[str]:
         """Join ``room``; queue its last ``backlog`` events from before the join, then the
-        join's own presence event; return its members (with ``members=False``, an empty
+        join's own presence event (with ``backlog=0``, neither: only what comes after the
+        join); return its members (with ``members=False``, an empty
         list: the broker leaves the list out, which in a room of thousands is most of the
         reply; :meth:`who` asks for it later). (A session in the room already,
         one resumed say, publishes no join: the room's last ``backlog`` events.)
@@ -1063,7 +1064,7 @@ class Client:
                 wait = _PATIENT_RETRY_S.get(exc.code, 0.0)
                 if not wait or time.monotonic() + wait > deadline:
                     raise
-            self._idle(wait)
+            self.idle(wait)
 
     def leave(self, room: str) -> None:
         """Leave ``room``. If the connection is lost meanwhile, the leave is asked again
@@ -1281,8 +1282,12 @@ class Client:
         if self._own_context:
             self._ctx.term()
 
-    def _idle(self, seconds: float) -> None:
-        """Pump (queueing what arrives) for ``seconds``."""
+    def idle(self, seconds: float) -> None:
+        """Wait ``seconds`` while keeping the session: pings, acks, resends and reconnects go
+        on, and events are queued for later (``drain_events``, ``events``). A bot that waits
+        between its own messages waits with this (or :meth:`pump`), not ``time.sleep``: a
+        client that does not pump sends no ping, and the broker ends its session after 3
+        heartbeats (15 s by default); what it sent after that waits for its next pump."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             self.pump(left)

@@ -328,7 +328,7 @@ def test_unreachable_broker_fails_fast_and_says_where(tmp_path: Path) -> None:
 def test_name_taken_and_bad_name(chats: Any, broker_proc: BrokerProcess) -> None:
     bob = chats("bob")
     bob.expect(lambda line: "joined" in line)
-    taken = "the name 'bob' is taken (a client connected now is using it; the name is free once that client quits"
+    taken = "the name 'bob' is taken (in use by a session heard from"
     for name, needle in (("bob", taken), ("-bad", "not a name")):
         result = subprocess.run(
             [bin_path("zchat"), f"--name={name}"],

@@ -122,7 +122,8 @@ def test_name_taken_says_whether_a_connected_client_holds_the_name() -> None:
     core = make_core()
     hello(core, A, "alice", now=0)
     live = only_reply(core.handle(B, enc(type="hello", v=1, name="alice"), HB // 2), B)
-    assert "a client connected now is using it" in live["message"], live
+    assert "in use by a session heard from 0 s ago: free once its client quits" in live["message"], live
+    assert "in 3 s" in live["message"], live  # if its client is gone: 3 heartbeats after it was heard
     silent = only_reply(core.handle(B, enc(type="hello", v=1, name="alice"), 2 * HB + 1000), B)
     assert "silent for" in silent["message"] and "ends in" in silent["message"], silent
     assert core.expiry_ms == 3 * HB

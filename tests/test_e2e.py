@@ -185,6 +185,33 @@ def test_next_event_without_a_wait_reads_what_has_arrived(make_client: MakeClien
     wait_for(lambda: any(e.text == "two" for e in alice.events(0)), 5)
 
 
+@pytest.mark.timeout(30)
+def test_a_bot_that_idles_between_its_messages_keeps_its_session(
+    short_heartbeat_broker: RunningBroker, connect_to: ConnectTo
+) -> None:
+    """idle(s), not time.sleep(s): with a sleep longer than 3 heartbeats the session ended
+    (a leave published) and what was sent next waited for the bot's next pump."""
+    b = short_heartbeat_broker
+    bot, watcher = connect_to(b, "bot"), connect_to(b, "watcher")
+    bot.join("general")
+    watcher.join("general")
+    sent = bot.send("general", "one")
+    bot.idle(1.5)  # 7 heartbeats of 200 ms: expiry is 600 ms
+    assert bot.unacked == 0 and any(e.own and e.id == sent for e in bot.drain_events())
+    bot.send("general", "two")
+    bot.idle(0.5)
+    assert bot.unacked == 0
+    events, _ = watcher.history("general")
+    said = [(e.type, e.event or e.text) for e in events]
+    assert [s for s, e in zip(said, events, strict=True) if e.name == "bot"] == [
+        ("presence", "join"),
+        ("msg", "one"),
+        ("msg", "two"),
+    ]
+    # The watcher, which pumped nothing meanwhile, is what a sleeping bot was.
+    assert ("presence", "leave") in [s for s, e in zip(said, events, strict=True) if e.name == "watcher"]
+
+
 def test_pump_waits_on_a_file_descriptor_of_ours_given_twice(make_client: MakeClient) -> None:
     """pump(timeout, fds) returns the ready ones; an fd listed twice (stdin and a copy of
     its number from another part of a program) raised KeyError, after the poll."""
