@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         ("--max-sessions", args.max_sessions, 1, None),
         ("--max-sessions-per-host", args.max_sessions_per_host, 0, None),
         ("--max-rooms", args.max_rooms, 1, None),
-        ("--max-msg-bytes", args.max_msg_bytes, p.MAX_FRAME_BYTES, None),
+        # libzmq takes ZMQ_MAXMSGSIZE as a 64-bit integer and ZMQ_SNDHWM as a C int.
+        ("--max-msg-bytes", args.max_msg_bytes, p.MAX_FRAME_BYTES, 2**63 - 1),
         ("--retention", 1 if args.retention is None else args.retention, 1, None),
-        ("--pub-hwm", args.pub_hwm, 1, None),  # 0 would be no bound at all
+        ("--pub-hwm", args.pub_hwm, 1, 2**31 - 1),  # 0 would be no bound at all
     ):
         if value < low or (high is not None and value > high):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"

@@ -399,8 +399,11 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
         ("ZCHAT_HEARTBEAT_MS", "50", "--heartbeat-ms (or ZCHAT_HEARTBEAT_MS) must be at least 100, not 50"),
         ("ZCHAT_RATE_LIMIT", "-1", "--rate-limit (or ZCHAT_RATE_LIMIT) must be 0 (off) or more, not -1.0"),
         ("ZCHAT_JOIN_RATE", "nan", "--join-rate (or ZCHAT_JOIN_RATE) must be 0 (off) or more, not nan"),
-        ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be at least 1, not 0"),
+        ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be between 1 and 2147483647, not 0"),
         ("ZCHAT_RETENTION", "0", "--retention (or ZCHAT_RETENTION) must be at least 1, not 0"),
+        # Beyond what libzmq's options hold (they were an OverflowError traceback, exit 1).
+        ("ZCHAT_PUB_HWM", "3000000000", "--pub-hwm (or ZCHAT_PUB_HWM) must be between 1 and 2147483647"),
+        ("ZCHAT_MAX_MSG_BYTES", str(2**63), "--max-msg-bytes (or ZCHAT_MAX_MSG_BYTES) must be between 65536 and"),
         ("ZCHAT_RETENTION_DAYS", "week", "ZCHAT_RETENTION_DAYS='week': not a number"),
         ("ZCHAT_RETENTION_DAYS", "1e-8", "at least 1 ms (0.0000000116) and at most 1000000, not 1e-08"),
         (
