@@ -287,7 +287,8 @@ def _peer_host(meta: PeerInfo | None) -> str | None:
 
 
 def _ident(identity: bytes) -> str:
-    return identity.hex()
+    """A connection in the log: its routing id, or what a restored session has instead."""
+    return identity.hex() if identity != NO_CONNECTION else "restored from the last stop"
 
 
 #: Most log lines a second of one kind (rejected inputs, connections, dropped

@@ -156,6 +156,25 @@ def test_a_restored_session_waits_for_its_token_and_ends_unresumed() -> None:
     assert [s.name for s in core.sessions_to_save()] == ["alice"]  # (carol was silent too)
 
 
+def test_a_restored_session_is_named_as_such_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Its resume and its end say where it came from, not an empty routing id
+    ('session resumed: alice ( -> 00cc4a9b6f)')."""
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    core = make_core(general=7)
+    saved = [
+        SavedSession("alice", "s-alice", hashlib.sha256(b"tok-a").digest(), None, ["general"]),
+        SavedSession("bob", "s-bob", hashlib.sha256(b"tok-b").digest(), None, ["general"]),
+    ]
+    assert core.restore(saved, now=1000) == 2
+    only_reply(core.handle(A, enc(type="hello", v=1, name="alice", resume="tok-a"), 1001), A)
+    core.expire(1000 + core.expiry_ms + 1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session")]
+    assert lines == [
+        f"session resumed: alice (restored from the last stop -> {A.hex()})",
+        "session expired: bob (restored from the last stop)",
+    ], lines
+
+
 def test_second_hello_same_name_same_welcome() -> None:
     core = make_core()
     first = hello(core, A, "alice", 0)
