@@ -418,10 +418,14 @@ def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
     top, events = last_events(client, room, count)
     if top == 0:  # (a mistyped name looks just like this: say so rather than print nothing)
         printer.err(f"#{room} has no events: nobody has joined it")
+    shown = 0
     for event in events:
         if printer.out_gone:
             break
         printer.event(event)
+        shown += 1
+    if top > 0 and count > 0 and shown == 0:  # numbered, but every event deleted: not an empty output alone
+        printer.err(f"#{room}: none of its {top} events is kept by the broker any more (its retention)")
     for event in client.drain_events():
         if event.type == "status" and event.event == "no_room_events":
             continue  # it reads no room events

@@ -925,6 +925,25 @@ def test_dump_prints_the_last_events_without_joining(chats: Any, broker_proc: Br
     assert both.returncode == 2 and "--send and --dump do not go together" in both.stderr
 
 
+@pytest.mark.timeout(60)
+def test_dump_of_a_room_whose_events_the_retention_deleted_says_so(tmp_path: Path) -> None:
+    """The room is numbered (seq 3) but keeps no event: it said nothing at all, exit 0,
+    as if the dump had failed unnoticed (operator's pass, --retention-days)."""
+    broker = BrokerProcess(tmp_path / "d", extra=["--retention-days", "0.0000000116", "--heartbeat-ms", "200"]).start()
+    try:
+        sent = _run_zchat(broker, "--name", "w", "--send", "gone at once")  # its join, the message, its leave
+        assert sent.returncode == 0, sent.stderr
+        run = wait_for(
+            lambda: (dump := _run_zchat(broker, "--name", "x", "--dump", "5")).stdout == "" and dump,
+            15,
+            interval=0.2,
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stderr == "zchat: #general: none of its 3 events is kept by the broker any more (its retention)\n"
+    finally:
+        broker.kill()
+
+
 def test_lines_read_with_the_output_that_failed_are_still_sent(broker_proc: BrokerProcess) -> None:
     """The reader leaves; then one read brings a line, a /who (whose answer meets the
     closed pipe) and two more lines: all three lines go (the last two used to be dropped)."""
