@@ -57,6 +57,13 @@ def _port(text: str) -> int:
     return port
 
 
+def _directory(text: str) -> Path:
+    """--data and --keys: ``~`` is the home directory even where no shell expanded it
+    (``--data=~/zchat``, systemd's ``Environment=ZCHAT_DATA=~/zchat``), and a relative
+    path is made absolute, so that the log says where the directory is."""
+    return Path(text).expanduser().absolute()
+
+
 def _bind_host(value: str) -> str | None:
     """``--host`` as libzmq binds it: an IPv6 address may come in brackets (as clients
     write it); anything else with a colon (``HOST:PORT``, a client's ``ZCHAT_HOST``
@@ -107,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data",
-        type=Path,
+        type=_directory,
         default=envargs.default("ZCHAT_DATA", None),
         help=f"directory of the message store, one broker per directory (ZCHAT_DATA; default {default_data_dir()})",
     )
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits = Limits()
     parser.add_argument(
         "--keys",
-        type=Path,
+        type=_directory,
         default=envargs.default("ZCHAT_KEYS", None),
         help="directory with broker.key_secret and authorized/NAME.key: turns on CURVE encryption and lets in "
         "only those users, each under its own name; SIGHUP re-reads authorized/ (ZCHAT_KEYS; default: off)",

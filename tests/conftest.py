@@ -257,6 +257,8 @@ class BrokerProcess:
     environ: dict[str, str] = field(default_factory=dict)
     #: A command that runs the broker (it must exec it: ``prlimit ...``).
     prefix: list[str] = field(default_factory=list)
+    #: The broker's working directory (None: ours).
+    cwd: Path | None = None
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
         args = [
@@ -272,7 +274,9 @@ class BrokerProcess:
             str(self.data_dir),
             *self.extra,
         ]
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, **self.environ})
+        self.proc = subprocess.Popen(
+            args, stderr=subprocess.PIPE, text=True, env={**os.environ, **self.environ}, cwd=self.cwd
+        )
         ready = threading.Event()
 
         def read() -> None:

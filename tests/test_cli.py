@@ -436,6 +436,27 @@ def test_a_bad_broker_environment_variable_exits_2_naming_it(
     assert _broker_cmd("--version", env=env).returncode == 0
 
 
+def test_a_data_or_keys_directory_with_a_tilde_is_in_home_and_logged_absolute(tmp_path: Path) -> None:
+    """No shell expands the ~ of --data=~/zc or of systemd's Environment=ZCHAT_DATA=~/zc: it
+    made a directory named '~' in the working directory (and its ready line said
+    'store ~/zc/zchat.sqlite3'). A relative --data is said as the absolute path it is."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir(parents=True)
+    subprocess.run([bin_path("zchat-keygen"), "broker", "--dir", str(home / "keys")], check=True, capture_output=True)
+    (home / "keys" / "authorized").mkdir()
+    environ = {"HOME": str(home), "ZCHAT_KEYS": "~/keys"}
+    broker = BrokerProcess(Path("~/zc"), environ=environ, cwd=cwd).start()
+    assert broker.kill(signal.SIGTERM) == 0
+    assert list(cwd.iterdir()) == []
+    assert (home / "zc" / "zchat.sqlite3").exists()
+    assert any(f"store {home}/zc/zchat.sqlite3 (" in line for line in broker.log), broker.log
+    assert any("CURVE on: 0 authorized users" in line for line in broker.log), broker.log
+    assert any(f"NAME.key files are in {home}/keys/authorized " in line for line in broker.log), broker.log
+    relative = BrokerProcess(Path("rel"), cwd=cwd).start()
+    assert relative.kill(signal.SIGTERM) == 0
+    assert any(f"store {cwd}/rel/zchat.sqlite3 (" in line for line in relative.log), relative.log
+
+
 def test_retention_days_is_for_the_embedded_store_only(tmp_path: Path) -> None:
     result = _broker_cmd("--retention-days", "30", "--backplane", "redis://127.0.0.1:1/0", "--data", str(tmp_path))
     assert result.returncode == 2, result.stderr
