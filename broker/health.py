@@ -48,15 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     parser.add_argument(
         "--keys",
-        type=Path,
+        type=_home_path,  # ZCHAT_KEYS=~/keys as the broker reads it (no shell expands systemd's ~)
         default=envargs.default("ZCHAT_KEYS", None),
         help="the broker's key directory: connect with CURVE as the user of KEYS/health.key_secret "
         "(ZCHAT_KEYS; default: no CURVE)",
     )
     parser.add_argument(
-        "--key", type=Path, default=None, help="the secret key to connect with (default KEYS/health.key_secret)"
+        "--key", type=_home_path, default=None, help="the secret key to connect with (default KEYS/health.key_secret)"
     )
     return parser
+
+
+def _home_path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes] | None = None) -> str | None:
