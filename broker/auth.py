@@ -62,6 +62,16 @@ def _unreadable(what: str, path: Path, exc: OSError | ValueError) -> KeysError:
 def load_secret(path: Path) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` certificate."""
     try:
+        path.stat()  # (pyzmq says a missing file is an "Invalid certificate file")
+    except (FileNotFoundError, NotADirectoryError):
+        name = path.name.removesuffix(".key_secret")
+        raise KeysError(
+            f"cannot read the secret key {path}: there is no such file (`zchat-keygen {name} --dir {path.parent}` "
+            "makes it)"
+        ) from None
+    except OSError as exc:
+        raise _unreadable("secret key", path, exc) from None
+    try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise _unreadable("secret key", path, exc) from None

@@ -533,6 +533,27 @@ def test_a_secret_key_every_user_can_read_is_warned_about(keys: Path, caplog: py
     assert [r.levelname for r in caplog.records if "impersonate the broker" in r.getMessage()] == ["WARNING"]
 
 
+def test_a_keys_directory_without_the_broker_secret_says_it_is_missing(tmp_path: Path) -> None:
+    """It said 'Invalid certificate file', as if the file were damaged (a mistyped --keys,
+    or zchat-keygen broker not run yet)."""
+    (tmp_path / "empty").mkdir()
+    broker = [bin_path("zchat-broker"), "--host", HOST, "--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d")]
+    for keys in (tmp_path / "typo", tmp_path / "empty"):
+        run = subprocess.run(
+            [*broker, "--keys", str(keys)],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        assert run.returncode == 1, run.stderr
+        said = (
+            f"cannot read the secret key {keys}/broker.key_secret: there is no such file "
+            f"(`zchat-keygen broker --dir {keys}` makes it)"
+        )
+        assert said in run.stderr, run.stderr
+
+
 def test_a_broker_with_no_authorized_users_says_nobody_can_connect(keys: Path) -> None:
     for path in (keys / "keys" / "authorized").iterdir():
         path.unlink()
