@@ -261,6 +261,11 @@ def _stderr_is_the_journal() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A SIGHUP while the store opens and the keys load (a `systemctl reload` right after
+    # a start) would end the process (its default action) with no word in the log: it is
+    # kept, and acted on once the broker can reload.
+    hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
     parser = build_parser()
     args = envargs.resolve(parser, parser.parse_args(argv))
     logging.basicConfig(
@@ -417,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
+    if hups:  # keys read before it came may have changed since
+        broker.reload()
     if broker.keys is None:
         log.warning(
             "no --keys: traffic is unauthenticated and unencrypted; expose these ports only to a trusted network"

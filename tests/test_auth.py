@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -552,6 +553,31 @@ def test_a_keys_directory_without_the_broker_secret_says_it_is_missing(tmp_path:
             f"(`zchat-keygen broker --dir {keys}` makes it)"
         )
         assert said in run.stderr, run.stderr
+
+
+def test_a_sighup_while_the_broker_starts_is_a_reload_once_it_can(keys: Path) -> None:
+    """A `systemctl reload` right after a start (the broker still reading its store or
+    keys) ended it, exit 129 and not a line in the log. The start is held at a known
+    point: its secret key is a FIFO, read once the store is open."""
+    secret = keys / "keys" / "broker.key_secret"
+    content = secret.read_bytes()
+    secret.unlink()
+    os.mkfifo(secret, 0o600)
+    args = [bin_path("zchat-broker"), "--host", HOST, "--port", "0", "--pub-port", "0"]
+    proc = subprocess.Popen(
+        [*args, "--data", str(keys / "data"), "--keys", str(keys / "keys")], stderr=subprocess.PIPE, text=True
+    )
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True).start()
+    try:
+        with secret.open("wb") as fifo:  # opened once the broker opens it to read
+            proc.send_signal(signal.SIGHUP)
+            fifo.write(content)
+        wait_for(lambda: any("reloaded 2 authorized keys" in line for line in log), 10, what=lambda: (proc.poll(), log))
+        assert any(" ready: requests on " in line for line in log), log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, log
 
 
 def test_a_broker_with_no_authorized_users_says_nobody_can_connect(keys: Path) -> None:
