@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         default=envargs.default("ZCHAT_MAX_SESSIONS_PER_HOST", limits.max_sessions_per_host),
-        help="live sessions at most whose hello came from one network address (a session outlives its "
+        help="live sessions at most whose hello came from one network address (IPv6: one /64; a session outlives its "
         "connection for 3 heartbeats: without it, one host that says hello on short connections fills the "
         f"broker); 0 turns it off (ZCHAT_MAX_SESSIONS_PER_HOST; default {limits.max_sessions_per_host})",
     )
