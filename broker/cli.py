@@ -38,6 +38,8 @@ from zchat import __version__, envargs
 from zchat import protocol as p
 
 log = logging.getLogger("zchat.broker")
+#: The longest --heartbeat-ms: a session is held 3 heartbeats after its client went silent.
+MAX_HEARTBEAT_MS = 3_600_000
 #: Start, ready and stop lines are shown whatever --log-level says: an operator
 #: (and a test) must always learn where the broker listens and when it is gone.
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-ms",
         type=int,
         default=envargs.default("ZCHAT_HEARTBEAT_MS", 5000),
-        help="clients ping this often; a session silent for 3x this is ended (ZCHAT_HEARTBEAT_MS; default 5000)",
+        help="clients ping this often; a session silent for 3x this is ended; 100 to 3600000 "
+        "(ZCHAT_HEARTBEAT_MS; default 5000)",
     )
     parser.add_argument(
         "--durability",
@@ -276,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     lifecycle.setLevel(logging.INFO)
     for flag, value, low, high in (
-        ("--heartbeat-ms", args.heartbeat_ms, 100, None),
+        # Above an hour a dead client's session (and its name) would be held for hours.
+        ("--heartbeat-ms", args.heartbeat_ms, 100, MAX_HEARTBEAT_MS),
         ("--max-text", args.max_text, 1, p.MAX_TEXT_CHARS),
         ("--rate-burst", args.rate_burst, 1, None),
         ("--max-sessions", args.max_sessions, 1, None),
@@ -430,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         lifecycle.info(
-            "CURVE on: %d authorized users; broker public key %s", len(broker.keys.users), broker.keys.public.decode()
+            "CURVE on: %d authorized user%s; broker public key %s",
+            len(broker.keys.users),
+            "" if len(broker.keys.users) == 1 else "s",
+            broker.keys.public.decode(),
         )
         if not broker.keys.users:
             log.warning(
@@ -444,12 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(broker {broker.core_id}; keeping the newest {kept} events of each room)"
     )
     lifecycle.info(
-        "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s",
+        "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s; heartbeat %d ms%s",
         __version__,
         broker.endpoint,
         broker.pub_endpoint,
         store.describe() if store is not None else where,
         broker.core.epoch,
+        config.heartbeat_ms,
+        f", durability {config.durability}" if store is not None else "",
     )
     try:
         broker.run()

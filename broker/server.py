@@ -528,8 +528,9 @@ class Broker:
         # A reload is the operator's own doing: said whatever --log-level says, a warning
         # only when it cuts connections (below).
         (log.warning if removed else lifecycle.info)(
-            "reloaded %d authorized keys; added: %s; revoked: %s; new key: %s",
+            "reloaded %d authorized key%s; added: %s; revoked: %s; new key: %s",
             len(users),
+            "" if len(users) == 1 else "s",
             ", ".join(sorted(added)) or "none",
             ", ".join(sorted(gone)) or "none",
             ", ".join(sorted(rekeyed)) or "none",

@@ -192,6 +192,14 @@ class Store:
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 self._made_file = True
+            if not self._made_file and _size(self.path) == 0 and not _size(Path(f"{self.path}-wal")):
+                # SQLite takes an empty file for a new database: a failed restore, a copy
+                # that wrote nothing, would start the chat over with no word said.
+                log.warning(
+                    "%s is empty (0 bytes): a new store starts in it, with every room's seq from 1; "
+                    "if it should hold the chat's history, stop the broker and restore it from a backup",
+                    self.path,
+                )
             # Autocommit mode: transactions are explicit, one per loop pass.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -567,6 +575,14 @@ class Store:
                 except OSError as exc:
                     log.warning("could not delete the empty store's %s%s: %s", self.path, suffix, exc)
         os.close(self._lock)
+
+
+def _size(path: Path) -> int | None:
+    """The size of the file at ``path`` in bytes, or None where there is none."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def now_ms() -> int:

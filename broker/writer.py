@@ -85,8 +85,18 @@ class Writer:
         self.durable = 0
         #: Opened by the first append_now, on the loop's thread, which alone calls it.
         self._run_queue = RunQueueClock()
+        #: Set by the thread once its end of the PAIR is connected, or it could not be.
+        self._started = threading.Event()
+        self._start_failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="zchat-writer", daemon=True)
         self._thread.start()
+        # A thread that cannot make its socket (the open-file limit) would leave a broker
+        # that says it is ready and never acknowledges a message: the start fails instead.
+        self._started.wait()
+        if self._start_failed is not None:
+            self._thread.join()
+            self.sock.close(linger=0)
+            raise StoreError(f"cannot start the store writer: {self._start_failed}")
 
     # -------------------------------------------------------- loop's side
 
@@ -165,7 +175,13 @@ class Writer:
     # ------------------------------------------------------ writer thread
 
     def _run(self) -> None:
-        sock = self._ctx.socket(zmq.PAIR)
+        try:
+            sock = self._ctx.socket(zmq.PAIR)
+        except zmq.ZMQError as exc:
+            self._start_failed = exc
+            return
+        finally:
+            self._started.set()
         sock.setsockopt(zmq.LINGER, 0)
         # Reports are a few bytes, and one must never block this thread.
         sock.setsockopt(zmq.SNDHWM, 0)

@@ -396,7 +396,8 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
         ("ZCHAT_RATE_LIMIT", "fast", "ZCHAT_RATE_LIMIT='fast': not a number"),
         ("ZCHAT_HEARTBEAT_MS", "5.5", "ZCHAT_HEARTBEAT_MS='5.5': not a whole number"),
         # In range only once parsed: said by the broker, naming the flag and the variable.
-        ("ZCHAT_HEARTBEAT_MS", "50", "--heartbeat-ms (or ZCHAT_HEARTBEAT_MS) must be at least 100, not 50"),
+        ("ZCHAT_HEARTBEAT_MS", "50", "--heartbeat-ms (or ZCHAT_HEARTBEAT_MS) must be between 100 and 3600000, not 50"),
+        ("ZCHAT_HEARTBEAT_MS", "3600001", "--heartbeat-ms (or ZCHAT_HEARTBEAT_MS) must be between 100 and 3600000"),
         ("ZCHAT_RATE_LIMIT", "-1", "--rate-limit (or ZCHAT_RATE_LIMIT) must be 0 (off) or more, not -1.0"),
         ("ZCHAT_JOIN_RATE", "nan", "--join-rate (or ZCHAT_JOIN_RATE) must be 0 (off) or more, not nan"),
         ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be between 1 and 2147483647, not 0"),
@@ -459,10 +460,12 @@ def test_a_data_or_keys_directory_with_a_tilde_is_in_home_and_logged_absolute(tm
     assert list(cwd.iterdir()) == []
     assert (home / "zc" / "zchat.sqlite3").exists()
     assert any(f"store {home}/zc/zchat.sqlite3 (" in line for line in broker.log), broker.log
-    assert any("CURVE on: 1 authorized users" in line for line in broker.log), broker.log
+    assert any("CURVE on: 1 authorized user;" in line for line in broker.log), broker.log
     relative = BrokerProcess(Path("rel"), cwd=cwd).start()
     assert relative.kill(signal.SIGTERM) == 0  # (it serves nothing: nothing to wait for)
     assert any(f"store {cwd}/rel/zchat.sqlite3 (" in line for line in relative.log), relative.log
+    # The ready line also says what the operator may have set by a variable.
+    assert any(line.rstrip().endswith("; heartbeat 5000 ms, durability full") for line in relative.log), relative.log
 
 
 def test_retention_days_is_for_the_embedded_store_only(tmp_path: Path) -> None:
@@ -639,6 +642,32 @@ def test_a_broker_out_of_file_descriptors_says_so(tmp_path: Path) -> None:
     finally:
         ctx.destroy(linger=0)
         broker.kill()
+
+
+@pytest.mark.timeout(120)
+def test_at_any_low_open_file_limit_the_broker_starts_or_says_why_it_cannot(tmp_path: Path) -> None:
+    """Each file the start opens may be the one over the limit. One case was the store
+    writer's socket: its thread died with a traceback while the broker said it was ready,
+    and no message would ever have been acknowledged."""
+    said: dict[int, str] = {}
+    for limit in range(18, 36):
+        command = ["prlimit", f"--nofile={limit}:{limit}", bin_path("zchat-broker"), "--host", HOST]
+        command += ["--port", "0", "--pub-port", "0", "--data", str(tmp_path / str(limit))]
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if " ready: " in line:
+                proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=15)
+        log = "".join(lines)
+        assert "Traceback" not in log and "Exception in thread" not in log, (limit, log)
+        ready = " ready: " in log
+        assert rc == (0 if ready else 1), (limit, rc, log)
+        said[limit] = "ready" if ready else lines[-1].split(" ERROR ", 1)[-1].strip()
+    assert "ready" in said.values() and set(said.values()) != {"ready"}, said
+    assert any(why.startswith("cannot start the store writer: Too many open files") for why in said.values()), said
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:

@@ -249,6 +249,27 @@ def test_a_version_1_store_is_upgraded_with_every_event(tmp_path: Path) -> None:
         check.close()
 
 
+def test_an_empty_store_file_is_said_before_a_new_store_starts_in_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite takes a 0-byte file (a restore that copied nothing) for a new database: the
+    chat would start over, seq 1 again, with no word. New stores and real ones say nothing."""
+    Store(tmp_path / "new").close()
+    filled = Store(tmp_path / "filled")
+    filled.append([("general", 1, 1, "alice", "a1", b"x")])
+    filled.close()
+    Store(tmp_path / "filled").close()
+    assert "is empty" not in caplog.text
+    (tmp_path / "restored").mkdir(mode=0o700)
+    (tmp_path / "restored" / DB_NAME).touch(mode=0o600)
+    Store(tmp_path / "restored").close()
+    said = [r.getMessage() for r in caplog.records if "is empty" in r.getMessage()]
+    assert said == [
+        f"{tmp_path / 'restored' / DB_NAME} is empty (0 bytes): a new store starts in it, with every room's seq "
+        "from 1; if it should hold the chat's history, stop the broker and restore it from a backup"
+    ]
+
+
 def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.execute("PRAGMA user_version=99")
