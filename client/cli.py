@@ -14,7 +14,8 @@ from typing import Any, TextIO
 
 from client import render
 from client.commands import Commands, last_events
-from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError, ZchatError
+from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError, ZchatError, parse_hosts
+from client.saved import SavedToken
 from zchat import __version__, envargs
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "With a pipe: every input line is sent, every event is printed as one line.",
         epilog="Lines starting with / are commands: /msg NAME TEXT, /me ACTION, /join ROOM, /leave [ROOM], "
         "/switch ROOM, /who [ROOM], /rooms, /history [N], /lastlog TEXT (interactive), /help, /quit "
-        "(//TEXT sends a text starting with /).",
+        "(//TEXT sends a text starting with /). The session's resume token is kept in "
+        "$XDG_STATE_HOME/zchat/sessions (~/.local/state), so that a zchat killed and started again "
+        "takes its session (and name) back at once.",
     )
     parser.add_argument(
         "--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . - (case counts: Bob is not bob)"
@@ -255,7 +258,18 @@ def main(argv: list[str] | None = None) -> int:
                 printer.err(f"{envargs.given_as(args, *given)} needs {other} too: they go together")
                 return 2
             curve = CurveKeys.load(args.key, args.broker_key)
-        client = Client(args.name, port=args.port, pub_port=args.pub_port, hosts=args.host, curve=curve)
+        # The session of a zchat of this name that was killed here is taken back at once.
+        saved = SavedToken.open(args.name, parse_hosts(args.host, args.port, args.pub_port)[0])
+        client = Client(
+            args.name,
+            port=args.port,
+            pub_port=args.pub_port,
+            hosts=args.host,
+            curve=curve,
+            resume=saved.read() if saved is not None else None,
+        )
+        if saved is not None:
+            client.on_resume_token = saved.write
     except RequestError as exc:
         printer.err(exc.message)
         return 2
@@ -318,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         _say_unacked(client, printer, signal.Signals(exc.signum).name)
         return 128 + exc.signum
     finally:
+        said_bye = client.state == "connected"  # (else the session may live on: the token is kept)
         _close(client)
+        if saved is not None:
+            saved.close(ended=said_bye)
 
 
 def _close(client: Client) -> None:

@@ -628,6 +628,10 @@ class Client:
         if resume is not None and not (isinstance(resume, str) and len(resume) <= p.MAX_ID_CHARS):
             raise RequestError(ErrorCode.BAD_ENVELOPE, "resume: a token from resume_token, or None")
         self._resume: str | None = resume or None  # ("": none, as from an empty saved file)
+        #: Called with the session's token each time it changes (a new session: the first,
+        #: or one that replaced a session the broker had lost): a program that keeps the
+        #: token across its restarts (``resume``) saves it here, before a crash needs it.
+        self.on_resume_token: Callable[[str | None], None] | None = None
         #: The broker of the last welcome.
         self._welcomed_by: BrokerAddress | None = None
         #: Hellos sent to the current address while reconnecting.
@@ -1477,7 +1481,10 @@ class Client:
         self.epoch = welcome["epoch"]
         self.heartbeat_ms = max(100, int(welcome["heartbeat_ms"]))
         token = welcome.get("resume")
-        self._resume = token if isinstance(token, str) else None
+        token = token if isinstance(token, str) else None
+        changed, self._resume = token != self._resume, token
+        if changed and self.on_resume_token is not None:
+            self.on_resume_token(token)
         self._last_recv = time.monotonic()
         self._welcomed_by = self.address
         self._auth_said = False

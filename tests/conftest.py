@@ -322,6 +322,14 @@ def _quiet_broker_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="zchat.broker")
 
 
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's ``zchat`` processes keep their resume tokens (client/saved.py) in a
+    directory of its own, not in the home directory where another test's, or a user's,
+    would be found."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
 #: The uid of Debian's (and most systems') "nobody".
 NOBODY = 65534
 

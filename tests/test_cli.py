@@ -14,6 +14,7 @@ import shlex
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import zmq
 
+from client.lib import Client
 from tests.conftest import HOST, BrokerProcess, bin_path, wait_for
 from zchat import protocol as p
 
@@ -137,6 +139,60 @@ def test_two_pipe_clients_talk_sender_sees_own_once(chats: Any) -> None:
     own = [e for e in alice_lines if e.get("type") == "msg" and e.get("text") == "hello bob"]
     assert len(own) == 1 and own[0]["from"] == "alice" and own[0]["seq"] == got["seq"]
     bob.expect_json(type="presence", name="alice", event="leave")
+
+
+@pytest.mark.timeout(60)
+def test_a_zchat_killed_and_started_again_takes_its_session_back(
+    chats: Any, broker_proc: BrokerProcess, tmp_path: Path
+) -> None:
+    """Killed (SIGKILL, a crash), zchat left its session, and its name, on the broker for
+    3 heartbeats: started again at once it met name_taken. It keeps the session's token
+    (a secret: its user's only) and takes the session back. A clean exit empties it."""
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob", event="join")
+    sessions = tmp_path / "xdg-state" / "zchat" / "sessions"
+    (saved,) = sessions.iterdir()
+    assert saved.name == f"bob@{HOST}_{broker_proc.port}"
+    assert (stat.S_IMODE(sessions.stat().st_mode), stat.S_IMODE(saved.stat().st_mode)) == (0o700, 0o600)
+    token = saved.read_text()
+    assert len(token) >= 16
+    bob.proc.kill()
+    bob.proc.wait(timeout=10)
+    again = subprocess.run(
+        [bin_path("zchat"), "--name", "bob", "--send", "back", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=broker_proc.env(),
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert saved.read_text() == ""  # its bye ended the session: the token is of no use now
+    with Client("watcher", port=broker_proc.port, pub_port=broker_proc.pub_port) as watcher:
+        events, _ = watcher.history("general")
+    said = [(e.name, e.event or e.text, e.reason) for e in events if e.name == "bob"]
+    assert said == [("bob", "join", None), ("bob", "back", None), ("bob", "leave", "quit")]
+
+
+@pytest.mark.timeout(60)
+def test_a_second_zchat_of_a_name_does_not_take_the_running_ones_session(
+    chats: Any, broker_proc: BrokerProcess
+) -> None:
+    """The token file is locked while a zchat uses it: a second zchat --name bob on the
+    same machine says hello without it and meets name_taken; the first chats on."""
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob", event="join")
+    second = subprocess.run(
+        [bin_path("zchat"), "--name", "bob", "--send", "mine now"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=broker_proc.env(),
+        check=False,
+    )
+    assert second.returncode == 1 and "is taken" in second.stderr, second.stderr
+    bob.say("still here")
+    bob.expect_json(type="msg", text="still here", own=True)
 
 
 def test_text_mode_lines(chats: Any) -> None:

@@ -875,10 +875,12 @@ def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: Ru
     plain restart meets name_taken; with the saved token it is back at once."""
     doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     bot = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
+    saved: list[str | None] = []
+    bot.on_resume_token = saved.append  # where a bot saves it, before a crash needs it
     bot.connect()
     bot.join("general")
     token = bot.resume_token
-    assert token
+    assert token and saved == [token]
     doomed.destroy(linger=0)  # as a SIGKILL would: no bye
     plain = Client("bot", HOST, broker.port, broker.pub_port)
     try:
@@ -887,8 +889,11 @@ def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: Ru
         assert taken.value.code == "name_taken"
     finally:
         plain.close(0, settle=0)
-    with Client("bot", HOST, broker.port, broker.pub_port, resume=token) as again:
+    again = Client("bot", HOST, broker.port, broker.pub_port, resume=token)
+    again.on_resume_token = saved.append
+    with again:
         assert again.resume_token == token
+        assert saved == [token]  # the same session: the same token, nothing to save again
         again.join("general")
         assert again.send_wait("general", "back").seq is not None
         assert again.who("general") == ["bot"]
