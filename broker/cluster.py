@@ -576,8 +576,9 @@ class ClusterCore(Core):
         room: str = env["room"]
         self._check_bulk(session, now)
         self._up()
-        members = self._charged(session, room, self.bp.members(room), now)
-        return [self._reply(session, {"type": "who", "room": room, "members": members}, env)]
+        return [
+            self._reply(session, self._listed(session, {"type": "who", "room": room}, self.bp.members(room), now), env)
+        ]
 
     def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
         self._up()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -221,6 +222,10 @@ class Session:
     #: Of a session restored at start (:meth:`Core.restore`), until its client resumes it:
     #: the SHA-256 of its token, all the store keeps of it (``token`` is empty meanwhile).
     token_sha256: bytes | None = None
+    #: Bytes of large replies sent to this session, and of those its client said it has
+    #: read (a request's ``read``: the ``mark`` of the last one it got); see Core.read_mark.
+    bulk_sent: int = 0
+    bulk_read: int = 0
 
 
 def _token_fits(holder: Session, token: str) -> bool:
@@ -230,6 +235,13 @@ def _token_fits(holder: Session, token: str) -> bool:
     if holder.token_sha256 is None:
         return secrets.compare_digest(presented, holder.token.encode())
     return secrets.compare_digest(hashlib.sha256(presented).digest(), holder.token_sha256)
+
+
+def _bytes_text(count: int) -> str:
+    """``300 bytes``, ``12.5 KiB``, ``33.0 MiB``."""
+    if count < 1024:
+        return f"{count} bytes"
+    return f"{count / 1024:.1f} KiB" if count < 1024 * 1024 else f"{count / 1048576:.1f} MiB"
 
 
 def sessions_text(count: int) -> str:
@@ -364,6 +376,8 @@ class Core:
         self._hosts: dict[str, int] = {}
         self._hello_host: str | None = None
         self._session_lines = LogBudget("session lines")
+        #: Signs the marks of large replies (see _mark): new at each start, as sessions are.
+        self._mark_key = secrets.token_bytes(16)
         #: The latest time we were given (ms), for log throttling: no clock of our own.
         self._clock = 0
         self._new_sender = new_sender
@@ -453,6 +467,8 @@ class Core:
                 ProtocolError(ErrorCode.NOT_REGISTERED, f"say hello before {kind!r}", env.get("id")),
             )
         session.last_seen = now
+        if session.bulk_sent != session.bulk_read and "read" in env:
+            self._note_read(session, env["read"])
         try:
             return self._handlers[kind](session, env, now)
         except ProtocolError as exc:
@@ -691,6 +707,7 @@ class Core:
             self._detach(holder)
             holder.identity, holder.host = identity, self._hello_host
             holder.last_seen = now
+            holder.bulk_read = holder.bulk_sent  # what the old connection had queued went with it
             self._attach(holder)
             if restored:
                 return self._welcome(holder, True, rid)
@@ -749,8 +766,7 @@ class Core:
         ``members: false``, only how many they are (``members`` is then that count)."""
         if isinstance(members, int):
             return self._reply(session, {"type": "joined", "room": room, "count": members, "seq": seq}, env)
-        members = self._charged(session, room, members, now)
-        return self._reply(session, {"type": "joined", "room": room, "members": members, "seq": seq}, env)
+        return self._reply(session, self._listed(session, {"type": "joined", "room": room}, members, now, seq=seq), env)
 
     def _leave(self, session: Session, env: Envelope, now: int) -> list[Action]:
         room: str = env["room"]
@@ -901,6 +917,14 @@ class Core:
         limits = self.limits
         if session.history is None or limits.history_bytes <= 0:
             return None
+        unread = session.bulk_sent - session.bulk_read
+        if unread > limits.history_burst:
+            # The rate alone let a session that asks and never reads have the broker queue
+            # its replies without end, at the rate: it must read what it was sent first.
+            return (
+                f"{_bytes_text(unread)} of history, rooms, who and join replies sent to you are not read "
+                "yet: read them (and say so: a request's 'read' is the 'mark' of the last reply read)"
+            )
         self._refill(session.history, now)
         if session.history.tokens >= 0:
             return None
@@ -909,20 +933,43 @@ class Core:
             "a second"
         )
 
-    def charge_history(self, identity: bytes, size: int, now: int) -> None:
-        """The loop sent a history reply of ``size`` bytes to ``identity``: charge its session."""
+    def charge_history(self, identity: bytes, size: int, now: int) -> str | None:
+        """The loop is sending a history reply of ``size`` bytes to ``identity``: charge its
+        session; the reply's ``mark`` (None: none)."""
         session = self.by_identity.get(identity)
-        if session is not None:
-            self._charge_bulk(session, size, now)
+        return None if session is None else self._charge_bulk(session, size, now)
 
-    def _charge_bulk(self, session: Session, size: int, now: int) -> None:
+    def _charge_bulk(self, session: Session, size: int, now: int) -> str | None:
+        """Charge a large reply of ``size`` bytes to ``session``'s budget; its ``mark``, which
+        the client sends back as ``read`` once it has read it (None: no budget, no mark)."""
         limits = self.limits
         if limits.history_bytes <= 0:
-            return
+            return None
         if session.history is None:
             session.history = Bucket(float(limits.history_burst), now)
         self._refill(session.history, now)
         session.history.tokens -= size  # may go below zero: later queries wait until it is back above
+        session.bulk_sent += size
+        return self._mark(session, session.bulk_sent)
+
+    def _mark(self, session: Session, upto: int) -> str:
+        """A reply's ``mark``: the bytes sent so far, signed (by a key of this process) for
+        this session, so that a client cannot say it read what it has not received."""
+        mac = hmac.new(self._mark_key, f"{session.sender}:{upto}".encode(), hashlib.sha256).hexdigest()[:16]
+        return f"{upto:x}.{mac}"
+
+    def _note_read(self, session: Session, mark: object) -> None:
+        """A request's ``read``: the mark of the last large reply its client has read. Not
+        one of ours for this session (another broker's, a forgery, garbage): ignored."""
+        if not isinstance(mark, str) or len(mark) > p.MAX_ID_CHARS:
+            return
+        upto, _, _ = mark.partition(".")
+        try:
+            count = int(upto, 16)
+        except ValueError:
+            return
+        if session.bulk_read < count <= session.bulk_sent and hmac.compare_digest(mark, self._mark(session, count)):
+            session.bulk_read = count
 
     def _refill(self, bucket: Bucket, now: int) -> None:
         limits = self.limits
@@ -938,8 +985,8 @@ class Core:
     def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:
         self._check_bulk(session, now)
         room: str = env["room"]
-        members = self._charged(session, room, sorted(self.members.get(room, ())), now)
-        return [self._reply(session, {"type": "who", "room": room, "members": members}, env)]
+        listed = self._listed(session, {"type": "who", "room": room}, sorted(self.members.get(room, ())), now)
+        return [self._reply(session, listed, env)]
 
     def _check_bulk(self, session: Session, now: int) -> None:
         """``rate_limited`` when the session's budget of large replies is spent."""
@@ -947,12 +994,17 @@ class Core:
         if spent is not None:
             raise ProtocolError(ErrorCode.RATE_LIMITED, spent)
 
-    def _charged(self, session: Session, room: str, members: list[str], now: int) -> list[str]:
-        """``members``, the member list of a reply to ``session``, charged to its budget of
-        large replies: with 10,000 members a list is some 300 KB, and a session that asks
-        and never reads would otherwise make the broker queue them without end."""
-        self._charge_bulk(session, sum(len(name) + 1 for name in members), now)
-        return members
+    def _listed(self, session: Session, reply: Envelope, members: list[str], now: int, **more: Any) -> Envelope:
+        """``reply`` with ``members``, a member list, and ``more``: charged to the session's
+        budget of large replies (with 10,000 members a list is some 300 KB, and a session
+        that asks and never reads would otherwise make the broker queue them without end),
+        and marked (see :meth:`_mark`)."""
+        reply["members"] = members
+        reply.update(more)
+        mark = self._charge_bulk(session, sum(len(name) + 1 for name in members), now)
+        if mark is not None:
+            reply["mark"] = mark
+        return reply
 
     def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
         # Up to 1000 rooms, some 50 KB: charged like history, or a session that asks
@@ -960,9 +1012,12 @@ class Core:
         self._check_bulk(session, now)
         listed, truncated = self._room_list()
         # About what it encodes to: each entry's name, its three keys and two ints.
-        self._charge_bulk(session, 32 + sum(len(room) + 30 for room, _, _ in listed), now)
+        mark = self._charge_bulk(session, 32 + sum(len(room) + 30 for room, _, _ in listed), now)
         rooms = [{"room": room, "members": members, "seq": seq} for room, members, seq in listed]
-        return [self._reply(session, {"type": "rooms", "rooms": rooms, "truncated": truncated}, env)]
+        reply: Envelope = {"type": "rooms", "rooms": rooms, "truncated": truncated}
+        if mark is not None:
+            reply["mark"] = mark
+        return [self._reply(session, reply, env)]
 
     def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
         """(room, members, seq) of the first MAX_ROOMS_LISTED rooms by name, and whether there are more."""

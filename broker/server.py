@@ -136,13 +136,17 @@ ACCEPT_FAILED_LOG_S = 10.0
 #: How often (at most) the loop wakes up with nothing to do, in ms.
 IDLE_WAKE_MS = 200
 #: Frames larger than this make libzmq drop the connection before we see them;
-#: smaller oversize frames reach the protocol and get a coded ``too_large``.
-SOCKET_MAX_MSG_BYTES = 1024 * 1024
+#: smaller oversize frames reach the protocol and get a coded ``too_large``. Twice the
+#: protocol's request limit: libzmq queues up to 1,000 frames of a peer whose routing id
+#: another peer has, and never hands them over (at 1 MiB, 1 GiB per such connection).
+SOCKET_MAX_MSG_BYTES = 2 * p.MAX_FRAME_BYTES
 #: Per-subscriber queue on PUB, in messages (one event, or a batch of at most
 #: BATCH_MAX_BYTES, about one large event's size): a subscriber this far behind
 #: loses live events (and recovers them with ``history``); the broker's memory
 #: stays bounded.
 PUB_SNDHWM = 10_000
+#: About what a history reply adds to its events' bytes (type, room, seq, id, mark, headers).
+HISTORY_ENVELOPE_BYTES = 160
 #: Replies queued per client before the broker drops one (a client that does
 #: not read its acks); well above any client's window of unacked messages.
 ROUTER_SNDHWM = 10_000
@@ -672,14 +676,15 @@ class Broker:
             bodies, seq = self.store.history(q.room, q.after, q.limit, upto=q.top), q.top
         size = 0
         for i, body in enumerate(bodies):
-            size += len(body)
-            if size > p.MAX_HISTORY_BYTES:
+            if i and size + len(body) > p.MAX_HISTORY_BYTES:
                 # The client sees the last seq it got below the reply's seq and asks again.
-                bodies = bodies[: max(i, 1)]
+                bodies = bodies[:i]
                 break
-        reply = p.encode_history(q.room, bodies, seq, q.request_id)
-        self.core.charge_history(q.identity, len(reply), now_ms())
-        self._send(q.identity, reply)
+            size += len(body)
+        # Charged before it is built, as the charge makes its mark: the bodies and what
+        # the envelope around them about costs.
+        mark = self.core.charge_history(q.identity, size + HISTORY_ENVELOPE_BYTES, now_ms())
+        self._send(q.identity, p.encode_history(q.room, bodies, seq, q.request_id, mark))
 
     # ------------------------------------------------------- backplane mode
 

@@ -632,6 +632,8 @@ class Client:
         #: or one that replaced a session the broker had lost): a program that keeps the
         #: token across its restarts (``resume``) saves it here, before a crash needs it.
         self.on_resume_token: Callable[[str | None], None] | None = None
+        #: The ``mark`` of the last large reply read, said in each request's ``read`` (see _send).
+        self._read_mark: str | None = None
         #: The broker of the last welcome.
         self._welcomed_by: BrokerAddress | None = None
         #: Hellos sent to the current address while reconnecting.
@@ -1777,6 +1779,10 @@ class Client:
         is waited for (what comes next must not overtake it), then the connection is
         given up; reconnecting, the hello or request is simply asked again later.
         """
+        if self._read_mark is not None and env["type"] not in ("msg", "dm"):
+            # Said on every other request (a lost one must not leave it unsaid), not on a
+            # message: what is resent must be what was sent.
+            env = {**env, "read": self._read_mark}
         frame = self._encode(env)
         try:
             self._dealer.send(frame, zmq.NOBLOCK)
@@ -2030,6 +2036,11 @@ class Client:
             self._on_dm(env)
             return
         rid = env.get("id")
+        mark = env.get("mark")
+        if type(mark) is str:
+            # A large reply read: the broker hears so with our next request (see _send),
+            # or it stops answering such requests once too many are unread.
+            self._read_mark = mark
         if kind == "pong":
             self._note_seqs(env.get("seqs"), self._pings.pop(rid, None) if isinstance(rid, str) else None)
         code = env.get("code") if kind == "error" else None

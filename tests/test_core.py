@@ -58,6 +58,12 @@ def error_code(actions: list[Action], identity: bytes) -> str:
     return str(env["code"])
 
 
+def unmarked(env: dict[str, Any]) -> dict[str, Any]:
+    """A large reply without its ``mark`` (which it must have: see test_large_replies_are_marked...)."""
+    assert isinstance(env.pop("mark"), str), env
+    return env
+
+
 def hello(core: Core, identity: bytes, name: str, now: int = 0, **extra: Any) -> dict[str, Any]:
     env = only_reply(core.handle(identity, enc(type="hello", v=1, name=name, **extra), now), identity)
     assert env["type"] == "welcome", env
@@ -294,7 +300,7 @@ def test_join_publishes_presence_and_replies_joined() -> None:
     assert pub.env == {"type": "presence", "room": "general", "seq": 42, "ts": 777, "name": "alice", "event": "join"}
     assert isinstance(reply, Reply)
     assert reply.identity == A
-    assert reply.env == {"type": "joined", "room": "general", "members": ["alice"], "seq": 42, "id": "j1"}
+    assert unmarked(reply.env) == {"type": "joined", "room": "general", "members": ["alice"], "seq": 42, "id": "j1"}
 
 
 def test_join_new_room_starts_at_seq_1_and_lists_members_sorted() -> None:
@@ -307,6 +313,47 @@ def test_join_new_room_starts_at_seq_1_and_lists_members_sorted() -> None:
     joined = replies(actions)[0].env
     assert joined["members"] == ["amy", "zed"]
     assert joined["seq"] == 2
+
+
+def test_large_replies_are_marked_and_a_session_that_does_not_read_them_is_refused_more() -> None:
+    """The budget's rate alone let a session that asks and never reads have the broker
+    queue its replies without end (at 1 MiB/s each). Each large reply has a mark, signed
+    for the session; a request's ``read`` says the client has read up to one. Past the
+    burst of bytes unread, more large replies are refused until it does."""
+    core = Core(epoch="e", heartbeat_ms=HB, limits=Limits(history_bytes=10**9, history_burst=200))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, B, "general")
+    for i in range(10):
+        core.members["general"][f"member-{i}"] = core.by_name["bob"]  # a list of 94 bytes
+    marks = []
+    for i in range(3):
+        env = only_reply(core.handle(A, enc(type="who", room="general"), 1000 * i), A)
+        assert env["type"] == "who", env
+        marks.append(env["mark"])
+    assert len(set(marks)) == 3
+    refused = only_reply(core.handle(A, enc(type="who", room="general"), 5000), A)
+    assert refused["code"] == "rate_limited" and "not read yet" in refused["message"], refused
+    # Not read: marks of another session, forged ones, garbage, are nothing.
+    bobs = only_reply(core.handle(B, enc(type="who", room="general"), 5000), B)["mark"]
+    upto = marks[-1].partition(".")[0]
+    for bad in (bobs, f"{upto}.0000000000000000", f"{int(upto, 16) + 1:x}.{marks[-1][-16:]}", "zz", 7, None):
+        still = only_reply(core.handle(A, enc(type="who", room="general", read=bad), 5000), A)
+        assert still.get("code") == "rate_limited", (bad, still)
+    # Read up to the first: the two after it are under the burst, so one more goes; then
+    # refused again, until the last is read.
+    assert only_reply(core.handle(A, enc(type="ping", read=marks[0]), 5000), A)["type"] == "pong"
+    fourth = only_reply(core.handle(A, enc(type="who", room="general"), 5000), A)
+    assert fourth["type"] == "who", fourth
+    assert only_reply(core.handle(A, enc(type="who", room="general"), 5000), A).get("code") == "rate_limited"
+    assert only_reply(core.handle(A, enc(type="who", room="general", read=fourth["mark"]), 5000), A)["type"] == "who"
+    # A resume on a new connection: what the old one had queued went with it.
+    for _ in range(3):
+        core.handle(A, enc(type="rooms"), 6000)
+    token = core.by_name["alice"].token
+    resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), 6000)
+    assert [r.env["type"] for r in replies(resumed)] == ["error", "welcome"]  # (session_moved to A)
+    assert only_reply(core.handle(C, enc(type="who", room="general"), 6000), C)["type"] == "who"
 
 
 def test_a_join_that_says_members_false_gets_the_count_not_the_list() -> None:
@@ -341,7 +388,7 @@ def test_rejoin_is_idempotent() -> None:
     actions = join(core, A, "general")
     assert publishes(actions) == []
     env = only_reply(actions, A)
-    assert env == {"type": "joined", "room": "general", "members": ["alice"], "seq": 6}
+    assert unmarked(env) == {"type": "joined", "room": "general", "members": ["alice"], "seq": 6}
     assert core.seqs["general"] == 6
 
 
@@ -667,8 +714,8 @@ def test_who() -> None:
     join(core, A, "general")
     join(core, B, "general")
     env = only_reply(core.handle(A, enc(type="who", room="general", id="w"), 0), A)
-    assert env == {"type": "who", "room": "general", "members": ["amy", "zed"], "id": "w"}
-    assert only_reply(core.handle(A, enc(type="who", room="empty"), 0), A) == {
+    assert unmarked(env) == {"type": "who", "room": "general", "members": ["amy", "zed"], "id": "w"}
+    assert unmarked(only_reply(core.handle(A, enc(type="who", room="empty"), 0), A)) == {
         "type": "who",
         "room": "empty",
         "members": [],
@@ -683,7 +730,7 @@ def test_rooms() -> None:
     join(core, B, "general")
     join(core, B, "dev")
     env = only_reply(core.handle(A, enc(type="rooms", id="r"), 0), A)
-    assert env == {
+    assert unmarked(env) == {
         "type": "rooms",
         "rooms": [
             {"room": "dev", "members": 1, "seq": 1},

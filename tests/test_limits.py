@@ -334,6 +334,26 @@ def test_member_lists_a_session_never_reads_are_bounded(
     bystander_ok(b)
 
 
+def test_a_session_that_never_reads_is_refused_however_fast_its_budget_refills(
+    limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """The budget's rate alone let a session that asks and never reads have the broker
+    queue replies without end, at that rate (1 MiB/s by default, for as long as it
+    stays): past the burst of bytes it has not said it read, it is refused. The library
+    says what it read (a request's ``read``), so a client that reads is never held back."""
+    b = limited(rate=0, join_rate=0, history_bytes=100 * 1024 * 1024, history_burst=8 * 1024, max_sessions_per_host=0)
+    for i in range(100):  # names of 32 characters: a list of some 3.3 KB
+        registered(ctx, b, f"member{i:03d}-" + "x" * 22, "big")
+    replies = _unread(registered(ctx, b, "asker"), [{"type": "who", "room": "big", "id": f"w{i}"} for i in range(6)])
+    assert _kinds(replies) == ["who"] * 3 + ["rate_limited"] * 3
+    assert "not read yet" in replies[3]["message"]
+    with Client("reader", HOST, b.port, b.pub_port) as reader:
+        for _ in range(20):  # 66 KB of lists, 8 times the burst
+            assert len(reader.who("big")) == 100
+        assert [e for e in reader.drain_events() if e.type == "error"] == []
+    bystander_ok(b)
+
+
 def test_joins_without_the_member_list_are_not_charged_for_it(
     limited: Callable[..., RunningBroker], ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:

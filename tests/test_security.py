@@ -220,6 +220,21 @@ def test_zmtp_frame_over_socket_limit_drops_only_that_peer(
     assert_still_serving(broker)
 
 
+def test_frames_between_the_request_limit_and_the_socket_limit_are_few(raw: MakeRaw, broker: RunningBroker) -> None:
+    """A frame just over the protocol's request limit gets its coded ``too_large``; one of
+    200 KiB makes libzmq drop the connection: the socket limit is 128 KiB, not 1 MiB. A
+    peer whose routing id another peer has is ignored by libzmq, which reads what it sends
+    all the same, into a queue nothing reads, up to 1,000 frames: with 1 MiB frames one
+    such connection held up to 1 GiB of the broker's memory, now up to 128 MiB."""
+    near = raw()
+    reply = near.request(pack({"type": "ping", "pad": "x" * (p.MAX_FRAME_BYTES + 1)}))
+    assert reply["code"] == "too_large"
+    far = raw()
+    far.send(pack({"type": "ping", "pad": "x" * (200 * 1024)}))
+    assert far.silent(1.0)
+    assert_still_serving(broker)
+
+
 def test_flood_of_garbage_does_not_stop_others(raw: MakeRaw, broker: RunningBroker) -> None:
     bad = raw()
     for i in range(2000):

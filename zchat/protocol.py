@@ -605,7 +605,7 @@ def dm_event(name: str, sender: str, to: str, text: str, ts: int, msg_id: str) -
     return {"type": "dm", "from": name, "sender": sender, "to": to, "text": text, "ts": ts, "id": msg_id}
 
 
-def encode_history(room: str, bodies: list[bytes], seq: int, request_id: str | None) -> bytes:
+def encode_history(room: str, bodies: list[bytes], seq: int, request_id: str | None, mark: str | None = None) -> bytes:
     """A ``history`` reply built around stored event bodies without re-packing them.
 
     Each body is already one packed event map, so the reply is the map header,
@@ -615,6 +615,8 @@ def encode_history(room: str, bodies: list[bytes], seq: int, request_id: str | N
     head: dict[str, Any] = {"type": "history", "room": room, "seq": seq}
     if request_id is not None:
         head["id"] = request_id
+    if mark is not None:
+        head["mark"] = mark
     parts = [packer.pack_map_header(len(head) + 1)]
     for key, value in head.items():
         parts.append(packer.pack(key))
