@@ -490,8 +490,12 @@ class _Room:
     backlog_seen: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
 
 
-#: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...).
-_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ECONNREFUSED})
+#: Handshake "failures" that are only a connection dropping (ECONNRESET, EPIPE, ...), or a
+#: handshake that timed out (EAGAIN: nothing came within ZMQ_HANDSHAKE_IVL, 30 s, as through
+#: a network that vanished without closing anything; no key problem).
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EAGAIN}
+)
 
 #: The handshake failure of two ends whose security differs (CURVE against none).
 _MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH

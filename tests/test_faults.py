@@ -21,6 +21,7 @@ import zmq
 
 from client.lib import Client, Event
 from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, bin_path, published, recv_all, wait_for
+from tests.tcp_proxy import TcpProxy
 from zchat import protocol as p
 
 FAST = ["--heartbeat-ms", "300"]
@@ -866,3 +867,43 @@ def test_the_broker_stops_while_connections_come_and_go() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped 40 times" in done.stdout
+
+
+@pytest.mark.timeout(30)
+def test_a_partition_longer_than_the_handshake_timeout_is_not_a_key_problem(
+    short_heartbeat_broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A network that vanishes without closing anything, for longer than ZeroMQ's handshake
+    timeout (30 s by default), makes every reconnect's handshake time out (EAGAIN). That is
+    the network: the client said "the broker ... requires CURVE keys (--key and
+    --broker-key)" (an auth_failed error) to a user whose broker has no keys."""
+    broker = short_heartbeat_broker
+    ctx.setsockopt(zmq.HANDSHAKE_IVL, 300)  # the client's sockets: 30 s, shortened
+    with TcpProxy(broker.port) as req, TcpProxy(broker.pub_port) as pub:
+        alice = Client("alice", HOST, req.port, pub.port, context=ctx)
+        try:
+            alice.connect()
+            alice.join("general")
+            seen: list[Event] = []
+
+            def saw(state: str) -> Callable[[], bool]:
+                def check() -> bool:
+                    alice.pump(0.05)
+                    seen.extend(alice.drain_events())
+                    return any(e.type == "status" and e.event == state for e in seen)
+
+                return check
+
+            req.stall()
+            pub.stall()
+            wait_for(saw("reconnecting"), 5, interval=0)
+            tried = req.accepted
+            # Three more connections: the handshakes of at least two timed out.
+            wait_for(lambda: saw("never")() or req.accepted >= tried + 3, 10, interval=0)
+            req.unstall()
+            pub.unstall()
+            wait_for(saw("connected"), 10, interval=0)
+            assert [e for e in seen if e.type == "error"] == [], "a partition is no key problem"
+            assert alice.send_wait("general", "back", timeout=10).text == "back"
+        finally:
+            alice.close(flush_timeout=0.2, settle=0)
