@@ -22,7 +22,7 @@ Guarantees it gives on top of the wire (the design brief's "Client rules"; docs/
   is among its last 100,000. A DM delivered twice (resent across a failover),
   or a room message stored twice (resent after that), is shown once: the last
   :data:`DM_WINDOW` and :data:`MSG_WINDOW` (author, id) pairs are remembered.
-* It pings every heartbeat; a broker silent for 3 heartbeats, one that closes
+* It pings every heartbeat; a broker silent for 2.5 heartbeats, one that closes
   the connection (it stopped or crashed), or one that no longer knows the
   session, is lost: the client opens fresh sockets to the
   next broker address (round-robin over ``hosts``; the same one when there is
@@ -122,6 +122,12 @@ DM_GRACE_EXTRA_S = 5.0
 _PATIENT_RETRY_S: dict[str, float] = {ErrorCode.UNAVAILABLE: UNAVAILABLE_RETRY_S, ErrorCode.RATE_LIMITED: RATE_RETRY_S}
 #: Pings whose pong we wait for at most (one per heartbeat, and one per resend due).
 PINGS_TRACKED = 8
+#: A broker silent for this many heartbeats is taken for lost: fewer than the 3 after which
+#: it ends a silent session, so that a client whose connection went dead without closing (a
+#: NAT or firewall that forgot it, a Wi-Fi hand-over) still finds its session to resume on a
+#: new one. At 3 the broker had always ended it first (it counts from our last ping, we from
+#: its pong), and the rooms saw a leave and a join for every such outage.
+SILENT_HEARTBEATS = 2.5
 
 
 class ZchatError(Exception):
@@ -1329,7 +1335,7 @@ class Client:
             events = _HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED
             if sock is dealer:
                 # A broker that stops or crashes closes its connections: known at once,
-                # not after 3 silent heartbeats (15 s with the default), which is what a
+                # not after 2.5 silent heartbeats (12.5 s with the default), which is what a
                 # broker that vanished without closing them (a cable, a dead host) takes.
                 events |= zmq.EVENT_DISCONNECTED
             monitor = sock.get_monitor_socket(events)
@@ -1530,7 +1536,7 @@ class Client:
         else:
             self._lose_at = None
         if self.state == "connected":
-            if now - self._last_recv > 3 * hb:
+            if now - self._last_recv > SILENT_HEARTBEATS * hb:
                 self._lost(f"no answer from {self.endpoint} for {now - self._last_recv:.0f} s")
             else:
                 if now - self._last_ping >= hb:

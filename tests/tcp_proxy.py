@@ -26,7 +26,9 @@ class TcpProxy:
         self.port: int = self._listener.getsockname()[1]
         #: socket -> its other end (both directions of every connection).
         self._peers: dict[socket.socket, socket.socket] = {}
-        self._lock = threading.Lock()
+        #: Sockets that carry nothing (stall with new_too=False).
+        self._dead: set[socket.socket] = set()
+        self._lock = threading.RLock()  # _peers changes under it: stall() reads it
         self._stalled = False
         self._drop = False
         #: Connections accepted so far (a client's reconnects, each handshake it tries).
@@ -35,14 +37,20 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
         self._thread.start()
 
-    def stall(self) -> None:
-        """Forward nothing, in either direction, on every connection, present or future."""
+    def stall(self, *, new_too: bool = True) -> None:
+        """Forward nothing, in either direction, on every connection, present or future;
+        with ``new_too=False``, on the connections open now only (gone dead without closing,
+        as a flow that a NAT forgot: a new connection works)."""
         with self._lock:
-            self._stalled = True
+            if new_too:
+                self._stalled = True
+            else:
+                self._dead.update(self._peers)
 
     def unstall(self) -> None:
         with self._lock:
             self._stalled = False
+            self._dead.clear()
 
     def drop(self) -> None:
         """Reset every connection now (the next ones are forwarded as usual)."""
@@ -70,6 +78,7 @@ class TcpProxy:
             if reset:
                 with contextlib.suppress(OSError):
                     end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._dead.discard(end)
             end.close()
 
     def _run(self) -> None:
@@ -77,10 +86,10 @@ class TcpProxy:
             while not self._stop.is_set():
                 with self._lock:
                     stalled, drop, self._drop = self._stalled, self._drop, False
-                if drop:
-                    for sock in list(self._peers):
-                        self._forget(sock, reset=True)
-                watched = [self._listener] + ([] if stalled else list(self._peers))
+                    if drop:
+                        for sock in list(self._peers):
+                            self._forget(sock, reset=True)
+                    watched = [self._listener] + ([] if stalled else [s for s in self._peers if s not in self._dead])
                 readable, _, _ = select.select(watched, [], [], 0.02)
                 for sock in readable:
                     if sock is self._listener:
@@ -92,7 +101,8 @@ class TcpProxy:
                             conn.close()
                             continue
                         upstream.settimeout(None)
-                        self._peers[conn], self._peers[upstream] = upstream, conn
+                        with self._lock:
+                            self._peers[conn], self._peers[upstream] = upstream, conn
                         continue
                     peer = self._peers.get(sock)
                     if peer is None:
@@ -104,7 +114,8 @@ class TcpProxy:
                             continue
                     except OSError:
                         pass
-                    self._forget(sock)
+                    with self._lock:
+                        self._forget(sock)
         finally:
             for sock in list(self._peers):
                 self._forget(sock)

@@ -907,3 +907,48 @@ def test_a_partition_longer_than_the_handshake_timeout_is_not_a_key_problem(
             assert alice.send_wait("general", "back", timeout=10).text == "back"
         finally:
             alice.close(flush_timeout=0.2, settle=0)
+
+
+@pytest.mark.timeout(30)
+def test_a_connection_gone_dead_without_closing_is_resumed_on_a_new_one(
+    short_heartbeat_broker: RunningBroker, connect_to: Callable[..., Client]
+) -> None:
+    """A NAT or firewall forgets the client's connections: they carry nothing and nothing
+    closes them, and a new connection works. The client must take its session back on one,
+    unseen by the room. It gave the broker up after 3 silent heartbeats, when the broker
+    (counting from our last ping, not from its pong) had just ended the session: every such
+    outage was a leave and a join in each room, and a new session."""
+    broker = short_heartbeat_broker
+    watcher = connect_to(broker, "watcher")
+    watcher.join("general")
+    with TcpProxy(broker.port) as req, TcpProxy(broker.pub_port) as pub:
+        alice = Client("alice", HOST, req.port, pub.port)
+        try:
+            alice.connect()
+            alice.join("general")
+            alice.send_wait("general", "before")
+            seen: list[Event] = []
+            heard: list[Event] = []
+
+            def pump_until(done: Callable[[], bool]) -> Callable[[], bool]:
+                def check() -> bool:
+                    alice.pump(0.02)
+                    watcher.pump(0.02)
+                    seen.extend(alice.drain_events())
+                    heard.extend(watcher.drain_events())
+                    return done()
+
+                return check
+
+            wait_for(pump_until(lambda: "before" in [e.text for e in heard if e.type == "msg"]), 10)
+            heard.clear()  # (alice's join)
+            req.stall(new_too=False)
+            pub.stall(new_too=False)
+            wait_for(pump_until(lambda: any(e.type == "status" and e.event == "connected" for e in seen)), 10)
+            status = [e.text for e in seen if e.type == "status"]
+            assert "session resumed" in str(status[-1]), status
+            alice.send("general", "after")
+            wait_for(pump_until(lambda: "after" in [e.text for e in heard if e.type == "msg"]), 10)
+            assert [(e.name, e.event) for e in heard if e.type == "presence"] == [], "the room saw nothing"
+        finally:
+            alice.close(flush_timeout=0.2, settle=0)
