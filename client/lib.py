@@ -622,6 +622,9 @@ class Client:
         #: when a session that is connected is taken for lost because of it (see _maintain).
         self._dealer_down = False
         self._lose_at: float | None = None
+        #: The request connection closed since the sockets were opened (libzmq made a new one,
+        #: which the broker does not know: its not_registered is about that, not the broker).
+        self._dealer_cut = False
         #: The SUB's handshake with the room event port succeeded; why it failed, if it did.
         self._sub_up = False
         self._sub_failure: str | None = None
@@ -1341,7 +1344,7 @@ class Client:
             monitor = sock.get_monitor_socket(events)
             self._monitors[monitor] = sock
             self._poller.register(monitor, zmq.POLLIN)
-        self._refused = self._sub_up = self._dropped = self._dealer_down = False
+        self._refused = self._sub_up = self._dropped = self._dealer_down = self._dealer_cut = False
         self._lose_at = None
         self._foreign = self._sub_failure = None
         address = self.address
@@ -1399,6 +1402,7 @@ class Client:
                 # In order with the handshakes: a close read after the handshake of a later
                 # connection (a failed try before it) is not about the connection in use.
                 self._dealer_down = self._dealer_down or sock is self._dealer
+                self._dealer_cut = self._dealer_cut or sock is self._dealer
                 continue
             if event == zmq.EVENT_CONNECT_RETRIED:
                 if sock is self._sub:
@@ -2063,7 +2067,11 @@ class Client:
             # The broker no longer knows us on this connection (it restarted, expired
             # us while we were stopped, or cut every connection, as it does when a key
             # is revoked): whatever this was, it is redone after a new hello.
-            self._lost("the broker no longer knows this connection: it restarted, expired us, or cut it")
+            if self._dealer_cut:
+                why = f"the connection to {self.endpoint} was cut; the broker does not know the new one"
+            else:
+                why = "the broker no longer knows this connection: it restarted, expired us, or cut it"
+            self._lost(why)
             return
         if isinstance(rid, str):
             if rid in self._replies:

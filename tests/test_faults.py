@@ -952,3 +952,35 @@ def test_a_connection_gone_dead_without_closing_is_resumed_on_a_new_one(
             assert [(e.name, e.event) for e in heard if e.type == "presence"] == [], "the room saw nothing"
         finally:
             alice.close(flush_timeout=0.2, settle=0)
+
+
+@pytest.mark.timeout(30)
+def test_a_connection_cut_on_the_way_is_not_blamed_on_the_broker(
+    broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A NAT or firewall resets the request connection; libzmq makes a new one, which the
+    broker answers not_registered. The client said "the broker no longer knows this
+    connection: it restarted, expired us, or cut it": none of which happened."""
+    with TcpProxy(broker.port) as req, TcpProxy(broker.pub_port) as pub:
+        alice = Client("alice", HOST, req.port, pub.port, context=ctx)
+        try:
+            alice.connect()
+            alice.join("general")
+            before = req.accepted
+            req.drop()
+            wait_for(lambda: alice.pump(0.02) is not None and req.accepted > before, 5, interval=0)
+            alice.send("general", "through the new connection")
+            seen: list[Event] = []
+
+            def delivered() -> bool:
+                alice.pump(0.02)
+                seen.extend(alice.drain_events())
+                return any(e.type == "msg" and e.own for e in seen)
+
+            wait_for(delivered, 10, interval=0)
+            lost = [str(e.text) for e in seen if e.type == "status" and e.event == "reconnecting"]
+            assert lost, seen
+            assert "restarted" not in lost[0], lost
+            assert "session resumed" in str([e.text for e in seen if e.type == "status"][-1])
+        finally:
+            alice.close(flush_timeout=0.2, settle=0)
