@@ -29,6 +29,13 @@ log = logging.getLogger("zchat.broker")
 DEDUP_WINDOW = 100_000
 #: ``rooms`` lists at most this many rooms.
 MAX_ROOMS_LISTED = 1000
+#: A DM handed to a connection is kept for a session's expiry and this much (ms), to be
+#: sent again if the session is resumed on a new connection (see Core._keep_dm): a dead
+#: connection is given up by its client within the expiry, and its reconnect takes a
+#: few seconds more at most.
+DM_KEPT_EXTRA_MS = 5_000
+#: At most this many characters of DM text are kept per session for that.
+DM_KEPT_CHARS = 256 * 1024
 #: A session heard from within a heartbeat and this much is taken to have a client
 #: connected now (clients ping every heartbeat; this allows for a late one).
 HEARTBEAT_SLACK_MS = 1000
@@ -226,6 +233,10 @@ class Session:
     #: read (a request's ``read``: the ``mark`` of the last one it got); see Core.read_mark.
     bulk_sent: int = 0
     bulk_read: int = 0
+    #: DMs handed to its connection lately, (ts, event), oldest first (see Core._keep_dm):
+    #: sent again when the session is resumed on a new connection.
+    recent_dms: deque[tuple[int, Envelope]] | None = None
+    recent_dm_chars: int = 0
 
 
 def _token_fits(holder: Session, token: str) -> bool:
@@ -714,7 +725,7 @@ class Core:
             # The old connection hears why it is nobody now. After a blip it is gone and
             # this is dropped; alive, it is a second client with this token, which stops.
             moved = p.error(ErrorCode.SESSION_MOVED, f"{name!r} was resumed on another connection with its token")
-            return [Reply(old, moved), *self._welcome(holder, True, rid)]
+            return [Reply(old, moved), *self._welcome(holder, True, rid), *self._dms_again(holder, now)]
         refused = self._full(rid)
         if refused is not None:
             return self.reject(identity, refused)
@@ -879,8 +890,31 @@ class Core:
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
+        self._keep_dm(target, event, now)
         # Private: ROUTER to the recipient only, never PUB, never the store.
         return [Direct(target.identity, event, session.identity, ack)]
+
+    def _keep_dm(self, target: Session, event: Envelope, now: int) -> None:
+        """Keep a DM handed to ``target``'s connection for DM_KEPT_MS: a connection that went
+        dead without closing (a NAT that forgot it) takes DMs, and its author hears they
+        were delivered, until the client gives it up and resumes on a new one; then they
+        are sent again (clients drop a DM they have, by its author and id). In memory only,
+        at most DM_KEPT_CHARS of text a session."""
+        kept = target.recent_dms
+        if kept is None:
+            kept = target.recent_dms = deque()
+        kept.append((now, event))
+        target.recent_dm_chars += len(event["text"])
+        while kept and (kept[0][0] < now - self.expiry_ms - DM_KEPT_EXTRA_MS or target.recent_dm_chars > DM_KEPT_CHARS):
+            target.recent_dm_chars -= len(kept.popleft()[1]["text"])
+
+    def _dms_again(self, session: Session, now: int) -> list[Action]:
+        """The DMs kept for ``session`` (see _keep_dm), to its new connection."""
+        kept, session.recent_dms, session.recent_dm_chars = session.recent_dms, None, 0
+        if not kept:
+            return []
+        since = now - self.expiry_ms - DM_KEPT_EXTRA_MS
+        return [Reply(session.identity, event) for ts, event in kept if ts >= since]
 
     def undelivered(self, dm: Direct) -> Envelope:
         """The loop could not hand ``dm`` to its recipient's connection: gone (the
@@ -889,6 +923,9 @@ class Core:
         acknowledged again; the error is what its author gets instead."""
         msg_id: str = dm.ack["id"]
         self._acked.forget((dm.env["from"], msg_id))
+        target = self.by_name.get(dm.env["to"])
+        if target is not None and target.recent_dms and target.recent_dms[-1][1] is dm.env:
+            target.recent_dm_chars -= len(target.recent_dms.pop()[1]["text"])  # its author is told, and resends
         return p.error(
             ErrorCode.UNDELIVERED,
             f"{dm.env['to']}'s connection could not take it (reconnecting, or not reading); not delivered",

@@ -104,6 +104,9 @@ class TcpProxy:
                         with self._lock:
                             self._peers[conn], self._peers[upstream] = upstream, conn
                         continue
+                    with self._lock:
+                        if self._stalled or sock in self._dead:
+                            continue  # stalled while select() waited: not a byte more
                     peer = self._peers.get(sock)
                     if peer is None:
                         continue  # its pair went earlier in this pass

@@ -356,6 +356,34 @@ def test_large_replies_are_marked_and_a_session_that_does_not_read_them_is_refus
     assert only_reply(core.handle(C, enc(type="who", room="general"), 6000), C)["type"] == "who"
 
 
+def test_dms_handed_to_a_connection_lately_are_sent_again_to_the_session_resumed() -> None:
+    """A connection gone dead without closing still takes DMs (and their authors get
+    acks) until its client gives it up: on the new connection they come again."""
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    token = core.by_name["alice"].token
+    old = core.handle(B, enc(type="dm", to="alice", text="old", id="d0"), 0)
+    later = 3 * HB + 5000 + 1  # past expiry and the extra: "old" is not kept
+    lost = core.handle(B, enc(type="dm", to="alice", text="undelivered", id="d1"), later)
+    (direct,) = [a for a in lost if isinstance(a, Direct)]
+    core.undelivered(direct)  # its author was told: not sent again
+    for i in (2, 3):
+        core.handle(B, enc(type="dm", to="alice", text=f"kept {i}", id=f"d{i}"), later)
+    assert [a for a in old if isinstance(a, Direct)]
+    resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), later + 10)
+    got = [(r.identity, r.env["type"], r.env.get("text")) for r in replies(resumed)]
+    assert got == [
+        (A, "error", None),  # session_moved, to the old connection
+        (C, "welcome", None),
+        (C, "dm", "kept 2"),
+        (C, "dm", "kept 3"),
+    ]
+    # Sent again once: the next resume has nothing to send.
+    again = core.handle(A, enc(type="hello", v=1, name="alice", resume=token), later + 20)
+    assert [r.env["type"] for r in replies(again)] == ["error", "welcome"]
+
+
 def test_a_join_that_says_members_false_gets_the_count_not_the_list() -> None:
     core = make_core(general=5)
     hello(core, A, "alice")

@@ -955,6 +955,42 @@ def test_a_connection_gone_dead_without_closing_is_resumed_on_a_new_one(
 
 
 @pytest.mark.timeout(30)
+def test_a_dm_acknowledged_to_a_dead_connection_reaches_the_session_resumed(
+    short_heartbeat_broker: RunningBroker, connect_to: Callable[..., Client]
+) -> None:
+    """A DM to a connection gone dead without closing is taken by it (libzmq and the
+    kernel queue it) and its author gets an ack; the client then gives the connection up
+    and resumes on a new one, where the DM was lost. The broker sends it again there."""
+    broker = short_heartbeat_broker
+    carol = connect_to(broker, "carol")
+    with TcpProxy(broker.port) as req, TcpProxy(broker.pub_port) as pub:
+        alice = Client("alice", HOST, req.port, pub.port)
+        try:
+            alice.connect()
+            seen: list[Event] = []
+
+            def alice_sees(done: Callable[[], bool]) -> Callable[[], bool]:
+                def check() -> bool:
+                    alice.pump(0.02)
+                    seen.extend(alice.drain_events())
+                    return done()
+
+                return check
+
+            assert carol.dm_wait("alice", "before").type == "dm"
+            wait_for(alice_sees(lambda: "before" in [e.text for e in seen if e.type == "dm"]), 10)
+            req.stall(new_too=False)
+            pub.stall(new_too=False)
+            assert carol.dm_wait("alice", "into the void").own  # acknowledged: its connection took it
+            wait_for(alice_sees(lambda: "into the void" in [e.text for e in seen if e.type == "dm"]), 10)
+            status = [e.text for e in seen if e.type == "status"]
+            assert status and "session resumed" in str(status[-1]), [(e.type, e.text) for e in seen]
+            assert [e.text for e in seen if e.type == "dm"] == ["before", "into the void"]
+        finally:
+            alice.close(flush_timeout=0.2, settle=0)
+
+
+@pytest.mark.timeout(30)
 def test_a_connection_cut_on_the_way_is_not_blamed_on_the_broker(
     broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
