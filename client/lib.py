@@ -1541,7 +1541,9 @@ class Client:
             self._lose_at = None
         if self.state == "connected":
             if now - self._last_recv > SILENT_HEARTBEATS * hb:
-                self._lost(f"no answer from {self.endpoint} for {now - self._last_recv:.0f} s")
+                quiet = now - self._last_recv
+                # (One decimal below 10 s: at a short heartbeat, 0.5 s read as "for 1 s".)
+                self._lost(f"no answer from {self.endpoint} for {quiet:.{1 if quiet < 10 else 0}f} s")
             else:
                 if now - self._last_ping >= hb:
                     # Every heartbeat, sending or not: besides keeping the session, a

@@ -947,6 +947,8 @@ def test_a_connection_gone_dead_without_closing_is_resumed_on_a_new_one(
             wait_for(pump_until(lambda: any(e.type == "status" and e.event == "connected" for e in seen)), 10)
             status = [e.text for e in seen if e.type == "status"]
             assert "session resumed" in str(status[-1]), status
+            # Silent for 2.5 heartbeats of 200 ms: said as such, not rounded to "1 s".
+            assert re.search(r"no answer from \S+ for 0\.[5-9] s", str(status)), status
             alice.send("general", "after")
             wait_for(pump_until(lambda: "after" in [e.text for e in heard if e.type == "msg"]), 10)
             assert [(e.name, e.event) for e in heard if e.type == "presence"] == [], "the room saw nothing"
