@@ -34,8 +34,11 @@ MAX_ROOMS_LISTED = 1000
 #: connection is given up by its client within the expiry, and its reconnect takes a
 #: few seconds more at most.
 DM_KEPT_EXTRA_MS = 5_000
-#: At most this many characters of DM text are kept per session for that.
-DM_KEPT_CHARS = 256 * 1024
+#: At most this much (each DM's text and DM_KEPT_OVERHEAD) is kept per session for
+#: that, and for at most DM_KEPT_MAX_MS (a long --heartbeat-ms would keep them for hours).
+DM_KEPT_BYTES = 256 * 1024
+DM_KEPT_OVERHEAD = 512
+DM_KEPT_MAX_MS = 65_000
 #: A session heard from within a heartbeat and this much is taken to have a client
 #: connected now (clients ping every heartbeat; this allows for a late one).
 HEARTBEAT_SLACK_MS = 1000
@@ -236,7 +239,7 @@ class Session:
     #: DMs handed to its connection lately, (ts, event), oldest first (see Core._keep_dm):
     #: sent again when the session is resumed on a new connection.
     recent_dms: deque[tuple[int, Envelope]] | None = None
-    recent_dm_chars: int = 0
+    recent_dm_bytes: int = 0
 
 
 def _token_fits(holder: Session, token: str) -> bool:
@@ -246,6 +249,11 @@ def _token_fits(holder: Session, token: str) -> bool:
     if holder.token_sha256 is None:
         return secrets.compare_digest(presented, holder.token.encode())
     return secrets.compare_digest(hashlib.sha256(presented).digest(), holder.token_sha256)
+
+
+def _kept_size(event: Envelope) -> int:
+    """What a kept DM is counted as: its text and the objects around it."""
+    return len(event["text"]) + DM_KEPT_OVERHEAD
 
 
 def _bytes_text(count: int) -> str:
@@ -687,7 +695,16 @@ class Core:
         return [
             Reply(
                 session.identity,
-                p.welcome(session.name, session.sender, self.epoch, self.heartbeat_ms, session.token, resumed, rid),
+                p.welcome(
+                    session.name,
+                    session.sender,
+                    self.epoch,
+                    self.heartbeat_ms,
+                    session.token,
+                    resumed,
+                    rid,
+                    sorted(session.rooms) if resumed else None,
+                ),
             )
         ]
 
@@ -895,25 +912,30 @@ class Core:
         return [Direct(target.identity, event, session.identity, ack)]
 
     def _keep_dm(self, target: Session, event: Envelope, now: int) -> None:
-        """Keep a DM handed to ``target``'s connection for DM_KEPT_MS: a connection that went
+        """Keep a DM handed to ``target``'s connection for a while (see _dm_kept_since): a connection that went
         dead without closing (a NAT that forgot it) takes DMs, and its author hears they
         were delivered, until the client gives it up and resumes on a new one; then they
         are sent again (clients drop a DM they have, by its author and id). In memory only,
-        at most DM_KEPT_CHARS of text a session."""
+        at most DM_KEPT_BYTES a session."""
         kept = target.recent_dms
         if kept is None:
             kept = target.recent_dms = deque()
         kept.append((now, event))
-        target.recent_dm_chars += len(event["text"])
-        while kept and (kept[0][0] < now - self.expiry_ms - DM_KEPT_EXTRA_MS or target.recent_dm_chars > DM_KEPT_CHARS):
-            target.recent_dm_chars -= len(kept.popleft()[1]["text"])
+        target.recent_dm_bytes += _kept_size(event)
+        since = self._dm_kept_since(now)
+        while kept and (kept[0][0] < since or target.recent_dm_bytes > DM_KEPT_BYTES):
+            target.recent_dm_bytes -= _kept_size(kept.popleft()[1])
+
+    def _dm_kept_since(self, now: int) -> int:
+        """The oldest a kept DM may be: a session's expiry and a reconnect's few seconds."""
+        return now - min(self.expiry_ms, DM_KEPT_MAX_MS - DM_KEPT_EXTRA_MS) - DM_KEPT_EXTRA_MS
 
     def _dms_again(self, session: Session, now: int) -> list[Action]:
         """The DMs kept for ``session`` (see _keep_dm), to its new connection."""
-        kept, session.recent_dms, session.recent_dm_chars = session.recent_dms, None, 0
+        kept, session.recent_dms, session.recent_dm_bytes = session.recent_dms, None, 0
         if not kept:
             return []
-        since = now - self.expiry_ms - DM_KEPT_EXTRA_MS
+        since = self._dm_kept_since(now)
         return [Reply(session.identity, event) for ts, event in kept if ts >= since]
 
     def undelivered(self, dm: Direct) -> Envelope:
@@ -925,7 +947,7 @@ class Core:
         self._acked.forget((dm.env["from"], msg_id))
         target = self.by_name.get(dm.env["to"])
         if target is not None and target.recent_dms and target.recent_dms[-1][1] is dm.env:
-            target.recent_dm_chars -= len(target.recent_dms.pop()[1]["text"])  # its author is told, and resends
+            target.recent_dm_bytes -= _kept_size(target.recent_dms.pop()[1])  # its author is told, and resends
         return p.error(
             ErrorCode.UNDELIVERED,
             f"{dm.env['to']}'s connection could not take it (reconnecting, or not reading); not delivered",

@@ -295,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close(settle=0)
         return 1
+    for stale in client.resumed_rooms:
+        # The session a zchat of this name left when it was killed (its saved token): this
+        # run is in its own rooms; in the others it would be listed and hear nothing.
+        if stale != room:
+            with contextlib.suppress(ZchatError):
+                client.leave(stale)
     # (stdin is None when started with it closed, `<&-`: read as empty input)
     interactive = args.send is None and args.dump is None and sys.stdin is not None and sys.stdin.isatty()
     if not interactive:

@@ -645,6 +645,10 @@ class Client:
         #: or one that replaced a session the broker had lost): a program that keeps the
         #: token across its restarts (``resume``) saves it here, before a crash needs it.
         self.on_resume_token: Callable[[str | None], None] | None = None
+        #: The rooms of the session connect() took back with ``resume`` (its welcome says
+        #: them): a program restarted after a crash joins them again, or leaves them (until
+        #: it does, it is listed there and hears nothing). Empty for a new session.
+        self.resumed_rooms: list[str] = []
         #: The ``mark`` of the last large reply read, said in each request's ``read`` (see _send).
         self._read_mark: str | None = None
         #: The broker of the last welcome.
@@ -1505,6 +1509,9 @@ class Client:
         self._welcomed_by = self.address
         self._auth_said = False
         was = self.state
+        if was != "reconnecting":
+            rooms = welcome.get("in_rooms") if welcome.get("resumed") else None
+            self.resumed_rooms = [r for r in rooms if p.is_room(r)] if isinstance(rooms, list) else []
         self.state = "connected"
         if was == "reconnecting":
             # Everyone else lost the broker too, and takes up to 3 heartbeats to notice.
@@ -2053,9 +2060,10 @@ class Client:
             return
         rid = env.get("id")
         mark = env.get("mark")
-        if type(mark) is str:
+        if type(mark) is str and _mark_count(mark) > _mark_count(self._read_mark):
             # A large reply read: the broker hears so with our next request (see _send),
-            # or it stops answering such requests once too many are unread.
+            # or it stops answering such requests once too many are unread. The highest:
+            # marks need not come in order (a history answer may overtake a who's).
             self._read_mark = mark
         if kind == "pong":
             self._note_seqs(env.get("seqs"), self._pings.pop(rid, None) if isinstance(rid, str) else None)
@@ -2357,6 +2365,14 @@ _REPLY_TYPES: Final[dict[str, str]] = {
 }
 
 
+def _mark_count(mark: str | None) -> int:
+    """The bytes a large reply's ``mark`` says were sent up to it (-1 for none or a stranger one)."""
+    try:
+        return int((mark or "").partition(".")[0], 16)
+    except ValueError:
+        return -1
+
+
 def _reply_fits(reply: Envelope, request: str | None = None) -> bool:
     """Whether ``reply`` (not an error) has what its readers take from it, and answers
     ``request`` (a request type) with the reply it calls for."""
@@ -2368,7 +2384,7 @@ def _reply_fits(reply: Envelope, request: str | None = None) -> bool:
     if reply["type"] == "joined" and type(reply.get("members")) is not list and type(reply.get("count")) is not int:
         return False  # a join's reply lists its members, or says how many (the join said members: false)
     members = reply.get("members", [])
-    rooms = reply.get("rooms", [])
+    rooms = reply.get("rooms", []) if reply["type"] == "rooms" else []
     return type(members) is list and all(type(m) is str for m in members) and all(_room_item_fits(r) for r in rooms)
 
 

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from client.lib import BrokerAddress
+from zchat import protocol as p
 
 
 def state_dir() -> Path:
@@ -45,13 +46,18 @@ class SavedToken:
         """The file for ``name`` at ``address``, locked; None when another process holds
         it (a ``zchat`` of that name runs here) or it cannot be made (then there is
         simply no token: the chat works as it did without)."""
-        directory = directory or state_dir() / "sessions"
+        if not p.is_name(name):
+            return None  # (refused by the client later; never a path of its making)
+        try:
+            directory = directory or state_dir() / "sessions"
+        except (RuntimeError, KeyError):  # no home directory to be found
+            return None
         # (Names are safe in a file name; a host is whatever was typed.)
         host = re.sub(r"[^A-Za-z0-9_.:\[\]-]", "_", address.host)
         path = directory / f"{name}@{host}_{address.port}"
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError:
             return None
         try:

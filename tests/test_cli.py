@@ -150,6 +150,8 @@ def test_a_zchat_killed_and_started_again_takes_its_session_back(
     (a secret: its user's only) and takes the session back. A clean exit empties it."""
     bob = chats("bob", "--json")
     bob.expect_json(type="presence", name="bob", event="join")
+    bob.say("/join secret")
+    bob.expect_json(type="presence", room="secret", name="bob", event="join")
     sessions = tmp_path / "xdg-state" / "zchat" / "sessions"
     (saved,) = sessions.iterdir()
     assert saved.name == f"bob@{HOST}_{broker_proc.port}"
@@ -170,8 +172,13 @@ def test_a_zchat_killed_and_started_again_takes_its_session_back(
     assert saved.read_text() == ""  # its bye ended the session: the token is of no use now
     with Client("watcher", port=broker_proc.port, pub_port=broker_proc.pub_port) as watcher:
         events, _ = watcher.history("general")
-    said = [(e.name, e.event or e.text, e.reason) for e in events if e.name == "bob"]
-    assert said == [("bob", "join", None), ("bob", "back", None), ("bob", "leave", "quit")]
+        said = [(e.name, e.event or e.text, e.reason) for e in events if e.name == "bob"]
+        assert said == [("bob", "join", None), ("bob", "back", None), ("bob", "leave", "quit")]
+        # The killed run's other room: this run is not in it, so it left it (listed there,
+        # it would have heard nothing).
+        secret, _ = watcher.history("secret")
+        assert [(e.name, e.event) for e in secret] == [("bob", "join"), ("bob", "leave")]
+        assert watcher.who("secret") == []
 
 
 @pytest.mark.timeout(60)

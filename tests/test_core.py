@@ -360,8 +360,9 @@ def test_dms_handed_to_a_connection_lately_are_sent_again_to_the_session_resumed
     """A connection gone dead without closing still takes DMs (and their authors get
     acks) until its client gives it up: on the new connection they come again."""
     core = make_core()
-    hello(core, A, "alice")
+    assert "in_rooms" not in hello(core, A, "alice")  # a new session: in no room
     hello(core, B, "bob")
+    join(core, A, "general")
     token = core.by_name["alice"].token
     old = core.handle(B, enc(type="dm", to="alice", text="old", id="d0"), 0)
     later = 3 * HB + 5000 + 1  # past expiry and the extra: "old" is not kept
@@ -373,6 +374,7 @@ def test_dms_handed_to_a_connection_lately_are_sent_again_to_the_session_resumed
     assert [a for a in old if isinstance(a, Direct)]
     resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), later + 10)
     got = [(r.identity, r.env["type"], r.env.get("text")) for r in replies(resumed)]
+    assert replies(resumed)[1].env["in_rooms"] == ["general"]  # what a restarted client rejoins or leaves
     assert got == [
         (A, "error", None),  # session_moved, to the old connection
         (C, "welcome", None),

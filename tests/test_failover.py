@@ -849,6 +849,31 @@ def test_a_rejoin_after_a_reconnect_asks_for_no_member_list() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_the_client_says_the_highest_mark_it_read_whatever_their_order() -> None:
+    """A history reply is answered after the who of the same pass, and marks count up:
+    saying the last one read, not the highest, left a client refused for good once the
+    replies after it passed the burst."""
+    marks = iter(["20.aaaa", "10.bbbb", "30.cccc"])
+
+    def answer(env: dict[str, Any]) -> list[dict[str, Any]]:
+        if env["type"] == "who":
+            return [{"type": "who", "room": env["room"], "members": [], "mark": next(marks), "id": env.get("id")}]
+        return Script()(env)
+
+    fake = ScriptedBroker(answer)
+    alice = Client("alice", hosts=[fake.address])
+    try:
+        alice.connect()
+        for _ in range(3):
+            alice.who("general")
+        said = [env.get("read") for env in fake.of_type("who")]
+        assert said == [None, "20.aaaa", "20.aaaa"]
+    finally:
+        alice.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("mode", [["--send", "one shot"], []])
 def test_the_command_line_client_joins_without_the_member_list(mode: list[str]) -> None:
     """``zchat`` shows no member list when it starts (the terminal asks ``who`` for its

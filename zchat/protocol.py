@@ -552,22 +552,31 @@ def hello(name: str, request_id: str | None = None, resume: str | None = None) -
 
 
 def welcome(
-    name: str, sender: str, epoch: str, heartbeat_ms: int, resume: str, resumed: bool, request_id: str | None
+    name: str,
+    sender: str,
+    epoch: str,
+    heartbeat_ms: int,
+    resume: str,
+    resumed: bool,
+    request_id: str | None,
+    rooms: list[str] | None = None,
 ) -> Envelope:
-    """``resume`` is the session's secret token; ``resumed`` says an existing session was taken over."""
-    return _with_id(
-        {
-            "type": "welcome",
-            "v": VERSION,
-            "name": name,
-            "sender": sender,
-            "epoch": epoch,
-            "heartbeat_ms": heartbeat_ms,
-            "resume": resume,
-            "resumed": resumed,
-        },
-        request_id,
-    )
+    """``resume`` is the session's secret token; ``resumed`` says an existing session was
+    taken over, and ``rooms`` (with it) which rooms that session is in (``in_rooms``)."""
+    env: Envelope = {
+        "type": "welcome",
+        "v": VERSION,
+        "name": name,
+        "sender": sender,
+        "epoch": epoch,
+        "heartbeat_ms": heartbeat_ms,
+        "resume": resume,
+        "resumed": resumed,
+    }
+    if rooms is not None:
+        # (Not "rooms": a client of before this field took a welcome with it for malformed.)
+        env["in_rooms"] = rooms
+    return _with_id(env, request_id)
 
 
 def msg_event(
