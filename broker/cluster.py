@@ -355,6 +355,7 @@ class ClusterCore(Core):
     # ------------------------------------------------------------ requests
 
     def _end(self, session: Session, now: int, reason: p.LeaveReason) -> list[Action]:
+        self._owe(session, now)
         if self._parked.pop(session.name, None) is not None:
             # Not kept for a session that ends (as with one broker): nobody resumes it.
             self._parked_ended.add(session.name)

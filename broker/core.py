@@ -29,6 +29,9 @@ log = logging.getLogger("zchat.broker")
 DEDUP_WINDOW = 100_000
 #: ``rooms`` lists at most this many rooms.
 MAX_ROOMS_LISTED = 1000
+#: Hosts whose ended sessions' unread large replies are owed (see Core._owe) before the
+#: ones paid off are swept.
+MAX_DEBTS = 10_000
 #: A DM handed to a connection is kept for a session's expiry and this much (ms), to be
 #: sent again if the session is resumed on a new connection (see Core._keep_dm): a dead
 #: connection is given up by its client within the expiry, and its reconnect takes a
@@ -397,6 +400,9 @@ class Core:
         self._session_lines = LogBudget("session lines")
         #: Signs the marks of large replies (see _mark): new at each start, as sessions are.
         self._mark_key = secrets.token_bytes(16)
+        #: host -> (bytes, ms): large replies its ended or moved sessions were sent and did
+        #: not say they read, paid off at the budget's rate from that time (see _owe).
+        self._debts: dict[str, tuple[float, int]] = {}
         #: The latest time we were given (ms), for log throttling: no clock of our own.
         self._clock = 0
         self._new_sender = new_sender
@@ -668,6 +674,7 @@ class Core:
 
     def _end(self, session: Session, now: int, reason: p.LeaveReason) -> list[Action]:
         """End ``session``: its leave in each of its rooms says why (``reason``)."""
+        self._owe(session, now)
         self._detach(session)
         actions: list[Action] = []
         for room in sorted(session.rooms):
@@ -733,9 +740,12 @@ class Core:
             if restored:
                 holder.token, holder.token_sha256 = token, None  # known again, as its client holds it
             self._detach(holder)
+            # What its client read (its hello says), and what it did not, which its old
+            # connection may still hold queued: owed by its host from now on.
+            self._note_read(holder, env.get("read"))
+            self._owe(holder, now)
             holder.identity, holder.host = identity, self._hello_host
             holder.last_seen = now
-            holder.bulk_read = holder.bulk_sent  # what the old connection had queued went with it
             self._attach(holder)
             if restored:
                 return self._welcome(holder, True, rid)
@@ -974,9 +984,11 @@ class Core:
         is refused when the session's budget of such replies (``history_bytes``) is spent,
         else None."""
         limits = self.limits
-        if session.history is None or limits.history_bytes <= 0:
+        if limits.history_bytes <= 0:
             return None
         unread = session.bulk_sent - session.bulk_read
+        if session.host is not None and self._debts:
+            unread += round(self._owed(session.host, now))
         if unread > limits.history_burst:
             # The rate alone let a session that asks and never reads have the broker queue
             # its replies without end, at the rate: it must read what it was sent first.
@@ -984,6 +996,8 @@ class Core:
                 f"{_bytes_text(unread)} of history, rooms, who and join replies sent to you are not read "
                 "yet: read them (and say so: a request's 'read' is the 'mark' of the last reply read)"
             )
+        if session.history is None:
+            return None
         self._refill(session.history, now)
         if session.history.tokens >= 0:
             return None
@@ -1010,6 +1024,34 @@ class Core:
         session.history.tokens -= size  # may go below zero: later queries wait until it is back above
         session.bulk_sent += size
         return self._mark(session, session.bulk_sent)
+
+    def _owe(self, session: Session, now: int) -> None:
+        """``session`` ends, or moves to a new connection: the large replies it did not say
+        it read may still wait in its old connection's queue (libzmq keeps it until the peer
+        closes it), and a new session must not start counting from nothing (a client that
+        says bye and hello in a loop, never reading, grew the broker by 32 MiB a round).
+        Its host owes them, paid off at the budget's rate, and counted with each of its
+        sessions' own unread replies (see _bulk_spent)."""
+        unread = session.bulk_sent - session.bulk_read
+        session.bulk_read = session.bulk_sent
+        host = session.host
+        if unread <= 0 or host is None or self.limits.history_bytes <= 0:
+            return
+        if len(self._debts) >= MAX_DEBTS:
+            for other in list(self._debts):
+                self._owed(other, now)  # (forgets those paid off)
+        self._debts[host] = (self._owed(host, now) + unread, now)
+
+    def _owed(self, host: str, now: int) -> float:
+        """What ``host`` still owes at ``now`` (see _owe)."""
+        debt = self._debts.get(host)
+        if debt is None:
+            return 0.0
+        left = debt[0] - (now - debt[1]) * self.limits.history_bytes / 1000
+        if left <= 0:
+            del self._debts[host]
+            return 0.0
+        return left
 
     def _mark(self, session: Session, upto: int) -> str:
         """A reply's ``mark``: the bytes sent so far, signed (by a key of this process) for

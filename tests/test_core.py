@@ -347,13 +347,57 @@ def test_large_replies_are_marked_and_a_session_that_does_not_read_them_is_refus
     assert fourth["type"] == "who", fourth
     assert only_reply(core.handle(A, enc(type="who", room="general"), 5000), A).get("code") == "rate_limited"
     assert only_reply(core.handle(A, enc(type="who", room="general", read=fourth["mark"]), 5000), A)["type"] == "who"
-    # A resume on a new connection: what the old one had queued went with it.
+    # A resume on a new connection: the session starts counting anew (a host, had it one,
+    # would owe the rest: see the next test).
     for _ in range(3):
         core.handle(A, enc(type="rooms"), 6000)
     token = core.by_name["alice"].token
     resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), 6000)
     assert [r.env["type"] for r in replies(resumed)] == ["error", "welcome"]  # (session_moved to A)
     assert only_reply(core.handle(C, enc(type="who", room="general"), 6000), C)["type"] == "who"
+
+
+def test_a_host_owes_what_its_ended_and_moved_sessions_did_not_say_they_read() -> None:
+    """A client that says bye and hello in a loop, never reading, started each session
+    counting from nothing while the old connections kept their queues: +32 MiB a round.
+    What a session did not say it read when it ends or moves is its host's to pay off,
+    at the budget's rate; a session's own unread and its host's debt count together."""
+    core = Core(epoch="e", heartbeat_ms=HB, limits=Limits(history_bytes=100, history_burst=200))
+
+    def handle(identity: bytes, now: int, **env: Any) -> dict[str, Any]:
+        return only_reply(core.handle(identity, enc(**env), now, None, _From("10.0.0.9")), identity)
+
+    assert handle(A, 0, type="hello", v=1, name="bob")["type"] == "welcome"
+    core.handle(A, enc(type="join", room="general"), 0, None, _From("10.0.0.9"))  # (a list of 4 bytes)
+    for i in range(9):
+        core.members["general"][f"member-{i}"] = core.by_name["bob"]  # a list of 94 bytes
+    for _ in range(2):
+        assert handle(A, 0, type="who", room="general")["type"] == "who"
+    core.handle(A, enc(type="bye"), 0, None, _From("10.0.0.9"))
+    # A new session of that host: 192 owed, so one more list, then refused.
+    assert handle(B, 0, type="hello", v=1, name="bob2")["type"] == "welcome"
+    assert handle(B, 0, type="who", room="general")["type"] == "who"
+    refused = handle(B, 0, type="who", room="general")
+    assert refused["code"] == "rate_limited" and "not read yet" in refused["message"], refused
+    # Paid off at 100 bytes a second: 2 s later, 0 owed and 94 its own.
+    last = handle(B, 2000, type="who", room="general")
+    assert last["type"] == "who"
+    # Another host owes nothing.
+    other = only_reply(core.handle(C, enc(type="hello", v=1, name="carol"), 2000, None, _From("10.0.0.7")), C)
+    assert other["type"] == "welcome"
+    assert (
+        only_reply(core.handle(C, enc(type="who", room="general"), 2000, None, _From("10.0.0.7")), C)["type"] == "who"
+    )
+    # A resume whose hello says what it read leaves nothing owed; one that does not, the rest.
+    token = core.by_name["bob2"].token
+    resumed = core.handle(
+        A, enc(type="hello", v=1, name="bob2", resume=token, read=last["mark"]), 2000, None, _From("10.0.0.9")
+    )
+    assert [r.env["type"] for r in replies(resumed)] == ["error", "welcome"]
+    assert core._debts == {}
+    assert handle(A, 2000, type="who", room="general")["type"] == "who"
+    core.handle(B, enc(type="hello", v=1, name="bob2", resume=token), 2000, None, _From("10.0.0.9"))
+    assert core._debts == {"10.0.0.9": (81, 2000)}  # that last list, not said read
 
 
 def test_dms_handed_to_a_connection_lately_are_sent_again_to_the_session_resumed() -> None:
