@@ -236,7 +236,7 @@ class Session:
     #: the SHA-256 of its token, all the store keeps of it (``token`` is empty meanwhile).
     token_sha256: bytes | None = None
     #: Bytes of large replies sent to this session, and of those its client said it has
-    #: read (a request's ``read``: the ``mark`` of the last one it got); see Core.read_mark.
+    #: read (a request's ``read``: the highest ``mark`` it got); see Core._note_read.
     bulk_sent: int = 0
     bulk_read: int = 0
     #: DMs handed to its connection lately, (ts, event), oldest first (see Core._keep_dm):
@@ -994,7 +994,7 @@ class Core:
             # its replies without end, at the rate: it must read what it was sent first.
             return (
                 f"{_bytes_text(unread)} of history, rooms, who and join replies sent to you are not read "
-                "yet: read them (and say so: a request's 'read' is the 'mark' of the last reply read)"
+                "yet: read them (and say so: a request's 'read' is the highest 'mark' of the replies read)"
             )
         if session.history is None:
             return None
@@ -1024,6 +1024,14 @@ class Core:
         session.history.tokens -= size  # may go below zero: later queries wait until it is back above
         session.bulk_sent += size
         return self._mark(session, session.bulk_sent)
+
+    def _charged(self, session: Session, reply: Envelope, size: int, now: int) -> Envelope:
+        """``reply``, a large one of about ``size`` bytes, charged to ``session``'s budget and
+        marked (see :meth:`_charge_bulk`)."""
+        mark = self._charge_bulk(session, size, now)
+        if mark is not None:
+            reply["mark"] = mark
+        return reply
 
     def _owe(self, session: Session, now: int) -> None:
         """``session`` ends, or moves to a new connection: the large replies it did not say
@@ -1057,19 +1065,17 @@ class Core:
         """A reply's ``mark``: the bytes sent so far, signed (by a key of this process) for
         this session, so that a client cannot say it read what it has not received."""
         mac = hmac.new(self._mark_key, f"{session.sender}:{upto}".encode(), hashlib.sha256).hexdigest()[:16]
-        return f"{upto:x}.{mac}"
+        return p.mark(upto, mac)
 
     def _note_read(self, session: Session, mark: object) -> None:
-        """A request's ``read``: the mark of the last large reply its client has read. Not
-        one of ours for this session (another broker's, a forgery, garbage): ignored."""
-        if not isinstance(mark, str) or len(mark) > p.MAX_ID_CHARS:
-            return
-        upto, _, _ = mark.partition(".")
-        try:
-            count = int(upto, 16)
-        except ValueError:
-            return
-        if session.bulk_read < count <= session.bulk_sent and hmac.compare_digest(mark, self._mark(session, count)):
+        """A request's ``read``: the highest mark of the large replies its client has read.
+        Not one of ours for this session (another broker's, a forgery, garbage): ignored."""
+        count = p.mark_count(mark)
+        if (
+            isinstance(mark, str)
+            and session.bulk_read < count <= session.bulk_sent
+            and hmac.compare_digest(mark, self._mark(session, count))
+        ):
             session.bulk_read = count
 
     def _refill(self, bucket: Bucket, now: int) -> None:
@@ -1102,23 +1108,18 @@ class Core:
         and marked (see :meth:`_mark`)."""
         reply["members"] = members
         reply.update(more)
-        mark = self._charge_bulk(session, sum(len(name) + 1 for name in members), now)
-        if mark is not None:
-            reply["mark"] = mark
-        return reply
+        return self._charged(session, reply, sum(len(name) + 1 for name in members), now)
 
     def _rooms(self, session: Session, env: Envelope, now: int) -> list[Action]:
         # Up to 1000 rooms, some 50 KB: charged like history, or a session that asks
         # and never reads could make the broker queue replies without end.
         self._check_bulk(session, now)
         listed, truncated = self._room_list()
-        # About what it encodes to: each entry's name, its three keys and two ints.
-        mark = self._charge_bulk(session, 32 + sum(len(room) + 30 for room, _, _ in listed), now)
         rooms = [{"room": room, "members": members, "seq": seq} for room, members, seq in listed]
         reply: Envelope = {"type": "rooms", "rooms": rooms, "truncated": truncated}
-        if mark is not None:
-            reply["mark"] = mark
-        return [self._reply(session, reply, env)]
+        # About what it encodes to: each entry's name, its three keys and two ints.
+        size = 32 + sum(len(room) + 30 for room, _, _ in listed)
+        return [self._reply(session, self._charged(session, reply, size, now), env)]
 
     def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
         """(room, members, seq) of the first MAX_ROOMS_LISTED rooms by name, and whether there are more."""

@@ -649,7 +649,7 @@ class Client:
         #: them): a program restarted after a crash joins them again, or leaves them (until
         #: it does, it is listed there and hears nothing). Empty for a new session.
         self.resumed_rooms: list[str] = []
-        #: The ``mark`` of the last large reply read, said in each request's ``read`` (see _send).
+        #: The highest ``mark`` of the large replies read, said in each request's ``read`` (see _send).
         self._read_mark: str | None = None
         #: The broker of the last welcome.
         self._welcomed_by: BrokerAddress | None = None
@@ -2060,7 +2060,7 @@ class Client:
             return
         rid = env.get("id")
         mark = env.get("mark")
-        if type(mark) is str and _mark_count(mark) > _mark_count(self._read_mark):
+        if type(mark) is str and p.mark_count(mark) > p.mark_count(self._read_mark):
             # A large reply read: the broker hears so with our next request (see _send),
             # or it stops answering such requests once too many are unread. The highest:
             # marks need not come in order (a history answer may overtake a who's).
@@ -2363,14 +2363,6 @@ _REPLY_TYPES: Final[dict[str, str]] = {
     "rooms": "rooms",
     "ping": "pong",
 }
-
-
-def _mark_count(mark: str | None) -> int:
-    """The bytes a large reply's ``mark`` says were sent up to it (-1 for none or a stranger one)."""
-    try:
-        return int((mark or "").partition(".")[0], 16)
-    except ValueError:
-        return -1
 
 
 def _reply_fits(reply: Envelope, request: str | None = None) -> bool:

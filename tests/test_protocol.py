@@ -855,3 +855,9 @@ def test_a_nil_id_or_resume_is_refused_not_taken_for_absent(env: dict[str, Any])
     with pytest.raises(p.ProtocolError) as err:
         p.decode_request(p.encode(env))
     assert err.value.code == "bad_envelope" and "must be a string" in err.value.message
+
+
+def test_a_mark_says_its_count_and_anything_else_is_none() -> None:
+    assert p.mark_count(p.mark(0x1F4, "a" * 16)) == 500
+    for value in (None, 7, "", "zz.1", "x" * (p.MAX_ID_CHARS + 1), b"1f4.aa"):
+        assert p.mark_count(value) == -1, value

@@ -614,6 +614,23 @@ def dm_event(name: str, sender: str, to: str, text: str, ts: int, msg_id: str) -
     return {"type": "dm", "from": name, "sender": sender, "to": to, "text": text, "ts": ts, "id": msg_id}
 
 
+def mark(count: int, signature: str) -> str:
+    """A large reply's ``mark``: the bytes of large replies sent to the session up to it
+    (hex), a dot, and the broker's signature of that count for the session."""
+    return f"{count:x}.{signature}"
+
+
+def mark_count(value: object) -> int:
+    """The count a ``mark`` (or a request's ``read``, which says one back) stands for, or
+    -1 for anything that is no mark; whether it is genuine is the broker's to check."""
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        return -1
+    try:
+        return int(value.partition(".")[0], 16)
+    except ValueError:
+        return -1
+
+
 def encode_history(room: str, bodies: list[bytes], seq: int, request_id: str | None, mark: str | None = None) -> bytes:
     """A ``history`` reply built around stored event bodies without re-packing them.
 
