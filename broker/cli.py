@@ -26,6 +26,7 @@ from broker.backplane import url_problem as backplane_url_problem
 from broker.core import Limits
 from broker.server import (
     FD_MARGIN,
+    MIN_OPEN_FILES,
     PUB_SNDHWM,
     SOCKET_MAX_MSG_BYTES,
     Broker,
@@ -340,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s (or %s) must be 0 (off) or more, not %s", flag, _variable(flag), rate)
             return 2
     limit, wanted = fit_open_files_limit(args.max_sessions)
+    if limit is not None and limit < MIN_OPEN_FILES:
+        log.error(
+            "the open-file limit is %d, below the %d the broker needs to start; "
+            "raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
+            limit,
+            MIN_OPEN_FILES,
+        )
+        return 1
     if limit is not None and limit < wanted:
         log.warning(
             "the open-file limit is %d: enough for about %d clients (2 connections each), fewer than "

@@ -105,6 +105,12 @@ SLOW_DISK_HOLD_S = 0.1
 #: File descriptors the broker holds besides its clients' connections (store, sockets,
 #: libzmq's own); each client takes 2 more (its request and its room-event connection).
 FD_MARGIN = 64
+#: Below this open-file limit the broker does not start. Its start takes about 26
+#: files, and libzmq does not always fail cleanly when it runs out in the middle: a
+#: bind that meets the limit inside getifaddrs() aborts the process (SIGABRT, no log
+#: line). 64 leaves room for the start and for what the warning's count of clients
+#: leaves out.
+MIN_OPEN_FILES = FD_MARGIN
 
 
 def open_files_limit() -> int | None:

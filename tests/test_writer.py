@@ -255,3 +255,52 @@ def test_the_loop_commits_itself_until_a_commit_waits_for_the_disk(
     finally:
         alice.close(0)
         running.stop()
+
+
+_OUT_OF_FILES = """
+import os, resource, sys
+from pathlib import Path
+import zmq
+from broker.store import Store, StoreError
+from broker.writer import Writer
+ctx = zmq.Context()
+ctx.socket(zmq.PAIR).close(linger=0)  # the context's own threads and files first
+store = Store(Path(sys.argv[1]), "full")
+top = max(map(int, os.listdir("/proc/self/fd")))
+resource.setrlimit(resource.RLIMIT_NOFILE, (top + 16, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+while True:
+    try:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+for _ in range(int(sys.argv[2])):
+    os.close(held.pop())
+try:
+    Writer(ctx, store).close()
+except StoreError as e:
+    print("refused:", e)
+else:
+    print("started")
+"""
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("free", "expected"), [(1, "refused: cannot start the store writer: Too many open files"), (3, "started")]
+)
+def test_a_writer_whose_thread_cannot_make_its_socket_fails_its_start(tmp_path: Path, free: int, expected: str) -> None:
+    """With one file left, the loop's end of the PAIR takes it and the thread's end
+    cannot be made: the start fails with StoreError (the broker then says so and exits)
+    instead of a thread dying with a traceback under a broker that never acknowledges."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_FILES, str(tmp_path), str(free)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr
