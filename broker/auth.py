@@ -5,10 +5,9 @@ Layout of a key directory (``zchat-broker --keys DIR``)::
     DIR/broker.key_secret      the broker's keypair (give DIR/broker.key to users)
     DIR/authorized/alice.key   one public certificate per user, named after the user
 
-The ZAP handler runs on its own thread with its own socket (pyzmq's
-``ThreadAuthenticator``), on the broker's context; it only reads the table of
-authorized keys, which the broker loop replaces wholesale on reload, so no
-socket or mutable state is shared between threads.
+The ZAP handler that checks the keys is broker/gate.py's, on its own thread; it
+only reads the table of authorized keys, which the broker loop replaces wholesale
+on reload, so no socket or mutable state is shared between threads.
 """
 
 from __future__ import annotations
@@ -17,25 +16,18 @@ import argparse
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
-from broker.core import LogBudget
 from broker.store import runs_as
 from zchat import protocol as p
 
 log = logging.getLogger("zchat.broker")
 
-ZAP_DOMAIN = "zchat"
 BROKER_CERT = "broker"
-#: A refused client knocks on both ports at each try: the same key from the same
-#: address within this many seconds is the same try, logged once.
-REFUSAL_REPEAT_S = 1.0
 
 
 class KeysError(Exception):
@@ -142,61 +134,12 @@ def load_keys(directory: Path) -> Keys:
     return Keys(public, secret, load_users(directory / "authorized"))
 
 
-class Authenticator(ThreadAuthenticator):
-    """Accepts exactly the authorized keys and names each connection after its user.
-
-    The name becomes the ZeroMQ ``User-Id`` of every message on that
-    connection, which is what the broker trusts for who is speaking.
-    """
-
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], users: dict[bytes, str]) -> None:
-        super().__init__(context, log=logging.getLogger("zchat.broker.zap"))
-        self.users = users
-        #: Keys that reloads took away, and whose they were: a refusal names the user. Set
-        #: by the loop (replaced whole, as ``users``); this thread only reads it.
-        self.revoked: dict[bytes, str] = {}
-        self._refused_lines = LogBudget("refused CURVE keys")
-        #: The peer address of the ZAP request being handled (this thread's own state).
-        self._address = "?"
-        #: The last refusal logged, and when: a client tries both ports at once, one line says it.
-        self._last_refusal: tuple[bytes, str, float] = (b"", "", 0.0)
-        self.configure_curve_callback(ZAP_DOMAIN, self)
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        # The address is in the request, not in what the key callback is given.
-        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
-        await super().handle_zap_message(msg)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        allowed = key in self.users
-        if not allowed:
-            self._log_refusal(key)
-        return allowed
-
-    def _log_refusal(self, key: bytes) -> None:
-        now, address = time.monotonic(), self._address
-        last_key, last_address, logged_at = self._last_refusal
-        if key == last_key and address == last_address and now - logged_at < REFUSAL_REPEAT_S:
-            return  # the same try on the other port (a knock repeated later is a line again)
-        # Anyone can make a key and knock: at most LOG_LINES_PER_S lines a second of it.
-        if not self._refused_lines.allow(int(time.time())):
-            return
-        self._last_refusal = (key, address, now)
-        if (name := self.revoked.get(key)) is not None:
-            log.warning("refused the CURVE key of %s from %s: it was revoked", name, address)
-        else:
-            shown = key.decode("ascii", "replace")
-            log.warning("refused a CURVE key that is not authorized, from %s: %s", address, shown)
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.users.get(zmq.utils.z85.encode(client_public_key), "")
-
-
-def secure_server(sock: zmq.Socket[bytes], keys: Keys) -> None:
+def secure_server(sock: zmq.Socket[bytes], keys: Keys, domain: bytes) -> None:
+    """CURVE on a bound socket; the ZAP handler of ``domain`` (broker/gate.py) checks the keys."""
     sock.curve_server = True
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
-    sock.zap_domain = ZAP_DOMAIN.encode()
+    sock.zap_domain = domain
 
 
 def keygen_main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,10 @@ from broker.backplane import DEFAULT_RETENTION, HAVE_REDIS, NO_REDIS, shown_url
 from broker.backplane import Errors as BackplaneErrors
 from broker.backplane import url_problem as backplane_url_problem
 from broker.core import Limits
+from broker.gate import GateError
 from broker.server import (
+    CONNECT_BURST,
+    CONNECT_RATE,
     FD_MARGIN,
     MIN_OPEN_FILES,
     PUB_SNDHWM,
@@ -221,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"broker); 0 turns it off (ZCHAT_MAX_SESSIONS_PER_HOST; default {limits.max_sessions_per_host})",
     )
     parser.add_argument(
+        "--connect-rate",
+        type=float,
+        metavar="RATE",
+        default=envargs.default("ZCHAT_CONNECT_RATE", CONNECT_RATE),
+        help=f"new client connections a second from one network address (IPv6: one /64), after a burst of "
+        f"{CONNECT_BURST} or twice --max-sessions-per-host; more wait for their turn (libzmq aborts the broker "
+        "when a peer's chosen routing id meets the one it makes up for another: pacing makes that take hours "
+        f"instead of minutes); 0 turns it off (ZCHAT_CONNECT_RATE; default {CONNECT_RATE:g})",
+    )
+    parser.add_argument(
         "--max-rooms",
         type=int,
         default=envargs.default("ZCHAT_MAX_ROOMS", limits.max_rooms),
@@ -336,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--rate-limit", args.rate_limit),
         ("--join-rate", args.join_rate),
         ("--history-rate", args.history_rate),
+        ("--connect-rate", args.connect_rate),
     ):
         if not (math.isfinite(rate) and rate >= 0):
             log.error("%s (or %s) must be 0 (off) or more, not %s", flag, _variable(flag), rate)
@@ -380,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         keys_dir=args.keys,
         backplane=args.backplane,
         retention=args.retention,
+        connect_rate=args.connect_rate,
+        connect_burst=max(CONNECT_BURST, 2 * args.max_sessions_per_host),
     )
     if config.backplane and not HAVE_REDIS:
         log.error("%s", NO_REDIS)
@@ -394,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     try:
         broker = Broker(config, store)
+    except GateError as exc:
+        log.error("%s", exc)
+        _discard(store)
+        return 1
     except zmq.ZMQError as exc:
         why = exc.strerror
         if exc.errno == errno.ENODEV:  # libzmq's word for a name that is no address or interface here

@@ -299,8 +299,7 @@ class PeerInfo(Protocol):
 
 def _peer_host(meta: PeerInfo | None) -> str | None:
     """The host a message came from, as ``max_sessions_per_host`` counts it, or None (not
-    TCP, or not known): an IPv4 address (also one mapped into IPv6), or an IPv6 /64 (one
-    host is usually given a whole /64, and may use any address in it)."""
+    TCP, or not known): see :func:`host_of`."""
     if meta is None:
         return None
     try:
@@ -309,15 +308,22 @@ def _peer_host(meta: PeerInfo | None) -> str | None:
         return None
     if not isinstance(host, str) or not host:
         return None
+    return host_of(host)
+
+
+def host_of(address: str) -> str:
+    """A peer's host, from its address, as the per-host limits count it: an IPv4 address
+    (also one mapped into IPv6), or an IPv6 /64 (one host is usually given a whole /64,
+    and may use any address in it)."""
     try:
-        address = ipaddress.ip_address(host.partition("%")[0])  # (without a zone: fe80::1%eth0)
+        ip = ipaddress.ip_address(address.partition("%")[0])  # (without a zone: fe80::1%eth0)
     except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return host
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
 
 
 def _ident(identity: bytes) -> str:

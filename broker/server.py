@@ -36,7 +36,7 @@ try:
 except ImportError:  # Windows: no such limit to fit
     resource = None  # type: ignore[assignment]
 
-from broker.auth import Authenticator, Keys, KeysError, load_keys, load_users, secure_server
+from broker.auth import Keys, KeysError, load_keys, load_users, secure_server
 from broker.backplane import DEFAULT_RETENTION, Backplane
 from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
@@ -54,6 +54,7 @@ from broker.core import (
     sessions_text,
 )
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
+from broker.gate import EVENTS_DOMAIN, REQUEST_DOMAIN, Gate
 from broker.hold import PresenceHold
 from broker.store import Durability, Row, Store, StoreError, now_ms
 from broker.writer import Writer
@@ -139,6 +140,11 @@ def fit_open_files_limit(max_sessions: int) -> tuple[int | None, int]:
 
 #: A failing accept (out of file descriptors) is logged at most this often, in s.
 ACCEPT_FAILED_LOG_S = 10.0
+#: New request connections a second from one host, and the burst before that pace
+#: (--connect-rate; broker/gate.py says why): a host may reconnect 100 sessions (the
+#: default --max-sessions-per-host) twice at once.
+CONNECT_RATE = 20.0
+CONNECT_BURST = 200
 #: How often (at most) the loop wakes up with nothing to do, in ms.
 IDLE_WAKE_MS = 200
 #: Frames larger than this make libzmq drop the connection before we see them;
@@ -197,6 +203,10 @@ class Config:
     #: Events kept per room: in the backplane (None: DEFAULT_RETENTION), or in the
     #: embedded store (None: all), which takes it as Store(retention=...).
     retention: int | None = None
+    #: New request connections a second from one host, after a burst of
+    #: ``connect_burst`` (broker/gate.py); 0: no pacing.
+    connect_rate: float = CONNECT_RATE
+    connect_burst: int = CONNECT_BURST
 
 
 def _endpoint(host: str, port: int) -> str:
@@ -240,10 +250,16 @@ class Broker:
         self._accept_logged_at = -ACCEPT_FAILED_LOG_S
         self._fanin: zmq.Socket[bytes] | None = None
         self._listeners: list[threading.Thread] = []
-        self.auth: Authenticator | None = None
-        if self.keys is not None:
-            self.auth = Authenticator(self.ctx, self.keys.users)
-            self.auth.start()
+        self.gate: Gate | None = None
+        if self.keys is not None or config.connect_rate > 0:
+            gate = Gate(
+                self.ctx,
+                None if self.keys is None else self.keys.users,
+                rate=config.connect_rate,
+                burst=config.connect_burst,
+            )
+            gate.start()
+            self.gate = gate
         _seed_routing_ids()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.pub = self.ctx.socket(zmq.PUB)
@@ -252,8 +268,11 @@ class Broker:
             sock.setsockopt(zmq.MAXMSGSIZE, config.max_msg_bytes)
             if ":" in config.host:  # an IPv6 address ("::" too: IPv6 and IPv4 both)
                 sock.setsockopt(zmq.IPV6, 1)
-            if self.keys is not None:
-                secure_server(sock, self.keys)
+        if self.keys is not None:
+            secure_server(self.router, self.keys, REQUEST_DOMAIN)
+            secure_server(self.pub, self.keys, EVENTS_DOMAIN)
+        elif self.gate is not None:
+            self.router.zap_domain = REQUEST_DOMAIN  # paced: NULL security asks the gate too
         # An unreachable peer raises instead of silently eating the reply.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pub.setsockopt(zmq.SNDHWM, config.pub_hwm)
@@ -512,7 +531,7 @@ class Broker:
 
     def _reload_keys(self, now: int) -> list[Action]:
         """Re-read the authorized users; end the sessions, and cut the connections, of removed ones."""
-        if self.keys is None or self.auth is None or self.config.keys_dir is None:
+        if self.keys is None or self.gate is None or self.config.keys_dir is None:
             log.info("reload requested, but the broker runs without keys: nothing to do")
             return []
         before = self.keys.users
@@ -530,11 +549,11 @@ class Broker:
         removed = gone | rekeyed
         self.keys = Keys(self.keys.public, self.keys.secret, users)
         # Each swapped whole: the ZAP thread only ever reads them.
-        self.auth.revoked = {
-            **{key: name for key, name in self.auth.revoked.items() if key not in users},
+        self.gate.revoked = {
+            **{key: name for key, name in self.gate.revoked.items() if key not in users},
             **{key: name for key, name in before.items() if users.get(key) != name},
         }
-        self.auth.users = users
+        self.gate.users = users
         # A reload is the operator's own doing: said whatever --log-level says, a warning
         # only when it cuts connections (below).
         (log.warning if removed else lifecycle.info)(
@@ -897,8 +916,8 @@ class Broker:
         for sock in (self.router, self.pub):
             if not sock.closed:
                 sock.close()
-        if self.auth is not None:
-            self.auth.stop()
+        if self.gate is not None:
+            self.gate.stop()
         if stuck:
             # In a commit that does not return (a dead disk): terminating the
             # context would wait for the writer's socket forever. Exit without it.

@@ -1393,7 +1393,7 @@ class Client:
                     self._auth_said = True
                     self._events.append(Event(type="error", code="auth_failed", message=self._auth_failure))
                 # Refused on a reconnect (say, our key was revoked): we are not connected.
-                self._lost("the broker refused our key")
+                self._lost("the broker refused our key" if self._curve is not None else "the broker turned us away")
 
     def _read_monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes] | None) -> None:
         while sock is not None:
@@ -1435,6 +1435,13 @@ class Client:
                 else:
                     self._foreign = None
                     self._dealer_down = False
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._curve is None:
+                # Without keys the one refusal is the broker's pace of new connections
+                # from one address (--connect-rate), past what it can queue.
+                self._auth_failure = (
+                    f"the broker at {where} turned our connection away: too many new connections "
+                    "from this address at once (its --connect-rate)"
+                )
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._auth_failure = f"the broker at {where} does not accept our key (is it in its authorized/?)"
             else:

@@ -276,13 +276,13 @@ def test_keys_against_a_broker_without_them_say_so(broker: RunningBroker, keys: 
 
 def test_refused_keys_are_logged_at_most_20_a_second(caplog: pytest.LogCaptureFixture) -> None:
     """Anyone can make a key and knock: a loop of refused handshakes must not fill the disk."""
-    from broker.auth import Authenticator
+    from broker.gate import Gate
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        auth = Authenticator(ctx, {})
+        gate = Gate(ctx, {}, rate=0, burst=1)
         for i in range(50):  # new keys each time: one repeated is one line (the next test)
-            assert auth.callback("zchat", b"%040d" % i) is False
+            gate._log_refusal(b"%040d" % i, "10.0.0.1")
         refused = [r for r in caplog.records if "not authorized" in r.getMessage()]
         assert 20 <= len(refused) <= 40  # 20 a second: the loop may straddle one boundary
     finally:
@@ -481,16 +481,15 @@ def test_a_user_given_a_new_key_loses_the_sessions_of_the_old_one(
 def test_a_client_refused_on_both_ports_is_one_log_line_naming_its_address(
     ctx: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from broker.auth import REFUSAL_REPEAT_S, Authenticator
+    from broker.gate import REFUSAL_REPEAT_S, Gate
 
-    auth = Authenticator(ctx, {b"k" * 40: "alice"})
+    gate = Gate(ctx, {b"k" * 40: "alice"}, rate=0, burst=1)
     for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):  # a try (two ports), then another host
-        auth._address = address
-        assert auth.callback("zchat", b"m" * 40) is False
+        gate._log_refusal(b"m" * 40, address)
     # A knocker that keeps at it is a line each REFUSAL_REPEAT_S: the window does not slide.
     for _ in range(3):
         time.sleep(REFUSAL_REPEAT_S * 0.6)
-        assert auth.callback("zchat", b"m" * 40) is False
+        gate._log_refusal(b"m" * 40, "10.0.0.2")
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert lines == [
         f"refused a CURVE key that is not authorized, from 10.0.0.1: {'m' * 40}",

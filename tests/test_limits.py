@@ -152,8 +152,8 @@ RSS_CEILING_KIB = 64 * 1024
 
 @pytest.mark.timeout(120)
 def test_bogus_connections_and_garbage_leave_memory_bounded(tmp_path: Path) -> None:
-    # (All from one address: the per-host limit off, so that 1,000 sessions are made.)
-    extra = ["--log-level", "warning", "--heartbeat-ms", "500", "--max-sessions-per-host", "0"]
+    # (All from one address: the per-host limits off, so that 1,000 sessions are made at once.)
+    extra = ["--log-level", "warning", "--heartbeat-ms", "500", "--max-sessions-per-host", "0", "--connect-rate", "0"]
     broker = BrokerProcess(tmp_path / "d", extra=extra).start()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     ctx.setsockopt(zmq.LINGER, 0)

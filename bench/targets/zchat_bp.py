@@ -30,7 +30,7 @@ class ZchatBackplane(Zchat):
     #: Per-session limits off, as for the embedded zchat (there: the same settings by environment).
     LIMITS: ClassVar[list[str]] = [
         *("--rate-limit", "0", "--join-rate", "0"),
-        *("--max-sessions", "100000", "--max-sessions-per-host", "0"),
+        *("--max-sessions", "100000", "--max-sessions-per-host", "0", "--connect-rate", "0"),
     ]
 
     def __init__(self, brokers: int) -> None:

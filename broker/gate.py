@@ -1,0 +1,256 @@
+"""Who may finish a handshake, and how fast: the broker's ZAP handler (RFC 27).
+
+libzmq asks the ZAP handler of its context about each new connection of a socket
+that has a ZAP domain. The broker's request socket has one whenever this gate
+paces connections (``--connect-rate``, on by default) or checks keys; its
+room-event socket only with ``--keys``. The gate:
+
+- with ``--keys``, accepts exactly the authorized CURVE keys and names each
+  connection after its user: the ZeroMQ ``User-Id`` of its messages, which the
+  broker trusts for who is speaking;
+- paces new request connections per host (an IPv4 address, an IPv6 /64): a burst,
+  then ``rate`` a second. A handshake over that waits for its turn (its reply is
+  held back; the client sees a slower connect, nothing else); one that finds a
+  full queue of its host's, more than could be answered before libzmq gives the
+  handshake up, is refused.
+
+Why pace: libzmq 4.3 aborts the process when the routing id it makes up for a
+peer that brings none (a counter) is one that another peer chose. A peer that
+holds K chosen ids and opens anonymous connections, each moving the counter by
+one, meets one within 2^32/K of them: minutes at the thousands of handshakes a
+second one host can make, hours at 20 a second (docs/security.md).
+
+The gate runs on its own thread with its own ROUTER socket (a REP socket could
+not hold one reply back while it answers the next). The loop swaps ``users`` and
+``revoked`` whole on a reload; the thread only reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.utils.z85
+
+from broker.core import LogBudget, host_of
+
+log = logging.getLogger("zchat.broker")
+
+#: Where libzmq sends its ZAP requests (RFC 27); one handler per context.
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+#: The request socket's ZAP domain: its handshakes are paced.
+REQUEST_DOMAIN = b"zchat"
+#: The room-event socket's (with --keys only): checked, not paced.
+EVENTS_DOMAIN = b"zchat-events"
+#: libzmq's handshake timeout (ZMQ_HANDSHAKE_IVL, 30 s by default on both ends):
+#: a reply held longer than this finds its connection gone.
+HANDSHAKE_S = 30.0
+#: A refused client knocks on both ports at each try: the same key from the same
+#: address within this many seconds is the same try, logged once.
+REFUSAL_REPEAT_S = 1.0
+#: Hosts whose buckets are full and who wait for nothing are forgotten this often (s).
+PRUNE_S = 10.0
+#: How long the thread sleeps at most with nothing to do (s): how long a stop waits.
+IDLE_S = 0.1
+
+_OK, _REFUSED = b"200", b"400"
+
+
+class GateError(Exception):
+    """The gate's thread could not make its socket; the message says why."""
+
+
+@dataclass(slots=True)
+class _Host:
+    """One host's token bucket, and its handshakes waiting for a token."""
+
+    tokens: float
+    at: float
+    #: (when it came, the ZAP reply's envelope and request id, the User-Id to give)
+    waiting: deque[tuple[float, list[bytes], bytes]] = field(default_factory=deque)
+
+
+class Gate:
+    """The ZAP handler thread: keys (optional) and the pace of new connections."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        users: dict[bytes, str] | None,
+        rate: float,
+        burst: int,
+    ) -> None:
+        """``users``: z85 public key -> name with --keys, None without (NULL security);
+        ``rate``: new request connections a second per host, 0 for no pacing."""
+        self.users = users
+        #: Keys that reloads took away, and whose they were: a refusal names the user.
+        self.revoked: dict[bytes, str] = {}
+        self.rate = rate
+        self.burst = max(1, burst)
+        #: Handshakes one host may have waiting: more could not be answered in time.
+        self.max_waiting = max(self.burst, int(rate * HANDSHAKE_S))
+        self._ctx = ctx
+        self._hosts: dict[str, _Host] = {}
+        self._pacing: set[str] = set()  # hosts with handshakes waiting
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._start_failed: BaseException | None = None
+        self._refused_lines = LogBudget("refused CURVE keys")
+        self._paced_lines = LogBudget("paced connection lines")
+        self._last_refusal: tuple[bytes, str, float] = (b"", "", 0.0)
+        self._pruned_at = time.monotonic()
+        #: How many handshakes waited for their turn, and how many were refused for it.
+        self.paced = 0
+        self.turned_away = 0
+        self._thread = threading.Thread(target=self._run, name="zchat-zap", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread; it handles requests once this returns. GateError if it could
+        not make its socket (the open-file limit, ``ZAP_ENDPOINT`` taken in this context)."""
+        self._thread.start()
+        self._ready.wait()
+        if self._start_failed is not None:
+            self._thread.join()
+            raise GateError(f"cannot start the connection gate: {self._start_failed}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    # ------------------------------------------------------------ thread
+
+    def _run(self) -> None:
+        try:
+            sock = self._ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._start_failed = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            while not self._stop.is_set():
+                wait = self._release(sock, time.monotonic())
+                if poller.poll(int(wait * 1000) + 1):
+                    # Every request that is there, then the waiting ones' turns.
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(sock, frames, time.monotonic())
+        finally:
+            sock.close(linger=0)
+
+    def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes], now: float) -> None:
+        # [peer, b"", version, request id, domain, address, identity, mechanism, credentials...]
+        if len(frames) < 8 or frames[1] != b"":
+            return  # not from libzmq: nothing to answer
+        envelope = [frames[0], b"", frames[2], frames[3]]
+        domain, address, mechanism, credentials = frames[4], frames[5].decode("utf-8", "replace"), frames[7], frames[8:]
+        user = b""
+        if self.users is not None:
+            if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+                self._reply(sock, envelope, _REFUSED, b"CURVE keys required")
+                return
+            key = zmq.utils.z85.encode(credentials[0])
+            name = self.users.get(key)
+            if name is None:
+                self._log_refusal(key, address)
+                self._reply(sock, envelope, _REFUSED, b"key not authorized")
+                return
+            user = name.encode()
+        if domain != REQUEST_DOMAIN or self.rate <= 0:
+            self._reply(sock, envelope, _OK, b"OK", user)
+            return
+        host = host_of(address)
+        bucket = self._bucket(host, now)
+        if not bucket.waiting and bucket.tokens >= 1:
+            bucket.tokens -= 1
+            self._reply(sock, envelope, _OK, b"OK", user)
+            return
+        if len(bucket.waiting) >= self.max_waiting:
+            self.turned_away += 1
+            if self._paced_lines.allow(int(time.time())):
+                log.warning(
+                    "turned a connection from %s away: %d of its connections wait for their turn (--connect-rate %g)",
+                    address,
+                    len(bucket.waiting),
+                    self.rate,
+                )
+            self._reply(sock, envelope, _REFUSED, b"too many new connections from this address")
+            return
+        if not bucket.waiting and self._paced_lines.allow(int(time.time())):
+            log.warning(
+                "new connections from %s come faster than --connect-rate %g a second: they wait for their turn",
+                host,
+                self.rate,
+            )
+        self.paced += 1
+        bucket.waiting.append((now, envelope, user))
+        self._pacing.add(host)
+
+    def _bucket(self, host: str, now: float) -> _Host:
+        bucket = self._hosts.get(host)
+        if bucket is None:
+            bucket = self._hosts[host] = _Host(tokens=float(self.burst), at=now)
+        else:
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.rate)
+            bucket.at = now
+        return bucket
+
+    def _release(self, sock: zmq.Socket[bytes], now: float) -> float:
+        """Answer the waiting handshakes whose turn came; how long until the next one's (s)."""
+        wait = IDLE_S
+        for host in list(self._pacing):
+            bucket = self._bucket(host, now)
+            while bucket.waiting:
+                came, envelope, user = bucket.waiting[0]
+                if now - came >= HANDSHAKE_S:
+                    bucket.waiting.popleft()  # libzmq gave it up: no token spent on it
+                    continue
+                if bucket.tokens < 1:
+                    break
+                bucket.tokens -= 1
+                bucket.waiting.popleft()
+                self._reply(sock, envelope, _OK, b"OK", user)
+            if bucket.waiting:
+                wait = min(wait, (1 - bucket.tokens) / self.rate)
+            else:
+                self._pacing.discard(host)
+        if now - self._pruned_at >= PRUNE_S:
+            self._pruned_at = now
+            for host in [h for h, b in self._hosts.items() if not b.waiting]:
+                if self._bucket(host, now).tokens >= self.burst:
+                    del self._hosts[host]
+        return max(0.0, wait)
+
+    @staticmethod
+    def _reply(sock: zmq.Socket[bytes], envelope: list[bytes], code: bytes, text: bytes, user: bytes = b"") -> None:
+        # (A ROUTER drops what it cannot route: the connection that asked may be gone.)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send_multipart([*envelope, code, text, user, b""], zmq.NOBLOCK)
+
+    def _log_refusal(self, key: bytes, address: str) -> None:
+        now = time.monotonic()
+        last_key, last_address, logged_at = self._last_refusal
+        if key == last_key and address == last_address and now - logged_at < REFUSAL_REPEAT_S:
+            return  # the same try on the other port (a knock repeated later is a line again)
+        # Anyone can make a key and knock: at most LOG_LINES_PER_S lines a second of it.
+        if not self._refused_lines.allow(int(time.time())):
+            return
+        self._last_refusal = (key, address, now)
+        if (name := self.revoked.get(key)) is not None:
+            log.warning("refused the CURVE key of %s from %s: it was revoked", name, address)
+        else:
+            shown = key.decode("ascii", "replace")
+            log.warning("refused a CURVE key that is not authorized, from %s: %s", address, shown)
