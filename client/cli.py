@@ -239,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         # them over as lone surrogates, which no message can carry).
         with contextlib.suppress(UnicodeError):
             args.send = args.send.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if not args.send.strip():  # (pipe mode skips blank lines too)
+            printer.err(f"--send: the text is {'blank' if args.send else 'empty'}: nothing to send")
+            return 2
         try:
             p.check_text(args.send)
         except ProtocolError as exc:
             printer.err(f"--send: {exc.message}")
-            return 2
-        if not args.send.strip():
-            printer.err("--send: the text is blank: nothing to send")  # (pipe mode skips blank lines too)
             return 2
     try:
         curve = None

@@ -551,7 +551,8 @@ def test_a_flag_wins_over_a_bad_variable_and_names_are_not_case_sensitive(tmp_pa
 def test_client_argument_errors_exit_2() -> None:
     env = {**os.environ, "ZCHAT_PORT": "abc"}
     for args, extra_env, needle in (
-        (["--send", ""], {}, "--send: 'text' is empty"),
+        # Said as the blank one is, not as the protocol's field check ("'text' is empty").
+        (["--send", ""], {}, "zchat: --send: the text is empty: nothing to send"),
         ([], env, "ZCHAT_PORT='abc': not a number"),
         ([], {**os.environ, "ZCHAT_PUB_PORT": "99999"}, "ZCHAT_PUB_PORT='99999': 99999 is not a port number"),
         (["--port", "0"], {}, "argument --port: 0 is not a port number (1-65535)"),
