@@ -44,7 +44,11 @@ else:
 log = logging.getLogger("zchat.broker")
 
 #: What ``--backplane`` says when redis-py is not installed.
-NO_REDIS = "--backplane needs redis-py, which is not installed: pip install 'zchat[backplane]'"
+#: (Not ``pip install 'zchat[backplane]'``: the package called zchat on PyPI is another project.)
+NO_REDIS = (
+    "--backplane needs redis-py, which is not installed: pip install '.[backplane]' in the zchat checkout,"
+    " or pip install 'redis>=5', into the environment of zchat-broker"
+)
 
 PREFIX = "zchat:"
 #: Where every broker of one chat hears its room events (``ROOM SEQ BODY``),
