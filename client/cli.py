@@ -457,7 +457,14 @@ def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
 
 
 def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Printer) -> int:
-    commands = Commands(client, room, printer.out, printer.fail, as_json=args.json, backlog=args.backlog, strict=True)
+    def out(line: str) -> None:
+        # A command's answer after the events that came before it (the ack of a line
+        # written before the command comes before its answer): output in input order.
+        for event in client.drain_events():
+            printer.event(event)
+        printer.out(line)
+
+    commands = Commands(client, room, out, printer.fail, as_json=args.json, backlog=args.backlog, strict=True)
     commands.literal = args.no_commands
     if sys.stdin is None:  # started with stdin closed (`<&-`): no lines, as from an empty file
         return _finish(client, printer)

@@ -228,6 +228,24 @@ def test_dm_and_commands_in_pipe_mode(chats: Any) -> None:
     assert side[0]["room"] == "side"
 
 
+def test_pipe_mode_prints_in_the_order_of_its_input(chats: Any) -> None:
+    """A line, then a command, read in one go: the line's own event comes before the
+    command's answer (it was acknowledged before that answer came), and a /history
+    that lists it comes after it, rather than the own copy coming last."""
+    alice = chats("alice", "--json", "--backlog", "0")
+    alice.say("first line", "/who", "second line", "/history 1")
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 0, alice.errors
+    out = [json.loads(line) for line in alice.rest()]
+    kinds = [(e["type"], e.get("text"), e.get("own", False), e.get("backlog", False)) for e in out]
+    assert kinds == [
+        ("msg", "first line", True, False),
+        ("who", None, False, False),
+        ("msg", "second line", True, False),
+        ("msg", "second line", False, True),
+    ], kinds
+
+
 def test_lastlog_is_for_the_terminal_and_pipe_mode_says_so(chats: Any) -> None:
     alice = chats("alice", "--json")
     alice.say("/lastlog deploy")
