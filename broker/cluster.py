@@ -23,7 +23,7 @@ from typing import Any
 
 from broker import backplane as bpmod
 from broker.backplane import Backplane, PendingMsg
-from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, PeerInfo, Reply, Session, sessions_text
+from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, PeerInfo, Reply, Session, rooms_full, sessions_text
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
 
@@ -495,9 +495,7 @@ class ClusterCore(Core):
         self._up()
         if room not in session.rooms:
             if len(session.rooms) >= self.limits.max_rooms:
-                raise ProtocolError(
-                    ErrorCode.LIMIT_REACHED, f"already in {self.limits.max_rooms} rooms; leave one first"
-                )
+                raise ProtocolError(ErrorCode.LIMIT_REACHED, rooms_full(self.limits.max_rooms))
             self._throttle_join(session, now)
             _, seq, names = self.bp.presence(
                 "join", room, session.name, self._presence_head(room, session.name, "join", now)

@@ -326,6 +326,11 @@ def host_of(address: str) -> str:
     return address
 
 
+def rooms_full(most: int) -> str:
+    """The refusal of a join past --max-rooms."""
+    return f"already in {most} room{'' if most == 1 else 's'}; leave one first"
+
+
 def _ident(identity: bytes) -> str:
     """A connection in the log: its routing id, or what a restored session has instead."""
     return identity.hex() if identity != NO_CONNECTION else "restored from the last stop"
@@ -790,9 +795,7 @@ class Core:
         actions: list[Action] = []
         if room not in session.rooms:
             if len(session.rooms) >= self.limits.max_rooms:
-                raise ProtocolError(
-                    ErrorCode.LIMIT_REACHED, f"already in {self.limits.max_rooms} rooms; leave one first"
-                )
+                raise ProtocolError(ErrorCode.LIMIT_REACHED, rooms_full(self.limits.max_rooms))
             self._throttle_join(session, now)
             session.rooms.add(room)
             self.members.setdefault(room, {})[session.name] = session
