@@ -402,9 +402,14 @@ def _say_unacked(client: Client, printer: Printer, why: str) -> None:
         printer.out_gone = True
         _mute(sys.stdout)
     if client.unacked:
-        printer.err(f"{why}: {client.unacked} message(s) not acknowledged:")
+        printer.err(f"{why}: {client.unacked} message(s) not acknowledged {MAY_HAVE_ARRIVED}:")
         for line in unsent_lines(client):
             printer.err(line)
+
+
+#: Sent, not acknowledged: some may have been stored all the same (the broker was slow,
+#: or its acks were lost). A script that sends them again as they are may post them twice.
+MAY_HAVE_ARRIVED = "(they may have arrived; check the room before sending them again)"
 
 
 def unsent_lines(client: Client) -> list[str]:
@@ -504,7 +509,9 @@ def _finish(client: Client, printer: Printer) -> int:
     for event in client.drain_events():
         printer.event(event)
     if client.unacked:
-        printer.err(f"{client.unacked} message(s) not acknowledged: no progress for {ACK_WAIT_S:g} s:")
+        printer.err(
+            f"{client.unacked} message(s) not acknowledged {MAY_HAVE_ARRIVED}: no progress for {ACK_WAIT_S:g} s:"
+        )
         for line in unsent_lines(client):
             printer.err(line)
         return 1

@@ -47,7 +47,7 @@ from prompt_toolkit.shortcuts import CompleteStyle
 from prompt_toolkit.styles import Attrs, Style
 
 from client import render
-from client.cli import terminal_gone, terminating_signals, unsent_lines
+from client.cli import MAY_HAVE_ARRIVED, terminal_gone, terminating_signals, unsent_lines
 from client.commands import ALIASES, COMMANDS, Commands
 from client.lib import Client, Event, ZchatError
 
@@ -437,11 +437,7 @@ class ChatUI:
         if self.client.unacked:
             # Sent, but not acknowledged: some may have arrived (the broker was slow, or
             # its acks were lost). "Not sent" would have the user type them again.
-            print(
-                f"zchat: {self.client.unacked} message(s) not acknowledged (they may have arrived; "
-                "check the room before sending them again):",
-                file=sys.stderr,
-            )
+            print(f"zchat: {self.client.unacked} message(s) not acknowledged {MAY_HAVE_ARRIVED}:", file=sys.stderr)
             for line in unsent_lines(self.client):
                 print(line, file=sys.stderr)
             return 1
