@@ -50,11 +50,14 @@ class Tmux:
             raise AssertionError("tmux is not installed (.ci/run installs it)")
         self.socket = f"zchat-tmux-{uuid.uuid4().hex[:10]}"
         self.exit_file = tmp_path / f"exit-{name}"
-        # (PYTHONPATH: the zchat of the code under test, where that is not the one installed.)
-        keep = ("PATH", "HOME", "LANG", "PYTHONPATH")
+        # (PYTHONPATH: the zchat of the code under test, where that is not the one installed;
+        # XDG_STATE_HOME: the test's own directory for saved resume tokens (conftest), not
+        # ~/.local/state/zchat, where other tests' and runs' tokens, or a user's, are kept.)
+        keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "XDG_STATE_HOME")
         env = {k: v for k, v in broker.env().items() if k.startswith("ZCHAT_") or k in keep}
         env.pop("NO_COLOR", None)
         env["TERM"] = term
+        env["HISTFILE"] = str(tmp_path / "bash_history")  # the shell's, not in the home directory
         env.setdefault("LANG", "C.UTF-8")
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         zchat = " ".join(shlex.quote(a) for a in (bin_path("zchat"), "--name", name, *flags))
