@@ -296,7 +296,8 @@ class BrokerProcess:
                     self.port, self.pub_port = int(match[1]), int(match[2])
                     ready.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
         if not ready.wait(timeout):
             self.kill()
             raise AssertionError("broker did not start:\n" + "".join(self.log))
@@ -307,7 +308,12 @@ class BrokerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=10)
+            code = self.proc.wait(timeout=10)
+            # Every line it wrote is in ``log`` before the caller looks: the reader thread
+            # may not have had its turn yet (the last lines of a stop come ~15 ms before
+            # the exit), and it ends at the end of the pipe.
+            self._reader.join(timeout=5)
+            return code
         except subprocess.TimeoutExpired:
             self.proc.kill()  # no broker left behind
             self.proc.wait(timeout=10)
