@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -479,16 +480,22 @@ def test_a_user_given_a_new_key_loses_the_sessions_of_the_old_one(
 
 
 def test_a_client_refused_on_both_ports_is_one_log_line_naming_its_address(
-    ctx: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+    ctx: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from broker import gate as gate_module
     from broker.gate import REFUSAL_REPEAT_S, Gate
 
-    gate = Gate(ctx, {b"k" * 40: "alice"}, rate=0, burst=1)
+    # The knocks' times are the test's own: with real sleeps, one that overslept by
+    # 0.4 s on a loaded machine moved a knock across a window's edge.
+    now = [1000.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], time=lambda: now[0])
+    monkeypatch.setattr(gate_module, "time", clock)
+    gate = Gate(ctx, {b"k" * 40: "alice"}, rate=0, burst=1)  # (its thread not started)
     for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):  # a try (two ports), then another host
         gate._log_refusal(b"m" * 40, address)
     # A knocker that keeps at it is a line each REFUSAL_REPEAT_S: the window does not slide.
     for _ in range(3):
-        time.sleep(REFUSAL_REPEAT_S * 0.6)
+        now[0] += REFUSAL_REPEAT_S * 0.6
         gate._log_refusal(b"m" * 40, "10.0.0.2")
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert lines == [
