@@ -201,6 +201,32 @@ def test_bogus_connections_and_garbage_leave_memory_bounded(tmp_path: Path) -> N
         broker.kill()
 
 
+@pytest.mark.timeout(30)
+def test_an_idle_broker_gives_back_what_its_work_freed_once(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc kept what a burst freed and the RSS stayed at its peak: the loop now calls
+    malloc_trim once idle after some work (here every 0.3 s at most), and not again
+    while nothing happens."""
+    from broker import server
+
+    assert server._malloc_trim is not None  # glibc, as on every machine this runs on
+    monkeypatch.setattr(server, "TRIM_EVERY_S", 0.3)
+    with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+        alice.join("general")
+        for i in range(200):
+            alice.send("general", f"m{i}")
+        for _ in alice.settling(10):
+            pass
+        assert not alice.unacked
+    wait_for(lambda: broker.broker.trims > 0, 5, what=lambda: broker.broker.trims)
+    wait_for(lambda: not broker.broker._peers, 5, what=lambda: broker.broker._peers)  # its closes seen
+    time.sleep(2.0)  # the last work (the closes) trimmed for, if it was not yet
+    trimmed = broker.broker.trims
+    time.sleep(2.0)  # idle: nothing connected, nothing freed since
+    assert broker.broker.trims == trimmed
+
+
 def test_rate_limited_lines_keep_their_order(limited: Callable[..., RunningBroker]) -> None:
     """Lines trickling in faster than the rate: held, resent, and stored in the order written."""
     b = limited(rate=10, burst=5)
