@@ -140,6 +140,8 @@ def secure_server(sock: zmq.Socket[bytes], keys: Keys, domain: bytes) -> None:
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
     sock.zap_domain = domain
+    # Without a ZAP handler there (the gate's thread gone), libzmq would let every key in.
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
 def keygen_main(argv: list[str] | None = None) -> int:

@@ -147,7 +147,14 @@ class Gate:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(sock, frames, time.monotonic())
+                        try:
+                            self._handle(sock, frames, time.monotonic())
+                        except Exception:
+                            # The thread must go on: without it no handshake ends (the
+                            # sockets enforce their ZAP domain). This one is refused.
+                            log.exception("the connection gate failed on a handshake; it is refused")
+                            if len(frames) >= 4:
+                                self._reply(sock, [frames[0], b"", frames[2], frames[3]], b"500", b"internal error")
         finally:
             sock.close(linger=0)
 

@@ -296,6 +296,8 @@ class Broker:
             secure_server(self.pub, self.keys, EVENTS_DOMAIN)
         elif self.gate is not None:
             self.router.zap_domain = REQUEST_DOMAIN  # paced: NULL security asks the gate too
+            # And is refused when no gate answers, rather than let through unpaced.
+            self.router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         # An unreachable peer raises instead of silently eating the reply.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pub.setsockopt(zmq.SNDHWM, config.pub_hwm)

@@ -81,6 +81,8 @@ class RunningBroker:
     store_class: type[Store] = Store
     #: The store's --retention (None: every event kept).
     retention: int | None = None
+    #: (request port, room-event port); 0 picks a free one.
+    ports: tuple[int, int] = (0, 0)
     broker: Broker = field(init=False)
     thread: threading.Thread = field(init=False)
 
@@ -88,8 +90,8 @@ class RunningBroker:
         self.store = self.store_class(self.data_dir, "normal", self.retention)
         config = Config(
             host=HOST,
-            port=0,
-            pub_port=0,
+            port=self.ports[0],
+            pub_port=self.ports[1],
             heartbeat_ms=self.heartbeat_ms,
             pub_hwm=self.pub_hwm,
             limits=self.limits,
