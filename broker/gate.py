@@ -27,7 +27,6 @@ not hold one reply back while it answers the next). The loop swaps ``users`` and
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -129,6 +128,9 @@ class Gate:
         try:
             sock = self._ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
+            # A reply to a handshake that is gone fails (EHOSTUNREACH), rather than
+            # vanish: a held one whose client went away does not spend its host's turn.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.bind(ZAP_ENDPOINT)
         except zmq.ZMQError as exc:
             self._start_failed = exc
@@ -182,8 +184,8 @@ class Gate:
         host = host_of(address)
         bucket = self._bucket(host, now)
         if not bucket.waiting and bucket.tokens >= 1:
-            bucket.tokens -= 1
-            self._reply(sock, envelope, _OK, b"OK", user)
+            if self._reply(sock, envelope, _OK, b"OK", user):
+                bucket.tokens -= 1
             return
         if len(bucket.waiting) >= self.max_waiting:
             self.turned_away += 1
@@ -227,9 +229,9 @@ class Gate:
                     continue
                 if bucket.tokens < 1:
                     break
-                bucket.tokens -= 1
                 bucket.waiting.popleft()
-                self._reply(sock, envelope, _OK, b"OK", user)
+                if self._reply(sock, envelope, _OK, b"OK", user):
+                    bucket.tokens -= 1
             if bucket.waiting:
                 wait = min(wait, (1 - bucket.tokens) / self.rate)
             else:
@@ -242,10 +244,13 @@ class Gate:
         return max(0.0, wait)
 
     @staticmethod
-    def _reply(sock: zmq.Socket[bytes], envelope: list[bytes], code: bytes, text: bytes, user: bytes = b"") -> None:
-        # (A ROUTER drops what it cannot route: the connection that asked may be gone.)
-        with contextlib.suppress(zmq.ZMQError):
+    def _reply(sock: zmq.Socket[bytes], envelope: list[bytes], code: bytes, text: bytes, user: bytes = b"") -> bool:
+        """Whether the reply went out: not when the connection that asked is gone."""
+        try:
             sock.send_multipart([*envelope, code, text, user, b""], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def _log_refusal(self, key: bytes, address: str) -> None:
         now = time.monotonic()

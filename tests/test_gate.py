@@ -259,3 +259,37 @@ def test_a_request_the_gate_fails_on_is_refused_and_the_gate_goes_on(
         alice.close(0)
     finally:
         running.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_waiting_handshake_whose_client_left_does_not_spend_a_turn(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """At one connection every 2 s: A takes the burst, B and C wait, and B's client goes
+    away. B's turn (2 s on) goes to C, not to nobody: the gate's reply to B had vanished
+    in the ROUTER and spent the host's token, and C came 4 s on (found reviewing gate.py:
+    clients that gave up, scanners, retries of the library's 5 s connect, held a host's
+    queue up for 30 s)."""
+    gate = Gate(ctx, None, rate=0.5, burst=1)
+    gate.start()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.zap_domain = REQUEST_DOMAIN
+    port = router.bind_to_random_port(f"tcp://{HOST}", min_port=22100, max_port=22999)
+    endpoint = f"tcp://{HOST}:{port}"
+    socks: list[zmq.Socket[bytes]] = []
+    try:
+        socks.append(_dealer(ctx, endpoint, b"A"))
+        assert router.poll(5000) and router.recv_multipart()[1] == b"A"
+        started = time.monotonic()
+        leaving = _dealer(ctx, endpoint, b"B")
+        wait_for(lambda: gate.paced == 1, 5, what=lambda: gate.paced)
+        leaving.close(0)
+        socks.append(_dealer(ctx, endpoint, b"C"))
+        wait_for(lambda: gate.paced == 2, 5, what=lambda: gate.paced)
+        assert router.poll(10_000), "C never came in"
+        assert router.recv_multipart()[1] == b"C"
+        assert time.monotonic() - started < 3.0, "C waited for B's turn too"
+    finally:
+        for sock in socks:
+            sock.close(0)
+        router.close(0)
+        gate.stop()
