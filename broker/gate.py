@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 import zmq.utils.z85
@@ -66,12 +66,15 @@ class GateError(Exception):
 
 @dataclass(slots=True)
 class _Host:
-    """One host's token bucket, and its handshakes waiting for a token."""
+    """One host's token bucket. (Its waiting handshakes are in ``Gate._waiting``: an
+    empty deque is 760 bytes, and every host that connects gets a bucket.)"""
 
     tokens: float
     at: float
-    #: (when it came, the ZAP reply's envelope and request id, the User-Id to give)
-    waiting: deque[tuple[float, list[bytes], bytes]] = field(default_factory=deque)
+
+
+#: A waiting handshake: when it came, the ZAP reply's envelope and request id, the User-Id to give.
+_Waiting = tuple[float, list[bytes], bytes]
 
 
 class Gate:
@@ -95,7 +98,8 @@ class Gate:
         self.max_waiting = max(self.burst, int(rate * HANDSHAKE_S))
         self._ctx = ctx
         self._hosts: dict[str, _Host] = {}
-        self._pacing: set[str] = set()  # hosts with handshakes waiting
+        #: The handshakes waiting for their turn, of the hosts that have some.
+        self._waiting: dict[str, deque[_Waiting]] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._start_failed: BaseException | None = None
@@ -183,30 +187,32 @@ class Gate:
             return
         host = host_of(address)
         bucket = self._bucket(host, now)
-        if not bucket.waiting and bucket.tokens >= 1:
+        waiting = self._waiting.get(host)
+        if not waiting and bucket.tokens >= 1:
             if self._reply(sock, envelope, _OK, b"OK", user):
                 bucket.tokens -= 1
             return
-        if len(bucket.waiting) >= self.max_waiting:
+        if waiting is not None and len(waiting) >= self.max_waiting:
             self.turned_away += 1
             if self._paced_lines.allow(int(time.time())):
                 log.warning(
                     "turned a connection from %s away: %d of its connections wait for their turn (--connect-rate %g)",
                     address,
-                    len(bucket.waiting),
+                    len(waiting),
                     self.rate,
                 )
             self._reply(sock, envelope, _REFUSED, b"too many new connections from this address")
             return
-        if not bucket.waiting and self._paced_lines.allow(int(time.time())):
+        if not waiting and self._paced_lines.allow(int(time.time())):
             log.warning(
                 "new connections from %s come faster than --connect-rate %g a second: they wait for their turn",
                 host,
                 self.rate,
             )
         self.paced += 1
-        bucket.waiting.append((now, envelope, user))
-        self._pacing.add(host)
+        if waiting is None:
+            waiting = self._waiting[host] = deque()
+        waiting.append((now, envelope, user))
 
     def _bucket(self, host: str, now: float) -> _Host:
         bucket = self._hosts.get(host)
@@ -220,25 +226,25 @@ class Gate:
     def _release(self, sock: zmq.Socket[bytes], now: float) -> float:
         """Answer the waiting handshakes whose turn came; how long until the next one's (s)."""
         wait = IDLE_S
-        for host in list(self._pacing):
+        for host, waiting in list(self._waiting.items()):
             bucket = self._bucket(host, now)
-            while bucket.waiting:
-                came, envelope, user = bucket.waiting[0]
+            while waiting:
+                came, envelope, user = waiting[0]
                 if now - came >= HANDSHAKE_S:
-                    bucket.waiting.popleft()  # libzmq gave it up: no token spent on it
+                    waiting.popleft()  # libzmq gave it up: no token spent on it
                     continue
                 if bucket.tokens < 1:
                     break
-                bucket.waiting.popleft()
+                waiting.popleft()
                 if self._reply(sock, envelope, _OK, b"OK", user):
                     bucket.tokens -= 1
-            if bucket.waiting:
+            if waiting:
                 wait = min(wait, (1 - bucket.tokens) / self.rate)
             else:
-                self._pacing.discard(host)
+                del self._waiting[host]
         if now - self._pruned_at >= PRUNE_S:
             self._pruned_at = now
-            for host in [h for h, b in self._hosts.items() if not b.waiting]:
+            for host in [h for h in self._hosts if h not in self._waiting]:
                 if self._bucket(host, now).tokens >= self.burst:
                     del self._hosts[host]
         return max(0.0, wait)
