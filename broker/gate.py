@@ -57,7 +57,11 @@ PRUNE_S = 10.0
 #: How long the thread sleeps at most with nothing to do (s): how long a stop waits.
 IDLE_S = 0.1
 
-_OK, _REFUSED = b"200", b"400"
+#: ZAP status codes (RFC 27): 400 is a failed authentication (a key), 500 the gate's
+#: own refusal (its queue, or a failure of its own): a client tells them apart by the
+#: code its handshake failure carries. (300, temporary, would leave the handshake
+#: hanging until libzmq's timeout: libzmq sends no ERROR for it.)
+_OK, _REFUSED, _TURNED_AWAY = b"200", b"400", b"500"
 
 
 class GateError(Exception):
@@ -160,7 +164,8 @@ class Gate:
                             # sockets enforce their ZAP domain). This one is refused.
                             log.exception("the connection gate failed on a handshake; it is refused")
                             if len(frames) >= 4:
-                                self._reply(sock, [frames[0], b"", frames[2], frames[3]], b"500", b"internal error")
+                                envelope = [frames[0], b"", frames[2], frames[3]]
+                                self._reply(sock, envelope, _TURNED_AWAY, b"internal error")
         finally:
             sock.close(linger=0)
 
@@ -201,7 +206,7 @@ class Gate:
                     len(waiting),
                     self.rate,
                 )
-            self._reply(sock, envelope, _REFUSED, b"too many new connections from this address")
+            self._reply(sock, envelope, _TURNED_AWAY, b"too many new connections from this address")
             return
         if not waiting and self._paced_lines.allow(int(time.time())):
             log.warning(

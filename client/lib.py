@@ -885,7 +885,13 @@ class Client:
         return lost
 
     def __enter__(self) -> Client:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            # No __exit__ follows a failed __enter__: a bot that retried `with Client(...)`
+            # in a loop leaked a context and its sockets (their files) at every try.
+            self.close(settle=0)
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -1393,7 +1399,8 @@ class Client:
                     self._auth_said = True
                     self._events.append(Event(type="error", code="auth_failed", message=self._auth_failure))
                 # Refused on a reconnect (say, our key was revoked): we are not connected.
-                self._lost("the broker refused our key" if self._curve is not None else "the broker turned us away")
+                key = "our key" in self._auth_failure
+                self._lost("the broker refused our key" if key else "the broker turned us away")
 
     def _read_monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes] | None) -> None:
         while sock is not None:
@@ -1435,9 +1442,9 @@ class Client:
                 else:
                     self._foreign = None
                     self._dealer_down = False
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._curve is None:
-                # Without keys the one refusal is the broker's pace of new connections
-                # from one address (--connect-rate), past what it can queue.
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and (self._curve is None or message.get("value") == 500):
+                # Not our key (400): the broker's pace of new connections from one
+                # address (--connect-rate), past what it can queue (ZAP status 500).
                 self._auth_failure = (
                     f"the broker at {where} turned our connection away: too many new connections "
                     "from this address at once (its --connect-rate)"

@@ -9,6 +9,7 @@ broker on real ZeroMQ sockets.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import socket
@@ -268,6 +269,21 @@ def test_connect_skips_a_dead_first_address(broker: RunningBroker) -> None:
         assert client.send_wait("general", "hi").seq is not None
     finally:
         client.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_with_block_whose_connect_fails_leaves_no_file_open() -> None:
+    """``with Client(...)`` connects in __enter__, and no __exit__ follows a failed
+    __enter__: the client was never closed, and a bot retrying in a loop kept a context
+    and its sockets (their files) of every try, until the garbage collector came by."""
+    dead = dead_address()
+    before = len(os.listdir("/proc/self/fd"))
+    tries = [Client("alice", hosts=[dead], connect_timeout=0.3) for _ in range(5)]  # kept, as a bot may
+    for client in tries:
+        with pytest.raises(BrokerUnreachable), client:
+            pass
+    assert [client.state for client in tries] == ["closed"] * 5
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 @pytest.mark.timeout(30)
