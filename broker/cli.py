@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATE",
         default=envargs.default("ZCHAT_CONNECT_RATE", CONNECT_RATE),
         help=f"new client connections a second from one network address (IPv6: one /64), after a burst of "
-        f"{CONNECT_BURST} or twice --max-sessions-per-host; more wait for their turn (libzmq aborts the broker "
-        "when a peer's chosen routing id meets the one it makes up for another: pacing makes that take hours "
-        f"instead of minutes); 0 turns it off (ZCHAT_CONNECT_RATE; default {CONNECT_RATE:g})",
+        f"{CONNECT_BURST} or twice --max-sessions-per-host (with that off, twice --max-sessions); more wait for "
+        "their turn (libzmq aborts the broker when a peer's chosen routing id meets the one it makes up for "
+        f"another: pacing makes that take hours instead of minutes); 0 turns it off (ZCHAT_CONNECT_RATE; "
+        f"default {CONNECT_RATE:g})",
     )
     parser.add_argument(
         "--max-rooms",
@@ -395,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         backplane=args.backplane,
         retention=args.retention,
         connect_rate=args.connect_rate,
-        connect_burst=max(CONNECT_BURST, 2 * args.max_sessions_per_host),
+        # (A host may hold that many sessions, and may reconnect them all at once, twice.)
+        connect_burst=max(CONNECT_BURST, 2 * (args.max_sessions_per_host or args.max_sessions)),
     )
     if config.backplane and not HAVE_REDIS:
         log.error("%s", NO_REDIS)

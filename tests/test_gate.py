@@ -17,6 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker.gate import REQUEST_DOMAIN, Gate
 from client.lib import Client, RequestError
 from tests.conftest import HOST, BrokerProcess, RunningBroker, wait_for
+from zchat import protocol as p
 
 
 @pytest.fixture
@@ -344,3 +345,25 @@ def test_a_host_that_waits_for_nothing_costs_a_bucket_not_a_queue(
     finally:
         for sock in socks:
             sock.close(0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("per_host", "answered"), [("0", range(300, 301)), ("1", range(200, 250))])
+def test_with_the_per_host_limit_off_one_address_may_reconnect_every_session_at_once(
+    tmp_path: Path, per_host: str, answered: range
+) -> None:
+    """Turning --max-sessions-per-host off says many clients share one address (a NAT):
+    the burst is then twice --max-sessions, and 300 connections at once are all answered
+    at once; with a per-host limit of 1 the burst is 200, and the rest wait at 1 a second
+    (some 5 of them answered within the 5 s)."""
+    extra = ["--max-sessions-per-host", per_host, "--max-sessions", "300", "--connect-rate", "1"]
+    broker = BrokerProcess(tmp_path / "d", extra=extra).start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        socks = [_dealer(ctx, f"tcp://{HOST}:{broker.port}", p.encode({"type": "ping"})) for _ in range(300)]
+        deadline = time.monotonic() + 5
+        replied = sum(1 for sock in socks if sock.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+        assert replied in answered, replied
+    finally:
+        ctx.destroy(linger=0)
+        broker.kill()
