@@ -1433,13 +1433,15 @@ class Client:
             # The broker by the address the user gave (--port), whichever socket it was.
             where = self.endpoint
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._auth_failure = None
                 if sock is self._sub:
                     self._sub_up, self._sub_failure = True, None
                     # A (re)connected SUB may have missed events while it was away.
                     for state in self._rooms.values():
                         state.confirmed, state.probes, state.next_probe = False, 0, time.monotonic()
                 else:
+                    # (Not the SUB's: the broker paces new request connections only, and
+                    # a SUB let in does not undo the DEALER turned away just before.)
+                    self._auth_failure = None
                     self._foreign = None
                     self._dealer_down = False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and (self._curve is None or message.get("value") == 500):
