@@ -72,7 +72,8 @@ def test_connections_past_the_burst_wait_their_turn_and_another_host_does_not(
     assert from_one[4] >= 2.5, arrived
     # The other host did not wait behind them.
     assert arrived[b"other"] < from_one[4], arrived
-    assert gate.paced == 3 and gate.turned_away == 0, (gate.paced, gate.turned_away)
+    # (Three waited, unless making the sockets took a second, and a turn came meanwhile.)
+    assert gate.paced in (2, 3) and gate.turned_away == 0, (gate.paced, gate.turned_away)
 
 
 @pytest.mark.timeout(30)
@@ -282,12 +283,12 @@ def test_a_request_the_gate_fails_on_is_refused_and_the_gate_goes_on(
 
 @pytest.mark.timeout(30)
 def test_a_waiting_handshake_whose_client_left_does_not_spend_a_turn(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
-    """At one connection every 2 s: A takes the burst, B and C wait, and B's client goes
-    away. B's turn (2 s on) goes to C, not to nobody: the gate's reply to B had vanished
-    in the ROUTER and spent the host's token, and C came 4 s on (found reviewing gate.py:
+    """At one connection every 4 s: A takes the burst, B and C wait, and B's client goes
+    away. B's turn (4 s on) goes to C, not to nobody: the gate's reply to B had vanished
+    in the ROUTER and spent the host's token, and C came 8 s on (found reviewing gate.py:
     clients that gave up, scanners, retries of the library's 5 s connect, held a host's
     queue up for 30 s)."""
-    gate = Gate(ctx, None, rate=0.5, burst=1)
+    gate = Gate(ctx, None, rate=0.25, burst=1)
     gate.start()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -304,9 +305,9 @@ def test_a_waiting_handshake_whose_client_left_does_not_spend_a_turn(ctx: zmq.Co
         leaving.close(0)
         socks.append(_dealer(ctx, endpoint, b"C"))
         wait_for(lambda: gate.paced == 2, 5, what=lambda: gate.paced)
-        assert router.poll(10_000), "C never came in"
+        assert router.poll(15_000), "C never came in"
         assert router.recv_multipart()[1] == b"C"
-        assert time.monotonic() - started < 3.0, "C waited for B's turn too"
+        assert time.monotonic() - started < 6.0, "C waited for B's turn too"
     finally:
         for sock in socks:
             sock.close(0)
