@@ -202,12 +202,16 @@ class Bucket:
     tokens: float
     stamp: int
 
+    def refill(self, now: int, rate: float, burst: int) -> float:
+        """The tokens at ``now`` (ms), saved up since the last refill."""
+        self.tokens = min(float(burst), self.tokens + (now - self.stamp) * rate / 1000)
+        self.stamp = now
+        return self.tokens
+
     def take(self, now: int, rate: float, burst: int) -> bool:
         if rate <= 0:
             return True
-        self.tokens = min(float(burst), self.tokens + (now - self.stamp) * rate / 1000)
-        self.stamp = now
-        if self.tokens < 1:
+        if self.refill(now, rate, burst) < 1:
             return False
         self.tokens -= 1
         return True

@@ -31,12 +31,11 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import zmq
 import zmq.utils.z85
 
-from broker.core import LogBudget, host_of
+from broker.core import Bucket, LogBudget, host_of
 
 log = logging.getLogger("zchat.broker")
 
@@ -49,11 +48,12 @@ EVENTS_DOMAIN = b"zchat-events"
 #: libzmq's handshake timeout (ZMQ_HANDSHAKE_IVL, 30 s by default on both ends):
 #: a reply held longer than this finds its connection gone.
 HANDSHAKE_S = 30.0
+HANDSHAKE_MS = int(HANDSHAKE_S * 1000)
 #: A refused client knocks on both ports at each try: the same key from the same
 #: address within this many seconds is the same try, logged once.
 REFUSAL_REPEAT_S = 1.0
-#: Hosts whose buckets are full and who wait for nothing are forgotten this often (s).
-PRUNE_S = 10.0
+#: Hosts whose buckets are full and who wait for nothing are forgotten this often (ms).
+PRUNE_MS = 10_000
 #: How long the thread sleeps at most with nothing to do (s): how long a stop waits.
 IDLE_S = 0.1
 
@@ -68,17 +68,17 @@ class GateError(Exception):
     """The gate's thread could not make its socket; the message says why."""
 
 
-@dataclass(slots=True)
-class _Host:
-    """One host's token bucket. (Its waiting handshakes are in ``Gate._waiting``: an
-    empty deque is 760 bytes, and every host that connects gets a bucket.)"""
-
-    tokens: float
-    at: float
+#: A waiting handshake: when it came (ms), the ZAP reply's envelope and request id, the User-Id to give.
+_Waiting = tuple[int, list[bytes], bytes]
 
 
-#: A waiting handshake: when it came, the ZAP reply's envelope and request id, the User-Id to give.
-_Waiting = tuple[float, list[bytes], bytes]
+def _monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def _envelope(frames: list[bytes]) -> list[bytes]:
+    """The head of the reply to a request: [peer, b"", version, request id]."""
+    return [frames[0], b"", frames[2], frames[3]]
 
 
 class Gate:
@@ -101,7 +101,9 @@ class Gate:
         #: Handshakes one host may have waiting: more could not be answered in time.
         self.max_waiting = max(self.burst, int(rate * HANDSHAKE_S))
         self._ctx = ctx
-        self._hosts: dict[str, _Host] = {}
+        #: Each host's bucket of turns. (Its waiting handshakes are in ``_waiting``: an
+        #: empty deque is 760 bytes, and every host that connects gets a bucket.)
+        self._hosts: dict[str, Bucket] = {}
         #: The handshakes waiting for their turn, of the hosts that have some.
         self._waiting: dict[str, deque[_Waiting]] = {}
         self._stop = threading.Event()
@@ -110,7 +112,7 @@ class Gate:
         self._refused_lines = LogBudget("refused CURVE keys")
         self._paced_lines = LogBudget("paced connection lines")
         self._last_refusal: tuple[bytes, str, float] = (b"", "", 0.0)
-        self._pruned_at = time.monotonic()
+        self._pruned_at = _monotonic_ms()
         #: How many handshakes waited for their turn, and how many were refused for it.
         self.paced = 0
         self.turned_away = 0
@@ -149,7 +151,7 @@ class Gate:
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             while not self._stop.is_set():
-                wait = self._release(sock, time.monotonic())
+                wait = self._release(sock, _monotonic_ms())
                 if poller.poll(int(wait * 1000) + 1):
                     # Every request that is there, then the waiting ones' turns.
                     for _ in range(1000):
@@ -158,22 +160,21 @@ class Gate:
                         except zmq.Again:
                             break
                         try:
-                            self._handle(sock, frames, time.monotonic())
+                            self._handle(sock, frames, _monotonic_ms())
                         except Exception:
                             # The thread must go on: without it no handshake ends (the
                             # sockets enforce their ZAP domain). This one is refused.
                             log.exception("the connection gate failed on a handshake; it is refused")
                             if len(frames) >= 4:
-                                envelope = [frames[0], b"", frames[2], frames[3]]
-                                self._reply(sock, envelope, _TURNED_AWAY, b"internal error")
+                                self._reply(sock, _envelope(frames), _TURNED_AWAY, b"internal error")
         finally:
             sock.close(linger=0)
 
-    def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes], now: float) -> None:
+    def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes], now: int) -> None:
         # [peer, b"", version, request id, domain, address, identity, mechanism, credentials...]
         if len(frames) < 8 or frames[1] != b"":
             return  # not from libzmq: nothing to answer
-        envelope = [frames[0], b"", frames[2], frames[3]]
+        envelope = _envelope(frames)
         domain, address, mechanism, credentials = frames[4], frames[5].decode("utf-8", "replace"), frames[7], frames[8:]
         user = b""
         if self.users is not None:
@@ -193,7 +194,7 @@ class Gate:
         host = host_of(address)
         bucket = self._bucket(host, now)
         waiting = self._waiting.get(host)
-        if not waiting and bucket.tokens >= 1:
+        if not waiting and bucket.refill(now, self.rate, self.burst) >= 1:
             if self._reply(sock, envelope, _OK, b"OK", user):
                 bucket.tokens -= 1
             return
@@ -219,23 +220,21 @@ class Gate:
             waiting = self._waiting[host] = deque()
         waiting.append((now, envelope, user))
 
-    def _bucket(self, host: str, now: float) -> _Host:
+    def _bucket(self, host: str, now: int) -> Bucket:
         bucket = self._hosts.get(host)
         if bucket is None:
-            bucket = self._hosts[host] = _Host(tokens=float(self.burst), at=now)
-        else:
-            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.rate)
-            bucket.at = now
+            bucket = self._hosts[host] = Bucket(tokens=float(self.burst), stamp=now)
         return bucket
 
-    def _release(self, sock: zmq.Socket[bytes], now: float) -> float:
+    def _release(self, sock: zmq.Socket[bytes], now: int) -> float:
         """Answer the waiting handshakes whose turn came; how long until the next one's (s)."""
         wait = IDLE_S
         for host, waiting in list(self._waiting.items()):
             bucket = self._bucket(host, now)
+            bucket.refill(now, self.rate, self.burst)
             while waiting:
                 came, envelope, user = waiting[0]
-                if now - came >= HANDSHAKE_S:
+                if now - came >= HANDSHAKE_MS:
                     waiting.popleft()  # libzmq gave it up: no token spent on it
                     continue
                 if bucket.tokens < 1:
@@ -247,10 +246,10 @@ class Gate:
                 wait = min(wait, (1 - bucket.tokens) / self.rate)
             else:
                 del self._waiting[host]
-        if now - self._pruned_at >= PRUNE_S:
+        if now - self._pruned_at >= PRUNE_MS:
             self._pruned_at = now
             for host in [h for h in self._hosts if h not in self._waiting]:
-                if self._bucket(host, now).tokens >= self.burst:
+                if self._hosts[host].refill(now, self.rate, self.burst) >= self.burst:
                     del self._hosts[host]
         return max(0.0, wait)
 

@@ -20,15 +20,20 @@ from tests.conftest import HOST, BrokerProcess, RunningBroker, wait_for
 from zchat import protocol as p
 
 
+def _gated_router(ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], int]:
+    """A ROUTER whose handshakes ask the ZAP handler of ``ctx`` (a Gate), and its port."""
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.zap_domain = REQUEST_DOMAIN
+    return router, router.bind_to_random_port(f"tcp://{HOST}", min_port=22100, max_port=22999)
+
+
 @pytest.fixture
 def gated(ctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[tuple[Gate, zmq.Socket[bytes], int]]:
     """A ROUTER whose handshakes ask a gate of 1 connection a second after a burst of 2."""
     gate = Gate(ctx, None, rate=1.0, burst=2)
     gate.start()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.zap_domain = REQUEST_DOMAIN
-    port = router.bind_to_random_port(f"tcp://{HOST}", min_port=22100, max_port=22999)
+    router, port = _gated_router(ctx)
     try:
         yield gate, router, port
     finally:
@@ -85,10 +90,7 @@ def test_a_host_past_what_can_wait_is_turned_away_and_told(ctx: zmq.Context[zmq.
     gate = Gate(ctx, None, rate=0.01, burst=2)
     assert gate.max_waiting == 2
     gate.start()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.zap_domain = REQUEST_DOMAIN
-    port = router.bind_to_random_port(f"tcp://{HOST}", min_port=22100, max_port=22999)
+    router, port = _gated_router(ctx)
     socks = [_dealer(ctx, f"tcp://{HOST}:{port}", b"x") for _ in range(2 + gate.max_waiting)]
     wait_for(lambda: gate.paced == gate.max_waiting, 15, what=lambda: (gate.paced, gate.max_waiting))
     last = ctx.socket(zmq.DEALER)
@@ -290,10 +292,7 @@ def test_a_waiting_handshake_whose_client_left_does_not_spend_a_turn(ctx: zmq.Co
     queue up for 30 s)."""
     gate = Gate(ctx, None, rate=0.25, burst=1)
     gate.start()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.zap_domain = REQUEST_DOMAIN
-    port = router.bind_to_random_port(f"tcp://{HOST}", min_port=22100, max_port=22999)
+    router, port = _gated_router(ctx)
     endpoint = f"tcp://{HOST}:{port}"
     socks: list[zmq.Socket[bytes]] = []
     try:
