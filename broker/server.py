@@ -96,7 +96,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 #: the buffers of a join storm) for reuse, in every thread's heap: the broker's RSS
 #: stayed at its peak for good. The loop hands it back once it has been idle for a
 #: wake-up (IDLE_WAKE_MS) after some work, at most every TRIM_EVERY_S. Measured
-#: (scratch runs: 20,000 texts of 2 KB, then idle): 55-59 MB against 60-85 MB without,
+#: (scratch runs: 20,000 texts of 2 KB, then idle): 52-55 MB against 60-85 MB without,
 #: each trim 2-3 ms, outside the GIL.
 _malloc_trim = _find_malloc_trim()
 TRIM_EVERY_S = 5.0

@@ -1398,9 +1398,9 @@ class Client:
                 if not self._auth_said:
                     self._auth_said = True
                     self._events.append(Event(type="error", code="auth_failed", message=self._auth_failure))
-                # Refused on a reconnect (say, our key was revoked): we are not connected.
-                key = "our key" in self._auth_failure
-                self._lost("the broker refused our key" if key else "the broker turned us away")
+                # Refused on a reconnect (our key revoked, or turned away): we are not connected.
+                # (What the error event above says is why.)
+                self._lost("the broker refused the connection")
 
     def _read_monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes] | None) -> None:
         while sock is not None:
