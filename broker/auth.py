@@ -119,6 +119,17 @@ def load_users(directory: Path) -> dict[bytes, str]:
             " and ".join(repr(n) for n in names),
             directory,
         )
+    spellings: dict[str, list[str]] = {}
+    for name in users.values():
+        spellings.setdefault(p.name_key(name), []).append(name)
+    for names in spellings.values():
+        if len(names) > 1:
+            log.warning(
+                "%s in %s differ only in case, which makes them one name in the chat: only one of them "
+                "can be online at a time; rename one of the files",
+                " and ".join(repr(n) for n in sorted(names)),
+                directory,
+            )
     return users
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
+from zchat.protocol import name_key
+
 try:
     import redis
     from redis.backoff import NoBackoff
@@ -81,7 +83,9 @@ def room_key(room: str, part: str) -> str:
 
 
 def user_key(name: str) -> str:
-    return f"{PREFIX}{{u.{name}}}"
+    """A user's hash, one per name regardless of case (names that differ only in case
+    are one name: see zchat.protocol.name_key); the hash's ``name`` is its spelling."""
+    return f"{PREFIX}{{u.{name_key(name)}}}"
 
 
 def broker_key(broker: str, part: str) -> str:
@@ -149,14 +153,16 @@ end
 return out
 """
 
-# KEYS: user ; ARGV: broker, hash of the presented token ('' if none), hash of a new token, new sender
+# KEYS: user ; ARGV: broker, hash of the presented token ('' if none), hash of a new token, new sender,
+# the name as spelt. A session resumes under its own spelling only (as in Core._hello); a
+# hash without one (written before names were one regardless of case) takes any.
 _CLAIM = """
-local cur = redis.call('HMGET', KEYS[1], 'token', 'broker', 'sender', 'rooms')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'broker', 'sender', 'rooms', 'name')
 if not cur[1] then
-  redis.call('HSET', KEYS[1], 'token', ARGV[3], 'broker', ARGV[1], 'sender', ARGV[4], 'rooms', '')
+  redis.call('HSET', KEYS[1], 'token', ARGV[3], 'broker', ARGV[1], 'sender', ARGV[4], 'rooms', '', 'name', ARGV[5])
   return {'new', ARGV[4], '', ''}
 end
-if ARGV[2] ~= '' and ARGV[2] == cur[1] then
+if ARGV[2] ~= '' and ARGV[2] == cur[1] and (not cur[5] or cur[5] == ARGV[5]) then
   redis.call('HSET', KEYS[1], 'broker', ARGV[1])
   return {'resumed', cur[3], cur[2], cur[4] or ''}
 end
@@ -215,12 +221,12 @@ return 0
 """
 
 
-# KEYS: user ; ARGV: broker, token hash, sender, rooms. After an outage: the
+# KEYS: user ; ARGV: broker, token hash, sender, rooms, name as spelt. After an outage: the
 # session is ours again (recreated if Redis lost it), unless another broker has it.
 _ASSERT = """
 local b = redis.call('HGET', KEYS[1], 'broker')
 if not b then
-  redis.call('HSET', KEYS[1], 'token', ARGV[2], 'broker', ARGV[1], 'sender', ARGV[3], 'rooms', ARGV[4])
+  redis.call('HSET', KEYS[1], 'token', ARGV[2], 'broker', ARGV[1], 'sender', ARGV[3], 'rooms', ARGV[4], 'name', ARGV[5])
   return 1
 end
 if b == ARGV[1] then
@@ -370,7 +376,7 @@ class Backplane:
         self.r.sadd(broker_key(self.id, "names"), name)
         res = self._claim(
             keys=[user_key(name)],
-            args=[self.id, token_hash(presented) if presented else "", token_hash(new_token), new_sender],
+            args=[self.id, token_hash(presented) if presented else "", token_hash(new_token), new_sender, name],
         )
         outcome, sender, previous, rooms = (_s(x) for x in res)
         if outcome == "taken":
@@ -396,11 +402,19 @@ class Backplane:
         owner = self.r.hget(user_key(name), "broker")
         return None if owner is None else _s(owner)
 
+    def find(self, name: str) -> tuple[str, str] | None:
+        """The broker a live user of that name in any case is on, and the name as its session
+        spells it; or None."""
+        owner, spelt = self.r.hmget(user_key(name), "broker", "name")
+        return None if owner is None else (_s(owner), name if spelt is None else _s(spelt))
+
     def assert_session(self, name: str, token: str, sender: str, rooms: Iterable[str]) -> bool:
         """Re-assert a live session after an outage; False if another broker has taken it over."""
         self.r.sadd(broker_key(self.id, "names"), name)
         ok = bool(
-            self._assert(keys=[user_key(name)], args=[self.id, token_hash(token), sender, " ".join(sorted(rooms))])
+            self._assert(
+                keys=[user_key(name)], args=[self.id, token_hash(token), sender, " ".join(sorted(rooms)), name]
+            )
         )
         if not ok:
             self.r.srem(broker_key(self.id, "names"), name)

@@ -255,7 +255,7 @@ class ClusterCore(Core):
     def inbox(self, kind: str, name: str, body: bytes, now: int) -> list[Action]:
         """A DM for one of our users, or word that another broker took a session over."""
         self._clock = now
-        session = self.by_name.get(name)
+        session = self.named(name)
         try:
             if kind == "takeover":
                 if session is not None and not self.bp.owns(name):
@@ -379,7 +379,10 @@ class ClusterCore(Core):
         name: str = env["name"]
         if session is not None:
             return super()._hello(identity, session, env, now)  # a second hello on this connection
-        holder = self.by_name.get(name)
+        holder = self.named(name)
+        if holder is not None and holder.name != name:
+            # Here under another spelling: the same name (Core._hello says so).
+            return super()._hello(identity, session, env, now)
         if holder is not None:
             # A resume on this broker: local rules, but the backplane must say
             # we own the name again (it may have moved away and back meanwhile).
@@ -553,22 +556,23 @@ class ClusterCore(Core):
 
     def _dm(self, session: Session, env: Envelope, now: int) -> list[Action]:
         to: str = env["to"]
-        if to in self.by_name:
+        if self.named(to) is not None:
             return super()._dm(session, env, now)
         first = self._acked.get((session.name, env["id"]))
         if first is not None:
-            return self._resent(session, first, "@" + to, env["text"])
+            return self._resent(session, first, "@" + p.name_key(to), env["text"])
         self._up()
-        owner = self.bp.owner(to)
-        if owner is None:
+        found = self.bp.find(to)
+        if found is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
+        owner, to = found  # as its owner spells it: its broker's inbox knows it so
         self._check_text(env["text"])
         self._throttle_send(session, now, env["id"])
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         # Private: through the recipient's broker's inbox, never a room log or PUB.
         self.bp.send_to_broker(owner, "dm", to, self._pack(event))
         ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
-        self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
+        self._remember_ack(session.name, ack, "@" + p.name_key(to), hash(env["text"]))
         return [Reply(session.identity, ack)]
 
     def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:

@@ -425,7 +425,10 @@ class Core:
         #: room -> last seq given out (continues what the store holds).
         self.seqs: dict[str, int] = dict(room_seqs or {})
         self.by_identity: dict[bytes, Session] = {}
+        #: Live sessions by their name as spelt: see :meth:`named` for any spelling.
         self.by_name: dict[str, Session] = {}
+        #: p.name_key(name) -> the live name's spelling (names are unique regardless of case).
+        self._spelt: dict[str, str] = {}
         #: Sessions restored at start (:meth:`restore`) whose clients have not resumed
         #: them yet, by name: they have no connection, so they are not in ``by_identity``.
         self._restored: dict[str, Session] = {}
@@ -573,7 +576,7 @@ class Core:
         restored = 0
         for saved_session in saved:
             name = saved_session.name
-            if name in self.by_name or not p.is_name(name):
+            if not p.is_name(name) or self.named(name) is not None:
                 continue
             limits = self.limits
             session = Session(
@@ -626,6 +629,8 @@ class Core:
         expiry_s = self.expiry_ms / 1000
         if holder is None:
             why = f"a session that ended without a bye holds its name up to {expiry_s:g} s"
+        elif holder.name != name:
+            why = f"{holder.name!r} is in use, and names that differ only in case are one name"
         else:
             silent_s = max(0, now - holder.last_seen) / 1000
             left_s = max(1, math.ceil(expiry_s - silent_s))
@@ -664,11 +669,19 @@ class Core:
             )
         return None
 
+    def named(self, name: str) -> Session | None:
+        """The live session whose name is ``name`` in any case (``bob`` for ``Bob``), or None."""
+        session = self.by_name.get(name)
+        if session is None and (spelt := self._spelt.get(p.name_key(name))) is not None:
+            session = self.by_name.get(spelt)
+        return session
+
     def _attach(self, session: Session, connected: bool = True) -> None:
         """Make ``session`` live: found by its connection (if it has one) and its name, counted for its host."""
         if connected:
             self.by_identity[session.identity] = session
         self.by_name[session.name] = session
+        self._spelt[p.name_key(session.name)] = session.name
         if session.host is not None:
             self._hosts[session.host] = self._hosts.get(session.host, 0) + 1
 
@@ -677,6 +690,7 @@ class Core:
         if self.by_name.get(session.name) is not session:
             return
         del self.by_name[session.name]
+        del self._spelt[p.name_key(session.name)]
         if self._restored.pop(session.name, None) is None:
             self.by_identity.pop(session.identity, None)
         host = session.host
@@ -741,10 +755,12 @@ class Core:
                     ProtocolError(ErrorCode.ALREADY_REGISTERED, f"this connection is already {session.name!r}", rid),
                 )
             return self._welcome(session, False, rid)
-        holder = self.by_name.get(name)
+        holder = self.named(name)
         if holder is not None:
             token = env.get("resume")
-            if token is None or not _token_fits(holder, token):
+            # A session resumes under its own spelling only (a client resumes with the
+            # name it said hello with): another spelling is another user's try.
+            if token is None or holder.name != name or not _token_fits(holder, token):
                 return self.reject(identity, self._name_taken(name, rid, holder, now))
             # The same client on a new connection (a blip, a reconnect) takes its
             # session over. Nobody left or joined, so nothing is published; the
@@ -915,12 +931,13 @@ class Core:
 
     def _dm(self, session: Session, env: Envelope, now: int) -> list[Action]:
         to: str = env["to"]
-        target = self.by_name.get(to)
+        target = self.named(to)
         first = self._acked.get((session.name, env["id"]))
         if first is not None:
-            return self._resent(session, first, "@" + to, env["text"])
+            return self._resent(session, first, "@" + p.name_key(to), env["text"])
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
+        to = target.name  # as its owner spells it, in the event and the author's ack
         if to in self._restored:
             # Held for its client since the restart, which has not come back: as after a
             # crash, the recipient is not online yet (a client retries this, for a while).
@@ -929,7 +946,7 @@ class Core:
         self._throttle_send(session, now, env["id"])
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
-        self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
+        self._remember_ack(session.name, ack, "@" + p.name_key(to), hash(env["text"]))
         self._keep_dm(target, event, now)
         # Private: ROUTER to the recipient only, never PUB, never the store.
         return [Direct(target.identity, event, session.identity, ack)]
@@ -968,7 +985,7 @@ class Core:
         acknowledged again; the error is what its author gets instead."""
         msg_id: str = dm.ack["id"]
         self._acked.forget((dm.env["from"], msg_id))
-        target = self.by_name.get(dm.env["to"])
+        target = self.named(dm.env["to"])
         if target is not None and target.recent_dms and target.recent_dms[-1][1] is dm.env:
             target.recent_dm_bytes -= _kept_size(target.recent_dms.pop()[1])  # its author is told, and resends
         return p.error(

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "takes its session (and name) back at once.",
     )
     parser.add_argument(
-        "--name", required=True, help="your name: 1-32 of A-Z a-z 0-9 _ . - (case counts: Bob is not bob)"
+        "--name",
+        required=True,
+        help="your name: 1-32 of A-Z a-z 0-9 _ . - (unique regardless of case: while bob is online, nobody can be Bob)",
     )
     parser.add_argument(
         "--host",

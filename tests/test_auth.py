@@ -333,6 +333,23 @@ def test_one_key_under_two_names_is_accepted_under_neither(keys: Path, caplog: p
     assert any(r.levelname == "ERROR" and "'alice' and 'zed'" in r.getMessage() for r in caplog.records), caplog.records
 
 
+def test_two_users_whose_names_differ_only_in_case_are_warned_of(
+    keys: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bob.key beside bob.key: two people the chat takes for one name (only one can be online)."""
+    import zmq.auth
+
+    from broker.auth import load_users
+
+    authorized = keys / "keys" / "authorized"
+    public, _secret = zmq.auth.create_certificates(tmp_path, "Bob")
+    (authorized / "Bob.key").write_bytes(Path(public).read_bytes())
+    users = load_users(authorized)
+    assert sorted(users.values()) == ["Bob", "alice", "bob"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'Bob' and 'bob'" in m and "differ only in case" in m for m in warned), warned
+
+
 def test_a_port_taken_while_rebinding_stops_the_broker_with_a_reason() -> None:
     """Revoking a key lets go of both ports for a moment (to cut every connection); a
     process of this host may take one then. The broker says so and stops (exit 1 in the

@@ -257,6 +257,31 @@ def test_names_are_unique_across_brokers(nodes: Callable[[], Node], clients: Cal
     wait_for(free_on_b, 10, interval=0.1, what=lambda: taken)
 
 
+def test_names_that_differ_only_in_case_are_one_name_across_brokers(
+    nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """Nobody on B can be ALICE while alice is on A, not even with her token; a DM to
+    "bob" reaches Bob on the other broker, named as he spells himself."""
+    a, b = nodes(), nodes()
+    on_a = Raw(ctx, a.broker.port)
+    welcome = on_a.request({"type": "hello", "v": 1, "name": "alice", "id": "h1"})
+    assert welcome["type"] == "welcome"
+    on_b = Raw(ctx, b.broker.port)
+    for extra in ({}, {"resume": welcome["resume"]}):
+        refused = on_b.request({"type": "hello", "v": 1, "name": "ALICE", "id": "h2", **extra})
+        assert refused["code"] == "name_taken", refused
+    bob = clients("Bob", b)
+    ack = on_a.request({"type": "dm", "to": "bob", "text": "psst", "id": "d1"})
+    assert ack["type"] == "ack", ack
+    got: list[Event] = []
+    collect(bob, got, lambda: any(e.type == "dm" for e in got))
+    [dm] = [e for e in got if e.type == "dm"]
+    assert (dm.text, dm.name, dm.to) == ("psst", "alice", "Bob"), dm
+    on_a.send({"type": "bye"})
+    for raw in (on_a, on_b):
+        raw.sock.close(linger=0)
+
+
 def test_resume_on_another_broker_takes_the_session_over_silently(
     nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:

@@ -122,6 +122,23 @@ def test_name_taken() -> None:
     assert B not in core.by_identity
 
 
+def test_names_that_differ_only_in_case_are_one_name() -> None:
+    """Nobody can be Bob beside bob: the second spelling is refused and told why, even
+    with the first session's token (a session resumes under its own spelling); once bob
+    is gone the name is free in any spelling."""
+    core = make_core()
+    token = hello(core, A, "bob")["resume"]
+    for spelling, extra in (("Bob", {}), ("BOB", {}), ("Bob", {"resume": token})):
+        env = only_reply(core.handle(B, enc(type="hello", v=1, name=spelling, id="h", **extra), 5), B)
+        assert (env["type"], env["code"], env["id"]) == ("error", "name_taken", "h"), env
+        assert f"the name {spelling!r} is taken ('bob' is in use" in env["message"], env
+        assert "differ only in case" in env["message"], env
+    assert B not in core.by_identity and core.by_name["bob"].identity == A
+    core.handle(A, enc(type="bye"), 6)
+    assert hello(core, B, "Bob", now=7)["name"] == "Bob"
+    assert core.named("bOB") is core.by_name["Bob"] and core.named("bob") is core.by_name["Bob"]
+
+
 def test_name_taken_says_whether_a_connected_client_holds_the_name() -> None:
     """A client that lost its name to a live one must not be told it comes free by itself;
     one whose old session is dying is told how long it has left."""
@@ -142,6 +159,8 @@ def test_a_restored_session_waits_for_its_token_and_ends_unresumed() -> None:
     saved = [
         SavedSession("alice", "s-alice", hashlib.sha256(b"tok-a").digest(), None, ["general"]),
         SavedSession("bob", "s-bob", hashlib.sha256(b"tok-b").digest(), None, ["general", "gone"]),
+        # Saved by a broker that let names differ only in case: the first one keeps the name.
+        SavedSession("ALICE", "s-alice2", hashlib.sha256(b"tok-a2").digest(), None, ["general"]),
     ]
     assert core.restore(saved, now=1000) == 2
     assert sorted(core.members["general"]) == ["alice", "bob"]
@@ -728,6 +747,24 @@ def test_a_dm_the_recipients_connection_could_not_take_is_an_error_and_can_be_re
     assert isinstance(again, Direct) and again.identity == B and again.ack["id"] == "d1"
     # Once delivered, a resend is only acknowledged again.
     assert only_reply(core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 7), A)["type"] == "ack"
+
+
+def test_a_dm_finds_its_recipient_in_any_case_and_names_it_as_it_spells_itself() -> None:
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "Bob")
+    [dm] = core.handle(A, enc(type="dm", to="bOB", text="psst", id="d1"), 5)
+    assert isinstance(dm, Direct) and dm.identity == B
+    assert (dm.env["to"], dm.env["from"], dm.ack["id"]) == ("Bob", "alice", "d1")
+    # A resend under either spelling is the same message: acknowledged again, not refused.
+    for spelling in ("bob", "Bob"):
+        reply = only_reply(core.handle(A, enc(type="dm", to=spelling, text="psst", id="d1"), 6), A)
+        assert (reply["type"], reply["id"]) == ("ack", "d1"), reply
+    # Its connection could not take it: the error names the recipient, and a resend goes again.
+    error = core.undelivered(dm)
+    assert error["code"] == "undelivered" and "Bob" in error["message"]
+    [again] = core.handle(A, enc(type="dm", to="BOB", text="psst", id="d1"), 7)
+    assert isinstance(again, Direct) and again.identity == B
 
 
 def test_dm_to_self() -> None:

@@ -290,6 +290,17 @@ def test_name_taken_and_freed_by_bye(broker: RunningBroker, make_client: MakeCli
     assert again.who("general") == []
 
 
+def test_nobody_can_be_bob_beside_bob_and_a_dm_finds_him_in_any_case(make_client: MakeClient) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    with pytest.raises(RequestError) as err:
+        make_client("Bob")
+    assert err.value.code == "name_taken"
+    assert "'bob' is in use, and names that differ only in case are one name" in err.value.message
+    alice.dm_wait("BOB", "psst")
+    [dm] = collect(bob, 1, kind="dm")
+    assert (dm.name, dm.to, dm.text) == ("alice", "bob", "psst")
+
+
 def test_too_long_text_refused_locally_and_next_works(make_client: MakeClient) -> None:
     alice = make_client("alice")
     alice.join("general")

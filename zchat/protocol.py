@@ -114,6 +114,13 @@ def is_name(value: object) -> bool:
     return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
 
 
+def name_key(name: str) -> str:
+    """What makes a name unique: its letters regardless of case, so that nobody can be
+    ``Bob`` beside ``bob``. (Names are ASCII, so ``lower()`` is exact.) A session keeps
+    the spelling it chose; lookups by name (a DM's ``to``) accept any."""
+    return name.lower()
+
+
 def is_room(value: object) -> bool:
     return isinstance(value, str) and _ROOM_RE.fullmatch(value) is not None
 
