@@ -47,6 +47,11 @@ USAGE = {
     "help": "/help",
     "quit": "/quit",
 }
+#: The most words each command takes after its name; more are refused with its usage line,
+#: never ignored. Commands not listed take a text (/me, /msg, /lastlog): any number.
+MAX_WORDS = {"join": 1, "switch": 1, "leave": 1, "who": 1, "rooms": 0, "history": 1, "help": 0, "quit": 0}
+#: Several words where one room goes: what a room name is (it has no spaces).
+ROOM_RULE = "a room name has no spaces: 1-32 of a-z 0-9 _ -"
 #: Other spellings people bring from IRC.
 ALIASES = {"j": "join", "part": "leave", "exit": "quit", "query": "msg", "names": "who", "action": "me"}
 COMMANDS = tuple(USAGE)
@@ -198,8 +203,12 @@ class Commands:
         self.held_back.clear()
 
     def _usage(self, name: str, args: list[str] | None = None) -> None:
-        # Several words where one room goes: say what a room name is (it has no spaces).
-        rule = " (a room name has no spaces: 1-32 of a-z 0-9 _ -)" if args and len(args) > 1 else ""
+        """The command's usage line; with more words than it takes, what is wrong with them."""
+        most = MAX_WORDS.get(name)
+        rule = ""
+        if most is not None and len(args or ()) > most:
+            why = "it takes no arguments" if most == 0 else ROOM_RULE if "ROOM" in USAGE[name] else "one number at most"
+            rule = f" ({why})"
         self.err(f"usage: {USAGE[name]}{rule}")
 
     def _command(self, line: str) -> bool:
@@ -208,6 +217,12 @@ class Commands:
         name = name.lower()
         name = ALIASES.get(name, name)
         args = rest.split()
+        if len(args) > MAX_WORDS.get(name, len(args)):
+            # More words than the command takes: said, never ignored ("/rooms x", "/quit now").
+            self._usage(name, args)
+            if name in ("join", "switch"):
+                self._no_room(line)
+            return True
         if name == "quit":
             return False
         if name == "help":
@@ -227,8 +242,8 @@ class Commands:
             else:
                 self.client.dm(to, text)
         elif name == "join":
-            if len(args) != 1:
-                self._usage(name, args)
+            if not args:
+                self._usage(name)
                 self._no_room(line)
             else:
                 try:
@@ -243,8 +258,8 @@ class Commands:
                 if self.join_names:
                     self._info(f"-!- #{room}: {', '.join(members)}", {"type": "who", "room": room, "members": members})
         elif name == "switch":
-            if len(args) != 1:
-                self._usage(name, args)
+            if not args:
+                self._usage(name)
                 self._no_room(line)
             else:
                 try:
@@ -259,9 +274,7 @@ class Commands:
                     self.chose(room)
         elif name == "leave":
             target = args[0] if args else self.current
-            if len(args) > 1:
-                self._usage(name, args)
-            elif target is None:
+            if target is None:
                 self.err("not in a room: nothing to leave")
             else:
                 room = p.parse_room(target)
@@ -272,9 +285,7 @@ class Commands:
                     self.current = joined[-1] if joined else None
         elif name == "who":
             target = args[0] if args else self.current
-            if len(args) > 1:
-                self._usage(name, args)
-            elif target is None:
+            if target is None:
                 self.err("not in a room: /who ROOM")
             else:
                 room = p.parse_room(target)
@@ -307,7 +318,7 @@ class Commands:
 
     def _history(self, args: list[str]) -> None:
         count = HISTORY_DEFAULT
-        if len(args) > 1 or (args and not (args[0].isdigit() and int(args[0]) > 0)):
+        if args and not (args[0].isdigit() and int(args[0]) > 0):
             self._usage("history")
             return
         if args:

@@ -932,11 +932,17 @@ def test_pgup_pgdn_neither_scroll_nor_recall_but_up_down_do(alice: Client) -> No
         ("/join two rooms", "usage: /join ROOM (a room name has no spaces: 1-32 of a-z 0-9 _ -)"),
         ("/join #Not!A!Room", "bad_room"),
         ("/switch", "usage: /switch ROOM"),
-        ("/leave a b", "usage: /leave [ROOM]"),
-        ("/who a b", "usage: /who [ROOM]"),
+        ("/leave a b", "usage: /leave [ROOM] (a room name has no spaces"),
+        ("/who a b", "usage: /who [ROOM] (a room name has no spaces"),
         ("/history -1", "usage: /history [N]"),
         ("/history x", "usage: /history [N]"),
+        ("/history 5 6", "usage: /history [N] (one number at most)"),
         ("/me", "usage: /me ACTION"),
+        # Words a command does not take are said, not ignored (/quit: nor does it quit).
+        ("/rooms x", "usage: /rooms (it takes no arguments)"),
+        ("/help me", "usage: /help (it takes no arguments)"),
+        ("/quit now", "usage: /quit (it takes no arguments)"),
+        ("/exit now", "usage: /quit (it takes no arguments)"),
     ],
 )
 def test_wrong_commands_get_one_line_hint(alice: Client, line: str, hint: str) -> None:
