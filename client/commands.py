@@ -212,8 +212,8 @@ class Commands:
         self.err(f"usage: {USAGE[name]}{rule}")
 
     def _command(self, line: str) -> bool:
-        name, _, rest = line[1:].partition(" ")
-        rest = rest.strip()
+        name, _, raw = line[1:].partition(" ")
+        rest = raw.strip()
         name = name.lower()
         name = ALIASES.get(name, name)
         args = rest.split()
@@ -232,7 +232,8 @@ class Commands:
             if not rest:
                 self._usage(name)
             else:
-                self._say(rest, action=True)
+                # As typed after "/me ", as a plain line is sent as typed (its spaces too).
+                self._say(raw, action=True)
         elif name == "msg":
             to, _, text = rest.partition(" ")
             if not to or not text.strip():

@@ -263,6 +263,20 @@ def test_words_a_command_does_not_take_are_refused_not_ignored(chats: Any) -> No
     ], alice.errors
 
 
+def test_an_action_keeps_its_spaces_as_a_plain_line_does(chats: Any) -> None:
+    """``/me   waves`` sends "  waves" (what follows "/me "), as "   indented" is sent as typed."""
+    alice = chats("alice", "--json", "--backlog", "0")
+    alice.say("   indented", "/me   waves  ", "/action  bows")
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 0, alice.errors
+    out = [json.loads(line) for line in alice.rest()]
+    assert [(e.get("text"), e.get("action", False)) for e in out if e["type"] == "msg"] == [
+        ("   indented", False),
+        ("  waves  ", True),
+        (" bows", True),
+    ], out
+
+
 def test_lastlog_is_for_the_terminal_and_pipe_mode_says_so(chats: Any) -> None:
     alice = chats("alice", "--json")
     alice.say("/lastlog deploy")
