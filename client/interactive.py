@@ -272,6 +272,10 @@ class ChatUI:
         self._said: deque[render.Styled] = deque(maxlen=TRANSCRIPT_LINES)
         #: Per room, the backlog events shown since the last mark of where they end.
         self._backlog: dict[str, int] = {}
+        #: The first room when the session this run took back (a killed zchat's saved token)
+        #: was in it already: its join published nothing, and its backlog is not from before
+        #: a join of ours but from before this start (until a /join or /leave of it).
+        self._stayed_in: set[str] = {room} if room is not None and room in client.resumed_rooms else set()
         #: /leave lines that wait for the room's messages to be acknowledged (by room):
         #: run from the pump loop once they are, so the screen never freezes meanwhile.
         self._leaving: dict[str, str] = {}
@@ -569,7 +573,10 @@ class ChatUI:
 
     def _end_backlog(self, room: str) -> None:
         n = self._backlog.pop(room)
-        self._out(f"#{room}: the {n} event{'' if n == 1 else 's'} above came before you joined; live from here")
+        # A resumed session in the room all along: what came before is not before a join.
+        before = "zchat started again (your session stayed in the room)" if room in self._stayed_in else "you joined"
+        self._stayed_in.discard(room)
+        self._out(f"#{room}: the {n} event{'' if n == 1 else 's'} above came before {before}; live from here")
 
     def lastlog(self, text: str) -> None:
         """/lastlog: the chat lines shown so far (the last TRANSCRIPT_LINES) that contain ``text``, any case."""
@@ -613,6 +620,8 @@ class ChatUI:
             return
         if command in ("join", "switch") and self._leaving.pop(room, None) is not None:
             self._out(f"no longer leaving #{room}")
+        if command in ("join", "leave"):
+            self._stayed_in.discard(room)  # a backlog after this is one of a join of ours
         before = self.current
         try:
             keep_going = self.commands.handle(line)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from prompt_toolkit.data_structures import Size
 from prompt_toolkit.input import PipeInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput, Output
@@ -487,6 +488,38 @@ def test_a_line_says_where_a_joins_backlog_ends(alice: Client, bob: Client) -> N
             assert max(i for i, line in enumerate(lines) if "earlier" in line) < at[0]
             assert at[0] < next(i for i, line in enumerate(lines) if "alice joined #dev" in line), lines
             assert at[0] < next(i for i, line in enumerate(lines) if "live one" in line)
+
+    run(main())
+
+
+def test_the_backlog_of_a_room_a_resumed_session_stayed_in_is_not_called_from_before_a_join(
+    broker: RunningBroker, make_client: Callable[..., Client], bob: Client
+) -> None:
+    """zchat killed and started again takes its session back (its saved token): that session
+    never left #general, so the backlog there came before this start, not before a join."""
+    doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    killed = Client("alice", HOST, broker.port, broker.pub_port, context=doomed)
+    killed.connect()
+    killed.join("general")
+    token = killed.resume_token
+    doomed.destroy(linger=0)  # as a SIGKILL would: no bye, the session stays in the room
+    bob.send_wait("general", "while alice was away")
+    bob.join("dev")
+    alice = make_client("alice", resume=token)
+    assert alice.resumed_rooms == ["general"]
+    alice.join("general", backlog=50, members=False)  # as zchat does before its UI starts
+
+    async def main() -> None:
+        async with chat_ui(alice, backlog=50) as t:
+            mark = await t.shows("live from here")
+            # bob's join, alice's (of the killed run) and bob's line
+            assert mark.endswith(
+                "#general: the 3 events above came before zchat started again (your session stayed in the room);"
+                " live from here"
+            ), mark
+            t.line("/join dev")  # a join of this run: its backlog is from before it
+            mark = await t.shows("came before you joined")
+            assert mark.endswith("#dev: the 1 event above came before you joined; live from here"), mark
 
     run(main())
 
