@@ -336,7 +336,7 @@ class Commands:
             if self.show is not None:
                 self.show(event)
             else:
-                self.out(render.json_line(event) if self.as_json else render.text_line(event))
+                self.out(render.json_line(event, history=True) if self.as_json else render.text_line(event))
 
     def _info(self, text: str, data: dict[str, object]) -> None:
         self.out(json.dumps(data, ensure_ascii=False, separators=(",", ":")) if self.as_json else text)

@@ -105,8 +105,14 @@ def text_line(event: Event) -> str:
     return f"{when} {event.type}"
 
 
-def json_line(event: Event) -> str:
-    return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+def json_line(event: Event, *, history: bool = False) -> str:
+    """``event`` as one JSON object. With ``history``, an event that /history listed: marked
+    ``"history": true``, not ``backlog`` (from before your join: /history lists later ones too)."""
+    data = event.to_dict()
+    if history:
+        data.pop("backlog", None)
+        data["history"] = True
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 # ------------------------------------------------------------ the terminal UI

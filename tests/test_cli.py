@@ -237,12 +237,13 @@ def test_pipe_mode_prints_in_the_order_of_its_input(chats: Any) -> None:
     alice.close_input()
     assert alice.proc.wait(timeout=15) == 0, alice.errors
     out = [json.loads(line) for line in alice.rest()]
-    kinds = [(e["type"], e.get("text"), e.get("own", False), e.get("backlog", False)) for e in out]
+    kinds = [(e["type"], e.get("text"), e.get("own", False), e.get("backlog", False), e.get("history")) for e in out]
     assert kinds == [
-        ("msg", "first line", True, False),
-        ("who", None, False, False),
-        ("msg", "second line", True, False),
-        ("msg", "second line", False, True),
+        ("msg", "first line", True, False, None),
+        ("who", None, False, False, None),
+        ("msg", "second line", True, False, None),
+        # Listed by /history: marked so, not "backlog" (it came after the join).
+        ("msg", "second line", False, False, True),
     ], kinds
 
 
