@@ -513,6 +513,8 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
         ("ZCHAT_HEARTBEAT_MS", "3600001", "--heartbeat-ms (or ZCHAT_HEARTBEAT_MS) must be between 100 and 3600000"),
         ("ZCHAT_RATE_LIMIT", "-1", "--rate-limit (or ZCHAT_RATE_LIMIT) must be 0 (off) or more, not -1.0"),
         ("ZCHAT_JOIN_RATE", "nan", "--join-rate (or ZCHAT_JOIN_RATE) must be 0 (off) or more, not nan"),
+        ("ZCHAT_CONNECT_RATE", "-1", "--connect-rate (or ZCHAT_CONNECT_RATE) must be 0 (off) or more, not -1.0"),
+        ("ZCHAT_CONNECT_RATE", "nan", "--connect-rate (or ZCHAT_CONNECT_RATE) must be 0 (off) or more, not nan"),
         ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be between 1 and 2147483647, not 0"),
         ("ZCHAT_RETENTION", "0", "--retention (or ZCHAT_RETENTION) must be at least 1, not 0"),
         # Beyond what libzmq's options hold (they were an OverflowError traceback, exit 1).
