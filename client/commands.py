@@ -49,7 +49,8 @@ USAGE = {
 }
 #: The most words each command takes after its name; more are refused with its usage line,
 #: never ignored. Commands not listed take a text (/me, /msg, /lastlog): any number.
-MAX_WORDS = {"join": 1, "switch": 1, "leave": 1, "who": 1, "rooms": 0, "history": 1, "help": 0, "quit": 0}
+#: (Not /quit: "/quit see you" is IRC's quit with a message, and quits; zchat sends no message.)
+MAX_WORDS = {"join": 1, "switch": 1, "leave": 1, "who": 1, "rooms": 0, "history": 1, "help": 0}
 #: Several words where one room goes: what a room name is (it has no spaces).
 ROOM_RULE = "a room name has no spaces: 1-32 of a-z 0-9 _ -"
 #: Other spellings people bring from IRC.
@@ -218,7 +219,7 @@ class Commands:
         name = ALIASES.get(name, name)
         args = rest.split()
         if len(args) > MAX_WORDS.get(name, len(args)):
-            # More words than the command takes: said, never ignored ("/rooms x", "/quit now").
+            # More words than the command takes: said, never ignored ("/rooms x", "/help me").
             self._usage(name, args)
             if name in ("join", "switch"):
                 self._no_room(line)

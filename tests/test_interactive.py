@@ -971,11 +971,9 @@ def test_pgup_pgdn_neither_scroll_nor_recall_but_up_down_do(alice: Client) -> No
         ("/history x", "usage: /history [N]"),
         ("/history 5 6", "usage: /history [N] (one number at most)"),
         ("/me", "usage: /me ACTION"),
-        # Words a command does not take are said, not ignored (/quit: nor does it quit).
+        # Words a command does not take are said, not ignored.
         ("/rooms x", "usage: /rooms (it takes no arguments)"),
         ("/help me", "usage: /help (it takes no arguments)"),
-        ("/quit now", "usage: /quit (it takes no arguments)"),
-        ("/exit now", "usage: /quit (it takes no arguments)"),
     ],
 )
 def test_wrong_commands_get_one_line_hint(alice: Client, line: str, hint: str) -> None:
@@ -1220,6 +1218,8 @@ def test_pipe_mode_understands_the_same_commands(alice: Client, bob: Client) -> 
     assert commands.handle("/j ops") and commands.current == "ops", "irssi's /j is /join"
     assert commands.handle("/switch general")
     assert not commands.handle("/quit")
+    assert not commands.handle("/quit see you tomorrow"), "IRC's quit with a message quits"
+    assert not commands.handle("/exit now")
     text = Commands(alice, "general", out.append, err.append)
     text.handle("/history 1")
     assert out[-2] == "-!- #general: the last 1 event"
