@@ -23,6 +23,13 @@ second one host can make, hours at 20 a second (docs/security.md).
 The gate runs on its own thread with its own ROUTER socket (a REP socket could
 not hold one reply back while it answers the next). The loop swaps ``users`` and
 ``revoked`` whole on a reload; the thread only reads them.
+
+libzmq keeps the pipe a connection asked its ZAP question on for as long as the
+connection lives, though it never asks again: about 10 KiB a connection (1,000
+idle clients: 57 KiB each without a gate, 67 with it). So once the gate has been
+quiet for a while, it binds a new socket and closes the old one, which ends
+those pipes (connections stay up; one still waiting for its turn, or a question
+still on its way, is answered on the old socket first): see :meth:`Gate._recycle`.
 """
 
 from __future__ import annotations
@@ -56,6 +63,14 @@ REFUSAL_REPEAT_S = 1.0
 PRUNE_MS = 10_000
 #: How long the thread sleeps at most with nothing to do (s): how long a stop waits.
 IDLE_S = 0.1
+#: The socket is recycled (see the module's docstring) once no question has come for
+#: this long (ms) after some did, or once this many were answered on it, whichever first.
+RECYCLE_QUIET_MS = 1_000
+RECYCLE_AFTER = 1_000
+#: A recycled socket is closed once nothing waits on it and this long (ms) has passed:
+#: a question libzmq had sent it just before (it picks the socket at the handshake's
+#: start) is answered there.
+RETIRE_MS = 1_000
 
 #: ZAP status codes (RFC 27): 400 is a failed authentication (a key), 500 the gate's
 #: own refusal (its queue, or a failure of its own): a client tells them apart by the
@@ -68,8 +83,9 @@ class GateError(Exception):
     """The gate's thread could not make its socket; the message says why."""
 
 
-#: A waiting handshake: when it came (ms), the ZAP reply's envelope and request id, the User-Id to give.
-_Waiting = tuple[int, list[bytes], bytes]
+#: A waiting handshake: when it came (ms), the ZAP reply's envelope and request id, the
+#: User-Id to give, and the socket it asked on (the reply goes there).
+_Waiting = tuple[int, list[bytes], bytes, zmq.Socket[bytes]]
 
 
 def _monotonic_ms() -> int:
@@ -116,6 +132,16 @@ class Gate:
         #: How many handshakes waited for their turn, and how many were refused for it.
         self.paced = 0
         self.turned_away = 0
+        #: Questions answered on the current socket, when the last one came (ms), and
+        #: how many times the socket was recycled.
+        self._asked = 0
+        self._asked_at = 0
+        self.recycles = 0
+        #: The socket before the last recycle, while something may still be answered on
+        #: it: since when (ms), and how many handshakes wait for their turn on it.
+        self._retired: zmq.Socket[bytes] | None = None
+        self._retired_at = 0
+        self._retired_held = 0
         self._thread = threading.Thread(target=self._run, name="zchat-zap", daemon=True)
 
     def start(self) -> None:
@@ -134,14 +160,22 @@ class Gate:
 
     # ------------------------------------------------------------ thread
 
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A reply to a handshake that is gone fails (EHOSTUNREACH), rather than
+        # vanish: a held one whose client went away does not spend its host's turn.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        return sock
+
     def _run(self) -> None:
         try:
-            sock = self._ctx.socket(zmq.ROUTER)
-            sock.setsockopt(zmq.LINGER, 0)
-            # A reply to a handshake that is gone fails (EHOSTUNREACH), rather than
-            # vanish: a held one whose client went away does not spend its host's turn.
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.bind(ZAP_ENDPOINT)
+            sock = self._socket()
+            try:
+                sock.bind(ZAP_ENDPOINT)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                raise
         except zmq.ZMQError as exc:
             self._start_failed = exc
             self._ready.set()
@@ -151,24 +185,80 @@ class Gate:
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             while not self._stop.is_set():
-                wait = self._release(sock, _monotonic_ms())
-                if poller.poll(int(wait * 1000) + 1):
-                    # Every request that is there, then the waiting ones' turns.
-                    for _ in range(1000):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        try:
-                            self._handle(sock, frames, _monotonic_ms())
-                        except Exception:
-                            # The thread must go on: without it no handshake ends (the
-                            # sockets enforce their ZAP domain). This one is refused.
-                            log.exception("the connection gate failed on a handshake; it is refused")
-                            if len(frames) >= 4:
-                                self._reply(sock, _envelope(frames), _TURNED_AWAY, b"internal error")
+                now = _monotonic_ms()
+                wait = self._release(now)
+                retired = self._retired
+                if retired is not None and now - self._retired_at >= RETIRE_MS and not self._retired_held:
+                    poller.unregister(retired)
+                    retired.close(linger=0)
+                    retired = self._retired = None
+                if retired is None and self._recycle_due(now):
+                    fresh = self._recycle(sock, now)
+                    if fresh is not None:
+                        retired, sock = sock, fresh
+                        poller.register(sock, zmq.POLLIN)
+                ready = dict(poller.poll(int(wait * 1000) + 1))
+                for ready_sock in (retired, sock):
+                    if ready_sock is not None and ready_sock in ready:
+                        self._read(ready_sock)
         finally:
             sock.close(linger=0)
+            if self._retired is not None:
+                self._retired.close(linger=0)
+
+    def _read(self, sock: zmq.Socket[bytes]) -> None:
+        """Every request that is there (the waiting ones' turns come after)."""
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            now = _monotonic_ms()
+            self._asked += 1
+            self._asked_at = now
+            try:
+                self._handle(sock, frames, now)
+            except Exception:
+                # The thread must go on: without it no handshake ends (the
+                # sockets enforce their ZAP domain). This one is refused.
+                log.exception("the connection gate failed on a handshake; it is refused")
+                if len(frames) >= 4:
+                    self._reply(sock, _envelope(frames), _TURNED_AWAY, b"internal error")
+
+    def _recycle_due(self, now: int) -> bool:
+        return self._asked > 0 and (now - self._asked_at >= RECYCLE_QUIET_MS or self._asked >= RECYCLE_AFTER)
+
+    def _recycle(self, sock: zmq.Socket[bytes], now: int) -> zmq.Socket[bytes] | None:
+        """A new socket on ZAP_ENDPOINT in place of ``sock``, which is retired: closed once
+        nothing more can be answered on it, which ends the pipes of the connections that
+        asked it, and their memory. None if none could be made (the open-file limit):
+        ``sock`` serves on, and it is tried again after another quiet spell.
+
+        The endpoint moves from one socket to the other at once (an inproc unbind and
+        bind take effect when they return): a handshake that starts meanwhile finds
+        one of them, never none, which would fail it (the sockets enforce their domain).
+        """
+        try:
+            fresh = self._socket()
+        except zmq.ZMQError as exc:
+            log.debug("the connection gate keeps its socket for now: %s", exc)
+            self._asked_at = now
+            return None
+        sock.unbind(ZAP_ENDPOINT)
+        try:
+            fresh.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            sock.bind(ZAP_ENDPOINT)
+            fresh.close(linger=0)
+            log.warning("the connection gate keeps its socket: %s", exc)
+            self._asked_at = now
+            return None
+        log.debug("the connection gate answers on a new socket: %d questions' pipes end with the old one", self._asked)
+        self._asked = 0
+        self.recycles += 1
+        self._retired, self._retired_at = sock, now
+        self._retired_held = sum(len(waiting) for waiting in self._waiting.values())  # all asked on it
+        return fresh
 
     def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes], now: int) -> None:
         # [peer, b"", version, request id, domain, address, identity, mechanism, credentials...]
@@ -218,7 +308,9 @@ class Gate:
         self.paced += 1
         if waiting is None:
             waiting = self._waiting[host] = deque()
-        waiting.append((now, envelope, user))
+        waiting.append((now, envelope, user, sock))
+        if sock is self._retired:
+            self._retired_held += 1
 
     def _bucket(self, host: str, now: int) -> Bucket:
         bucket = self._hosts.get(host)
@@ -226,21 +318,21 @@ class Gate:
             bucket = self._hosts[host] = Bucket(tokens=float(self.burst), stamp=now)
         return bucket
 
-    def _release(self, sock: zmq.Socket[bytes], now: int) -> float:
+    def _release(self, now: int) -> float:
         """Answer the waiting handshakes whose turn came; how long until the next one's (s)."""
         wait = IDLE_S
         for host, waiting in list(self._waiting.items()):
             bucket = self._bucket(host, now)
             bucket.refill(now, self.rate, self.burst)
             while waiting:
-                came, envelope, user = waiting[0]
-                if now - came >= HANDSHAKE_MS:
-                    waiting.popleft()  # libzmq gave it up: no token spent on it
-                    continue
-                if bucket.tokens < 1:
+                came, envelope, user, sock = waiting[0]
+                expired = now - came >= HANDSHAKE_MS  # libzmq gave it up: no token spent on it
+                if not expired and bucket.tokens < 1:
                     break
                 waiting.popleft()
-                if self._reply(sock, envelope, _OK, b"OK", user):
+                if sock is self._retired:
+                    self._retired_held -= 1
+                if not expired and self._reply(sock, envelope, _OK, b"OK", user):
                     bucket.tokens -= 1
             if waiting:
                 wait = min(wait, (1 - bucket.tokens) / self.rate)

@@ -94,12 +94,25 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 #: glibc keeps what a burst freed (the messages of a flood, a history burst's replies,
 #: the buffers of a join storm) for reuse, in every thread's heap: the broker's RSS
-#: stayed at its peak for good. The loop hands it back once it has been idle for a
-#: wake-up (IDLE_WAKE_MS) after some work, at most every TRIM_EVERY_S. Measured
-#: (scratch runs: 20,000 texts of 2 KB, then idle): 52-55 MB against 60-85 MB without,
-#: each trim 2-3 ms, outside the GIL.
+#: stayed at its peak for good. The loop hands it back, at most every TRIM_EVERY_S:
+#: once it has been idle for a wake-up (IDLE_WAKE_MS) after some work; or, since a
+#: broker with many clients is never idle that long (1,000 of them ping 200 times a
+#: second), when its RSS has grown TRIM_GROWTH_KIB since the last trim, or the gate
+#: has let go of its handshakes' pipes (broker/gate.py). Measured (scratch runs:
+#: 20,000 texts of 2 KB, then idle): 52-55 MB against 60-85 MB without, each trim
+#: 2-3 ms, outside the GIL.
 _malloc_trim = _find_malloc_trim()
 TRIM_EVERY_S = 5.0
+TRIM_GROWTH_KIB = 4096
+
+
+def _rss_kib() -> int:
+    """This process's resident set (KiB), 0 if unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 #: Most messages read from ROUTER in one pass (one transaction).
@@ -269,8 +282,11 @@ class Broker:
         #: Why the last reply that failed to go out failed (an errno).
         self._send_errno = 0
         self._accept_logged_at = -ACCEPT_FAILED_LOG_S
-        #: Times the loop gave freed memory back (TRIM_EVERY_S).
+        #: Times the loop gave freed memory back (TRIM_EVERY_S); the RSS after the last
+        #: time (KiB), and the gate's recycles it had seen.
         self.trims = 0
+        self._trimmed_rss_kib = 0
+        self._trimmed_recycles = 0
         self._fanin: zmq.Socket[bytes] | None = None
         self._listeners: list[threading.Thread] = []
         self.gate: Gate | None = None
@@ -413,6 +429,7 @@ class Broker:
         reading = True
         hold = self._hold
         worked, trimmed_at = False, -int(TRIM_EVERY_S * 1000)
+        trim_asked_at = now_ms()
         while not self._stop.is_set():
             if writer is not None and reading != (len(self._waiting) < MAX_PASSES_WAITING):
                 reading = not reading
@@ -430,9 +447,14 @@ class Broker:
             now = now_ms()
             if ready:
                 worked = True
-            elif worked and wake_ms == IDLE_WAKE_MS and now - trimmed_at >= TRIM_EVERY_S * 1000:
-                self._trim()
-                worked, trimmed_at = False, now
+            if now - trimmed_at >= TRIM_EVERY_S * 1000:
+                due = worked and not ready and wake_ms == IDLE_WAKE_MS
+                if not due and now >= trim_asked_at + TRIM_EVERY_S * 1000:
+                    trim_asked_at = now  # (a read of /proc: not at every pass)
+                    due = self._trim_due()
+                if due:
+                    self._trim()
+                    worked, trimmed_at = False, now
             actions: list[Action] = []
             if router in ready:
                 actions = self._drain(now)
@@ -481,11 +503,23 @@ class Broker:
             self._release(writer.wait_all(timeout=10))
             self._save_sessions(writer)
 
+    def _trim_due(self) -> bool:
+        """A trim for a broker that is never idle (see TRIM_EVERY_S); asked at most every TRIM_EVERY_S."""
+        if _malloc_trim is None:
+            return False
+        gate = self.gate
+        if gate is not None and gate.recycles != self._trimmed_recycles:
+            return True
+        return _rss_kib() >= self._trimmed_rss_kib + TRIM_GROWTH_KIB
+
     def _trim(self) -> None:
         """Hand the memory a burst freed back to the system (see TRIM_EVERY_S)."""
         if _malloc_trim is not None:
+            if self.gate is not None:
+                self._trimmed_recycles = self.gate.recycles
             _malloc_trim(0)
             self.trims += 1
+            self._trimmed_rss_kib = _rss_kib()
 
     def _still_authorized(self, saved: list[SavedSession]) -> list[SavedSession]:
         """With --keys, the saved sessions whose names still have the key they had when saved:

@@ -374,3 +374,60 @@ def test_with_the_per_host_limit_off_one_address_may_reconnect_every_session_at_
     finally:
         ctx.destroy(linger=0)
         broker.kill()
+
+
+def _round_trip(router: zmq.Socket[bytes], socks: list[zmq.Socket[bytes]], text: bytes) -> set[bytes]:
+    """Each of ``socks`` sends ``text`` + its index; the router answers each; what came back."""
+    for i, sock in enumerate(socks):
+        sock.send(text + b"%d" % i)
+    got, back = 0, set()
+    deadline = time.monotonic() + 10
+    while got < len(socks) and time.monotonic() < deadline:
+        if router.poll(100):
+            peer, msg = router.recv_multipart()
+            router.send_multipart([peer, msg])
+            got += 1
+    for sock in socks:
+        if sock.poll(2000):
+            back.add(sock.recv())
+    return back
+
+
+@pytest.mark.timeout(60)
+def test_the_gate_lets_go_of_answered_handshakes_and_their_connections_live_on(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    """libzmq keeps each connection's pipe to the ZAP handler (~10 KiB) for the connection's
+    life; the gate recycles its socket once quiet, which ends those pipes. The connections
+    it answered on the old socket work on, new ones are answered on the new one, and one
+    still waiting for its turn at the recycle is answered on the old socket when its turn
+    comes (the old socket is closed only then)."""
+    gate = Gate(ctx, None, rate=1.0, burst=3)
+    gate.start()
+    router, port = _gated_router(ctx)
+    socks: list[zmq.Socket[bytes]] = []
+    try:
+        endpoint = f"tcp://{HOST}:{port}"
+        # Three at once pass; the next two wait for their turns (1 a second), and the
+        # socket is recycled while they do (no new question for a second).
+        socks = [_dealer(ctx, endpoint, b"first") for _ in range(5)]
+        came: list[bytes] = []
+
+        def read() -> None:
+            while router.poll(50):
+                came.append(router.recv_multipart()[1])
+
+        wait_for(lambda: read() or len(came) == 5, 20, what=lambda: (came, gate.recycles))
+        assert gate.paced >= 1, "some waited for their turn, or the test shows nothing of them"
+        wait_for(lambda: gate.recycles >= 1 and gate._retired is None, 10, what=lambda: gate.recycles)
+        assert _round_trip(router, socks, b"again") == {b"again%d" % i for i in range(5)}
+        # New connections ask the new socket: answered (their burst refilled meanwhile).
+        socks += [_dealer(ctx, endpoint, b"later") for _ in range(2)]
+        wait_for(lambda: read() or came.count(b"later") == 2, 10, what=lambda: came)
+        wait_for(lambda: gate.recycles >= 2, 10, what=lambda: gate.recycles)
+        assert _round_trip(router, socks, b"last") == {b"last%d" % i for i in range(7)}
+    finally:
+        for sock in socks:
+            sock.close(0)
+        router.close(0)
+        gate.stop()

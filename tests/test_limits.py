@@ -227,6 +227,57 @@ def test_an_idle_broker_gives_back_what_its_work_freed_once(
     assert broker.broker.trims == trimmed
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("why", ["the gate let go of its handshakes", "the RSS grew"])
+def test_a_broker_that_is_never_idle_gives_memory_back_all_the_same(
+    broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """A broker with many clients is never idle for a wake-up (1,000 of them ping 200 times a
+    second), so a trim that waited for that never came: it also trims when the gate has let
+    go of its handshakes' pipes, or when its RSS has grown (here, a client pings every 20 ms
+    throughout, and 20 connections come in)."""
+    from broker import gate, server
+
+    monkeypatch.setattr(server, "TRIM_EVERY_S", 0.3)
+    monkeypatch.setattr(gate, "RECYCLE_QUIET_MS", 300)
+    if why == "the RSS grew":
+        monkeypatch.setattr(gate, "RECYCLE_QUIET_MS", 10**9)
+        monkeypatch.setattr(server, "TRIM_GROWTH_KIB", 0)  # any size is growth enough
+    else:
+        monkeypatch.setattr(server, "TRIM_GROWTH_KIB", 10**9)
+    the_gate = broker.broker.gate
+    assert the_gate is not None, "the gate is on by default"
+    busy = ctx.socket(zmq.DEALER)
+    busy.setsockopt(zmq.LINGER, 0)
+    busy.connect(f"tcp://{HOST}:{broker.port}")
+    busy.send(p.encode({"type": "hello", "v": 1, "name": "busy"}))
+    assert busy.poll(5000) and p.decode(busy.recv())["type"] == "welcome"
+    others: list[zmq.Socket[bytes]] = []
+    try:
+        deadline = time.monotonic() + 3.0
+        started_trims, started_recycles = broker.broker.trims, the_gate.recycles
+        while time.monotonic() < deadline:
+            busy.send(p.encode({"type": "ping"}))
+            assert busy.poll(2000), "no pong"
+            busy.recv()
+            if len(others) < 20:
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://{HOST}:{broker.port}")
+                others.append(sock)
+            time.sleep(0.02)  # under the loop's idle wake-up (IDLE_WAKE_MS): never idle
+        trims = broker.broker.trims - started_trims
+        if why == "the RSS grew":
+            assert the_gate.recycles == started_recycles
+            assert trims >= 3, trims  # one each 0.3 s (+ the time to read /proc), for 3 s
+        else:
+            assert the_gate.recycles > started_recycles
+            assert 1 <= trims <= the_gate.recycles - started_recycles, (trims, the_gate.recycles)
+    finally:
+        for sock in (busy, *others):
+            sock.close(0)
+
+
 def test_rate_limited_lines_keep_their_order(limited: Callable[..., RunningBroker]) -> None:
     """Lines trickling in faster than the rate: held, resent, and stored in the order written."""
     b = limited(rate=10, burst=5)
