@@ -154,16 +154,17 @@ return out
 """
 
 # KEYS: user ; ARGV: broker, hash of the presented token ('' if none), hash of a new token, new sender,
-# the name as spelt. A session resumes under its own spelling only (as in Core._hello); a
-# hash without one (written before names were one regardless of case) takes any.
+# the name as spelt, the name in lower case. A session resumes under its own spelling only (as in
+# Core._hello). A hash without one was written before names were one regardless of case, when
+# the key was the name as spelt: its spelling is the key's, the name in lower case.
 _CLAIM = """
 local cur = redis.call('HMGET', KEYS[1], 'token', 'broker', 'sender', 'rooms', 'name')
 if not cur[1] then
   redis.call('HSET', KEYS[1], 'token', ARGV[3], 'broker', ARGV[1], 'sender', ARGV[4], 'rooms', '', 'name', ARGV[5])
   return {'new', ARGV[4], '', ''}
 end
-if ARGV[2] ~= '' and ARGV[2] == cur[1] and (not cur[5] or cur[5] == ARGV[5]) then
-  redis.call('HSET', KEYS[1], 'broker', ARGV[1])
+if ARGV[2] ~= '' and ARGV[2] == cur[1] and (cur[5] or ARGV[6]) == ARGV[5] then
+  redis.call('HSET', KEYS[1], 'broker', ARGV[1], 'name', ARGV[5])
   return {'resumed', cur[3], cur[2], cur[4] or ''}
 end
 return {'taken', '', cur[2], ''}
@@ -376,7 +377,14 @@ class Backplane:
         self.r.sadd(broker_key(self.id, "names"), name)
         res = self._claim(
             keys=[user_key(name)],
-            args=[self.id, token_hash(presented) if presented else "", token_hash(new_token), new_sender, name],
+            args=[
+                self.id,
+                token_hash(presented) if presented else "",
+                token_hash(new_token),
+                new_sender,
+                name,
+                name_key(name),
+            ],
         )
         outcome, sender, previous, rooms = (_s(x) for x in res)
         if outcome == "taken":
@@ -398,15 +406,20 @@ class Backplane:
         self._set_rooms(keys=[user_key(name)], args=[self.id, " ".join(sorted(rooms))])
 
     def owner(self, name: str) -> str | None:
-        """The broker a live user is on, or None."""
-        owner = self.r.hget(user_key(name), "broker")
-        return None if owner is None else _s(owner)
+        """The broker the live session spelt ``name`` is on, or None (also while the name
+        is another spelling's: a DM routed to bob follows bob, never Bob)."""
+        found = self.find(name)
+        return found[0] if found is not None and found[1] == name else None
 
     def find(self, name: str) -> tuple[str, str] | None:
         """The broker a live user of that name in any case is on, and the name as its session
         spells it; or None."""
         owner, spelt = self.r.hmget(user_key(name), "broker", "name")
-        return None if owner is None else (_s(owner), name if spelt is None else _s(spelt))
+        if owner is None:
+            return None
+        # A hash without its spelling was written before names were one regardless of
+        # case, under the name as spelt: the key's, the name in lower case.
+        return _s(owner), name_key(name) if spelt is None else _s(spelt)
 
     def assert_session(self, name: str, token: str, sender: str, rooms: Iterable[str]) -> bool:
         """Re-assert a live session after an outage; False if another broker has taken it over."""

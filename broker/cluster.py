@@ -255,7 +255,10 @@ class ClusterCore(Core):
     def inbox(self, kind: str, name: str, body: bytes, now: int) -> list[Action]:
         """A DM for one of our users, or word that another broker took a session over."""
         self._clock = now
-        session = self.named(name)
+        # As spelt: a DM is for the session it was routed to, which a later session of the
+        # name in another case (once that one ended) is not; a takeover notice names the
+        # session as it spells itself (a session resumes under its own spelling only).
+        session = self.by_name.get(name)
         try:
             if kind == "takeover":
                 if session is not None and not self.bp.owns(name):

@@ -282,6 +282,33 @@ def test_names_that_differ_only_in_case_are_one_name_across_brokers(
         raw.sock.close(linger=0)
 
 
+def test_a_dm_for_bob_in_an_inbox_reaches_no_bob_of_another_spelling(
+    nodes: Callable[[], Node], ctx: zmq.Context[zmq.Socket[bytes]], backend: Backend
+) -> None:
+    """A DM routed to bob on A waits in A's inbox (its listener held up by a blip, say)
+    while bob quits and Bob takes the name, on A or on B: it was bob's, and Bob never gets
+    it. The inbox found its recipient in any case, and A sent it on to the broker of any
+    spelling of the name."""
+    a, b = nodes(), nodes()
+    assert a.broker.backplane is not None and b.broker.backplane is not None
+    inboxes = [bpmod.broker_key(node.broker.backplane.id, "inbox") for node in (a, b)]
+    body = p.encode(p.dm_event("carol", "s-carol", "bob", "for bob only", 1, "d1"))
+    r: Any = bpmod.connect(backend.url)
+    try:
+        for node in (a, b):
+            bob = Raw(ctx, node.broker.port)
+            assert bob.request({"type": "hello", "v": 1, "name": "Bob", "id": "h"})["type"] == "welcome"
+            # As carol's broker routed it while bob was on A (Backplane.send_to_broker).
+            r.xadd(inboxes[0], {"k": "dm", "to": "bob", "b": body})
+            wait_for(lambda: not any(r.xlen(inbox) for inbox in inboxes), 5, what=lambda: inboxes)
+            assert bob.silent(0.5), bob.recv()
+            bob.send({"type": "bye"})
+            bob.sock.close(linger=0)
+            wait_for(lambda: not r.exists(bpmod.user_key("Bob")), 5)
+    finally:
+        r.close()
+
+
 def test_resume_on_another_broker_takes_the_session_over_silently(
     nodes: Callable[[], Node], clients: Callable[..., Client], ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:

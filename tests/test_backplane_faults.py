@@ -306,3 +306,29 @@ def test_a_resume_whose_dm_rescue_fails_is_still_welcomed_and_the_dms_stay(srv: 
     finally:
         a.bp.close()
         b.bp.close()
+
+
+def _old_session(r: Any, name: str, broker: str, token: str, rooms: str = "") -> None:
+    """A live session as a broker from before names were one regardless of case left it:
+    its hash under the name as spelt, without a ``name`` field."""
+    r.hset(
+        f"{bpmod.PREFIX}{{u.{name}}}",
+        mapping={"token": bpmod.token_hash(token), "broker": broker, "sender": "s-old", "rooms": rooms},
+    )
+    r.sadd(bpmod.broker_key(broker, "names"), name)
+    for room in rooms.split():
+        r.sadd(bpmod.room_key(room, "members"), name)
+
+
+def test_a_session_of_an_older_broker_resumes_under_its_own_spelling_only(srv: RedisServer) -> None:
+    """bob's hash from an older broker has no spelling, and was taken to fit any: BOB
+    resumed it with bob's token, a session the DMs routed to bob (the hash's key) then
+    missed on its broker."""
+    a = core(srv.url, "A")
+    _old_session(a.bp.r, "bob", "OLD", "tok")
+    refused = req(a, b"a1", {"type": "hello", "v": 1, "name": "BOB", "resume": "tok"}, 1000)[0]
+    assert refused["code"] == "name_taken", refused
+    assert a.bp.find("BOB") == ("OLD", "bob")  # a DM to BOB goes to bob, as he spells himself
+    resumed = req(a, b"a2", {"type": "hello", "v": 1, "name": "bob", "resume": "tok"}, 1000)[0]
+    assert resumed["type"] == "welcome" and resumed["resumed"], resumed
+    assert a.bp.r.hget(bpmod.user_key("bob"), "name") == b"bob"  # its spelling, from now on
