@@ -170,12 +170,14 @@ end
 return {'taken', '', cur[2], ''}
 """
 
-# KEYS: user ; ARGV: broker. Deletes the name only if that broker still owns
-# it, and returns {1, rooms}, so its leaves are published only by whoever
-# actually ended it (not by a reaper racing a resume elsewhere).
+# KEYS: user ; ARGV: broker, the name as spelt, the name in lower case. Deletes the name only
+# if that broker still owns it under that spelling (a stale entry of the broker's names, bob,
+# must not free Bob's: see _CLAIM for a hash without one), and returns {1, rooms}, so its
+# leaves are published only by whoever actually ended it (not by a reaper racing a resume
+# elsewhere).
 _RELEASE = """
-local user = redis.call('HMGET', KEYS[1], 'broker', 'rooms')
-if user[1] == ARGV[1] then
+local user = redis.call('HMGET', KEYS[1], 'broker', 'rooms', 'name')
+if user[1] == ARGV[1] and (user[3] or ARGV[3]) == ARGV[2] then
   redis.call('DEL', KEYS[1])
   return {1, user[2] or ''}
 end
@@ -392,10 +394,10 @@ class Backplane:
         return Claim(outcome, sender, previous, rooms.split())
 
     def release(self, name: str, broker: str | None = None) -> list[str] | None:
-        """Free the name if ``broker`` (this one by default) still owns it: its rooms,
-        whose leaves the caller publishes; None when another broker has it."""
+        """Free the name if ``broker`` (this one by default) still owns it, spelt so: its
+        rooms, whose leaves the caller publishes; None when another broker or spelling has it."""
         owner = broker or self.id
-        owned, rooms = self._release(keys=[user_key(name)], args=[owner])
+        owned, rooms = self._release(keys=[user_key(name)], args=[owner, name, name_key(name)])
         self.r.srem(broker_key(owner, "names"), name)
         return _s(rooms).split() if int(owned) else None
 

@@ -332,3 +332,20 @@ def test_a_session_of_an_older_broker_resumes_under_its_own_spelling_only(srv: R
     resumed = req(a, b"a2", {"type": "hello", "v": 1, "name": "bob", "resume": "tok"}, 1000)[0]
     assert resumed["type"] == "welcome" and resumed["resumed"], resumed
     assert a.bp.r.hget(bpmod.user_key("bob"), "name") == b"bob"  # its spelling, from now on
+
+
+def test_a_stale_name_of_another_spelling_does_not_free_a_live_session(srv: RedisServer) -> None:
+    """A's list of its names kept "bob" (the srem after a release, or after a takeover,
+    lost to a blip: a stale entry is harmless, the release checks the owner) when Bob took
+    the name on A. Ending what that entry names after an outage freed Bob's hash, whose
+    owner is A too: B then let BOB in beside him."""
+    a, b = core(srv.url, "A"), core(srv.url, "B")
+    assert req(a, b"a1", {"type": "hello", "v": 1, "name": "Bob"}, 1000)[0]["type"] == "welcome"
+    req(a, b"a1", {"type": "join", "room": "general"}, 1000)
+    a.bp.r.sadd(bpmod.broker_key("A", "names"), "bob")
+    a.bp.r.delete(bpmod.broker_key("A", "alive"))  # A stalled: it re-asserts its sessions
+    a.tick(2000)
+    assert a.bp.listed_names() == {"Bob"}
+    refused = req(b, b"b1", {"type": "hello", "v": 1, "name": "BOB"}, 2100)[0]
+    assert refused["code"] == "name_taken", refused
+    assert a.bp.members("general") == ["Bob"]
