@@ -88,6 +88,14 @@ def user_key(name: str) -> str:
     return f"{PREFIX}{{u.{name_key(name)}}}"
 
 
+def older_user_key(name: str) -> str | None:
+    """Where a broker from before names were one regardless of case (a rolling upgrade's
+    older brokers, or sessions they left) keeps the hash of ``name``: under the name as
+    spelt, without a ``name`` field. None for a name in lower case: that is its
+    :func:`user_key`."""
+    return None if name == name_key(name) else f"{PREFIX}{{u.{name}}}"
+
+
 def broker_key(broker: str, part: str) -> str:
     return f"{PREFIX}{{b.{broker}}}:{part}"
 
@@ -377,6 +385,11 @@ class Backplane:
         # Listed under this broker before the claim: if we die in between, the
         # reaper finds the entry and sees the name is not ours (harmless).
         self.r.sadd(broker_key(self.id, "names"), name)
+        older = self._claim_older(name, presented)
+        if older is not None:
+            if older.outcome == "taken":
+                self.r.srem(broker_key(self.id, "names"), name)
+            return older
         res = self._claim(
             keys=[user_key(name)],
             args=[
@@ -393,11 +406,41 @@ class Backplane:
             self.r.srem(broker_key(self.id, "names"), name)
         return Claim(outcome, sender, previous, rooms.split())
 
+    def _claim_older(self, name: str, presented: str | None) -> Claim | None:
+        """The claim of a name whose session an older broker keeps (:func:`older_user_key`),
+        or None if none does: taken, unless ``presented`` is its token; then resumed here,
+        its hash moved to the name's key (the older broker hears of the takeover, as from
+        any broker, and drops it: its hash is gone). Not atomic across the two keys (two
+        slots on a Cluster): only a rolling upgrade has such sessions."""
+        older = older_user_key(name)
+        if older is None:
+            return None
+        token, owner, sender, rooms = self.r.hmget(older, "token", "broker", "sender", "rooms")
+        if token is None or owner is None:
+            return None
+        if not presented or token_hash(presented) != _s(token):
+            return Claim("taken", "", _s(owner), [])
+        # (The claim script makes a new hash of the presented token and the session's sender.)
+        outcome = _s(
+            self._claim(
+                keys=[user_key(name)], args=[self.id, "", token_hash(presented), _s(sender), name, name_key(name)]
+            )[0]
+        )
+        if outcome != "new":
+            return Claim("taken", "", "", [])  # held in another case (a session of this version's)
+        self.set_rooms(name, _s(rooms or b"").split())
+        self._release(keys=[older], args=[_s(owner), name, name])
+        return Claim("resumed", _s(sender), _s(owner), _s(rooms or b"").split())
+
     def release(self, name: str, broker: str | None = None) -> list[str] | None:
         """Free the name if ``broker`` (this one by default) still owns it, spelt so: its
         rooms, whose leaves the caller publishes; None when another broker or spelling has it."""
         owner = broker or self.id
         owned, rooms = self._release(keys=[user_key(name)], args=[owner, name, name_key(name)])
+        older = older_user_key(name)
+        if not int(owned) and older is not None:
+            # An older broker's session (a reaper ends it): under the name as spelt.
+            owned, rooms = self._release(keys=[older], args=[owner, name, name])
         self.r.srem(broker_key(owner, "names"), name)
         return _s(rooms).split() if int(owned) else None
 
@@ -418,7 +461,9 @@ class Backplane:
         spells it; or None."""
         owner, spelt = self.r.hmget(user_key(name), "broker", "name")
         if owner is None:
-            return None
+            older = older_user_key(name)
+            owner = None if older is None else self.r.hget(older, "broker")
+            return None if owner is None else (_s(owner), name)  # an older broker's session
         # A hash without its spelling was written before names were one regardless of
         # case, under the name as spelt: the key's, the name in lower case.
         return _s(owner), name_key(name) if spelt is None else _s(spelt)

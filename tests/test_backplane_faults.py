@@ -349,3 +349,45 @@ def test_a_stale_name_of_another_spelling_does_not_free_a_live_session(srv: Redi
     refused = req(b, b"b1", {"type": "hello", "v": 1, "name": "BOB"}, 2100)[0]
     assert refused["code"] == "name_taken", refused
     assert a.bp.members("general") == ["Bob"]
+
+
+def test_a_session_of_an_older_broker_under_a_name_with_capitals_is_held_reached_and_resumed(
+    srv: RedisServer,
+) -> None:
+    """An older broker kept Bob's hash under "Bob", where this version looks under "bob".
+    While one still had Bob (a rolling upgrade: docs/docker.md), anyone could be Bob on a
+    new broker, a DM to Bob from it found nobody, and Bob's own resume there got a new
+    session, his rooms forgotten."""
+    a = core(srv.url, "A")
+    r = a.bp.r
+    r.hset(bpmod.BROKERS_KEY, "OLD", 0)
+    r.set(bpmod.broker_key("OLD", "alive"), 1)
+    _old_session(r, "Bob", "OLD", "tok", "general")
+    refused = req(a, b"a1", {"type": "hello", "v": 1, "name": "Bob"}, 1000)[0]
+    assert refused["code"] == "name_taken", refused
+    assert req(a, b"a2", {"type": "hello", "v": 1, "name": "carol"}, 1000)[0]["type"] == "welcome"
+    ack = req(a, b"a2", {"type": "dm", "to": "Bob", "text": "hi", "id": "d1"}, 1000)[0]
+    assert ack["type"] == "ack", ack
+    inbox = [(f[b"k"], f[b"to"]) for _id, f in r.xrange(bpmod.broker_key("OLD", "inbox"))]
+    assert inbox == [(b"dm", b"Bob")]  # for the older broker, as it knows him
+    resumed = req(a, b"a3", {"type": "hello", "v": 1, "name": "Bob", "resume": "tok"}, 1000)[0]
+    assert resumed["type"] == "welcome" and resumed["resumed"] and resumed["in_rooms"] == ["general"], resumed
+    assert resumed["sender"] == "s-old"
+    assert not r.exists(f"{bpmod.PREFIX}{{u.Bob}}")  # his hash is one of this version's now
+    assert r.hmget(bpmod.user_key("Bob"), "broker", "name") == [b"A", b"Bob"]
+    notices = [(f[b"k"], f[b"to"]) for _id, f in r.xrange(bpmod.broker_key("OLD", "notices"))]
+    assert notices == [(b"takeover", b"Bob")]
+    assert a.bp.members("general") == ["Bob"]
+
+
+def test_a_dead_older_brokers_sessions_under_names_with_capitals_are_ended(srv: RedisServer) -> None:
+    """Its reaper released each name under the key of this version, where an older
+    broker's session is not: Carol stayed a member of #general for ever, her hash too."""
+    a = core(srv.url, "A")
+    r = a.bp.r
+    r.hset(bpmod.BROKERS_KEY, "OLD", 0)  # registered, and its alive key gone: dead
+    _old_session(r, "Carol", "OLD", "tok", "general")
+    a.tick(1000)
+    assert a.bp.members("general") == []
+    assert not r.exists(f"{bpmod.PREFIX}{{u.Carol}}")
+    assert not r.hexists(bpmod.BROKERS_KEY, "OLD")
