@@ -175,7 +175,7 @@ if ARGV[2] ~= '' and ARGV[2] == cur[1] and (cur[5] or ARGV[6]) == ARGV[5] then
   redis.call('HSET', KEYS[1], 'broker', ARGV[1], 'name', ARGV[5])
   return {'resumed', cur[3], cur[2], cur[4] or ''}
 end
-return {'taken', '', cur[2], ''}
+return {'taken', '', cur[2], '', cur[5] or ARGV[6]}
 """
 
 # KEYS: user ; ARGV: broker, the name as spelt, the name in lower case. Deletes the name only
@@ -257,6 +257,8 @@ class Claim(NamedTuple):
     #: The broker that held the name before (resumed, taken).
     previous: str
     rooms: list[str]
+    #: Taken: the name as the session that holds it spells it, if known.
+    spelt: str = ""
 
 
 class Appended(NamedTuple):
@@ -401,10 +403,10 @@ class Backplane:
                 name_key(name),
             ],
         )
-        outcome, sender, previous, rooms = (_s(x) for x in res)
+        outcome, sender, previous, rooms, *spelt = (_s(x) for x in res)
         if outcome == "taken":
             self.r.srem(broker_key(self.id, "names"), name)
-        return Claim(outcome, sender, previous, rooms.split())
+        return Claim(outcome, sender, previous, rooms.split(), *spelt)
 
     def _claim_older(self, name: str, presented: str | None) -> Claim | None:
         """The claim of a name whose session an older broker keeps (:func:`older_user_key`),
@@ -419,7 +421,7 @@ class Backplane:
         if token is None or owner is None:
             return None
         if not presented or token_hash(presented) != _s(token):
-            return Claim("taken", "", _s(owner), [])
+            return Claim("taken", "", _s(owner), [], name)
         # (The claim script makes a new hash of the presented token and the session's sender.)
         outcome = _s(
             self._claim(

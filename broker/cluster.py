@@ -290,12 +290,19 @@ class ClusterCore(Core):
             self._failed(exc, now)
         return []
 
-    def _name_taken(self, name: str, rid: str | None, holder: Session | None = None, now: int = 0) -> ProtocolError:
-        # The holder may be on another broker: what this one knows of it is not all.
-        held = (
-            f"a session that ended without a bye holds its name up to {self.expiry_ms / 1000:g} s, "
-            f"up to about {self.bp.alive_ms / 1000:g} s when its broker stopped"
-        )
+    def _name_taken(
+        self, name: str, rid: str | None, holder: Session | None = None, now: int = 0, spelt: str = ""
+    ) -> ProtocolError:
+        """``spelt``: the holder's spelling, as the backplane says it (a holder on another broker)."""
+        spelt = holder.name if holder is not None else spelt
+        if spelt and spelt != name:
+            held = f"{spelt!r} is in use, and names that differ only in case are one name"
+        else:
+            # The holder may be on another broker: what this one knows of it is not all.
+            held = (
+                f"a session that ended without a bye holds its name up to {self.expiry_ms / 1000:g} s, "
+                f"up to about {self.bp.alive_ms / 1000:g} s when its broker stopped"
+            )
         return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken in this chat ({held})", rid)
 
     def park(self, name: str, identity: bytes) -> None:
@@ -416,7 +423,7 @@ class ClusterCore(Core):
         token, sender = self._new_token(), self._new_sender()
         claim = self.bp.claim(name, presented, token, sender)
         if claim.outcome == "taken":
-            return self.reject(identity, self._name_taken(name, rid))
+            return self.reject(identity, self._name_taken(name, rid, spelt=claim.spelt))
         resumed = claim.outcome == "resumed"
         if not resumed and presented is not None:
             refused = self._host_full(rid)
