@@ -50,6 +50,7 @@ from client import render
 from client.cli import MAY_HAVE_ARRIVED, terminal_gone, terminating_signals, unsent_lines
 from client.commands import ALIASES, COMMANDS, Commands
 from client.lib import Client, Event, ZchatError
+from zchat import protocol as p
 
 #: How often the client's sockets are read (the loop sleeps in between).
 PUMP_INTERVAL_S = 0.02
@@ -279,9 +280,11 @@ class ChatUI:
         #: /leave lines that wait for the room's messages to be acknowledged (by room):
         #: run from the pump loop once they are, so the screen never freezes meanwhile.
         self._leaving: dict[str, str] = {}
-        #: Names we have exchanged DMs with (for completion).
-        self.dm_peers: set[str] = set()
-        #: Who spoke when (a count of the messages seen), for completion: latest first, as irssi.
+        #: Names we have exchanged DMs with (for completion), by p.name_key: as a DM from them
+        #: spells them, else as we wrote to them (a /msg BOB reaches bob: one name).
+        self.dm_peers: dict[str, str] = {}
+        #: Who spoke when (a count of the messages seen), by p.name_key, for completion:
+        #: latest first, as irssi.
         self._spoke: dict[str, int] = {}
         self._ticks = itertools.count()
         #: What the last Tab inserted, while the line is as it left it: Tab again cycles.
@@ -335,15 +338,16 @@ class ChatUI:
         return self.client.rooms_joined
 
     def names(self) -> list[str]:
-        """Everyone we know of: members of our rooms and DM partners, not us."""
+        """Everyone we know of: members of our rooms and DM partners, not us; each once,
+        as they spell themselves (names that differ only in case are one name)."""
         joined = set(self.rooms)
-        found = set(self.dm_peers)
+        found = dict(self.dm_peers)
         for room, members in self.commands.members.items():
             if room in joined:
-                found |= members
-        found.discard(self.client.name)
+                found.update((p.name_key(name), name) for name in members)
+        found.pop(p.name_key(self.client.name), None)
         # Who spoke last first (the one being answered, mostly), then by name.
-        return sorted(found, key=lambda name: (-self._spoke.get(name, -1), name.lower()))
+        return sorted(found.values(), key=lambda name: (-self._spoke.get(p.name_key(name), -1), name.lower()))
 
     def next_active(self) -> str | None:
         """Where Alt-A goes: the room that mentioned us first, else the first in the bar with unread lines."""
@@ -541,15 +545,19 @@ class ChatUI:
                 members.discard(event.name)
         elif event.type == "msg" and event.room and event.name:
             self.commands.members.setdefault(event.room, set()).add(event.name)
-            self._spoke[event.name] = next(self._ticks)
+            self._spoke[p.name_key(event.name)] = next(self._ticks)
             if event.room != self.current and not render.is_own(event, self.client.name) and not event.backlog:
                 self.unread[event.room] = self.unread.get(event.room, 0) + 1
                 self.session.app.invalidate()
         elif event.type == "dm":
             peer = event.to if event.own else event.name
             if peer:
-                self.dm_peers.add(peer)
-                self._spoke[peer] = next(self._ticks)
+                key = p.name_key(peer)
+                if event.own:
+                    self.dm_peers.setdefault(key, peer)
+                else:
+                    self.dm_peers[key] = peer
+                self._spoke[key] = next(self._ticks)
         elif event.type == "status":
             self.session.app.invalidate()
         line = render.styled(event, self.client.name, self.current, self._colours)

@@ -1039,6 +1039,24 @@ def test_tab_completes_commands_names_and_rooms(alice: Client, bob: Client, make
     run(main())
 
 
+def test_tab_offers_a_name_dmed_in_another_case_once_as_its_owner_spells_it(alice: Client, bob: Client) -> None:
+    """/msg BOB reaches bob (names are one regardless of case): Tab then offered BOB and
+    bob, one person twice, BOB first (it had spoken last)."""
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/msg BOB psst")
+            assert (await receive(bob, lambda e: e.type == "dm")).to == "bob"
+            await t.shows("psst")
+            t.keys(CTRL_U + "/msg b")
+            for _ in range(2):  # one match: Tab again changes nothing
+                t.keys("\t")
+                await until(lambda: t.buffer.text == "/msg bob ", what=lambda: t.buffer.text)
+            t.keys(CTRL_U)
+
+    run(main())
+
+
 # ------------------------------------------------------------------ bell and colour
 
 
