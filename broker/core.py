@@ -937,7 +937,7 @@ class Core:
             return self._resent(session, first, "@" + p.name_key(to), env["text"])
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
-        to = target.name  # as its owner spells it, in the event and the author's ack
+        to = target.name  # as its owner spells it, in the event (the author's own echo shows what it typed)
         if to in self._restored:
             # Held for its client since the restart, which has not come back: as after a
             # crash, the recipient is not online yet (a client retries this, for a while).
