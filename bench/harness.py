@@ -27,6 +27,11 @@ _mp = mp.get_context("fork")
 #: RSS after this many of them too: for a server that has no sessions (the echo), that is
 #: what libzmq alone keeps for the traffic of a zchat client's start.
 GREETING_ROUNDTRIPS = 2
+#: Idle points read the server's RSS 1 s after the last join, and again this long after
+#: it (s): once zchat has handed back what the connecting freed and its connection gate
+#: has let go of the handshakes' pipes (docs/operations.md, Memory), which take up to
+#: 1 s of quiet, then up to 5 s.
+SETTLE_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,9 @@ class Result:
     #: Busiest disk's utilisation during the window (the store's fsyncs, and other jobs' I/O).
     disk_busy: float | None = None
     rss_before_kib: int | None = None
+    #: Idle points: the server's VmRSS 1 s after the last join, and SETTLE_S after it.
     rss_after_kib: int | None = None
+    rss_settled_kib: int | None = None
     connect_s: dict[str, float] = field(default_factory=dict)
     command: str = ""
 
@@ -177,6 +184,9 @@ def run_point(point: Point, timing: Timing, pins: Pinning, workers: int, root: P
             time.sleep(1.0)
             if pid is not None:
                 result.rss_after_kib = rss_kib(pid)
+            time.sleep(SETTLE_S - 1.0)
+            if pid is not None:
+                result.rss_settled_kib = rss_kib(pid)
             if point.pings:
                 # First as many round trips as a zchat session's hello and join, sampled
                 # alike: what libzmq alone keeps for that much traffic (the echo server's
