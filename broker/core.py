@@ -11,6 +11,7 @@ import bisect
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import logging
 import math
 import secrets
@@ -1152,10 +1153,20 @@ class Core:
         return [self._reply(session, self._charged(session, reply, size, now), env)]
 
     def _room_list(self) -> tuple[list[tuple[str, int, int]], bool]:
-        """(room, members, seq) of the first MAX_ROOMS_LISTED rooms by name, and whether there are more."""
+        """(room, members, seq) of at most MAX_ROOMS_LISTED rooms, sorted by name, and whether
+        there are more. With more, the rooms someone is in come first: rooms are never
+        deleted, and a thousand empty ones (a bot that joined and left a room per line, say)
+        must not hide from everyone the rooms people talk in because their names sort later."""
         names = self._room_index
-        listed = [(room, len(self.members.get(room, ())), self.seqs.get(room, 0)) for room in names[:MAX_ROOMS_LISTED]]
-        return listed, len(names) > MAX_ROOMS_LISTED
+        truncated = len(names) > MAX_ROOMS_LISTED
+        chosen: list[str] = names[:MAX_ROOMS_LISTED]
+        if truncated:
+            occupied = sorted(self.members)[:MAX_ROOMS_LISTED]  # (a room in members has a seq)
+            taken = set(occupied)
+            rest = (room for room in names if room not in taken)
+            chosen = sorted([*occupied, *itertools.islice(rest, MAX_ROOMS_LISTED - len(occupied))])
+        listed = [(room, len(self.members.get(room, ())), self.seqs.get(room, 0)) for room in chosen]
+        return listed, truncated
 
     def _ping(self, session: Session, env: Envelope, now: int) -> list[Action]:
         # Each of the session's rooms at its seq: a subscriber whose queue

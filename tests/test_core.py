@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from broker import core as core_module
 from broker.core import (
     WINDOW_SHARDS,
     AckWindow,
@@ -917,6 +918,24 @@ def test_bye_leaves_every_room_and_frees_the_name() -> None:
     assert "dev" not in core.members
     assert error_code(core.handle(A, enc(type="ping"), 501), A) == "not_registered"
     assert hello(core, C, "alice", 502)["name"] == "alice"
+
+
+def test_rooms_past_what_a_listing_holds_put_the_ones_people_are_in_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty rooms that sort first (a bot that joined and left a room per line) must not
+    hide the rooms people are in: those are listed, then the others by name."""
+    monkeypatch.setattr(core_module, "MAX_ROOMS_LISTED", 3)
+    core = make_core(a1=1, a2=1, a3=1, a4=1)
+    hello(core, A, "alice")
+    join(core, A, "zz-team")
+    join(core, A, "general")
+    env = only_reply(core.handle(A, enc(type="rooms"), 0), A)
+    assert [(r["room"], r["members"]) for r in env["rooms"]] == [("a1", 0), ("general", 1), ("zz-team", 1)]
+    assert env["truncated"] is True
+    # Within what it holds, by name as before.
+    monkeypatch.setattr(core_module, "MAX_ROOMS_LISTED", 6)
+    env = only_reply(core.handle(A, enc(type="rooms"), 0), A)
+    assert [r["room"] for r in env["rooms"]] == ["a1", "a2", "a3", "a4", "general", "zz-team"]
+    assert env["truncated"] is False
 
 
 def test_bye_without_rooms() -> None:
