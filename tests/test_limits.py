@@ -272,7 +272,7 @@ def test_a_broker_that_is_never_idle_gives_memory_back_all_the_same(
             assert trims >= 3, trims  # one each 0.3 s (+ the time to read /proc), for 3 s
         else:
             assert the_gate.recycles > started_recycles
-            assert 1 <= trims <= the_gate.recycles - started_recycles, (trims, the_gate.recycles)
+            assert trims >= 1, (trims, the_gate.recycles)
     finally:
         for sock in (busy, *others):
             sock.close(0)
