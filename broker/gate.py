@@ -234,9 +234,13 @@ class Gate:
         asked it, and their memory. None if none could be made (the open-file limit):
         ``sock`` serves on, and it is tried again after another quiet spell.
 
-        The endpoint moves from one socket to the other at once (an inproc unbind and
-        bind take effect when they return): a handshake that starts meanwhile finds
-        one of them, never none, which would fail it (the sockets enforce their domain).
+        The endpoint moves from one socket to the other between two calls (an inproc unbind
+        and bind take effect when they return; libzmq cannot swap them in one): for those
+        microseconds there is none, and a handshake that starts then is cut short (the
+        sockets enforce their domain: refused, never let in unchecked). Measured with the
+        recycle made continuous: 5.7 us median, 40 us p99; 44 of 31,135 handshakes cut at
+        3,000 a second, ~1 in 50 recycles. The client's libzmq tries again, and client.lib
+        does not take one cut CURVE handshake for a wrong broker key (CURVE_CUTS_BEFORE_BLAME).
         """
         try:
             fresh = self._socket()

@@ -75,6 +75,12 @@ log.addHandler(logging.NullHandler())  # a library: the program decides what is 
 CONNECT_TIMEOUT_S = 5.0
 #: Why an address failed whose port accepts connections and closes them without a word.
 _DROPPED = "it closes the connection before any greeting (a proxy with no broker behind it?)"
+#: A CURVE handshake that a CURVE broker cut short looks the same whether our broker key is
+#: not its key or its gate had no answer for it: the broker's gate moves between two sockets
+#: now and then (broker/gate.py), and a handshake that starts in those microseconds is cut
+#: (as one during a restart is). Only a wrong key is cut every time: it is blamed once this
+#: many handshakes in a row on one socket were cut; before that, libzmq tries again.
+CURVE_CUTS_BEFORE_BLAME = 3
 #: After the welcome, how long connect() waits for the room event port's handshake (seconds).
 SUB_GRACE_S = 1.0
 #: Longest wait for any other reply.
@@ -638,6 +644,8 @@ class Client:
         self._rate_limited_at = float("-inf")
         self._rooms: dict[str, _Room] = {}
         self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
+        #: CURVE handshakes of each socket cut short in a row (CURVE_CUTS_BEFORE_BLAME).
+        self._curve_cuts: dict[zmq.Socket[bytes], int] = {}
         if resume is not None and not (isinstance(resume, str) and len(resume) <= p.MAX_ID_CHARS):
             raise RequestError(ErrorCode.BAD_ENVELOPE, "resume: a token from resume_token, or None")
         self._resume: str | None = resume or None  # ("": none, as from an empty saved file)
@@ -1355,6 +1363,7 @@ class Client:
             self._monitors[monitor] = sock
             self._poller.register(monitor, zmq.POLLIN)
         self._refused = self._sub_up = self._dropped = self._dealer_down = self._dealer_cut = False
+        self._curve_cuts = {}
         self._lose_at = None
         self._foreign = self._sub_failure = None
         address = self.address
@@ -1433,6 +1442,7 @@ class Client:
             # The broker by the address the user gave (--port), whichever socket it was.
             where = self.endpoint
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._curve_cuts.pop(sock, None)
                 if sock is self._sub:
                     self._sub_up, self._sub_failure = True, None
                     # A (re)connected SUB may have missed events while it was away.
@@ -1490,7 +1500,12 @@ class Client:
             if told == ours and value != _MECHANISM_MISMATCH:
                 if ours == "NULL":
                     return  # a zchat broker like us, its handshake cut short (restarting?): tried again
-                theirs = told  # CURVE both: the keys do not fit
+                # CURVE both: the keys do not fit, or the broker cut the handshake short (its
+                # gate between two sockets, a restart): which, only a few tries in a row tell.
+                cuts = self._curve_cuts[sock] = self._curve_cuts.get(sock, 0) + 1
+                if cuts < CURVE_CUTS_BEFORE_BLAME:
+                    return  # libzmq tries again
+                theirs = told
             else:
                 theirs = other if told is None else told
         elif value == _MECHANISM_MISMATCH:
