@@ -189,9 +189,11 @@ class Gate:
                 wait = self._release(now)
                 retired = self._retired
                 if retired is not None and now - self._retired_at >= RETIRE_MS and not self._retired_held:
-                    poller.unregister(retired)
-                    retired.close(linger=0)
-                    retired = self._retired = None
+                    self._read(retired)  # a question that came at the last moment is answered, not dropped
+                    if not self._retired_held:
+                        poller.unregister(retired)
+                        retired.close(linger=0)
+                        retired = self._retired = None
                 if retired is None and self._recycle_due(now):
                     fresh = self._recycle(sock, now)
                     if fresh is not None:
