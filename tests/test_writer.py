@@ -140,10 +140,11 @@ def test_a_commit_that_waited_for_a_cpu_has_not_waited_for_the_disk(
             unscheduled.append(time.perf_counter() - wall - (time.thread_time() - used))
         # The commits did wait (for the CPU the hog held): wall less CPU time says so...
         assert max(unscheduled) > 0.01, unscheduled
-        # ...and what append_now reports, the disk's part, leaves it out. The median, not the
-        # max: on a loaded machine one commit may also wait for the GIL or a page fault, which
-        # is no run queue time; counting the run queue wrongly puts every commit at ~30 ms.
-        assert sorted(waits)[len(waits) // 2] < server.SLOW_DISK_WAIT_S, (waits, unscheduled)
+        # ...and what append_now reports, the disk's part, leaves it out. The least, not the
+        # median or the max: on a loaded machine a commit may also wait for the GIL or a page
+        # fault, which is no run queue time (a CI run had 3 of 5 at 5-12 ms against 30-41 ms
+        # unscheduled); counting the run queue wrongly puts every commit at ~30 ms.
+        assert min(waits) < server.SLOW_DISK_WAIT_S, (waits, unscheduled)
     finally:
         os.sched_setaffinity(0, before)
         if hog is not None:
