@@ -65,6 +65,17 @@ log = logging.getLogger("zchat.broker")
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    """The C library this process runs on (its symbols: ``CDLL(None)``), or None (not POSIX)."""
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return None
+
+
+_libc = _load_libc()
+
+
 def _seed_routing_ids() -> None:
     """Make the routing ids libzmq gives a ROUTER's peers unpredictable.
 
@@ -75,17 +86,20 @@ def _seed_routing_ids() -> None:
     one of a connection that just dropped takes over that session until it expires
     (docs/security.md). A random start leaves nothing to aim at.
     """
-    try:
-        ctypes.CDLL(None).srand(ctypes.c_uint(secrets.randbits(32)))
-    except (OSError, AttributeError, TypeError) as exc:  # no libc to reach (not POSIX)
-        log.warning("cannot seed libzmq's routing ids (%s): they are predictable", exc)
+    srand = getattr(_libc, "srand", None)
+    if srand is None:
+        log.warning("cannot seed libzmq's routing ids (no C library to reach): they are predictable")
+        return
+    srand(ctypes.c_uint(secrets.randbits(32)))
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None (another C library, or none to reach)."""
+    if _libc is None:
+        return None
     try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
+        trim = _libc.malloc_trim
+    except AttributeError:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
