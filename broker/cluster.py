@@ -23,7 +23,18 @@ from typing import Any
 
 from broker import backplane as bpmod
 from broker.backplane import Backplane, PendingMsg
-from broker.core import MAX_ROOMS_LISTED, Action, Bucket, Core, PeerInfo, Reply, Session, rooms_full, sessions_text
+from broker.core import (
+    MAX_ROOMS_LISTED,
+    Action,
+    Bucket,
+    Core,
+    PeerInfo,
+    Reply,
+    Session,
+    dm_where,
+    rooms_full,
+    sessions_text,
+)
 from zchat import protocol as p
 from zchat.protocol import Envelope, ErrorCode, ProtocolError
 
@@ -570,7 +581,7 @@ class ClusterCore(Core):
             return super()._dm(session, env, now)
         first = self._acked.get((session.name, env["id"]))
         if first is not None:
-            return self._resent(session, first, "@" + p.name_key(to), env["text"])
+            return self._resent(session, first, dm_where(to), env["text"])
         self._up()
         found = self.bp.find(to)
         if found is None:
@@ -582,7 +593,7 @@ class ClusterCore(Core):
         # Private: through the recipient's broker's inbox, never a room log or PUB.
         self.bp.send_to_broker(owner, "dm", to, self._pack(event))
         ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
-        self._remember_ack(session.name, ack, "@" + p.name_key(to), hash(env["text"]))
+        self._remember_ack(session.name, ack, dm_where(to), hash(env["text"]))
         return [Reply(session.identity, ack)]
 
     def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:

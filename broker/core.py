@@ -92,7 +92,7 @@ class Direct(NamedTuple):
 Action = Reply | Publish | HistoryQuery | Direct
 
 #: What resend detection remembers of a message: its id, seq (None for a DM) and
-#: ts, where it went (room, or "@" + recipient) and the hash of its text (None
+#: ts, where it went (room, or :func:`dm_where`) and the hash of its text (None
 #: when reloaded from the store). Only atoms, never the ack dict itself: a tuple
 #: of atoms is untracked by the first collection that sees it, so 100k of them cost
 #: no GC time (holding dicts, they made full collections pause the loop for ~65 ms).
@@ -115,6 +115,13 @@ _PIN: list[None] = []
 def _pinned_dict() -> dict[tuple[str, str], _Acked]:
     shard: dict[Any, Any] = {None: _PIN}
     return shard
+
+
+def dm_where(to: str) -> str:
+    """Where a DM to ``to`` went, as resend detection remembers it: a resend names the
+    recipient as its author typed it, the first ack as its owner spells it, and names
+    that differ only in case are one."""
+    return "@" + p.name_key(to)
 
 
 class AckWindow:
@@ -935,7 +942,7 @@ class Core:
         target = self.named(to)
         first = self._acked.get((session.name, env["id"]))
         if first is not None:
-            return self._resent(session, first, "@" + p.name_key(to), env["text"])
+            return self._resent(session, first, dm_where(to), env["text"])
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
         to = target.name  # as its owner spells it, in the event (the author's own echo shows what it typed)
@@ -947,7 +954,7 @@ class Core:
         self._throttle_send(session, now, env["id"])
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
-        self._remember_ack(session.name, ack, "@" + p.name_key(to), hash(env["text"]))
+        self._remember_ack(session.name, ack, dm_where(to), hash(env["text"]))
         self._keep_dm(target, event, now)
         # Private: ROUTER to the recipient only, never PUB, never the store.
         return [Direct(target.identity, event, session.identity, ack)]
