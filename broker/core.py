@@ -435,8 +435,8 @@ class Core:
         self.by_identity: dict[bytes, Session] = {}
         #: Live sessions by their name as spelt: see :meth:`named` for any spelling.
         self.by_name: dict[str, Session] = {}
-        #: p.name_key(name) -> the live name's spelling (names are unique regardless of case).
-        self._spelt: dict[str, str] = {}
+        #: The same sessions by p.name_key(name) (names are unique regardless of case).
+        self._by_key: dict[str, Session] = {}
         #: Sessions restored at start (:meth:`restore`) whose clients have not resumed
         #: them yet, by name: they have no connection, so they are not in ``by_identity``.
         self._restored: dict[str, Session] = {}
@@ -680,8 +680,8 @@ class Core:
     def named(self, name: str) -> Session | None:
         """The live session whose name is ``name`` in any case (``bob`` for ``Bob``), or None."""
         session = self.by_name.get(name)
-        if session is None and (spelt := self._spelt.get(p.name_key(name))) is not None:
-            session = self.by_name.get(spelt)
+        if session is None:
+            session = self._by_key.get(p.name_key(name))
         return session
 
     def _attach(self, session: Session, connected: bool = True) -> None:
@@ -689,7 +689,7 @@ class Core:
         if connected:
             self.by_identity[session.identity] = session
         self.by_name[session.name] = session
-        self._spelt[p.name_key(session.name)] = session.name
+        self._by_key[p.name_key(session.name)] = session
         if session.host is not None:
             self._hosts[session.host] = self._hosts.get(session.host, 0) + 1
 
@@ -698,7 +698,7 @@ class Core:
         if self.by_name.get(session.name) is not session:
             return
         del self.by_name[session.name]
-        del self._spelt[p.name_key(session.name)]
+        del self._by_key[p.name_key(session.name)]
         if self._restored.pop(session.name, None) is None:
             self.by_identity.pop(session.identity, None)
         host = session.host
