@@ -187,20 +187,19 @@ class Gate:
             while not self._stop.is_set():
                 now = _monotonic_ms()
                 wait = self._release(now)
-                retired = self._retired
-                if retired is not None and now - self._retired_at >= RETIRE_MS and not self._retired_held:
-                    self._read(retired)  # a question that came at the last moment is answered, not dropped
+                if self._retired is not None and now - self._retired_at >= RETIRE_MS and not self._retired_held:
+                    self._read(self._retired)  # a question that came at the last moment is answered, not dropped
                     if not self._retired_held:
-                        poller.unregister(retired)
-                        retired.close(linger=0)
-                        retired = self._retired = None
-                if retired is None and self._recycle_due(now):
-                    fresh = self._recycle(sock, now)
+                        poller.unregister(self._retired)
+                        self._retired.close(linger=0)
+                        self._retired = None
+                if self._retired is None and self._recycle_due(now):
+                    fresh = self._recycle(sock, now)  # retires sock (self._retired)
                     if fresh is not None:
-                        retired, sock = sock, fresh
+                        sock = fresh
                         poller.register(sock, zmq.POLLIN)
                 ready = dict(poller.poll(int(wait * 1000) + 1))
-                for ready_sock in (retired, sock):
+                for ready_sock in (self._retired, sock):
                     if ready_sock is not None and ready_sock in ready:
                         self._read(ready_sock)
         finally:
