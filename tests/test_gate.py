@@ -7,7 +7,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,17 +30,35 @@ def _gated_router(ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes
     return router, router.bind_to_random_port(f"tcp://{HOST}", min_port=22100, max_port=22999)
 
 
+Gated = tuple[Gate, zmq.Socket[bytes], int]
+
+
 @pytest.fixture
-def gated(ctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[tuple[Gate, zmq.Socket[bytes], int]]:
-    """A ROUTER whose handshakes ask a gate of 1 connection a second after a burst of 2."""
-    gate = Gate(ctx, None, rate=1.0, burst=2)
-    gate.start()
-    router, port = _gated_router(ctx)
+def gate_at(ctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Callable[[float, int], Gated]]:
+    """Makes a gate of ``rate`` connections a second after a burst of ``burst``, and a ROUTER
+    whose handshakes ask it (and its port). The test's end closes the router and stops the
+    gate; the test's other sockets close with ``ctx``, after that."""
+    made: list[tuple[Gate, zmq.Socket[bytes]]] = []
+
+    def make(rate: float, burst: int) -> Gated:
+        gate = Gate(ctx, None, rate=rate, burst=burst)
+        gate.start()
+        router, port = _gated_router(ctx)
+        made.append((gate, router))
+        return gate, router, port
+
     try:
-        yield gate, router, port
+        yield make
     finally:
-        router.close(0)
-        gate.stop()
+        for gate, router in made:
+            router.close(0)
+            gate.stop()
+
+
+@pytest.fixture
+def gated(gate_at: Callable[[float, int], Gated]) -> Gated:
+    """A ROUTER whose handshakes ask a gate of 1 connection a second after a burst of 2."""
+    return gate_at(1.0, 2)
 
 
 def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, text: bytes) -> zmq.Socket[bytes]:
@@ -84,16 +102,17 @@ def test_connections_past_the_burst_wait_their_turn_and_another_host_does_not(
 
 
 @pytest.mark.timeout(30)
-def test_a_host_past_what_can_wait_is_turned_away_and_told(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+def test_a_host_past_what_can_wait_is_turned_away_and_told(
+    ctx: zmq.Context[zmq.Socket[bytes]], gate_at: Callable[[float, int], Gated]
+) -> None:
     """A host may have as many handshakes waiting as its pace answers within libzmq's
     30 s handshake timeout (at least its burst): the next is refused (500: not a key's
     400), which the client's monitor shows, and which the library says as such. (At
     one turn in 100 s, no waiting one is answered while the test runs.)"""
-    gate = Gate(ctx, None, rate=0.01, burst=2)
+    gate, _, port = gate_at(0.01, 2)
     assert gate.max_waiting == 2
-    gate.start()
-    router, port = _gated_router(ctx)
-    socks = [_dealer(ctx, f"tcp://{HOST}:{port}", b"x") for _ in range(2 + gate.max_waiting)]
+    # (Held: a socket let go of closes.)
+    _held = [_dealer(ctx, f"tcp://{HOST}:{port}", b"x") for _ in range(2 + gate.max_waiting)]
     wait_for(lambda: gate.paced == gate.max_waiting, 15, what=lambda: (gate.paced, gate.max_waiting))
     last = ctx.socket(zmq.DEALER)
     last.setsockopt(zmq.LINGER, 0)
@@ -116,11 +135,6 @@ def test_a_host_past_what_can_wait_is_turned_away_and_told(ctx: zmq.Context[zmq.
     finally:
         last.disable_monitor()
         monitor.close(0)
-        last.close(0)
-        for sock in socks:
-            sock.close(0)
-        router.close(0)
-        gate.stop()
 
 
 @pytest.mark.timeout(90)
@@ -286,34 +300,27 @@ def test_a_request_the_gate_fails_on_is_refused_and_the_gate_goes_on(
 
 
 @pytest.mark.timeout(30)
-def test_a_waiting_handshake_whose_client_left_does_not_spend_a_turn(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+def test_a_waiting_handshake_whose_client_left_does_not_spend_a_turn(
+    ctx: zmq.Context[zmq.Socket[bytes]], gate_at: Callable[[float, int], Gated]
+) -> None:
     """At one connection every 4 s: A takes the burst, B and C wait, and B's client goes
     away. B's turn (4 s on) goes to C, not to nobody: the gate's reply to B had vanished
     in the ROUTER and spent the host's token, and C came 8 s on (found reviewing gate.py:
     clients that gave up, scanners, retries of the library's 5 s connect, held a host's
     queue up for 30 s)."""
-    gate = Gate(ctx, None, rate=0.25, burst=1)
-    gate.start()
-    router, port = _gated_router(ctx)
+    gate, router, port = gate_at(0.25, 1)
     endpoint = f"tcp://{HOST}:{port}"
-    socks: list[zmq.Socket[bytes]] = []
-    try:
-        socks.append(_dealer(ctx, endpoint, b"A"))
-        assert router.poll(5000) and router.recv_multipart()[1] == b"A"
-        started = time.monotonic()
-        leaving = _dealer(ctx, endpoint, b"B")
-        wait_for(lambda: gate.paced == 1, 5, what=lambda: gate.paced)
-        leaving.close(0)
-        socks.append(_dealer(ctx, endpoint, b"C"))
-        wait_for(lambda: gate.paced == 2, 5, what=lambda: gate.paced)
-        assert router.poll(15_000), "C never came in"
-        assert router.recv_multipart()[1] == b"C"
-        assert time.monotonic() - started < 6.0, "C waited for B's turn too"
-    finally:
-        for sock in socks:
-            sock.close(0)
-        router.close(0)
-        gate.stop()
+    held = [_dealer(ctx, endpoint, b"A")]
+    assert router.poll(5000) and router.recv_multipart()[1] == b"A"
+    started = time.monotonic()
+    leaving = _dealer(ctx, endpoint, b"B")
+    wait_for(lambda: gate.paced == 1, 5, what=lambda: gate.paced)
+    leaving.close(0)
+    held.append(_dealer(ctx, endpoint, b"C"))
+    wait_for(lambda: gate.paced == 2, 5, what=lambda: gate.paced)
+    assert router.poll(15_000), "C never came in"
+    assert router.recv_multipart()[1] == b"C"
+    assert time.monotonic() - started < 6.0, "C waited for B's turn too"
 
 
 def _deep_size(table: dict[str, object]) -> int:
@@ -397,42 +404,33 @@ def _round_trip(router: zmq.Socket[bytes], socks: list[zmq.Socket[bytes]], text:
 
 @pytest.mark.timeout(60)
 def test_the_gate_lets_go_of_answered_handshakes_and_their_connections_live_on(
-    ctx: zmq.Context[zmq.Socket[bytes]],
+    ctx: zmq.Context[zmq.Socket[bytes]], gate_at: Callable[[float, int], Gated]
 ) -> None:
     """libzmq keeps each connection's pipe to the ZAP handler (~10 KiB) for the connection's
     life; the gate recycles its socket once quiet, which ends those pipes. The connections
     it answered on the old socket work on, new ones are answered on the new one, and one
     still waiting for its turn at the recycle is answered on the old socket when its turn
     comes (the old socket is closed only then)."""
-    gate = Gate(ctx, None, rate=1.0, burst=3)
-    gate.start()
-    router, port = _gated_router(ctx)
-    socks: list[zmq.Socket[bytes]] = []
-    try:
-        endpoint = f"tcp://{HOST}:{port}"
-        # Three at once pass; the next two wait for their turns (1 a second), and the
-        # socket is recycled while they do (no new question for a second).
-        socks = [_dealer(ctx, endpoint, b"first") for _ in range(5)]
-        came: list[bytes] = []
+    gate, router, port = gate_at(1.0, 3)
+    endpoint = f"tcp://{HOST}:{port}"
+    # Three at once pass; the next two wait for their turns (1 a second), and the
+    # socket is recycled while they do (no new question for a second).
+    socks = [_dealer(ctx, endpoint, b"first") for _ in range(5)]
+    came: list[bytes] = []
 
-        def read() -> None:
-            while router.poll(50):
-                came.append(router.recv_multipart()[1])
+    def read() -> None:
+        while router.poll(50):
+            came.append(router.recv_multipart()[1])
 
-        wait_for(lambda: read() or len(came) == 5, 20, what=lambda: (came, gate.recycles))
-        assert gate.paced >= 1, "some waited for their turn, or the test shows nothing of them"
-        wait_for(lambda: gate.recycles >= 1 and gate._retired is None, 10, what=lambda: gate.recycles)
-        assert _round_trip(router, socks, b"again") == {b"again%d" % i for i in range(5)}
-        # New connections ask the new socket: answered (their burst refilled meanwhile).
-        socks += [_dealer(ctx, endpoint, b"later") for _ in range(2)]
-        wait_for(lambda: read() or came.count(b"later") == 2, 10, what=lambda: came)
-        wait_for(lambda: gate.recycles >= 2, 10, what=lambda: gate.recycles)
-        assert _round_trip(router, socks, b"last") == {b"last%d" % i for i in range(7)}
-    finally:
-        for sock in socks:
-            sock.close(0)
-        router.close(0)
-        gate.stop()
+    wait_for(lambda: read() or len(came) == 5, 20, what=lambda: (came, gate.recycles))
+    assert gate.paced >= 1, "some waited for their turn, or the test shows nothing of them"
+    wait_for(lambda: gate.recycles >= 1 and gate._retired is None, 10, what=lambda: gate.recycles)
+    assert _round_trip(router, socks, b"again") == {b"again%d" % i for i in range(5)}
+    # New connections ask the new socket: answered (their burst refilled meanwhile).
+    socks += [_dealer(ctx, endpoint, b"later") for _ in range(2)]
+    wait_for(lambda: read() or came.count(b"later") == 2, 10, what=lambda: came)
+    wait_for(lambda: gate.recycles >= 2, 10, what=lambda: gate.recycles)
+    assert _round_trip(router, socks, b"last") == {b"last%d" % i for i in range(7)}
 
 
 @pytest.mark.timeout(60)
