@@ -30,7 +30,7 @@ import zmq
 from broker.core import Limits
 from broker.server import Broker, Config
 from broker.store import Store
-from client.lib import Client
+from client.lib import Client, Event
 from zchat import protocol as p
 
 HOST = "127.0.0.1"
@@ -163,6 +163,33 @@ def connect_to() -> Iterator[Callable[..., Client]]:
 def make_client(broker: RunningBroker, connect_to: Callable[..., Client]) -> Callable[..., Client]:
     """Connected clients of the ``broker`` fixture, closed at the end of the test."""
     return functools.partial(connect_to, broker)
+
+
+class Inbox:
+    """Everything one library client has shown, in order."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.events: list[Event] = []
+
+    def pump(self) -> None:
+        self.client.pump(0.02)
+        self.events.extend(self.client.drain_events())
+
+    def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Pump until ``predicate`` holds (fail at ``timeout``)."""
+
+        def step() -> bool:
+            self.pump()
+            return predicate()
+
+        wait_for(step, timeout, interval=0, what=lambda: (self.client.state, self.events[-5:]))
+
+    def texts(self, kind: str = "msg") -> list[str | None]:
+        return [e.text for e in self.events if e.type == kind]
+
+    def statuses(self) -> list[Event]:
+        return [e for e in self.events if e.type == "status"]
 
 
 class Raw:

@@ -24,7 +24,7 @@ import pytest
 import zmq
 
 from client.lib import BrokerAddress, BrokerUnreachable, Client, Event, RequestError, parse_address, parse_hosts
-from tests.conftest import HOST, BrokerProcess, RunningBroker, bin_path, wait_for
+from tests.conftest import HOST, BrokerProcess, Inbox, RunningBroker, bin_path, wait_for
 from zchat import protocol as p
 
 FAST = ["--heartbeat-ms", "300"]
@@ -157,31 +157,6 @@ def dead_address() -> str:
 
 def address_of(broker: RunningBroker | BrokerProcess) -> str:
     return f"{HOST}:{broker.port}:{broker.pub_port}"
-
-
-class Inbox:
-    """Everything one library client has shown, in order."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.events: list[Event] = []
-
-    def pump(self) -> None:
-        self.client.pump(0.02)
-        self.events.extend(self.client.drain_events())
-
-    def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        def step() -> bool:
-            self.pump()
-            return predicate()
-
-        wait_for(step, timeout, interval=0, what=lambda: (self.client.state, self.events[-5:]))
-
-    def texts(self, kind: str = "msg") -> list[str | None]:
-        return [e.text for e in self.events if e.type == kind]
-
-    def statuses(self) -> list[Event]:
-        return [e for e in self.events if e.type == "status"]
 
 
 @pytest.fixture

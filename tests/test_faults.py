@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from client.lib import Client, Event
-from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, bin_path, published, recv_all, wait_for
+from tests.conftest import HOST, BrokerProcess, Inbox, Raw, RunningBroker, bin_path, published, recv_all, wait_for
 from tests.tcp_proxy import TcpProxy
 from zchat import protocol as p
 
@@ -41,28 +41,6 @@ def pump_until(clients: list[Client], done: Callable[[], bool], timeout: float) 
         return done()
 
     wait_for(step, timeout, interval=0)
-
-
-class Inbox:
-    """Everything one library client has shown, in order."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.events: list[Event] = []
-
-    def pump(self) -> None:
-        self.client.pump(0.02)
-        self.events.extend(self.client.drain_events())
-
-    def texts(self, kind: str = "msg") -> list[str | None]:
-        return [e.text for e in self.events if e.type == kind]
-
-    def until(self, predicate: Callable[[], bool], timeout: float) -> None:
-        """Pump until ``predicate`` holds (fail at ``timeout``)."""
-        wait_for(lambda: (self.pump(), predicate())[1], timeout, interval=0)
-
-    def statuses(self) -> list[str | None]:
-        return [e.event for e in self.events if e.type == "status"]
 
 
 @contextmanager
@@ -125,7 +103,8 @@ def test_a_failed_try_read_after_the_welcome_does_not_lose_the_new_session(tmp_p
         deadline = time.monotonic() + 2.5  # past the longest wait before a close counts (1 s)
         while time.monotonic() < deadline:
             alice.pump()
-        assert alice.statuses() == ["reconnecting", "connected"], alice.statuses()
+        states = [e.event for e in alice.statuses()]
+        assert states == ["reconnecting", "connected"], states
         assert alice.client.state == "connected"
 
 
