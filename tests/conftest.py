@@ -332,6 +332,19 @@ class BrokerProcess:
             raise AssertionError("broker did not start:\n" + "".join(self.log))
         return self
 
+    def again(self, extra: list[str] | None = None) -> BrokerProcess:
+        """Another broker on this one's data and ports (stopped first), with its flags or
+        ``extra``, started: a restart, as clients that know these ports see it."""
+        return BrokerProcess(
+            self.data_dir,
+            self.extra if extra is None else extra,
+            self.port,
+            self.pub_port,
+            environ=self.environ,
+            prefix=self.prefix,
+            cwd=self.cwd,
+        ).start()
+
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

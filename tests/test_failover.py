@@ -311,7 +311,7 @@ def test_rotation_goes_round_and_back_to_the_first(tmp_path: Path) -> None:
         a.kill(signal.SIGKILL)
         alice.until(lambda: alice.client.state == "connected" and alice.client.address == parse_address(address_of(b)))
         # a is back on its ports, and b goes: after b comes the dead one, then a.
-        a2 = BrokerProcess(tmp_path / "a", extra=FAST, port=a.port, pub_port=a.pub_port).start()
+        a2 = a.again()
         b.stop()
         alice.until(
             lambda: alice.client.state == "connected" and alice.client.address == parse_address(address_of(a)), 20

@@ -76,7 +76,7 @@ def test_a_broker_that_goes_away_is_noticed_at_once(tmp_path: Path, sig: int) ->
         lost = [e for e in alice.events if e.type == "status" and e.event == "reconnecting"]
         assert f"the connection to tcp://{HOST}:{first.port} closed" in (lost[0].text or ""), lost
         alice.client.send("general", "during")
-        later.append(BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start())
+        later.append(first.again())
         alice.until(lambda: alice.client.state == "connected", 20)
         alice.until(lambda: "during" in alice.texts(), 20)
         assert alice.client.unacked == 0
@@ -95,7 +95,7 @@ def test_a_failed_try_read_after_the_welcome_does_not_lose_the_new_session(tmp_p
         with socket.create_server((HOST, first.port)) as proxy:
             conn, _ = proxy.accept()
             conn.close()
-        second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+        second = first.again()
         later.append(second)
         # Busy, not pumping: libzmq connects and the queued hello is answered meanwhile.
         wait_for(lambda: any("session start: alice" in line for line in second.log), 15)
@@ -137,7 +137,7 @@ def test_a_clean_restart_is_invisible_to_the_rooms(tmp_path: Path, ctx: zmq.Cont
         marks = {box.client.name: len(box.events) for box in (alice, bob)}
         assert first.kill(signal.SIGTERM) == 0
         assert any("saved 3 sessions for the next start" in line for line in first.log), first.log[-5:]
-        second = BrokerProcess(tmp_path / "data", extra=slow, port=first.port, pub_port=first.pub_port).start()
+        second = first.again()
         assert any("restored 3 sessions saved at the last stop" in line for line in second.log), second.log[-5:]
 
         for box in (alice, bob):
@@ -177,10 +177,10 @@ def test_saved_sessions_are_restored_once_and_not_after_a_crash(
     alice = Raw(ctx, first.port)
     assert alice.request(p.hello("alice"))["type"] == "welcome"
     assert first.kill(signal.SIGTERM) == 0
-    second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+    second = first.again()
     assert any("restored 1 session saved at the last stop" in line for line in second.log)
     second.kill(signal.SIGKILL)
-    third = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+    third = second.again()
     try:
         assert not any("restored" in line for line in third.log), third.log
         again = Raw(ctx, third.port)
@@ -203,7 +203,7 @@ def test_a_restored_session_is_taken_only_with_its_token(tmp_path: Path, ctx: zm
         assert first.kill(signal.SIGTERM) == 0
         store_bytes = b"".join(f.read_bytes() for f in (tmp_path / "data").iterdir() if f.is_file())
         assert welcome["resume"].encode() not in store_bytes, "the store keeps only a hash of the token"
-        second = BrokerProcess(tmp_path / "data", port=first.port, pub_port=first.pub_port).start()
+        second = first.again()
         # (The routing id the first version gave a restored session: anyone may pick it.)
         forger = Raw(ctx, second.port, routing_id=b"\x00restored:alice")
         reply = forger.request({"type": "msg", "room": "general", "text": "hi", "id": "f1"})
@@ -277,7 +277,7 @@ def test_kill_9_and_restart_no_client_restarted(tmp_path: Path) -> None:
         first.kill(signal.SIGKILL)
         # Written while the broker is down: kept, and sent once it is back.
         alice.client.send("general", "during")
-        second = BrokerProcess(tmp_path / "data", extra=FAST, port=first.port, pub_port=first.pub_port).start()
+        second = first.again()
 
         def reconnected() -> bool:
             alice.pump()
@@ -327,7 +327,7 @@ def test_a_dm_written_while_the_broker_is_down_waits_for_its_recipient_to_be_bac
         bob.client.connect()
         first.kill(signal.SIGKILL)
         bob.client.dm("alice", "while down")
-        second = BrokerProcess(tmp_path / "data", extra=FAST, port=first.port, pub_port=first.pub_port).start()
+        second = first.again()
         refused: list[dict[str, object]] = []
         dispatch = bob.client._dispatch
 
@@ -791,7 +791,7 @@ def test_rejoins_refused_by_the_join_rate_limit_are_retried(tmp_path: Path) -> N
         for room in rooms:
             alice.client.send(room, f"hi {room}")
         # Restarted with the default join rate (2/s, burst 20).
-        second = BrokerProcess(tmp_path / "data", extra=FAST, port=first.port, pub_port=first.pub_port).start()
+        second = first.again(FAST)
 
         def all_acked() -> bool:
             alice.pump()
