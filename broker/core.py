@@ -526,6 +526,15 @@ class Core:
             exc.request_id = env.get("id")
             return self.reject(identity, exc)
 
+    def several_frames(self, identity: bytes, now: int) -> list[Action]:
+        """A request of more than one frame (the loop has read them all): refused, and, as
+        any refused request of a session's connection, proof that its client is there."""
+        self._clock = now
+        session = self.by_identity.get(identity)
+        if session is not None:
+            session.last_seen = now
+        return self.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
+
     def reject(self, identity: bytes, exc: ProtocolError) -> list[Action]:
         """Answer bad input with a coded error; the one log line per rejected input
         (at most LOG_LINES_PER_S a second, so a flood cannot fill the disk)."""

@@ -59,7 +59,7 @@ from broker.hold import PresenceHold
 from broker.store import Durability, Row, Store, StoreError, now_ms
 from broker.writer import Writer
 from zchat import protocol as p
-from zchat.protocol import ErrorCode, ProtocolError
+from zchat.protocol import ErrorCode
 
 log = logging.getLogger("zchat.broker")
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
@@ -600,9 +600,7 @@ class Broker:
                 # The rest of the message is there (ROUTER delivers a message whole): read it all.
                 while router.get(_RCVMORE):
                     router.recv()
-                actions.extend(
-                    self.core.reject(identity, ProtocolError(ErrorCode.BAD_ENVELOPE, "expected exactly one frame"))
-                )
+                actions.extend(self.core.several_frames(identity, now))
                 continue
             try:
                 actions.extend(handle(identity, frame, now, user, part))

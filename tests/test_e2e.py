@@ -334,6 +334,27 @@ def test_expired_session_publishes_leave(short_heartbeat_broker: RunningBroker, 
     assert watcher.who("general") == ["watcher"]
 
 
+def test_a_request_of_several_frames_keeps_its_session_alive(tmp_path: Path) -> None:
+    """Every request of a session's connection proves its client is there, refused or not
+    (docs/protocol.md): one of two frames, which the loop refuses before the core decodes
+    anything, did not, and the session expired under a client that kept talking."""
+    broker = RunningBroker(tmp_path / "data", heartbeat_ms=300).start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        client = Raw(ctx, broker.port)
+        assert client.request(p.hello("alice"))["type"] == "welcome"
+        # Twice the expiry (3 heartbeats, 0.9 s) of nothing but such requests.
+        until = time.monotonic() + 1.8
+        while time.monotonic() < until:
+            client.send_frames([p.encode({"type": "ping", "id": "p"}), b"second frame"])
+            assert client.recv()["message"] == "expected exactly one frame"
+            time.sleep(0.1)  # (a pace, not a wait: at most 1/3 of a heartbeat between them)
+        assert client.request({"type": "ping", "id": "last"})["type"] == "pong"
+    finally:
+        ctx.destroy(linger=0)
+        broker.stop()
+
+
 def test_gap_is_filled_from_history(make_client: MakeClient) -> None:
     """Events lost on the SUB stream (here: dropped by hand) are fetched and shown in order."""
     alice, bob = make_client("alice"), make_client("bob")
