@@ -236,7 +236,8 @@ class Commands:
                 # As typed after "/me ", as a plain line is sent as typed (its spaces too).
                 self._say(raw, action=True)
         elif name == "msg":
-            to, _, text = rest.partition(" ")
+            # TEXT as typed after "NAME " (its spaces too), as /me and a plain line send theirs.
+            to, _, text = raw.lstrip(" ").partition(" ")
             if not to or not text.strip():
                 self._usage(name)
             elif to.startswith("#"):

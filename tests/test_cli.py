@@ -277,6 +277,20 @@ def test_an_action_keeps_its_spaces_as_a_plain_line_does(chats: Any) -> None:
     ], out
 
 
+def test_a_dm_keeps_its_spaces_as_a_plain_line_does(chats: Any) -> None:
+    """``/msg bob  hi  `` sends " hi  " (what follows "/msg bob "), as /me and a plain
+    line send theirs as typed: the trailing spaces were dropped."""
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    alice = chats("alice", "--json", "--backlog", "0")
+    alice.say("/msg bob  hi there   ", "/query  bob tail  ")
+    assert [bob.expect_json(type="dm")["text"] for _ in range(2)] == [" hi there   ", "tail  "]
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 0, alice.errors
+    out = [json.loads(line) for line in alice.rest()]
+    assert [e["text"] for e in out if e["type"] == "dm"] == [" hi there   ", "tail  "], out
+
+
 def test_lastlog_is_for_the_terminal_and_pipe_mode_says_so(chats: Any) -> None:
     alice = chats("alice", "--json")
     alice.say("/lastlog deploy")
