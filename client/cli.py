@@ -140,7 +140,9 @@ class Printer:
         #: more input and ends once what it read is acknowledged.
         self.out_gone = False
 
-    def event(self, event: Event) -> None:
+    def event(self, event: Event, *, history: bool = False) -> None:
+        """Show ``event``; with ``history``, one read from the room's history (--dump), not a
+        join's backlog: marked so in JSON (see render.json_line)."""
         if event.type == "error":
             # Counted when it answers a line of ours (it carries that line's text);
             # not a retried hello's name_taken or the like, which the client rides out.
@@ -152,7 +154,7 @@ class Printer:
                 # A gap in what a --json reader (an archiver, a bot) gets: said in its stream too.
                 self.out(render.json_line(event))
             return
-        self.out(render.json_line(event) if self.as_json else render.text_line(event))
+        self.out(render.json_line(event, history=history) if self.as_json else render.text_line(event))
 
     def out(self, line: str) -> None:
         if self.out_gone:
@@ -452,7 +454,9 @@ def _dump(client: Client, room: str, count: int, printer: Printer) -> int:
     for event in events:
         if printer.out_gone:
             break
-        printer.event(event)
+        # Not "backlog" (from before your join): --dump joins nothing. Read from the
+        # room's history, as /history's are, and marked as they are.
+        printer.event(event, history=True)
         shown += 1
     if top > 0 and count > 0 and shown == 0:  # numbered, but every event deleted: not an empty output alone
         printer.err(f"#{room}: none of its {top} events is kept by the broker any more (its retention)")
