@@ -592,8 +592,8 @@ class ClusterCore(Core):
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         # Private: through the recipient's broker's inbox, never a room log or PUB.
         self.bp.send_to_broker(owner, "dm", to, self._pack(event))
-        ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
-        self._remember_ack(session.name, ack, dm_where(to), hash(env["text"]))
+        ack: Envelope = {"type": "ack", "id": env["id"], "to": to, "ts": now}
+        self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
         return [Reply(session.identity, ack)]
 
     def _who(self, session: Session, env: Envelope, now: int) -> list[Action]:

@@ -92,7 +92,7 @@ class Direct(NamedTuple):
 Action = Reply | Publish | HistoryQuery | Direct
 
 #: What resend detection remembers of a message: its id, seq (None for a DM) and
-#: ts, where it went (room, or :func:`dm_where`) and the hash of its text (None
+#: ts, where it went (room, or "@" + recipient as spelt: :func:`dm_where`) and the hash of its text (None
 #: when reloaded from the store). Only atoms, never the ack dict itself: a tuple
 #: of atoms is untracked by the first collection that sees it, so 100k of them cost
 #: no GC time (holding dicts, they made full collections pause the loop for ~65 ms).
@@ -118,9 +118,9 @@ def _pinned_dict() -> dict[tuple[str, str], _Acked]:
 
 
 def dm_where(to: str) -> str:
-    """Where a DM to ``to`` went, as resend detection remembers it: a resend names the
-    recipient as its author typed it, the first ack as its owner spells it, and names
-    that differ only in case are one."""
+    """Where a DM to ``to`` went, as resend detection compares it: the window keeps the
+    recipient as its owner spells it (``"@" + name``, for the resent ack's ``to``), a
+    resend names it as its author typed it, and names that differ only in case are one."""
     return "@" + p.name_key(to)
 
 
@@ -894,13 +894,14 @@ class Core:
         """A (name, id) seen before: the same message again gets its first ack again
         (nothing stored or delivered twice); another message under a used id is refused."""
         msg_id, seq, ts, first_where, text_hash = first
-        if first_where != where or (text_hash is not None and text_hash != hash(text)):
+        # A DM's is "@" and its recipient as spelt (for its ack's ``to``); asked for in any case.
+        if p.name_key(first_where) != where or (text_hash is not None and text_hash != hash(text)):
             raise ProtocolError(
                 ErrorCode.BAD_ENVELOPE,
                 f"id {msg_id!r} was already used for another message: ids must be unique per name",
             )
         if seq is None:
-            return [Reply(session.identity, {"type": "ack", "id": msg_id, "ts": ts})]
+            return [Reply(session.identity, {"type": "ack", "id": msg_id, "to": first_where[1:], "ts": ts})]
         return [Reply(session.identity, {"type": "ack", "id": msg_id, "room": where, "seq": seq, "ts": ts})]
 
     def _check_text(self, text: str) -> None:
@@ -954,7 +955,7 @@ class Core:
             return self._resent(session, first, dm_where(to), env["text"])
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
-        to = target.name  # as its owner spells it, in the event (the author's own echo shows what it typed)
+        to = target.name  # as its owner spells it, in the event and the ack (the author's echo shows it)
         if to in self._restored:
             # Held for its client since the restart, which has not come back: as after a
             # crash, the recipient is not online yet (a client retries this, for a while).
@@ -962,8 +963,8 @@ class Core:
         self._check_text(env["text"])
         self._throttle_send(session, now, env["id"])
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
-        ack: Envelope = {"type": "ack", "id": env["id"], "ts": now}
-        self._remember_ack(session.name, ack, dm_where(to), hash(env["text"]))
+        ack: Envelope = {"type": "ack", "id": env["id"], "to": to, "ts": now}
+        self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
         self._keep_dm(target, event, now)
         # Private: ROUTER to the recipient only, never PUB, never the store.
         return [Direct(target.identity, event, session.identity, ack)]

@@ -2192,9 +2192,12 @@ class Client:
 
     def _own_event(self, sent: Envelope, ack: Envelope) -> Event:
         if sent["type"] == "dm":
-            return Event(
-                type="dm", name=self.name, to=sent["to"], text=sent["text"], ts=ack.get("ts"), id=sent["id"], own=True
-            )
+            # The recipient as it spells itself (a /msg BOB reaches bob), when the broker
+            # says so (an older one does not): else as we wrote it.
+            to = ack.get("to")
+            if not (isinstance(to, str) and p.is_name(to) and p.name_key(to) == p.name_key(sent["to"])):
+                to = sent["to"]
+            return Event(type="dm", name=self.name, to=to, text=sent["text"], ts=ack.get("ts"), id=sent["id"], own=True)
         return Event(
             type="msg",
             room=sent["room"],

@@ -291,6 +291,20 @@ def test_a_dm_keeps_its_spaces_as_a_plain_line_does(chats: Any) -> None:
     assert [e["text"] for e in out if e["type"] == "dm"] == [" hi there   ", "tail  "], out
 
 
+def test_a_dm_to_a_name_in_another_case_is_echoed_to_the_name_as_its_owner_spells_it(chats: Any) -> None:
+    """``/msg BOB hi`` reaches bob (one name regardless of case); its author's own copy
+    said ``to: "BOB"``, where bob's side, /who and the broker say ``bob``."""
+    bob = chats("bob", "--json")
+    bob.expect_json(type="presence", name="bob")
+    alice = chats("alice", "--json", "--backlog", "0")
+    alice.say("/msg BOB hi", "/query Bob hi again")
+    assert [bob.expect_json(type="dm")["to"] for _ in range(2)] == ["bob", "bob"]
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 0, alice.errors
+    out = [json.loads(line) for line in alice.rest()]
+    assert [(e["to"], e.get("own")) for e in out if e["type"] == "dm"] == [("bob", True), ("bob", True)], out
+
+
 def test_lastlog_is_for_the_terminal_and_pipe_mode_says_so(chats: Any) -> None:
     alice = chats("alice", "--json")
     alice.say("/lastlog deploy")

@@ -728,7 +728,7 @@ def test_dm_goes_to_the_recipient_only() -> None:
                 "id": "d1",
             },
             A,
-            {"type": "ack", "id": "d1", "ts": 55},
+            {"type": "ack", "id": "d1", "to": "bob", "ts": 55},
         )
     ]
     assert core.seqs == seqs
@@ -756,11 +756,12 @@ def test_a_dm_finds_its_recipient_in_any_case_and_names_it_as_it_spells_itself()
     hello(core, B, "Bob")
     [dm] = core.handle(A, enc(type="dm", to="bOB", text="psst", id="d1"), 5)
     assert isinstance(dm, Direct) and dm.identity == B
-    assert (dm.env["to"], dm.env["from"], dm.ack["id"]) == ("Bob", "alice", "d1")
+    # The ack names the recipient as the event does: its author's echo shows "Bob", not "bOB".
+    assert (dm.env["to"], dm.env["from"], dm.ack["id"], dm.ack["to"]) == ("Bob", "alice", "d1", "Bob")
     # A resend under either spelling is the same message: acknowledged again, not refused.
     for spelling in ("bob", "Bob"):
         reply = only_reply(core.handle(A, enc(type="dm", to=spelling, text="psst", id="d1"), 6), A)
-        assert (reply["type"], reply["id"]) == ("ack", "d1"), reply
+        assert (reply["type"], reply["id"], reply["to"]) == ("ack", "d1", "Bob"), reply
     # Its connection could not take it: the error names the recipient, and a resend goes again.
     error = core.undelivered(dm)
     assert error["code"] == "undelivered" and "Bob" in error["message"]
