@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import sys
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
@@ -24,6 +25,66 @@ from zchat.protocol import ProtocolError
 SEND_WINDOW = 1000
 #: At end of input, give up waiting for acks after this long with none.
 ACK_WAIT_S = SETTLE_S
+#: Pipe mode: an input line longer than this (in bytes) is no message and no command (a
+#: text is at most p.MAX_TEXT_CHARS characters of at most 4 bytes, behind a /msg NAME at
+#: most): only its start is kept until it ends, and it is refused. Kept whole, input with
+#: no newline in sight (a binary file, a runaway writer) grew memory without bound, and
+#: each read copied all of it again (a 32 MiB line took 7 s, 64 MiB four times that).
+MAX_LINE_BYTES = 4 * p.MAX_TEXT_CHARS + 64
+#: How much of such a line is kept, to say which one it was.
+LONG_LINE_START = 256
+
+
+@dataclass
+class _LongLine:
+    """A pipe-mode input line over MAX_LINE_BYTES: its start, its size, and whether it was
+    blank (spaces and tabs only: skipped, as shorter blank lines are)."""
+
+    start: bytes
+    size: int
+    blank: bool
+
+
+class _Lines:
+    """Pipe mode's input cut into lines, with bounded memory (see MAX_LINE_BYTES)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        #: The line under way once it is over MAX_LINE_BYTES (only its start is kept).
+        self._long: _LongLine | None = None
+
+    def feed(self, chunk: bytes) -> list[bytes | _LongLine]:
+        """The lines that ``chunk`` ends."""
+        first, *rest = chunk.split(b"\n")
+        self._add(first)
+        if not rest:
+            return []
+        *whole, last = rest
+        lines = [self._take(), *(_long(line) if len(line) > MAX_LINE_BYTES else line for line in whole)]
+        self._add(last)
+        return lines
+
+    def end(self) -> list[bytes | _LongLine]:
+        """End of input: the last line, if it had no newline."""
+        return [self._take()] if self._pending or self._long is not None else []
+
+    def _add(self, piece: bytes) -> None:
+        if self._long is not None:
+            self._long.size += len(piece)
+            self._long.blank = self._long.blank and not piece.strip()
+        elif len(self._pending) + len(piece) > MAX_LINE_BYTES:
+            self._long, self._pending = _long(self._pending + piece), b""
+        else:
+            self._pending += piece
+
+    def _take(self) -> bytes | _LongLine:
+        line: bytes | _LongLine = self._long if self._long is not None else self._pending
+        self._pending, self._long = b"", None
+        return line
+
+
+def _long(line: bytes) -> _LongLine:
+    return _LongLine(line[:LONG_LINE_START], len(line), not line.strip())
 
 
 def _count(text: str) -> int:
@@ -480,7 +541,7 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
     if sys.stdin is None:  # started with stdin closed (`<&-`): no lines, as from an empty file
         return _finish(client, printer)
     fd = sys.stdin.fileno()
-    pending = b""
+    lines = _Lines()
     reading = True
     while reading and not printer.out_gone:
         for event in client.drain_events():
@@ -494,13 +555,13 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
         chunk = os.read(fd, 65536)
         if not chunk:
             reading = False
-            lines = [pending] if pending else []
-        else:
-            *lines, pending = (pending + chunk).split(b"\n")
         # Every line read is handled, even once stdout has gone (its reader left): what
         # was read is sent. Only input not read yet is left.
-        for raw in lines:
-            if not commands.handle(raw.decode("utf-8", errors="replace")):
+        for raw in lines.feed(chunk) if chunk else lines.end():
+            if isinstance(raw, _LongLine):
+                if not raw.blank:
+                    commands.too_long(raw.start.decode("utf-8", errors="replace"), raw.size)
+            elif not commands.handle(raw.decode("utf-8", errors="replace")):
                 reading = False
                 break
     return _finish(client, printer)

@@ -138,12 +138,22 @@ class Commands:
                 return self._command(line)
             self._say(line[1:] if not self.literal and line.startswith("//") else line)
         except (ZchatError, ProtocolError) as exc:  # refused, or the broker is away: say so, go on
-            # A script's lines are many and the error comes after them: say which one it
-            # was, as the broker's refusals of sent lines do (render.error_text).
-            where = "" if command or self.current is None else f"#{self.current}: "
-            tag = f" [{render.clean(where + render.excerpt(line))}]" if self.strict else ""
-            self.err(f"{exc.code}: {exc.message}{tag}")
+            self._refused(line, command, exc)
         return True
+
+    def too_long(self, start: str, size: int) -> None:
+        """Refuse, without acting on it, a line of ``size`` bytes that begins with ``start``:
+        longer than any message or command can be (pipe mode keeps only its start)."""
+        command = not self.literal and start.startswith("/") and not start.startswith("//")
+        limit = f"the limit is {p.MAX_TEXT_CHARS} characters"
+        self._refused(start, command, ProtocolError(p.ErrorCode.TOO_LARGE, f"a line of {size} bytes, {limit}"))
+
+    def _refused(self, line: str, command: bool, exc: ZchatError | ProtocolError) -> None:
+        # A script's lines are many and the error comes after them: say which one it
+        # was, as the broker's refusals of sent lines do (render.error_text).
+        where = "" if command or self.current is None else f"#{self.current}: "
+        tag = f" [{render.clean(where + render.excerpt(line))}]" if self.strict else ""
+        self.err(f"{exc.code}: {exc.message}{tag}")
 
     def room_command(self, line: str) -> tuple[str, str] | None:
         """(command, room) if ``line`` is a /join, /switch or /leave (aliases too) of one

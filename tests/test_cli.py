@@ -328,6 +328,37 @@ def test_over_long_line_is_refused_next_line_delivered(chats: Any) -> None:
     assert any("1 line(s) or command(s) refused" in e for e in alice.errors), alice.errors
 
 
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)[1])  # type: ignore[index]
+
+
+@pytest.mark.timeout(60)
+def test_a_line_too_long_for_any_message_costs_neither_memory_nor_time(chats: Any) -> None:
+    """Input with no newline in sight (a binary file) was kept whole, and each read of
+    64 KiB copied all of it again: a 32 MiB line took 7 s and ~100 MiB. Now only its start
+    is kept; it is refused when it ends (a blank one skipped), and the next line goes."""
+    alice = chats("alice", "--json")
+    alice.expect_json(type="presence", name="alice")
+    before = _peak_rss_kib(alice.proc.pid)
+    assert alice.proc.stdin is not None
+    piece = "x" * (1 << 20)
+    started = time.monotonic()
+    for _ in range(32):
+        alice.proc.stdin.write(piece)
+    alice.say("", " " * 100_000, "after")
+    alice.expect_json(type="msg", text="after", own=True)
+    took, grew = time.monotonic() - started, _peak_rss_kib(alice.proc.pid) - before
+    assert grew < 16 * 1024 and took < 5, (grew, took)
+    alice.close_input()
+    assert alice.proc.wait(timeout=15) == 1, alice.errors
+    alice.rest()
+    assert alice.errors[0] == (
+        f"zchat: too_large: a line of {32 << 20} bytes, the limit is 4000 characters [#general: {'x' * 39}…]"
+    ), alice.errors
+    assert alice.errors[1:] == ["zchat: 1 line(s) or command(s) refused or failed (above)"], alice.errors
+
+
 def test_lines_after_a_refused_join_go_nowhere_and_the_exit_status_says_so(chats: Any) -> None:
     """A script's lines after ``/join ROOM`` are meant for ROOM: if the join fails they
     are refused, not sent to the room before."""
