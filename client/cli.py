@@ -6,9 +6,11 @@ import argparse
 import contextlib
 import errno
 import os
+import select
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
@@ -33,6 +35,11 @@ ACK_WAIT_S = SETTLE_S
 MAX_LINE_BYTES = 4 * p.MAX_TEXT_CHARS + 64
 #: How much of such a line is kept, to say which one it was.
 LONG_LINE_START = 256
+#: Output goes in pieces of at most this many characters (UTF-8: at most PIPE_BUF bytes,
+#: which a pipe that says it has room takes without blocking).
+OUT_PIECE = select.PIPE_BUF // 4
+#: While stdout has no room: how long to wait for it between two turns of the client.
+WRITABLE_POLL_MS = 100
 
 
 @dataclass
@@ -200,6 +207,9 @@ class Printer:
         #: fails (a full disk, closed). Events are no longer shown; pipe mode reads no
         #: more input and ends once what it read is acknowledged.
         self.out_gone = False
+        #: Called while stdout cannot take more (its reader is slow, or paused): keeps the
+        #: session alive meanwhile (see :meth:`_wait_writable`).
+        self.waiting: Callable[[], object] | None = None
 
     def event(self, event: Event, *, history: bool = False) -> None:
         """Show ``event``; with ``history``, one read from the room's history (--dump), not a
@@ -224,8 +234,12 @@ class Printer:
         try:
             if stream is None:  # started with stdout closed (`>&-`)
                 raise OSError(errno.EBADF, "stdout is closed")
-            stream.write(line + "\n")
-            stream.flush()
+            line += "\n"
+            # In pieces a pipe with room takes whole (PIPE_BUF bytes at most), each once it has room.
+            for start in range(0, len(line), OUT_PIECE):
+                self._wait_writable(stream)
+                stream.write(line[start : start + OUT_PIECE])
+                stream.flush()
         except OSError as exc:
             if self.on_a_terminal and exc.errno in (errno.EIO, errno.ENXIO):
                 raise  # the terminal is gone: main() ends as after a SIGHUP
@@ -236,6 +250,21 @@ class Printer:
                 # Events this user asked for cannot be shown: a failure, not a reader that is done.
                 self.output_failed = True
                 self.err(f"cannot write to stdout: {exc.strerror or exc}; events are no longer shown")
+
+    def _wait_writable(self, stream: TextIO) -> None:
+        """Until ``stream`` has room, keep calling :attr:`waiting`. A blocked write would
+        stop the client: no ping, and a reader that pauses for 3 heartbeats (15 s: a
+        consumer busy with a line, a pager) cost the session (a leave, a new session,
+        DMs sent meanwhile lost, its name free to take)."""
+        if self.waiting is None:
+            return
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+        except (OSError, ValueError):  # not a file (a test's capture): nothing to wait for
+            return
+        while not poller.poll(WRITABLE_POLL_MS):
+            self.waiting()
 
     @staticmethod
     def err(line: str) -> None:
@@ -360,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close(settle=0)
         return 1
+    printer.waiting = lambda: _keep_alive(client)
     for stale in client.resumed_rooms:
         # The session a zchat of this name left when it was killed (its saved token): this
         # run is in its own rooms; in the others it would be listed and hear nothing.
@@ -407,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         _close(client)
         if saved is not None:
             saved.close(ended=said_bye)
+
+
+def _keep_alive(client: Client) -> None:
+    """A turn of the client (pings, acks, a reconnect) while output waits for its reader."""
+    if client.state != "closed":
+        client.pump(0)
 
 
 def _close(client: Client) -> None:

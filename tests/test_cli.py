@@ -1078,6 +1078,56 @@ def test_a_stdout_that_fails_is_said_in_one_line_and_ends_the_run(
     assert stored == lines[: len(stored)]
 
 
+@pytest.mark.timeout(60)
+def test_a_reader_that_pauses_with_the_pipe_full_does_not_cost_the_session(tmp_path: Path) -> None:
+    """stdout's reader pauses (a consumer busy with a line, a pager) while the pipe is full:
+    zchat, blocked in its write, sent no ping, and 3 heartbeats later the broker ended its
+    session (a leave "timeout", then a new session: DMs sent meanwhile lost, the name free
+    to take). Now it keeps the session alive while its output waits."""
+    broker = BrokerProcess(tmp_path / "d", extra=["--heartbeat-ms", "300", "--rate-limit", "0"]).start()
+    reader = subprocess.Popen(
+        [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=broker.env(),
+    )
+    try:
+        wait_for(lambda: any("session start: reader" in line for line in broker.log), 10)
+        lines = [f"{i:03} " + "x" * 250 for i in range(400)]  # ~140 KiB of JSON: over a pipe's 64 KiB
+        writer = subprocess.run(
+            [bin_path("zchat"), "--name", "writer", "--no-commands", "--backlog", "0"],
+            input="\n".join(lines) + "\n",
+            env=broker.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert writer.returncode == 0, writer.stderr
+        # Nobody reads the reader's output for 5 expiry times (proving an absence needs a wait).
+        quiet_until = time.monotonic() + 5 * 0.9
+        while time.monotonic() < quiet_until and not any("session expired: reader" in x for x in broker.log):
+            time.sleep(0.05)
+        assert reader.stdin is not None and reader.stdout is not None
+        out: list[dict[str, Any]] = []
+        for raw in reader.stdout:  # read now: all of it, up to the writer's last line
+            out.append(json.loads(raw))
+            if out[-1].get("text") == lines[-1]:
+                break
+        reader.stdin.close()
+        assert reader.wait(timeout=15) == 0
+        assert [e["text"] for e in out if e["type"] == "msg"] == lines
+        assert not any(e["type"] == "presence" and e.get("name") == "reader" for e in out), out[:5]
+        assert not any("session expired: reader" in line for line in broker.log)
+        assert reader.stderr is not None and reader.stderr.read() == b""
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait(timeout=10)
+        broker.kill()
+
+
 def test_pipe_mode_with_stderr_closed_still_sends(slow_broker: BrokerProcess, tmp_path: Path) -> None:
     """Started with stderr closed (`2>&-`), its first notice (here: no room events on a
     wrong --pub-port) ended the run with the line unsent (Python's stderr is None)."""
