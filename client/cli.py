@@ -10,7 +10,9 @@ import select
 import signal
 import stat
 import sys
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
@@ -40,6 +42,8 @@ LONG_LINE_START = 256
 OUT_PIECE = select.PIPE_BUF // 4
 #: While stdout has no room: how long to wait for it between two turns of the client.
 WRITABLE_POLL_MS = 100
+#: After a signal that stops us, how long stdout may have no room before it is given up.
+STOP_OUTPUT_WAIT_S = 2.0
 
 
 @dataclass
@@ -210,6 +214,27 @@ class Printer:
         #: Called while stdout cannot take more (its reader is slow, or paused): keeps the
         #: session alive meanwhile (see :meth:`_wait_writable`).
         self.waiting: Callable[[], object] | None = None
+        #: Events taken from the client and not shown yet: a signal that stops us while
+        #: they are shown leaves the rest here, for the stop to show (see :meth:`show`).
+        self.queue: deque[Event] = deque()
+        #: The rest of a line whose writing a signal cut short: written before the next one.
+        self._rest = ""
+        #: Once a signal asked us to stop: when to give up on a stdout that has no room
+        #: (time.monotonic()); its reader may never read again (see :meth:`stopping`).
+        self._give_up_at: float | None = None
+        self._stop_reason = ""
+
+    def show(self, events: Iterable[Event]) -> None:
+        """Show ``events``, in order, after those a stop left in :attr:`queue`."""
+        self.queue.extend(events)
+        while self.queue:
+            self.event(self.queue.popleft())
+
+    def stopping(self, why: str) -> None:
+        """A signal (``why``) asked us to stop: from now on, a stdout without room for
+        STOP_OUTPUT_WAIT_S is given up (said on stderr), rather than waited for without end."""
+        self._give_up_at = time.monotonic() + STOP_OUTPUT_WAIT_S
+        self._stop_reason = why
 
     def event(self, event: Event, *, history: bool = False) -> None:
         """Show ``event``; with ``history``, one read from the room's history (--dump), not a
@@ -234,11 +259,13 @@ class Printer:
         try:
             if stream is None:  # started with stdout closed (`>&-`)
                 raise OSError(errno.EBADF, "stdout is closed")
-            line += "\n"
+            self._rest += line + "\n"
             # In pieces a pipe with room takes whole (PIPE_BUF bytes at most), each once it has room.
-            for start in range(0, len(line), OUT_PIECE):
+            while self._rest:
                 self._wait_writable(stream)
-                stream.write(line[start : start + OUT_PIECE])
+                piece = self._rest[:OUT_PIECE]
+                stream.write(piece)
+                self._rest = self._rest[len(piece) :]
                 stream.flush()
         except OSError as exc:
             if self.on_a_terminal and exc.errno in (errno.EIO, errno.ENXIO):
@@ -264,6 +291,10 @@ class Printer:
         except (OSError, ValueError):  # not a file (a test's capture): nothing to wait for
             return
         while not poller.poll(WRITABLE_POLL_MS):
+            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                raise OSError(
+                    errno.EAGAIN, f"its reader read nothing for {STOP_OUTPUT_WAIT_S:g} s after {self._stop_reason}"
+                )
             self.waiting()
 
     @staticmethod
@@ -420,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut the list short
+        printer.stopping("SIGINT")
         _say_unacked(client, printer, "SIGINT")
         return 130
     except OSError as exc:
@@ -430,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         _mute(sys.stdout, sys.stderr)
         return 128 + signal.SIGHUP
     except _Terminated as exc:
+        printer.stopping(signal.Signals(exc.signum).name)
         _say_unacked(client, printer, signal.Signals(exc.signum).name)
         return 128 + exc.signum
     finally:
@@ -495,8 +528,7 @@ def _say_unacked(client: Client, printer: Printer, why: str) -> None:
     has not acknowledged, on stderr, to copy."""
     client.release_own()  # acknowledged, waiting for earlier events of their room: shown too
     try:
-        for event in client.drain_events():
-            printer.event(event)
+        printer.show(client.drain_events())  # (after what the stop cut short: Printer.queue)
     except OSError:
         # The terminal is gone (Printer.out raises for that): what is left goes to stderr,
         # and the exit status stays the signal's.
@@ -568,8 +600,7 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
     def out(line: str) -> None:
         # A command's answer after the events that came before it (the ack of a line
         # written before the command comes before its answer): output in input order.
-        for event in client.drain_events():
-            printer.event(event)
+        printer.show(client.drain_events())
         printer.out(line)
 
     commands = Commands(client, room, out, printer.fail, as_json=args.json, backlog=args.backlog, strict=True)
@@ -580,8 +611,7 @@ def _run_pipe(client: Client, room: str, args: argparse.Namespace, printer: Prin
     lines = _Lines()
     reading = True
     while reading and not printer.out_gone:
-        for event in client.drain_events():
-            printer.event(event)
+        printer.show(client.drain_events())
         if client.state == "closed":  # closed under us (session_moved): the event said why
             return 1
         # Back-pressure: stop reading input while too much is unacknowledged.
@@ -607,10 +637,8 @@ def _finish(client: Client, printer: Printer) -> int:
     """End of input: every line sent is acknowledged and shown before we close
     (see :meth:`Client.settling`); say so if some were not."""
     for _ in client.settling(ACK_WAIT_S):
-        for event in client.drain_events():
-            printer.event(event)
-    for event in client.drain_events():
-        printer.event(event)
+        printer.show(client.drain_events())
+    printer.show(client.drain_events())
     if client.unacked:
         printer.err(
             f"{client.unacked} message(s) not acknowledged {MAY_HAVE_ARRIVED}: no progress for {ACK_WAIT_S:g} s:"

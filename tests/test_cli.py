@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -1121,6 +1123,56 @@ def test_a_reader_that_pauses_with_the_pipe_full_does_not_cost_the_session(tmp_p
         assert not any(e["type"] == "presence" and e.get("name") == "reader" for e in out), out[:5]
         assert not any("session expired: reader" in line for line in broker.log)
         assert reader.stderr is not None and reader.stderr.read() == b""
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait(timeout=10)
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_signal_gives_up_on_a_reader_that_reads_nothing(tmp_path: Path) -> None:
+    """SIGTERM while stdout's reader reads nothing (the pipe full): the stop shows what had
+    arrived before it lists what was not acknowledged, and waited for the reader without
+    end, deaf to more SIGTERMs (they are ignored during the bye). Now it gives the reader
+    2 s, says so, and ends with 143."""
+    broker = BrokerProcess(tmp_path / "d", extra=["--rate-limit", "0"]).start()
+    lines = [f"{i:03} " + "x" * 250 for i in range(400)]  # ~140 KiB of JSON: over a pipe's 64 KiB
+    writer = _run_zchat(broker, "--name", "writer", "--no-commands", "--backlog", "0", "--send", "first")
+    assert writer.returncode == 0, writer.stderr
+    filled = subprocess.run(
+        [bin_path("zchat"), "--name", "writer", "--no-commands", "--backlog", "0"],
+        input="\n".join(lines) + "\n",
+        env=broker.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert filled.returncode == 0, filled.stderr
+    reader = subprocess.Popen(
+        [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "400"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=broker.env(),
+    )
+    try:
+        assert reader.stdout is not None and reader.stderr is not None
+
+        def in_the_pipe() -> int:
+            assert reader.stdout is not None
+            count = bytearray(4)
+            fcntl.ioctl(reader.stdout.fileno(), termios.FIONREAD, count)
+            return int.from_bytes(count, sys.byteorder)
+
+        # Its backlog is being written: more than the pipe holds, so it is stalled, or will be.
+        wait_for(lambda: in_the_pipe() >= 40 * 1024, 15, what=in_the_pipe)
+        reader.send_signal(signal.SIGTERM)
+        assert reader.wait(timeout=10) == 128 + signal.SIGTERM
+        assert reader.stderr.read().decode().splitlines() == [
+            "zchat: cannot write to stdout: its reader read nothing for 2 s after SIGTERM; events are no longer shown"
+        ]
     finally:
         if reader.poll() is None:
             reader.kill()
