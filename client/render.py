@@ -105,14 +105,20 @@ def text_line(event: Event) -> str:
     return f"{when} {event.type}"
 
 
+#: Characters json.dumps leaves as they are (with ensure_ascii=False) that some readers
+#: take for the end of a line (Python's str.splitlines(), JavaScript before ES2019): escaped,
+#: so that one event is one line for every reader. (Inside JSON they can only be in strings.)
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def json_line(event: Event, *, history: bool = False) -> str:
-    """``event`` as one JSON object. With ``history``, an event that /history listed: marked
-    ``"history": true``, not ``backlog`` (from before your join: /history lists later ones too)."""
+    """``event`` as one JSON object, on one line. With ``history``, an event that /history listed:
+    marked ``"history": true``, not ``backlog`` (from before your join: /history lists later ones too)."""
     data = event.to_dict()
     if history:
         data.pop("backlog", None)
         data["history"] = True
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_ENDS)
 
 
 # ------------------------------------------------------------ the terminal UI

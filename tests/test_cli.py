@@ -307,6 +307,25 @@ def test_a_dm_to_a_name_in_another_case_is_echoed_to_the_name_as_its_owner_spell
     assert [(e["to"], e.get("own")) for e in out if e["type"] == "dm"] == [("bob", True), ("bob", True)], out
 
 
+def test_json_events_are_one_line_for_every_line_reader(broker_proc: BrokerProcess) -> None:
+    """A text with U+0085, U+2028 or U+2029, which json.dumps leaves as they are, was cut
+    into three lines by str.splitlines() (what a Python script reading ``--json`` output
+    often uses): they are escaped now, and the text reads back the same."""
+    text = "a\x85b\u2028c\u2029d"
+    run = subprocess.run(
+        [bin_path("zchat"), "--name", "alice", "--json", "--backlog", "0"],
+        input=(text + "\n").encode(),
+        env=broker_proc.env(),
+        capture_output=True,
+        timeout=15,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.decode()
+    assert len(out.splitlines()) == 1, out
+    assert json.loads(out)["text"] == text
+
+
 def test_lastlog_is_for_the_terminal_and_pipe_mode_says_so(chats: Any) -> None:
     alice = chats("alice", "--json")
     alice.say("/lastlog deploy")
