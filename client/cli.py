@@ -49,7 +49,7 @@ STOP_OUTPUT_WAIT_S = 2.0
 @dataclass
 class _LongLine:
     """A pipe-mode input line over MAX_LINE_BYTES: its start, its size, and whether it was
-    blank (spaces and tabs only: skipped, as shorter blank lines are)."""
+    blank (whitespace only: skipped, as shorter blank lines are)."""
 
     start: bytes
     size: int
