@@ -17,6 +17,7 @@ secret key is ``DIR/health.key_secret`` (made with ``zchat-keygen health``, its
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from pathlib import Path
 
@@ -38,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit 0 if a zchat broker answers a ping on its request port, else 1 (the reason on stderr).",
     )
     # Not ZCHAT_HOST: for the broker that is the address it binds (0.0.0.0 in the image).
-    parser.add_argument("--host", default="127.0.0.1", help="broker host (default 127.0.0.1)")
+    parser.add_argument(
+        "--host",
+        type=_host,
+        default="127.0.0.1",
+        help="broker host: a name or an address (IPv6 with or without brackets); no port (default 127.0.0.1)",
+    )
     parser.add_argument(
         "--port",
         type=envargs.port,
@@ -57,6 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", type=_home_path, default=None, help="the secret key to connect with (default KEYS/health.key_secret)"
     )
     return parser
+
+
+def _host(text: str) -> str:
+    """``--host`` as the broker's own ``--host`` and the client's addresses take it: an
+    IPv6 address in brackets too. Unchecked, ``[::1]`` and ``HOST:PORT`` became endpoints
+    that never connect, and the check said "no answer ... (down or stuck)" about a broker
+    that was serving."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a host name or address (the port goes in --port; an IPv6 address "
+                "may be in brackets: [::1])"
+            ) from None
+    if not host:
+        raise argparse.ArgumentTypeError("the host is empty")
+    return host
 
 
 def _home_path(text: str) -> Path:

@@ -1431,6 +1431,24 @@ def test_a_broker_takes_an_ipv6_host_in_brackets(tmp_path: Path) -> None:
         proc.wait(timeout=10)
 
 
+def test_the_health_check_takes_a_host_as_the_broker_does(tmp_path: Path) -> None:
+    """``--host [::1]`` (as the broker and clients take it) was pinged at 'tcp://[[::1]]:PORT',
+    and ``HOST:PORT`` at 'tcp://[HOST:PORT]:5555': after 3 s both said 'no answer ... (down or
+    stuck)' about a broker that was serving."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--host", "[::1]"]).start()
+    try:
+        health = [sys.executable, "-m", "broker.health", "--port", str(broker.port), "--timeout", "5"]
+        ok = subprocess.run([*health, "--host", "[::1]"], check=False, capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        wrong = subprocess.run(
+            [*health, "--host", f"127.0.0.1:{broker.port}"], check=False, capture_output=True, text=True, timeout=30
+        )
+        assert wrong.returncode == 2, wrong.stderr
+        assert "the port goes in --port" in wrong.stderr, wrong.stderr
+    finally:
+        broker.kill(signal.SIGTERM)
+
+
 def test_who_outside_a_room_says_so(slow_broker: BrokerProcess, tmp_path: Path) -> None:
     """/who after /leave: 'not in a room', not the usage line of a mistyped command."""
     run = _lines_through(slow_broker, tmp_path, ["/leave", "/who"], "--backlog 0 < in")
