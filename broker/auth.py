@@ -73,11 +73,15 @@ def load_secret(path: Path) -> tuple[bytes, bytes]:
 
 
 def load_public(path: Path) -> bytes:
+    return _load_certificate(path)[0]
+
+
+def _load_certificate(path: Path) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) of a certificate read as a public key."""
     try:
-        public, _ = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise _unreadable("public key", path, exc) from None
-    return public
 
 
 def load_users(directory: Path) -> dict[bytes, str]:
@@ -89,11 +93,22 @@ def load_users(directory: Path) -> dict[bytes, str]:
     key of a user whose old one leaked, and the broker cannot tell.
     """
     try:
-        files = sorted(entry for entry in os.listdir(directory) if entry.endswith(".key"))
+        entries = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         raise KeysError(f"no authorized-users directory {directory} (put users' NAME.key files there)") from None
     except OSError as exc:
         raise _unreadable("authorized-users directory", directory, exc) from None
+    files = sorted(entry for entry in entries if entry.endswith(".key"))
+    # The easy slip is copying the user's other file: it let nobody in without a word in
+    # the log (the start line's count of users one short), and the user's secret then
+    # lies on the broker host.
+    for entry in sorted(entry for entry in entries if entry.endswith(".key_secret")):
+        log.warning(
+            "skipping %s: a secret key; authorized/ takes the user's public %s.key (the secret stays "
+            "with the user: delete this copy)",
+            directory / entry,
+            entry.removesuffix(".key_secret"),
+        )
     users: dict[bytes, str] = {}
     #: Keys found under two names, and those names: the key says who is speaking, so
     #: it cannot be both. Either could be the mistake: neither is accepted.
@@ -104,10 +119,17 @@ def load_users(directory: Path) -> dict[bytes, str]:
             log.warning("skipping %s: %r is not a valid user name", path, name)
             continue
         try:
-            key = load_public(path)
+            key, secret = _load_certificate(path)
         except KeysError as exc:
             log.warning("%s: nobody is let in as %s until it can be", exc, name)
             continue
+        if secret:
+            log.warning(
+                "%s holds %s's secret key too (a NAME.key_secret renamed): the broker needs only the public "
+                "NAME.key; the secret stays with the user: put the public file in its place",
+                path,
+                name,
+            )
         if key in users or key in shared:
             shared.setdefault(key, [users.pop(key)] if key in users else []).append(name)
             continue

@@ -350,6 +350,24 @@ def test_two_users_whose_names_differ_only_in_case_are_warned_of(
     assert any("'Bob' and 'bob'" in m and "differ only in case" in m for m in warned), warned
 
 
+def test_a_users_secret_key_in_authorized_is_warned_of(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The user's other file copied into authorized/: carol.key_secret let nobody in without a
+    word (the start line's count one short), and dave's secret renamed dave.key was taken as
+    it is (its public half is right) with the user's secret on the broker host, unsaid."""
+    from broker.auth import load_users
+
+    users, authorized = keys / "users", keys / "keys" / "authorized"
+    for name in ("carol", "dave"):
+        zmq.auth.create_certificates(users, name)
+    (authorized / "carol.key_secret").write_bytes((users / "carol.key_secret").read_bytes())
+    (authorized / "dave.key").write_bytes((users / "dave.key_secret").read_bytes())
+    assert sorted(load_users(authorized).values()) == ["alice", "bob", "dave"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("carol.key_secret: a secret key" in m and "public carol.key" in m for m in warned), warned
+    assert any("dave.key holds dave's secret key too" in m for m in warned), warned
+    assert not any("alice" in m or "bob" in m for m in warned), warned
+
+
 def test_a_port_taken_while_rebinding_stops_the_broker_with_a_reason() -> None:
     """Revoking a key lets go of both ports for a moment (to cut every connection); a
     process of this host may take one then. The broker says so and stops (exit 1 in the
