@@ -265,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StoppedWhileOpening(BaseException):
+    """A SIGTERM or SIGINT while the store opens. A BaseException, as KeyboardInterrupt is,
+    so that no ``except Exception`` on the way takes it for an error of the store."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _stderr_is_the_journal() -> bool:
     """Whether systemd connected stderr to its journal (JOURNAL_STREAM names that stream:
     "device:inode"; a child that inherited the variable but not the stream is not)."""
@@ -402,14 +411,37 @@ def main(argv: list[str] | None = None) -> int:
     if config.backplane and not HAVE_REDIS:
         log.error("%s", NO_REDIS)
         return 2
+    # Opening the store may take many seconds (a new --retention deleting a year of events,
+    # a schema upgrade): a stop then ends the open, whose transaction is rolled back. Before,
+    # a `systemctl stop` then killed the broker without a line in the log, and a Ctrl-C
+    # printed a KeyboardInterrupt traceback. Binding and starting the threads take moments:
+    # a stop asked meanwhile is done once the broker can stop cleanly (below).
+    opening = [not config.backplane]
+    early_stops: list[int] = []
+
+    def on_early_signal(signum: int, frame: FrameType | None) -> None:
+        if opening[0]:
+            raise _StoppedWhileOpening(signum)
+        early_stops.append(signum)
+
+    signal.signal(signal.SIGINT, on_early_signal)
+    signal.signal(signal.SIGTERM, on_early_signal)
     store: Store | None = None
     if not config.backplane:
         try:
             max_age = None if args.retention_days is None else round(args.retention_days * DAY_MS)
             store = Store(data_dir, config.durability, config.retention, max_age)
+            opening[0] = False
         except StoreError as exc:
             log.error("%s", exc)
             return 1
+        except _StoppedWhileOpening as exc:
+            _close(store)
+            lifecycle.info(
+                "%s received while opening the store; stopped before serving (what the open had begun is rolled back)",
+                signal.Signals(exc.signum).name,
+            )
+            return 0
     try:
         broker = Broker(config, store)
     except GateError as exc:
@@ -457,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
+    if early_stops:
+        on_signal(early_stops[0], None)
     if hups:  # keys read before it came may have changed since
         broker.reload()
     if broker.keys is None:

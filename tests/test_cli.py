@@ -915,6 +915,66 @@ def test_broker_exits_quickly_on_sigterm(tmp_path: Path) -> None:
     assert any("shutting down" in line for line in broker.log)
 
 
+#: A store whose retention at open takes as long as a year of events would, inside its
+#: transaction (the real _prune_all follows), and says when it is under way.
+SLOW_OPEN = """
+import sys, time, broker.cli as c
+class SlowOpen(c.Store):
+    def _prune_all(self, retention):
+        with self._immediate() as db:
+            db.execute("DELETE FROM events")
+            print("pruning", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        super()._prune_all(retention)
+c.Store = SlowOpen
+sys.exit(c.main())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_store_opens_is_said_and_rolls_the_open_back(tmp_path: Path, sig: signal.Signals) -> None:
+    """A `systemctl stop` during a long open (a new --retention on a big store) killed the
+    broker without a line in the log, and a Ctrl-C printed a KeyboardInterrupt traceback."""
+    first = BrokerProcess(tmp_path / "d").start()
+    chat = subprocess.run(
+        [bin_path("zchat"), "--name", "a", "--send", "kept"],
+        check=False,
+        env=first.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert first.kill(signal.SIGTERM) == 0
+    args = ["--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d"), "--retention", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_OPEN, *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not lines or "pruning" not in lines[-1]:
+            line = proc.stderr.readline()
+            assert line, lines
+            lines.append(line)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 0, lines
+        lines += proc.stderr.readlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    log = "".join(lines)
+    assert f"{sig.name} received while opening the store; stopped before serving" in log, log
+    assert "Traceback" not in log, log
+    texts = [row[0] for row in sqlite3.connect(tmp_path / "d" / "zchat.sqlite3").execute("SELECT body FROM events")]
+    assert any(b"kept" in body for body in texts), "the open's delete was not rolled back"
+
+
 def test_a_stop_slower_than_expected_logs_every_threads_stack(tmp_path: Path) -> None:
     """The stacks a stuck stop would leave in the log: here the limit is 1 ms, so any stop passes it."""
     hurried = [
