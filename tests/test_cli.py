@@ -1534,6 +1534,28 @@ def test_broker_lines_carry_no_timestamp_of_their_own_in_the_journal(tmp_path: P
         assert result.returncode == 2
         line = log.read_text().splitlines()[0]
         if journal:
-            assert line.startswith("ERROR --backplane"), line
+            assert line.startswith("<3>ERROR --backplane"), line
         else:
             assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ERROR --backplane", line), line
+
+
+def test_broker_lines_in_the_journal_carry_their_priority(tmp_path: Path) -> None:
+    """Without a "<N>" at the start of each line, journald stored every one at "info":
+    `journalctl -p warning` showed none of the broker's warnings, nor a CRITICAL full disk."""
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr:
+        st = os.fstat(stderr.fileno())
+        proc = subprocess.Popen(
+            [bin_path("zchat-broker"), "--host", HOST, "--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d")],
+            stderr=stderr,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )
+    try:
+        wait_for(lambda: " ready: " in log.read_text(), 20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("<4>WARNING no --keys") for line in lines), lines
+    assert any(line.startswith("<6>INFO zchat-broker ") and " ready: " in line for line in lines), lines
+    assert any(line.startswith("<6>INFO stopped in ") for line in lines), lines
