@@ -73,8 +73,12 @@ def _directory(text: str) -> Path:
 def _bind_host(value: str) -> str | None:
     """``--host`` as libzmq binds it: an IPv6 address may come in brackets (as clients
     write it); anything else with a colon (``HOST:PORT``, a client's ``ZCHAT_HOST``
-    list) is no address to bind (None)."""
+    list) is no address to bind (None), and so is a list without ports (``a,b``): no
+    host or interface has a comma in its name, and libzmq's "No such device" (exit 1)
+    had a supervisor start the broker again and again on a setting that cannot work."""
     host = value.strip()
+    if "," in host:
+        return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if ":" in host:
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     host = _bind_host(args.host)
     if host is None:
         log.error(
-            "%s must be an address of this machine to listen on (IPv4, IPv6, a host or interface name, "
+            "%s must be one address of this machine to listen on (IPv4, IPv6, a host or interface name, "
             "or * for all), not %r: its ports are --port and --pub-port",
             envargs.given_as(args, "host", "--host"),
             args.host,

@@ -1463,10 +1463,15 @@ def test_a_broker_host_with_ports_in_it_is_refused_naming_how_it_was_given(tmp_p
     env = {**os.environ, "ZCHAT_HOST": "127.0.0.1:47605:47606"}
     result = _broker_cmd("--data", str(tmp_path / "d"), host=None, env=env)
     assert result.returncode == 2, result.stderr
-    assert "ZCHAT_HOST must be an address of this machine to listen on" in result.stderr, result.stderr
+    assert "ZCHAT_HOST must be one address of this machine to listen on" in result.stderr, result.stderr
     assert "not '127.0.0.1:47605:47606': its ports are --port and --pub-port" in result.stderr
     result = _broker_cmd("--host", "localhost:5000", "--data", str(tmp_path / "d"))
-    assert result.returncode == 2 and "--host must be an address" in result.stderr, result.stderr
+    assert result.returncode == 2 and "--host must be one address" in result.stderr, result.stderr
+    # A client's list without ports: 'No such device', exit 1, which systemd's unit restarts.
+    env = {**os.environ, "ZCHAT_HOST": "127.0.0.1,10.0.0.5"}
+    result = _broker_cmd("--data", str(tmp_path / "d"), host=None, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "ZCHAT_HOST must be one address of this machine" in result.stderr, result.stderr
     assert not (tmp_path / "d").exists()  # refused before anything was opened
     result = _broker_cmd("--host", "no-such-host.invalid", "--port", "0", "--pub-port", "0", "--data", str(tmp_path))
     assert result.returncode == 1
