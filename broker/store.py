@@ -621,6 +621,15 @@ def _why(data_dir: Path, exc: BaseException) -> str:
     space left. Empty when nothing of that applies, or it cannot be found out."""
     hints = []
     denied = isinstance(exc, PermissionError) or "readonly" in str(exc) or "unable to open" in str(exc)
+    if _on_read_only_mount(data_dir):
+        # Not the modes: access() refuses every write there, and the owner and mode said
+        # instead ("owner uid 998, mode 700 ... is not usable by zchat (uid 998)") blamed
+        # what was right. Under systemd, ProtectSystem=strict makes such a mount of every
+        # directory not in ReadWritePaths= (or StateDirectory=).
+        return (
+            f" ({data_dir} is on a read-only mount: a disk remounted read-only after errors, say, or under "
+            "systemd ProtectSystem=strict without ReadWritePaths= for it)"
+        )
     for path in (data_dir, data_dir / DB_NAME, Path(f"{data_dir / DB_NAME}-wal"), Path(f"{data_dir / DB_NAME}-shm")):
         try:
             st = path.stat()
@@ -637,6 +646,19 @@ def _why(data_dir: Path, exc: BaseException) -> str:
         if free < LOW_SPACE_BYTES:
             hints.append(f"{free} bytes free on its file system")
     return f" ({'; '.join(hints)})" if hints else ""
+
+
+def _on_read_only_mount(path: Path) -> bool:
+    """Whether ``path``, or the nearest directory above it that exists, is on a mount that
+    is read-only."""
+    for candidate in (path, *path.parents):
+        try:
+            return bool(os.statvfs(candidate).f_flag & os.ST_RDONLY)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return False
 
 
 #: Free space under which the broker warns at start: it stops when the disk is full.

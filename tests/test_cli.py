@@ -784,6 +784,27 @@ def test_a_store_that_cannot_be_written_is_refused_at_start(tmp_path: Path) -> N
         subprocess.run(["chattr", "-i", str(db)], check=True, timeout=10)
 
 
+def test_a_store_on_a_read_only_mount_is_said_to_be_on_one(tmp_path: Path) -> None:
+    """What systemd's ProtectSystem=strict makes of a --data outside ReadWritePaths=: the
+    line blamed the modes, '(... (owner uid 0, mode 700) is not usable by root (uid 0))',
+    of a directory whose owner and mode were right."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root (CI runs as root)")
+    source, mount = tmp_path / "source", tmp_path / "mount"
+    (source / "d").mkdir(parents=True, mode=0o700)
+    mount.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(mount)], check=False, timeout=10).returncode:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True, timeout=10)
+        refused = _broker_cmd("--port", "0", "--pub-port", "0", "--data", str(mount / "d"))
+        assert refused.returncode == 1, refused.stderr
+        assert f"({mount / 'd'} is on a read-only mount" in refused.stderr, refused.stderr
+        assert "is not usable by" not in refused.stderr, refused.stderr
+    finally:
+        subprocess.run(["umount", str(mount)], check=True, timeout=10)
+
+
 def test_the_store_is_readable_by_its_user_only(tmp_path: Path) -> None:
     """Messages and DMs are in the store: a new data directory is 0700 and the database
     0600; a directory others can read is left as it is, with a warning naming it."""
