@@ -368,6 +368,14 @@ _ROUTINE_REFUSALS: Final = frozenset(
 )
 
 
+class _HeldBack(ProtocolError):
+    """A message refused because an earlier one of its session was (rate_limited) and
+    has not come back yet. Said to the client as any refusal, but logged at debug: the
+    refusal it follows is the info line, and a client streaming above the limit (a log
+    piped into a room) sends a window of them each second, which filled the log at its
+    20 lines a second for as long as it streamed."""
+
+
 class LogBudget:
     """At most :data:`LOG_LINES_PER_S` log lines a second of one kind (``what``)."""
 
@@ -543,6 +551,8 @@ class Core:
         # --log-level spends none.
         routine = exc.code in _ROUTINE_REFUSALS
         level, budget = (logging.INFO, self._refusals_log) if routine else (logging.WARNING, self._log_budget)
+        if isinstance(exc, _HeldBack):
+            level = logging.DEBUG
         if log.isEnabledFor(level) and budget.allow(self._clock // 1000, level):
             session = self.by_identity.get(identity)
             who = session.name if session else "-"
@@ -922,7 +932,7 @@ class Core:
             if now >= session.held_until:
                 session.held_id = held = None
             elif msg_id != held:
-                raise ProtocolError(
+                raise _HeldBack(
                     ErrorCode.RATE_LIMITED,
                     f"slow down: an earlier message of yours (id {held!r}) was refused; resend it first",
                 )

@@ -1272,6 +1272,29 @@ def test_a_message_held_for_an_earlier_refusal_names_the_one_to_resend() -> None
     assert held["code"] == "rate_limited" and "(id 'm2') was refused; resend it first" in held["message"]
 
 
+def test_the_messages_held_behind_a_rate_limited_one_are_not_logged_at_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pipe client streaming faster than the rate limit (`tail -f log | zchat`, as README
+    shows) had each message behind a refused one logged as well: 20 lines a second and a
+    count, for as long as it streamed (300 lines in, 378 log lines out), all saying what the
+    first one had. The refusal itself is still an info line; the held ones are debug."""
+    core = Core(epoch="e", heartbeat_ms=HB, limits=Limits(rate=1, burst=1))
+    hello(core, A, "alice")
+    join(core, A, "general")
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    assert replies(msg(core, A, "general", "one", "m1"))[0].env["type"] == "ack"
+    for i in range(2, 30):
+        assert only_reply(msg(core, A, "general", "more", f"m{i}"), A)["code"] == "rate_limited"
+    assert only_reply(msg(core, A, "general", "more", "m99", now=2000), A)["code"] == "rate_limited"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert [line.split(": ", 2)[2] for line in lines] == ["slow down: at most 1 messages a second (burst 1)"], lines
+    caplog.set_level(logging.DEBUG, logger="zchat.broker")
+    assert only_reply(msg(core, A, "general", "more", "m100", now=2000), A)["code"] == "rate_limited"
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("(id 'm2') was refused; resend it first" in line for line in debug), debug
+
+
 def test_a_hello_under_another_name_than_the_key_refreshes_the_session_too() -> None:
     """With CURVE such a hello is refused (bad_name) before the other hellos: it did not
     refresh the session either."""
