@@ -36,7 +36,7 @@ try:
 except ImportError:  # Windows: no such limit to fit
     resource = None  # type: ignore[assignment]
 
-from broker.auth import Keys, KeysError, load_keys, load_users, secure_server
+from broker.auth import BROKER_CERT, Keys, KeysError, load_keys, load_secret, load_users, secure_server
 from broker.backplane import DEFAULT_RETENTION, Backplane
 from broker.backplane import Errors as bp_errors
 from broker.cluster import UNAVAILABLE_TEXT, BackplaneDown, ClusterCore
@@ -623,6 +623,7 @@ class Broker:
         except KeysError as exc:
             log.error("reload failed, keeping the old keys: %s", exc)
             return []
+        _warn_if_broker_key_replaced(self.config.keys_dir, self.keys.public)
         names = set(users.values())
         added = names - set(before.values())
         gone = set(before.values()) - names
@@ -1021,6 +1022,25 @@ def _id_of(frame: bytes) -> str | None:
 class ListenLost(Exception):
     """The broker could not listen on a port again after letting go of it (to cut the
     connections of a revoked key): it cannot serve, and stops."""
+
+
+def _warn_if_broker_key_replaced(keys_dir: Path, running: bytes) -> None:
+    """A new broker.key_secret (the old one leaked, say) is used from the next start only:
+    a reload that said nothing of it left the operator thinking the leaked key was gone."""
+    path = keys_dir / f"{BROKER_CERT}.key_secret"
+    try:
+        # (A FIFO or the like would block the loop until someone wrote to it.)
+        public, _ = load_secret(path) if path.is_file() else (running, b"")
+    except (KeysError, OSError):
+        return  # (unreadable now: the running key stays; nothing to compare)
+    if public != running:
+        log.warning(
+            "%s holds another key than the one this broker runs with (%s): a reload reads only authorized/; "
+            "restart the broker to use the new one, and give users the new %s.key",
+            path,
+            running.decode(),
+            BROKER_CERT,
+        )
 
 
 def _rebind(sock: zmq.Socket[bytes], endpoint: str, timeout: float = 5.0) -> None:

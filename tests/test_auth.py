@@ -575,6 +575,28 @@ def test_a_secret_key_every_user_can_read_is_warned_about(keys: Path, caplog: py
     assert [r.levelname for r in caplog.records if "impersonate the broker" in r.getMessage()] == ["WARNING"]
 
 
+def test_a_reload_says_a_new_broker_key_needs_a_restart(
+    secure: RunningBroker, keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker.key_secret replaced (the old one leaked) is read at start only: the reload
+    said "reloaded 2 authorized keys" and nothing else, and the leaked key went on serving."""
+    secure.broker.reload()
+    wait_for(lambda: any("reloaded 2 authorized keys" in r.getMessage() for r in caplog.records), 5)
+    assert not any("holds another key" in r.getMessage() for r in caplog.records)
+    running = secure.broker.keys
+    assert running is not None
+    (keys / "users" / "old-broker.key").write_bytes((keys / "keys" / "broker.key").read_bytes())
+    zmq.auth.create_certificates(keys / "keys", "broker")  # a new pair, in place of the old
+    caplog.clear()
+    secure.broker.reload()
+    wait_for(lambda: any("reloaded 2 authorized keys" in r.getMessage() for r in caplog.records), 5)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("broker.key_secret holds another key than the one this broker runs with" in m for m in warned), warned
+    assert any(running.public.decode() in m and "restart the broker" in m for m in warned), warned
+    with client(secure, "alice", curve(keys, "alice", "users/old-broker.key")) as alice:  # still the old key
+        assert alice.state == "connected"
+
+
 def test_a_keys_directory_without_the_broker_secret_says_it_is_missing(tmp_path: Path) -> None:
     """It said 'Invalid certificate file', as if the file were damaged (a mistyped --keys,
     or zchat-keygen broker not run yet)."""
