@@ -450,11 +450,15 @@ def main(argv: list[str] | None = None) -> int:
             raise _StoppedWhileOpening(signum)
         early_stops.append(signum)
 
-    signal.signal(signal.SIGINT, on_early_signal)
-    signal.signal(signal.SIGTERM, on_early_signal)
     store: Store | None = None
-    if not config.backplane:
+    if config.backplane:
+        signal.signal(signal.SIGINT, on_early_signal)
+        signal.signal(signal.SIGTERM, on_early_signal)
+    else:
         try:
+            # (In the try: a signal right after these is a stop while opening too.)
+            signal.signal(signal.SIGINT, on_early_signal)
+            signal.signal(signal.SIGTERM, on_early_signal)
             max_age = None if args.retention_days is None else round(args.retention_days * DAY_MS)
             store = Store(data_dir, config.durability, config.retention, max_age)
             opening[0] = False
