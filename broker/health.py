@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -108,6 +109,13 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
             sock.connect(endpoint)
             sock.send(p.encode({"type": "ping", "id": PING_ID}))
             if not sock.poll(int(timeout * 1000)):
+                if _refused(host, port, timeout):
+                    # libzmq retries a refused connection without a word: this said "down or
+                    # stuck", and an operator cannot tell a stopped broker from a hung one.
+                    return (
+                        f"nothing listens at {endpoint} (connection refused): the broker is down, or listens "
+                        "on another address or port (its --host and --port)"
+                    )
                 hint = (
                     " (is our key in the broker's authorized/?)"
                     if curve is not None
@@ -129,6 +137,19 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
     if env.get("id") != PING_ID:
         return f"{endpoint} answered a {env['type']!r} envelope that does not echo our id"
     return None
+
+
+def _refused(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` is refused (nothing listens there). Asked
+    only of a broker that did not answer: a healthy one is not given a second connection
+    (a connect and a disconnect line in its log at every check)."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 1.0)):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 def load_curve(keys: Path, key: Path | None) -> tuple[bytes, bytes, bytes]:

@@ -1535,6 +1535,28 @@ def test_the_health_check_takes_a_host_as_the_broker_does(tmp_path: Path) -> Non
         broker.kill(signal.SIGTERM)
 
 
+def test_the_health_check_tells_a_port_nobody_listens_on_from_a_silent_broker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both said 'no answer ... (down or stuck ...)': a stopped broker (or one bound to
+    another --host) and a hung one, which an operator mends differently."""
+    from broker import health
+
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind((HOST, 0))
+        free = probe.getsockname()[1]
+    assert health.main(["--host", HOST, "--port", str(free), "--timeout", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert f"nothing listens at tcp://{HOST}:{free} (connection refused)" in err, err
+    with socket.socket() as silent:  # accepts (the kernel does) and never answers
+        silent.bind((HOST, 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        assert health.main(["--host", HOST, "--port", str(port), "--timeout", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "no answer from" in err and "(down or stuck" in err, err
+
+
 def test_who_outside_a_room_says_so(slow_broker: BrokerProcess, tmp_path: Path) -> None:
     """/who after /leave: 'not in a room', not the usage line of a mistyped command."""
     run = _lines_through(slow_broker, tmp_path, ["/leave", "/who"], "--backlog 0 < in")
