@@ -30,6 +30,10 @@ log = logging.getLogger("zchat.broker")
 DEDUP_WINDOW = 100_000
 #: ``rooms`` lists at most this many rooms.
 MAX_ROOMS_LISTED = 1000
+#: ``joined`` and ``who`` list at most this many members (the first by name), some
+#: 340 KB: a room's whole list could pass the 2 MiB a client takes in one reply
+#: (p.MAX_REPLY_BYTES; ~60,000 names of 32 characters), and ``--max-sessions`` allows more.
+MAX_MEMBERS_LISTED = 10_000
 #: Hosts whose ended sessions' unread large replies are owed (see Core._owe) before the
 #: ones paid off are swept.
 MAX_DEBTS = 10_000
@@ -1163,7 +1167,11 @@ class Core:
         """``reply`` with ``members``, a member list, and ``more``: charged to the session's
         budget of large replies (with 10,000 members a list is some 300 KB, and a session
         that asks and never reads would otherwise make the broker queue them without end),
-        and marked (see :meth:`_mark`)."""
+        and marked (see :meth:`_mark`). Past MAX_MEMBERS_LISTED members, the first ones,
+        with ``truncated`` and the ``count`` of them all."""
+        if len(members) > MAX_MEMBERS_LISTED:
+            reply["truncated"], reply["count"] = True, len(members)
+            members = members[:MAX_MEMBERS_LISTED]
         reply["members"] = members
         reply.update(more)
         return self._charged(session, reply, sum(len(name) + 1 for name in members), now)

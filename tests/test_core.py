@@ -939,6 +939,34 @@ def test_rooms_past_what_a_listing_holds_put_the_ones_people_are_in_first(monkey
     assert env["truncated"] is False
 
 
+def test_member_lists_past_what_a_reply_holds_give_the_first_names_and_the_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A room's whole member list could pass what a client takes in one reply: past
+    MAX_MEMBERS_LISTED, joined and who list the first names and say how many there are."""
+    monkeypatch.setattr(core_module, "MAX_MEMBERS_LISTED", 2)
+    core = make_core()
+    for identity, name in ((A, "carol"), (B, "alice"), (C, "bob")):
+        hello(core, identity, name)
+        actions = join(core, identity, "general")
+    joined = next(a.env for a in actions if isinstance(a, Reply) and a.env["type"] == "joined")
+    assert (joined["members"], joined["truncated"], joined["count"]) == (["alice", "bob"], True, 3)
+    who = only_reply(core.handle(A, enc(type="who", room="general"), 0), A)
+    assert (who["members"], who["truncated"], who["count"]) == (["alice", "bob"], True, 3)
+    # Within what a reply holds, the whole list and neither key, as before.
+    monkeypatch.setattr(core_module, "MAX_MEMBERS_LISTED", 3)
+    who = only_reply(core.handle(A, enc(type="who", room="general"), 0), A)
+    assert who["members"] == ["alice", "bob", "carol"]
+    assert "truncated" not in who and "count" not in who
+
+
+def test_the_longest_member_list_fits_what_a_client_takes_in_one_reply() -> None:
+    names = [f"{i:05d}".ljust(32, "x") for i in range(core_module.MAX_MEMBERS_LISTED)]
+    reply = {"type": "who", "room": "r" * 32, "members": names, "truncated": True, "count": 10**9, "id": "i" * 64}
+    reply["mark"] = p.mark(10**9, "f" * 16)
+    assert len(p.encode(reply)) < p.MAX_REPLY_BYTES
+
+
 def test_bye_without_rooms() -> None:
     core = make_core()
     hello(core, A, "alice")
