@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from client import render
-from client.lib import Client, Event, ZchatError
+from client.lib import Client, Event, MemberList, ZchatError
 from zchat import protocol as p
 from zchat.protocol import ProtocolError
 
@@ -68,6 +68,19 @@ HOLD_AFTER_FAILURE_S = 2.0
 #: A held line that comes again at least this much later was sent again by the user
 #: (Up, Enter), not repeated within one paste.
 RESENT_AFTER_S = 0.3
+
+
+def _more(members: MemberList) -> str:
+    """What a member list leaves out, said after it: a room of more than 10,000 lists only the first."""
+    return f" and {members.total - len(members)} more ({members.total} in all)" if members.truncated else ""
+
+
+def _who_data(room: str, members: MemberList) -> dict[str, object]:
+    """A member list's ``--json`` object: with ``count`` when it is not all of them."""
+    data: dict[str, object] = {"type": "who", "room": room, "members": members}
+    if members.truncated:
+        data["count"] = members.total
+    return data
 
 
 def last_events(client: Client, room: str, count: int) -> tuple[int, Iterator[Event]]:
@@ -269,7 +282,7 @@ class Commands:
                 self.known_rooms.add(room)
                 self.chose(room)
                 if self.join_names:
-                    self._info(f"-!- #{room}: {', '.join(members)}", {"type": "who", "room": room, "members": members})
+                    self._info(f"-!- #{room}: {', '.join(members)}{_more(members)}", _who_data(room, members))
         elif name == "switch":
             if not args:
                 self._usage(name)
@@ -305,9 +318,7 @@ class Commands:
                 members = self.client.who(room)
                 if room in self.client.rooms_joined:
                     self.members[room] = set(members)
-                self._info(
-                    f"-!- #{room}: {', '.join(members) or 'nobody'}", {"type": "who", "room": room, "members": members}
-                )
+                self._info(f"-!- #{room}: {', '.join(members) or 'nobody'}{_more(members)}", _who_data(room, members))
         elif name == "rooms":
             rooms = self.client.rooms()
             self.known_rooms.update(r["room"] for r in rooms if isinstance(r.get("room"), str))
@@ -315,7 +326,9 @@ class Commands:
                 f"-!- #{r['room']}: {r['members']} online, {r['seq']} event{'' if r['seq'] == 1 else 's'}"
                 for r in rooms
             )
-            self._info(text or "-!- no rooms yet", {"type": "rooms", "rooms": rooms})
+            if rooms.truncated:
+                text += f"\n-!- and more rooms than the {len(rooms)} listed"
+            self._info(text or "-!- no rooms yet", {"type": "rooms", "rooms": rooms, "truncated": rooms.truncated})
         elif name == "history":
             self._history(args)
         elif name == "lastlog":

@@ -344,6 +344,29 @@ class RoomList(list[dict[str, Any]]):
         self.truncated = truncated
 
 
+class MemberList(list[str]):
+    """What :meth:`Client.join` and :meth:`Client.who` return: the names, sorted, and how
+    many members there are, ``total``: a room of more than 10,000 lists only the first by
+    name (docs/protocol.md, ``joined``), and then ``truncated`` is true."""
+
+    def __init__(self, names: Sequence[str], *, count: int | None = None) -> None:
+        super().__init__(names)
+        #: How many members the room has (more than listed when ``truncated``). Not
+        #: ``count``, which a list has already (list.count).
+        self.total = count if count is not None and count > len(names) else len(names)
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self)
+
+
+def _members(reply: Envelope) -> MemberList:
+    """A reply's member list, with its ``count`` when the broker listed only some (or,
+    for a join that said ``members: false``, none)."""
+    count = reply.get("count")
+    return MemberList(reply.get("members", []), count=count if type(count) is int else None)
+
+
 def _skipped(room: str, first: int, to: int, why: Literal["retention", "lost"]) -> Event:
     """The status event that says events ``first``-``to`` of ``room`` were passed over."""
     count = to - first + 1
@@ -948,12 +971,13 @@ class Client:
 
     # ------------------------------------------------------------- requests
 
-    def join(self, room: str, backlog: int = 0, *, after: int | None = None, members: bool = True) -> list[str]:
+    def join(self, room: str, backlog: int = 0, *, after: int | None = None, members: bool = True) -> MemberList:
         """Join ``room``; queue its last ``backlog`` events from before the join, then the
         join's own presence event (with ``backlog=0``, neither: only what comes after the
-        join); return its members (with ``members=False``, an empty
-        list: the broker leaves the list out, which in a room of thousands is most of the
-        reply; :meth:`who` asks for it later). (A session in the room already,
+        join); return its members, sorted (past 10,000 the first ones; ``total`` says how
+        many there are); with ``members=False``, an empty
+        list whose ``total`` says how many: the broker leaves the list out, which in a room of thousands is most of the
+        reply; :meth:`who` asks for it later. (A session in the room already,
         one resumed say, publishes no join: the room's last ``backlog`` events.)
 
         Back in a room this client left on the same broker, the backlog starts no
@@ -991,7 +1015,7 @@ class Client:
                 return self.join(room, backlog, after=after, members=members)
             if not known.joined:
                 self._on_rejoin(room, reply)  # it was waiting for a retry: this was it
-            return list(reply.get("members", []))
+            return _members(reply)
         state = self._rooms[room] = _Room()
         # Subscribe before asking, so nothing published after our join is missed.
         self._sub.subscribe(p.room_topic(room))
@@ -1073,7 +1097,7 @@ class Client:
                 self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
         state.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self._flush(room, state)
-        return list(joined.get("members", []))
+        return _members(joined)
 
     def _is_own_join(self, item: Envelope | Event) -> bool:
         """Whether ``item`` (a room event as it waits in order) is a join presence of ours."""
@@ -1209,10 +1233,11 @@ class Client:
         events = [Event.from_envelope(m, backlog=True) for m in reply["messages"] if _is_event(m)]
         return events, int(reply["seq"])
 
-    def who(self, room: str) -> list[str]:
-        """The names of ``room``'s members, sorted (any room; joining it is not needed)."""
+    def who(self, room: str) -> MemberList:
+        """The names of ``room``'s members, sorted (any room; joining it is not needed);
+        past 10,000 the first ones, and ``total`` says how many there are."""
         self._check_open()
-        return list(self._patient_request({"type": "who", "room": _room(room)})["members"])
+        return _members(self._patient_request({"type": "who", "room": _room(room)}))
 
     def rooms(self) -> RoomList:
         """Every room, by name: ``{"room", "members" (a count), "seq"}`` each; at most 1000

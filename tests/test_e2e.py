@@ -1216,3 +1216,38 @@ def test_rooms_says_when_the_broker_listed_only_some(make_client: MakeClient, mo
     alice.join("c")
     listed = alice.rooms()
     assert [r["room"] for r in listed] == ["a", "b"] and listed.truncated
+
+
+def test_a_member_list_past_what_a_reply_holds_says_how_many_there_are(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_MEMBERS_LISTED members (10,000; 2 here) the broker lists the first by
+    name: join() and who() say how many there are, and so do /who and /rooms."""
+    import json
+
+    from broker import core as core_module
+    from client.commands import Commands
+
+    monkeypatch.setattr(core_module, "MAX_MEMBERS_LISTED", 2)
+    for name in ("carol", "alice"):
+        make_client(name).join("general")
+    bob = make_client("bob")
+    members = bob.join("general")
+    assert (list(members), members.total, members.truncated) == (["alice", "bob"], 3, True)
+    who = bob.who("general")
+    assert (list(who), who.total, who.truncated) == (["alice", "bob"], 3, True)
+    quiet = bob.join("dev", members=False)
+    assert (list(quiet), quiet.total) == ([], 1)
+    out: list[str] = []
+    err: list[str] = []
+    assert Commands(bob, "general", out.append, err.append).handle("/who")
+    assert out[-1] == "-!- #general: alice, bob and 1 more (3 in all)"
+    assert Commands(bob, "general", out.append, err.append, as_json=True).handle("/who")
+    assert json.loads(out[-1]) == {"type": "who", "room": "general", "members": ["alice", "bob"], "count": 3}
+    monkeypatch.setattr(core_module, "MAX_ROOMS_LISTED", 1)
+    assert Commands(bob, "general", out.append, err.append, as_json=True).handle("/rooms")
+    rooms = json.loads(out[-1])
+    assert rooms["truncated"] is True and [r["room"] for r in rooms["rooms"]] == ["dev"]
+    assert Commands(bob, "general", out.append, err.append).handle("/rooms")
+    assert out[-1].splitlines()[-1] == "-!- and more rooms than the 1 listed"
+    assert err == []
