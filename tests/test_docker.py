@@ -83,9 +83,9 @@ def test_health_reads_zchat_port_as_the_broker_does(
     assert "ZCHAT_PORT='99999': 99999 is not a port number" in capsys.readouterr().err
 
 
-def test_health_fails_when_nothing_answers(capsys: pytest.CaptureFixture[str]) -> None:
+def test_health_fails_when_nothing_listens(capsys: pytest.CaptureFixture[str]) -> None:
     assert health.main(["--port", str(free_port()), "--timeout", "0.3"]) == 1
-    assert "unhealthy: no answer from tcp://127.0.0.1:" in capsys.readouterr().err
+    assert "unhealthy: nothing listens at tcp://127.0.0.1:" in capsys.readouterr().err
 
 
 def test_health_fails_on_something_that_is_not_a_broker(capsys: pytest.CaptureFixture[str]) -> None:
