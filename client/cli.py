@@ -227,6 +227,8 @@ class Printer:
     def show(self, events: Iterable[Event]) -> None:
         """Show ``events``, in order, after those a stop left in :attr:`queue`."""
         self.queue.extend(events)
+        if self._rest:  # a line a signal cut short: its rest goes now, even with no event after it
+            self._write("")
         while self.queue:
             self.event(self.queue.popleft())
 
@@ -253,13 +255,17 @@ class Printer:
         self.out(render.json_line(event, history=history) if self.as_json else render.text_line(event))
 
     def out(self, line: str) -> None:
+        self._write(line + "\n")
+
+    def _write(self, text: str) -> None:
+        """Write ``text`` after the rest of a line a signal cut short (:attr:`_rest`)."""
         if self.out_gone:
             return
         stream = sys.stdout
         try:
             if stream is None:  # started with stdout closed (`>&-`)
                 raise OSError(errno.EBADF, "stdout is closed")
-            self._rest += line + "\n"
+            self._rest += text
             # In pieces a pipe with room takes whole (PIPE_BUF bytes at most), each once it has room.
             while self._rest:
                 self._wait_writable(stream)

@@ -1280,6 +1280,50 @@ def test_a_stop_signal_gives_up_on_a_reader_that_reads_nothing(tmp_path: Path) -
         broker.kill()
 
 
+def test_a_stop_signal_writes_the_rest_of_the_line_it_cut_short(tmp_path: Path) -> None:
+    """SIGTERM while the last event's line waits for room in stdout: the stop writes the
+    rest of that line (its reader reads again within the 2 s it is given). The rest was
+    kept for the next line, and with none after it the output ended mid-line: half a
+    JSON object, the event lost."""
+    broker = BrokerProcess(tmp_path / "d").start()
+    reader = subprocess.Popen(
+        [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=broker.env(),
+    )
+    writer = Client("writer", HOST, broker.port, broker.pub_port)
+    try:
+        assert reader.stdout is not None
+        # A pipe of one page: full with the first piece of the line, whose rest waits.
+        fcntl.fcntl(reader.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+
+        def in_the_pipe() -> int:
+            assert reader.stdout is not None
+            count = bytearray(4)
+            fcntl.ioctl(reader.stdout.fileno(), termios.FIONREAD, count)
+            return int.from_bytes(count, sys.byteorder)
+
+        writer.connect()
+        writer.join("general")
+        wait_for(lambda: "reader" in writer.who("general"), 10)
+        text = "\u00e9" * p.MAX_TEXT_CHARS  # 8000 bytes: more than the pipe holds
+        writer.send_wait("general", text, timeout=10)
+        wait_for(in_the_pipe, 10, what=in_the_pipe)  # its line is begun, and waits for room
+        reader.send_signal(signal.SIGTERM)
+        out, err = reader.communicate(timeout=15)
+        assert reader.returncode == 128 + signal.SIGTERM, err
+        assert out.endswith(b"\n"), out[-80:]
+        assert [json.loads(line)["text"] for line in out.decode().splitlines()] == [text]
+    finally:
+        writer.close(settle=0)
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait(timeout=10)
+        broker.kill()
+
+
 def test_pipe_mode_with_stderr_closed_still_sends(slow_broker: BrokerProcess, tmp_path: Path) -> None:
     """Started with stderr closed (`2>&-`), its first notice (here: no room events on a
     wrong --pub-port) ended the run with the line unsent (Python's stderr is None)."""
