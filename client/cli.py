@@ -37,8 +37,10 @@ ACK_WAIT_S = SETTLE_S
 MAX_LINE_BYTES = 4 * p.MAX_TEXT_CHARS + 64
 #: How much of such a line is kept, to say which one it was.
 LONG_LINE_START = 256
-#: Output goes in pieces of at most this many characters (UTF-8: at most PIPE_BUF bytes,
-#: which a pipe that says it has room takes without blocking).
+#: Output goes in pieces of at most PIPE_BUF bytes, which a pipe that says it has room
+#: takes without blocking, and whole: a line of that size is one write, which POSIX does
+#: not interleave with another writer's (two zchats into one pipe). A longer line goes in
+#: pieces of this many characters (UTF-8: at most PIPE_BUF bytes).
 OUT_PIECE = select.PIPE_BUF // 4
 #: While stdout has no room: how long to wait for it between two turns of the client.
 WRITABLE_POLL_MS = 100
@@ -92,6 +94,16 @@ class _Lines:
         line: bytes | _LongLine = self._long if self._long is not None else self._pending
         self._pending, self._long = b"", None
         return line
+
+
+def _piece(text: str) -> str:
+    """The start of ``text`` that goes in one write (see OUT_PIECE): its first PIPE_BUF
+    characters if they are at most PIPE_BUF bytes (a line of up to PIPE_BUF bytes: whole),
+    else its first OUT_PIECE."""
+    piece = text[: select.PIPE_BUF]
+    if len(piece) > OUT_PIECE and len(piece.encode("utf-8", "surrogatepass")) > select.PIPE_BUF:
+        return text[:OUT_PIECE]
+    return piece
 
 
 def _long(line: bytes) -> _LongLine:
@@ -269,7 +281,7 @@ class Printer:
             # In pieces a pipe with room takes whole (PIPE_BUF bytes at most), each once it has room.
             while self._rest:
                 self._wait_writable(stream)
-                piece = self._rest[:OUT_PIECE]
+                piece = _piece(self._rest)
                 stream.write(piece)
                 self._rest = self._rest[len(piece) :]
                 stream.flush()

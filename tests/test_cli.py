@@ -1324,6 +1324,46 @@ def test_a_stop_signal_writes_the_rest_of_the_line_it_cut_short(tmp_path: Path) 
         broker.kill()
 
 
+def test_a_line_up_to_pipe_buf_bytes_is_written_whole(tmp_path: Path) -> None:
+    """A line of at most PIPE_BUF bytes goes to stdout in one write, which POSIX keeps
+    whole in a pipe: two zchats into one pipe (one reader for two rooms) never cut into
+    each other's lines. Output waiting for room (886cc5f) went in pieces of 1024
+    characters: a 2,500-byte line was 3 writes. Seen through a pipe of one page that
+    nobody reads: its first write is all it takes."""
+    broker = BrokerProcess(tmp_path / "d").start()
+    reader = subprocess.Popen(
+        [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=broker.env(),
+    )
+    writer = Client("writer", HOST, broker.port, broker.pub_port)
+    try:
+        assert reader.stdout is not None
+        fcntl.fcntl(reader.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+
+        def in_the_pipe() -> int:
+            assert reader.stdout is not None
+            count = bytearray(4)
+            fcntl.ioctl(reader.stdout.fileno(), termios.FIONREAD, count)
+            return int.from_bytes(count, sys.byteorder)
+
+        writer.connect()
+        writer.join("general")
+        wait_for(lambda: "reader" in writer.who("general"), 10)
+        text = "\u00e9" * 1200  # 2,400 bytes: its line is more than 1024 characters, less than PIPE_BUF bytes
+        writer.send_wait("general", text, timeout=10)
+        wait_for(lambda: in_the_pipe() > 2400, 10, what=in_the_pipe)
+        line = os.read(reader.stdout.fileno(), 4096)
+        assert line.endswith(b"\n") and json.loads(line)["text"] == text, line[-80:]
+    finally:
+        writer.close(settle=0)
+        reader.kill()
+        reader.wait(timeout=10)
+        broker.kill()
+
+
 def test_pipe_mode_with_stderr_closed_still_sends(slow_broker: BrokerProcess, tmp_path: Path) -> None:
     """Started with stderr closed (`2>&-`), its first notice (here: no room events on a
     wrong --pub-port) ended the run with the line unsent (Python's stderr is None)."""
