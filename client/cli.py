@@ -242,7 +242,18 @@ class Printer:
         if self._rest:  # a line a signal cut short: its rest goes now, even with no event after it
             self._write("")
         while self.queue:
-            self.event(self.queue.popleft())
+            event = self.queue[0]
+            if self.out_gone or event.type in ("error", "status"):
+                self.queue.popleft()
+                self.event(event)  # (on stderr)
+                continue
+            line = self._line(event)  # a stop while it is rendered leaves the event queued
+            # Out of the queue as its line goes into _rest, with no call between the two
+            # (CPython runs a signal's handler after a call, or at a loop's turn): a stop
+            # neither loses the event nor shows it twice.
+            self._rest += line + "\n"
+            self.queue.popleft()
+            self._write("")
 
     def stopping(self, why: str) -> None:
         """A signal (``why``) asked us to stop: from now on, a stdout without room for
@@ -264,7 +275,10 @@ class Printer:
                 # A gap in what a --json reader (an archiver, a bot) gets: said in its stream too.
                 self.out(render.json_line(event))
             return
-        self.out(render.json_line(event, history=history) if self.as_json else render.text_line(event))
+        self.out(self._line(event, history=history))
+
+    def _line(self, event: Event, *, history: bool = False) -> str:
+        return render.json_line(event, history=history) if self.as_json else render.text_line(event)
 
     def out(self, line: str) -> None:
         self._write(line + "\n")
@@ -282,8 +296,11 @@ class Printer:
             while self._rest:
                 self._wait_writable(stream)
                 piece = _piece(self._rest)
-                stream.write(piece)
+                # Taken from _rest as it goes to the stream, with no call between the two
+                # (see show): a stop right after the write does not write it again; one
+                # during the flush leaves it in the stream's buffer, for the next flush.
                 self._rest = self._rest[len(piece) :]
+                stream.write(piece)
                 stream.flush()
         except OSError as exc:
             if self.on_a_terminal and exc.errno in (errno.EIO, errno.ENXIO):

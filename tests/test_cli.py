@@ -1562,6 +1562,57 @@ def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(
     assert "SIGHUP: 1 message(s) not acknowledged (they may have arrived; " in capsys.readouterr().err
 
 
+def test_a_stop_in_the_midst_of_showing_an_event_shows_it_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipe mode's stop handler raises where the signal finds the printer: while it renders
+    an event (taken from the queue already: it was lost), or just after a write (its piece
+    not yet taken from what is left: written again by the stop). Both were seen with
+    SIGTERM during a backlog of 3,000: a seq missing, or shown twice. Here the handler's
+    exception is raised at those two points."""
+    from client import render
+    from client.cli import Printer, _Terminated
+    from client.lib import Event
+
+    events = [Event(type="msg", room="general", seq=seq, ts=0, name="bob", text=f"m{seq}") for seq in (1, 2, 3)]
+
+    def shown_after_a_stop(printer: Printer) -> list[int]:
+        with pytest.raises(_Terminated):
+            printer.show(events)
+        printer.show([])  # what the stop does (_say_unacked): shows what is left
+        return [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+
+    json_line = render.json_line
+
+    def cut_while_rendering(event: Event, *, history: bool = False) -> str:
+        if event.seq == 2 and not rendered:
+            rendered.append(event)
+            raise _Terminated(signal.SIGTERM)
+        return json_line(event, history=history)
+
+    rendered: list[Event] = []
+    monkeypatch.setattr(render, "json_line", cut_while_rendering)
+    assert shown_after_a_stop(Printer(as_json=True)) == [1, 2, 3]
+    monkeypatch.setattr(render, "json_line", json_line)
+
+    real = sys.stdout
+
+    class CutAfterAWrite(io.TextIOBase):
+        """A stdout whose write is followed by the handler, once: the piece is written."""
+
+        cut = False
+
+        def write(self, text: str) -> int:
+            real.write(text)
+            if '"seq":2' in text and not CutAfterAWrite.cut:
+                CutAfterAWrite.cut = True
+                raise _Terminated(signal.SIGTERM)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stdout", CutAfterAWrite())
+    assert shown_after_a_stop(Printer(as_json=True)) == [1, 2, 3]
+
+
 def test_a_broker_host_with_ports_in_it_is_refused_naming_how_it_was_given(tmp_path: Path) -> None:
     """A client's ZCHAT_HOST (HOST:PORT:PUBPORT) exported in the broker's shell was bound
     as 'tcp://[127.0.0.1:47605:47606]' and failed with 'No such device', exit 1."""
