@@ -7,7 +7,6 @@ import contextlib
 import errno
 import faulthandler
 import gc
-import ipaddress
 import logging
 import math
 import os
@@ -76,17 +75,9 @@ def _bind_host(value: str) -> str | None:
     list) is no address to bind (None), and so is a list without ports (``a,b``): no
     host or interface has a comma in its name, and libzmq's "No such device" (exit 1)
     had a supervisor start the broker again and again on a setting that cannot work."""
-    host = value.strip()
-    if "," in host:
+    if "," in value:
         return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return None
-    return host or None
+    return p.bare_host(value) or None
 
 
 def _variable(flag: str) -> str:

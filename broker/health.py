@@ -17,7 +17,6 @@ secret key is ``DIR/health.key_secret`` (made with ``zchat-keygen health``, its
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import socket
 import sys
 from pathlib import Path
@@ -71,17 +70,12 @@ def _host(text: str) -> str:
     IPv6 address in brackets too. Unchecked, ``[::1]`` and ``HOST:PORT`` became endpoints
     that never connect, and the check said "no answer ... (down or stuck)" about a broker
     that was serving."""
-    host = text.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a host name or address (the port goes in --port; an IPv6 address "
-                "may be in brackets: [::1])"
-            ) from None
+    host = p.bare_host(text)
+    if host is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a host name or address (the port goes in --port; an IPv6 address "
+            "may be in brackets: [::1])"
+        )
     if not host:
         raise argparse.ArgumentTypeError("the host is empty")
     return host

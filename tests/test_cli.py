@@ -21,7 +21,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1236,6 +1236,47 @@ def test_a_reader_that_pauses_with_the_pipe_full_does_not_cost_the_session(tmp_p
 
 
 @pytest.mark.timeout(60)
+def _bytes_waiting(proc: subprocess.Popen[bytes]) -> Callable[[], int]:
+    """How many bytes wait unread in ``proc``'s stdout pipe, asked anew at each call."""
+
+    def waiting() -> int:
+        assert proc.stdout is not None
+        count = bytearray(4)
+        fcntl.ioctl(proc.stdout.fileno(), termios.FIONREAD, count)
+        return int.from_bytes(count, sys.byteorder)
+
+    return waiting
+
+
+@contextlib.contextmanager
+def _reader_on_one_page(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Client]]:
+    """A broker; ``zchat --json`` in #general with a stdout pipe of one page (4096 bytes)
+    that nobody reads yet; and a library client, ``writer``, in #general once the reader
+    is there. All stopped at the end."""
+    broker = BrokerProcess(tmp_path / "d").start()
+    reader = subprocess.Popen(
+        [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=broker.env(),
+    )
+    writer = Client("writer", HOST, broker.port, broker.pub_port)
+    try:
+        assert reader.stdout is not None
+        fcntl.fcntl(reader.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        writer.connect()
+        writer.join("general")
+        wait_for(lambda: "reader" in writer.who("general"), 10)
+        yield reader, writer
+    finally:
+        writer.close(settle=0)
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait(timeout=10)
+        broker.kill()
+
+
 def test_a_stop_signal_gives_up_on_a_reader_that_reads_nothing(tmp_path: Path) -> None:
     """SIGTERM while stdout's reader reads nothing (the pipe full): the stop shows what had
     arrived before it lists what was not acknowledged, and waited for the reader without
@@ -1264,13 +1305,7 @@ def test_a_stop_signal_gives_up_on_a_reader_that_reads_nothing(tmp_path: Path) -
     )
     try:
         assert reader.stdout is not None and reader.stderr is not None
-
-        def in_the_pipe() -> int:
-            assert reader.stdout is not None
-            count = bytearray(4)
-            fcntl.ioctl(reader.stdout.fileno(), termios.FIONREAD, count)
-            return int.from_bytes(count, sys.byteorder)
-
+        in_the_pipe = _bytes_waiting(reader)
         # Its backlog is being written: more than the pipe holds, so it is stalled, or will be.
         wait_for(lambda: in_the_pipe() >= 40 * 1024, 15, what=in_the_pipe)
         reader.send_signal(signal.SIGTERM)
@@ -1290,29 +1325,9 @@ def test_a_stop_signal_writes_the_rest_of_the_line_it_cut_short(tmp_path: Path) 
     rest of that line (its reader reads again within the 2 s it is given). The rest was
     kept for the next line, and with none after it the output ended mid-line: half a
     JSON object, the event lost."""
-    broker = BrokerProcess(tmp_path / "d").start()
-    reader = subprocess.Popen(
-        [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "0"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=broker.env(),
-    )
-    writer = Client("writer", HOST, broker.port, broker.pub_port)
-    try:
-        assert reader.stdout is not None
-        # A pipe of one page: full with the first piece of the line, whose rest waits.
-        fcntl.fcntl(reader.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-
-        def in_the_pipe() -> int:
-            assert reader.stdout is not None
-            count = bytearray(4)
-            fcntl.ioctl(reader.stdout.fileno(), termios.FIONREAD, count)
-            return int.from_bytes(count, sys.byteorder)
-
-        writer.connect()
-        writer.join("general")
-        wait_for(lambda: "reader" in writer.who("general"), 10)
+    # A pipe of one page: full with the first piece of the line, whose rest waits.
+    with _reader_on_one_page(tmp_path) as (reader, writer):
+        in_the_pipe = _bytes_waiting(reader)
         text = "\u00e9" * p.MAX_TEXT_CHARS  # 8000 bytes: more than the pipe holds
         writer.send_wait("general", text, timeout=10)
         wait_for(in_the_pipe, 10, what=in_the_pipe)  # its line is begun, and waits for room
@@ -1321,12 +1336,6 @@ def test_a_stop_signal_writes_the_rest_of_the_line_it_cut_short(tmp_path: Path) 
         assert reader.returncode == 128 + signal.SIGTERM, err
         assert out.endswith(b"\n"), out[-80:]
         assert [json.loads(line)["text"] for line in out.decode().splitlines()] == [text]
-    finally:
-        writer.close(settle=0)
-        if reader.poll() is None:
-            reader.kill()
-        reader.wait(timeout=10)
-        broker.kill()
 
 
 def test_a_line_up_to_pipe_buf_bytes_is_written_whole(tmp_path: Path) -> None:
@@ -1335,38 +1344,14 @@ def test_a_line_up_to_pipe_buf_bytes_is_written_whole(tmp_path: Path) -> None:
     each other's lines. Output waiting for room (886cc5f) went in pieces of 1024
     characters: a 2,500-byte line was 3 writes. Seen through a pipe of one page that
     nobody reads: its first write is all it takes."""
-    broker = BrokerProcess(tmp_path / "d").start()
-    reader = subprocess.Popen(
-        [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "0"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=broker.env(),
-    )
-    writer = Client("writer", HOST, broker.port, broker.pub_port)
-    try:
+    with _reader_on_one_page(tmp_path) as (reader, writer):
         assert reader.stdout is not None
-        fcntl.fcntl(reader.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-
-        def in_the_pipe() -> int:
-            assert reader.stdout is not None
-            count = bytearray(4)
-            fcntl.ioctl(reader.stdout.fileno(), termios.FIONREAD, count)
-            return int.from_bytes(count, sys.byteorder)
-
-        writer.connect()
-        writer.join("general")
-        wait_for(lambda: "reader" in writer.who("general"), 10)
+        in_the_pipe = _bytes_waiting(reader)
         text = "\u00e9" * 1200  # 2,400 bytes: its line is more than 1024 characters, less than PIPE_BUF bytes
         writer.send_wait("general", text, timeout=10)
         wait_for(lambda: in_the_pipe() > 2400, 10, what=in_the_pipe)
         line = os.read(reader.stdout.fileno(), 4096)
         assert line.endswith(b"\n") and json.loads(line)["text"] == text, line[-80:]
-    finally:
-        writer.close(settle=0)
-        reader.kill()
-        reader.wait(timeout=10)
-        broker.kill()
 
 
 def test_pipe_mode_with_stderr_closed_still_sends(slow_broker: BrokerProcess, tmp_path: Path) -> None:

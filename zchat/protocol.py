@@ -10,6 +10,7 @@ back to the sender. See ``docs/protocol.md`` for the messages themselves.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from enum import StrEnum
@@ -142,6 +143,21 @@ def parse_room(text: str) -> str:
 def tcp_endpoint(host: str, port: int | str) -> str:
     """A ZeroMQ TCP endpoint; an IPv6 address goes in brackets (libzmq reads "::1:5555" as no address)."""
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def bare_host(value: str) -> str | None:
+    """A host as ``--host`` takes it, for :func:`tcp_endpoint`: stripped, an IPv6 address
+    out of its brackets; None for anything else with a colon (``HOST:PORT``: the port has
+    its own option). An empty host is returned empty, for the caller to refuse."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    return host
 
 
 def room_topic(room: str) -> bytes:
