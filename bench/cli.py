@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import install
 from bench.harness import Pinning, Point, Result
-from bench.machine import loadavg, machine, python_versions, zchat_revision
+from bench.machine import SYNC_KEY, loadavg, machine, python_versions, sync_latency, zchat_revision
 from bench.plan import FULL, QUICK, Group, groups
 from bench.plot import plot as draw
 from bench.proc import raise_fd_limit
@@ -120,6 +120,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[Run, list
     )
     root = Path(tempfile.mkdtemp(prefix="zchat-bench-"))
     run = Run(mode, pins, args.workers, root)
+    # Before any load: what a store's sync costs here bounds zchat's ack and delivery latency.
+    sync = sync_latency(root)
     try:
         for g in plan:
             print(f"bench: {g.key}: {g.title}", file=sys.stderr)
@@ -141,7 +143,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[Run, list
         command=shown,
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         elapsed_s=time.monotonic() - started,
-        machine=machine(),
+        machine={**machine(), SYNC_KEY: sync},
         versions=versions,
         unavailable=unavailable,
         install_log=log,

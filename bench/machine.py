@@ -78,3 +78,30 @@ def python_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+#: The key under which machine() results carry the disk's sync latency (the report quotes it).
+SYNC_KEY = "fdatasync of a 4 KiB append (the stores' file system)"
+
+
+def sync_latency(where: Path, n: int = 300) -> str:
+    """What one commit's sync costs on the disk the benchmark's stores live on: p50 and p99 of
+    ``n`` fdatasyncs, each after appending 4 KiB (as a WAL commit of a few rows does)."""
+    import statistics
+    import tempfile
+    import time
+
+    block = b"\0" * 4096
+    times: list[float] = []
+    try:
+        with tempfile.TemporaryFile(dir=where) as f:
+            fd = f.fileno()
+            for _ in range(n):
+                os.write(fd, block)
+                started = time.perf_counter()
+                os.fdatasync(fd)
+                times.append(time.perf_counter() - started)
+    except OSError as exc:
+        return f"not measured: {exc}"
+    cuts = statistics.quantiles(times, n=100)
+    return f"p50 {cuts[49] * 1e6:.0f} µs, p99 {cuts[98] * 1e6:.0f} µs ({n} syncs)"

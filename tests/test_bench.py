@@ -7,6 +7,7 @@ show that the harness measures what it says and that the report prints each row'
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from bench import cli
 from bench.harness import Pinning, Point, Result, Timing, run_point
 from bench.loops import STAMP, stamps_of
+from bench.machine import SYNC_KEY, sync_latency
 from bench.plan import FULL, QUICK, Group, Mode, nice
 from bench.runner import Run
 from zchat import protocol as p
@@ -67,6 +69,50 @@ def test_the_idle_headline_sets_zchat_beside_libzmq_after_the_same_start(tmp_pat
         f"(zchat in 100 rooms adds {zchat_per - 50:+.1f}"
     ) in text
     assert f"| 2: 50.0; {echo['point']['pings']}: " in text
+
+
+@pytest.mark.timeout(60)
+def test_the_report_says_what_each_missed_target_comes_from_and_leaves_out_those_met(tmp_path: Path) -> None:
+    saved = json.loads(SAVED.read_text())
+    saved["meta"]["machine"][SYNC_KEY] = "p50 201 µs, p99 402 µs (300 syncs)"
+    caps = {(c[0], c[1]): c[2] for c in saved["capacity"]}
+    zchat_1k = next(
+        r
+        for r in saved["results"]
+        if r["point"]["target"] == "zchat"
+        and r["point"]["size"] == 1024
+        and r["point"]["members"] == 1
+        and r["point"]["tag"] == "step"
+        and r["delivered"] == caps[("fanout-1-1k", "zchat")]
+    )
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(saved))
+    out = tmp_path / "benchmarks.md"
+    assert cli.main(["--from-json", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    section = text.split("## The targets missed, and what they come from", 1)[1].split("\n## ", 1)[0]
+    ratio = caps[("fanout-1-1k", "zchat")] / caps[("fanout-1-1k", "naive")]
+    assert ratio < 0.8  # (the saved run missed it: the section must say why)
+    assert f"- **zchat / naive forwarder, 1 room x 1, 1 KiB texts: {ratio:.2f}x.**" in section
+    assert f"zchat's broker spent {zchat_1k['server_us_per_message']:.1f} µs of CPU a message" in section
+    assert "One sync on this disk: p50 201 µs, p99 402 µs (300 syncs)" in section
+    # A target met has no entry: the 1 KiB ratio, once zchat's capacity reaches 0.8x.
+    saved["capacity"] = [
+        [k, t, caps[(k, "naive")] * 0.9 if (k, t) == ("fanout-1-1k", "zchat") else v] for k, t, v in saved["capacity"]
+    ]
+    results.write_text(json.dumps(saved))
+    assert cli.main(["--from-json", str(results), "--out", str(out)]) == 0
+    assert "1 KiB texts: 0." not in out.read_text().split("## The targets missed", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.timeout(30)
+def test_the_disks_sync_latency_is_measured_where_the_stores_live(tmp_path: Path) -> None:
+    figure = sync_latency(tmp_path, n=50)
+    m = re.fullmatch(r"p50 (\d+) µs, p99 (\d+) µs \(50 syncs\)", figure)
+    assert m is not None, figure
+    assert 0 < int(m[1]) <= int(m[2])
+    assert sync_latency(tmp_path / "missing").startswith("not measured: ")
+    assert list(tmp_path.iterdir()) == []  # the file it synced is gone
 
 
 def test_every_send_time_in_a_payload_counts_once() -> None:
