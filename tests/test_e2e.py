@@ -1251,3 +1251,70 @@ def test_a_member_list_past_what_a_reply_holds_says_how_many_there_are(
     assert Commands(bob, "general", out.append, err.append).handle("/rooms")
     assert out[-1].splitlines()[-1] == "-!- and more rooms than the 1 listed"
     assert err == []
+
+
+def test_a_reader_behind_its_room_holds_at_most_max_queue_events_and_misses_none(make_client: MakeClient) -> None:
+    """A program that pumps without reading its events (a pipe-mode zchat whose stdout
+    nobody empties keeps pumping to stay alive) held every event of the room: 80,000
+    messages of 2 KB cost a zchat 225 MiB. Now at ``max_queue`` events held, the ones that
+    come are dropped, and fetched from history once the program reads: all in the end,
+    in order, each once."""
+    reader = make_client("reader", max_queue=50)
+    reader.join("general")
+    writer = make_client("writer")
+    writer.join("general")
+    texts = [f"line {i}" for i in range(1000)]
+    for text in texts:
+        writer.send("general", text)
+        reader.pump(0)
+    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)
+
+    def quiet() -> bool:  # the flood has reached the reader: its SUB brings nothing more
+        reader.pump(0)
+        return not reader._sub.poll(300)
+
+    wait_for(quiet, 20)
+    held = reader.drain_events()
+    assert len(held) <= 50, len(held)
+    got = [e for e in held if e.type == "msg"]
+
+    def all_in() -> bool:
+        reader.pump(0.05)
+        got.extend(e for e in reader.drain_events() if e.type == "msg")
+        return len(got) >= len(texts)
+
+    wait_for(all_in, 30, what=lambda: len(got))
+    assert [e.text for e in got] == texts
+    seqs = [e.seq for e in got]
+    assert seqs == sorted(set(seqs))
+
+
+def test_a_bot_slow_with_each_event_of_a_long_queue_keeps_its_session(
+    short_heartbeat_broker: RunningBroker, connect_to: ConnectTo
+) -> None:
+    """next_event() pumped only once the queue was empty: a bot that takes 10 ms an event
+    and found 200 queued sent no ping for 2 s, and the broker (heartbeat 200 ms) ended its
+    session: a leave (timeout) in the room, a new session. Now it pumps while it works."""
+    b = short_heartbeat_broker
+    bot = connect_to(b, "bot")
+    bot.join("general")
+    writer = connect_to(b, "writer")
+    writer.join("general")
+    for i in range(200):
+        writer.send("general", f"job {i}")
+    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 10)
+    wait_for(lambda: bot.pump(0.05) is not None and len(bot._events) >= 200, 10)
+    handled = 0
+    while handled < 200:
+        event = bot.next_event(5)
+        assert event is not None
+        assert event.type != "status", event  # no "connection lost; reconnecting"
+        if event.type == "msg":
+            handled += 1
+            time.sleep(0.01)  # the bot's work on it (not a wait for anything)
+    bot.send_wait("general", "done", 5)
+    seen = collect(writer, 0)
+    while not any(e.type == "msg" and e.text == "done" for e in seen):
+        seen += collect(writer, 1)
+    leaves = [e for e in seen if e.type == "presence" and e.name == "bot"]
+    assert leaves == [], leaves
