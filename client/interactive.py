@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -56,6 +57,13 @@ from zchat import protocol as p
 PUMP_INTERVAL_S = 0.02
 #: Plain copies of the last lines shown (``ChatUI.transcript``).
 TRANSCRIPT_LINES = 2000
+#: In a room of more members than this, the joins and leaves of those who have not
+#: spoken there for FOLD_QUIET_S are summed up in a line every FOLD_EVERY_S (as irssi
+#: and weechat hide or fold them in big rooms): 500 members coming back after a broker
+#: restart wrote 500 lines, and the chat scrolled away under them.
+FOLD_MEMBERS = 50
+FOLD_QUIET_S = 600.0
+FOLD_EVERY_S = 2.0
 #: A paste of more complete lines than this waits for Enter (Ctrl-C drops it), as
 #: irssi asks: the wrong clipboard (a log, a config file) must not go to a room at once.
 PASTE_CONFIRM_LINES = 5
@@ -287,6 +295,11 @@ class ChatUI:
         #: latest first, as irssi.
         self._spoke: dict[str, int] = {}
         self._ticks = itertools.count()
+        #: When each name last spoke in each room (time.monotonic()), by (room, p.name_key).
+        self._spoke_at: dict[tuple[str, str], float] = {}
+        #: Folded joins and leaves (see FOLD_MEMBERS) by room, and when their line is due.
+        self._folded: dict[str, list[int]] = {}
+        self._fold_due = 0.0
         #: What the last Tab inserted, while the line is as it left it: Tab again cycles.
         self._cycle: _Cycle | None = None
         #: Room -> messages that arrived there while another room was current.
@@ -473,6 +486,7 @@ class ChatUI:
                         self._backlog[event.room] = self._backlog.get(event.room, 0) + 1
                         backlog_now.add(event.room)
                 self._mark_backlog_ends(backlog_now)
+                self._show_folded()
                 for room, line in list(self._leaving.items()):
                     if room not in self.client.rooms_joined:
                         del self._leaving[room]  # left meanwhile (or its rejoin refused)
@@ -539,13 +553,18 @@ class ChatUI:
         """Track what an event tells us (members, unread rooms), then queue its line."""
         if event.type == "presence" and event.room and event.name:
             members = self.commands.members.setdefault(event.room, set())
+            big = len(members) > FOLD_MEMBERS
             if event.event == "join":
                 members.add(event.name)
             else:
                 members.discard(event.name)
+            if big and self._fold(event.room, event.name, event.event == "join"):
+                return
         elif event.type == "msg" and event.room and event.name:
             self.commands.members.setdefault(event.room, set()).add(event.name)
             self._spoke[p.name_key(event.name)] = next(self._ticks)
+            if not event.backlog:
+                self._spoke_at[(event.room, p.name_key(event.name))] = time.monotonic()
             if event.room != self.current and not render.is_own(event, self.client.name) and not event.backlog:
                 self.unread[event.room] = self.unread.get(event.room, 0) + 1
                 self.session.app.invalidate()
@@ -572,6 +591,31 @@ class ChatUI:
             labelled = render.styled(event, self.client.name, None, self._colours)
             day: render.Fragment = ("class:time", render.short_day(event.ts) + " ")
             self._said.append(render.Styled([day, *labelled.fragments], labelled.indent + len(day[1])))
+
+    def _fold(self, room: str, name: str, joined: bool) -> bool:
+        """Count a join or leave of a big room into its summed-up line, unless it is ours or
+        of someone who spoke there lately (whom a reader may be waiting for, or answering)."""
+        now = time.monotonic()
+        if p.name_key(name) == p.name_key(self.client.name):
+            return False
+        spoke = self._spoke_at.get((room, p.name_key(name)))
+        if spoke is not None and now - spoke < FOLD_QUIET_S:
+            return False
+        if not self._folded:
+            self._fold_due = now + FOLD_EVERY_S
+        self._folded.setdefault(room, [0, 0])[0 if joined else 1] += 1
+        return True
+
+    def _show_folded(self, *, now: bool = False) -> None:
+        """The summed-up joins and leaves, once their line is due (or ``now``)."""
+        if not self._folded or not (now or time.monotonic() >= self._fold_due):
+            return
+        for room, (joins, leaves) in self._folded.items():
+            said = [f"{count} {what}" for count, what in ((joins, "joined"), (leaves, "left")) if count]
+            members = len(self.commands.members.get(room, ()))
+            text = f"-!- #{room}: {', '.join(said)} ({members} members; /who lists them)"
+            self._emit(render.Styled([("class:time", render.clock(None) + " "), ("class:presence", text)], 10))
+        self._folded.clear()
 
     def _mark_backlog_ends(self, still_coming: set[str]) -> None:
         """After a join's backlog, a line that says where it ends: what follows is live.

@@ -31,7 +31,7 @@ from prompt_toolkit.output import DummyOutput, Output
 from prompt_toolkit.output.vt100 import Vt100_Output
 
 from broker.core import Limits
-from client import commands, render
+from client import commands, interactive, render
 from client.commands import Commands
 from client.interactive import ChatUI, connection_status
 from client.lib import Client, Event
@@ -1382,3 +1382,34 @@ def test_wrap_counts_wide_characters_and_keeps_every_character() -> None:
     # Words are not cut when a space is available.
     lines = render.wrap([("", "aaaa bbbb cccc")], 10)
     assert ["".join(t for _, t in line) for line in lines] == ["aaaa bbbb", "cccc"]
+
+
+def test_joins_and_leaves_in_a_big_room_are_summed_up_but_not_of_who_spoke_lately(
+    alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every join and leave was a line: 500 members coming back into a room (a broker
+    restart) wrote 500 lines, and the chat scrolled away under them. Now, in a room of more
+    than FOLD_MEMBERS, those of members who have not spoken there lately are summed up in a
+    line every FOLD_EVERY_S; a leave of one who just spoke is still its own line."""
+    monkeypatch.setattr(interactive, "FOLD_MEMBERS", 2)  # (50 in use: a few clients here)
+    monkeypatch.setattr(interactive, "FOLD_EVERY_S", 0.2)
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            carol = make_client("carol")
+            carol.join("general")  # 2 members before it: not yet a big room
+            await t.shows("carol joined #general")
+            others = [make_client(name) for name in ("dave", "erin", "frank")]
+            for other in others:
+                other.join("general")
+            await t.shows("#general: 3 joined (6 members")
+            bob.send_wait("general", "brb")
+            await t.shows("<bob> brb")
+            bob.leave("general")
+            others[0].leave("general")
+            await t.shows("bob left #general")
+            await t.shows("#general: 1 left (4 members")
+            shown = t.lines()
+            assert not [line for line in shown if re.search(r"(dave|erin|frank) (joined|left)", line)], shown
+
+    run(main())
