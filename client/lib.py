@@ -732,8 +732,8 @@ class Client:
         self._cover: dict[str, int] = {}
         #: Rooms we left: the last seq we had shown of each (a later join's backlog starts there).
         self._seen_before: dict[str, int] = {}
-        #: Until then (after a reconnect), a DM written before it (in _dm_early) refused as
-        #: ``no_such_user`` is asked again.
+        #: Until then (after a reconnect), a DM written before it or meanwhile (in _dm_early)
+        #: refused as ``no_such_user`` is asked again.
         self._dm_grace_until = 0.0
         self._dm_early: set[str] = set()
         self._last_recv = now
@@ -1965,6 +1965,11 @@ class Client:
     def _send_tracked(self, env: Envelope) -> str:
         rid = env["id"] = self._new_id()
         self._unacked[rid] = env
+        if env["type"] == "dm" and time.monotonic() < self._dm_grace_until:
+            # Written just after a reconnect: its recipient may not be back yet either
+            # (after a clean restart the broker even knows it is on its way), as for
+            # one written while we were away. A user a moment slower than us is not gone.
+            self._dm_early.add(rid)
         if (
             self.state == "connected"
             and time.monotonic() >= self._hold_until

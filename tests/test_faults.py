@@ -363,6 +363,54 @@ def test_a_dm_written_while_the_broker_is_down_waits_for_its_recipient_to_be_bac
             second.kill()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_a_dm_written_just_after_a_reconnect_waits_for_its_recipient_to_be_back(tmp_path: Path, sig: int) -> None:
+    """Alice is back from a broker restart before bob, and writes to him then: the
+    ``no_such_user`` (after a clean stop the broker even knows bob is on his way back)
+    only means "not yet", as for a DM written while the broker was away. It is asked
+    again, and delivered, not shown as refused."""
+    first = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    alice = Inbox(Client("alice", HOST, first.port, first.pub_port))
+    bob = Client("bob", HOST, first.port, first.pub_port)
+    second: BrokerProcess | None = None
+    try:
+        alice.client.connect()
+        bob.connect()
+        first.kill(sig)
+        second = first.again()
+        # Bob's client does not run meanwhile: alice is back alone.
+        alice.until(lambda: [e.event for e in alice.statuses()] == ["reconnecting", "connected"], 20)
+        refused: list[dict[str, object]] = []
+        dispatch = alice.client._dispatch
+
+        def spy(env: dict[str, object]) -> None:
+            if env.get("code") == "no_such_user":
+                refused.append(env)
+            dispatch(env)
+
+        alice.client._dispatch = spy  # type: ignore[method-assign]
+        alice.client.dm("bob", "just after")
+        alice.until(lambda: bool(refused), 10)
+        got: list[str] = []
+
+        def delivered() -> bool:
+            bob.pump(0.02)
+            alice.pump()
+            got.extend(e.text or "" for e in bob.drain_events() if e.type == "dm")
+            return bool(got) and alice.client.unacked == 0
+
+        wait_for(delivered, 20, interval=0)
+        assert got == ["just after"]
+        assert not [e for e in alice.events if e.type == "error"], alice.events
+    finally:
+        alice.client.close(0)
+        bob.close(0)
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
 def _pipe_listener(broker: BrokerProcess, name: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [bin_path("zchat"), "--name", name, "--json", "--backlog", "0"],
