@@ -1018,8 +1018,15 @@ class Core:
         msg_id: str = dm.ack["id"]
         self._acked.forget((dm.env["from"], msg_id))
         target = self.named(dm.env["to"])
-        if target is not None and target.recent_dms and target.recent_dms[-1][1] is dm.env:
-            target.recent_dm_bytes -= _kept_size(target.recent_dms.pop()[1])  # its author is told, and resends
+        kept = target.recent_dms if target is not None else None
+        if target is not None and kept:
+            # Its author is told, and resends: not sent again on a resume. Not always the
+            # last one kept: the DMs of a pass are all kept before the loop hands any over.
+            for i in range(len(kept) - 1, -1, -1):
+                if kept[i][1] is dm.env:
+                    target.recent_dm_bytes -= _kept_size(kept[i][1])
+                    del kept[i]
+                    break
         return p.error(
             ErrorCode.UNDELIVERED,
             f"{dm.env['to']}'s connection could not take it (reconnecting, or not reading); not delivered",

@@ -33,6 +33,10 @@ class TcpProxy:
         self._drop = False
         #: Connections accepted so far (a client's reconnects, each handshake it tries).
         self.accepted = 0
+        #: Bytes handed to the upstream's connections so far (on loopback, in its receive
+        #: queue once counted: a stopped broker reads them all in its next pass).
+        self.forwarded = 0
+        self._upstreams: set[socket.socket] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
         self._thread.start()
@@ -79,6 +83,7 @@ class TcpProxy:
                 with contextlib.suppress(OSError):
                     end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self._dead.discard(end)
+            self._upstreams.discard(end)
             end.close()
 
     def _run(self) -> None:
@@ -103,6 +108,7 @@ class TcpProxy:
                         upstream.settimeout(None)
                         with self._lock:
                             self._peers[conn], self._peers[upstream] = upstream, conn
+                            self._upstreams.add(upstream)
                         continue
                     with self._lock:
                         if self._stalled or sock in self._dead:
@@ -114,6 +120,8 @@ class TcpProxy:
                         data = sock.recv(65536)
                         if data:
                             peer.sendall(data)
+                            if peer in self._upstreams:
+                                self.forwarded += len(data)
                             continue
                     except OSError:
                         pass

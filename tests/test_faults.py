@@ -1054,3 +1054,49 @@ def test_a_connection_cut_on_the_way_is_not_blamed_on_the_broker(
             assert "session resumed" in str([e.text for e in seen if e.type == "status"][-1])
         finally:
             alice.close(flush_timeout=0.2, settle=0)
+
+
+@pytest.mark.timeout(30)
+def test_dms_said_undelivered_in_one_pass_are_not_sent_again_to_the_session_resumed(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """Bob's connection is gone (he is reconnecting) when two DMs to him are read in one
+    pass: alice is told both were ``undelivered``, and may resend them. Neither may then
+    come with the DMs the broker sends bob again when he resumes: he would get one she
+    was told he did not, and her resend (a new id if she retyped it) twice."""
+    broker = BrokerProcess(tmp_path / "data").start()
+    proxy = TcpProxy(broker.port)  # alice's way in: it counts what reached the broker
+    try:
+        alice, bob = Raw(ctx, proxy.port), Raw(ctx, broker.port)
+        assert alice.request({"type": "hello", "v": 1, "name": "alice"})["type"] == "welcome"
+        token = bob.request({"type": "hello", "v": 1, "name": "bob"})["resume"]
+        bob.sock.close()
+        wait_for(lambda: any("client disconnected" in line for line in broker.log), 5, what=lambda: broker.log[-3:])
+        assert broker.proc is not None
+        # Stopped, the broker reads both DMs in its next pass once it goes on.
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            dms = [p.encode({"type": "dm", "to": "bob", "text": f"dm {i}", "id": f"d{i}"}) for i in (1, 2)]
+            want = proxy.forwarded + sum(len(dm) + 2 for dm in dms)  # each with ZMTP's 2-byte header
+            for dm in dms:
+                alice.send(dm)
+            wait_for(lambda: proxy.forwarded >= want, 5, what=lambda: (proxy.forwarded, want))
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        told = [alice.recv() for _ in range(2)]
+        assert [(r["type"], r.get("code"), r["id"]) for r in told] == [
+            ("error", "undelivered", "d1"),
+            ("error", "undelivered", "d2"),
+        ], told
+        back = Raw(ctx, broker.port)
+        assert back.request({"type": "hello", "v": 1, "name": "bob", "resume": token})["resumed"] is True
+        assert back.silent(0.5), back.recv()  # no DM comes again
+        # Resent, each is delivered once, and acknowledged.
+        for i in (1, 2):
+            alice.send({"type": "dm", "to": "bob", "text": f"dm {i}", "id": f"d{i}"})
+        assert [(r["type"], r["id"]) for r in (alice.recv(), alice.recv())] == [("ack", "d1"), ("ack", "d2")]
+        assert [back.recv()["text"] for _ in range(2)] == ["dm 1", "dm 2"]
+        assert back.silent(0.3)
+    finally:
+        proxy.close()
+        broker.kill()
