@@ -473,6 +473,16 @@ def main(argv: list[str] | None = None) -> int:
         why = exc.strerror
         if exc.errno == errno.ENODEV:  # libzmq's word for a name that is no address or interface here
             why += " (no address or network interface of this machine has that name)"
+        privileged = [
+            f"{flag} {port}" for flag, port in (("--port", args.port), ("--pub-port", args.pub_port)) if 0 < port < 1024
+        ]
+        if exc.errno == errno.EACCES and privileged:
+            # "Permission denied" alone sent operators looking at files and directories.
+            why += (
+                f"; {' and '.join(privileged)}: a port below 1024 needs root or CAP_NET_BIND_SERVICE: use ports "
+                "of 1024 or more, or give the broker that capability (under systemd: "
+                "AmbientCapabilities=CAP_NET_BIND_SERVICE, docs/operations.md)"
+            )
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, why)
         _discard(store)
         return 1

@@ -928,6 +928,35 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
         first.kill()
 
 
+def test_a_privileged_port_without_the_privilege_says_what_to_do(tmp_path: Path) -> None:
+    """A port below 1024 without CAP_NET_BIND_SERVICE said only "Permission denied",
+    which sends an operator looking at files. As root (CI), the broker runs with that
+    capability taken out of its bounding set, which is what a service user lacks."""
+    try:
+        first_free = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        pytest.skip("no ip_unprivileged_port_start here")
+    if first_free <= 1:
+        pytest.skip("every port is unprivileged here")
+    low = min(first_free, 1024) - 1
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--bounding-set=-net_bind_service"]
+    command = [bin_path("zchat-broker"), "--host", HOST, "--port", "0", "--pub-port", str(low)]
+    run = subprocess.run(
+        [*prefix, *command, "--data", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr
+    assert "Permission denied" in run.stderr, run.stderr
+    assert f"--pub-port {low}: a port below 1024 needs root or CAP_NET_BIND_SERVICE" in run.stderr, run.stderr
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in run.stderr, run.stderr
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in (Path(__file__).parents[1] / "docs/operations.md").read_text()
+
+
 def test_broker_exits_quickly_on_sigterm(tmp_path: Path) -> None:
     broker = BrokerProcess(tmp_path / "d").start()
     start = time.monotonic()
