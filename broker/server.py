@@ -942,14 +942,23 @@ class Broker:
                 return
             fd = int(event["value"])
             key = (kind, fd)
+            # Debug lines: a session's start and end (info) name its address, so at info
+            # these only doubled each client's lines, and the container's health check
+            # (one connection every 10 s, no session) filled the log with two a check.
+            # What a connection does that matters is said apart: refused input, a
+            # refused key, connections faster than --connect-rate (warnings).
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self._peers[key] = peer = _peer_name(fd)
-                if log.isEnabledFor(logging.INFO) and self._connections_log.allow(int(time.monotonic()), logging.INFO):
-                    log.info("%s connected from %s (fd %d)", kind, peer, fd)
+                if log.isEnabledFor(logging.DEBUG) and self._connections_log.allow(
+                    int(time.monotonic()), logging.DEBUG
+                ):
+                    log.debug("%s connected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 peer = self._peers.pop(key, "an address not known")
-                if log.isEnabledFor(logging.INFO) and self._connections_log.allow(int(time.monotonic()), logging.INFO):
-                    log.info("%s disconnected from %s (fd %d)", kind, peer, fd)
+                if log.isEnabledFor(logging.DEBUG) and self._connections_log.allow(
+                    int(time.monotonic()), logging.DEBUG
+                ):
+                    log.debug("%s disconnected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_ACCEPT_FAILED:
                 # ``value`` is the errno. Out of file descriptors, libzmq retries the
                 # accept at once, for ever: without this line the broker would only be

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.parser
 import json
+import logging
 import os
 import queue
 import secrets
@@ -39,7 +40,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from broker import health
-from tests.conftest import RunningBroker
+from client.lib import Client
+from tests.conftest import RunningBroker, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = Path(__file__).resolve().parents[2] / "shared" / "tools" / "docker-engine.sh"
@@ -68,6 +70,32 @@ def make_keys(root: Path, users: list[str]) -> Path:
 def test_health_ok_against_a_live_broker(broker: RunningBroker, capsys: pytest.CaptureFixture[str]) -> None:
     assert health.main(["--port", str(broker.port), "--timeout", "5"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_health_check_leaves_no_info_line_in_the_broker_log(
+    make_client: Callable[..., Client], broker: RunningBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The compose file checks every 10 s: each check logged "client connected from" and
+    "client disconnected from" at info, 17,280 lines a day. A client's session is still
+    said at info (with its address), the connections at debug."""
+    caplog.set_level(logging.DEBUG, logger="zchat.broker")
+    assert health.main(["--port", str(broker.port), "--timeout", "5"]) == 0
+
+    def broker_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.startswith("zchat.broker")]
+
+    # Its disconnection logged (at debug) shows that the broker has seen all of the check.
+    wait_for(
+        lambda: any("client disconnected from" in r.getMessage() for r in broker_lines()),
+        5,
+        what=lambda: [r.getMessage() for r in broker_lines()],
+    )
+    said = [f"{r.levelname} {r.getMessage()}" for r in broker_lines() if r.levelno >= logging.INFO]
+    assert said == [], said
+    alice = make_client("alice")
+    starts = [r for r in broker_lines() if r.getMessage().startswith("session start: alice")]
+    assert [r.levelno for r in starts] == [logging.INFO], starts
+    assert f"sender={alice.sender}" in starts[0].getMessage()
 
 
 def test_health_reads_zchat_port_as_the_broker_does(
