@@ -546,16 +546,19 @@ def main(argv: list[str] | None = None) -> int:
         f"backplane {shown_url(config.backplane or '')} "
         f"(broker {broker.core_id}; keeping the newest {kept} events of each room)"
     )
-    lifecycle.info(
-        "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s; heartbeat %d ms%s",
-        __version__,
-        broker.endpoint,
-        broker.pub_endpoint,
-        store.describe() if store is not None else where,
-        broker.core.epoch,
-        config.heartbeat_ms,
-        f", durability {config.durability}" if store is not None else "",
-    )
+    # A stop that came while the ports were bound ("shutting down" is logged already):
+    # the broker stops without serving, and is never ready.
+    if not stopping_at:
+        lifecycle.info(
+            "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s; heartbeat %d ms%s",
+            __version__,
+            broker.endpoint,
+            broker.pub_endpoint,
+            store.describe() if store is not None else where,
+            broker.core.epoch,
+            config.heartbeat_ms,
+            f", durability {config.durability}" if store is not None else "",
+        )
     try:
         broker.run()
     except StoreError as exc:

@@ -1025,6 +1025,49 @@ def test_a_stop_while_the_store_opens_is_said_and_rolls_the_open_back(tmp_path: 
     assert any(b"kept" in body for body in texts), "the open's delete was not rolled back"
 
 
+#: A broker whose bind takes until a stop has come: Broker() waits (at most 30 s) for
+#: the signal that main() keeps for later, as it does for one that comes while binding.
+SLOW_BIND = """
+import sys, time, broker.cli as c
+class SlowBind(c.Broker):
+    def __init__(self, *args, **kwargs):
+        stops = sys._getframe(1).f_locals["early_stops"]
+        print("binding", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + 30
+        while not stops and time.monotonic() < deadline:
+            time.sleep(0.01)
+        super().__init__(*args, **kwargs)
+c.Broker = SlowBind
+sys.exit(c.main())
+"""
+
+
+def test_a_stop_while_the_broker_binds_is_not_followed_by_ready(tmp_path: Path) -> None:
+    """A SIGTERM that came while the broker bound its ports was acted on once it could
+    stop, but the log said "ready" after "SIGTERM received, shutting down"."""
+    args = ["--host", HOST, "--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d")]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BIND, *args], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not lines or "binding" not in lines[-1]:
+            line = proc.stderr.readline()
+            assert line, lines
+            lines.append(line)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, lines
+        lines += proc.stderr.readlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    log = "".join(lines)
+    assert "SIGTERM received, shutting down" in log, log
+    assert re.search(r"stopped in \d", log), log
+    assert " ready: " not in log, log
+    assert "Traceback" not in log, log
+
+
 def test_a_stop_slower_than_expected_logs_every_threads_stack(tmp_path: Path) -> None:
     """The stacks a stuck stop would leave in the log: here the limit is 0.2 s, and the stop
     is held for 1 s before the broker closes its sockets and ends its threads. (At 1 ms the
