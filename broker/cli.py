@@ -273,7 +273,8 @@ class _JournalFormatter(logging.Formatter):
     """Each line begins with its syslog priority as ``<N>``, which journald reads off
     (sd-daemon(3)): without it every line was stored at the unit's one level, "info", and
     ``journalctl -p warning`` (or an alert on errors) found none of the broker's warnings,
-    not even the CRITICAL line of a full disk."""
+    not even the CRITICAL line of a full disk. Each line of a record of several (a
+    traceback) carries the record's."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.levelno >= logging.CRITICAL:
@@ -286,7 +287,9 @@ class _JournalFormatter(logging.Formatter):
             priority = 6
         else:
             priority = 7
-        return f"<{priority}>{super().format(record)}"
+        # journald reads the prefix off each line it is given: a traceback's lines
+        # without one were stored at "info", apart from the error they belong to.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).split("\n"))
 
 
 def _stderr_is_the_journal() -> bool:

@@ -29,7 +29,7 @@ import pytest
 import zmq
 
 from client.lib import Client
-from tests.conftest import HOST, BrokerProcess, bin_path, wait_for
+from tests.conftest import HOST, READY_RE, BrokerProcess, bin_path, wait_for
 from zchat import protocol as p
 
 
@@ -1804,3 +1804,50 @@ def test_broker_lines_in_the_journal_carry_their_priority(tmp_path: Path) -> Non
     assert any(line.startswith("<4>WARNING no --keys") for line in lines), lines
     assert any(line.startswith("<6>INFO zchat-broker ") and " ready: " in line for line in lines), lines
     assert any(line.startswith("<6>INFO stopped in ") for line in lines), lines
+
+
+#: A broker with a bug: every request it reads raises, which it logs with the traceback.
+BUGGY_CORE = """
+import sys, broker.cli as c, broker.core as core
+def handle(self, *args, **kwargs):
+    raise RuntimeError("a bug of ours")
+core.Core.handle = handle
+sys.exit(c.main())
+"""
+
+
+def test_every_line_of_a_traceback_in_the_journal_carries_the_priority_of_its_record(tmp_path: Path) -> None:
+    """Only a record's first line began with "<3>": journald stored each line of its
+    traceback at "info", so `journalctl -p err` showed the error without its traceback
+    (and the traceback's lines among the info ones)."""
+    log = tmp_path / "stderr"
+    args = ["--host", HOST, "--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d")]
+    with log.open("w") as stderr:
+        st = os.fstat(stderr.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BUGGY_CORE, *args],
+            stderr=stderr,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        ready = wait_for(lambda: READY_RE.search(log.read_text()), 20)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://{HOST}:{ready[1]}")
+        dealer.send(p.encode({"type": "ping", "id": "x"}))
+        assert dealer.poll(10_000), "no answer"
+        assert p.decode(dealer.recv(), p.MAX_REPLY_BYTES)["code"] == "internal_error"
+        wait_for(lambda: "RuntimeError: a bug of ours" in log.read_text(), 10, what=log.read_text)
+    finally:
+        ctx.destroy(linger=0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    lines = log.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "internal error handling a request" in line)
+    assert lines[start].startswith("<3>ERROR internal error handling a request"), lines
+    end = next(i for i, line in enumerate(lines) if "RuntimeError: a bug of ours" in line)
+    traceback = lines[start + 1 : end + 1]
+    assert traceback[0] == "<3>Traceback (most recent call last):", lines
+    assert all(line.startswith("<3>") for line in traceback), traceback
+    assert all(re.match(r"<[2-7]>", line) for line in lines), lines
