@@ -48,6 +48,9 @@ MAX_HEARTBEAT_MS = 3_600_000
 lifecycle = logging.getLogger("zchat.broker.lifecycle")
 #: The longest --retention-days (a million days): beyond, the cutoff leaves SQLite's integers.
 MAX_AGE_MS = 1_000_000 * DAY_MS
+#: An open-file limit that holds fewer sessions than this is a warning even with the default
+#: --max-sessions: a broker that turns away the clients of a small team is no small deployment.
+FEW_SESSIONS = 100
 #: Seconds after a SIGTERM or SIGINT after which a stop still under way logs every thread's stack.
 STOP_STACKS_S = 5.0
 
@@ -206,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-sessions",
         type=int,
-        default=envargs.default("ZCHAT_MAX_SESSIONS", limits.max_sessions),
-        help=f"live sessions at most (ZCHAT_MAX_SESSIONS; default {limits.max_sessions})",
+        # None until main(): whether the operator chose it decides how a short open-file limit is said.
+        default=envargs.default("ZCHAT_MAX_SESSIONS", None),
+        help="live sessions at most; each holds 2 open files, and the broker raises its open-file limit "
+        f"to match, as far as it may (ZCHAT_MAX_SESSIONS; default {limits.max_sessions})",
     )
     parser.add_argument(
         "--max-sessions-per-host",
@@ -313,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
     parser = build_parser()
     args = envargs.resolve(parser, parser.parse_args(argv))
+    chosen_max_sessions = args.max_sessions is not None
+    if not chosen_max_sessions:
+        args.max_sessions = Limits().max_sessions
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         # The journal stamps every line itself: a second time would only be noise.
@@ -394,13 +402,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if limit is not None and limit < wanted:
-        log.warning(
-            "the open-file limit is %d: enough for about %d clients (2 connections each), fewer than "
-            "--max-sessions %d; raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
-            limit,
-            max(0, (limit - FD_MARGIN) // 2),
-            args.max_sessions,
-        )
+        room = max(0, (limit - FD_MARGIN) // 2)
+        if chosen_max_sessions or room < FEW_SESSIONS:
+            log.warning(
+                "the open-file limit is %d: enough for about %d sessions (2 connections each), fewer than "
+                "%s: clients beyond that wait unanswered; raise it (ulimit -n, or LimitNOFILE= "
+                "in a systemd unit)",
+                limit,
+                room,
+                f"--max-sessions {args.max_sessions}"
+                if envargs.given_as(args, "max_sessions", "--max-sessions") == "--max-sessions"
+                else f"ZCHAT_MAX_SESSIONS={args.max_sessions}",
+            )
+        else:
+            # Not a warning at every start of a broker that never asked for the default
+            # 10,000 sessions (a hard limit of 20,000, or a shell's 4,096): what it holds,
+            # and how to hold more, once, with the other start lines.
+            log.info(
+                "the open-file limit is %d: enough for about %d sessions (2 connections each; the default "
+                "--max-sessions is %d); to serve more, raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
+                limit,
+                room,
+                args.max_sessions,
+            )
     data_dir: Path = args.data or default_data_dir()
     config = Config(
         host=args.host,
