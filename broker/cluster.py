@@ -305,8 +305,10 @@ class ClusterCore(Core):
         self, name: str, rid: str | None, holder: Session | None = None, now: int = 0, spelt: str = ""
     ) -> ProtocolError:
         """``spelt``: the holder's spelling, as the backplane says it (a holder on another broker)."""
-        spelt = holder.name if holder is not None else spelt
-        if spelt and spelt != name:
+        if holder is not None:
+            # On this broker: its session is known, and so is when it would end, as with one broker.
+            held = self._why_taken(name, holder, now)
+        elif spelt and spelt != name:
             held = f"{spelt!r} is in use, and names that differ only in case are one name"
         else:
             # The holder may be on another broker: what this one knows of it is not all.

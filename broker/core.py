@@ -657,6 +657,12 @@ class Core:
         """Who holds the name, as far as this broker can tell, and for how long: the user
         whose client died without a bye waits; one whose name another client uses now
         should not think it will come free by itself."""
+        return ProtocolError(
+            ErrorCode.NAME_TAKEN, f"the name {name!r} is taken ({self._why_taken(name, holder, now)})", rid
+        )
+
+    def _why_taken(self, name: str, holder: Session | None, now: int) -> str:
+        """The reason :meth:`_name_taken` gives; ``holder``: this broker's session of the name."""
         expiry_s = self.expiry_ms / 1000
         if holder is None:
             why = f"a session that ended without a bye holds its name up to {expiry_s:g} s"
@@ -677,7 +683,7 @@ class Core:
                 )
             else:
                 why = f"by a session silent for {silent_s:.0f} s, which ends in {left_s} s unless its client comes back"
-        return ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is taken ({why})", rid)
+        return why
 
     def _full(self, rid: str | None) -> ProtocolError | None:
         """Why a new session cannot start now (the hello being handled), or None."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import threading
 import time
@@ -255,6 +256,25 @@ def test_names_are_unique_across_brokers(nodes: Callable[[], Node], clients: Cal
         return True
 
     wait_for(free_on_b, 10, interval=0.1, what=lambda: taken)
+
+
+def test_a_name_taken_on_the_same_broker_is_said_as_with_one_broker(
+    nodes: Callable[[], Node], clients: Callable[..., Client]
+) -> None:
+    """The holder is a session of this broker: it knows when it was last heard from and
+    when it would end. Said as a broker without a backplane says it, not the
+    holding times of a session it cannot see."""
+    a = nodes()
+    clients("alice", a)
+    with pytest.raises(RequestError) as refused:
+        clients("alice", a)
+    assert refused.value.code == "name_taken"
+    assert re.match(
+        r"the name 'alice' is taken in this chat \(in use by a session heard from \d+ s ago: free once its client "
+        r"quits; if that client is gone \(killed, say\), 0\.9 s after it was last heard, in 1 s;",
+        refused.value.message,
+    ), refused.value.message
+    assert "when its broker stopped" not in refused.value.message
 
 
 def test_names_that_differ_only_in_case_are_one_name_across_brokers(
