@@ -328,7 +328,7 @@ def url_problem(url: str) -> str | None:
         parsed.port  # noqa: B018 (parsing it is the check: a port that is no number raises)
         events_channel(url)
     except ValueError:
-        return "its port must be a number of 1-65535, and its database a number"
+        return "its port must be an integer 1-65535, and its database an integer"
     return None
 
 

@@ -55,13 +55,16 @@ FEW_SESSIONS = 100
 STOP_STACKS_S = 5.0
 
 
+_PORTS = "(an integer 0-65535; 0 picks a free one)"
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number {_PORTS}") from None
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 picks a free one)")
+        raise argparse.ArgumentTypeError(f"{port} is not a port number {_PORTS}")
     return port
 
 

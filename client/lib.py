@@ -202,7 +202,7 @@ class BrokerAddress:
         for what, number in (("port", self.port), ("room event port", self.pub_port)):
             # libzmq would take 99999 and connect to 34463.
             if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
-                raise ValueError(f"{what} {number!r} is not a port number (1-65535)")
+                raise ValueError(f"{what} {number!r} is not a port number (an integer 1-65535)")
 
     @property
     def endpoint(self) -> str:
@@ -323,7 +323,7 @@ def parse_address(text: str, port: int = 5555, pub_port: int = 5556) -> BrokerAd
     for i, value in enumerate(ports):
         what = ("PORT", "PUBPORT")[i]
         if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 65535):
-            raise ValueError(f"broker address {text!r}: {what} {value!r} is not a port number (1-65535)")
+            raise ValueError(f"broker address {text!r}: {what} {value!r} is not a port number (an integer 1-65535)")
         numbers[i] = int(value)
     return BrokerAddress(host, numbers[0], numbers[1])
 

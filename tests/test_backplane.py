@@ -720,9 +720,9 @@ def test_a_backplane_address_that_is_no_redis_url_is_refused_at_start(tmp_path: 
     for url, why in (
         ("http://127.0.0.1:6379/0", "it must be redis://HOST[:PORT][/DB]"),
         ("unix:///tmp/redis.sock", "it must be redis://HOST[:PORT][/DB]"),
-        ("redis://127.0.0.1:6379/x", "its port must be a number of 1-65535, and its database a number"),
-        ("redis://:hunter2@127.0.0.1:abc/0", "its port must be a number of 1-65535"),
-        ("redis://127.0.0.1:99999/0", "its port must be a number of 1-65535"),
+        ("redis://127.0.0.1:6379/x", "its port must be an integer 1-65535, and its database an integer"),
+        ("redis://:hunter2@127.0.0.1:abc/0", "its port must be an integer 1-65535"),
+        ("redis://127.0.0.1:99999/0", "its port must be an integer 1-65535"),
     ):
         result = subprocess.run(
             [bin_path("zchat-broker"), "--port", "0", "--pub-port", "0", "--backplane", url],

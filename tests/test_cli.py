@@ -542,12 +542,13 @@ def test_broker_help_and_bad_port() -> None:
     bad = subprocess.run(
         [bin_path("zchat-broker"), "--port", "70000"], capture_output=True, text=True, timeout=15, check=False
     )
-    assert bad.returncode == 2 and "not a TCP port" in bad.stderr
+    assert bad.returncode == 2 and "70000 is not a port number (an integer 0-65535; 0 picks a free one)" in bad.stderr
 
 
 def test_broker_arguments_that_cannot_work_are_refused_saying_why(tmp_path: Path) -> None:
     word = _broker_cmd("--port", "abc", "--data", str(tmp_path / "d"))
-    assert word.returncode == 2 and "argument --port: 'abc' is not a TCP port (0-65535)" in word.stderr, word.stderr
+    expected = "argument --port: 'abc' is not a port number (an integer 0-65535; 0 picks a free one)"
+    assert word.returncode == 2 and expected in word.stderr, word.stderr
     same = _broker_cmd("--port", "17572", "--pub-port", "17572", "--data", str(tmp_path / "d"))
     assert same.returncode == 2
     assert "--port and --pub-port (or ZCHAT_PORT and ZCHAT_PUB_PORT) are both 17572" in same.stderr, same.stderr
@@ -583,8 +584,8 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
     [
         ("ZCHAT_DURABILITY", "fsync", "ZCHAT_DURABILITY='fsync': choose one of full, normal"),  # was "normal"
         ("ZCHAT_LOG_LEVEL", "verbose", "ZCHAT_LOG_LEVEL='verbose': choose one of debug, info, warning, error"),
-        ("ZCHAT_PORT", "99999", "ZCHAT_PORT='99999': 99999 is not a TCP port"),  # libzmq: port 34463
-        ("ZCHAT_PUB_PORT", "x", "ZCHAT_PUB_PORT='x': 'x' is not a TCP port (0-65535)"),
+        ("ZCHAT_PORT", "99999", "ZCHAT_PORT='99999': 99999 is not a port number (an integer 0-65535"),  # libzmq: 34463
+        ("ZCHAT_PUB_PORT", "x", "ZCHAT_PUB_PORT='x': 'x' is not a port number (an integer 0-65535"),
         ("ZCHAT_RATE_LIMIT", "fast", "ZCHAT_RATE_LIMIT='fast': not a number"),
         ("ZCHAT_HEARTBEAT_MS", "5.5", "ZCHAT_HEARTBEAT_MS='5.5': not a whole number"),
         # In range only once parsed: said by the broker, naming the flag and the variable.
@@ -684,9 +685,10 @@ def test_client_argument_errors_exit_2() -> None:
     for args, extra_env, needle in (
         # Said as the blank one is, not as the protocol's field check ("'text' is empty").
         (["--send", ""], {}, "zchat: --send: the text is empty: nothing to send"),
-        ([], env, "ZCHAT_PORT='abc': not a number"),
+        # What a port is, not only "not a number".
+        ([], env, "ZCHAT_PORT='abc': 'abc' is not a port number (an integer 1-65535)"),
         ([], {**os.environ, "ZCHAT_PUB_PORT": "99999"}, "ZCHAT_PUB_PORT='99999': 99999 is not a port number"),
-        (["--port", "0"], {}, "argument --port: 0 is not a port number (1-65535)"),
+        (["--port", "0"], {}, "argument --port: 0 is not a port number (an integer 1-65535)"),
         # What is wrong is named as it was given: the variable, or the flag.
         ([], {**os.environ, "ZCHAT_HOST": "[::1"}, "zchat: ZCHAT_HOST: broker address '[::1': no ']'"),
         (["--host", "[::1"], {}, "zchat: --host: broker address '[::1': no ']'"),

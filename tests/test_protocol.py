@@ -831,6 +831,10 @@ def test_a_batch_is_not_a_request() -> None:
         (b"\x81\xa4type\xa1\xff", "not valid UTF-8"),
         (b"\xdd\xff\xff\xff\xff\x01", "runs past the end of the frame"),
         (msgpack.packb({"type": "x", "y": b"ab"}, use_bin_type=True), "msgpack type bin are not allowed"),
+        # msgpack's type names, not Python's ("a msgpack list", "NoneType"): peers are in any language.
+        (msgpack.packb(["type", "ping"]), "envelope is a msgpack array, not a map"),
+        (msgpack.packb(None), "envelope is a msgpack nil, not a map"),
+        (msgpack.packb(5), "envelope is a msgpack integer, not a map"),
     ],
 )
 def test_a_refused_envelope_says_why_in_the_protocols_words(frame: bytes, says: str) -> None:

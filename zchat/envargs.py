@@ -66,7 +66,11 @@ def given_as(args: argparse.Namespace, dest: str, flag: str) -> str:
 
 def port(text: str) -> int:
     """A port to connect to, 1-65535, as a flag's ``type`` (libzmq would take 99999 as 34463)."""
-    number = int(text)
+    try:
+        number = int(text)
+    except ValueError:
+        # (Not resolve()'s "not a number", which did not say what a port is.)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (an integer 1-65535)") from None
     if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{number} is not a port number (1-65535)")
+        raise argparse.ArgumentTypeError(f"{number} is not a port number (an integer 1-65535)")
     return number

@@ -242,8 +242,20 @@ def _unpack_failure(exc: Exception) -> str:
     return text
 
 
-#: The protocol's names of what msgpack decodes a value it does not allow to.
-_MSGPACK_NAMES: Final = {"bytes": "bin", "float": "float", "ExtType": "ext", "Timestamp": "timestamp ext"}
+#: msgpack's names of the types a value decodes to (Python's would say "list" and
+#: "NoneType" to a peer written in any language).
+_MSGPACK_NAMES: Final = {
+    "dict": "map",
+    "list": "array",
+    "str": "string",
+    "int": "integer",
+    "bool": "boolean",
+    "NoneType": "nil",
+    "bytes": "bin",
+    "float": "float",
+    "ExtType": "ext",
+    "Timestamp": "timestamp ext",
+}
 
 
 def _unpack_map(frame: bytes, max_bytes: int) -> Envelope:
@@ -269,7 +281,8 @@ def _unpack_map(frame: bytes, max_bytes: int) -> Envelope:
         # truncated input.
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"not a msgpack envelope: {_unpack_failure(exc)}") from None
     if not isinstance(env, dict):
-        _fail(ErrorCode.BAD_ENVELOPE, f"envelope is a msgpack {type(env).__name__}, not a map")
+        kind = _MSGPACK_NAMES.get(type(env).__name__, type(env).__name__)
+        _fail(ErrorCode.BAD_ENVELOPE, f"envelope is a msgpack {kind}, not a map")
     return env
 
 
