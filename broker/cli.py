@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     args.host = host
+    # zchat reads ZCHAT_HOST too, as the broker to connect to: one exported in an
+    # operator's shell for the client (127.0.0.1, the server's public name) makes the
+    # broker listen there. Kept (a broker's unit may set it); said where it matters.
+    host_from_env = envargs.given_as(args, "host", "--host") == "ZCHAT_HOST"
     if args.port == args.pub_port != 0:
         log.error(
             "--port and --pub-port (or ZCHAT_PORT and ZCHAT_PUB_PORT) are both %d: requests and room events "
@@ -513,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                 "of 1024 or more, or give the broker that capability (under systemd: "
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE, docs/operations.md)"
             )
+        if host_from_env and exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
+            why += "; that address came from ZCHAT_HOST, which zchat also reads as the broker to connect to"
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, why)
         _discard(store)
         return 1
@@ -580,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     # the broker stops without serving, and is never ready.
     if not stopping_at:
         lifecycle.info(
-            "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s; heartbeat %d ms%s",
+            "zchat-broker %s ready: requests on %s, room events on %s, store %s, epoch %s; heartbeat %d ms%s%s",
             __version__,
             broker.endpoint,
             broker.pub_endpoint,
@@ -588,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             broker.core.epoch,
             config.heartbeat_ms,
             f", durability {config.durability}" if store is not None else "",
+            f"; address from ZCHAT_HOST={args.host}" if host_from_env else "",
         )
     try:
         broker.run()

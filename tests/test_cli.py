@@ -976,6 +976,34 @@ def test_a_privileged_port_without_the_privilege_says_what_to_do(tmp_path: Path)
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in (Path(__file__).parents[1] / "docs/operations.md").read_text()
 
 
+def test_a_broker_address_from_zchat_host_is_said_to_come_from_there(tmp_path: Path) -> None:
+    """zchat reads ZCHAT_HOST as the broker to connect to; exported for it in an
+    operator's shell, it moves the broker's address too. The variable stays (a unit may
+    set it), and the broker says where the address came from: in its ready line, and
+    when it cannot listen there."""
+    env = {**os.environ, "ZCHAT_HOST": HOST}
+    args = [bin_path("zchat-broker"), "--port", "0", "--pub-port", "0", "--data", str(tmp_path / "d")]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not lines or " ready: " not in lines[-1]:
+            line = proc.stderr.readline()
+            assert line, lines
+            lines.append(line)
+        assert lines[-1].rstrip().endswith(f"; address from ZCHAT_HOST={HOST}"), lines[-1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    # An address of no interface here (TEST-NET-1), as a client's broker address would be.
+    away = _broker_cmd(*args[1:], host=None, env={**os.environ, "ZCHAT_HOST": "192.0.2.1"})
+    assert away.returncode == 1, away.stderr
+    assert "that address came from ZCHAT_HOST, which zchat also reads as the broker to connect to" in away.stderr
+    flag = _broker_cmd("--port", "0", "--pub-port", "0", "--data", str(tmp_path / "e"), host="192.0.2.1")
+    assert flag.returncode == 1 and "cannot listen on 192.0.2.1" in flag.stderr, flag.stderr
+    assert "ZCHAT_HOST" not in flag.stderr
+
+
 def test_broker_exits_quickly_on_sigterm(tmp_path: Path) -> None:
     broker = BrokerProcess(tmp_path / "d").start()
     start = time.monotonic()
