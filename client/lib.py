@@ -736,6 +736,10 @@ class Client:
         #: refused as ``no_such_user`` is asked again.
         self._dm_grace_until = 0.0
         self._dm_early: set[str] = set()
+        #: DMs that wait to be asked again (their recipient not back yet: ``undelivered``, or
+        #: ``no_such_user`` just after a reconnect), by id: until when they are. A later DM to
+        #: the same person waits behind them (see _dm_blocked), so that DMs arrive in order.
+        self._dm_waiting: dict[str, float] = {}
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -1827,8 +1831,14 @@ class Client:
         """(Re)send, in order, what was last sent at or before ``sent_before`` (0.0: only what waits)."""
         if self.state != "connected" or time.monotonic() < self._hold_until:
             return  # rate limited or unavailable: wait, then send everything held, in order
+        blocked: set[str] = set()  # recipients with an earlier DM waiting
         for rid, env in list(self._unacked.items()):
             sent_at = self._sent_at.get(rid, 0.0)
+            if blocked and env["type"] == "dm" and p.name_key(env["to"]) in blocked:
+                continue
+            if rid in self._dm_waiting and sent_at > sent_before:
+                blocked.add(p.name_key(env["to"]))  # not due yet: what follows it to them waits
+                continue
             if sent_at <= sent_before and self._room_ready(env):
                 if sent_at and not self._caught_up_since(rid, env, sent_at):
                     # What waits behind it (refused, or written meanwhile) waits on:
@@ -1836,6 +1846,21 @@ class Client:
                     break
                 self._send(env)
                 self._mark_sent(rid)
+
+    def _dm_not_back(self, rid: str) -> str | None:
+        """The recipient of DM ``rid`` if it waits for them to be back (itself, or behind one that does)."""
+        env = self._unacked.get(rid)
+        if env is None or env["type"] != "dm" or not (rid in self._dm_waiting or self._dm_blocked(rid, env)):
+            return None
+        return str(env["to"])
+
+    def _dm_blocked(self, rid: str, env: Envelope) -> bool:
+        """Whether an earlier DM to the same person waits to be asked again: this one
+        waits behind it (it would arrive first)."""
+        to = p.name_key(env["to"])
+        return any(
+            r != rid and p.name_key(self._unacked[r]["to"]) == to for r in self._dm_waiting if r in self._unacked
+        )
 
     def _caught_up_since(self, rid: str, env: Envelope, sent_at: float) -> bool:
         """Whether a message sent at ``sent_at`` and not acknowledged may go again:
@@ -1975,6 +2000,7 @@ class Client:
             and time.monotonic() >= self._hold_until
             and not self._queued
             and self._room_ready(env)
+            and not (self._dm_waiting and env["type"] == "dm" and self._dm_blocked(rid, env))
         ):
             self._send(env)
             self._mark_sent(rid)
@@ -1995,6 +2021,7 @@ class Client:
 
     def _acked(self, rid: str) -> Envelope | None:
         self._dm_early.discard(rid)
+        self._dm_waiting.pop(rid, None)
         self._sent_at.pop(rid, None)
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)
@@ -2040,6 +2067,13 @@ class Client:
                         else "the broker, which answered unavailable"
                     )
                     why = f"it waits, with {ahead} message(s) ahead of it, for {reason}"
+                elif self.state == "connected" and (to := self._dm_not_back(rid)) is not None:
+                    # The broker answers: the recipient is what is away (see _dm_waiting).
+                    why = (
+                        f"{to}'s connection could not take it (reconnecting, or not reading): it is asked again "
+                        f"for as long as a reconnect takes (3 heartbeats and {DM_GRACE_EXTRA_S:g} s), "
+                        "then an error event says it was not delivered"
+                    )
                 else:
                     why = f"no ack from {self.endpoint} within the timeout"
                 raise BrokerUnreachable(
@@ -2197,11 +2231,22 @@ class Client:
                     self._rate_limited_at = time.monotonic()
                 self._queue(rid)
                 return
-            if code == ErrorCode.NO_SUCH_USER and rid in self._dm_early and time.monotonic() < self._dm_grace_until:
+            now = time.monotonic()
+            if code == ErrorCode.NO_SUCH_USER and rid in self._dm_early and now < self._dm_grace_until:
                 # Just back from a lost connection (a broker restart, say): the recipient
                 # may still be on its way back too. Ask again in a moment, for a while.
-                self._sent_at[rid] = time.monotonic() - self._resend_after + DM_RETRY_S
+                self._dm_waiting[rid] = self._dm_grace_until
+                self._sent_at[rid] = now - self._resend_after + DM_RETRY_S
                 return
+            if code == ErrorCode.UNDELIVERED and rid in self._unacked:
+                # The recipient's connection was gone (it is reconnecting, and takes up to
+                # 3 heartbeats to notice) or full: asked again in a moment, for as long as
+                # a reconnect takes, before its author is told. Shown at once, hundreds of
+                # DMs were lost to a one-second reconnect of their recipient.
+                until = self._dm_waiting.setdefault(rid, now + 3 * self.heartbeat_ms / 1000 + DM_GRACE_EXTRA_S)
+                if now < until:
+                    self._sent_at[rid] = now - self._resend_after + DM_RETRY_S
+                    return
             if kind == "ack" and rid in self._unacked and not _ack_fits(env, self._unacked[rid]):
                 return  # a broker that says nonsense: the message stays unacknowledged, and goes again
             if kind in ("ack", "error") and rid in self._unacked:

@@ -1064,7 +1064,8 @@ def test_dms_said_undelivered_in_one_pass_are_not_sent_again_to_the_session_resu
     pass: alice is told both were ``undelivered``, and may resend them. Neither may then
     come with the DMs the broker sends bob again when he resumes: he would get one she
     was told he did not, and her resend (a new id if she retyped it) twice."""
-    broker = BrokerProcess(tmp_path / "data").start()
+    # (At debug: the connection's close is how the test knows bob's connection is gone.)
+    broker = BrokerProcess(tmp_path / "data", extra=["--log-level", "debug"]).start()
     proxy = TcpProxy(broker.port)  # alice's way in: it counts what reached the broker
     try:
         alice, bob = Raw(ctx, proxy.port), Raw(ctx, broker.port)
@@ -1099,4 +1100,81 @@ def test_dms_said_undelivered_in_one_pass_are_not_sent_again_to_the_session_resu
         assert back.silent(0.3)
     finally:
         proxy.close()
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
+def test_dms_to_someone_reconnecting_are_asked_again_until_they_are_back_and_come_in_order(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """Bob's connection is gone (he is reconnecting, and his session does not know yet)
+    when alice writes to him twice: the broker answers ``undelivered``. Her client asks
+    again for as long as a reconnect takes, so bob, back a moment later, gets both, in
+    order, then one she writes once he is back, and alice sees three acks, no error.
+    Shown at once, such errors lost hundreds of DMs to a one-second reconnect of their
+    recipient (a soak with resets)."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--log-level", "debug"]).start()
+    alice = Inbox(Client("alice", HOST, broker.port, broker.pub_port))
+    carol = Client("carol", HOST, broker.port, broker.pub_port)
+    try:
+        alice.client.connect()
+        carol.connect()
+        bob = Raw(ctx, broker.port)
+        token = bob.request({"type": "hello", "v": 1, "name": "bob"})["resume"]
+        bob.sock.close()
+        wait_for(lambda: any("client disconnected" in line for line in broker.log), 5, what=lambda: broker.log[-3:])
+        first = alice.client.dm("bob", "dm 1")
+        second = alice.client.dm("bob", "dm 2")
+        # Answered after both (one connection, in order): by then both were refused.
+        alice.client.dm_wait("carol", "marker", timeout=10)
+        alice.pump()
+        assert alice.client.unacked == 2
+        assert not [e for e in alice.events if e.type == "error"], alice.events
+        back = Raw(ctx, broker.port)
+        assert back.request({"type": "hello", "v": 1, "name": "bob", "resume": token})["resumed"] is True
+        # Written now, while the two wait to be asked again: it must not overtake them.
+        third = alice.client.dm("bob", "dm 3")
+        got: list[str] = []
+
+        def delivered() -> bool:
+            alice.pump()
+            while len(got) < 3 and back.sock.poll(0):
+                env = back.recv()
+                if env.get("type") == "dm":
+                    got.append(env["text"])
+            return len(got) == 3 and alice.client.unacked == 0
+
+        wait_for(delivered, 20, interval=0.02)
+        assert got == ["dm 1", "dm 2", "dm 3"]
+        assert [e.id for e in alice.events if e.type == "dm" and e.own] == [first, second, third]
+        assert not [e for e in alice.events if e.type == "error"], alice.events
+    finally:
+        alice.client.close(0)
+        carol.close(0)
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_dm_to_someone_who_never_comes_back_ends_in_one_error(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """Asked again while its recipient may be reconnecting, a DM is not asked for ever:
+    bob's connection is gone and his session ends (3 heartbeats of silence), and alice's
+    DM then gets its error, once, and nothing more is sent."""
+    broker = BrokerProcess(tmp_path / "data", extra=[*FAST, "--log-level", "debug"]).start()
+    alice = Inbox(Client("alice", HOST, broker.port, broker.pub_port))
+    try:
+        alice.client.connect()
+        bob = Raw(ctx, broker.port)
+        bob.request({"type": "hello", "v": 1, "name": "bob"})
+        bob.sock.close()
+        wait_for(lambda: any("client disconnected" in line for line in broker.log), 5, what=lambda: broker.log[-3:])
+        rid = alice.client.dm("bob", "are you there?")
+        alice.until(lambda: any(e.type == "error" for e in alice.events), 20)
+        errors = [e for e in alice.events if e.type == "error"]
+        assert [(e.id, e.code) for e in errors] in ([(rid, "undelivered")], [(rid, "no_such_user")]), errors
+        assert alice.client.unacked == 0
+        assert not [e for e in alice.events if e.type == "dm" and e.own]
+    finally:
+        alice.client.close(0)
         broker.kill()
