@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         printer.err(f"{envargs.given_as(args, 'host', '--host')}: {exc}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C as its sockets connect (libzmq's connect may take a while)
+        return 130
     try:
         client.connect()
     except KeyboardInterrupt:  # Ctrl-C while it connects: no line was read yet
