@@ -1296,10 +1296,15 @@ class Client:
                 wait = 0  # no wait, but what the sockets have is read (a bot polling with 0)
             self.pump(wait)
             pumped = True
-        if not pumped and time.monotonic() - self._last_pump >= min(QUEUED_PUMP_S, self.heartbeat_ms / 4000):
+        if (
+            not pumped
+            and self.state != "closed"
+            and time.monotonic() - self._last_pump >= min(QUEUED_PUMP_S, self.heartbeat_ms / 4000)
+        ):
             # A bot slow with each event of a long queue pumped only once it was empty:
             # no ping for as long (10,000 events at 10 ms: 100 s), and the broker ended
-            # its session after 3 heartbeats.
+            # its session after 3 heartbeats. (Closed, by close() or a session_moved, it
+            # has nothing to keep: what is queued is handed out, as drain_events() would.)
             self.pump(0)
         return self._events.popleft()
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import zmq
 
+import client.lib as client_lib
 from client.lib import BrokerUnreachable, Client, Event, RequestError, ZchatError
 from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, wait_for
 from zchat import protocol as p
@@ -1318,3 +1319,42 @@ def test_a_bot_slow_with_each_event_of_a_long_queue_keeps_its_session(
         seen += collect(writer, 1)
     leaves = [e for e in seen if e.type == "presence" and e.name == "bot"]
     assert leaves == [], leaves
+
+
+def test_events_queued_when_the_session_moves_are_still_handed_out_one_by_one(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, connect_to: ConnectTo
+) -> None:
+    """next_event() takes a turn of the client while it hands out queued events (a bot
+    slow with each keeps its session); on a client that is closed (its session moved,
+    or close() called) that turn raised ``closed`` before the queued events: a DM read
+    just before the takeover, and the session_moved error that says why, were never
+    handed out. Now a closed client hands out what it holds, then says it is closed."""
+    monkeypatch.setattr(client_lib, "QUEUED_PUMP_S", 0.0)  # the turn is due at every event (a slow bot)
+    alice = connect_to(broker, "alice")
+    first = Client("bot", HOST, broker.port, broker.pub_port)
+    first.connect()
+    try:
+        alice.dm_wait("bot", "read me")
+        wait_for(lambda: first.pump(0.05) is not None and any(e.type == "dm" for e in first._events), 5)
+        second = Client("bot", HOST, broker.port, broker.pub_port, resume=first.resume_token)
+        second.connect()
+        try:
+
+            def first_closed() -> bool:
+                if not any(e.code == "session_moved" for e in first._events):
+                    first.pump(0.05)
+                return first.state == "closed"
+
+            wait_for(first_closed, 10, what=lambda: first.state)
+            got = [first.next_event(0), first.next_event(0)]
+            assert [(e.type, e.text or e.code) for e in got if e is not None] == [
+                ("dm", "read me"),
+                ("error", "session_moved"),
+            ], got
+            with pytest.raises(ZchatError) as closed:
+                first.next_event(0)
+            assert closed.value.code == "closed"
+        finally:
+            second.close(settle=0)
+    finally:
+        first.close(settle=0)
