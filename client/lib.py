@@ -2047,9 +2047,14 @@ class Client:
                         raise RequestError(event.code or "error", event.message or "")
                     return event
             remaining = deadline - time.monotonic()
-            if rid not in self._unacked and (taken := self._take_pending(rid, remaining <= 0)) is not None:
+            if (
+                rid not in self._unacked
+                and (taken := self._take_pending(rid, remaining <= 0 or self._backed_up())) is not None
+            ):
                 # Acknowledged, and waiting behind earlier events of its room that are still
                 # coming (a join with after far behind): it is not lost, so it is answered.
+                # With max_queue events unread, the gap before it is fetched only once the
+                # program reads, which it does not while it waits here: answered at once.
                 return taken
             if remaining <= 0:
                 # Held by the broker if we hold for it now, or it refused us lately (a hold it

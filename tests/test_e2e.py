@@ -1358,3 +1358,41 @@ def test_events_queued_when_the_session_moves_are_still_handed_out_one_by_one(
             second.close(settle=0)
     finally:
         first.close(settle=0)
+
+
+def test_send_wait_of_a_program_behind_its_room_returns_at_the_ack(make_client: MakeClient) -> None:
+    """A program with max_queue events unread (a bot that only writes, say) has its own
+    acknowledged message wait in its room's order behind a gap that is fetched only once
+    it reads: send_wait, which reads nothing, waited its whole timeout (10 s by default)
+    for every line. Now it returns the message at its ack; read later, the room still
+    comes complete, in order, that message once."""
+    reader = make_client("reader", max_queue=50)
+    reader.join("general")
+    writer = make_client("writer")
+    writer.join("general")
+    texts = [f"line {i}" for i in range(300)]
+    for text in texts:
+        writer.send("general", text)
+    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)
+
+    def quiet() -> bool:  # the flood has reached the reader: its SUB brings nothing more
+        reader.pump(0)
+        return not reader._sub.poll(300)
+
+    wait_for(quiet, 20)
+    assert reader._backed_up()
+    started = time.monotonic()
+    own = reader.send_wait("general", "mine", timeout=20)
+    assert time.monotonic() - started < 10, "send_wait waited for its timeout"
+    assert own.text == "mine" and own.seq == len(texts) + 3  # after the two joins
+    got = [e for e in reader.drain_events() if e.type == "msg"]
+
+    def all_in() -> bool:
+        reader.pump(0.05)
+        got.extend(e for e in reader.drain_events() if e.type == "msg")
+        return len(got) >= len(texts)
+
+    wait_for(all_in, 30, what=lambda: len(got))
+    assert reader.pump(0.3) is not None
+    got.extend(e for e in reader.drain_events() if e.type == "msg")
+    assert [e.text for e in got] == texts  # "mine" was handed out by send_wait, not again
