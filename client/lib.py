@@ -523,8 +523,9 @@ class _Room:
     #: ``last`` when the connection was lost, until the room is rejoined: what the
     #: rejoin's seq is compared with (SUB may deliver newer events before that reply).
     lost_at: int | None = None
-    #: After a rejoin that found the room ahead of us: the seq to catch up to before
-    #: our unacknowledged messages to it go again (0: none). An original that was
+    #: After a rejoin that found the room ahead of us, with a message of ours to it that
+    #: went before the connection was lost and is unacknowledged: the seq to catch up to
+    #: before our messages to it go again (0: none). An original that was
     #: stored, its ack lost, shows in the catch-up and counts as its ack; resent
     #: first, it could be stored twice once the broker's resend window has passed it.
     catch_up_to: int = 0
@@ -736,6 +737,9 @@ class Client:
         #: refused as ``no_such_user`` is asked again.
         self._dm_grace_until = 0.0
         self._dm_early: set[str] = set()
+        #: Room messages unacknowledged that went out before a lost connection: the broker
+        #: may have stored them. Only these make a rejoin catch up first (see _on_rejoin).
+        self._went_before_loss: set[str] = set()
         #: DMs that wait to be asked again (their recipient not back yet: ``undelivered``, or
         #: ``no_such_user`` just after a reconnect), by id: until when they are. A later DM to
         #: the same person waits behind them (see _dm_blocked), so that DMs arrive in order.
@@ -1737,6 +1741,10 @@ class Client:
             if not state.leaving:
                 self._rejoin(room)
         # Everything unacknowledged goes again, in order, each once its room is rejoined.
+        went, sent_at = self._went_before_loss, self._sent_at
+        self._went_before_loss = {
+            rid for rid, env in self._unacked.items() if env["type"] == "msg" and (rid in went or sent_at.get(rid, 0.0))
+        }
         for rid in self._unacked:
             self._queue(rid)
         self._dm_early = {rid for rid, env in self._unacked.items() if env["type"] == "dm"}
@@ -1792,7 +1800,12 @@ class Client:
             state.backlog_to = 0  # the numbers of a join's backlog mean nothing any more
             state.pending.clear()
         elif top > state.last:
-            state.catch_up_to = top
+            went = self._went_before_loss
+            if any(rid in went and env["room"] == room for rid, env in self._unacked.items()):
+                # Only a message that may be stored already needs the catch-up before it
+                # goes again. Others need not wait: a program with max_queue events unread
+                # fetches nothing until it reads, and its messages waited for good.
+                state.catch_up_to = top
             if not state.fetching:
                 self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
         self._resend(0.0)

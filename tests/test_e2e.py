@@ -1396,3 +1396,42 @@ def test_send_wait_of_a_program_behind_its_room_returns_at_the_ack(make_client: 
     assert reader.pump(0.3) is not None
     got.extend(e for e in reader.drain_events() if e.type == "msg")
     assert [e.text for e in got] == texts  # "mine" was handed out by send_wait, not again
+
+
+def test_a_program_behind_its_room_can_still_write_to_it_after_a_reconnect(make_client: MakeClient) -> None:
+    """A rejoin that finds the room ahead made every message to it wait for the catch-up
+    from history; a program with max_queue events unread fetches nothing until it reads,
+    so a bot that only writes never wrote to that room again (its messages waited, then
+    were lost at close). The catch-up only matters for a message that went before the
+    loss (it may be stored): with none, what is written after the reconnect goes."""
+    reader = make_client("reader", max_queue=50)
+    reader.join("general")
+    writer = make_client("writer")
+    writer.join("general")
+    texts = [f"line {i}" for i in range(300)]
+    for text in texts:
+        writer.send("general", text)
+    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)
+
+    def quiet() -> bool:  # the flood has reached the reader: its SUB brings nothing more
+        reader.pump(0)
+        return not reader._sub.poll(300)
+
+    wait_for(quiet, 20)
+    assert reader._backed_up()
+    reader._lost("test: connection cut")
+    wait_for(lambda: reader.pump(0.05) is not None and reader._rooms["general"].joined, 20)
+    assert reader._backed_up()
+    started = time.monotonic()
+    own = reader.send_wait("general", "after the reconnect", timeout=20)
+    assert time.monotonic() - started < 10, "it waited for a catch-up that does not come"
+    assert own.seq == len(texts) + 3
+    got = [e for e in reader.drain_events() if e.type == "msg"]
+
+    def all_in() -> bool:
+        reader.pump(0.05)
+        got.extend(e for e in reader.drain_events() if e.type == "msg")
+        return len(got) >= len(texts)
+
+    wait_for(all_in, 30, what=lambda: len(got))
+    assert [e.text for e in got] == texts
