@@ -1021,9 +1021,10 @@ class Client:
         keeps are said by a ``status`` "skipped" event in their place; an ``after``
         above the room's seq (a broker that lost its store numbers the room anew) gives
         it all. For a room this client is in already, ``after`` is ignored: what came
-        since it joined is queued already. A reconnect during such a catch-up holds new
-        messages to the room until it is done (as after any reconnect: an earlier one
-        whose ack was lost must be found in the room before it may be sent again).
+        since it joined is queued already. A reconnect during such a catch-up, with a
+        message to the room sent before it and unacknowledged, holds new messages to the
+        room until it is done (as after any reconnect: that one, its ack maybe lost, must
+        be found in the room before it may be sent again).
         An ``unavailable`` or ``rate_limited`` answer is asked again after a moment
         (:data:`UNAVAILABLE_RETRY_S`, :data:`RATE_RETRY_S`), within the request timeout:
         a script joining many rooms at once meets the join rate limit. A join that
