@@ -2361,8 +2361,13 @@ class Client:
         return len(self._events) + sum(len(state.pending) for state in self._rooms.values())
 
     def _backed_up(self) -> bool:
-        """Whether the program has max_queue events to read: no more are fetched until it reads."""
-        return self._held() >= self._max_queue
+        """Whether the program has max_queue events to read: no history is fetched until it reads.
+
+        Not the events waiting in a room for an earlier one (see _held): only history
+        brings what they wait for, so once they alone were max_queue, the room stood still
+        for good (SUB's events dropped, the gap never asked for). A fetch adds at most a
+        page (p.MAX_HISTORY_LIMIT) a room to what is held."""
+        return len(self._events) >= self._max_queue
 
     def _read_sub(self) -> None:
         held = self._held()

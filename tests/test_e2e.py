@@ -1290,6 +1290,49 @@ def test_a_reader_behind_its_room_holds_at_most_max_queue_events_and_misses_none
     assert seqs == sorted(set(seqs))
 
 
+def test_a_reader_with_max_queue_events_waiting_behind_a_gap_still_fetches_the_gap(make_client: MakeClient) -> None:
+    """The events waiting in a room for an earlier one count towards ``max_queue``, and with
+    that many held no history was asked: once they alone were ``max_queue`` (the program had
+    read the rest), the gap they wait behind was never fetched and the room stood still for
+    good, every later event dropped. A terminal client at 3,000 msg/s of 400-byte lines
+    stopped showing the room (35,000 behind, its own line never acknowledged). Now only
+    what the program has not read holds history back."""
+    reader = make_client("reader", max_queue=50)
+    reader.join("general")
+    writer = make_client("writer")
+    writer.join("general")
+    watcher = make_client("watcher")  # (its SUB is fed when the reader's is)
+    watcher.join("general")
+    texts = [f"line {i}" for i in range(800)]
+
+    def sent(upto: int) -> bool:
+        writer.pump(0)
+        watcher.pump(0.02)
+        return any(e.type == "msg" and e.text == texts[upto - 1] for e in watcher.drain_events())
+
+    # The reader holds 50 unread and drops the rest: a gap of more than a history page (500).
+    for text in texts[:700]:
+        writer.send("general", text)
+        reader.pump(0)
+    wait_for(lambda: sent(700), 20)
+    wait_for(lambda: not reader.pump(0) and not reader._sub.poll(300), 20)
+    got = [e for e in reader.drain_events() if e.type == "msg"]
+    assert len(got) <= 50
+    # 100 more reach its socket before it pumps again: the first shows the gap (fetched a
+    # page at a time) and 50 wait behind it, the rest dropped.
+    for text in texts[700:]:
+        writer.send("general", text)
+    wait_for(lambda: sent(800), 20)
+
+    def all_in() -> bool:
+        reader.pump(0.05)
+        got.extend(e for e in reader.drain_events() if e.type == "msg")
+        return len(got) >= len(texts)
+
+    wait_for(all_in, 10, what=lambda: len(got))
+    assert [e.text for e in got] == texts
+
+
 def test_a_bot_slow_with_each_event_of_a_long_queue_keeps_its_session(
     short_heartbeat_broker: RunningBroker, connect_to: ConnectTo
 ) -> None:
