@@ -261,6 +261,8 @@ def cell_width(ch: str) -> int:
 
 
 def text_width(text: str) -> int:
+    if text.isascii():  # (every ASCII character is one cell; see cell_width)
+        return len(text)
     return sum(cell_width(ch) for ch in text)
 
 
@@ -276,9 +278,19 @@ def wrap(fragments: list[Fragment], width: int, indent: int = 0) -> list[list[Fr
     never straddles two lines. Continuation lines start with ``indent`` spaces
     (fewer when the terminal is narrow).
     """
+    if all(text.isascii() for _, text in fragments):
+        return _wrap_ascii(fragments, *_fit(width, indent))
+    return _wrap_cells(fragments, width, indent)
+
+
+def _fit(width: int, indent: int) -> tuple[int, int]:
     width = max(width, 2)
-    if indent > width // 2:
-        indent = min(2, width // 2)
+    return width, indent if indent <= width // 2 else min(2, width // 2)
+
+
+def _wrap_cells(fragments: list[Fragment], width: int, indent: int = 0) -> list[list[Fragment]]:
+    """:func:`wrap`, a character at a time: any text (wide characters, combining marks)."""
+    width, indent = _fit(width, indent)
     lines: list[list[Fragment]] = []
     line: list[Fragment] = []  # one character per fragment while building
     col = 0
@@ -302,6 +314,47 @@ def wrap(fragments: list[Fragment], width: int, indent: int = 0) -> list[list[Fr
                 brk = len(line) - 1
     lines.append(line)
     return [_merge(chars) for chars in lines]
+
+
+def _wrap_ascii(fragments: list[Fragment], width: int, indent: int) -> list[list[Fragment]]:
+    """:func:`wrap` of a line whose every character is one cell, the same lines, by slices.
+
+    wrap's loop costs a few microseconds a character: under a flood of 400-character
+    lines it was most of what the terminal client did (3,000 a second could not be shown,
+    and keys waited seconds behind them)."""
+    text = "".join(t for _, t in fragments)
+    starts: list[int] = []  # where each fragment begins in ``text``
+    at = 0
+    for _, t in fragments:
+        starts.append(at)
+        at += len(t)
+    lines: list[list[Fragment]] = []
+    start, lead = 0, 0  # the line's first character in ``text``, and the cells before it
+    while True:
+        end = start + width - lead  # the first character that does not fit
+        if end >= len(text):
+            lines.append(_slice(fragments, starts, start, len(text), lead))
+            return lines
+        # The last space that fits, past the first ``indent`` cells (wrap's rule).
+        space = text.rfind(" ", max(start, start + indent - lead + 1), end)
+        lines.append(_slice(fragments, starts, start, space if space >= 0 else end, lead))
+        start, lead = (space + 1 if space >= 0 else end), indent
+
+
+def _slice(fragments: list[Fragment], starts: list[int], begin: int, end: int, lead: int) -> list[Fragment]:
+    """The characters ``begin`` to ``end`` of the joined ``fragments``, after ``lead`` spaces, as _merge leaves them."""
+    out: list[Fragment] = [("", " " * lead)] if lead else []
+    for (style, t), at in zip(fragments, starts, strict=True):
+        piece = t[max(begin - at, 0) : max(end - at, 0)]
+        if not piece:
+            continue
+        if out and out[-1][0] == style:
+            out[-1] = (style, out[-1][1] + piece)
+        else:
+            out.append((style, piece))
+    while out and not out[-1][1].strip() and out[-1][0] == "":
+        out.pop()
+    return out
 
 
 def _merge(chars: list[Fragment]) -> list[Fragment]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 import re
 import signal
 import time
@@ -1382,6 +1383,44 @@ def test_wrap_counts_wide_characters_and_keeps_every_character() -> None:
     # Words are not cut when a space is available.
     lines = render.wrap([("", "aaaa bbbb cccc")], 10)
     assert ["".join(t for _, t in line) for line in lines] == ["aaaa bbbb", "cccc"]
+
+
+def test_wrap_of_plain_ascii_gives_the_lines_of_the_character_at_a_time_wrap() -> None:
+    """Lines of ASCII are wrapped by slices (see test_wrapping_ascii_costs_...); they must come
+    out exactly as the character-at-a-time wrap makes them: breaks, indent, styles, blanks."""
+    rng = random.Random(7)
+    styles = ["", "class:time", "class:text", "class:nick.3"]
+    words = ["a", "bb", "word", "longerword", "x" * 30, " ", "  ", "<bob>", ""]
+    for _ in range(3000):
+        fragments = [
+            (rng.choice(styles), "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randrange(6))))
+            for _ in range(rng.randrange(1, 6))
+        ]
+        width, indent = rng.randrange(0, 60), rng.randrange(0, 40)
+        assert render.wrap(fragments, width, indent) == render._wrap_cells(fragments, width, indent), (
+            fragments,
+            width,
+            indent,
+        )
+
+
+def test_wrapping_ascii_costs_a_fraction_of_wrapping_a_character_at_a_time() -> None:
+    """Wrapping a character at a time was most of what the terminal client did under a flood
+    of 400-character lines (3,000 a second: keys waited seconds, the screen fell 12,000 lines
+    behind). Lines of ASCII (every character one cell) are cut by slices now. Measured as a
+    ratio of CPU times on the same lines, so the machine's speed does not matter."""
+    head = [("class:time", "16:20 "), ("class:punct", "<"), ("class:nick.3", "flood"), ("class:punct", ">"), ("", " ")]
+    line = [*head, ("class:text", ("lorem ipsum dolor sit amet " * 20)[:400])]
+
+    def cost(wrap: Callable[[list[render.Fragment], int, int], object]) -> float:
+        start = time.process_time()
+        for _ in range(300):
+            wrap(line, 80, 14)
+        return time.process_time() - start
+
+    assert render.wrap(line, 80, 14) == render._wrap_cells(line, 80, 14)
+    cells, sliced = cost(render._wrap_cells), cost(render.wrap)
+    assert sliced * 3 < cells, (sliced, cells)
 
 
 def test_joins_and_leaves_in_a_big_room_are_summed_up_but_not_of_who_spoke_lately(
