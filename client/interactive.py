@@ -55,6 +55,13 @@ from zchat import protocol as p
 
 #: How often the client's sockets are read (the loop sleeps in between).
 PUMP_INTERVAL_S = 0.02
+#: Longest a turn of the pump loop shows events (taken SHOW_BATCH at a time) before it
+#: lets keys in and the prompt be drawn: a turn showed all the sockets had, and under
+#: a flood a key waited behind thousands of lines. The rest wait in the library, which
+#: holds at most max_queue of them (and fetches what it dropped once it has room).
+SHOW_SLICE_S = 0.03
+SHOW_BATCH = 100
+SLICE_GAP_S = 0.001
 #: Plain copies of the last lines shown (``ChatUI.transcript``).
 TRANSCRIPT_LINES = 2000
 #: In a room of more members than this, the joins and leaves of those who have not
@@ -478,14 +485,21 @@ class ChatUI:
                 if self.client.state != "closed":  # (a command's own pumping may have closed it)
                     self.client.pump(0)
                 backlog_now: set[str] = set()
-                for event in self.client.drain_events():
-                    if not event.backlog and event.room in self._backlog:
-                        self._end_backlog(event.room)  # a live one of that room: it is over
-                    self._show(event)
-                    if event.backlog and event.room:
-                        self._backlog[event.room] = self._backlog.get(event.room, 0) + 1
-                        backlog_now.add(event.room)
-                self._mark_backlog_ends(backlog_now)
+                slice_end = time.monotonic() + SHOW_SLICE_S
+                while True:
+                    events = self.client.drain_events(SHOW_BATCH)
+                    more = len(events) == SHOW_BATCH
+                    for event in events:
+                        if not event.backlog and event.room in self._backlog:
+                            self._end_backlog(event.room)  # a live one of that room: it is over
+                        self._show(event)
+                        if event.backlog and event.room:
+                            self._backlog[event.room] = self._backlog.get(event.room, 0) + 1
+                            backlog_now.add(event.room)
+                    if not more or time.monotonic() >= slice_end:
+                        break
+                if not more:  # (a backlog may go on in what is still queued)
+                    self._mark_backlog_ends(backlog_now)
                 self._show_folded()
                 for room, line in list(self._leaving.items()):
                     if room not in self.client.rooms_joined:
@@ -503,7 +517,9 @@ class ChatUI:
                     if self.session.app.is_running:
                         self.session.app.exit(result="")
                     return
-                await asyncio.sleep(PUMP_INTERVAL_S)
+                # With events still queued, only the keys and a redraw go first. (A sleep of 0
+                # did not let the keys in: the pipe input of the tests waited for the last slice.)
+                await asyncio.sleep(SLICE_GAP_S if more else PUMP_INTERVAL_S)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug, not a chat condition: end cleanly and say so

@@ -1332,11 +1332,16 @@ class Client:
             if now_left < left:
                 left, deadline = now_left, time.monotonic() + patience
 
-    def drain_events(self) -> list[Event]:
-        """Every event queued so far, without waiting."""
-        out = list(self._events)
-        self._events.clear()
-        return out
+    def drain_events(self, limit: int | None = None) -> list[Event]:
+        """Every event queued so far (at most ``limit``, the oldest), without waiting.
+
+        What is left stays queued, and counts towards ``max_queue``: a program that
+        takes its events a slice at a time holds no more than that."""
+        if limit is None or limit >= len(self._events):
+            out = list(self._events)
+            self._events.clear()
+            return out
+        return [self._events.popleft() for _ in range(max(limit, 0))]
 
     def pump(self, timeout: float | None = 0, fds: Sequence[int] = ()) -> list[int]:
         """Read whatever the sockets have, waiting up to ``timeout`` s for something.
