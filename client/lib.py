@@ -492,6 +492,9 @@ class _Room:
     #: Events waiting for the ones before them: live or fetched envelopes, and
     #: our own acknowledged messages (already made into their ``Event``).
     pending: dict[int, Envelope | Event] = field(default_factory=dict)
+    #: No seq in ``pending`` is below this (lowered as they come, raised past ``last`` by
+    #: _flush): only then may some be at or below ``last`` and need dropping.
+    floor: int = 0
     fetching: bool = False
     #: ``after`` of the history request in flight, its id and when it went.
     fetch_after: int = 0
@@ -2358,6 +2361,7 @@ class Client:
             return
         # Replaces a copy of it that may be waiting there (it would be dropped as ours).
         state.pending[event.seq] = event
+        state.floor = min(state.floor, event.seq)
         assert event.room is not None
         self._flush(event.room, state)
 
@@ -2409,6 +2413,7 @@ class Client:
                 if state.last is None or seq > state.last:
                     if seq not in state.pending:  # an own acknowledged message there stays
                         state.pending[seq] = env
+                        state.floor = min(state.floor, seq)
                         held += 1
                     added = True
             if added:
@@ -2418,8 +2423,11 @@ class Client:
         """Deliver pending events in seq order; fetch from history across a gap."""
         if state.last is None:
             return
-        for seq in [s for s in state.pending if s <= state.last]:
-            del state.pending[seq]
+        if state.floor <= state.last:
+            # (A scan of every event waiting: per frame SUB brought, behind a gap of a
+            # flood, it was most of the client's work, so only when some may be stale.)
+            for seq in [s for s in state.pending if s <= state.last]:
+                del state.pending[seq]
         while (item := state.pending.pop(state.last + 1, None)) is not None:
             state.last += 1
             backlog = state.last <= state.backlog_to and not (
@@ -2427,6 +2435,7 @@ class Client:
                 state.last == state.backlog_to and self._is_own_join(item)
             )
             self._deliver(item, state.backlog_seen if backlog else None)
+        state.floor = state.last + 1  # (what is left is past it: the loop took each next one)
         if state.catch_up_to and state.last >= state.catch_up_to:
             state.catch_up_to = 0
             self._resend(0.0)  # what waited for the catch-up, in order
@@ -2461,6 +2470,7 @@ class Client:
         for env in events:
             if env["seq"] > state.last:
                 state.pending.setdefault(env["seq"], env)
+                state.floor = min(state.floor, env["seq"])
         top = reply.get("seq")
         top = top if isinstance(top, int) and not isinstance(top, bool) else state.last
         if not events and after <= state.last < top:
