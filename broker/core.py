@@ -1024,8 +1024,7 @@ class Core:
         msg_id: str = dm.ack["id"]
         self._acked.forget((dm.env["from"], msg_id))
         target = self.named(dm.env["to"])
-        kept = target.recent_dms if target is not None else None
-        if target is not None and kept:
+        if target is not None and (kept := target.recent_dms):
             # Its author is told, and resends: not sent again on a resume. Not always the
             # last one kept: the DMs of a pass are all kept before the loop hands any over.
             for i in range(len(kept) - 1, -1, -1):

@@ -1304,6 +1304,23 @@ def test_a_stdout_that_fails_is_said_in_one_line_and_ends_the_run(
     assert stored == lines[: len(stored)]
 
 
+def _write_more_than_a_pipe_holds(broker: BrokerProcess) -> list[str]:
+    """400 lines to #general from a pipe-mode writer, all acknowledged: as JSON events,
+    about 140 KiB, more than a pipe's 64 KiB. The lines, in order."""
+    lines = [f"{i:03} " + "x" * 250 for i in range(400)]
+    writer = subprocess.run(
+        [bin_path("zchat"), "--name", "writer", "--no-commands", "--backlog", "0"],
+        input="\n".join(lines) + "\n",
+        env=broker.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert writer.returncode == 0, writer.stderr
+    return lines
+
+
 @pytest.mark.timeout(60)
 def test_a_reader_that_pauses_with_the_pipe_full_does_not_cost_the_session(tmp_path: Path) -> None:
     """stdout's reader pauses (a consumer busy with a line, a pager) while the pipe is full:
@@ -1320,17 +1337,7 @@ def test_a_reader_that_pauses_with_the_pipe_full_does_not_cost_the_session(tmp_p
     )
     try:
         wait_for(lambda: any("session start: reader" in line for line in broker.log), 10)
-        lines = [f"{i:03} " + "x" * 250 for i in range(400)]  # ~140 KiB of JSON: over a pipe's 64 KiB
-        writer = subprocess.run(
-            [bin_path("zchat"), "--name", "writer", "--no-commands", "--backlog", "0"],
-            input="\n".join(lines) + "\n",
-            env=broker.env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert writer.returncode == 0, writer.stderr
+        lines = _write_more_than_a_pipe_holds(broker)
         # Nobody reads the reader's output for 5 expiry times (proving an absence needs a wait).
         quiet_until = time.monotonic() + 5 * 0.9
         while time.monotonic() < quiet_until and not any("session expired: reader" in x for x in broker.log):
@@ -1402,19 +1409,9 @@ def test_a_stop_signal_gives_up_on_a_reader_that_reads_nothing(tmp_path: Path) -
     end, deaf to more SIGTERMs (they are ignored during the bye). Now it gives the reader
     2 s, says so, and ends with 143."""
     broker = BrokerProcess(tmp_path / "d", extra=["--rate-limit", "0"]).start()
-    lines = [f"{i:03} " + "x" * 250 for i in range(400)]  # ~140 KiB of JSON: over a pipe's 64 KiB
     writer = _run_zchat(broker, "--name", "writer", "--no-commands", "--backlog", "0", "--send", "first")
     assert writer.returncode == 0, writer.stderr
-    filled = subprocess.run(
-        [bin_path("zchat"), "--name", "writer", "--no-commands", "--backlog", "0"],
-        input="\n".join(lines) + "\n",
-        env=broker.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert filled.returncode == 0, filled.stderr
+    _write_more_than_a_pipe_holds(broker)
     reader = subprocess.Popen(
         [bin_path("zchat"), "--name", "reader", "--json", "--backlog", "400"],
         stdin=subprocess.PIPE,

@@ -1254,6 +1254,43 @@ def test_a_member_list_past_what_a_reply_holds_says_how_many_there_are(
     assert err == []
 
 
+def _until_quiet(reader: Client) -> None:
+    """Pump ``reader`` until a flood has reached it: its SUB brings nothing more for 0.3 s."""
+
+    def quiet() -> bool:
+        reader.pump(0)
+        return not reader._sub.poll(300)
+
+    wait_for(quiet, 20)
+
+
+def _read_all(reader: Client, got: list[Event], count: int, timeout: float = 30) -> None:
+    """Pump ``reader`` until ``got``, which what it reads is added to, holds ``count`` room messages."""
+
+    def all_in() -> bool:
+        reader.pump(0.05)
+        got.extend(e for e in reader.drain_events() if e.type == "msg")
+        return len(got) >= count
+
+    wait_for(all_in, timeout, what=lambda: len(got))
+
+
+def _behind_its_room(make_client: MakeClient) -> tuple[Client, list[str]]:
+    """A reader in #general with ``max_queue=50`` that has read none of a writer's 300 lines
+    there (all acknowledged and come to its socket): it is backed up. The lines, in order."""
+    reader = make_client("reader", max_queue=50)
+    reader.join("general")
+    writer = make_client("writer")
+    writer.join("general")
+    texts = [f"line {i}" for i in range(300)]
+    for text in texts:
+        writer.send("general", text)
+    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)
+    _until_quiet(reader)
+    assert reader._backed_up()
+    return reader, texts
+
+
 def test_a_reader_behind_its_room_holds_at_most_max_queue_events_and_misses_none(make_client: MakeClient) -> None:
     """A program that pumps without reading its events (a pipe-mode zchat whose stdout
     nobody empties keeps pumping to stay alive) held every event of the room: 80,000
@@ -1270,21 +1307,12 @@ def test_a_reader_behind_its_room_holds_at_most_max_queue_events_and_misses_none
         reader.pump(0)
     wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)
 
-    def quiet() -> bool:  # the flood has reached the reader: its SUB brings nothing more
-        reader.pump(0)
-        return not reader._sub.poll(300)
-
-    wait_for(quiet, 20)
+    _until_quiet(reader)
     held = reader.drain_events()
     assert len(held) <= 50, len(held)
     got = [e for e in held if e.type == "msg"]
 
-    def all_in() -> bool:
-        reader.pump(0.05)
-        got.extend(e for e in reader.drain_events() if e.type == "msg")
-        return len(got) >= len(texts)
-
-    wait_for(all_in, 30, what=lambda: len(got))
+    _read_all(reader, got, len(texts))
     assert [e.text for e in got] == texts
     seqs = [e.seq for e in got]
     assert seqs == sorted(set(seqs))
@@ -1324,12 +1352,7 @@ def test_a_reader_with_max_queue_events_waiting_behind_a_gap_still_fetches_the_g
         writer.send("general", text)
     wait_for(lambda: sent(800), 20)
 
-    def all_in() -> bool:
-        reader.pump(0.05)
-        got.extend(e for e in reader.drain_events() if e.type == "msg")
-        return len(got) >= len(texts)
-
-    wait_for(all_in, 10, what=lambda: len(got))
+    _read_all(reader, got, len(texts), timeout=10)
     assert [e.text for e in got] == texts
 
 
@@ -1434,33 +1457,14 @@ def test_send_wait_of_a_program_behind_its_room_returns_at_the_ack(make_client: 
     it reads: send_wait, which reads nothing, waited its whole timeout (10 s by default)
     for every line. Now it returns the message at its ack; read later, the room still
     comes complete, in order, that message once."""
-    reader = make_client("reader", max_queue=50)
-    reader.join("general")
-    writer = make_client("writer")
-    writer.join("general")
-    texts = [f"line {i}" for i in range(300)]
-    for text in texts:
-        writer.send("general", text)
-    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)
-
-    def quiet() -> bool:  # the flood has reached the reader: its SUB brings nothing more
-        reader.pump(0)
-        return not reader._sub.poll(300)
-
-    wait_for(quiet, 20)
-    assert reader._backed_up()
+    reader, texts = _behind_its_room(make_client)
     started = time.monotonic()
     own = reader.send_wait("general", "mine", timeout=20)
     assert time.monotonic() - started < 10, "send_wait waited for its timeout"
     assert own.text == "mine" and own.seq == len(texts) + 3  # after the two joins
     got = [e for e in reader.drain_events() if e.type == "msg"]
 
-    def all_in() -> bool:
-        reader.pump(0.05)
-        got.extend(e for e in reader.drain_events() if e.type == "msg")
-        return len(got) >= len(texts)
-
-    wait_for(all_in, 30, what=lambda: len(got))
+    _read_all(reader, got, len(texts))
     assert reader.pump(0.3) is not None
     got.extend(e for e in reader.drain_events() if e.type == "msg")
     assert [e.text for e in got] == texts  # "mine" was handed out by send_wait, not again
@@ -1472,21 +1476,7 @@ def test_a_program_behind_its_room_can_still_write_to_it_after_a_reconnect(make_
     so a bot that only writes never wrote to that room again (its messages waited, then
     were lost at close). The catch-up only matters for a message that went before the
     loss (it may be stored): with none, what is written after the reconnect goes."""
-    reader = make_client("reader", max_queue=50)
-    reader.join("general")
-    writer = make_client("writer")
-    writer.join("general")
-    texts = [f"line {i}" for i in range(300)]
-    for text in texts:
-        writer.send("general", text)
-    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)
-
-    def quiet() -> bool:  # the flood has reached the reader: its SUB brings nothing more
-        reader.pump(0)
-        return not reader._sub.poll(300)
-
-    wait_for(quiet, 20)
-    assert reader._backed_up()
+    reader, texts = _behind_its_room(make_client)
     reader._lost("test: connection cut")
     wait_for(lambda: reader.pump(0.05) is not None and reader._rooms["general"].joined, 20)
     assert reader._backed_up()
@@ -1496,10 +1486,5 @@ def test_a_program_behind_its_room_can_still_write_to_it_after_a_reconnect(make_
     assert own.seq == len(texts) + 3
     got = [e for e in reader.drain_events() if e.type == "msg"]
 
-    def all_in() -> bool:
-        reader.pump(0.05)
-        got.extend(e for e in reader.drain_events() if e.type == "msg")
-        return len(got) >= len(texts)
-
-    wait_for(all_in, 30, what=lambda: len(got))
+    _read_all(reader, got, len(texts))
     assert [e.text for e in got] == texts

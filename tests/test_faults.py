@@ -344,16 +344,7 @@ def test_a_dm_written_while_the_broker_is_down_waits_for_its_recipient_to_be_bac
             return bool(refused)
 
         wait_for(told_not_yet, 20, interval=0)
-        got: list[str] = []
-
-        def delivered() -> bool:
-            alice.pump(0.02)
-            bob.pump()
-            got.extend(e.text or "" for e in alice.drain_events() if e.type == "dm")
-            return bool(got) and bob.client.unacked == 0
-
-        wait_for(delivered, 20, interval=0)
-        assert got == ["while down"]
+        assert _dms_delivered(alice, bob) == ["while down"]
         assert not [e for e in bob.events if e.type == "error"], bob.events
     finally:
         alice.close(0)
@@ -361,6 +352,20 @@ def test_a_dm_written_while_the_broker_is_down_waits_for_its_recipient_to_be_bac
         first.kill()
         if second is not None:
             second.kill()
+
+
+def _dms_delivered(to: Client, author: Inbox) -> list[str]:
+    """Pump both until ``to`` has DMs and ``author`` nothing unacknowledged: their texts."""
+    got: list[str] = []
+
+    def delivered() -> bool:
+        to.pump(0.02)
+        author.pump()
+        got.extend(e.text or "" for e in to.drain_events() if e.type == "dm")
+        return bool(got) and author.client.unacked == 0
+
+    wait_for(delivered, 20, interval=0)
+    return got
 
 
 @pytest.mark.timeout(60)
@@ -392,16 +397,7 @@ def test_a_dm_written_just_after_a_reconnect_waits_for_its_recipient_to_be_back(
         alice.client._dispatch = spy  # type: ignore[method-assign]
         alice.client.dm("bob", "just after")
         alice.until(lambda: bool(refused), 10)
-        got: list[str] = []
-
-        def delivered() -> bool:
-            bob.pump(0.02)
-            alice.pump()
-            got.extend(e.text or "" for e in bob.drain_events() if e.type == "dm")
-            return bool(got) and alice.client.unacked == 0
-
-        wait_for(delivered, 20, interval=0)
-        assert got == ["just after"]
+        assert _dms_delivered(bob, alice) == ["just after"]
         assert not [e for e in alice.events if e.type == "error"], alice.events
     finally:
         alice.client.close(0)
