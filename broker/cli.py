@@ -28,6 +28,7 @@ from broker.server import (
     CONNECT_BURST,
     CONNECT_RATE,
     FD_MARGIN,
+    MIN_FREE_BYTES,
     MIN_OPEN_FILES,
     PUB_SNDHWM,
     SOCKET_MAX_MSG_BYTES,
@@ -84,6 +85,11 @@ def _bind_host(value: str) -> str | None:
     if "," in value:
         return None
     return p.bare_host(value) or None
+
+
+def _alarm_text(floor: int) -> str:
+    """The disk alarm's floor, for the ready line (see --min-free)."""
+    return f"disk alarm under {floor / 1048576:g} MiB free" if floor > 0 else "disk alarm off"
 
 
 def _variable(flag: str) -> str:
@@ -179,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help="delete events older than this from the store in --data, at start and then as they age "
         "(fractions allowed: 0.5 is 12 hours; ZCHAT_RETENTION_DAYS; default: keep them; not with --backplane)",
+    )
+    parser.add_argument(
+        "--min-free",
+        type=float,
+        # None until main(): the default, unless given (it is refused with --backplane).
+        default=envargs.default("ZCHAT_MIN_FREE", None),
+        metavar="MIB",
+        help="the disk alarm: while the file system of --data has less than this free (as df counts it), room "
+        "messages are refused (unavailable; clients hold them and retry) and the log says so; they are taken "
+        f"again at 10%% more; 0 turns it off (ZCHAT_MIN_FREE; default {MIN_FREE_BYTES >> 20}; not with --backplane)",
     )
     parser.add_argument(
         "--rate-limit",
@@ -390,6 +406,16 @@ def main(argv: list[str] | None = None) -> int:
                 "with --backplane, --retention sets how many events of each room Redis keeps"
             )
             return 2
+    if args.min_free is not None:
+        if not (math.isfinite(args.min_free) and args.min_free >= 0):
+            log.error("--min-free (or ZCHAT_MIN_FREE) must be 0 (off) or a number of MiB, not %s", args.min_free)
+            return 2
+        if args.backplane:
+            log.error(
+                "--min-free (or ZCHAT_MIN_FREE) guards the store in --data; with --backplane the room logs are "
+                "in Redis (see its maxmemory)"
+            )
+            return 2
     for flag, rate in (
         ("--rate-limit", args.rate_limit),
         ("--join-rate", args.join_rate),
@@ -456,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         backplane=args.backplane,
         retention=args.retention,
         connect_rate=args.connect_rate,
+        min_free_bytes=MIN_FREE_BYTES if args.min_free is None else round(args.min_free * 1048576),
         # (A host may hold that many sessions, and may reconnect them all at once, twice.)
         connect_burst=max(CONNECT_BURST, 2 * (args.max_sessions_per_host or args.max_sessions)),
     )
@@ -593,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             store.describe() if store is not None else where,
             broker.core.epoch,
             config.heartbeat_ms,
-            f", durability {config.durability}" if store is not None else "",
+            f", durability {config.durability}, {_alarm_text(config.min_free_bytes)}" if store is not None else "",
             f"; address from ZCHAT_HOST={args.host}" if host_from_env else "",
         )
     try:

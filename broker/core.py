@@ -372,6 +372,11 @@ _ROUTINE_REFUSALS: Final = frozenset(
 )
 
 
+class _Refused(ProtocolError):
+    """A refusal the broker has already said in its log once for all (the disk alarm's
+    WARNING): logged per request at debug only."""
+
+
 class _HeldBack(ProtocolError):
     """A message refused because an earlier one of its session was (rate_limited) and
     has not come back yet. Said to the client as any refusal, but logged at debug: the
@@ -459,6 +464,11 @@ class Core:
         #: here when it gets its first seq, in its place (a flood of ``rooms`` requests,
         #: or of joins and leaves, must not sort 20,000 names again at every request).
         self._room_index: list[str] = sorted(self.seqs)
+        #: While set (the server's disk alarm: the store's disk is nearly full), room
+        #: messages are refused ``unavailable`` with this text: nothing is given a seq
+        #: that could not be stored. Presence events still are (a leave cannot be
+        #: refused); they are small, and the alarm's floor leaves room for them.
+        self.store_refusal: str | None = None
         #: (name, id) -> the ack first given for that message.
         self._acked = AckWindow(DEDUP_WINDOW)
         for ack in recent_acks:  # oldest first, as the store hands them over
@@ -555,7 +565,7 @@ class Core:
         # --log-level spends none.
         routine = exc.code in _ROUTINE_REFUSALS
         level, budget = (logging.INFO, self._refusals_log) if routine else (logging.WARNING, self._log_budget)
-        if isinstance(exc, _HeldBack):
+        if isinstance(exc, (_HeldBack, _Refused)):
             level = logging.DEBUG
         if log.isEnabledFor(level) and budget.allow(self._clock // 1000, level):
             session = self.by_identity.get(identity)
@@ -901,6 +911,10 @@ class Core:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
         if len(text) > self.limits.max_text:
             self._check_text(text)
+        if self.store_refusal is not None:
+            # Checked after the message's own faults (which a retry would not mend) and
+            # before the rate limit, which a message that is not taken must not spend.
+            raise _Refused(ErrorCode.UNAVAILABLE, self.store_refusal)
         self._throttle_send(session, now, msg_id)
         seq = self._next_seq(room)
         event = p.msg_event(room, seq, now, session.name, session.sender, text, msg_id, env.get("action", False))

@@ -56,7 +56,7 @@ from broker.core import (
 from broker.fanin import FANIN_ENDPOINT, EventListener, InboxListener
 from broker.gate import EVENTS_DOMAIN, REQUEST_DOMAIN, Gate
 from broker.hold import PresenceHold
-from broker.store import Durability, Row, Store, StoreError, now_ms
+from broker.store import LOW_SPACE_WARN_BYTES, Durability, Row, Store, StoreError, now_ms
 from broker.writer import Writer
 from zchat import protocol as p
 from zchat.protocol import ErrorCode
@@ -151,6 +151,19 @@ MAX_PASSES_WAITING = 32
 #: 4 of 6 commits that waited over 4 ms had waited for a CPU, not the disk.
 SLOW_DISK_WAIT_S = 0.004
 SLOW_DISK_HOLD_S = 0.1
+#: The disk alarm's floor by default: the free space (as ``df`` counts it) on the
+#: store's file system below which room messages are refused ``unavailable``, as
+#: RabbitMQ's disk_free_limit blocks publishers (its default is 50 MB). Enough for
+#: what can be written between two checks (a tick: 1.25 s at the default heartbeat;
+#: at 60k msg/s some 25 MB of WAL and database) and for the WAL's growth to its
+#: restart size (WAL_RESTART_FRAMES pages, 32 MiB) after a start. The same figure
+#: as the store's low-space warning at start.
+MIN_FREE_BYTES = LOW_SPACE_WARN_BYTES
+#: The alarm clears once this much more than its floor is free: not flapping on
+#: and off (a line each) while the broker's own writes hover at the floor.
+MIN_FREE_MARGIN = 0.1
+#: What a room message is answered during the disk alarm.
+DISK_ALARM_TEXT = "the broker's disk is nearly full: nothing was stored; retry later (your client does)"
 #: File descriptors the broker holds besides its clients' connections (store, sockets,
 #: libzmq's own); each client takes 2 more (its request and its room-event connection).
 FD_MARGIN = 64
@@ -255,6 +268,23 @@ class Config:
     #: ``connect_burst`` (broker/gate.py); 0: no pacing.
     connect_rate: float = CONNECT_RATE
     connect_burst: int = CONNECT_BURST
+    #: The disk alarm: below this many bytes free on the store's file system, room
+    #: messages are refused ``unavailable`` (see Broker._check_disk); 0 turns it off.
+    min_free_bytes: int = MIN_FREE_BYTES
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on ``path``'s file system for an unprivileged user, as ``df`` counts them."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _resume_at(floor: int) -> int:
+    return floor + round(floor * MIN_FREE_MARGIN)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def _endpoint(host: str, port: int) -> str:
@@ -416,6 +446,7 @@ class Broker:
 
     def run(self) -> None:
         try:
+            self._check_disk()  # a broker started on a nearly full disk refuses from its first message
             self._serve()
         finally:
             # Presence still held goes out, however the loop ended: it is committed.
@@ -480,6 +511,7 @@ class Broker:
                 if cluster is not None:
                     actions.extend(cluster.tick(now))
                 next_tick = now + tick_every
+                self._check_disk()
                 self._prune_aged(now)
                 hold.forget(time.monotonic() * 1000)
             if self._reload.is_set():
@@ -516,6 +548,41 @@ class Broker:
             # published (the sockets linger briefly for it), as a pass would.
             self._release(writer.wait_all(timeout=10))
             self._save_sessions(writer)
+
+    def _check_disk(self) -> None:
+        """The disk alarm (``--min-free``): refuse room messages while the store's file
+        system has less than the floor free, and take them again once it has the floor
+        and a margin. One line each way. A tick's work: a statvfs, some microseconds.
+
+        The store's own stop on a failed commit stays the last line of defence (a disk
+        filled faster than a tick, or by another program): nothing unstored is acked."""
+        floor, store = self.config.min_free_bytes, self.store
+        if floor <= 0 or store is None:
+            return
+        try:
+            free = _free_bytes(store.path.parent)
+        except OSError as exc:
+            log.debug("cannot read the free space of %s: %s", store.path.parent, exc)
+            return
+        core = self.core
+        if core.store_refusal is None and free < floor:
+            core.store_refusal = DISK_ALARM_TEXT
+            log.warning(
+                "disk alarm: %s free on the file system of %s, under --min-free %s: room messages are refused "
+                "(unavailable; clients hold them and retry) until %s is free; DMs and history go on. "
+                "Free some space, or set a retention",
+                _mib(free),
+                store.path.parent,
+                _mib(floor),
+                _mib(_resume_at(floor)),
+            )
+        elif core.store_refusal is not None and free >= _resume_at(floor):
+            core.store_refusal = None
+            log.warning(
+                "disk alarm over: %s free on the file system of %s; room messages are taken again",
+                _mib(free),
+                store.path.parent,
+            )
 
     def _trim_due(self) -> bool:
         """A trim for a broker that is never idle (see TRIM_EVERY_S); asked at most every TRIM_EVERY_S."""

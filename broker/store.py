@@ -670,8 +670,9 @@ def _warn_if_nearly_full(data_dir: Path) -> None:
         free = shutil.disk_usage(data_dir).free
         if free < LOW_SPACE_WARN_BYTES:
             log.warning(
-                "only %.1f MiB free on the file system of %s: the broker stops (so that nothing unstored "
-                "is acknowledged) when it is full; free some space, or set a retention",
+                "only %.1f MiB free on the file system of %s: under --min-free the broker refuses room "
+                "messages, and it stops (so that nothing unstored is acknowledged) when the disk is full; "
+                "free some space, or set a retention",
                 free / (1 << 20),
                 data_dir,
             )

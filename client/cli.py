@@ -23,7 +23,7 @@ from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, Re
 from client.saved import SavedToken
 from zchat import __version__, envargs
 from zchat import protocol as p
-from zchat.protocol import ProtocolError
+from zchat.protocol import ErrorCode, ProtocolError
 
 #: Pipe mode stops reading input while this many messages await their ack.
 SEND_WINDOW = 1000
@@ -572,7 +572,7 @@ def _say_unacked(client: Client, printer: Printer, why: str) -> None:
         printer.out_gone = True
         _mute(sys.stdout)
     if client.unacked:
-        printer.err(f"{why}: {client.unacked} message(s) not acknowledged {MAY_HAVE_ARRIVED}:")
+        printer.err(f"{why}: {client.unacked} message(s) not acknowledged {not_acknowledged_why(client)}:")
         for line in unsent_lines(client):
             printer.err(line)
 
@@ -580,6 +580,14 @@ def _say_unacked(client: Client, printer: Printer, why: str) -> None:
 #: Sent, not acknowledged: some may have been stored all the same (the broker was slow,
 #: or its acks were lost). A script that sends them again as they are may post them twice.
 MAY_HAVE_ARRIVED = "(they may have arrived; check the room before sending them again)"
+#: Refused to the end by a broker that said ``unavailable`` (its disk nearly full, say):
+#: a message it refused so was not stored, and those behind it were not sent.
+NOT_STORED = "(the broker answered unavailable: not stored; send them again later)"
+
+
+def not_acknowledged_why(client: Client) -> str:
+    """What the user may conclude of the messages ``client`` has not had acknowledged."""
+    return NOT_STORED if client.held_back == ErrorCode.UNAVAILABLE else MAY_HAVE_ARRIVED
 
 
 def unsent_lines(client: Client) -> list[str]:
@@ -678,7 +686,8 @@ def _finish(client: Client, printer: Printer) -> int:
     printer.show(client.drain_events())
     if client.unacked:
         printer.err(
-            f"{client.unacked} message(s) not acknowledged {MAY_HAVE_ARRIVED}: no progress for {ACK_WAIT_S:g} s:"
+            f"{client.unacked} message(s) not acknowledged {not_acknowledged_why(client)}: "
+            f"no progress for {ACK_WAIT_S:g} s:"
         )
         for line in unsent_lines(client):
             printer.err(line)

@@ -48,7 +48,7 @@ from prompt_toolkit.shortcuts import CompleteStyle
 from prompt_toolkit.styles import Attrs, Style
 
 from client import render
-from client.cli import MAY_HAVE_ARRIVED, terminal_gone, terminating_signals, unsent_lines
+from client.cli import not_acknowledged_why, terminal_gone, terminating_signals, unsent_lines
 from client.commands import ALIASES, COMMANDS, Commands
 from client.lib import Client, Event, ZchatError
 from zchat import protocol as p
@@ -465,7 +465,8 @@ class ChatUI:
         if self.client.unacked:
             # Sent, but not acknowledged: some may have arrived (the broker was slow, or
             # its acks were lost). "Not sent" would have the user type them again.
-            print(f"zchat: {self.client.unacked} message(s) not acknowledged {MAY_HAVE_ARRIVED}:", file=sys.stderr)
+            why = not_acknowledged_why(self.client)
+            print(f"zchat: {self.client.unacked} message(s) not acknowledged {why}:", file=sys.stderr)
             for line in unsent_lines(self.client):
                 print(line, file=sys.stderr)
             return 1

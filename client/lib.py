@@ -36,8 +36,9 @@ Guarantees it gives on top of the wire (the design brief's "Client rules"; docs/
   does not answer the hello within the backoff (1 to 5 s) is left for the next
   one. ``state`` tells where it is, ``address`` which broker it uses, and
   ``status`` events tell the user (with the broker in ``Event.broker``).
-* A broker that answers ``unavailable`` (it lost its backplane; nothing was
-  stored) is retried: messages and DMs are held and resent in order after
+* A broker that answers ``unavailable`` (it lost its backplane, or its disk is
+  nearly full; nothing was stored) is retried, said once by a ``status``
+  "unavailable" event (and its end by one "available"): messages and DMs are held and resent in order after
   :data:`UNAVAILABLE_RETRY_S`, like ``rate_limited`` ones; hello and join are
   asked again. After :data:`FAILOVER_UNAVAILABLE_COUNT` such answers in a row
   over at least :data:`FAILOVER_UNAVAILABLE_S` seconds the client fails over to
@@ -720,6 +721,9 @@ class Client:
         #: ``unavailable`` answers in a row, and when the first of them came.
         self._unavailable = 0
         self._unavailable_since = 0.0
+        #: A ``status`` "unavailable" was said (a message of ours refused so) and no
+        #: ack has come since: said once a spell, and its end once ("available").
+        self._unavailable_said = False
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._poller = zmq.Poller()
@@ -990,6 +994,20 @@ class Client:
             Event(type=env["type"], room=env.get("room"), to=env.get("to"), name=self.name, text=env["text"], id=rid)
             for rid, env in self._unacked.items()
         ]
+
+    @property
+    def held_back(self) -> str | None:
+        """The code the broker holds our messages back with now (``rate_limited``, or
+        ``unavailable``: its disk is nearly full, or it lost its backplane), else None.
+        A message it refused so was not stored; it is sent again once the hold ends."""
+        # Held if we hold for it now, or it refused us lately (a hold it keeps is refused
+        # again at each try, every RATE_RETRY_S); queued for another reason (a room
+        # catching up after a reconnect) long after a hold, it is not.
+        lately = max(self.request_timeout, 2 * max(RATE_RETRY_S, UNAVAILABLE_RETRY_S))
+        now = time.monotonic()
+        if self.state == "connected" and (now < self._hold_until or now - self._hold_at < lately):
+            return self._hold_code
+        return None
 
     @property
     def own_pending(self) -> int:
@@ -1471,6 +1489,7 @@ class Client:
         self._callbacks.clear()
         self._hellos_here = 0
         self._unavailable = 0
+        self._unavailable_said = False  # another broker: its "connected" says the rest
         self._hello_refused = None
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
@@ -1915,14 +1934,14 @@ class Client:
         state = self._rooms.get(env["room"]) if env["type"] == "msg" else None
         return state is None or (state.joined and not state.catch_up_to)
 
-    def _note_unavailable(self) -> None:
+    def _note_unavailable(self, why: str) -> None:
         """An ``unavailable`` answer: count it; too many in a row make us try the next broker."""
         now = time.monotonic()
         if not self._unavailable:
             self._unavailable_since = now
         self._unavailable += 1
         if self.state == "connected" and self._unavailable_exhausted():
-            self._lost(f"{self.address} is unavailable: it has lost its backplane")
+            self._lost(f"{self.address} is unavailable: {why}")
 
     def _unavailable_exhausted(self) -> bool:
         return (
@@ -2079,17 +2098,7 @@ class Client:
                 # program reads, which it does not while it waits here: answered at once.
                 return taken
             if remaining <= 0:
-                # Held by the broker if we hold for it now, or it refused us lately (a hold it
-                # keeps is refused again at each try, every RATE_RETRY_S); queued for another
-                # reason (a room catching up after a reconnect) long after a hold, it is not.
-                lately = max(self.request_timeout, 2 * max(RATE_RETRY_S, UNAVAILABLE_RETRY_S))
-                now = time.monotonic()
-                held = (
-                    self.state == "connected"
-                    and rid in self._queued
-                    and self._hold_code is not None
-                    and (now < self._hold_until or now - self._hold_at < lately)
-                )
+                held = rid in self._queued and self.held_back is not None
                 if held:
                     # The broker answers, and held messages back: its rate limit, or an unavailable.
                     ahead = list(self._queued).index(rid)
@@ -2207,9 +2216,12 @@ class Client:
         unavailable = kind == "error" and env.get("code") == ErrorCode.UNAVAILABLE
         if kind in ("ack", "welcome", "joined"):
             self._unavailable = 0
+            if kind == "ack" and self._unavailable_said:
+                self._unavailable_said = False
+                self._status("available", f"{self.address} takes messages again; those that waited are sent")
         self._dispatch(env)
         if unavailable:
-            self._note_unavailable()  # last: it may fail over to the next broker
+            self._note_unavailable(str(env.get("message") or "unavailable"))  # last: it may fail over
 
     def _dispatch(self, env: Envelope) -> None:
         if self._moved is not None:
@@ -2257,6 +2269,15 @@ class Client:
                 # Not lost, only early (or the broker's backplane is away): hold new
                 # sends, then resend in order.
                 wait = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
+                if code == ErrorCode.UNAVAILABLE and not self._unavailable_said:
+                    # Said once, not at every retry: why what the user wrote does not go
+                    # (the broker's disk is nearly full, or its backplane is away).
+                    self._unavailable_said = True
+                    why = str(env.get("message") or "unavailable")
+                    self._status(
+                        "unavailable",
+                        f"{self.address} cannot take messages now ({why}); yours wait here and go when it can",
+                    )
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
                 self._hold_code, self._hold_at = code, time.monotonic()
                 if code == ErrorCode.RATE_LIMITED:

@@ -596,6 +596,8 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
         ("ZCHAT_CONNECT_RATE", "-1", "--connect-rate (or ZCHAT_CONNECT_RATE) must be 0 (off) or more, not -1.0"),
         ("ZCHAT_CONNECT_RATE", "nan", "--connect-rate (or ZCHAT_CONNECT_RATE) must be 0 (off) or more, not nan"),
         ("ZCHAT_PUB_HWM", "0", "--pub-hwm (or ZCHAT_PUB_HWM) must be between 1 and 2147483647, not 0"),
+        ("ZCHAT_MIN_FREE", "-1", "--min-free (or ZCHAT_MIN_FREE) must be 0 (off) or a number of MiB, not -1.0"),
+        ("ZCHAT_MIN_FREE", "nan", "--min-free (or ZCHAT_MIN_FREE) must be 0 (off) or a number of MiB, not nan"),
         ("ZCHAT_RETENTION", "0", "--retention (or ZCHAT_RETENTION) must be at least 1, not 0"),
         # Beyond what libzmq's options hold (they were an OverflowError traceback, exit 1).
         ("ZCHAT_PUB_HWM", "3000000000", "--pub-hwm (or ZCHAT_PUB_HWM) must be between 1 and 2147483647"),
@@ -660,13 +662,22 @@ def test_a_data_or_keys_directory_with_a_tilde_is_in_home_and_logged_absolute(tm
     assert relative.kill(signal.SIGTERM) == 0  # (it serves nothing: nothing to wait for)
     assert any(f"store {cwd}/rel/zchat.sqlite3 (" in line for line in relative.log), relative.log
     # The ready line also says what the operator may have set by a variable.
-    assert any(line.rstrip().endswith("; heartbeat 5000 ms, durability full") for line in relative.log), relative.log
+    assert any(
+        line.rstrip().endswith("; heartbeat 5000 ms, durability full, disk alarm under 64 MiB free")
+        for line in relative.log
+    ), relative.log
 
 
 def test_retention_days_is_for_the_embedded_store_only(tmp_path: Path) -> None:
     result = _broker_cmd("--retention-days", "30", "--backplane", "redis://127.0.0.1:1/0", "--data", str(tmp_path))
     assert result.returncode == 2, result.stderr
     assert "--retention-days (or ZCHAT_RETENTION_DAYS) applies to the store in --data" in result.stderr
+
+
+def test_min_free_is_for_the_embedded_store_only(tmp_path: Path) -> None:
+    result = _broker_cmd("--min-free", "100", "--backplane", "redis://127.0.0.1:1/0", "--data", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "--min-free (or ZCHAT_MIN_FREE) guards the store in --data" in result.stderr
 
 
 def test_a_flag_wins_over_a_bad_variable_and_names_are_not_case_sensitive(tmp_path: Path) -> None:
@@ -1190,6 +1201,35 @@ def test_lines_never_acknowledged_are_listed_when_the_client_ends(tmp_path: Path
         broker.kill()
 
 
+@pytest.mark.timeout(60)
+def test_lines_a_broker_with_its_disk_alarm_refused_are_said_not_stored_with_why(tmp_path: Path) -> None:
+    """The disk alarm (--min-free; here above any disk's free space): the line waits, the
+    user is told once why, and on a stop it is listed as not stored, not as "may have
+    arrived" (which is right only when the broker may have taken it)."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--min-free", "1e9"]).start()
+    try:
+        alice = Chat(broker, "alice")
+        try:
+            alice.say("hello there")
+            wait_for(
+                lambda: any("cannot take messages now" in line for line in alice.errors), 15, what=lambda: alice.errors
+            )
+            alice.proc.send_signal(signal.SIGTERM)
+            assert alice.proc.wait(timeout=10) == 128 + signal.SIGTERM
+            wait_for(
+                lambda: any("#general: hello there" in line for line in alice.errors), 5, what=lambda: alice.errors
+            )
+            said = [line for line in alice.errors if "cannot take messages now" in line]
+            assert len(said) == 1 and "the broker's disk is nearly full" in said[0], alice.errors
+            assert "zchat: SIGTERM: 1 message(s) not acknowledged (the broker answered unavailable: not stored; " in (
+                "\n".join(alice.errors)
+            ), alice.errors
+        finally:
+            alice.stop()
+    finally:
+        broker.kill()
+
+
 def test_a_skipped_run_is_also_in_the_json_stream(capsys: pytest.CaptureFixture[str]) -> None:
     """An archiver reading --json must learn of the events it will never get (the broker's
     retention deleted them); other status changes stay on stderr only."""
@@ -1638,6 +1678,7 @@ def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(
 
     class Stopped:
         unacked = 1
+        held_back = None  # the broker was holding nothing back
 
         def __init__(self) -> None:
             self.queued = [Event(type="msg", room="general", seq=7, ts=0, name="alice", text="sent", own=True)]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,8 @@ import pytest
 from broker import store as store_module
 from broker.core import SavedSession
 from broker.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
-from client.lib import BrokerUnreachable, Client
-from tests.conftest import HOST, NOBODY, BrokerProcess, as_user, wait_for, world_traversable
+from client.lib import BrokerUnreachable, Client, Event
+from tests.conftest import HOST, NOBODY, BrokerProcess, Inbox, as_user, wait_for, world_traversable
 
 
 def all_history(client: Client, room: str) -> list[tuple[int, str | None, str | None]]:
@@ -480,6 +482,83 @@ def test_a_store_file_the_broker_may_not_write_is_named_with_its_owner() -> None
         assert f"{data / DB_NAME} (owner uid 0, mode 600) is not usable by nobody (uid 65534)" in out, out
         os.chown(data / DB_NAME, NOBODY, NOBODY)
         assert as_user(lambda: _open_store(data)) == "opened"
+
+
+@contextlib.contextmanager
+def small_file_system(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (made), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can mount a small file system (CI runs as root)")
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True, timeout=10)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, timeout=10)
+
+
+def _fill(path: Path, leave: int) -> None:
+    """Write ``path`` until its file system has ``leave`` bytes free (or a little less)."""
+    with path.open("wb") as f:
+        while (free := shutil.disk_usage(path.parent).free) > leave:
+            f.write(b"\0" * min(free - leave + 4096, 1 << 20))
+            f.flush()
+
+
+def _texts(events: list[Event]) -> list[str | None]:
+    return [e.text for e in events if e.type == "msg"]
+
+
+@pytest.mark.timeout(60)
+def test_a_nearly_full_disk_refuses_room_messages_which_the_client_holds_and_delivers_once_space_is_back(
+    tmp_path: Path,
+) -> None:
+    """The disk alarm (--min-free): under the floor, room messages are answered
+    ``unavailable`` (nothing stored, nothing published), the author's client says why
+    once and holds them, DMs go on; with the space back they are taken, in order, once.
+    The broker says each turn of the alarm once. Before it, a full disk stopped the
+    broker, and its clients said only "reconnecting"."""
+    with small_file_system(tmp_path / "small", "8m") as mount:
+        broker = BrokerProcess(mount / "data", ["--min-free", "2", "--heartbeat-ms", "1000"]).start()
+        clients: list[Client] = []
+        try:
+            alice, bob = (Client(name, HOST, broker.port, broker.pub_port) for name in ("alice", "bob"))
+            clients += [alice, bob]
+            for c in clients:
+                c.connect()
+                c.join("general")
+            alice.send_wait("general", "before", timeout=10)
+            _fill(mount / "filler", leave=1 << 20)
+            wait_for(lambda: any("disk alarm:" in line for line in broker.log), 10, what=lambda: broker.log)
+            alice.send("general", "during 1")
+            alice.send("general", "during 2")
+            mine, theirs = Inbox(alice), Inbox(bob)
+            mine.until(lambda: bool(mine.statuses()))
+            assert [e.event for e in mine.statuses()] == ["unavailable"]
+            assert "the broker's disk is nearly full" in (mine.statuses()[0].text or "")
+            assert alice.unacked_in("general") == 2
+            # Not stored: the room's history still ends at the message before the alarm.
+            assert _texts(bob.history("general")[0]) == ["before"]
+            # A DM is not stored: it goes on.
+            assert alice.dm_wait("bob", "a dm meanwhile", timeout=10).own
+            (mount / "filler").unlink()
+            mine.until(lambda: alice.unacked_in("general") == 0, timeout=15)
+            assert [e.event for e in mine.statuses()] == ["unavailable", "available"]  # once each
+            theirs.until(lambda: len(theirs.texts()) >= 3)
+            assert theirs.texts() == ["before", "during 1", "during 2"]
+            assert theirs.texts("dm") == ["a dm meanwhile"]
+            events, _top = bob.history("general")
+            assert _texts(events) == ["before", "during 1", "during 2"]
+            seqs = [e.seq for e in events]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # no seq given and lost
+        finally:
+            for c in clients:
+                c.close(flush_timeout=0.2, settle=0)
+            assert broker.kill(signal.SIGTERM) == 0
+        assert sum("disk alarm:" in line for line in broker.log) == 1, broker.log
+        assert sum("disk alarm over:" in line for line in broker.log) == 1, broker.log
+        # Each refused message is not a line of its own (the alarm's said it): debug only.
+        assert not [line for line in broker.log if ": unavailable: " in line], broker.log
 
 
 @pytest.mark.timeout(30)
