@@ -593,7 +593,9 @@ def not_acknowledged_why(client: Client) -> str:
 def unsent_lines(client: Client) -> list[str]:
     """Each message the broker never acknowledged, a line each, for the user to copy."""
     return [
-        f"  {'#' + event.room if event.room else 'to ' + str(event.to)}: {event.text}"
+        f"  {'#' + event.room if event.room else 'to ' + str(event.to)}"
+        # (Before the text, which stays the line's end, as typed, for copying.)
+        f"{' (not delivered: they are away)' if event.code == ErrorCode.UNDELIVERED else ''}: {event.text}"
         for event in client.unacknowledged()
     ]
 

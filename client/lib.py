@@ -751,6 +751,9 @@ class Client:
         #: ``no_such_user`` just after a reconnect), by id: until when they are. A later DM to
         #: the same person waits behind them (see _dm_blocked), so that DMs arrive in order.
         self._dm_waiting: dict[str, float] = {}
+        #: Those of them answered ``undelivered`` at least once: their wait is a reconnect's
+        #: from the first such answer (one that was ``no_such_user`` before started anew).
+        self._dm_undelivered: set[str] = set()
         self._last_recv = now
         self._last_maintain = now
         #: The _last_recv a stall was last excused with (see _maintain).
@@ -912,7 +915,8 @@ class Client:
         leave now, not at expiry) and release the sockets.
 
         The wait is :meth:`settling`: it goes on while acks keep coming, and gives up
-        after ``settle`` seconds without one (``settle=0``: close at once). Returns how
+        after ``settle`` seconds without one (``settle=0``: close at once); a DM whose
+        recipient is reconnecting is waited for until delivered or refused. Returns how
         many messages were still unacknowledged: the broker may have stored some of them
         (their acks had not arrived), so sending them again may post them twice; a
         warning is logged for them too. Events that arrive meanwhile stay queued (:meth:`drain_events`).
@@ -989,9 +993,20 @@ class Client:
 
     def unacknowledged(self) -> list[Event]:
         """The messages and DMs not acknowledged yet, oldest first, as own events
-        without a seq: what :meth:`close` would leave unsent, for a program to show."""
+        without a seq: what :meth:`close` would leave unsent, for a program to show.
+        A DM the broker could not deliver so far (its recipient away, and asked again
+        until back) has ``code`` ``undelivered``: it did not arrive."""
         return [
-            Event(type=env["type"], room=env.get("room"), to=env.get("to"), name=self.name, text=env["text"], id=rid)
+            Event(
+                type=env["type"],
+                room=env.get("room"),
+                to=env.get("to"),
+                name=self.name,
+                text=env["text"],
+                id=rid,
+                # A DM the broker said it could not deliver (so far): not "may have arrived".
+                code=ErrorCode.UNDELIVERED if rid in self._dm_waiting else None,
+            )
             for rid, env in self._unacked.items()
         ]
 
@@ -1342,11 +1357,16 @@ class Client:
     def settling(self, patience: float = SETTLE_S) -> Iterator[int]:
         """Before closing: pump until every message sent is acknowledged and shown in its
         room's order, or until ``patience`` seconds pass in which none was (a rate-limited
-        burst drains slowly but surely). Yields, after each pump of at most 0.1 s, how many
-        are still unacknowledged; events queue up as usual for the caller to show."""
+        burst drains slowly but surely), and until each DM asked again for its reconnecting
+        recipient is delivered or refused (at most 3 heartbeats and 7 s). Yields, after
+        each pump of at most 0.1 s, how many are still unacknowledged; events queue up as
+        usual for the caller to show."""
         left = self.unacked + self.own_pending
         deadline = time.monotonic() + patience
-        while left and time.monotonic() < deadline:
+        # A DM whose recipient is reconnecting is asked again until a set time, then
+        # answered with an error: waited for too (up to 3 heartbeats and 5 s), whatever
+        # the patience, or a DM that would have arrived was left for "may have arrived".
+        while left and time.monotonic() < max(deadline, self._dm_decided_by()):
             self.pump(0.1)
             yield self.unacked
             now_left = self.unacked + self.own_pending
@@ -1893,6 +1913,12 @@ class Client:
                 self._send(env)
                 self._mark_sent(rid)
 
+    def _dm_decided_by(self) -> float:
+        """When every DM that waits for its recipient will have been delivered or refused
+        (time.monotonic(); 0 if none waits): its last try is due then, and its answer soon after."""
+        waits = [until for rid, until in self._dm_waiting.items() if rid in self._unacked]
+        return max(waits) + 2 * DM_RETRY_S if waits else 0.0
+
     def _dm_not_back(self, rid: str) -> str | None:
         """The recipient of DM ``rid`` if it waits for them to be back (itself, or behind one that does)."""
         env = self._unacked.get(rid)
@@ -2068,6 +2094,7 @@ class Client:
     def _acked(self, rid: str) -> Envelope | None:
         self._dm_early.discard(rid)
         self._dm_waiting.pop(rid, None)
+        self._dm_undelivered.discard(rid)
         self._sent_at.pop(rid, None)
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)
@@ -2296,7 +2323,14 @@ class Client:
                 # 3 heartbeats to notice) or full: asked again in a moment, for as long as
                 # a reconnect takes, before its author is told. Shown at once, hundreds of
                 # DMs were lost to a one-second reconnect of their recipient.
-                until = self._dm_waiting.setdefault(rid, now + 3 * self.heartbeat_ms / 1000 + DM_GRACE_EXTRA_S)
+                until = self._dm_waiting.get(rid)
+                if until is None or rid not in self._dm_undelivered:
+                    # The first undelivered: the recipient is back, and reconnecting again (or
+                    # not reading). The wait for no_such_user after our reconnect may be all
+                    # but over: kept, it told the author at once of a DM to someone who is there.
+                    until = max(until or 0.0, now + 3 * self.heartbeat_ms / 1000 + DM_GRACE_EXTRA_S)
+                    self._dm_waiting[rid] = until
+                    self._dm_undelivered.add(rid)
                 if now < until:
                     self._sent_at[rid] = now - self._resend_after + DM_RETRY_S
                     return

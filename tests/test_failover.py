@@ -417,6 +417,83 @@ class Script:
 # ------------------------------------------------------------------ unavailable
 
 
+class AwayScript(Script):
+    """A 200 ms heartbeat. With ``cut``, the first ping is answered ``not_registered`` (the
+    client starts over: a reconnect). A DM is answered ``no_such_user`` until ``back_at``
+    (time.monotonic(); the recipient not back yet), then ``undelivered`` (back, and
+    reconnecting again)."""
+
+    def __init__(self, *, cut: bool) -> None:
+        super().__init__()
+        self.cut = cut
+        self.back_at = 0.0
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        kind, rid = env["type"], env.get("id")
+        if kind == "hello":
+            return [p.welcome(env["name"], "f" * 16, "e" * 16, 200, "token", False, rid)]
+        if kind == "ping" and self.cut:
+            self.cut = False
+            return [p.error(p.ErrorCode.NOT_REGISTERED, "say hello before 'ping'", rid)]
+        if kind == "dm":
+            if time.monotonic() < self.back_at:
+                return [p.error(p.ErrorCode.NO_SUCH_USER, "nobody called 'bob' is online", rid)]
+            return [p.error(p.ErrorCode.UNDELIVERED, "bob's connection is gone", rid)]
+        return super().__call__(env)
+
+
+@pytest.mark.timeout(40)
+def test_a_dm_refused_no_such_user_then_undelivered_is_asked_again_for_a_whole_reconnect() -> None:
+    """Just after our reconnect, a DM to bob (not back yet: no_such_user) is asked again
+    until the reconnect's grace ends; bob comes back and is reconnecting again
+    (undelivered): that is a reconnect's wait of its own, from then. It kept the grace's
+    end, all but over, and the author was told at once of a DM to someone there."""
+    script = AwayScript(cut=True)
+    fake = ScriptedBroker(script)
+    alice = Inbox(Client("alice", hosts=[fake.address]))
+    try:
+        alice.client.connect()
+        alice.until(lambda: len(fake.of_type("hello")) == 2 and alice.client.state == "connected")
+        # The grace after the reconnect: 3 heartbeats and 5 s (5.6 s); bob is back near its end.
+        script.back_at = time.monotonic() + 4.5
+        alice.client.dm("bob", "hi")
+        alice.until(lambda: any(e.type == "error" for e in alice.events), timeout=25)
+        assert [e.code for e in alice.events if e.type == "error"] == ["undelivered"]
+        late = [t for t, env in fake.requests if env["type"] == "dm" and t >= script.back_at]
+        # Asked again every second for a reconnect's wait (3 heartbeats and 5 s) from the
+        # first undelivered: 5-6 times; with the grace's end kept, once or twice.
+        assert len(late) >= 4, late
+    finally:
+        alice.client.close(0)
+        fake.stop()
+
+
+@pytest.mark.timeout(40)
+def test_close_waits_for_a_dm_whose_recipient_is_reconnecting_and_lists_it_as_not_delivered() -> None:
+    """close() (pipe mode's end of input too) waits for acks until none came for its
+    patience; a DM answered undelivered is asked again for a reconnect's length (here
+    5.6 s; 20 s at the default heartbeat), longer than that: it is waited for, and ends
+    in its error, not in a "may have arrived". Until then it is listed as not delivered."""
+    from client.cli import unsent_lines
+
+    fake = ScriptedBroker(AwayScript(cut=False))
+    client = Client("alice", hosts=[fake.address])
+    try:
+        client.connect()
+        client.dm("bob", "hi there")
+        wait_for(lambda: client.pump(0.05) is not None and fake.of_type("dm") and client.unacknowledged()[0].code, 10)
+        assert client.unacknowledged()[0].code == "undelivered"
+        assert unsent_lines(client) == ["  to bob (not delivered: they are away): hi there"]
+        started = time.monotonic()
+        assert client.close(settle=1.0) == 0  # answered in the end: undelivered, not left unacked
+        assert time.monotonic() - started > 2.0
+        assert len(fake.of_type("dm")) >= 4
+    finally:
+        if client.state != "closed":
+            client.close(0)
+        fake.stop()
+
+
 @pytest.mark.timeout(30)
 def test_unavailable_messages_are_held_and_resent_in_order() -> None:
     script = Script(msg=2)
