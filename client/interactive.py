@@ -283,9 +283,10 @@ class ChatUI:
         )
         #: Plain text of the lines shown, newest last (one per event, before wrapping).
         self.transcript: deque[str] = deque(maxlen=TRANSCRIPT_LINES)
-        #: Chat lines only (messages, DMs, joins and leaves), each with its date and room: what
-        #: /lastlog searches and shows (not its own output, nor other notices).
-        self._said: deque[render.Styled] = deque(maxlen=TRANSCRIPT_LINES)
+        #: Chat events only (messages, DMs, joins and leaves): what /lastlog searches and
+        #: shows, each with its date and room (not its own output, nor other notices).
+        #: Rendered so when asked: labelled as each came, they cost a flood twice the styling.
+        self._said: deque[Event] = deque(maxlen=TRANSCRIPT_LINES)
         #: Per room, the backlog events shown since the last mark of where they end.
         self._backlog: dict[str, int] = {}
         #: The first room when the session this run took back (a killed zchat's saved token)
@@ -604,10 +605,7 @@ class ChatUI:
         self._mark_day(event.ts)
         self._emit(line)
         if event.type in ("msg", "dm", "presence"):
-            # Labelled with its room whatever room is current, and dated: out of context later.
-            labelled = render.styled(event, self.client.name, None, self._colours)
-            day: render.Fragment = ("class:time", render.short_day(event.ts) + " ")
-            self._said.append(render.Styled([day, *labelled.fragments], labelled.indent + len(day[1])))
+            self._said.append(event)
 
     def _fold(self, room: str, name: str, joined: bool) -> bool:
         """Count a join or leave of a big room into its summed-up line, unless it is ours or
@@ -650,10 +648,17 @@ class ChatUI:
     def lastlog(self, text: str) -> None:
         """/lastlog: the chat lines shown so far (the last TRANSCRIPT_LINES) that contain ``text``, any case."""
         folded = text.casefold()
-        found = [line for line in self._said if folded in line.plain.casefold()]
+        found = [line for line in map(self._labelled, self._said) if folded in line.plain.casefold()]
         self._out(f'lastlog: {len(found)} chat line{"" if len(found) == 1 else "s"} with "{text}"')
         for line in found:
             self._emit(line)
+
+    def _labelled(self, event: Event) -> render.Styled:
+        """A chat line as /lastlog lists it: with its room whatever room is current, and
+        dated, since it comes out of its context."""
+        line = render.styled(event, self.client.name, None, self._colours)
+        day: render.Fragment = ("class:time", render.short_day(event.ts) + " ")
+        return render.Styled([day, *line.fragments], line.indent + len(day[1]))
 
     def _mark_day(self, ts: int | None) -> None:
         """Before a line of another date than the last (a backlog from yesterday, or past

@@ -790,6 +790,30 @@ def test_lastlog_finds_the_chat_lines_shown_that_contain_a_text(alice: Client, b
     run(main())
 
 
+def test_each_chat_line_is_styled_once_as_it_comes(alice: Client, bob: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a flood, styling is much of the terminal's work: each line was styled twice,
+    once to show and once labelled for /lastlog. /lastlog now styles what it lists itself."""
+    calls: list[str | None] = []
+    styled = render.styled
+
+    def counted(event: Event, *args: Any, **kwargs: Any) -> render.Styled:
+        calls.append(event.text)
+        return styled(event, *args, **kwargs)
+
+    monkeypatch.setattr(render, "styled", counted)
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            for i in range(20):
+                bob.send("general", f"line {i}")
+            await t.shows("line 19")
+            assert [c for c in calls if c and c.startswith("line ")] == [f"line {i}" for i in range(20)]
+            t.line("/lastlog line 1")
+            await t.shows('lastlog: 11 chat lines with "line 1"')
+
+    run(main())
+
+
 def test_quit_ends_with_status_0(alice: Client) -> None:
     async def main() -> None:
         async with chat_ui(alice) as t:
