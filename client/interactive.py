@@ -417,6 +417,9 @@ class ChatUI:
         if self._signalled:
             # The terminal may be gone (SIGHUP): no settling; the caller says bye.
             return 128 + self._signalled
+        # Joins and leaves summed up but not due yet (up to FOLD_EVERY_S of them): the
+        # screen's last lines are what the user reads of the room after quitting.
+        self._show_folded(now=True)
         await self._flush()  # what came with the last pump (the app is gone: printed directly)
         if self._held:
             print(f"zchat: a paste of {len(self._held)} lines was held for Enter and not sent", file=sys.stderr)

@@ -1498,6 +1498,28 @@ def test_wrapping_ascii_costs_a_fraction_of_wrapping_a_character_at_a_time() -> 
     assert sliced * 3 < cells, (sliced, cells)
 
 
+def test_joins_and_leaves_summed_up_but_not_due_yet_are_shown_when_the_user_quits(
+    alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to FOLD_EVERY_S of joins and leaves wait for their summed-up line: a quit meanwhile
+    left them out of the screen's last lines, what the user reads of the room after."""
+    monkeypatch.setattr(interactive, "FOLD_MEMBERS", 2)
+    monkeypatch.setattr(interactive, "FOLD_EVERY_S", 60.0)  # never due within the test
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            make_client("carol").join("general")
+            await t.shows("carol joined #general")
+            for name in ("dave", "erin"):
+                make_client(name).join("general")
+            await until(lambda: t.ui._folded.get("general") == [2, 0], what=lambda: t.ui._folded)
+            t.line("/quit")
+            assert await asyncio.wait_for(t.task, 5) == 0
+            assert any("#general: 2 joined (" in line for line in t.lines()), t.lines()
+
+    run(main())
+
+
 def test_joins_and_leaves_in_a_big_room_are_summed_up_but_not_of_who_spoke_lately(
     alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
