@@ -9,6 +9,9 @@ wire goes through :func:`clean` first.
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import json
 import re
 import time
@@ -253,8 +256,12 @@ def notice(text: str, *, error: bool = False) -> Styled:
 # ------------------------------------------------------------------ wrapping
 
 
+@functools.lru_cache(maxsize=4096)
 def cell_width(ch: str) -> int:
-    """Terminal cells ``ch`` takes: 2 for wide (CJK, most emoji), 0 for combining marks."""
+    """Terminal cells ``ch`` takes: 2 for wide (CJK, most emoji), 0 for combining marks.
+
+    Cached: three lookups in the Unicode database a character were most of what wrapping
+    a line of another script cost, and a chat uses the same few hundred characters."""
     if unicodedata.combining(ch) or ch == _ZWJ or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
         return 0
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
@@ -280,7 +287,7 @@ def wrap(fragments: list[Fragment], width: int, indent: int = 0) -> list[list[Fr
     """
     if all(text.isascii() for _, text in fragments):
         return _wrap_ascii(fragments, *_fit(width, indent))
-    return _wrap_cells(fragments, width, indent)
+    return _wrap_wide(fragments, *_fit(width, indent))
 
 
 def _fit(width: int, indent: int) -> tuple[int, int]:
@@ -337,6 +344,36 @@ def _wrap_ascii(fragments: list[Fragment], width: int, indent: int) -> list[list
             return lines
         # The last space that fits, past the first ``indent`` cells (wrap's rule).
         space = text.rfind(" ", max(start, start + indent - lead + 1), end)
+        lines.append(_slice(fragments, starts, start, space if space >= 0 else end, lead))
+        start, lead = (space + 1 if space >= 0 else end), indent
+
+
+def _wrap_wide(fragments: list[Fragment], width: int, indent: int) -> list[list[Fragment]]:
+    """:func:`wrap` of any line (wide characters, combining marks), the same lines as the
+    character-at-a-time wrap, by slices: :func:`_wrap_ascii` with cells counted by a
+    running sum of each character's width instead of by its index."""
+    text = "".join(t for _, t in fragments)
+    starts: list[int] = []
+    at = 0
+    for _, t in fragments:
+        starts.append(at)
+        at += len(t)
+    cells = [0, *itertools.accumulate(map(cell_width, text))]  # cells[i]: the width of text[:i]
+    n = len(text)
+    lines: list[list[Fragment]] = []
+    start, lead = 0, 0
+    while True:
+        # The first character that does not fit (a zero-width one stays with what it marks);
+        # at least one, as the character-at-a-time wrap places one on a line however wide.
+        end = max(bisect.bisect_right(cells, cells[start] + width - lead, start) - 1, start + 1)
+        while end < n and cells[end + 1] == cells[end]:
+            end += 1
+        if end >= n:
+            lines.append(_slice(fragments, starts, start, n, lead))
+            return lines
+        # The last space that fits, past the first ``indent`` cells: where its cell > indent.
+        past = bisect.bisect_right(cells, cells[start] + indent - lead, start, end)
+        space = text.rfind(" ", max(start, past), end)
         lines.append(_slice(fragments, starts, start, space if space >= 0 else end, lead))
         start, lead = (space + 1 if space >= 0 else end), indent
 

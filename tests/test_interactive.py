@@ -1479,6 +1479,43 @@ def test_wrap_of_plain_ascii_gives_the_lines_of_the_character_at_a_time_wrap() -
         )
 
 
+def test_wrap_of_any_script_gives_the_lines_of_the_character_at_a_time_wrap() -> None:
+    """Lines with wide characters (CJK, emoji), combining marks and joiners are cut by
+    slices too (a running sum of cell widths): the same lines as a character at a time.
+    Except on a terminal of 1-2 cells, where a wide character overflows its line: there a
+    zero-width character now stays with the one it marks (it went to a line of its own)."""
+    rng = random.Random(11)
+    styles = ["", "class:time", "class:text", "class:nick.3"]
+    words = [
+        "a",
+        "bb",
+        "wörd",
+        "日本語",
+        "한국어",
+        "e\u0301",
+        "👍",
+        "👩\u200d💻",
+        "x" * 30,
+        " ",
+        "  ",
+        "\u0301",
+        "ü",
+        "",
+    ]
+    for _ in range(3000):
+        fragments = [
+            (rng.choice(styles), "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randrange(6))))
+            for _ in range(rng.randrange(1, 6))
+        ]
+        width, indent = rng.randrange(3, 60), rng.randrange(0, 40)
+        assert render.wrap(fragments, width, indent) == render._wrap_cells(fragments, width, indent), (
+            fragments,
+            width,
+            indent,
+        )
+    assert render.wrap([("", "👍\u200d👍")], 1) == [[("", "👍\u200d")], [("", "👍")]]
+
+
 def test_wrapping_ascii_costs_a_fraction_of_wrapping_a_character_at_a_time() -> None:
     """Wrapping a character at a time was most of what the terminal client did under a flood
     of 400-character lines (3,000 a second: keys waited seconds, the screen fell 12,000 lines
