@@ -135,6 +135,11 @@ PINGS_TRACKED = 8
 #: room (a pipe nobody empties, a bot that idles) grew by every event: 80,000 messages of
 #: 2 KB cost a ``zchat --json`` 225 MiB.
 MAX_QUEUE = 10_000
+#: Room events one pump decodes at most; the rest wait in the SUB socket for the next
+#: (which comes at once: the socket stays readable). After a stall (a suspended terminal,
+#: a long render) the socket holds up to sub_hwm frames: decoded in one pump, 10,000 events
+#: kept the terminal's keys waiting 370 ms.
+SUB_EVENTS_PER_PUMP = 1000
 #: next_event() takes a turn of the client at least this often while it hands out events
 #: already queued: a bot working through a long queue still pings, and acks still come.
 QUEUED_PUMP_S = 0.2
@@ -1391,7 +1396,9 @@ class Client:
         acknowledged, notices a lost broker and reconnects (see the module
         docstring). ``fds`` are extra file descriptors to wait on (stdin, say);
         the ready ones are returned, so a program can wait on the chat and its
-        own input at once.
+        own input at once. One pump decodes at most :data:`SUB_EVENTS_PER_PUMP` room
+        events (and the rest of the batch the last one came in); the next takes what is
+        left, at once (the sockets stay readable).
         """
         if self.state == "closed":
             raise ZchatError("closed", self._moved or "this client is closed")
@@ -2435,11 +2442,13 @@ class Client:
 
     def _read_sub(self) -> None:
         held = self._held()
-        while True:
+        budget = SUB_EVENTS_PER_PUMP
+        while budget > 0:
             try:
                 frames = self._sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            budget -= 1  # (a frame dropped or refused costs its decoding at most)
             if held >= self._max_queue:
                 # The program is behind: dropped unread, as SUB's high-water mark would
                 # (left unread, SUB and the broker's PUB would hold sub_hwm and pub_hwm
@@ -2454,6 +2463,7 @@ class Client:
                 envs = p.decode_many(frames[1], p.MAX_REPLY_BYTES)
             except ProtocolError:
                 continue
+            budget -= len(envs) - 1
             state = self._rooms.get(room)
             if state is None:
                 continue

@@ -1291,6 +1291,30 @@ def _behind_its_room(make_client: MakeClient) -> tuple[Client, list[str]]:
     return reader, texts
 
 
+def test_one_pump_decodes_a_bounded_number_of_room_events_and_the_next_ones_the_rest(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a stall the SUB socket holds thousands of events: one pump(0) decoded them all
+    (10,000 kept the terminal's keys waiting 370 ms). It decodes SUB_EVENTS_PER_PUMP now
+    (plus the rest of the batch it is in); the next pumps take the rest, in order, all."""
+    monkeypatch.setattr(client_lib, "SUB_EVENTS_PER_PUMP", 50)
+    reader = make_client("reader")
+    reader.join("general")
+    writer = make_client("writer")
+    writer.join("general")
+    texts = [f"line {i}" for i in range(600)]
+    for text in texts:
+        writer.send("general", text)
+    wait_for(lambda: writer.pump(0.02) is not None and writer.unacked == 0, 20)  # the reader stalls meanwhile
+    wait_for(lambda: reader._sub.poll(0), 5)
+    reader.pump(0)
+    first = [e for e in reader.drain_events() if e.type == "msg"]
+    assert 0 < len(first) <= 50 + p.BATCH_MAX_ITEMS - 1, len(first)
+    got = list(first)
+    _read_all(reader, got, len(texts))
+    assert [e.text for e in got] == texts
+
+
 def test_a_reader_behind_its_room_holds_at_most_max_queue_events_and_misses_none(make_client: MakeClient) -> None:
     """A program that pumps without reading its events (a pipe-mode zchat whose stdout
     nobody empties keeps pumping to stay alive) held every event of the room: 80,000
