@@ -163,7 +163,7 @@ MIN_FREE_BYTES = LOW_SPACE_WARN_BYTES
 #: and off (a line each) while the broker's own writes hover at the floor.
 MIN_FREE_MARGIN = 0.1
 #: What a room message is answered during the disk alarm.
-DISK_ALARM_TEXT = "the broker's disk is nearly full: nothing was stored; retry later (your client does)"
+DISK_ALARM_TEXT = "the broker's disk is nearly full; nothing was stored, retry later"
 #: File descriptors the broker holds besides its clients' connections (store, sockets,
 #: libzmq's own); each client takes 2 more (its request and its room-event connection).
 FD_MARGIN = 64

@@ -2310,7 +2310,8 @@ class Client:
                     why = str(env.get("message") or "unavailable")
                     self._status(
                         "unavailable",
-                        f"{self.address} cannot take messages now ({why}); yours wait here and go when it can",
+                        f"{self.address} refuses messages for now ({why}); "
+                        "yours wait here and are sent when it takes them again",
                     )
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
                 self._hold_code, self._hold_at = code, time.monotonic()

@@ -1212,14 +1212,14 @@ def test_lines_a_broker_with_its_disk_alarm_refused_are_said_not_stored_with_why
         try:
             alice.say("hello there")
             wait_for(
-                lambda: any("cannot take messages now" in line for line in alice.errors), 15, what=lambda: alice.errors
+                lambda: any("refuses messages for now" in line for line in alice.errors), 15, what=lambda: alice.errors
             )
             alice.proc.send_signal(signal.SIGTERM)
             assert alice.proc.wait(timeout=10) == 128 + signal.SIGTERM
             wait_for(
                 lambda: any("#general: hello there" in line for line in alice.errors), 5, what=lambda: alice.errors
             )
-            said = [line for line in alice.errors if "cannot take messages now" in line]
+            said = [line for line in alice.errors if "refuses messages for now" in line]
             assert len(said) == 1 and "the broker's disk is nearly full" in said[0], alice.errors
             assert "zchat: SIGTERM: 1 message(s) not acknowledged (the broker answered unavailable: not stored; " in (
                 "\n".join(alice.errors)
