@@ -519,7 +519,7 @@ def test_a_nearly_full_disk_refuses_room_messages_which_the_client_holds_and_del
     The broker says each turn of the alarm once. Before it, a full disk stopped the
     broker, and its clients said only "reconnecting"."""
     with small_file_system(tmp_path / "small", "8m") as mount:
-        broker = BrokerProcess(mount / "data", ["--min-free", "2", "--heartbeat-ms", "1000"]).start()
+        broker = BrokerProcess(mount / "data", ["--min-free", "2", "--heartbeat-ms", "2000"]).start()
         clients: list[Client] = []
         try:
             alice, bob = (Client(name, HOST, broker.port, broker.pub_port) for name in ("alice", "bob"))
