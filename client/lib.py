@@ -38,7 +38,8 @@ Guarantees it gives on top of the wire (the design brief's "Client rules"; docs/
   ``status`` events tell the user (with the broker in ``Event.broker``).
 * A broker that answers ``unavailable`` (it lost its backplane, or its disk is
   nearly full; nothing was stored) is retried, said once by a ``status``
-  "unavailable" event (and its end by one "available"): messages and DMs are held and resent in order after
+  "unavailable" event (and its end by one "available"): messages and DMs are
+  held and resent in order after
   :data:`UNAVAILABLE_RETRY_S`, like ``rate_limited`` ones; hello and join are
   asked again. After :data:`FAILOVER_UNAVAILABLE_COUNT` such answers in a row
   over at least :data:`FAILOVER_UNAVAILABLE_S` seconds the client fails over to
