@@ -611,9 +611,16 @@ def _send_once(client: Client, room: str, text: str, printer: Printer) -> int:
             printer.event(client.send_wait(room, text))
             if printer.output_failed:  # stored, but its line could not be shown
                 return 1
-        except BrokerUnreachable:
+        except BrokerUnreachable as exc:
             # The library would keep it queued, but this one-shot ends here: say what is known.
-            printer.err(f"no ack from {client.endpoint} in time: the message may or may not have been stored")
+            for event in client.drain_events():
+                if event.type == "status":  # why it waited (a broker whose disk is nearly full)
+                    printer.event(event)
+            if exc.held and (code := client.held_back) is not None:
+                # Its last answer was a refusal, and it has not gone again since: not stored.
+                printer.err(f"not sent: the broker held it back ({code}) until the timeout; nothing was stored")
+            else:
+                printer.err(f"no ack from {client.endpoint} in time: the message may or may not have been stored")
             return 1
     except RequestError as exc:
         printer.err(f"not sent: {exc.code}: {exc.message}")

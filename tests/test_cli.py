@@ -1230,6 +1230,24 @@ def test_lines_a_broker_with_its_disk_alarm_refused_are_said_not_stored_with_why
         broker.kill()
 
 
+@pytest.mark.timeout(60)
+def test_send_to_a_broker_with_its_disk_alarm_says_why_and_that_nothing_was_stored(tmp_path: Path) -> None:
+    """--send waits for its ack (10 s); refused all along as unavailable, it said "no ack
+    in time: may or may not have been stored", though the broker had said why, and that
+    nothing was."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--min-free", "1e9"]).start()
+    try:
+        result = _send_one(broker, "one shot")
+        assert result.returncode == 1, result.stderr
+        assert "refuses messages for now (the broker's disk is nearly full" in result.stderr, result.stderr
+        assert "not sent: the broker held it back (unavailable) until the timeout; nothing was stored" in (
+            result.stderr
+        ), result.stderr
+        assert "may or may not" not in result.stderr
+    finally:
+        broker.kill()
+
+
 def test_a_skipped_run_is_also_in_the_json_stream(capsys: pytest.CaptureFixture[str]) -> None:
     """An archiver reading --json must learn of the events it will never get (the broker's
     retention deleted them); other status changes stay on stderr only."""
