@@ -570,7 +570,7 @@ class Broker:
             log.warning(
                 "disk alarm: %s free on the file system of %s, under --min-free %s: room messages are refused "
                 "(unavailable; clients hold them and retry) until %s is free; DMs and history go on. "
-                "Free some space, or set a retention",
+                "Free some space, set a retention, or lower --min-free (ZCHAT_MIN_FREE)",
                 _mib(free),
                 store.path.parent,
                 _mib(floor),
