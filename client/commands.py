@@ -7,6 +7,7 @@ command gets one line of usage on ``err``, never an exception.
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -339,7 +340,10 @@ class Commands:
             else:
                 self.lastlog(rest)
         else:
-            self.err(f"unknown command /{name}; /help lists them")
+            # A typo (/jion, /mgs) gets the command it most likely meant, as git and
+            # shells do: "/help lists them" alone sent the user to read the list.
+            near = difflib.get_close_matches(name, [*COMMANDS, *ALIASES], n=1, cutoff=0.6)
+            self.err(f"unknown command /{name}; {f'did you mean /{near[0]}? ' if near else ''}/help lists them")
         return True
 
     def _history(self, args: list[str]) -> None:

@@ -1035,6 +1035,8 @@ def test_pgup_pgdn_neither_scroll_nor_recall_but_up_down_do(alice: Client) -> No
     ("line", "hint"),
     [
         ("/bogus", "unknown command /bogus; /help lists them"),
+        ("/jion dev", "unknown command /jion; did you mean /join? /help lists them"),
+        ("/mgs bob hi", "unknown command /mgs; did you mean /msg? /help lists them"),
         ("/msg", "usage: /msg NAME TEXT"),
         ("/msg bob", "usage: /msg NAME TEXT"),
         ("/msg not/a/name hi", "bad_name"),
