@@ -267,6 +267,11 @@ from broker.writer import Writer
 ctx = zmq.Context()
 ctx.socket(zmq.PAIR).close(linger=0)  # the context's own threads and files first
 store = Store(Path(sys.argv[1]), "full")
+# The store's checkpointer opens its connection and its WAL on its own thread, when it
+# gets to it: stopped here, it cannot take one of the files left free below by chance.
+store._stop.set()
+store._dirty.set()
+store._checkpointer.join()
 top = max(map(int, os.listdir("/proc/self/fd")))
 resource.setrlimit(resource.RLIMIT_NOFILE, (top + 16, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 held = []
