@@ -561,6 +561,36 @@ def test_a_nearly_full_disk_refuses_room_messages_which_the_client_holds_and_del
         assert not [line for line in broker.log if ": unavailable: " in line], broker.log
 
 
+@pytest.mark.timeout(60)
+def test_the_disk_alarm_is_checked_every_second_whatever_the_heartbeat(tmp_path: Path) -> None:
+    """The free space is read every second, not at the heartbeat's tick (a quarter of
+    --heartbeat-ms): at 60 s heartbeats that was every 15 s, long enough to fill any
+    floor at a high rate before the alarm saw it."""
+    with small_file_system(tmp_path / "small", "8m") as mount:
+        broker = BrokerProcess(mount / "data", ["--min-free", "2", "--heartbeat-ms", "60000"]).start()
+        alice = Client("alice", HOST, broker.port, broker.pub_port)
+        try:
+            alice.connect()
+            alice.join("general")
+            _fill(mount / "filler", leave=1 << 20)
+            filled = time.monotonic()
+            wait_for(lambda: any("disk alarm:" in line for line in broker.log), 5, what=lambda: broker.log)
+            tripped = time.monotonic() - filled
+            alice.send("general", "during")
+            mine = Inbox(alice)
+            mine.until(lambda: bool(mine.statuses()))
+            assert [e.event for e in mine.statuses()] == ["unavailable"]
+            (mount / "filler").unlink()
+            freed = time.monotonic()
+            wait_for(lambda: any("disk alarm over:" in line for line in broker.log), 5, what=lambda: broker.log)
+            cleared = time.monotonic() - freed
+        finally:
+            alice.close(flush_timeout=0.2, settle=0)
+            assert broker.kill(signal.SIGTERM) == 0
+        # About a second each (a check a second), with room for a loaded machine.
+        assert tripped < 3.5 and cleared < 3.5, (tripped, cleared)
+
+
 @pytest.mark.timeout(30)
 def test_a_store_on_a_full_disk_says_how_much_space_is_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SQLite says 'disk I/O error' when it cannot even create its WAL on a full file
