@@ -532,7 +532,12 @@ class Core:
             # with the usual error, which proves the broker decodes and replies,
             # but not worth a warning line each time.
             log.debug("ping without a session from %s", _ident(identity))
-            return [Reply(identity, p.error(ErrorCode.NOT_REGISTERED, "say hello before 'ping'", env.get("id")))]
+            answer = p.error(ErrorCode.NOT_REGISTERED, "say hello before 'ping'", env.get("id"))
+            if self.store_refusal is not None:
+                # So that the health check can say it: a broker that answers but takes no
+                # room messages. Only the word: its free space and --data are the log's.
+                answer["alarm"] = "disk"
+            return [Reply(identity, answer)]
         if session is None or (user and session.name != user):
             # (A connection that took over a departed peer's routing id is not that peer.)
             return self.reject(

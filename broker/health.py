@@ -7,6 +7,12 @@ address, so a live broker sends back an ``error`` envelope (code
 its loop is turning and it decodes the wire format. Exit status 0 then;
 otherwise the reason goes to stderr and the status is 1.
 
+A broker whose disk alarm is on (``--min-free``: it answers, but refuses room
+messages until space is freed) says so in that answer (``alarm: "disk"``): the
+check prints a line that says so and still exits 0. Restarting the broker would
+free no space, and an orchestrator that replaces unhealthy containers would make
+it flap, which the alarm is there to avoid.
+
 A broker run with CURVE keys (``--keys DIR`` / ``ZCHAT_KEYS``) talks only to
 authorized keys, so the check then connects with CURVE as the user whose
 secret key is ``DIR/health.key_secret`` (made with ``zchat-keygen health``, its
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -85,8 +92,24 @@ def _home_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes] | None = None) -> str | None:
-    """Ping the broker at ``host:port``; ``None`` when it answered, else why not.
+#: What the check prints (and exits 0) about a broker whose disk alarm is on.
+DISK_ALARM_NOTE = (
+    "healthy, but its disk alarm is on: it refuses room messages until space is freed on the file system "
+    "of its --data (under --min-free; its log says how much is free)"
+)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a ping found: ``problem`` when the broker is not healthy (why), else None;
+    ``alarm`` what the broker said is wrong while it serves (``"disk"``), else None."""
+
+    problem: str | None
+    alarm: str | None = None
+
+
+def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes] | None = None) -> Answer:
+    """Ping the broker at ``host:port``: whether it answered (see :class:`Answer`).
 
     ``curve`` is (our public key, our secret key, the broker's public key), z85.
     """
@@ -106,7 +129,7 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
                 if _refused(host, port, timeout):
                     # libzmq retries a refused connection without a word: this said "down or
                     # stuck", and an operator cannot tell a stopped broker from a hung one.
-                    return (
+                    return Answer(
                         f"nothing listens at {endpoint} (connection refused): the broker is down, or listens "
                         "on another address or port (its --host and --port)"
                     )
@@ -116,21 +139,22 @@ def probe(host: str, port: int, timeout: float, curve: tuple[bytes, bytes, bytes
                     # A broker run with keys does not answer a connection without them.
                     else " (down or stuck; or run with --keys, then it answers only keys it knows: pass --keys DIR)"
                 )
-                return f"no answer from {endpoint} within {timeout:g} s{hint}"
+                return Answer(f"no answer from {endpoint} within {timeout:g} s{hint}")
             frame = sock.recv()
         finally:
             sock.close()
     except zmq.ZMQError as exc:
-        return f"cannot reach {endpoint}: {exc.strerror}"
+        return Answer(f"cannot reach {endpoint}: {exc.strerror}")
     finally:
         ctx.term()
     try:
         env = p.decode(frame, p.MAX_REPLY_BYTES)
     except ProtocolError as exc:
-        return f"{endpoint} answered something that is not a zchat envelope: {exc.message}"
+        return Answer(f"{endpoint} answered something that is not a zchat envelope: {exc.message}")
     if env.get("id") != PING_ID:
-        return f"{endpoint} answered a {env['type']!r} envelope that does not echo our id"
-    return None
+        return Answer(f"{endpoint} answered a {env['type']!r} envelope that does not echo our id")
+    alarm = env.get("alarm")
+    return Answer(None, alarm if isinstance(alarm, str) else None)
 
 
 def _refused(host: str, port: int, timeout: float) -> bool:
@@ -181,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         except KeysError as exc:
             print(f"broker.health: unhealthy: {exc}", file=sys.stderr)
             return 1
-    problem = probe(args.host, args.port, args.timeout, curve)
-    if problem is not None:
-        print(f"broker.health: unhealthy: {problem}", file=sys.stderr)
+    answer = probe(args.host, args.port, args.timeout, curve)
+    if answer.problem is not None:
+        print(f"broker.health: unhealthy: {answer.problem}", file=sys.stderr)
         return 1
+    if answer.alarm is not None:
+        # On stdout: Docker keeps it in the health log (docker inspect) of a healthy container.
+        note = DISK_ALARM_NOTE if answer.alarm == "disk" else f"healthy, but it reports an alarm: {answer.alarm[:64]!r}"
+        print(f"broker.health: {note}")
     return 0
 
 

@@ -1248,6 +1248,30 @@ def test_send_to_a_broker_with_its_disk_alarm_says_why_and_that_nothing_was_stor
         broker.kill()
 
 
+@pytest.mark.timeout(60)
+def test_the_health_check_says_the_disk_alarm_and_still_exits_0(tmp_path: Path) -> None:
+    """A broker that answers but refuses room messages (its disk alarm) was reported as
+    healthy, without a word; it still is (a restart frees no space, and an orchestrator
+    that replaces unhealthy containers would make it flap), with a line that says so."""
+    alarmed = BrokerProcess(tmp_path / "alarmed", extra=["--min-free", "1e9"]).start()
+    fine = BrokerProcess(tmp_path / "fine").start()
+    try:
+        for broker, said in ((alarmed, True), (fine, False)):
+            health = [sys.executable, "-m", "broker.health", "--host", HOST, "--port", str(broker.port)]
+            checked = subprocess.run(health, capture_output=True, text=True, timeout=15, check=False)
+            assert checked.returncode == 0, checked.stderr
+            assert checked.stderr == ""
+            if said:
+                assert checked.stdout.startswith(
+                    "broker.health: healthy, but its disk alarm is on: it refuses room "
+                ), checked.stdout
+            else:
+                assert checked.stdout == ""
+    finally:
+        alarmed.kill()
+        fine.kill()
+
+
 def test_a_skipped_run_is_also_in_the_json_stream(capsys: pytest.CaptureFixture[str]) -> None:
     """An archiver reading --json must learn of the events it will never get (the broker's
     retention deleted them); other status changes stay on stderr only."""
