@@ -434,3 +434,24 @@ def fn_text(fn: Callable[[], str]) -> str:
         return fn()
     except Exception as exc:  # the text is what the tests check
         return f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def small_file_system(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (made), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can mount a small file system (CI runs as root)")
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True, timeout=10)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, timeout=10)
+
+
+def fill_until(path: Path, leave: int) -> None:
+    """Write ``path`` until its file system has ``leave`` bytes free (or a little less)."""
+    with path.open("wb") as f:
+        while (free := shutil.disk_usage(path.parent).free) > leave:
+            f.write(b"\0" * min(free - leave + 4096, 1 << 20))
+            f.flush()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,17 @@ from broker import store as store_module
 from broker.core import SavedSession
 from broker.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
 from client.lib import BrokerUnreachable, Client, Event
-from tests.conftest import HOST, NOBODY, BrokerProcess, Inbox, as_user, wait_for, world_traversable
+from tests.conftest import (
+    HOST,
+    NOBODY,
+    BrokerProcess,
+    Inbox,
+    as_user,
+    fill_until,
+    small_file_system,
+    wait_for,
+    world_traversable,
+)
 
 
 def all_history(client: Client, room: str) -> list[tuple[int, str | None, str | None]]:
@@ -484,27 +492,6 @@ def test_a_store_file_the_broker_may_not_write_is_named_with_its_owner() -> None
         assert as_user(lambda: _open_store(data)) == "opened"
 
 
-@contextlib.contextmanager
-def small_file_system(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``where`` (made), unmounted after."""
-    if os.geteuid() != 0:
-        pytest.skip("only root can mount a small file system (CI runs as root)")
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True, timeout=10)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, timeout=10)
-
-
-def _fill(path: Path, leave: int) -> None:
-    """Write ``path`` until its file system has ``leave`` bytes free (or a little less)."""
-    with path.open("wb") as f:
-        while (free := shutil.disk_usage(path.parent).free) > leave:
-            f.write(b"\0" * min(free - leave + 4096, 1 << 20))
-            f.flush()
-
-
 def _texts(events: list[Event]) -> list[str | None]:
     return [e.text for e in events if e.type == "msg"]
 
@@ -528,7 +515,7 @@ def test_a_nearly_full_disk_refuses_room_messages_which_the_client_holds_and_del
                 c.connect()
                 c.join("general")
             alice.send_wait("general", "before", timeout=10)
-            _fill(mount / "filler", leave=1 << 20)
+            fill_until(mount / "filler", leave=1 << 20)
             wait_for(lambda: any("disk alarm:" in line for line in broker.log), 10, what=lambda: broker.log)
             alice.send("general", "during 1")
             alice.send("general", "during 2")
@@ -572,7 +559,7 @@ def test_the_disk_alarm_is_checked_every_second_whatever_the_heartbeat(tmp_path:
         try:
             alice.connect()
             alice.join("general")
-            _fill(mount / "filler", leave=1 << 20)
+            fill_until(mount / "filler", leave=1 << 20)
             filled = time.monotonic()
             wait_for(lambda: any("disk alarm:" in line for line in broker.log), 5, what=lambda: broker.log)
             tripped = time.monotonic() - filled

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from client.lib import Client
-from tests.conftest import HOST, BrokerProcess, bin_path, wait_for
+from tests.conftest import HOST, BrokerProcess, bin_path, fill_until, small_file_system, wait_for
 
 
 class Tmux:
@@ -96,3 +96,54 @@ def test_half_typed_line_survives_incoming_messages(terminal_broker: BrokerProce
     finally:
         bob.close(0)
         term.kill()
+
+
+@pytest.mark.timeout(90)
+def test_a_line_the_disk_alarm_holds_back_is_explained_once_and_sent_when_space_is_back(tmp_path: Path) -> None:
+    """The broker's disk alarm (its data on an 8 MiB tmpfs, --min-free 2): the line typed
+    meanwhile waits, the terminal says why once (not at each of the client's retries, one a
+    second), and the line reaches the room, once, when space is freed."""
+    with small_file_system(tmp_path / "small", "8m") as mount:
+        broker = BrokerProcess(mount / "data", ["--min-free", "2", "--log-level", "debug"]).start()
+        env = {k: v for k, v in broker.env().items() if k.startswith("ZCHAT_")}
+        env["PATH"] = os.environ.get("PATH", "")
+        term = Tmux(f"{bin_path('zchat')} --name alice", env)
+        bob = Client("bob", HOST, broker.port, broker.pub_port)
+        try:
+            wait_for(lambda: any("alice>" in line for line in term.screen()), 15, what=term.screen)
+            bob.connect()
+            bob.join("general")
+            fill_until(mount / "filler", leave=1 << 20)
+            wait_for(lambda: any("disk alarm:" in line for line in broker.log), 10, what=lambda: broker.log)
+            term.type("held back")
+            term.keys("Enter")
+
+            def refusals() -> int:
+                return sum("(alice): unavailable: " in line for line in broker.log)
+
+            wait_for(lambda: refusals() >= 3, 15, what=lambda: broker.log[-5:])  # the first and 2 retries
+
+            def said(what: str) -> list[str]:
+                return [line for line in term.screen() if what in line]
+
+            wait_for(lambda: said("refuses messages for now"), 5, what=term.screen)
+            assert len(said("refuses messages for now")) == 1, term.screen()
+            assert "the broker's disk is nearly full" in " ".join(term.screen())
+            (mount / "filler").unlink()
+            received: list[str | None] = []
+
+            def bob_got_it() -> bool:
+                bob.pump(0.05)
+                received.extend(e.text for e in bob.drain_events() if e.type == "msg" and e.name == "alice")
+                return "held back" in received
+
+            wait_for(bob_got_it, 15, interval=0)
+            wait_for(lambda: said("takes messages again"), 5, what=term.screen)
+            bob.pump(0.5)
+            received.extend(e.text for e in bob.drain_events() if e.type == "msg" and e.name == "alice")
+            assert received == ["held back"]
+            assert len(said("refuses messages for now")) == 1, term.screen()
+        finally:
+            bob.close(0)
+            term.kill()
+            broker.kill()
