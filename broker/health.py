@@ -43,7 +43,9 @@ HEALTH_USER = "health"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m broker.health",
-        description="Exit 0 if a zchat broker answers a ping on its request port, else 1 (the reason on stderr).",
+        description="Exit 0 if a zchat broker answers a ping on its request port, else 1 (the reason on stderr). "
+        "A broker whose disk alarm is on (it refuses room messages: --min-free) answers, so 0, with a line "
+        "on stdout that says so.",
     )
     # Not ZCHAT_HOST: for the broker that is the address it binds (0.0.0.0 in the image).
     parser.add_argument(
