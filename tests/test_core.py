@@ -873,6 +873,26 @@ def test_ping_pong(request_id: str | None) -> None:
     assert only_reply(core.handle(A, p.encode(env), 0), A) == expected
 
 
+def test_a_ping_without_a_session_says_the_disk_alarm_and_a_session_is_not_told_in_its_pong() -> None:
+    """The health check's ping (no session) learns that the broker refuses room messages;
+    only the word. A session's pong is as it was: its client learns it from its refusals."""
+    core = make_core()
+    hello(core, B, "bob")
+    assert "alarm" not in only_reply(core.handle(A, enc(type="ping", id="h"), 1), A)
+    core.store_refusal = "the broker's disk is nearly full; nothing was stored, retry later"
+    answer = only_reply(core.handle(A, enc(type="ping", id="h"), 2), A)
+    assert answer == {
+        "type": "error",
+        "code": "not_registered",
+        "message": "say hello before 'ping'",
+        "id": "h",
+        "alarm": "disk",
+    }
+    assert only_reply(core.handle(B, enc(type="ping", id="p"), 3), B) == {"type": "pong", "seqs": {}, "id": "p"}
+    core.store_refusal = None
+    assert "alarm" not in only_reply(core.handle(A, enc(type="ping", id="h"), 4), A)
+
+
 def test_pong_gives_the_seq_of_each_room_of_the_session() -> None:
     """What lets a client see that it lost a room's last events (no later event shows that gap)."""
     core = make_core()
