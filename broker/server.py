@@ -154,7 +154,7 @@ SLOW_DISK_HOLD_S = 0.1
 #: The disk alarm's floor by default: the free space (as ``df`` counts it) on the
 #: store's file system below which room messages are refused ``unavailable``, as
 #: RabbitMQ's disk_free_limit blocks publishers (its default is 50 MB). Enough for
-#: what can be written between two checks (DISK_CHECK_MS: at 60k msg/s some 20 MB
+#: what can be written between two checks (DISK_CHECK_S: at 60k msg/s some 20 MB
 #: of WAL and database) and for the WAL's growth to its
 #: restart size (WAL_RESTART_FRAMES pages, 32 MiB) after a start. The same figure
 #: as the store's low-space warning at start.
@@ -162,11 +162,12 @@ MIN_FREE_BYTES = LOW_SPACE_WARN_BYTES
 #: The alarm clears once this much more than its floor is free: not flapping on
 #: and off (a line each) while the broker's own writes hover at the floor.
 MIN_FREE_MARGIN = 0.1
-#: How often the loop reads the free space for the disk alarm, in ms: a statvfs, some
+#: How often the loop reads the free space for the disk alarm, in s: a statvfs, some
 #: microseconds. Its own pace, not the heartbeat's tick (a quarter of --heartbeat-ms):
 #: at --heartbeat-ms 60000 that was 15 s between checks, 300 MB at 60k msg/s, and the
 #: disk filled past any floor before the alarm could see it; at 100 ms, 20 a second.
-DISK_CHECK_MS = 1000
+#: On the monotonic clock: a wall clock set back an hour left it an hour unchecked.
+DISK_CHECK_S = 1.0
 #: What a room message is answered during the disk alarm.
 DISK_ALARM_TEXT = "the broker's disk is nearly full; nothing was stored, retry later"
 #: File descriptors the broker holds besides its clients' connections (store, sockets,
@@ -476,7 +477,7 @@ class Broker:
         router = self.router
         tick_every = max(50, self.config.heartbeat_ms // 4)
         next_tick = now_ms() + tick_every
-        next_disk_check = now_ms() + DISK_CHECK_MS
+        next_disk_check = time.monotonic() + DISK_CHECK_S
         reading = True
         hold = self._hold
         worked, trimmed_at = False, -int(TRIM_EVERY_S * 1000)
@@ -519,8 +520,8 @@ class Broker:
                 next_tick = now + tick_every
                 self._prune_aged(now)
                 hold.forget(time.monotonic() * 1000)
-            if now >= next_disk_check:
-                next_disk_check = now + DISK_CHECK_MS
+            if (mono := time.monotonic()) >= next_disk_check:
+                next_disk_check = mono + DISK_CHECK_S
                 self._check_disk()
             if self._reload.is_set():
                 self._reload.clear()
@@ -560,7 +561,7 @@ class Broker:
     def _check_disk(self) -> None:
         """The disk alarm (``--min-free``): refuse room messages while the store's file
         system has less than the floor free, and take them again once it has the floor
-        and a margin. One line each way. Asked every DISK_CHECK_MS (and at start).
+        and a margin. One line each way. Asked every DISK_CHECK_S (and at start).
 
         The store's own stop on a failed commit stays the last line of defence (a disk
         filled faster than a check, or by another program): nothing unstored is acked."""

@@ -7,13 +7,16 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from broker import server as server_module
 from broker import store as store_module
 from broker.core import SavedSession
+from broker.server import Broker, Config
 from broker.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
 from client.lib import BrokerUnreachable, Client, Event
 from tests.conftest import (
@@ -576,6 +579,29 @@ def test_the_disk_alarm_is_checked_every_second_whatever_the_heartbeat(tmp_path:
             assert broker.kill(signal.SIGTERM) == 0
         # About a second each (a check a second), with room for a loaded machine.
         assert tripped < 3.5 and cleared < 3.5, (tripped, cleared)
+
+
+@pytest.mark.timeout(60)
+def test_the_disk_alarm_is_checked_on_a_wall_clock_set_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's clock is the wall clock (it stamps events); the alarm's pace is not: a
+    clock set back an hour (NTP, a VM's resume) left the disk unchecked for that hour."""
+    with small_file_system(tmp_path / "small", "8m") as mount:
+        store = Store(mount / "data", "normal")
+        broker = Broker(Config(host=HOST, port=0, pub_port=0, min_free_bytes=2 << 20), store)
+        thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+        thread.start()
+        try:
+            wall = server_module.now_ms
+            monkeypatch.setattr(server_module, "now_ms", lambda: wall() - 3_600_000)
+            fill_until(mount / "filler", leave=1 << 20)
+            wait_for(lambda: broker.core.store_refusal is not None, 5)
+            (mount / "filler").unlink()
+            wait_for(lambda: broker.core.store_refusal is None, 5)
+        finally:
+            broker.stop()
+            thread.join(timeout=5)
+            store.close()
+        assert not thread.is_alive()
 
 
 @pytest.mark.timeout(30)
