@@ -728,8 +728,10 @@ class Client:
         self._unavailable = 0
         self._unavailable_since = 0.0
         #: A ``status`` "unavailable" was said (a message of ours refused so) and no
-        #: ack has come since: said once a spell, and its end once ("available").
-        self._unavailable_said = False
+        #: ack of that type of message ("msg" or "dm") has come since: said once a
+        #: spell, and its end once ("available"). Of that type: during the disk alarm
+        #: DMs go on, and a DM's ack said "available" while room messages still waited.
+        self._unavailable_said: str | None = None
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._poller = zmq.Poller()
@@ -1517,7 +1519,7 @@ class Client:
         self._callbacks.clear()
         self._hellos_here = 0
         self._unavailable = 0
-        self._unavailable_said = False  # another broker: its "connected" says the rest
+        self._unavailable_said = None  # another broker: its "connected" says the rest
         self._hello_refused = None
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
@@ -2251,8 +2253,10 @@ class Client:
         unavailable = kind == "error" and env.get("code") == ErrorCode.UNAVAILABLE
         if kind in ("ack", "welcome", "joined"):
             self._unavailable = 0
-            if kind == "ack" and self._unavailable_said:
-                self._unavailable_said = False
+            # (A DM's ack names its recipient. Not looked up in _unacked: a message's own
+            # event on the room-event socket may have settled it before its ack comes.)
+            if kind == "ack" and ("dm" if "to" in env else "msg") == self._unavailable_said:
+                self._unavailable_said = None
                 self._status("available", f"{self.address} takes messages again; those that waited are sent")
         self._dispatch(env)
         if unavailable:
@@ -2304,10 +2308,10 @@ class Client:
                 # Not lost, only early (or the broker's backplane is away): hold new
                 # sends, then resend in order.
                 wait = RATE_RETRY_S if code == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
-                if code == ErrorCode.UNAVAILABLE and not self._unavailable_said:
+                if code == ErrorCode.UNAVAILABLE and self._unavailable_said is None:
                     # Said once, not at every retry: why what the user wrote does not go
                     # (the broker's disk is nearly full, or its backplane is away).
-                    self._unavailable_said = True
+                    self._unavailable_said = self._unacked[rid]["type"]
                     why = str(env.get("message") or "unavailable")
                     self._status(
                         "unavailable",
