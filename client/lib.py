@@ -539,6 +539,20 @@ class _Room:
     #: stored, its ack lost, shows in the catch-up and counts as its ack; resent
     #: first, it could be stored twice once the broker's resend window has passed it.
     catch_up_to: int = 0
+    #: The room's highest seq this broker has told us of (joined, pongs, acks, history): a
+    #: message sent now cannot be stored at or below it (see Client._floor).
+    top: int = 0
+    #: A search of history for our own unacknowledged messages, for a program with max_queue
+    #: events unread (see Client._search_own): the id of the page in flight ("" none), when
+    #: it went, the range it covers (after, to], and the messages it looks for, each with
+    #: when it was last sent (one sent again meanwhile may be stored above what was read).
+    search_rid: str = ""
+    search_sent: float = 0.0
+    search_after: int = 0
+    search_to: int = 0
+    search_ids: dict[str, float] = field(default_factory=dict)
+    #: When a refused page of it may be asked again.
+    search_retry_at: float = 0.0
     #: Events up to this seq are history, shown with ``backlog`` set (join with ``after``).
     backlog_to: int = 0
     #: (author, id) of the messages that history has shown (a copy stored twice shows once).
@@ -627,7 +641,9 @@ class Client:
         the program has read some; then what was dropped is fetched from history
         and delivered in order, each once (at the pace of the broker's history
         budget: 1 MiB/s after a burst of 32 MiB by default), as after a gap. Acks,
-        replies and DMs are always kept.
+        replies and DMs are always kept. A message of yours whose ack is lost
+        meanwhile is looked for in history, page by page, keeping nothing else:
+        found, it is acknowledged; not, it is sent again (see :meth:`send`).
 
         ``resume`` is the :attr:`resume_token` of an earlier ``Client`` of this name:
         a program restarted after a crash takes its session back at once, where a
@@ -755,6 +771,10 @@ class Client:
         #: Room messages unacknowledged that went out before a lost connection: the broker
         #: may have stored them. Only these make a rejoin catch up first (see _on_rejoin).
         self._went_before_loss: set[str] = set()
+        #: Room messages sent at least once and unacknowledged, by id: a seq of their room
+        #: at or below which no copy of them is stored (the room's top when one first went,
+        #: raised by a search of history that found none; see _search_own).
+        self._floor: dict[str, int] = {}
         #: DMs that wait to be asked again (their recipient not back yet: ``undelivered``, or
         #: ``no_such_user`` just after a reconnect), by id: until when they are. A later DM to
         #: the same person waits behind them (see _dm_blocked), so that DMs arrive in order.
@@ -1167,6 +1187,7 @@ class Client:
             # good (the error event says why): we are not in the room.
             raise RequestError(ErrorCode.NOT_JOINED, f"#{room}: the rejoin after a reconnect was refused")
         state.last = top
+        state.top = max(state.top, top)
         if after is not None:
             state.last = after if after <= top else 0
             if state.last < top and not state.pending:
@@ -1757,6 +1778,7 @@ class Client:
             state.rejoin_tries = 0
             state.tail_at = 0.0  # the next broker's pongs say where its rooms are
             state.lost_at = state.last
+            state.search_rid = ""  # its reply is lost with the connection
         self._pings.clear()  # their pongs went with the connection
         self._cover.clear()  # all is resent after the rejoins' catch-up (see _on_rejoin)
         # Fresh sockets: a half-dead TCP connection could hold our requests for
@@ -1848,6 +1870,12 @@ class Client:
         before = state.last if state.lost_at is None else state.lost_at
         state.lost_at = None
         state.catch_up_to = 0
+        state.top = top
+        for rid, env in self._unacked.items():
+            if rid in self._floor and env["type"] == "msg" and env["room"] == room:
+                # Below it only if this broker numbers the room lower (it lost its store, or
+                # is another chat): what went before is not in its store, what goes now is above.
+                self._floor[rid] = min(self._floor[rid], top)
         if top < before:
             # The broker lost its store (or numbers the room its own way): its
             # numbering starts again below ours. (Below what we had when the
@@ -1873,6 +1901,11 @@ class Client:
         for room, state in list(self._rooms.items()):
             if not state.joined and not state.leaving and state.rejoin_at and now >= state.rejoin_at:
                 self._rejoin(room)
+            if state.search_rid and now - state.search_sent > self._resend_after:
+                self._callbacks.pop(state.search_rid, None)  # its reply was dropped: begin again
+                state.search_rid = ""
+            if not state.search_rid and now >= state.search_retry_at and state.joined and self._backed_up():
+                self._search_own(room, state, now)
             if state.fetching and now - state.fetch_sent > self._resend_after:
                 # The reply was dropped on the way (the broker drops what a full queue
                 # to us cannot take): every later event of the room waits on it. Ask again.
@@ -1961,8 +1994,83 @@ class Client:
             if max(self._pings.values(), default=0.0) <= sent_at:
                 self._ping_now(time.monotonic())  # no ping after it on its way yet: ask now
             return False
-        # Not there yet: SUB, the gap fetches or the tail check bring the rest.
-        return state.last is not None and state.last >= cover
+        # Not there yet: SUB, the gap fetches or the tail check bring the rest; or, for a
+        # program with max_queue events unread, a search of history for it alone (_search_own).
+        return (state.last is not None and state.last >= cover) or self._floor.get(rid, -1) >= cover
+
+    def _search_own(self, room: str, state: _Room, now: float) -> None:
+        """For a program with max_queue events unread, which fetches no history until it
+        reads: learn whether the broker stored the messages of ours to ``room`` that wait on
+        that (one due for a resend, its ack maybe lost; one that went before a reconnect),
+        without keeping the room's events. History is paged from their floor up to where
+        the room stood after them, and only a copy of ours is kept: found, it is the ack
+        (shown in its place in the room); not found, their floor is raised, and they go."""
+        if state.last is None or not self._unacked:
+            return
+        due = now - self._resend_after
+        to = 0
+        wanted: dict[str, float] = {}
+        for rid, env in self._unacked.items():
+            floor = self._floor.get(rid)
+            if floor is None or env["type"] != "msg" or env["room"] != room:
+                continue  # (never sent: it cannot be stored)
+            sent_at = self._sent_at.get(rid, 0.0)
+            if state.catch_up_to and rid in self._went_before_loss:
+                need = state.catch_up_to
+            elif (cover := self._cover.get(rid)) is not None and 0.0 < sent_at <= due:
+                need = cover
+            else:
+                continue
+            if floor < need and state.last < need:
+                wanted[rid] = sent_at
+                to = max(to, need)
+        if wanted:
+            state.search_ids = wanted
+            self._search_page(room, state, max(state.last, min(self._floor[rid] for rid in wanted)), to)
+
+    def _search_page(self, room: str, state: _Room, after: int, to: int) -> None:
+        state.search_after, state.search_to = after, to
+        state.search_sent = time.monotonic()
+        rid = state.search_rid = self._new_id()
+        self._callbacks[rid] = lambda reply: self._on_searched(room, reply)
+        limit = min(to - after, p.MAX_HISTORY_LIMIT)
+        self._send({"type": "history", "room": room, "after": after, "limit": limit, "id": rid})
+
+    def _on_searched(self, room: str, reply: Envelope) -> None:
+        """A page of :meth:`_search_own`'s search: our copies in it are acks; read through, the
+        messages it looked for (unless sent again since) have no copy up to there."""
+        state = self._rooms.get(room)
+        if state is None or not state.search_rid:
+            return
+        state.search_rid = ""
+        if reply.get("type") != "history" or not isinstance(reply.get("messages"), list):
+            # Refused (the history budget, an unavailable broker): asked again in a moment.
+            wait = RATE_RETRY_S if reply.get("code") == ErrorCode.RATE_LIMITED else UNAVAILABLE_RETRY_S
+            state.search_retry_at = time.monotonic() + wait
+            return
+        after, to, wanted = state.search_after, state.search_to, state.search_ids
+        through = after
+        for env in reply["messages"]:
+            if not (_is_event(env) and env["room"] == room and after < env["seq"] <= to):
+                continue
+            through = max(through, env["seq"])
+            if env["type"] == "msg" and env.get("id") in wanted and (sent := self._stored_original(env)) is not None:
+                self._show_own(self._own_event(sent, env))
+        if through == after:
+            through = to  # none of them is kept any more (a retention, a lost store): nothing to find
+        for rid, sent_at in wanted.items():
+            if rid in self._floor and self._sent_at.get(rid) == sent_at:
+                self._floor[rid] = max(self._floor[rid], through)
+        if through < to:
+            self._search_page(room, state, through, to)
+            return
+        if state.catch_up_to and not any(
+            self._floor.get(rid, state.catch_up_to) < state.catch_up_to
+            for rid, env in self._unacked.items()
+            if rid in self._went_before_loss and env["type"] == "msg" and env["room"] == room
+        ):
+            state.catch_up_to = 0  # what went before the loss is found, or known not stored
+        self._resend(time.monotonic() - self._resend_after)
 
     def _room_ready(self, env: Envelope) -> bool:
         """Whether a message may go now: not to a room we are still rejoining, or still
@@ -2100,6 +2208,13 @@ class Client:
         self._sent_at[rid] = time.monotonic()
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)  # a resend is covered by a later pong
+        env = self._unacked.get(rid)
+        if rid not in self._floor and env is not None and env["type"] == "msg":
+            state = self._rooms.get(env["room"])
+            if state is not None:
+                # The broker has told us of the room up to here before it reads this: a
+                # copy of it can only be stored above (a resend too: the room only grows).
+                self._floor[rid] = max(state.last or 0, state.top)
 
     def _acked(self, rid: str) -> Envelope | None:
         self._dm_early.discard(rid)
@@ -2108,6 +2223,7 @@ class Client:
         self._sent_at.pop(rid, None)
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)
+        self._floor.pop(rid, None)
         sent = self._unacked.pop(rid, None)
         if sent is not None:
             self._shown[rid] = None
@@ -2386,6 +2502,7 @@ class Client:
             state = self._rooms.get(room)
             if state is None or state.last is None or type(seq) is not int:
                 continue
+            state.top = max(state.top, seq)
             if seq > state.last and not state.tail_at:
                 state.tail, state.tail_at, state.tail_from = seq, check_at, state.last
 
@@ -2424,6 +2541,8 @@ class Client:
     def _show_own(self, event: Event) -> None:
         """An own message just acknowledged: into its room's seq order (DMs: at once)."""
         state = self._rooms.get(event.room) if event.type == "msg" and event.room else None
+        if state is not None and event.seq is not None:
+            state.top = max(state.top, event.seq)
         if state is None or state.last is None or event.seq is None or event.seq <= state.last:
             self._events.append(event)
             return
@@ -2438,7 +2557,8 @@ class Client:
         return len(self._events) + sum(len(state.pending) for state in self._rooms.values())
 
     def _backed_up(self) -> bool:
-        """Whether the program has max_queue events to read: no history is fetched until it reads.
+        """Whether the program has max_queue events to read: no history is fetched until it reads
+        (but for our own messages, keeping nothing else: _search_own).
 
         Not the events waiting in a room for an earlier one (see _held): only history
         brings what they wait for, so once they alone were max_queue, the room stood still
@@ -2544,6 +2664,7 @@ class Client:
                 state.floor = min(state.floor, env["seq"])
         top = reply.get("seq")
         top = top if isinstance(top, int) and not isinstance(top, bool) else state.last
+        state.top = max(state.top, top)
         if not events and after <= state.last < top:
             # The room is at ``top`` but the store has nothing after ``after``: the
             # broker lost (part of) its store, or its retention deleted them all. A

@@ -1512,3 +1512,101 @@ def test_a_program_behind_its_room_can_still_write_to_it_after_a_reconnect(make_
 
     _read_all(reader, got, len(texts))
     assert [e.text for e in got] == texts
+
+
+def _reader_texts(reader: Client, texts: list[str], extra: int) -> list[str]:
+    """Everything the backed-up ``reader`` shows of its room once it reads: ``texts`` and ``extra`` more."""
+    got = [e for e in reader.drain_events() if e.type == "msg"]
+    _read_all(reader, got, len(texts) + extra)
+    assert reader.pump(0.3) is not None
+    got.extend(e for e in reader.drain_events() if e.type == "msg")
+    return [e.text or "" for e in got]
+
+
+def test_a_program_behind_its_room_finds_its_message_whose_ack_was_lost_without_reading(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, make_client: MakeClient
+) -> None:
+    """A program with max_queue events unread sends a line whose ack is lost. Before it goes
+    again the client must know whether the broker stored it (past the broker's resend
+    window, here 5 messages, a resend is stored twice): it caught up on the room for that,
+    which a program behind its room does not do until it reads, so the line waited, its
+    send_wait timing out. Now it pages history for its own line alone, keeping nothing
+    else: the original is found and is its ack, while the program still reads nothing;
+    read later, the room shows it once, in its place."""
+    monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
+    broker.broker.core._acked.size = 5  # the resend window has passed the line by the time it goes again
+    reader, texts = _behind_its_room(make_client)
+    dropped = drop_first(reader, "ack", "general")
+    writer = make_client("writer2")
+    writer.join("general")
+    reader.send("general", "mine")
+
+    def acknowledged() -> bool:
+        reader.pump(0.05)
+        writer.pump(0)
+        if dropped and len(texts) < 310:
+            for i in range(10):  # the room moves on past it
+                writer.send_wait("general", f"after {i}")
+                texts.append(f"after {i}")
+        return reader.unacked == 0
+
+    wait_for(acknowledged, 10, interval=0, what=lambda: (bool(dropped), reader.unacked, len(reader._events)))
+    assert dropped, "the ack was lost on the way"
+    assert reader._backed_up(), "the program read nothing meanwhile"
+    got = _reader_texts(reader, texts, 1)
+    assert got.count("mine") == 1
+    events, _ = writer.history("general", len(texts) - 20, 100)
+    assert [e.text for e in events if e.type == "msg"].count("mine") == 1
+
+
+def test_a_program_behind_its_room_resends_its_lost_message_without_reading(
+    monkeypatch: pytest.MonkeyPatch, make_client: MakeClient
+) -> None:
+    """As above, but the line never reached the broker: the client pages history up to
+    where the room stood after it, finds nothing of it, and sends it again, while the
+    program still reads nothing. Stored once."""
+    monkeypatch.setattr(Client, "_resend_after", property(lambda self: 1.0))
+    reader, texts = _behind_its_room(make_client)
+    lost: list[dict[str, Any]] = []
+    send = reader._send
+
+    def lossy_send(env: dict[str, Any]) -> None:
+        if env["type"] == "msg" and not lost:
+            lost.append(env)
+            return
+        send(env)
+
+    reader._send = lossy_send  # type: ignore[method-assign]
+    reader.send("general", "mine")
+    wait_for(lambda: reader.pump(0.05) is not None and reader.unacked == 0, 10, interval=0)
+    assert lost, "the first send was lost"
+    assert reader._backed_up(), "the program read nothing meanwhile"
+    assert _reader_texts(reader, texts, 1).count("mine") == 1
+
+
+def test_a_program_behind_its_room_finds_its_message_sent_before_a_reconnect_without_reading(
+    broker: RunningBroker, make_client: MakeClient
+) -> None:
+    """A line sent just before the connection is lost (its ack lost with it) makes the rejoin
+    catch up on the room before the room's lines go again; a program with max_queue events
+    unread fetched nothing until it read, so that line and every later one to the room
+    waited. Now the client looks for that line alone in history: found, it is its ack,
+    and the next line goes at once."""
+    broker.broker.core._acked.size = 5  # (as above)
+    reader, texts = _behind_its_room(make_client)
+    reader.send("general", "before the cut")
+    writer = make_client("writer2")
+    writer.join("general")
+    wait_for(lambda: any(e.text == "before the cut" for e in writer.history("general", len(texts), 50)[0]), 5)
+    reader._lost("test: connection cut")  # before it read the ack
+    for i in range(10):
+        writer.send_wait("general", f"after {i}")
+    started = time.monotonic()
+    own = reader.send_wait("general", "after the reconnect", timeout=20)
+    assert time.monotonic() - started < 10, "it waited for a catch-up that does not come"
+    assert reader.unacked == 0 and reader._backed_up()
+    assert own.text == "after the reconnect"
+    got = _reader_texts(reader, texts + ["before the cut"] + [f"after {i}" for i in range(10)], 0)
+    assert got.count("before the cut") == 1
+    events, _ = writer.history("general", len(texts), 100)
+    assert [e.text for e in events if e.type == "msg"].count("before the cut") == 1
