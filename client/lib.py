@@ -2443,8 +2443,11 @@ class Client:
             now = time.monotonic()
             if code == ErrorCode.NO_SUCH_USER and rid in self._dm_early and now < self._dm_grace_until:
                 # Just back from a lost connection (a broker restart, say): the recipient
-                # may still be on its way back too. Ask again in a moment, for a while.
-                self._dm_waiting[rid] = self._dm_grace_until
+                # may still be on its way back too. Ask again in a moment, for a while: to the
+                # grace's end, or, after an undelivered (the recipient was reconnecting, and is
+                # again, with a new session), to that wait's end if later: the undelivered
+                # that may follow keeps it, and the grace's could be all but over.
+                self._dm_waiting[rid] = max(self._dm_waiting.get(rid, 0.0), self._dm_grace_until)
                 self._sent_at[rid] = now - self._resend_after + DM_RETRY_S
                 return
             if code == ErrorCode.UNDELIVERED and rid in self._unacked:

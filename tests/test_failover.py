@@ -468,6 +468,54 @@ def test_a_dm_refused_no_such_user_then_undelivered_is_asked_again_for_a_whole_r
         fake.stop()
 
 
+class AwayAndBackScript(AwayScript):
+    """As AwayScript (cut), but a DM is answered by time: ``undelivered`` (bob's connection
+    gone), then ``no_such_user`` from ``gone_at`` (his session ended), then ``undelivered``
+    again from ``back_at`` (a new session, its connection gone too)."""
+
+    def __init__(self) -> None:
+        super().__init__(cut=True)
+        self.gone_at = float("inf")
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        if env["type"] == "dm" and self.gone_at <= now < self.back_at:
+            return [p.error(p.ErrorCode.NO_SUCH_USER, "nobody called 'bob' is online", env.get("id"))]
+        if env["type"] == "dm":
+            return [p.error(p.ErrorCode.UNDELIVERED, "bob's connection is gone", env.get("id"))]
+        return super().__call__(env)
+
+
+@pytest.mark.timeout(40)
+def test_a_dm_refused_undelivered_then_no_such_user_keeps_its_whole_wait() -> None:
+    """A DM written 3 s into the grace after our reconnect is answered undelivered (bob is
+    reconnecting: a reconnect's wait, 5.6 s here, from then), then no_such_user (his session
+    ended), then undelivered again (a new one). The no_such_user set its wait to the
+    grace's end, 2.6 s away, and the undelivered after it kept that: the author was told
+    2.6 s after the first refusal, not after a whole reconnect's wait."""
+    script = AwayAndBackScript()
+    fake = ScriptedBroker(script)
+    alice = Inbox(Client("alice", hosts=[fake.address]))
+    try:
+        alice.client.connect()
+        alice.until(lambda: len(fake.of_type("hello")) == 2 and alice.client.state == "connected")
+        back = time.monotonic()
+        alice.until(lambda: time.monotonic() > back + 3.0, timeout=5)
+        script.gone_at, script.back_at = time.monotonic() + 0.5, time.monotonic() + 1.5
+        alice.client.dm("bob", "hi")
+        alice.until(lambda: any(e.type == "error" for e in alice.events), timeout=25)
+        told = time.monotonic()
+        assert [e.code for e in alice.events if e.type == "error"] == ["undelivered"]
+        tries = [t for t, env in fake.requests if env["type"] == "dm"]
+        assert any(script.gone_at <= t < script.back_at for t in tries), "one was answered no_such_user"
+        first = tries[0]
+        # 3 heartbeats and 5 s from the first undelivered (5.6 s); the bug told at 2.6 s.
+        assert told - first >= 5.0, told - first
+    finally:
+        alice.client.close(0)
+        fake.stop()
+
+
 @pytest.mark.timeout(40)
 def test_close_waits_for_a_dm_whose_recipient_is_reconnecting_and_lists_it_as_not_delivered() -> None:
     """close() (pipe mode's end of input too) waits for acks until none came for its
