@@ -775,6 +775,8 @@ class Client:
         #: at or below which no copy of them is stored (the room's top when one first went,
         #: raised by a search of history that found none; see _search_own).
         self._floor: dict[str, int] = {}
+        #: DMs sent at least once and unacknowledged (what close() says of them; see _unacked_fates).
+        self._dm_sent: set[str] = set()
         #: DMs that wait to be asked again (their recipient not back yet: ``undelivered``, or
         #: ``no_such_user`` just after a reconnect), by id: until when they are. A later DM to
         #: the same person waits behind them (see _dm_blocked), so that DMs arrive in order.
@@ -946,8 +948,10 @@ class Client:
         after ``settle`` seconds without one (``settle=0``: close at once); a DM whose
         recipient is reconnecting is waited for until delivered or refused. Returns how
         many messages were still unacknowledged: the broker may have stored some of them
-        (their acks had not arrived), so sending them again may post them twice; a
-        warning is logged for them too. Events that arrive meanwhile stay queued (:meth:`drain_events`).
+        (their acks had not arrived), so sending them again may post them twice; a DM the
+        broker answered ``undelivered`` (its recipient away) did not arrive (see
+        :meth:`unacknowledged`). A warning says which were which. Events that arrive
+        meanwhile stay queued (:meth:`drain_events`).
         ``flush_timeout``: how long the bye may take to leave.
         """
         if self.state == "closed":
@@ -968,7 +972,7 @@ class Client:
                 return self.unacked
         lost = self.unacked
         if lost:
-            log.warning("%s: closed with %d message(s) not acknowledged: they may not be stored", self.name, lost)
+            log.warning("%s: closed with %d message(s) not acknowledged: %s", self.name, lost, self._unacked_fates())
         said_bye = False
         if self.state == "connected":
             with contextlib.suppress(zmq.ZMQError):
@@ -1037,6 +1041,26 @@ class Client:
             )
             for rid, env in self._unacked.items()
         ]
+
+    def _unacked_fates(self) -> str:
+        """What became of the messages not acknowledged, as far as we know, kind by kind."""
+        stored = unsent = delivered = undelivered = 0
+        for rid, env in self._unacked.items():
+            if rid in self._dm_waiting:
+                undelivered += 1
+            elif rid not in self._floor and rid not in self._dm_sent:
+                unsent += 1
+            elif env["type"] == "msg":
+                stored += 1
+            else:
+                delivered += 1
+        parts = [
+            f"{stored} room message(s) the broker may have stored (their acks had not come)" if stored else "",
+            f"{unsent} never sent (written while the broker was away, or held back)" if unsent else "",
+            f"{delivered} DM(s) that may have been delivered (their acks had not come)" if delivered else "",
+            f"{undelivered} DM(s) not delivered (the broker said their recipient was away)" if undelivered else "",
+        ]
+        return "; ".join(part for part in parts if part)
 
     @property
     def held_back(self) -> str | None:
@@ -2209,7 +2233,9 @@ class Client:
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)  # a resend is covered by a later pong
         env = self._unacked.get(rid)
-        if rid not in self._floor and env is not None and env["type"] == "msg":
+        if env is not None and env["type"] == "dm":
+            self._dm_sent.add(rid)
+        elif rid not in self._floor and env is not None:
             state = self._rooms.get(env["room"])
             if state is not None:
                 # The broker has told us of the room up to here before it reads this: a
@@ -2224,6 +2250,7 @@ class Client:
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)
         self._floor.pop(rid, None)
+        self._dm_sent.discard(rid)
         sent = self._unacked.pop(rid, None)
         if sent is not None:
             self._shown[rid] = None

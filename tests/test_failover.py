@@ -9,6 +9,7 @@ broker on real ZeroMQ sockets.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
@@ -536,6 +537,42 @@ def test_close_waits_for_a_dm_whose_recipient_is_reconnecting_and_lists_it_as_no
         assert client.close(settle=1.0) == 0  # answered in the end: undelivered, not left unacked
         assert time.monotonic() - started > 2.0
         assert len(fake.of_type("dm")) >= 4
+    finally:
+        if client.state != "closed":
+            client.close(0)
+        fake.stop()
+
+
+class SilentOnMessages(AwayScript):
+    """As AwayScript (no cut), and room messages are never answered (their acks lost)."""
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        return [] if env["type"] == "msg" else super().__call__(env)
+
+
+@pytest.mark.timeout(30)
+def test_close_says_of_each_message_left_what_became_of_it(caplog: pytest.LogCaptureFixture) -> None:
+    """close() warned "they may not be stored" of every message left: of a DM the broker
+    answered undelivered (it did not arrive), and of one never sent (it waited behind
+    that one), that is not the truth. Each kind is said as it is."""
+    fake = ScriptedBroker(SilentOnMessages(cut=False))
+    client = Client("alice", hosts=[fake.address])
+    try:
+        client.connect()
+        client.join("general")
+        client.send("general", "lost ack")
+        client.dm("bob", "hi")
+        wait_for(lambda: client.pump(0.05) is not None and client.unacknowledged()[1].code, 10)
+        client.dm("bob", "behind it")  # waits behind the first: never sent
+        client.pump(0.1)
+        with caplog.at_level(logging.WARNING, logger="zchat.client"):
+            assert client.close(settle=0) == 3
+        said = [r.getMessage() for r in caplog.records if r.name == "zchat.client"]
+        assert said == [
+            "alice: closed with 3 message(s) not acknowledged: 1 room message(s) the broker may have "
+            "stored (their acks had not come); 1 never sent (written while the broker was away, or held "
+            "back); 1 DM(s) not delivered (the broker said their recipient was away)"
+        ], said
     finally:
         if client.state != "closed":
             client.close(0)
