@@ -1910,8 +1910,7 @@ class Client:
             state.backlog_to = 0  # the numbers of a join's backlog mean nothing any more
             state.pending.clear()
         elif top > state.last:
-            went = self._went_before_loss
-            if any(rid in went and env["room"] == room for rid, env in self._unacked.items()):
+            if self._may_be_stored(room, top):
                 # Only a message that may be stored already needs the catch-up before it
                 # goes again. Others need not wait: a program with max_queue events unread
                 # fetches nothing until it reads, and its messages waited for good.
@@ -2088,13 +2087,19 @@ class Client:
         if through < to:
             self._search_page(room, state, through, to)
             return
-        if state.catch_up_to and not any(
-            self._floor.get(rid, state.catch_up_to) < state.catch_up_to
-            for rid, env in self._unacked.items()
-            if rid in self._went_before_loss and env["type"] == "msg" and env["room"] == room
-        ):
+        if state.catch_up_to and not self._may_be_stored(room, state.catch_up_to):
             state.catch_up_to = 0  # what went before the loss is found, or known not stored
         self._resend(time.monotonic() - self._resend_after)
+
+    def _may_be_stored(self, room: str, to: int) -> bool:
+        """Whether a message of ours to ``room`` that went before the connection was lost,
+        unacknowledged, may be stored at or below ``to`` where we have not looked: its
+        floor is below (with none, it never went)."""
+        return any(
+            self._floor.get(rid, to) < to
+            for rid, env in self._unacked.items()
+            if rid in self._went_before_loss and env["type"] == "msg" and env["room"] == room
+        )
 
     def _room_ready(self, env: Envelope) -> bool:
         """Whether a message may go now: not to a room we are still rejoining, or still

@@ -1610,3 +1610,32 @@ def test_a_program_behind_its_room_finds_its_message_sent_before_a_reconnect_wit
     assert got.count("before the cut") == 1
     events, _ = writer.history("general", len(texts), 100)
     assert [e.text for e in events if e.type == "msg"].count("before the cut") == 1
+
+
+def test_a_program_behind_its_room_resends_its_message_lost_before_a_reconnect_in_a_room_that_did_not_move(
+    make_client: MakeClient,
+) -> None:
+    """As above, but the line never reached the broker and nobody wrote meanwhile: the
+    room's seq at the rejoin is the one the client knew when the line went, so no copy
+    can be stored and there is nothing to look for. The rejoin still held the room's
+    lines for a catch-up, which nothing then ended: they waited until the program read."""
+    reader, texts = _behind_its_room(make_client)
+    reader.ping()  # its pong says where the room stands
+    lost: list[dict[str, Any]] = []
+    send = reader._send
+
+    def lossy_send(env: dict[str, Any]) -> None:
+        if env["type"] == "msg" and not lost:
+            lost.append(env)
+            return
+        send(env)
+
+    reader._send = lossy_send  # type: ignore[method-assign]
+    reader.send("general", "lost on the way")
+    reader._lost("test: connection cut")
+    own = reader.send_wait("general", "after the reconnect", timeout=20)
+    assert own.text == "after the reconnect"
+    wait_for(lambda: reader.pump(0.05) is not None and reader.unacked == 0, 10, interval=0)
+    assert reader._backed_up() and lost
+    got = _reader_texts(reader, texts, 1)  # (send_wait took its own line)
+    assert got[-1] == "lost on the way" and got.count("lost on the way") == 1
