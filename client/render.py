@@ -264,6 +264,11 @@ def cell_width(ch: str) -> int:
     a line of another script cost, and a chat uses the same few hundred characters."""
     if unicodedata.combining(ch) or ch == _ZWJ or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
         return 0
+    if "\u1160" <= ch <= "\u11ff" or "\ud7b0" <= ch <= "\ud7ff":
+        # Hangul's medial vowels and final consonants: with the initial before them they
+        # make one syllable of 2 cells (tmux, wcwidth), as Korean decomposed (NFD, as macOS
+        # names files) is written. Counted 1 each, such a line wrapped at half the width.
+        return 0
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 

@@ -17,6 +17,7 @@ import re
 import signal
 import time
 import types
+import unicodedata
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -1495,6 +1496,21 @@ def test_wrap_counts_wide_characters_and_keeps_every_character() -> None:
     # Words are not cut when a space is available.
     lines = render.wrap([("", "aaaa bbbb cccc")], 10)
     assert ["".join(t for _, t in line) for line in lines] == ["aaaa bbbb", "cccc"]
+
+
+def test_korean_written_decomposed_takes_the_cells_of_its_syllables() -> None:
+    """Korean in NFD (as macOS names files) writes a syllable as 2-3 jamo: the initial (2
+    cells), then a vowel and maybe a final, which terminals draw into it (tmux: 0 cells each).
+    Counted 1 each, "한국어" took 11 cells, not 6, and such a line wrapped at half the width."""
+    composed = "한국어 " * 30
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert len(decomposed) > len(composed)
+    assert render.text_width(decomposed) == render.text_width(composed) == 7 * 30
+    lines = render.wrap([("", decomposed)], 40)
+    assert len(lines) == len(render.wrap([("", composed)], 40)) == 6
+    assert ["".join(t for _, t in line) for line in lines] == [
+        unicodedata.normalize("NFD", "".join(t for _, t in line)) for line in render.wrap([("", composed)], 40)
+    ]
 
 
 def test_wrap_of_plain_ascii_gives_the_lines_of_the_character_at_a_time_wrap() -> None:
