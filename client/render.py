@@ -386,8 +386,15 @@ def _wrap_wide(fragments: list[Fragment], width: int, indent: int) -> list[list[
 def _slice(fragments: list[Fragment], starts: list[int], begin: int, end: int, lead: int) -> list[Fragment]:
     """The characters ``begin`` to ``end`` of the joined ``fragments``, after ``lead`` spaces, as _merge leaves them."""
     out: list[Fragment] = [("", " " * lead)] if lead else []
-    for (style, t), at in zip(fragments, starts, strict=True):
-        piece = t[max(begin - at, 0) : max(end - at, 0)]
+    # From the fragment ``begin`` is in, to the one ``end`` is in: a wrapped chat line is a
+    # few short fragments and a long text, and every line cut from it went through them all.
+    first = bisect.bisect_right(starts, begin) - 1
+    for i in range(max(first, 0), len(fragments)):
+        at = starts[i]
+        if at >= end:
+            break
+        style, t = fragments[i]
+        piece = t[begin - at if begin > at else 0 : end - at]
         if not piece:
             continue
         if out and out[-1][0] == style:

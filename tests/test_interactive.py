@@ -1588,6 +1588,28 @@ def test_wrapping_ascii_costs_a_fraction_of_wrapping_a_character_at_a_time() -> 
     assert sliced * 3 < cells, (sliced, cells)
 
 
+def test_wrapping_any_script_costs_a_fraction_of_wrapping_a_character_at_a_time() -> None:
+    """Lines with characters of more than one cell, or none, went a character at a time
+    after ASCII lines were cut by slices; they are cut by slices too now, with a running sum
+    of cell widths. A ratio of CPU times on the same line (the least of 3 runs of each), so
+    that neither the machine's speed nor its load matters: about 2.4-3.8x here."""
+    head = [("class:time", "16:20 "), ("class:punct", "<"), ("class:nick.3", "flood"), ("class:punct", ">"), ("", " ")]
+    line = [*head, ("class:text", ("lorem ipsum 日本語のテキスト dolor sit amet, ünïcödé " * 10)[:400])]
+
+    def cost(wrap: Callable[[list[render.Fragment], int, int], object]) -> float:
+        runs = []
+        for _ in range(3):
+            start = time.process_time()
+            for _ in range(100):
+                wrap(line, 80, 14)
+            runs.append(time.process_time() - start)
+        return min(runs)
+
+    assert render.wrap(line, 80, 14) == render._wrap_cells(line, 80, 14)
+    cells, sliced = cost(render._wrap_cells), cost(render.wrap)
+    assert sliced * 1.5 < cells, (sliced, cells)
+
+
 def test_joins_and_leaves_summed_up_but_not_due_yet_are_shown_when_the_user_quits(
     alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
