@@ -633,11 +633,14 @@ class ChatUI:
         if not self._folded or not (now or time.monotonic() >= self._fold_due):
             return
         for room, (joins, leaves) in self._folded.items():
-            said = [f"{count} {what}" for count, what in ((joins, "joined"), (leaves, "left")) if count]
-            members = len(self.commands.members.get(room, ()))
-            text = f"-!- #{room}: {', '.join(said)} ({members} members; /who lists them)"
-            self._emit(render.Styled([("class:time", render.clock(None) + " "), ("class:presence", text)], 10))
+            self._emit(self._folded_line(room, joins, leaves))
         self._folded.clear()
+
+    def _folded_line(self, room: str, joins: int, leaves: int) -> render.Styled:
+        said = [f"{count} {what}" for count, what in ((joins, "joined"), (leaves, "left")) if count]
+        members = len(self.commands.members.get(room, ()))
+        text = f"-!- #{room}: {', '.join(said)} ({members} members; /who lists them)"
+        return render.Styled([("class:time", render.clock(None) + " "), ("class:presence", text)], 10)
 
     def _mark_backlog_ends(self, still_coming: set[str]) -> None:
         """After a join's backlog, a line that says where it ends: what follows is live.
@@ -703,6 +706,10 @@ class ChatUI:
             self._out(f"no longer leaving #{room}")
         if command in ("join", "leave"):
             self._stayed_in.discard(room)  # a backlog after this is one of a join of ours
+        if command == "leave" and (counts := self._folded.pop(room, None)) is not None:
+            # Now, with the room's members: once left, we no longer know them (a line due
+            # later said 0), and it came among the next room's lines.
+            self._emit(self._folded_line(room, *counts))
         before = self.current
         try:
             keep_going = self.commands.handle(line)

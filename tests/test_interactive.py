@@ -1632,6 +1632,34 @@ def test_joins_and_leaves_summed_up_but_not_due_yet_are_shown_when_the_user_quit
     run(main())
 
 
+def test_joins_and_leaves_summed_up_in_a_room_are_shown_when_the_user_leaves_it(
+    alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A /leave with a room's joins and leaves still summing up showed their line up to
+    FOLD_EVERY_S after it, among the next room's lines, and said the room had 0 members (we
+    forget who is in a room we left). They are shown as we leave it now, as at a quit."""
+    monkeypatch.setattr(interactive, "FOLD_MEMBERS", 2)
+    monkeypatch.setattr(interactive, "FOLD_EVERY_S", 60.0)  # never due within the test
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            make_client("carol").join("general")
+            await t.shows("carol joined #general")
+            for name in ("dave", "erin"):
+                make_client(name).join("general")
+            await until(lambda: t.ui._folded.get("general") == [2, 0], what=lambda: t.ui._folded)
+            t.line("/join dev")
+            await t.shows("now talking in #dev")
+            t.line("/leave #general")
+            await until(lambda: "general" not in alice.rooms_joined)
+            t.line("/quit")
+            assert await asyncio.wait_for(t.task, 5) == 0
+            summed = [line for line in t.lines() if "#general: 2 joined (" in line]
+            assert summed and "(5 members;" in summed[0], t.lines()
+
+    run(main())
+
+
 def test_joins_and_leaves_in_a_big_room_are_summed_up_but_not_of_who_spoke_lately(
     alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
