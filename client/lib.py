@@ -291,6 +291,71 @@ def _greeting_mechanism(host: str, port: int, timeout: float = 0.5) -> str | Non
     return data[12:32].rstrip(b"\0").decode("ascii", "replace")
 
 
+#: A whole ZeroMQ 3.0 greeting with no security, as a client: a NULL peer answers it with
+#: its READY command, which names its socket type (:func:`_peer_socket_type`).
+_NULL_GREETING = _GREETING_START + b"NULL".ljust(20, b"\0") + bytes(32)
+
+
+def _wrong_socket(address: BrokerAddress, *, pub: bool) -> str | None:
+    """Why the request port (or with ``pub``, the room event port) of ``address`` is the wrong
+    one, when a ZeroMQ socket of another type than a broker's answers there.
+
+    A broker's two ports given the wrong way round (or one of them twice) look, to
+    libzmq, like a refused or silent port: "is zchat-broker running there?" would send
+    the user to look for a broker that is running, and for the room event port, nothing
+    would say which port is wrong.
+    """
+    want, other = ("PUB", "ROUTER") if pub else ("ROUTER", "PUB")
+    kind = _peer_socket_type(address.host, address.pub_port if pub else address.port)
+    if kind is None or kind == want:
+        return None
+    if pub:
+        hint = " (a broker's request port? give its room event port: 5556 by default)" if kind == other else ""
+        return f"what answers there is a ZeroMQ {kind} socket, not a zchat broker's room event port{hint}"
+    hint = " (a broker's room event port? give its request port: 5555 by default)" if kind == other else ""
+    return f"what answers at {address.endpoint} is a ZeroMQ {kind} socket, not a zchat broker's request port{hint}"
+
+
+def _peer_socket_type(host: str, port: int, timeout: float = 0.5) -> str | None:
+    """The socket type ("ROUTER", "PUB", ...) a ZeroMQ peer without security at ``host:port`` names.
+
+    libzmq hangs up on a peer whose socket type does not fit its own (a DEALER at a
+    PUB port: the broker's ports given the wrong way round) without any event that says
+    so: to us it looks like a refused connection. A NULL peer sends its READY command as
+    soon as it has our greeting (before it has our READY, which we never send), so the
+    type can be read here. None when it cannot be told: nothing or not ZeroMQ answered,
+    or the peer uses CURVE (its READY is encrypted).
+    """
+    data = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall(_NULL_GREETING)
+            # The greeting (64 bytes), then a short command: flags, size, body.
+            while len(data) < 66 or len(data) < 66 + data[65]:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        pass
+    if len(data) < 66 or data[:1] != b"\xff" or data[12:32].rstrip(b"\0") != b"NULL" or data[64] != 0x04:
+        return None  # (0x04: a short command; a READY with the properties libzmq sends is short)
+    body = data[66 : 66 + data[65]]
+    if body[:6] != b"\x05READY":
+        return None
+    i = 6
+    while i < len(body):
+        name_len = body[i]
+        name = body[i + 1 : i + 1 + name_len]
+        i += 1 + name_len
+        value_len = int.from_bytes(body[i : i + 4], "big")
+        value = body[i + 4 : i + 4 + value_len]
+        i += 4 + value_len
+        if name.lower() == b"socket-type":
+            return value.decode("ascii", "replace") if value.isalpha() and len(value) <= 16 else None
+    return None
+
+
 def parse_address(text: str, port: int = 5555, pub_port: int = 5556) -> BrokerAddress:
     """One broker address as a person writes it: ``HOST``, ``HOST:PORT`` or ``HOST:PORT:PUBPORT``.
 
@@ -693,6 +758,8 @@ class Client:
         self._refused = False
         #: Why what answers at the request port is not a zchat broker (its ZeroMQ handshake failed).
         self._foreign: str | None = None
+        #: Whether this connection's request port was asked its socket type (_wrong_socket).
+        self._type_probed = False
         #: The request port's peer closed the connection before any greeting (a proxy whose broker is down?).
         self._dropped = False
         #: In connect(), up to its return (handshake failures are looked into until then).
@@ -908,7 +975,7 @@ class Client:
                 return  # lost meanwhile: the reconnect says where it goes, and tries the SUB again
         if self._sub_up:
             return
-        why = self._sub_failure or f"no answer within {SUB_GRACE_S:g} s"
+        why = _wrong_socket(self.address, pub=True) or self._sub_failure or f"no answer within {SUB_GRACE_S:g} s"
         self._status(
             "no_room_events",
             f"room events from {where}: {why}; live events will only come late, by catch-up "
@@ -1535,6 +1602,7 @@ class Client:
         self._curve_cuts = {}
         self._lose_at = None
         self._foreign = self._sub_failure = None
+        self._type_probed = False
         address = self.address
         dealer.connect(address.endpoint)
         sub.connect(address.pub_endpoint)
@@ -1593,6 +1661,8 @@ class Client:
                 # connection (a failed try before it) is not about the connection in use.
                 self._dealer_down = self._dealer_down or sock is self._dealer
                 self._dealer_cut = self._dealer_cut or sock is self._dealer
+                if sock is self._dealer:
+                    self._probe_request_port()
                 continue
             if event == zmq.EVENT_CONNECT_RETRIED:
                 if sock is self._sub:
@@ -1600,6 +1670,7 @@ class Client:
                     self._sub_failure = self._sub_failure or "connection refused"
                 else:
                     self._refused = True
+                    self._probe_request_port()
                 continue
             if (
                 not (self.state == "new" or self._connecting)
@@ -1635,6 +1706,15 @@ class Client:
                 self._auth_failure = f"the broker at {where} does not accept our key (is it in its authorized/?)"
             else:
                 self._handshake_failed(sock, message.get("value"))
+
+    def _probe_request_port(self) -> None:
+        """While connecting, once a connection: a request port that hung up on us (or
+        refused) may be another socket type's, the broker's room event port say, which
+        libzmq leaves on us without a word; if so, ``_foreign`` says so and the address is
+        given up now rather than after ``connect_timeout``."""
+        if (self.state == "new" or self._connecting) and not self._type_probed and self._foreign is None:
+            self._type_probed = True
+            self._foreign = _wrong_socket(self.address, pub=False)
 
     def _handshake_failed(self, sock: zmq.Socket[bytes], value: object) -> None:
         """A handshake failed, not for our key: say why, or (``_foreign``) that no zchat broker answers.

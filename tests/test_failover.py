@@ -1189,6 +1189,57 @@ def test_a_wrong_room_event_port_is_said_and_requests_still_work(broker: Running
 
 
 @pytest.mark.timeout(30)
+def test_the_ports_of_a_broker_given_the_wrong_way_round_are_named_at_once(broker: RunningBroker) -> None:
+    """libzmq hangs up on a DEALER at a PUB port (and a SUB at a ROUTER) without an event that
+    says why: that was "no answer within 5 s (is zchat-broker running there?)" of a broker that
+    runs, and a silent room event port. What answers there is named, and the address left at once."""
+    swapped = f"{HOST}:{broker.pub_port}:{broker.port}"
+    alone = Client("alice", hosts=[swapped], connect_timeout=5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(BrokerUnreachable) as err:
+            alone.connect()
+        assert time.monotonic() - start < 3, "a wrong port that answers is not waited out"
+        assert err.value.message == (
+            f"what answers at tcp://{HOST}:{broker.pub_port} is a ZeroMQ PUB socket, not a zchat broker's "
+            "request port (a broker's room event port? give its request port: 5555 by default)"
+        )
+        assert not err.value.maybe_down
+    finally:
+        alone.close(0)
+    both = Client("alice", hosts=[swapped, address_of(broker)], connect_timeout=5)
+    try:
+        start = time.monotonic()
+        both.connect()
+        assert time.monotonic() - start < 3
+        assert both.address == parse_address(address_of(broker))
+    finally:
+        both.close(0)
+    twice = Client("bob", hosts=[f"{HOST}:{broker.port}:{broker.port}"], connect_timeout=5)
+    try:
+        twice.connect()
+        [said] = _no_room_events(twice)
+        assert said.text == (
+            f"room events from tcp://{HOST}:{broker.port} (the room event port): what answers there is a ZeroMQ "
+            "ROUTER socket, not a zchat broker's room event port (a broker's request port? give its room event "
+            "port: 5556 by default); live events will only come late, by catch-up (is the room event port right, "
+            "and open?)"
+        )
+    finally:
+        twice.close(0)
+    result = subprocess.run(
+        [bin_path("zchat"), "--name", "carol", "--host", f"{HOST}:{broker.pub_port}", "--send", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"zchat: what answers at tcp://{HOST}:{broker.pub_port} is a ZeroMQ PUB socket")
+    assert "is zchat-broker running there?" not in result.stderr
+
+
+@pytest.mark.timeout(30)
 def test_a_port_that_hangs_up_without_a_word_is_not_called_a_foreign_service() -> None:
     """A proxy whose broker is down (or starting) accepts and hangs up: that may be a zchat broker
     soon, so it is waited for (and said to be silent), not called something else."""
