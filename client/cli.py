@@ -149,13 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=envargs.port,
         default=envargs.default("ZCHAT_PORT", 5555),
-        help="request port of addresses without one (ZCHAT_PORT)",
+        help="request port of addresses without one (ZCHAT_PORT; default 5555)",
     )
     parser.add_argument(
         "--pub-port",
         type=envargs.port,
         default=envargs.default("ZCHAT_PUB_PORT", 5556),
-        help="room event port of addresses without one (ZCHAT_PUB_PORT)",
+        help="room event port of addresses without one (ZCHAT_PUB_PORT; default 5556)",
     )
     parser.add_argument("--room", default="general", help="room to join first (default general)")
     parser.add_argument(
