@@ -450,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as exc:
         if exc.code == "name_taken":
             # The broker says who holds the name, and for how long if it can tell.
-            printer.err(f"the broker at {client.endpoint}: {exc.message}; pick another with --name")
+            also = ""
+            if args.send is not None or args.dump is not None:
+                # Most often its user, chatting under that name in a terminal: a script's
+                # --send is a session of its own, not a line typed into that one.
+                also = " (--send and --dump connect as a client of their own: not under the name of a running zchat)"
+            printer.err(f"the broker at {client.endpoint}: {exc.message}; pick another with --name{also}")
         elif exc.code == "auth_failed":
             printer.err(exc.message)  # it says which broker, and what about the keys
         else:

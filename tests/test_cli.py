@@ -718,6 +718,32 @@ def test_client_argument_errors_exit_2() -> None:
         assert result.returncode == 2 and needle in result.stderr, result.stderr
 
 
+def test_send_or_dump_under_a_name_in_use_says_they_need_a_name_of_their_own(
+    chats: Any, broker_proc: BrokerProcess
+) -> None:
+    """The user chatting as bob who runs --send as bob from a script met name_taken with no word
+    that a --send is a session of its own, not a line typed into the running zchat."""
+    bob = chats("bob")
+    bob.expect(lambda line: "joined" in line)
+    for args in (("--send", "build done"), ("--dump", "5")):
+        result = _run_zchat(broker_proc, "--name", "Bob", *args)
+        assert result.returncode == 1
+        assert "is taken" in result.stderr and result.stderr.rstrip().endswith(
+            "; pick another with --name (--send and --dump connect as a client of their own: not under the name "
+            "of a running zchat)"
+        ), result.stderr
+    piped = subprocess.run(
+        [bin_path("zchat"), "--name", "bob"],
+        input="hi",
+        env=broker_proc.env(),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert piped.returncode == 1 and piped.stderr.rstrip().endswith("; pick another with --name"), piped.stderr
+
+
 def _broker_cmd(*args: str, host: str | None = HOST, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """``zchat-broker ARGS`` run to its end (``--host HOST`` first, unless ``host`` is None)."""
     return subprocess.run(
