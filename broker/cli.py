@@ -544,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
                 "of 1024 or more, or give the broker that capability (under systemd: "
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE, docs/operations.md)"
             )
+        if exc.errno == errno.EADDRINUSE:
+            # A newcomer's second broker (another terminal, a service) is the usual cause.
+            why += "; another program has that port (a zchat-broker already running?): stop it, or pick free ports"
+            why += " with --port and --pub-port"
         if host_from_env and exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
             why += "; that address came from ZCHAT_HOST, which zchat also reads as the broker to connect to"
         log.error("cannot listen on %s ports %d/%d: %s", args.host, args.port, args.pub_port, why)

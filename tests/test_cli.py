@@ -957,6 +957,10 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
         busy = _broker_cmd("--port", str(first.port), "--pub-port", "0", "--data", str(tmp_path / "e"))
         assert busy.returncode == 1
         assert f"cannot listen on {HOST} ports {first.port}/0" in busy.stderr, busy.stderr
+        assert (
+            "another program has that port (a zchat-broker already running?): stop it, or pick free ports with "
+            "--port and --pub-port" in busy.stderr
+        ), busy.stderr
         assert "Traceback" not in busy.stderr
         assert list((tmp_path / "e").iterdir()) == []
         (tmp_path / "f").mkdir()
