@@ -595,6 +595,11 @@ def test_the_disk_alarm_is_checked_on_a_wall_clock_set_back(tmp_path: Path, monk
         thread = threading.Thread(target=broker.run, name="broker", daemon=True)
         thread.start()
         try:
+            # Once a client is welcomed, the loop has made its schedule on the true clock:
+            # set back before that, a schedule on the wall clock would be made on the clock
+            # set back, and this would pass with it.
+            with Client("probe", HOST, broker.port, broker.pub_port):
+                pass
             wall = server_module.now_ms
             monkeypatch.setattr(server_module, "now_ms", lambda: wall() - 3_600_000)
             fill_until(mount / "filler", leave=1 << 20)
