@@ -19,7 +19,17 @@ from typing import Any, TextIO
 
 from client import render
 from client.commands import Commands, last_events
-from client.lib import SETTLE_S, BrokerUnreachable, Client, CurveKeys, Event, RequestError, ZchatError, parse_hosts
+from client.lib import (
+    SETTLE_S,
+    UNSENT,
+    BrokerUnreachable,
+    Client,
+    CurveKeys,
+    Event,
+    RequestError,
+    ZchatError,
+    parse_hosts,
+)
 from client.saved import SavedToken
 from zchat import __version__, envargs
 from zchat import protocol as p
@@ -585,14 +595,35 @@ def _say_unacked(client: Client, printer: Printer, why: str) -> None:
 #: Sent, not acknowledged: some may have been stored all the same (the broker was slow,
 #: or its acks were lost). A script that sends them again as they are may post them twice.
 MAY_HAVE_ARRIVED = "(they may have arrived; check the room before sending them again)"
-#: Refused to the end by a broker that said ``unavailable`` (its disk nearly full, say):
-#: a message it refused so was not stored, and those behind it were not sent.
-NOT_STORED = "(the broker answered unavailable: not stored; send them again later)"
+#: Refused to the end by a broker that held them back (``unavailable``: its disk nearly
+#: full, say; or ``rate_limited``): a message it refused so was not stored, and those
+#: behind it were not sent.
+NOT_STORED = "(the broker answered {code}: not stored; send them again later)"
+
+
+#: None of them arrived (typed while the broker was away, or refused): sending them again is safe.
+NONE_ARRIVED = "(none of them arrived: send them again)"
+#: Some were marked as not arrived; of the others, nothing is known.
+SOME_MAY_HAVE_ARRIVED = "(those not marked may have arrived; check the room before sending them again)"
+
+
+def _mark(event: Event) -> str:
+    """What is known of one message left, before its text (see Client.unacknowledged)."""
+    if event.code == ErrorCode.UNDELIVERED:
+        return " (not delivered: they are away)"
+    if event.code == UNSENT:
+        return " (not stored)" if event.room else " (not delivered)"
+    return ""
 
 
 def not_acknowledged_why(client: Client) -> str:
     """What the user may conclude of the messages ``client`` has not had acknowledged."""
-    return NOT_STORED if client.held_back == ErrorCode.UNAVAILABLE else MAY_HAVE_ARRIVED
+    if (code := client.held_back) is not None:
+        return NOT_STORED.format(code=code)
+    marked = [bool(_mark(event)) for event in client.unacknowledged()]
+    if marked and all(marked):
+        return NONE_ARRIVED
+    return SOME_MAY_HAVE_ARRIVED if any(marked) else MAY_HAVE_ARRIVED
 
 
 def unsent_lines(client: Client) -> list[str]:
@@ -600,7 +631,7 @@ def unsent_lines(client: Client) -> list[str]:
     return [
         f"  {'#' + event.room if event.room else 'to ' + str(event.to)}"
         # (Before the text, which stays the line's end, as typed, for copying.)
-        f"{' (not delivered: they are away)' if event.code == ErrorCode.UNDELIVERED else ''}: {event.text}"
+        f"{_mark(event)}: {event.text}"
         for event in client.unacknowledged()
     ]
 

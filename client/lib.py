@@ -97,6 +97,10 @@ ACK_RESEND_S = 5.0
 SETTLE_S = 10.0
 #: How many ids of our own shown messages are remembered to drop their copies.
 SHOWN_WINDOW = 10_000
+#: The ``code`` of a message :meth:`Client.unacknowledged` lists that did not arrive: it
+#: never left this client (written while the broker was away, or waiting behind another),
+#: or the broker refused it (``rate_limited``, ``unavailable``) and it has not gone since.
+UNSENT = "unsent"
 #: How many (author, id) of received DMs are remembered to drop a second delivery.
 DM_WINDOW = 10_000
 #: How many (author, id) of others' room messages are remembered to drop a copy
@@ -842,8 +846,9 @@ class Client:
         #: at or below which no copy of them is stored (the room's top when one first went,
         #: raised by a search of history that found none; see _search_own).
         self._floor: dict[str, int] = {}
-        #: DMs sent at least once and unacknowledged (what close() says of them; see _unacked_fates).
-        self._dm_sent: set[str] = set()
+        #: Messages and DMs sent at least once and unacknowledged: the others never left
+        #: (what close() and unacknowledged() say of them; see _fate).
+        self._went: set[str] = set()
         #: DMs that wait to be asked again (their recipient not back yet: ``undelivered``, or
         #: ``no_such_user`` just after a reconnect), by id: until when they are. A later DM to
         #: the same person waits behind them (see _dm_blocked), so that DMs arrive in order.
@@ -1094,7 +1099,11 @@ class Client:
         """The messages and DMs not acknowledged yet, oldest first, as own events
         without a seq: what :meth:`close` would leave unsent, for a program to show.
         A DM the broker could not deliver so far (its recipient away, and asked again
-        until back) has ``code`` ``undelivered``: it did not arrive."""
+        until back) has ``code`` ``undelivered``: it did not arrive. One that did not arrive
+        (it never left: written while the broker was away, or waiting behind another; or
+        the broker refused it, and it has not gone since) has ``code`` :data:`UNSENT`:
+        sending it again cannot post it twice. The others (``code`` None)
+        went and had no ack: the broker may have them."""
         return [
             Event(
                 type=env["type"],
@@ -1103,19 +1112,28 @@ class Client:
                 name=self.name,
                 text=env["text"],
                 id=rid,
-                # A DM the broker said it could not deliver (so far): not "may have arrived".
-                code=ErrorCode.UNDELIVERED if rid in self._dm_waiting else None,
+                # Not "may have arrived" of what surely did not (see UNSENT).
+                code=self._fate(rid),
             )
             for rid, env in self._unacked.items()
         ]
+
+    def _fate(self, rid: str) -> str | None:
+        """Of a message not acknowledged: ``undelivered`` (a DM the broker said it could not
+        deliver so far), UNSENT (it never left, or was refused since it last went), or None
+        (it went, and its ack has not come: it may have arrived)."""
+        if rid in self._dm_waiting:
+            return ErrorCode.UNDELIVERED
+        return None if rid in self._went else UNSENT
 
     def _unacked_fates(self) -> str:
         """What became of the messages not acknowledged, as far as we know, kind by kind."""
         stored = unsent = delivered = undelivered = 0
         for rid, env in self._unacked.items():
-            if rid in self._dm_waiting:
+            fate = self._fate(rid)
+            if fate == ErrorCode.UNDELIVERED:
                 undelivered += 1
-            elif rid not in self._floor and rid not in self._dm_sent:
+            elif fate == UNSENT:
                 unsent += 1
             elif env["type"] == "msg":
                 stored += 1
@@ -2318,9 +2336,9 @@ class Client:
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)  # a resend is covered by a later pong
         env = self._unacked.get(rid)
-        if env is not None and env["type"] == "dm":
-            self._dm_sent.add(rid)
-        elif rid not in self._floor and env is not None:
+        if env is not None:
+            self._went.add(rid)
+        if env is not None and env["type"] == "msg" and rid not in self._floor:
             state = self._rooms.get(env["room"])
             if state is not None:
                 # The broker has told us of the room up to here before it reads this: a
@@ -2335,7 +2353,7 @@ class Client:
         self._queued.pop(rid, None)
         self._cover.pop(rid, None)
         self._floor.pop(rid, None)
-        self._dm_sent.discard(rid)
+        self._went.discard(rid)
         sent = self._unacked.pop(rid, None)
         if sent is not None:
             self._shown[rid] = None
@@ -2483,12 +2501,23 @@ class Client:
             self._unavailable = 0
             # (A DM's ack names its recipient. Not looked up in _unacked: a message's own
             # event on the room-event socket may have settled it before its ack comes.)
-            if kind == "ack" and ("dm" if "to" in env else "msg") == self._unavailable_said:
+            said = self._unavailable_said
+            if kind == "ack" and said is not None and self._spell_ends(said, env):
                 self._unavailable_said = None
                 self._status("available", f"{self.address} takes messages again; those that waited are sent")
         self._dispatch(env)
         if unavailable:
             self._note_unavailable(str(env.get("message") or "unavailable"))  # last: it may fail over
+
+    def _spell_ends(self, said: str, ack: Envelope) -> bool:
+        """Whether ``ack`` ends a spell of "unavailable" said of a ``said`` ("msg" or "dm"):
+        an ack of that type, or any once none of that type waits (the one that began it
+        refused for good since, say: a DM whose recipient left). Otherwise the spell would
+        never end, and the next outage would go unsaid."""
+        if ("dm" if "to" in ack else "msg") == said:
+            return True
+        acked = ack.get("id")
+        return not any(env["type"] == said for rid, env in self._unacked.items() if rid != acked)
 
     def _dispatch(self, env: Envelope) -> None:
         if self._moved is not None:
@@ -2546,6 +2575,8 @@ class Client:
                         f"{self.address} refuses messages for now ({why}); "
                         "yours wait here and are sent when it takes them again",
                     )
+                # Refused after the broker's check for a copy it stored: none is (see _fate).
+                self._went.discard(rid)
                 self._hold_until = max(self._hold_until, time.monotonic() + wait)
                 self._hold_code, self._hold_at = code, time.monotonic()
                 if code == ErrorCode.RATE_LIMITED:

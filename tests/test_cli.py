@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 import zmq
 
-from client.lib import Client
+from client.cli import not_acknowledged_why, unsent_lines
+from client.lib import UNSENT, Client, Event
 from tests.conftest import HOST, READY_RE, BrokerProcess, bin_path, wait_for
 from zchat import protocol as p
 
@@ -1218,9 +1219,15 @@ def test_lines_never_acknowledged_are_listed_when_the_client_ends(tmp_path: Path
             alice.expect_json(type="msg", text="m49")  # her own line, shown once acknowledged
             alice.proc.send_signal(sig)
             assert alice.proc.wait(timeout=10) == 128 + sig
-            wait_for(lambda: any("#general: m59" in line for line in alice.errors), 5, what=lambda: alice.errors)
+            # Held back by the rate limit, they were not stored; those behind the one it
+            # refused never left at all.
+            wait_for(lambda: "zchat:   #general (not stored): m59" in alice.errors, 5, what=lambda: alice.errors)
             assert any(
-                re.match(rf"zchat: {sig.name}: \d+ message\(s\) not acknowledged \(they may have arrived; .*\):$", line)
+                re.match(
+                    rf"zchat: {sig.name}: \d+ message\(s\) not acknowledged \(the broker answered rate_limited: "
+                    r"not stored; send them again later\):$",
+                    line,
+                )
                 for line in alice.errors
             ), alice.errors
             assert not any("#general: m49" in line for line in alice.errors), alice.errors
@@ -1738,6 +1745,40 @@ def test_a_signal_during_the_final_close_does_not_cut_it_short() -> None:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("codes", "header", "marks"),
+    [
+        ([None, None], "(they may have arrived; check the room before sending them again)", ["", ""]),
+        ([UNSENT, UNSENT], "(none of them arrived: send them again)", [" (not stored)"] * 2),
+        (
+            [None, UNSENT],
+            "(those not marked may have arrived; check the room before sending them again)",
+            ["", " (not stored)"],
+        ),
+        (
+            ["undelivered", None],
+            "(those not marked may have arrived; check the room before sending them again)",
+            [" (not delivered: they are away)", ""],
+        ),
+    ],
+    ids=["went", "never-sent", "mixed", "undelivered"],
+)
+def test_the_lines_left_say_which_never_left(codes: list[str | None], header: str, marks: list[str]) -> None:
+    """Lines typed while the broker was away never left: "they may have arrived; check the
+    room" of them sent the user looking for what cannot be there. Each line says what is
+    known of it, and the header says what is left to check."""
+
+    class Left:
+        held_back = None
+
+        def unacknowledged(self) -> list[Event]:
+            return [Event(type="msg", room="general", text=f"m{i}", code=code) for i, code in enumerate(codes)]
+
+    assert not_acknowledged_why(Left()) == header  # type: ignore[arg-type]
+    assert unsent_lines(Left()) == [f"  #general{mark}: m{i}" for i, mark in enumerate(marks)]  # type: ignore[arg-type]
 
 
 def test_what_had_arrived_is_shown_before_the_unsent_lines_are_listed(

@@ -24,7 +24,16 @@ from typing import Any
 import pytest
 import zmq
 
-from client.lib import BrokerAddress, BrokerUnreachable, Client, Event, RequestError, parse_address, parse_hosts
+from client.lib import (
+    UNSENT,
+    BrokerAddress,
+    BrokerUnreachable,
+    Client,
+    Event,
+    RequestError,
+    parse_address,
+    parse_hosts,
+)
 from tests.conftest import HOST, BrokerProcess, Inbox, RunningBroker, bin_path, wait_for
 from zchat import protocol as p
 
@@ -418,6 +427,54 @@ class Script:
 # ------------------------------------------------------------------ unavailable
 
 
+class Outage(Script):
+    """While ``out``, every message and DM is answered ``unavailable`` (a backplane away);
+    else a DM is refused for good: ``no_such_user`` (its recipient left meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = False
+
+    def __call__(self, env: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.out and env["type"] in ("msg", "dm"):
+            return [unavailable(env)]
+        if env["type"] == "dm":
+            return [p.error(p.ErrorCode.NO_SUCH_USER, "nobody called 'bob' is online", env.get("id"))]
+        return super().__call__(env)
+
+
+@pytest.mark.timeout(40)
+def test_an_outage_said_of_a_dm_refused_for_good_since_ends_and_the_next_is_said() -> None:
+    """A spell of "unavailable" began with a DM, then that DM was refused for good: the
+    spell ended only at a DM's ack, so room messages going through never said "available",
+    and the next outage was not said at all."""
+    script = Outage()
+    fake = ScriptedBroker(script)
+    alice = Inbox(Client("alice", hosts=[fake.address]))
+
+    def said() -> list[str | None]:
+        return [e.event for e in alice.statuses() if e.event in ("unavailable", "available")]
+
+    try:
+        alice.client.connect()
+        alice.client.join("general")
+        script.out = True
+        alice.client.dm("bob", "hi")  # the first refused: the spell is said of a DM
+        alice.client.send("general", "one")
+        alice.until(lambda: said() == ["unavailable"])
+        script.out = False  # the DM is refused for good; the message goes through
+        alice.until(lambda: "one" in alice.texts() and any(e.code == "no_such_user" for e in alice.events))
+        alice.until(lambda: said() == ["unavailable", "available"])
+        script.out = True
+        alice.client.send("general", "two")
+        alice.until(lambda: said() == ["unavailable", "available", "unavailable"])
+        script.out = False
+        alice.until(lambda: "two" in alice.texts() and said()[-1] == "available")
+    finally:
+        alice.client.close(0)
+        fake.stop()
+
+
 class AwayScript(Script):
     """A 200 ms heartbeat. With ``cut``, the first ping is answered ``not_registered`` (the
     client starts over: a reconnect). A DM is answered ``no_such_user`` until ``back_at``
@@ -543,6 +600,34 @@ def test_close_waits_for_a_dm_whose_recipient_is_reconnecting_and_lists_it_as_no
         fake.stop()
 
 
+@pytest.mark.timeout(30)
+def test_what_is_written_while_the_broker_is_gone_is_listed_as_never_sent(tmp_path: Path) -> None:
+    """A line written after the broker died never left: unacknowledged() says UNSENT, so
+    that the user is told to send it again rather than to look for it in the room first.
+    One that went and got no ack (the broker died before it answered) may have arrived."""
+    broker = BrokerProcess(tmp_path / "data").start()
+    client = Client("alice", hosts=[address_of(broker)])
+    try:
+        client.connect()
+        client.join("general")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)  # it reads nothing more, and answers nothing
+        client.send("general", "went, no ack")
+        client.pump(0.1)
+        broker.kill()
+        wait_for(lambda: client.pump(0.05) is not None and client.state == "reconnecting", 15)
+        client.send("general", "written while it was gone")
+        client.pump(0.1)
+        assert [(e.text, e.code) for e in client.unacknowledged()] == [
+            ("went, no ack", None),
+            ("written while it was gone", UNSENT),
+        ]
+    finally:
+        client.close(0)
+        if broker.proc is not None and broker.proc.poll() is None:
+            broker.kill()
+
+
 class SilentOnMessages(AwayScript):
     """As AwayScript (no cut), and room messages are never answered (their acks lost)."""
 
@@ -565,6 +650,12 @@ def test_close_says_of_each_message_left_what_became_of_it(caplog: pytest.LogCap
         wait_for(lambda: client.pump(0.05) is not None and client.unacknowledged()[1].code, 10)
         client.dm("bob", "behind it")  # waits behind the first: never sent
         client.pump(0.1)
+        # What a program shows of each (the command line marks them so): the same fates.
+        assert [(e.text, e.code) for e in client.unacknowledged()] == [
+            ("lost ack", None),
+            ("hi", "undelivered"),
+            ("behind it", UNSENT),
+        ]
         with caplog.at_level(logging.WARNING, logger="zchat.client"):
             assert client.close(settle=0) == 3
         said = [r.getMessage() for r in caplog.records if r.name == "zchat.client"]
@@ -589,6 +680,10 @@ def test_unavailable_messages_are_held_and_resent_in_order() -> None:
         alice.client.join("general")
         first = alice.client.send("general", "one")
         second = alice.client.send("general", "two")
+        # Refused, and held: not stored (the broker looks for a copy before it refuses),
+        # and so listed, not "may have arrived".
+        # (Both answers in, before their resend a second later.)
+        alice.until(lambda: [e.code for e in alice.client.unacknowledged()] == [UNSENT, UNSENT])
         alice.until(lambda: alice.client.unacked == 0 and len(alice.texts()) == 2)
         # Both refused (pipelined), then both again in their order, once each.
         ids = [env["id"] for env in fake.of_type("msg")]
