@@ -563,6 +563,7 @@ class ClusterCore(Core):
                 ]
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join #{room} before writing to it")
         if self.down and now < self.down_until:
+            self.hold_rooms(session, now, env["id"])
             raise BackplaneDown
         text: str = env["text"]
         self._check_text(text)
@@ -590,7 +591,7 @@ class ClusterCore(Core):
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
         owner, to = found  # as its owner spells it: its broker's inbox knows it so
         self._check_text(env["text"])
-        self._throttle_send(session, now, env["id"])
+        self._throttle_send(session, now, env["id"], dm=True)
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         # Private: through the recipient's broker's inbox, never a room log or PUB.
         self.bp.send_to_broker(owner, "dm", to, self._pack(event))

@@ -244,8 +244,11 @@ class Session:
     rooms: set[str] = field(default_factory=set)
     #: The id of a message refused by the rate limit: the session's other messages and
     #: DMs are refused until it is accepted, or until ``held_until`` (ms). See _throttle_send.
+    #: Or refused ``unavailable`` (the disk alarm): then its other room messages only.
     held_id: str | None = None
     held_until: int = 0
+    held_code: ErrorCode = ErrorCode.RATE_LIMITED
+    held_dms: bool = True
     #: The network address its hello came from (None: not known, as over ipc).
     host: str | None = None
     #: Of a session restored at start (:meth:`Core.restore`), until its client resumes it:
@@ -919,6 +922,7 @@ class Core:
         if self.store_refusal is not None:
             # Checked after the message's own faults (which a retry would not mend) and
             # before the rate limit, which a message that is not taken must not spend.
+            self.hold_rooms(session, now, msg_id)
             raise _Refused(ErrorCode.UNAVAILABLE, self.store_refusal)
         self._throttle_send(session, now, msg_id)
         seq = self._next_seq(room)
@@ -949,7 +953,16 @@ class Core:
                 ErrorCode.TOO_LARGE, f"text of {len(text)} characters, the limit is {self.limits.max_text}"
             )
 
-    def _throttle_send(self, session: Session, now: int, msg_id: str) -> None:
+    def hold_rooms(self, session: Session, now: int, msg_id: str) -> None:
+        """A room message refused ``unavailable`` (the disk alarm, the backplane away):
+        as after a rate refusal, the session's other room messages are refused until it
+        is back. Those already on their way could otherwise be taken, the alarm over, and
+        stored ahead of it: a CI run saw "during 2" before "during 1". DMs go on."""
+        if session.held_id is None or now >= session.held_until:
+            session.held_id, session.held_code, session.held_dms = msg_id, ErrorCode.UNAVAILABLE, False
+        session.held_until = now + p.RATE_HOLD_MAX_MS
+
+    def _throttle_send(self, session: Session, now: int, msg_id: str, *, dm: bool = False) -> None:
         """The send rate limit, and the order it must not upset: after refusing a message,
         refuse the session's others until that one is back and accepted. Those already on
         their way when the refusal reaches the client (it may not read for a while) must
@@ -960,19 +973,21 @@ class Core:
         if held is not None:  # (the hot path, no refusal pending, is this one test)
             if now >= session.held_until:
                 session.held_id = held = None
-            elif msg_id != held:
+            elif msg_id != held and (session.held_dms or not dm):
+                slow = "slow down: " if session.held_code == ErrorCode.RATE_LIMITED else ""
                 raise _HeldBack(
-                    ErrorCode.RATE_LIMITED,
-                    f"slow down: an earlier message of yours (id {held!r}) was refused; resend it first",
+                    session.held_code,
+                    f"{slow}an earlier message of yours (id {held!r}) was refused; resend it first",
                 )
         if not session.sends.take(now, limits.rate, limits.burst):
-            if held is None:
-                session.held_id = msg_id
+            if held is None or not session.held_dms:
+                # (A rate refusal takes over a hold of room messages: it holds DMs too.)
+                session.held_id, session.held_code, session.held_dms = msg_id, ErrorCode.RATE_LIMITED, True
             session.held_until = now + p.RATE_HOLD_MAX_MS
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED, f"slow down: at most {limits.rate:g} messages a second (burst {limits.burst})"
             )
-        if held is not None:
+        if held is not None and msg_id == held:
             session.held_id = None  # the refused one is back, and accepted
 
     def _throttle_join(self, session: Session, now: int) -> None:
@@ -1000,7 +1015,7 @@ class Core:
             # crash, the recipient is not online yet (a client retries this, for a while).
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"{to!r} is not back yet since the broker restarted")
         self._check_text(env["text"])
-        self._throttle_send(session, now, env["id"])
+        self._throttle_send(session, now, env["id"], dm=True)
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         ack: Envelope = {"type": "ack", "id": env["id"], "to": to, "ts": now}
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))

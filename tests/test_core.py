@@ -1153,6 +1153,41 @@ def test_after_a_rate_limited_refusal_the_session_is_refused_until_that_message_
     assert msg("m5", 3_400 + p.RATE_HOLD_MAX_MS) == "ack"
 
 
+def test_after_a_disk_alarm_refusal_the_session_s_room_messages_wait_for_that_one() -> None:
+    """The disk alarm refuses m1 and m2 (sent together); it ends before the client resends
+    them, and m2, still on its way, comes first: it is refused, not stored ahead of m1 (a
+    CI run saw "during 2" before "during 1"). DMs go on meanwhile, as during the alarm."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=1000, burst=100))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    join(core, A, "general")
+
+    def answer(now: int, **env: Any) -> dict[str, Any]:
+        reply = [r.env for r in replies(core.handle(A, enc(**env), now)) if r.identity == A]
+        return reply[0] if reply else {"type": "delivered"}  # a DM: a Direct, not a Reply
+
+    def msg(i: str, now: int) -> str:
+        got = answer(now, type="msg", room="general", text=i, id=i)
+        return str(got.get("code") or got["type"])
+
+    core.store_refusal = "the broker's disk is nearly full; nothing was stored, retry later"
+    assert msg("m1", 100) == "unavailable"
+    assert msg("m2", 100) == "unavailable"
+    core.store_refusal = None
+    held = answer(200, type="msg", room="general", text="m2", id="m2")
+    assert held["code"] == "unavailable" and "(id 'm1') was refused; resend it first" in held["message"]
+    assert answer(250, type="dm", to="bob", text="d1", id="d1")["type"] == "delivered"
+    first = answer(300, type="msg", room="general", text="m1", id="m1")
+    second = answer(300, type="msg", room="general", text="m2", id="m2")
+    assert (first["type"], second["type"]) == ("ack", "ack") and first["seq"] < second["seq"]
+    # A client that never resends the refused one is held for at most RATE_HOLD_MAX_MS.
+    core.store_refusal = "full"
+    assert msg("m3", 1_000) == "unavailable"
+    core.store_refusal = None
+    assert msg("m4", 1_100) == "unavailable"
+    assert msg("m4", 1_000 + p.RATE_HOLD_MAX_MS) == "ack"
+
+
 def test_everyday_refusals_are_info_and_protocol_violations_warnings(caplog: pytest.LogCaptureFixture) -> None:
     """An operator reads warnings as "look at this": a DM to someone offline is not one."""
     core = make_core()
