@@ -2548,9 +2548,12 @@ class Client:
             # us while we were stopped, or cut every connection, as it does when a key
             # is revoked): whatever this was, it is redone after a new hello.
             if self._dealer_cut:
-                why = f"the connection to {self.endpoint} was cut; the broker does not know the new one"
+                why = (
+                    f"the connection to {self.endpoint} dropped, and the broker it came back to"
+                    " does not know us (it restarted?)"
+                )
             else:
-                why = "the broker no longer knows this connection: it restarted, expired us, or cut it"
+                why = "the broker no longer knows us: it restarted, timed us out, or cut us off"
             self._lost(why)
             return
         if isinstance(rid, str):
