@@ -2153,15 +2153,17 @@ class Client:
         state.search_after, state.search_to = after, to
         state.search_sent = time.monotonic()
         rid = state.search_rid = self._new_id()
-        self._callbacks[rid] = lambda reply: self._on_searched(room, reply)
+        self._callbacks[rid] = lambda reply: self._on_searched(room, reply, page=rid)
         limit = min(to - after, p.MAX_HISTORY_LIMIT)
         self._send({"type": "history", "room": room, "after": after, "limit": limit, "id": rid})
 
-    def _on_searched(self, room: str, reply: Envelope) -> None:
+    def _on_searched(self, room: str, reply: Envelope, *, page: str) -> None:
         """A page of :meth:`_search_own`'s search: our copies in it are acks; read through, the
         messages it looked for (unless sent again since) have no copy up to there."""
         state = self._rooms.get(room)
-        if state is None or not state.search_rid:
+        if state is None or state.search_rid != page:
+            # Not the page this room waits for: one of a search of before a leave and
+            # rejoin, whose range and messages are not those of this room's search now.
             return
         state.search_rid = ""
         if reply.get("type") != "history" or not isinstance(reply.get("messages"), list):

@@ -628,6 +628,30 @@ def test_what_is_written_while_the_broker_is_gone_is_listed_as_never_sent(tmp_pa
             broker.kill()
 
 
+@pytest.mark.timeout(30)
+def test_a_page_of_a_search_of_before_a_rejoin_is_not_taken_for_this_one() -> None:
+    """The search for our own unacknowledged messages (a program behind on its events)
+    pages through history; a page asked before the room was left and joined again may
+    come after a new search began. It was taken for the new search's page: its range is
+    another's, and a page with none of the new range's messages raised their floors to
+    the range's end, as if they had been looked for there."""
+    fake = ScriptedBroker(Script())
+    client = Client("alice", hosts=[fake.address])
+    try:
+        client.connect()
+        client.join("general")
+        state = client._rooms["general"]
+        state.search_rid, state.search_after, state.search_to = "new-page", 0, 5
+        old_page: dict[str, Any] = {"type": "history", "room": "general", "seq": 5, "messages": [], "id": "old-page"}
+        client._on_searched("general", old_page, page="old-page")
+        assert state.search_rid == "new-page"  # still waited for
+        client._on_searched("general", {**old_page, "id": "new-page"}, page="new-page")
+        assert state.search_rid == ""  # this one was the page
+    finally:
+        client.close(0)
+        fake.stop()
+
+
 class SilentOnMessages(AwayScript):
     """As AwayScript (no cut), and room messages are never answered (their acks lost)."""
 
