@@ -2550,10 +2550,8 @@ class Client:
             # us while we were stopped, or cut every connection, as it does when a key
             # is revoked): whatever this was, it is redone after a new hello.
             if self._dealer_cut:
-                why = (
-                    f"the connection to {self.endpoint} dropped, and the broker it came back to"
-                    " does not know us (it restarted?)"
-                )
+                # (Not "the broker restarted": a NAT or a firewall resets connections too.)
+                why = f"the connection to {self.endpoint} dropped and came back; signing in again"
             else:
                 why = "the broker no longer knows us: it restarted, timed us out, or cut us off"
             self._lost(why)
