@@ -151,6 +151,10 @@ class ClusterCore(Core):
                 if not isinstance(res, _Failures):
                     log.error("append to #%s failed: %s", m.room, res)
                 _become(ack, p.error(ErrorCode.UNAVAILABLE, UNAVAILABLE_TEXT, m.msg_id))
+                if (session := self.by_name.get(m.name)) is not None:
+                    # Its session's later messages wait for it (see hold_rooms): the first
+                    # refused is this one, not one refused later at the door while down.
+                    self.hold_rooms(session, self._clock, m.msg_id)
             elif res.new or res.digest == m.digest:
                 # New, or a resend (maybe to another broker): the first ack again.
                 ack["seq"], ack["ts"] = res.seq, res.ts

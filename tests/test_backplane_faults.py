@@ -391,3 +391,31 @@ def test_a_dead_older_brokers_sessions_under_names_with_capitals_are_ended(srv: 
     assert a.bp.members("general") == []
     assert not r.exists(f"{bpmod.PREFIX}{{u.Carol}}")
     assert not r.hexists(bpmod.BROKERS_KEY, "OLD")
+
+
+def test_a_message_refused_by_a_failed_append_is_not_overtaken_by_a_later_one(srv: RedisServer) -> None:
+    """m1 was taken, and its append failed (Redis stalled): it is answered unavailable,
+    and the broker is down for a backoff, so m2 is refused at the door. Once Redis is
+    back, m2 may come first (it was on its way): it is refused until m1 is back, or m2
+    would be stored ahead of it. The hold is m1's, the first refused, not m2's."""
+    c = core(srv.url, "b1")
+    now = int(time.time() * 1000)
+    assert req(c, b"A", {"type": "hello", "v": 1, "name": "alice"}, now)[0]["type"] == "welcome"
+    assert req(c, b"A", {"type": "join", "room": "general"}, now)[0]["type"] == "joined"
+    assert srv.proc is not None
+    os.kill(srv.proc.pid, signal.SIGSTOP)  # the append waits for its 1 s timeout, and fails
+    try:
+        first = req(c, b"A", {"type": "msg", "room": "general", "text": "m1", "id": "m1"}, now)
+        assert first[0]["code"] == "unavailable", first
+        assert req(c, b"A", {"type": "msg", "room": "general", "text": "m2", "id": "m2"}, now)[0]["code"] == (
+            "unavailable"
+        )
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    later = now + 5_000  # past the backoff, within the hold (RATE_HOLD_MAX_MS)
+    wait_for(lambda: c.tick(later) is not None and not c.down, 10)
+    held = req(c, b"A", {"type": "msg", "room": "general", "text": "m2", "id": "m2"}, later)[0]
+    assert held["code"] == "unavailable" and "(id 'm1') was refused; resend it first" in held["message"], held
+    one = req(c, b"A", {"type": "msg", "room": "general", "text": "m1", "id": "m1"}, later)[0]
+    two = req(c, b"A", {"type": "msg", "room": "general", "text": "m2", "id": "m2"}, later)[0]
+    assert (one["type"], two["type"]) == ("ack", "ack") and one["seq"] < two["seq"], (one, two)
