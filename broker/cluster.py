@@ -170,6 +170,12 @@ class ClusterCore(Core):
                     ),
                 )
 
+    def clock_stepped(self, step_ms: int) -> None:
+        """As Core's; the backoff before the next try at the backplane keeps its pace too."""
+        super().clock_stepped(step_ms)
+        if self.down:
+            self.down_until += step_ms
+
     def tick(self, now: int) -> list[Action]:
         """Every few hundred ms: stay alive on the backplane, reap dead brokers, recover."""
         try:

@@ -600,6 +600,30 @@ class Core:
             actions.extend(self._end(session, now, "timeout"))
         return actions
 
+    def clock_stepped(self, step_ms: int) -> None:
+        """The clock ``now`` is read from jumped by ``step_ms`` (an NTP step, a VM resumed,
+        a hand setting it): every time kept for a timer moves by as much.
+
+        The loop's clock stamps events, so it is the wall clock, and it may jump. Without
+        this, a clock set back an hour left every session's rate limit an hour in debt
+        (all its messages refused ``rate_limited``) and a dead session holding its name an
+        hour longer; set forward, it expired every session at the next tick. Silence, rate
+        limits, holds and debts keep their pace instead; events are stamped with the
+        clock as it now reads.
+        """
+        self._clock += step_ms
+        for session in itertools.chain(self.by_identity.values(), self._restored.values()):
+            session.last_seen += step_ms
+            session.sends.stamp += step_ms
+            session.joins.stamp += step_ms
+            if session.history is not None:
+                session.history.stamp += step_ms
+            if session.held_until:
+                session.held_until += step_ms
+            if session.recent_dms:
+                session.recent_dms = deque((ts + step_ms, event) for ts, event in session.recent_dms)
+        self._debts = {host: (owed, at + step_ms) for host, (owed, at) in self._debts.items()}
+
     def room_seq(self, room: str) -> int:
         return self.seqs.get(room, 0)
 

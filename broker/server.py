@@ -214,6 +214,11 @@ CONNECT_RATE = 20.0
 CONNECT_BURST = 200
 #: How often (at most) the loop wakes up with nothing to do, in ms.
 IDLE_WAKE_MS = 200
+#: The wall clock (which stamps events, and which the core's timers read) moving this
+#: much more or less than the monotonic clock between two passes is a jump: an NTP
+#: step, a VM resumed, a clock set by hand. NTP's slewing moves it 0.5 ms a second at
+#: most; a pass's two readings of the clocks are microseconds apart.
+CLOCK_STEP_MS = 1000
 #: Frames larger than this make libzmq drop the connection before we see them;
 #: smaller oversize frames reach the protocol and get a coded ``too_large``. Twice the
 #: protocol's request limit: libzmq queues up to 1,000 frames of a peer whose routing id
@@ -335,6 +340,8 @@ class Broker:
         #: Times the loop gave freed memory back (TRIM_EVERY_S); the RSS after the last
         #: time (KiB), and the gate's recycles it had seen.
         self.trims = 0
+        #: Jumps of the wall clock seen (see CLOCK_STEP_MS).
+        self.clock_steps = 0
         self._trimmed_rss_kib = 0
         self._trimmed_recycles = 0
         self._fanin: zmq.Socket[bytes] | None = None
@@ -482,6 +489,7 @@ class Broker:
         hold = self._hold
         worked, trimmed_at = False, -int(TRIM_EVERY_S * 1000)
         trim_asked_at = now_ms()
+        last_now, last_mono = trim_asked_at, time.monotonic_ns() // 1_000_000
         while not self._stop.is_set():
             if writer is not None and reading != (len(self._waiting) < MAX_PASSES_WAITING):
                 reading = not reading
@@ -496,7 +504,14 @@ class Broker:
             if hold.held:
                 wake_ms = max(0, min(wake_ms, math.ceil(hold.due - time.monotonic() * 1000)))
             ready = dict(poller.poll(wake_ms))
-            now = now_ms()
+            now, mono_ms = now_ms(), time.monotonic_ns() // 1_000_000
+            step = (now - last_now) - (mono_ms - last_mono)
+            last_now, last_mono = now, mono_ms
+            if abs(step) >= CLOCK_STEP_MS:
+                self._clock_stepped(step)
+                next_tick += step
+                trimmed_at += step
+                trim_asked_at += step
             if ready:
                 worked = True
             if now - trimmed_at >= TRIM_EVERY_S * 1000:
@@ -592,6 +607,17 @@ class Broker:
                 _mib(free),
                 store.path.parent,
             )
+
+    def _clock_stepped(self, step_ms: int) -> None:
+        """The wall clock jumped (see CLOCK_STEP_MS): timers keep their pace (Core.clock_stepped)."""
+        self.clock_steps += 1
+        log.warning(
+            "the system clock jumped %s %.1f s: session expiry, rate limits and holds keep their pace; "
+            "events are stamped with the clock as it now reads",
+            "back" if step_ms < 0 else "forward",
+            abs(step_ms) / 1000,
+        )
+        self.core.clock_stepped(step_ms)
 
     def _trim_due(self) -> bool:
         """A trim for a broker that is never idle (see TRIM_EVERY_S); asked at most every TRIM_EVERY_S."""

@@ -20,7 +20,7 @@ import redis
 import zmq
 
 from broker import backplane as bpmod
-from broker.cluster import ClusterCore
+from broker.cluster import BACKOFF_MIN_MS, ClusterCore
 from broker.server import Broker, Config
 from tests.conftest import HOST, Raw, wait_for
 from tests.redis_servers import RedisCluster, RedisServer, redis_available
@@ -419,3 +419,15 @@ def test_a_message_refused_by_a_failed_append_is_not_overtaken_by_a_later_one(sr
     one = req(c, b"A", {"type": "msg", "room": "general", "text": "m1", "id": "m1"}, later)[0]
     two = req(c, b"A", {"type": "msg", "room": "general", "text": "m2", "id": "m2"}, later)[0]
     assert (one["type"], two["type"]) == ("ack", "ack") and one["seq"] < two["seq"], (one, two)
+
+
+def test_a_clock_set_back_leaves_the_backoff_its_pace(srv: RedisServer) -> None:
+    """Set back an hour during the backoff after a failure, the broker did not even try
+    the backplane for that hour: it answered unavailable to everything."""
+    c = core(srv.url, "b1")
+    now = 1_764_054_000_000
+    c.backplane_failed(RuntimeError("a blip"), now)
+    assert not c.backplane_usable(now)
+    c.clock_stepped(-3_600_000)
+    assert not c.backplane_usable(now - 3_600_000)
+    assert c.backplane_usable(now - 3_600_000 + BACKOFF_MIN_MS)

@@ -1021,6 +1021,78 @@ def test_expire_ends_silent_sessions_only() -> None:
     assert not core.members
 
 
+T0 = 1_764_054_000_000  # a wall clock's reading, as the loop gives the core
+HOUR = 3_600_000
+
+
+def _to_a(actions: list[Action]) -> list[str]:
+    """What alice was answered: each reply's type, or its error code."""
+    return [str(r.env.get("code") or r.env["type"]) for r in replies(actions) if r.identity == A]
+
+
+def _clock_core() -> Core:
+    """alice in #general and silent bob, at T0; alice's sends bucket and join bucket used."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=10, burst=2, join_rate=2, join_burst=2))
+    hello(core, A, "alice", T0)
+    hello(core, B, "bob", T0)
+    join(core, A, "general", T0)
+    assert _to_a(msg(core, A, "general", "before", "m0", T0)) == ["ack"]
+    return core
+
+
+def test_a_clock_set_back_leaves_rate_limits_their_pace_and_stamps_the_new_time() -> None:
+    """Set back an hour, the clock left every bucket an hour in debt: each session's
+    messages were refused rate_limited for that hour."""
+    core = _clock_core()
+    core.clock_stepped(-HOUR)
+    now = T0 - HOUR + 100
+    acks = [a.env for a in replies(msg(core, A, "general", "after", "m1", now)) if a.identity == A]
+    assert [(e["type"], e.get("ts")) for e in acks] == [("ack", now)], acks
+    assert _to_a(join(core, A, "dev", now)) == ["joined"]
+    # The pace itself is kept: a burst of 2, then 10 a second.
+    assert _to_a(msg(core, A, "general", "x", "m2", now)) == ["ack"]
+    assert _to_a(msg(core, A, "general", "y", "m3", now)) == ["rate_limited"]
+
+
+def test_a_clock_set_back_leaves_expiry_its_pace() -> None:
+    """A dead session kept its name for the hour the clock went back; alive ones stay."""
+    core = _clock_core()
+    core.clock_stepped(-HOUR)
+    core.handle(A, enc(type="ping"), T0 - HOUR + 2 * HB)  # alice is alive, bob silent
+    gone = publishes(core.expire(T0 - HOUR + 3 * HB + 1))
+    assert set(core.by_name) == {"alice"}, [a.env for a in gone]
+
+
+def test_a_clock_set_forward_expires_no_one_alive() -> None:
+    """Set forward an hour, every session looked silent for that hour at the next tick."""
+    core = _clock_core()
+    core.clock_stepped(HOUR)
+    assert core.expire(T0 + HOUR + 3 * HB) == []
+    assert set(core.by_name) == {"alice", "bob"}
+    core.handle(A, enc(type="ping"), T0 + HOUR + 2 * HB)
+    core.expire(T0 + HOUR + 3 * HB + 1)
+    assert set(core.by_name) == {"alice"}
+    # No bucket is filled by the jump either: the burst of 2 is what there is.
+    assert _to_a(msg(core, A, "general", "x", "m1", T0 + HOUR)) == ["ack"]
+    assert _to_a(msg(core, A, "general", "y", "m2", T0 + HOUR)) == ["rate_limited"]
+
+
+def test_a_clock_step_moves_holds_debts_and_kept_dms_too() -> None:
+    """Every time the core keeps for a timer moves with the clock."""
+    core = _clock_core()
+    session = core.by_name["alice"]
+    session.held_until = T0 + 500
+    session.history = core_module.Bucket(5.0, T0)
+    core._debts["10.0.0.1"] = (100.0, T0)
+    core._keep_dm(core.by_name["bob"], {"type": "dm", "text": "hi"}, T0)
+    core.clock_stepped(-HOUR)
+    assert session.held_until == T0 - HOUR + 500
+    assert session.history.stamp == T0 - HOUR
+    assert core._debts["10.0.0.1"] == (100.0, T0 - HOUR)
+    assert [ts for ts, _ in core.by_name["bob"].recent_dms or ()] == [T0 - HOUR]
+    assert (session.last_seen, session.sends.stamp, session.joins.stamp) == (T0 - HOUR,) * 3
+
+
 def test_any_request_counts_as_activity() -> None:
     core = make_core()
     hello(core, A, "alice", 0)

@@ -614,6 +614,65 @@ def test_the_disk_alarm_is_checked_on_a_wall_clock_set_back(tmp_path: Path, monk
 
 
 @pytest.mark.timeout(30)
+def test_a_wall_clock_that_jumps_leaves_sessions_and_rate_limits_their_pace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop's clock is the wall clock: it stamps events, and an NTP step, a VM resumed
+    or a hand may jump it. Set back an hour, every session's rate limit was an hour in
+    debt (each message refused rate_limited for that hour); set forward, every session
+    expired at the next tick."""
+    store = Store(tmp_path / "data", "normal")
+    # A heartbeat of 400 ms: a tick (expiry) every 100 ms, so one comes soon after a jump.
+    broker = Broker(Config(host=HOST, port=0, pub_port=0, heartbeat_ms=400), store)
+    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    thread.start()
+    wall = server_module.now_ms
+    try:
+        with (
+            Client("alice", HOST, broker.port, broker.pub_port) as alice,
+            Client("bob", HOST, broker.port, broker.pub_port) as bob,
+        ):
+            alice.join("general")
+            for i in range(10):
+                alice.send_wait("general", f"before {i}", timeout=5)
+            session = broker.core.by_name["alice"]
+            assert "bob" in broker.core.by_name
+
+            monkeypatch.setattr(server_module, "now_ms", lambda: wall() - 3_600_000)
+            after = alice.send_wait("general", "after the clock went back", timeout=5)
+            assert abs(after.ts - (wall() - 3_600_000)) < 5_000, after  # stamped on the clock as it reads
+            assert broker.clock_steps == 1
+
+            # bob's client is not pumped, so it no longer pings: his session ends after 3
+            # heartbeats, not an hour later. alice's, pumped, goes on.
+            def bob_gone() -> bool:
+                alice.pump(0.05)
+                return "bob" not in broker.core.by_name
+
+            wait_for(bob_gone, 5)
+            assert broker.core.by_name.get("alice") is session
+            bob.close(settle=0)
+
+            monkeypatch.setattr(server_module, "now_ms", lambda: wall() + 3_600_000)
+            wait_for(lambda: broker.clock_steps == 2, 5)
+            deadline = time.monotonic() + 0.6  # 6 ticks, each of which would have expired alice
+            while time.monotonic() < deadline:
+                alice.pump(0.05)
+            assert broker.core.by_name.get("alice") is session
+            alice.send_wait("general", "after the clock went forward", timeout=5)
+    finally:
+        broker.stop()
+        thread.join(timeout=5)
+        store.close()
+    assert not thread.is_alive()
+    jumps = [r.getMessage() for r in caplog.records if "the system clock jumped" in r.getMessage()]
+    assert [j.split(":")[0] for j in jumps] == [
+        "the system clock jumped back 3600.0 s",
+        "the system clock jumped forward 7200.0 s",
+    ], jumps
+
+
+@pytest.mark.timeout(30)
 def test_a_store_on_a_full_disk_says_how_much_space_is_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SQLite says 'disk I/O error' when it cannot even create its WAL on a full file
     system: an operator looks for a failing disk, not for space."""
