@@ -217,8 +217,12 @@ IDLE_WAKE_MS = 200
 #: The wall clock (which stamps events, and which the core's timers read) moving this
 #: much more or less than the monotonic clock between two passes is a jump: an NTP
 #: step, a VM resumed, a clock set by hand. NTP's slewing moves it 0.5 ms a second at
-#: most; a pass's two readings of the clocks are microseconds apart.
+#: most; a pass's two readings of the clocks are microseconds apart. A suspended
+#: machine shows as a jump forward (the monotonic clock stops while it sleeps).
 CLOCK_STEP_MS = 1000
+#: A pass whose two monotonic readings around the wall clock's are further apart than
+#: this (the thread was preempted between them) does not judge the clocks.
+CLOCK_READ_SLACK_MS = 50
 #: Frames larger than this make libzmq drop the connection before we see them;
 #: smaller oversize frames reach the protocol and get a coded ``too_large``. Twice the
 #: protocol's request limit: libzmq queues up to 1,000 frames of a peer whose routing id
@@ -284,6 +288,11 @@ class Config:
     min_free_bytes: int = MIN_FREE_BYTES
 
 
+def _mono_ms() -> int:
+    """The monotonic clock in ms: what the loop's own timers run on."""
+    return time.monotonic_ns() // 1_000_000
+
+
 def _free_bytes(path: Path) -> int:
     """Free bytes on ``path``'s file system for an unprivileged user, as ``df`` counts them."""
     st = os.statvfs(path)
@@ -342,6 +351,11 @@ class Broker:
         self.trims = 0
         #: Jumps of the wall clock seen (see CLOCK_STEP_MS).
         self.clock_steps = 0
+        #: The wall clock as the current pass reads it (already judged for a jump), and
+        #: the readings a jump is judged against: everything in a pass uses this one,
+        #: never a fresh now_ms() that could see a jump the core has not been told of.
+        self._now = now_ms()
+        self._clock_base = (self._now, _mono_ms())
         self._trimmed_rss_kib = 0
         self._trimmed_recycles = 0
         self._fanin: zmq.Socket[bytes] | None = None
@@ -400,7 +414,7 @@ class Broker:
             bp = self.backplane
             self.core = ClusterCore(
                 backplane=bp,
-                epoch=bp.register(now_ms()),
+                epoch=bp.register(self._now),
                 heartbeat_ms=config.heartbeat_ms,
                 limits=config.limits,
                 authenticated=self.keys is not None,
@@ -431,7 +445,7 @@ class Broker:
                 limits=config.limits,
                 authenticated=self.keys is not None,
             )
-            restored = self.core.restore(self._still_authorized(store.take_saved_sessions()), now_ms())
+            restored = self.core.restore(self._still_authorized(store.take_saved_sessions()), self._now)
             if restored:
                 lifecycle.info(
                     "restored %s saved at the last stop: each has %g s to resume",
@@ -483,13 +497,15 @@ class Broker:
         cluster = self.core if isinstance(self.core, ClusterCore) else None
         router = self.router
         tick_every = max(50, self.config.heartbeat_ms // 4)
-        next_tick = now_ms() + tick_every
+        # The loop's own timers run on the monotonic clock (ms): a jump of the wall
+        # clock neither brings them forward nor holds them back.
+        mono_ms = _mono_ms()
+        next_tick = mono_ms + tick_every
         next_disk_check = time.monotonic() + DISK_CHECK_S
         reading = True
         hold = self._hold
-        worked, trimmed_at = False, -int(TRIM_EVERY_S * 1000)
-        trim_asked_at = now_ms()
-        last_now, last_mono = trim_asked_at, time.monotonic_ns() // 1_000_000
+        worked, trimmed_at = False, mono_ms - int(TRIM_EVERY_S * 1000)
+        trim_asked_at = mono_ms
         while not self._stop.is_set():
             if writer is not None and reading != (len(self._waiting) < MAX_PASSES_WAITING):
                 reading = not reading
@@ -497,42 +513,35 @@ class Broker:
                 if reading:
                     # Pings that waited unread are no one's silence: nobody
                     # expires before a full expiry period of reading again.
-                    next_tick = max(next_tick, now_ms() + self.core.expiry_ms)
+                    next_tick = max(next_tick, _mono_ms() + self.core.expiry_ms)
                 else:
                     log.debug("the store is %d commits behind: requests wait until it catches up", writer.behind)
             wake_ms = IDLE_WAKE_MS
             if hold.held:
                 wake_ms = max(0, min(wake_ms, math.ceil(hold.due - time.monotonic() * 1000)))
             ready = dict(poller.poll(wake_ms))
-            now, mono_ms = now_ms(), time.monotonic_ns() // 1_000_000
-            step = (now - last_now) - (mono_ms - last_mono)
-            last_now, last_mono = now, mono_ms
-            if abs(step) >= CLOCK_STEP_MS:
-                self._clock_stepped(step)
-                next_tick += step
-                trimmed_at += step
-                trim_asked_at += step
+            now, mono_ms = self._read_clocks()
             if ready:
                 worked = True
-            if now - trimmed_at >= TRIM_EVERY_S * 1000:
+            if mono_ms - trimmed_at >= TRIM_EVERY_S * 1000:
                 due = worked and not ready and wake_ms == IDLE_WAKE_MS
-                if not due and now >= trim_asked_at + TRIM_EVERY_S * 1000:
-                    trim_asked_at = now  # (a read of /proc: not at every pass)
+                if not due and mono_ms >= trim_asked_at + TRIM_EVERY_S * 1000:
+                    trim_asked_at = mono_ms  # (a read of /proc: not at every pass)
                     due = self._trim_due()
                 if due:
                     self._trim()
-                    worked, trimmed_at = False, now
+                    worked, trimmed_at = False, mono_ms
             actions: list[Action] = []
             if router in ready:
                 actions = self._drain(now)
             for mon in self._monitors:
                 if mon in ready:
                     self._log_connections(mon)
-            if reading and now >= next_tick:
+            if reading and mono_ms >= next_tick:
                 actions.extend(self.core.expire(now))
                 if cluster is not None:
                     actions.extend(cluster.tick(now))
-                next_tick = now + tick_every
+                next_tick = mono_ms + tick_every
                 self._prune_aged(now)
                 hold.forget(time.monotonic() * 1000)
             if (mono := time.monotonic()) >= next_disk_check:
@@ -608,14 +617,32 @@ class Broker:
                 store.path.parent,
             )
 
+    def _read_clocks(self) -> tuple[int, int]:
+        """The pass's wall clock (self._now) and monotonic ms, after telling the core of a
+        jump of the wall clock since the last judged pass (see CLOCK_STEP_MS)."""
+        for _ in range(3):  # a reading preempted half-way is taken again
+            before = _mono_ms()
+            now = now_ms()
+            mono = _mono_ms()
+            if mono - before <= CLOCK_READ_SLACK_MS:
+                break
+        last_now, last_mono = self._clock_base
+        step = (now - last_now) - (mono - last_mono)
+        self._clock_base = (now, mono)
+        if abs(step) >= CLOCK_STEP_MS:
+            self._clock_stepped(step)
+        self._now = now
+        return now, mono
+
     def _clock_stepped(self, step_ms: int) -> None:
         """The wall clock jumped (see CLOCK_STEP_MS): timers keep their pace (Core.clock_stepped)."""
         self.clock_steps += 1
         log.warning(
-            "the system clock jumped %s %.1f s: session expiry, rate limits and holds keep their pace; "
+            "the system clock jumped %s %.1f s%s: session expiry, rate limits and holds keep their pace; "
             "events are stamped with the clock as it now reads",
             "back" if step_ms < 0 else "forward",
             abs(step_ms) / 1000,
+            "" if step_ms < 0 else " (or the machine slept)",
         )
         self.core.clock_stepped(step_ms)
 
@@ -863,7 +890,7 @@ class Broker:
                 send(pub, frame)
 
     def _answer_history(self, q: HistoryQuery) -> None:
-        now = now_ms()
+        now = self._now
         refused = self.core.history_refused(q.identity, now)
         if refused is not None:
             if q.request_id is not None:
@@ -894,7 +921,7 @@ class Broker:
             size += len(body)
         # Charged before it is built, as the charge makes its mark: the bodies and what
         # the envelope around them about costs.
-        mark = self.core.charge_history(q.identity, size + HISTORY_ENVELOPE_BYTES, now_ms())
+        mark = self.core.charge_history(q.identity, size + HISTORY_ENVELOPE_BYTES, now)
         self._send(q.identity, p.encode_history(q.room, bodies, seq, q.request_id, mark))
 
     # ------------------------------------------------------- backplane mode

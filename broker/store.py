@@ -378,10 +378,16 @@ class Store:
             db.close()
 
     def save_sessions(self, sessions: list[SavedSession]) -> None:
-        """At a clean stop, with the writer idle: the live sessions, for the next start."""
-        saved_at = now_ms()
+        """At a clean stop, with the writer idle: the live sessions, for the next start.
+        They are stamped no earlier than the last event: the next start compares the two to
+        tell whether another broker stored events since, and a clock set back while this
+        one ran must not make its own events look later than its stop."""
         try:
             with self._immediate() as db:
+                last = db.execute("SELECT ts FROM events ORDER BY id DESC LIMIT 1").fetchone()
+                saved_at = now_ms()
+                if last is not None and isinstance(last[0], int):
+                    saved_at = max(saved_at, last[0])
                 db.execute("DROP TABLE IF EXISTS saved_sessions")
                 db.execute(_SAVED_SESSIONS)
                 db.executemany(

@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -668,8 +669,73 @@ def test_a_wall_clock_that_jumps_leaves_sessions_and_rate_limits_their_pace(
     jumps = [r.getMessage() for r in caplog.records if "the system clock jumped" in r.getMessage()]
     assert [j.split(":")[0] for j in jumps] == [
         "the system clock jumped back 3600.0 s",
-        "the system clock jumped forward 7200.0 s",
+        "the system clock jumped forward 7200.0 s (or the machine slept)",
     ], jumps
+
+
+@pytest.mark.timeout(30)
+def test_a_clock_jump_before_the_loop_starts_is_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sessions restored at start are stamped when the broker is made: a jump between
+    then and the loop's first pass is a jump like any other (the loop took its first
+    reading as the baseline, and every restored session expired at its first tick)."""
+    store = Store(tmp_path / "data", "normal")
+    broker = Broker(Config(host=HOST, port=0, pub_port=0), store)
+    wall = server_module.now_ms
+    monkeypatch.setattr(server_module, "now_ms", lambda: wall() + 3_600_000)
+    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: broker.clock_steps == 1, 5)
+    finally:
+        broker.stop()
+        thread.join(timeout=5)
+        store.close()
+    assert not thread.is_alive()
+
+
+@pytest.mark.timeout(30)
+def test_a_clock_jump_in_the_middle_of_a_pass_is_told_the_core_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass reads the wall clock once. When a history reply read it again, a jump that
+    landed between the two readings stamped the reply's charge on the new clock, and the
+    next pass shifted that stamp by the jump once more: an hour forward left the
+    session's history budget an hour in debt, every page refused rate_limited."""
+    store = Store(tmp_path / "data", "normal")
+    broker = Broker(Config(host=HOST, port=0, pub_port=0), store)
+    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    thread.start()
+    wall = server_module.now_ms
+    state = {"old_reads": -1}  # readings still on the old clock; -1: not jumped yet
+    readers: set[str] = set()
+
+    def jumping_clock() -> int:
+        if state["old_reads"] < 0:
+            return wall()
+        readers.add(sys._getframe(1).f_code.co_name)
+        if state["old_reads"] > 0:
+            state["old_reads"] -= 1
+            return wall()
+        return wall() + 3_600_000
+
+    monkeypatch.setattr(server_module, "now_ms", jumping_clock)
+    try:
+        with Client("alice", HOST, broker.port, broker.pub_port, request_timeout=3) as alice:
+            alice.join("general")
+            alice.send_wait("general", "hello", timeout=5)
+            state["old_reads"] = 1  # the jump lands right after the next reading
+            alice.history("general")
+            wait_for(lambda: broker.clock_steps == 1, 5)
+            for _ in range(5):
+                events, _seq = alice.history("general")
+                assert [e.text for e in events if e.text is not None] == ["hello"]
+    finally:
+        broker.stop()
+        thread.join(timeout=5)
+        store.close()
+    assert not thread.is_alive()
+    assert broker.clock_steps == 1
+    assert readers == {"_read_clocks"}, readers  # one reading a pass, judged for a jump
 
 
 @pytest.mark.timeout(30)
@@ -714,6 +780,10 @@ def test_saved_sessions_are_taken_once_and_not_when_stale_or_of_another_shape(
         store.append([("general", 1, store_module.now_ms(), "bob", "m1", b"body")])
         assert store.take_saved_sessions() == []
         assert any("predate events stored since" in r.getMessage() for r in caplog.records)
+        # A clock set back an hour while the broker ran: its own events are not "since".
+        store.append([("general", 2, store_module.now_ms() + 3_600_000, "bob", "m2", b"body")])
+        store.save_sessions(saved)
+        assert store.take_saved_sessions() == saved
     finally:
         store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db:
