@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -586,6 +587,20 @@ def test_the_disk_alarm_is_checked_every_second_whatever_the_heartbeat(tmp_path:
         assert tripped < 3.5 and cleared < 3.5, (tripped, cleared)
 
 
+@contextlib.contextmanager
+def _running(broker: Broker, store: Store) -> Iterator[None]:
+    """``broker`` runs on a thread for the block; then it stops, and its store is closed."""
+    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        broker.stop()
+        thread.join(timeout=5)
+        store.close()
+    assert not thread.is_alive()
+
+
 @pytest.mark.timeout(60)
 def test_the_disk_alarm_is_checked_on_a_wall_clock_set_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop's clock is the wall clock (it stamps events); the alarm's pace is not: a
@@ -593,9 +608,7 @@ def test_the_disk_alarm_is_checked_on_a_wall_clock_set_back(tmp_path: Path, monk
     with small_file_system(tmp_path / "small", "8m") as mount:
         store = Store(mount / "data", "normal")
         broker = Broker(Config(host=HOST, port=0, pub_port=0, min_free_bytes=2 << 20), store)
-        thread = threading.Thread(target=broker.run, name="broker", daemon=True)
-        thread.start()
-        try:
+        with _running(broker, store):
             # Once a client is welcomed, the loop has made its schedule on the true clock:
             # set back before that, a schedule on the wall clock would be made on the clock
             # set back, and this would pass with it.
@@ -607,11 +620,6 @@ def test_the_disk_alarm_is_checked_on_a_wall_clock_set_back(tmp_path: Path, monk
             wait_for(lambda: broker.core.store_refusal is not None, 5)
             (mount / "filler").unlink()
             wait_for(lambda: broker.core.store_refusal is None, 5)
-        finally:
-            broker.stop()
-            thread.join(timeout=5)
-            store.close()
-        assert not thread.is_alive()
 
 
 @pytest.mark.timeout(30)
@@ -625,47 +633,40 @@ def test_a_wall_clock_that_jumps_leaves_sessions_and_rate_limits_their_pace(
     store = Store(tmp_path / "data", "normal")
     # A heartbeat of 400 ms: a tick (expiry) every 100 ms, so one comes soon after a jump.
     broker = Broker(Config(host=HOST, port=0, pub_port=0, heartbeat_ms=400), store)
-    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
-    thread.start()
     wall = server_module.now_ms
-    try:
-        with (
-            Client("alice", HOST, broker.port, broker.pub_port) as alice,
-            Client("bob", HOST, broker.port, broker.pub_port) as bob,
-        ):
-            alice.join("general")
-            for i in range(10):
-                alice.send_wait("general", f"before {i}", timeout=5)
-            session = broker.core.by_name["alice"]
-            assert "bob" in broker.core.by_name
+    with (
+        _running(broker, store),
+        Client("alice", HOST, broker.port, broker.pub_port) as alice,
+        Client("bob", HOST, broker.port, broker.pub_port) as bob,
+    ):
+        alice.join("general")
+        for i in range(10):
+            alice.send_wait("general", f"before {i}", timeout=5)
+        session = broker.core.by_name["alice"]
+        assert "bob" in broker.core.by_name
 
-            monkeypatch.setattr(server_module, "now_ms", lambda: wall() - 3_600_000)
-            after = alice.send_wait("general", "after the clock went back", timeout=5)
-            assert abs(after.ts - (wall() - 3_600_000)) < 5_000, after  # stamped on the clock as it reads
-            assert broker.clock_steps == 1
+        monkeypatch.setattr(server_module, "now_ms", lambda: wall() - 3_600_000)
+        after = alice.send_wait("general", "after the clock went back", timeout=5)
+        assert abs(after.ts - (wall() - 3_600_000)) < 5_000, after  # stamped on the clock as it reads
+        assert broker.clock_steps == 1
 
-            # bob's client is not pumped, so it no longer pings: his session ends after 3
-            # heartbeats, not an hour later. alice's, pumped, goes on.
-            def bob_gone() -> bool:
-                alice.pump(0.05)
-                return "bob" not in broker.core.by_name
+        # bob's client is not pumped, so it no longer pings: his session ends after 3
+        # heartbeats, not an hour later. alice's, pumped, goes on.
+        def bob_gone() -> bool:
+            alice.pump(0.05)
+            return "bob" not in broker.core.by_name
 
-            wait_for(bob_gone, 5)
-            assert broker.core.by_name.get("alice") is session
-            bob.close(settle=0)
+        wait_for(bob_gone, 5)
+        assert broker.core.by_name.get("alice") is session
+        bob.close(settle=0)
 
-            monkeypatch.setattr(server_module, "now_ms", lambda: wall() + 3_600_000)
-            wait_for(lambda: broker.clock_steps == 2, 5)
-            deadline = time.monotonic() + 0.6  # 6 ticks, each of which would have expired alice
-            while time.monotonic() < deadline:
-                alice.pump(0.05)
-            assert broker.core.by_name.get("alice") is session
-            alice.send_wait("general", "after the clock went forward", timeout=5)
-    finally:
-        broker.stop()
-        thread.join(timeout=5)
-        store.close()
-    assert not thread.is_alive()
+        monkeypatch.setattr(server_module, "now_ms", lambda: wall() + 3_600_000)
+        wait_for(lambda: broker.clock_steps == 2, 5)
+        deadline = time.monotonic() + 0.6  # 6 ticks, each of which would have expired alice
+        while time.monotonic() < deadline:
+            alice.pump(0.05)
+        assert broker.core.by_name.get("alice") is session
+        alice.send_wait("general", "after the clock went forward", timeout=5)
     jumps = [r.getMessage() for r in caplog.records if "the system clock jumped" in r.getMessage()]
     assert [j.split(":")[0] for j in jumps] == [
         "the system clock jumped back 3600.0 s",
@@ -682,15 +683,8 @@ def test_a_clock_jump_before_the_loop_starts_is_seen(tmp_path: Path, monkeypatch
     broker = Broker(Config(host=HOST, port=0, pub_port=0), store)
     wall = server_module.now_ms
     monkeypatch.setattr(server_module, "now_ms", lambda: wall() + 3_600_000)
-    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
-    thread.start()
-    try:
+    with _running(broker, store):
         wait_for(lambda: broker.clock_steps == 1, 5)
-    finally:
-        broker.stop()
-        thread.join(timeout=5)
-        store.close()
-    assert not thread.is_alive()
 
 
 @pytest.mark.timeout(30)
@@ -703,8 +697,6 @@ def test_a_clock_jump_in_the_middle_of_a_pass_is_told_the_core_once(
     session's history budget an hour in debt, every page refused rate_limited."""
     store = Store(tmp_path / "data", "normal")
     broker = Broker(Config(host=HOST, port=0, pub_port=0), store)
-    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
-    thread.start()
     wall = server_module.now_ms
     state = {"old_reads": -1}  # readings still on the old clock; -1: not jumped yet
     readers: set[str] = set()
@@ -719,21 +711,15 @@ def test_a_clock_jump_in_the_middle_of_a_pass_is_told_the_core_once(
         return wall() + 3_600_000
 
     monkeypatch.setattr(server_module, "now_ms", jumping_clock)
-    try:
-        with Client("alice", HOST, broker.port, broker.pub_port, request_timeout=3) as alice:
-            alice.join("general")
-            alice.send_wait("general", "hello", timeout=5)
-            state["old_reads"] = 1  # the jump lands right after the next reading
-            alice.history("general")
-            wait_for(lambda: broker.clock_steps == 1, 5)
-            for _ in range(5):
-                events, _seq = alice.history("general")
-                assert [e.text for e in events if e.text is not None] == ["hello"]
-    finally:
-        broker.stop()
-        thread.join(timeout=5)
-        store.close()
-    assert not thread.is_alive()
+    with _running(broker, store), Client("alice", HOST, broker.port, broker.pub_port, request_timeout=3) as alice:
+        alice.join("general")
+        alice.send_wait("general", "hello", timeout=5)
+        state["old_reads"] = 1  # the jump lands right after the next reading
+        alice.history("general")
+        wait_for(lambda: broker.clock_steps == 1, 5)
+        for _ in range(5):
+            events, _seq = alice.history("general")
+            assert [e.text for e in events if e.text is not None] == ["hello"]
     assert broker.clock_steps == 1
     assert readers == {"_read_clocks"}, readers  # one reading a pass, judged for a jump
 
