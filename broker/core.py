@@ -1052,14 +1052,21 @@ class Core:
         dead without closing (a NAT that forgot it) takes DMs, and its author hears they
         were delivered, until the client gives it up and resumes on a new one; then they
         are sent again (clients drop a DM they have, by its author and id). In memory only,
-        at most DM_KEPT_BYTES a session."""
+        at most DM_KEPT_BYTES a session.
+
+        Kept when decided, so that a resume later in the same pass sends it again; held to
+        DM_KEPT_BYTES only once the loop has handed it over (:meth:`delivered`). One that
+        the connection does not take is taken out (:meth:`undelivered`): held to the size
+        at once, the DMs of a recipient whose connection is gone, asked again and again
+        by their authors, pushed out the ones handed over just before it went, which were
+        then lost with it (a soak: 310 DMs acked and never received)."""
         kept = target.recent_dms
         if kept is None:
             kept = target.recent_dms = deque()
         kept.append((now, event))
         target.recent_dm_bytes += _kept_size(event)
         since = self._dm_kept_since(now)
-        while kept and (kept[0][0] < since or target.recent_dm_bytes > DM_KEPT_BYTES):
+        while kept and kept[0][0] < since:
             target.recent_dm_bytes -= _kept_size(kept.popleft()[1])
 
     def _dm_kept_since(self, now: int) -> int:
@@ -1073,6 +1080,15 @@ class Core:
             return []
         since = self._dm_kept_since(now)
         return [Reply(session.identity, event) for ts, event in kept if ts >= since]
+
+    def delivered(self, dm: Direct) -> Envelope:
+        """The loop handed ``dm`` to its recipient's connection: its ack, for its author.
+        What the recipient's session keeps of its DMs (see _keep_dm) is held to its size."""
+        target = self.named(dm.env["to"])
+        if target is not None and (kept := target.recent_dms):
+            while kept and target.recent_dm_bytes > DM_KEPT_BYTES:
+                target.recent_dm_bytes -= _kept_size(kept.popleft()[1])
+        return dm.ack
 
     def undelivered(self, dm: Direct) -> Envelope:
         """The loop could not hand ``dm`` to its recipient's connection: gone (the

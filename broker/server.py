@@ -850,7 +850,7 @@ class Broker:
                 # ack depends on whether the recipient's connection took it.
                 self._send_owed(replies, action.identity)
                 delivered = self._send(action.identity, encode(action.env))
-                answer = action.ack if delivered else self.core.undelivered(action)
+                answer = self.core.delivered(action) if delivered else self.core.undelivered(action)
                 replies.setdefault(action.author, []).append(encode(answer))
             else:
                 assert isinstance(action, HistoryQuery)

@@ -450,6 +450,54 @@ def test_dms_handed_to_a_connection_lately_are_sent_again_to_the_session_resumed
     assert [r.env["type"] for r in replies(again)] == ["error", "welcome"]
 
 
+def test_dms_refused_by_a_gone_connection_do_not_push_out_those_it_took_before() -> None:
+    """A connection takes DMs and then goes: they are lost with it, and come again on the
+    resume. Meanwhile every DM to the gone connection is refused (undelivered) and asked
+    again by its author. Kept until the loop found it undelivered, each such DM pushed the
+    oldest kept one out at the size limit, so those the connection did take were gone
+    before the resume (a soak: 310 DMs acked, never received)."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    token = core.by_name["alice"].token
+    (taken,) = [
+        a for a in core.handle(B, enc(type="dm", to="alice", text="taken", id="d0"), 10) if isinstance(a, Direct)
+    ]
+    assert core.delivered(taken) == taken.ack
+    text = "x" * 1000
+    for tries in range(3):  # asked again, each time refused; a pass decides them all first
+        pass_ = [
+            action
+            for i in range(1, 200)  # ~300 KiB
+            for action in core.handle(B, enc(type="dm", to="alice", text=text, id=f"d{i}"), 20 + tries)
+            if isinstance(action, Direct)
+        ]
+        assert len(pass_) == 199
+        for direct in pass_:
+            core.undelivered(direct)
+    resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), 30)
+    again = [r.env.get("text") for r in replies(resumed) if r.identity == C and r.env["type"] == "dm"]
+    assert again == ["taken"]
+
+
+def test_dms_kept_for_a_resume_are_held_to_their_size_once_handed_over() -> None:
+    """What a session keeps of its DMs stays under DM_KEPT_BYTES: the oldest go first."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    text = "x" * 1000
+    for i in range(400):
+        for action in core.handle(B, enc(type="dm", to="alice", text=text, id=f"d{i}"), 20):
+            if isinstance(action, Direct):
+                core.delivered(action)
+    session = core.by_name["alice"]
+    assert session.recent_dms is not None
+    assert session.recent_dm_bytes <= core_module.DM_KEPT_BYTES
+    assert session.recent_dm_bytes == sum(len(e["text"]) + core_module.DM_KEPT_OVERHEAD for _, e in session.recent_dms)
+    assert session.recent_dms[-1][1]["id"] == "d399"
+    assert len(session.recent_dms) == core_module.DM_KEPT_BYTES // (1000 + core_module.DM_KEPT_OVERHEAD)
+
+
 def test_a_join_that_says_members_false_gets_the_count_not_the_list() -> None:
     core = make_core(general=5)
     hello(core, A, "alice")
