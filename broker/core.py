@@ -47,6 +47,13 @@ DM_KEPT_EXTRA_MS = 5_000
 DM_KEPT_BYTES = 256 * 1024
 DM_KEPT_OVERHEAD = 512
 DM_KEPT_MAX_MS = 65_000
+#: After a DM to someone was refused (undelivered, or no_such_user to a name that may be
+#: on its way back), the author's later DMs to them are refused until it is resent and
+#: handed over, or until this long (ms) after its last refusal: clients ask again every
+#: second (see Core._dm_hold).
+DM_HOLD_MS = 3_000
+#: Recipients a session's DMs may wait for at once (see DM_HOLD_MS).
+DM_HOLDS_MAX = 64
 #: A session heard from within a heartbeat and this much is taken to have a client
 #: connected now (clients ping every heartbeat; this allows for a late one).
 HEARTBEAT_SLACK_MS = 1000
@@ -230,6 +237,18 @@ class Bucket:
 
 
 @dataclass(slots=True)
+class DmHold:
+    """A refused DM that its author's later DMs to the same person wait for (Core._dm_held)."""
+
+    held_id: str
+    #: Until then (ms): a client that gave it up does not send it again.
+    until: int
+    #: Sent again, and decided to be handed over in the pass now being decided: the ones
+    #: after it in that pass are decided too, and handed over only if it was (the loop asks).
+    resent: bool = False
+
+
+@dataclass(slots=True)
 class Session:
     identity: bytes
     name: str
@@ -262,6 +281,13 @@ class Session:
     #: sent again when the session is resumed on a new connection.
     recent_dms: deque[tuple[int, Envelope]] | None = None
     recent_dm_bytes: int = 0
+    #: Recipient (name_key) -> this session's DM to them that was refused, which its
+    #: later ones to them wait for. See Core._dm_held.
+    dm_holds: dict[str, DmHold] | None = None
+
+
+def _held_text(to: str, behind: str) -> str:
+    return f"not delivered: an earlier DM of yours to {to} (id {behind!r}) was not, and goes first; resend it"
 
 
 def _token_fits(holder: Session, token: str) -> bool:
@@ -622,6 +648,8 @@ class Core:
                 session.held_until += step_ms
             if session.recent_dms:
                 session.recent_dms = deque((ts + step_ms, event) for ts, event in session.recent_dms)
+            for hold in (session.dm_holds or {}).values():
+                hold.until += step_ms
         self._debts = {host: (owed, at + step_ms) for host, (owed, at) in self._debts.items()}
 
     def room_seq(self, room: str) -> int:
@@ -1032,14 +1060,24 @@ class Core:
         if first is not None:
             return self._resent(session, first, dm_where(to), env["text"])
         if target is None:
+            self._dm_refused(session, to, env["id"], now)
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
         to = target.name  # as its owner spells it, in the event and the ack (the author's echo shows it)
         if to in self._restored:
             # Held for its client since the restart, which has not come back: as after a
             # crash, the recipient is not online yet (a client retries this, for a while).
+            self._dm_refused(session, to, env["id"], now)
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"{to!r} is not back yet since the broker restarted")
+        hold = None
+        if session.dm_holds:
+            hold = session.dm_holds.get(p.name_key(to))
+            behind = self._dm_held(session, to, env["id"], now, deciding=True)
+            if behind is not None:
+                raise _HeldBack(ErrorCode.UNDELIVERED, _held_text(to, behind))
         self._check_text(env["text"])
         self._throttle_send(session, now, env["id"], dm=True)
+        if hold is not None and hold.held_id == env["id"]:
+            hold.resent = True
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         ack: Envelope = {"type": "ack", "id": env["id"], "to": to, "ts": now}
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
@@ -1081,22 +1119,84 @@ class Core:
         since = self._dm_kept_since(now)
         return [Reply(session.identity, event) for ts, event in kept if ts >= since]
 
+    def _dm_refused(self, author: Session, to: str, msg_id: str, now: int) -> None:
+        """A DM of ``author`` to ``to`` was refused, and its client asks again: until it is
+        handed over, ``author``'s later DMs to ``to`` are held back (see _dm_held)."""
+        holds = author.dm_holds
+        if holds is None:
+            holds = author.dm_holds = {}
+        elif len(holds) >= DM_HOLDS_MAX:
+            # (DMs to many names nobody holds: only the recent ones matter.)
+            for stale in [k for k, hold in holds.items() if now >= hold.until] or [next(iter(holds))]:
+                del holds[stale]
+        key = p.name_key(to)
+        held = holds.get(key)
+        if held is None or held.held_id == msg_id or now >= held.until:
+            holds[key] = DmHold(msg_id, now + DM_HOLD_MS)
+
+    def _dm_held(self, author: Session, to: str, msg_id: str, now: int, *, deciding: bool = False) -> str | None:
+        """The id of an earlier DM of ``author`` to ``to`` that was refused and that DM
+        ``msg_id`` must not overtake, if any.
+
+        A client sends its DMs one after the other without waiting for their acks. When
+        the recipient's connection is gone, or it is not back yet after a restart, the
+        first ones are refused; if it is back before the later ones arrive, those were
+        delivered ahead of the first, resent a second later (a soak with restarts: 700
+        DMs shown out of order). A client that gives up on the refused one (it told its
+        author) does not resend it: the hold ends DM_HOLD_MS after its last refusal.
+
+        ``deciding``: asked as the DM is decided. The refused one, resent and decided
+        earlier in the same pass, is handed over (or not) only after: the ones behind
+        it are decided too, and the loop asks again as it hands them over."""
+        holds = author.dm_holds
+        if not holds:
+            return None
+        key = p.name_key(to)
+        held = holds.get(key)
+        if held is None:
+            return None
+        if now >= held.until:
+            del holds[key]
+            return None
+        if held.held_id == msg_id or (deciding and held.resent):
+            return None
+        return held.held_id
+
+    def dm_held(self, dm: Direct) -> str | None:
+        """For the loop, just before it hands ``dm`` over: the id of an earlier DM to the
+        same person that was refused in this pass (see _dm_held), which it must not overtake."""
+        author = self.by_name.get(dm.env["from"])
+        if author is None or not author.dm_holds:
+            return None
+        return self._dm_held(author, dm.env["to"], dm.ack["id"], dm.env["ts"])
+
     def delivered(self, dm: Direct) -> Envelope:
         """The loop handed ``dm`` to its recipient's connection: its ack, for its author.
-        What the recipient's session keeps of its DMs (see _keep_dm) is held to its size."""
+        What the recipient's session keeps of its DMs (see _keep_dm) is held to its size,
+        and the author's later DMs to them no longer wait for this one (see _dm_held)."""
         target = self.named(dm.env["to"])
         if target is not None and (kept := target.recent_dms):
             while kept and target.recent_dm_bytes > DM_KEPT_BYTES:
                 target.recent_dm_bytes -= _kept_size(kept.popleft()[1])
+        author = self.by_name.get(dm.env["from"])
+        if author is not None and author.dm_holds:
+            key = p.name_key(dm.env["to"])
+            held = author.dm_holds.get(key)
+            if held is not None and held.held_id == dm.ack["id"]:
+                del author.dm_holds[key]
         return dm.ack
 
-    def undelivered(self, dm: Direct) -> Envelope:
+    def undelivered(self, dm: Direct, behind: str | None = None) -> Envelope:
         """The loop could not hand ``dm`` to its recipient's connection: gone (the
         recipient is reconnecting and its session does not know yet) or not reading
-        (its queue is full). Forget the ack, so that a resend is delivered, not
+        (its queue is full); or did not, as it would have overtaken DM ``behind``
+        (see dm_held). Forget the ack, so that a resend is delivered, not
         acknowledged again; the error is what its author gets instead."""
         msg_id: str = dm.ack["id"]
         self._acked.forget((dm.env["from"], msg_id))
+        author = self.by_name.get(dm.env["from"])
+        if author is not None and behind is None:
+            self._dm_refused(author, dm.env["to"], msg_id, dm.env["ts"])
         target = self.named(dm.env["to"])
         if target is not None and (kept := target.recent_dms):
             # Its author is told, and resends: not sent again on a resume. Not always the
@@ -1106,6 +1206,8 @@ class Core:
                     target.recent_dm_bytes -= _kept_size(kept[i][1])
                     del kept[i]
                     break
+        if behind is not None:
+            return p.error(ErrorCode.UNDELIVERED, _held_text(dm.env["to"], behind), msg_id)
         return p.error(
             ErrorCode.UNDELIVERED,
             f"{dm.env['to']}'s connection could not take it (reconnecting, or not reading); not delivered",

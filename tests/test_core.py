@@ -433,6 +433,7 @@ def test_dms_handed_to_a_connection_lately_are_sent_again_to_the_session_resumed
     lost = core.handle(B, enc(type="dm", to="alice", text="undelivered", id="d1"), later)
     (direct,) = [a for a in lost if isinstance(a, Direct)]
     core.undelivered(direct)  # its author was told: not sent again
+    later += core_module.DM_HOLD_MS  # (its author gave it up: the next ones no longer wait for it)
     for i in (2, 3):
         core.handle(B, enc(type="dm", to="alice", text=f"kept {i}", id=f"d{i}"), later)
     assert [a for a in old if isinstance(a, Direct)]
@@ -465,19 +466,110 @@ def test_dms_refused_by_a_gone_connection_do_not_push_out_those_it_took_before()
     ]
     assert core.delivered(taken) == taken.ack
     text = "x" * 1000
-    for tries in range(3):  # asked again, each time refused; a pass decides them all first
-        pass_ = [
-            action
-            for i in range(1, 200)  # ~300 KiB
-            for action in core.handle(B, enc(type="dm", to="alice", text=text, id=f"d{i}"), 20 + tries)
-            if isinstance(action, Direct)
-        ]
-        assert len(pass_) == 199
-        for direct in pass_:
-            core.undelivered(direct)
+    # ~900 KiB of DMs in one pass, each refused: a pass decides them all first.
+    pass_ = [
+        action
+        for i in range(1, 600)
+        for action in core.handle(B, enc(type="dm", to="alice", text=text, id=f"d{i}"), 20)
+        if isinstance(action, Direct)
+    ]
+    assert len(pass_) == 599
+    for direct in pass_:
+        core.undelivered(direct)
     resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), 30)
     again = [r.env.get("text") for r in replies(resumed) if r.identity == C and r.env["type"] == "dm"]
     assert again == ["taken"]
+
+
+def _dm(core: Core, author: bytes, to: str, msg_id: str, now: int) -> Direct | dict[str, Any]:
+    """The Direct a DM is decided to, or the refusal it gets."""
+    actions = core.handle(author, enc(type="dm", to=to, text=f"text of {msg_id}", id=msg_id), now)
+    directs = [a for a in actions if isinstance(a, Direct)]
+    if directs:
+        return directs[0]
+    return only_reply(actions, author)
+
+
+def test_a_dm_refused_holds_its_authors_later_dms_to_that_person_until_it_is_resent() -> None:
+    """A client sends its DMs without waiting for acks. After a restart the first ones
+    reached the broker before their recipient was back (no_such_user) and the later ones
+    after (delivered), and the first ones, asked again a second later, came after them
+    (a soak with restarts: 700 DMs out of order). Now the later ones wait for the first."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    first = _dm(core, A, "bob", "d1", 10)
+    assert isinstance(first, dict) and first["code"] == "no_such_user"
+    hello(core, B, "bob")
+    later = _dm(core, A, "Bob", "d2", 20)
+    assert isinstance(later, dict) and (later["type"], later["code"], later["id"]) == ("error", "undelivered", "d2")
+    assert "'d1'" in later["message"]
+    other = _dm(core, A, "carol", "d3", 20)  # DMs to anyone else go on
+    assert isinstance(other, dict) and other["code"] == "no_such_user"
+    again = _dm(core, A, "bob", "d1", 1000)  # asked again: handed over, and the hold ends
+    assert isinstance(again, Direct)
+    assert core.dm_held(again) is None
+    assert core.delivered(again) == again.ack
+    assert isinstance(_dm(core, A, "bob", "d2", 1001), Direct)
+
+
+def test_a_dm_found_undelivered_holds_the_later_ones_of_its_pass_and_after() -> None:
+    """The loop finds a DM undelivered only as it hands the pass's DMs over: the later
+    ones to the same person, decided in the same pass, must not be handed over either."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    d1, d2 = _dm(core, A, "bob", "d1", 10), _dm(core, A, "bob", "d2", 10)
+    assert isinstance(d1, Direct) and isinstance(d2, Direct)
+    assert core.dm_held(d1) is None
+    assert core.undelivered(d1)["code"] == "undelivered"  # the connection was gone
+    assert core.dm_held(d2) == "d1"
+    error = core.undelivered(d2, "d1")
+    assert (error["code"], error["id"]) == ("undelivered", "d2") and "'d1'" in error["message"]
+    # Asked again out of order (d2 first): refused; d1 then d2: handed over.
+    refused = _dm(core, A, "bob", "d2", 1000)
+    assert isinstance(refused, dict) and refused["code"] == "undelivered"
+    d1 = _dm(core, A, "bob", "d1", 1001)
+    assert isinstance(d1, Direct) and core.dm_held(d1) is None
+    core.delivered(d1)
+    assert isinstance(_dm(core, A, "bob", "d2", 1002), Direct)
+
+
+def test_the_dms_behind_a_refused_one_go_in_the_pass_it_is_resent_in_if_it_goes() -> None:
+    """A client resends the refused DM and the ones behind it at once: read in one pass,
+    the later ones were refused as held (their DM was not handed over yet) and overtaken
+    by the ones of the next pass. They are decided, and handed over only if it was."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    core.undelivered(_dm(core, A, "bob", "d1", 10))  # type: ignore[arg-type]
+    for takes in (False, True):
+        d1, d2 = _dm(core, A, "bob", "d1", 1000), _dm(core, A, "bob", "d2", 1000)
+        assert isinstance(d1, Direct) and isinstance(d2, Direct)
+        assert core.dm_held(d1) is None
+        if takes:
+            core.delivered(d1)
+            assert core.dm_held(d2) is None
+        else:
+            core.undelivered(d1)  # gone again: d2 must wait on
+            assert core.dm_held(d2) == "d1"
+            core.undelivered(d2, "d1")
+
+
+def test_a_dm_hold_ends_when_its_author_gives_the_refused_one_up() -> None:
+    """A client that told its author the DM failed does not send it again: the later
+    ones go DM_HOLD_MS after its last refusal. A name nobody holds stays no_such_user."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    assert _dm(core, A, "bob", "d1", 10)["code"] == "no_such_user"  # type: ignore[index]
+    assert _dm(core, A, "bob", "d2", 20)["code"] == "no_such_user"  # type: ignore[index]
+    hello(core, B, "bob")
+    assert _dm(core, A, "bob", "d3", 10 + core_module.DM_HOLD_MS - 1)["code"] == "undelivered"  # type: ignore[index]
+    assert isinstance(_dm(core, A, "bob", "d3", 10 + core_module.DM_HOLD_MS), Direct)
+    # DMs to many names nobody holds leave a bounded trace.
+    for i in range(3 * core_module.DM_HOLDS_MAX):
+        _dm(core, A, f"ghost{i}", f"g{i}", 10_000)
+    session = core.by_name["alice"]
+    assert session.dm_holds is not None and len(session.dm_holds) <= core_module.DM_HOLDS_MAX
 
 
 def test_dms_kept_for_a_resume_are_held_to_their_size_once_handed_over() -> None:
