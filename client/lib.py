@@ -1713,6 +1713,13 @@ class Client:
                     self._auth_failure = None
                     self._foreign = None
                     self._dealer_down = False
+                    if self._dealer_cut and self.state == "connected":
+                        # libzmq made a new connection after a cut (a NAT, a proxy, a
+                        # broker restarted at once): the broker knows our session by the
+                        # old one, so what it sends us (DMs above all) fails or is lost
+                        # until we say who we are. A ping now finds out, not at the next
+                        # heartbeat (up to 5 s of DMs refused, or lost with a restart).
+                        self._ping_now(time.monotonic())
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and (self._curve is None or message.get("value") == 500):
                 # Not our key (400): the broker's pace of new connections from one
                 # address (--connect-rate), past what it can queue (ZAP status 500).

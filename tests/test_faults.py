@@ -1021,6 +1021,37 @@ def test_a_dm_acknowledged_to_a_dead_connection_reaches_the_session_resumed(
 
 
 @pytest.mark.timeout(30)
+def test_a_connection_cut_on_the_way_is_signed_in_again_at_once(
+    broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """libzmq makes a new request connection after a reset by itself; the broker knows
+    the session by the old one, so DMs to it are refused (or, handed to the old one just
+    before, lost with a broker restart) until the client says who it is. It did at its
+    next ping, up to a heartbeat (5 s) later; now at once."""
+    with TcpProxy(broker.port) as req, TcpProxy(broker.pub_port) as pub:
+        bob = Client("bob", HOST, req.port, pub.port, context=ctx)
+        try:
+            bob.connect()
+            bob.pump(0.1)
+            bob.drain_events()
+            req.drop()  # just after connecting: its next ping is a heartbeat away
+            cut = time.monotonic()
+            seen: list[Event] = []
+
+            def resumed() -> bool:
+                bob.pump(0.02)
+                seen.extend(bob.drain_events())
+                return any(e.type == "status" and e.event == "connected" for e in seen)
+
+            wait_for(resumed, 10, interval=0, what=lambda: seen)
+            took = time.monotonic() - cut
+            assert "session resumed" in str([e.text for e in seen if e.type == "status"][-1]), seen
+            assert took < 2.5, f"signed in again {took:.1f} s after the cut (heartbeat {bob.heartbeat_ms} ms)"
+        finally:
+            bob.close(flush_timeout=0.2, settle=0)
+
+
+@pytest.mark.timeout(30)
 def test_a_connection_cut_on_the_way_is_not_blamed_on_the_broker(
     broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
