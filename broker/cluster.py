@@ -31,6 +31,8 @@ from broker.core import (
     PeerInfo,
     Reply,
     Session,
+    _held_text,
+    _HeldBack,
     dm_where,
     rooms_full,
     sessions_text,
@@ -598,13 +600,20 @@ class ClusterCore(Core):
         self._up()
         found = self.bp.find(to)
         if found is None:
+            self._dm_refused(session, to, env["id"], now)
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {to!r} is online")
         owner, to = found  # as its owner spells it: its broker's inbox knows it so
+        # Handed over here and now (to its broker's inbox): an earlier DM to them that
+        # was refused goes first, as with a recipient of ours (Core._dm_held).
+        behind = self._dm_held(session, to, env["id"], now)
+        if behind is not None:
+            raise _HeldBack(ErrorCode.UNDELIVERED, _held_text(to, behind))
         self._check_text(env["text"])
         self._throttle_send(session, now, env["id"], dm=True)
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])
         # Private: through the recipient's broker's inbox, never a room log or PUB.
         self.bp.send_to_broker(owner, "dm", to, self._pack(event))
+        self._dm_released(session, to, env["id"])
         ack: Envelope = {"type": "ack", "id": env["id"], "to": to, "ts": now}
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
         return [Reply(session.identity, ack)]

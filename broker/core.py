@@ -1162,13 +1162,21 @@ class Core:
             return None
         return held.held_id
 
-    def dm_held(self, dm: Direct) -> str | None:
+    def dm_held(self, dm: Direct, now: int) -> str | None:
         """For the loop, just before it hands ``dm`` over: the id of an earlier DM to the
         same person that was refused in this pass (see _dm_held), which it must not overtake."""
         author = self.by_name.get(dm.env["from"])
         if author is None or not author.dm_holds:
             return None
-        return self._dm_held(author, dm.env["to"], dm.ack["id"], dm.env["ts"])
+        return self._dm_held(author, dm.env["to"], dm.ack["id"], now)
+
+    def _dm_released(self, author: Session, to: str, msg_id: str) -> None:
+        """DM ``msg_id`` of ``author`` to ``to`` was handed over: the later ones no longer wait for it."""
+        if author.dm_holds:
+            key = p.name_key(to)
+            held = author.dm_holds.get(key)
+            if held is not None and held.held_id == msg_id:
+                del author.dm_holds[key]
 
     def delivered(self, dm: Direct) -> Envelope:
         """The loop handed ``dm`` to its recipient's connection: its ack, for its author.
@@ -1179,16 +1187,13 @@ class Core:
             while kept and target.recent_dm_bytes > DM_KEPT_BYTES:
                 target.recent_dm_bytes -= _kept_size(kept.popleft()[1])
         author = self.by_name.get(dm.env["from"])
-        if author is not None and author.dm_holds:
-            key = p.name_key(dm.env["to"])
-            held = author.dm_holds.get(key)
-            if held is not None and held.held_id == dm.ack["id"]:
-                del author.dm_holds[key]
+        if author is not None:
+            self._dm_released(author, dm.env["to"], dm.ack["id"])
         return dm.ack
 
-    def undelivered(self, dm: Direct, behind: str | None = None) -> Envelope:
-        """The loop could not hand ``dm`` to its recipient's connection: gone (the
-        recipient is reconnecting and its session does not know yet) or not reading
+    def undelivered(self, dm: Direct, now: int, behind: str | None = None) -> Envelope:
+        """The loop could not hand ``dm`` to its recipient's connection at ``now``: gone
+        (the recipient is reconnecting and its session does not know yet) or not reading
         (its queue is full); or did not, as it would have overtaken DM ``behind``
         (see dm_held). Forget the ack, so that a resend is delivered, not
         acknowledged again; the error is what its author gets instead."""
@@ -1196,14 +1201,17 @@ class Core:
         self._acked.forget((dm.env["from"], msg_id))
         author = self.by_name.get(dm.env["from"])
         if author is not None and behind is None:
-            self._dm_refused(author, dm.env["to"], msg_id, dm.env["ts"])
+            # From now, not from when it was decided: a pass may wait seconds for a commit.
+            self._dm_refused(author, dm.env["to"], msg_id, max(now, dm.env["ts"]))
         target = self.named(dm.env["to"])
         if target is not None and (kept := target.recent_dms):
-            # Its author is told, and resends: not sent again on a resume. Not always the
-            # last one kept: the DMs of a pass are all kept before the loop hands any over.
-            for i in range(len(kept) - 1, -1, -1):
-                if kept[i][1] is dm.env:
-                    target.recent_dm_bytes -= _kept_size(kept[i][1])
+            # Its author is told, and resends: not sent again on a resume. Searched from
+            # the oldest: the loop hands DMs over in the order they were kept, so one it
+            # refuses comes after at most DM_KEPT_BYTES of DMs it handed over (from the
+            # newest, a backlog of passes waiting for commits made each search long).
+            for i, (_ts, event) in enumerate(kept):
+                if event is dm.env:
+                    target.recent_dm_bytes -= _kept_size(event)
                     del kept[i]
                     break
         if behind is not None:

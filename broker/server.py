@@ -849,11 +849,11 @@ class Broker:
                 # A DM goes now, behind what its recipient was owed: its author's
                 # ack depends on whether the recipient's connection took it.
                 self._send_owed(replies, action.identity)
-                behind = self.core.dm_held(action)
+                behind = self.core.dm_held(action, self._now)
                 if behind is None and self._send(action.identity, encode(action.env)):
                     answer = self.core.delivered(action)
                 else:
-                    answer = self.core.undelivered(action, behind)
+                    answer = self.core.undelivered(action, self._now, behind)
                 replies.setdefault(action.author, []).append(encode(answer))
             else:
                 assert isinstance(action, HistoryQuery)

@@ -194,6 +194,27 @@ def test_a_broker_that_came_back_is_not_reaped(srv: RedisServer) -> None:
     assert a.bp.members("general") == ["carol"]
 
 
+def test_a_dm_to_another_brokers_user_waits_for_an_earlier_one_refused(srv: RedisServer) -> None:
+    """Across brokers too, a DM refused (its recipient not back yet, say after a broker
+    died) holds its author's later ones to that person until it is resent: those
+    already on their way when the recipient came back were handed over first."""
+    a, b = core(srv.url, "A"), core(srv.url, "B")
+    try:
+        req(a, b"a1", {"type": "hello", "v": 1, "name": "alice"}, 1000)
+        (first,) = req(a, b"a1", {"type": "dm", "to": "bob", "text": "one", "id": "d1"}, 1000)
+        assert first["code"] == "no_such_user"
+        req(b, b"b1", {"type": "hello", "v": 1, "name": "bob"}, 1100)  # bob is back, on B
+        (held,) = req(a, b"a1", {"type": "dm", "to": "bob", "text": "two", "id": "d2"}, 1200)
+        assert (held["type"], held["code"], held["id"]) == ("error", "undelivered", "d2"), held
+        assert "'d1'" in held["message"]
+        acks = req(a, b"a1", {"type": "dm", "to": "bob", "text": "one", "id": "d1"}, 2000)
+        acks += req(a, b"a1", {"type": "dm", "to": "bob", "text": "two", "id": "d2"}, 2000)
+        assert [(r["type"], r["id"]) for r in acks] == [("ack", "d1"), ("ack", "d2")], acks
+    finally:
+        a.bp.close()
+        b.bp.close()
+
+
 def test_a_resume_back_on_the_first_broker_survives_a_late_takeover_notice(srv: RedisServer) -> None:
     a, b = core(srv.url, "A"), core(srv.url, "B")
     welcome = req(a, b"a1", {"type": "hello", "v": 1, "name": "carol"}, 1000)[0]

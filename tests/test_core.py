@@ -432,7 +432,7 @@ def test_dms_handed_to_a_connection_lately_are_sent_again_to_the_session_resumed
     later = 3 * HB + 5000 + 1  # past expiry and the extra: "old" is not kept
     lost = core.handle(B, enc(type="dm", to="alice", text="undelivered", id="d1"), later)
     (direct,) = [a for a in lost if isinstance(a, Direct)]
-    core.undelivered(direct)  # its author was told: not sent again
+    core.undelivered(direct, later)  # its author was told: not sent again
     later += core_module.DM_HOLD_MS  # (its author gave it up: the next ones no longer wait for it)
     for i in (2, 3):
         core.handle(B, enc(type="dm", to="alice", text=f"kept {i}", id=f"d{i}"), later)
@@ -475,7 +475,7 @@ def test_dms_refused_by_a_gone_connection_do_not_push_out_those_it_took_before()
     ]
     assert len(pass_) == 599
     for direct in pass_:
-        core.undelivered(direct)
+        core.undelivered(direct, 20)
     resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), 30)
     again = [r.env.get("text") for r in replies(resumed) if r.identity == C and r.env["type"] == "dm"]
     assert again == ["taken"]
@@ -507,7 +507,7 @@ def test_a_dm_refused_holds_its_authors_later_dms_to_that_person_until_it_is_res
     assert isinstance(other, dict) and other["code"] == "no_such_user"
     again = _dm(core, A, "bob", "d1", 1000)  # asked again: handed over, and the hold ends
     assert isinstance(again, Direct)
-    assert core.dm_held(again) is None
+    assert core.dm_held(again, 1000) is None
     assert core.delivered(again) == again.ack
     assert isinstance(_dm(core, A, "bob", "d2", 1001), Direct)
 
@@ -520,16 +520,16 @@ def test_a_dm_found_undelivered_holds_the_later_ones_of_its_pass_and_after() -> 
     hello(core, B, "bob")
     d1, d2 = _dm(core, A, "bob", "d1", 10), _dm(core, A, "bob", "d2", 10)
     assert isinstance(d1, Direct) and isinstance(d2, Direct)
-    assert core.dm_held(d1) is None
-    assert core.undelivered(d1)["code"] == "undelivered"  # the connection was gone
-    assert core.dm_held(d2) == "d1"
-    error = core.undelivered(d2, "d1")
+    assert core.dm_held(d1, 10) is None
+    assert core.undelivered(d1, 10)["code"] == "undelivered"  # the connection was gone
+    assert core.dm_held(d2, 10) == "d1"
+    error = core.undelivered(d2, 10, "d1")
     assert (error["code"], error["id"]) == ("undelivered", "d2") and "'d1'" in error["message"]
     # Asked again out of order (d2 first): refused; d1 then d2: handed over.
     refused = _dm(core, A, "bob", "d2", 1000)
     assert isinstance(refused, dict) and refused["code"] == "undelivered"
     d1 = _dm(core, A, "bob", "d1", 1001)
-    assert isinstance(d1, Direct) and core.dm_held(d1) is None
+    assert isinstance(d1, Direct) and core.dm_held(d1, 1001) is None
     core.delivered(d1)
     assert isinstance(_dm(core, A, "bob", "d2", 1002), Direct)
 
@@ -541,18 +541,48 @@ def test_the_dms_behind_a_refused_one_go_in_the_pass_it_is_resent_in_if_it_goes(
     core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
     hello(core, A, "alice")
     hello(core, B, "bob")
-    core.undelivered(_dm(core, A, "bob", "d1", 10))  # type: ignore[arg-type]
+    core.undelivered(_dm(core, A, "bob", "d1", 10), 10)  # type: ignore[arg-type]
     for takes in (False, True):
         d1, d2 = _dm(core, A, "bob", "d1", 1000), _dm(core, A, "bob", "d2", 1000)
         assert isinstance(d1, Direct) and isinstance(d2, Direct)
-        assert core.dm_held(d1) is None
+        assert core.dm_held(d1, 1000) is None
         if takes:
             core.delivered(d1)
-            assert core.dm_held(d2) is None
+            assert core.dm_held(d2, 1000) is None
         else:
-            core.undelivered(d1)  # gone again: d2 must wait on
-            assert core.dm_held(d2) == "d1"
-            core.undelivered(d2, "d1")
+            core.undelivered(d1, 1000)  # gone again: d2 must wait on
+            assert core.dm_held(d2, 1000) == "d1"
+            core.undelivered(d2, 1000, "d1")
+
+
+def test_a_dm_hold_runs_from_its_refusal_not_from_its_decision() -> None:
+    """A pass may wait seconds for a commit before the loop hands its DMs over: dated
+    from when the refused one was decided, the hold was over before it began, and a
+    later DM decided meanwhile was handed over ahead of it."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    d1, d2 = _dm(core, A, "bob", "d1", 10), _dm(core, A, "bob", "d2", 10)
+    assert isinstance(d1, Direct) and isinstance(d2, Direct)
+    handed_at = 10 + core_module.DM_HOLD_MS + 2000
+    core.undelivered(d1, handed_at)
+    assert core.dm_held(d2, handed_at) == "d1"
+
+
+@pytest.mark.timeout(20)
+def test_refusing_a_backlog_of_dms_to_a_gone_connection_takes_linear_time() -> None:
+    """Passes waiting for commits can hold up to 32 x 1,024 DMs, all kept when decided:
+    each refusal searched the kept ones from the newest, and 20,000 took 45 s of the
+    loop. From the oldest, a refusal finds its DM after those handed over before it."""
+    core = Core(epoch="e", heartbeat_ms=HB, room_seqs={}, limits=Limits(rate=0))
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    directs = [d for i in range(30_000) if isinstance(d := _dm(core, A, "bob", f"d{i}", 10), Direct)]
+    assert len(directs) == 30_000
+    for direct in directs:
+        core.undelivered(direct, 20, "d0" if direct is not directs[0] else None)
+    assert not core.by_name["bob"].recent_dms
+    assert core.by_name["bob"].recent_dm_bytes == 0
 
 
 def test_a_dm_hold_ends_when_its_author_gives_the_refused_one_up() -> None:
@@ -880,7 +910,7 @@ def test_a_dm_the_recipients_connection_could_not_take_is_an_error_and_can_be_re
     hello(core, B, "bob")
     [dm] = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 5)
     assert isinstance(dm, Direct)
-    error = core.undelivered(dm)
+    error = core.undelivered(dm, 5)
     assert (error["type"], error["code"], error["id"]) == ("error", "undelivered", "d1")
     assert "bob" in error["message"]
     # Resent: delivered again, not answered with the ack it never got.
@@ -903,7 +933,7 @@ def test_a_dm_finds_its_recipient_in_any_case_and_names_it_as_it_spells_itself()
         reply = only_reply(core.handle(A, enc(type="dm", to=spelling, text="psst", id="d1"), 6), A)
         assert (reply["type"], reply["id"], reply["to"]) == ("ack", "d1", "Bob"), reply
     # Its connection could not take it: the error names the recipient, and a resend goes again.
-    error = core.undelivered(dm)
+    error = core.undelivered(dm, 6)
     assert error["code"] == "undelivered" and "Bob" in error["message"]
     [again] = core.handle(A, enc(type="dm", to="BOB", text="psst", id="d1"), 7)
     assert isinstance(again, Direct) and again.identity == B
