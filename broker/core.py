@@ -50,7 +50,7 @@ DM_KEPT_MAX_MS = 65_000
 #: After a DM to someone was refused (undelivered, or no_such_user to a name that may be
 #: on its way back), the author's later DMs to them are refused until it is resent and
 #: handed over, or until this long (ms) after its last refusal: clients ask again every
-#: second (see Core._dm_hold).
+#: second (see Core._dm_held).
 DM_HOLD_MS = 3_000
 #: Recipients a session's DMs may wait for at once (see DM_HOLD_MS).
 DM_HOLDS_MAX = 64

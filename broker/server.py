@@ -220,8 +220,8 @@ IDLE_WAKE_MS = 200
 #: most; a pass's two readings of the clocks are microseconds apart. A suspended
 #: machine shows as a jump forward (the monotonic clock stops while it sleeps).
 CLOCK_STEP_MS = 1000
-#: A pass whose two monotonic readings around the wall clock's are further apart than
-#: this (the thread was preempted between them) does not judge the clocks.
+#: A reading whose two monotonic readings around the wall clock's are further apart
+#: than this (the thread was preempted between them) is taken again, up to 3 times.
 CLOCK_READ_SLACK_MS = 50
 #: Frames larger than this make libzmq drop the connection before we see them;
 #: smaller oversize frames reach the protocol and get a coded ``too_large``. Twice the

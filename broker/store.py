@@ -384,10 +384,8 @@ class Store:
         one ran must not make its own events look later than its stop."""
         try:
             with self._immediate() as db:
-                last = db.execute("SELECT ts FROM events ORDER BY id DESC LIMIT 1").fetchone()
-                saved_at = now_ms()
-                if last is not None and isinstance(last[0], int):
-                    saved_at = max(saved_at, last[0])
+                last = _last_event_ts(db)
+                saved_at = now_ms() if last is None else max(now_ms(), last)
                 db.execute("DROP TABLE IF EXISTS saved_sessions")
                 db.execute(_SAVED_SESSIONS)
                 db.executemany(
@@ -409,14 +407,14 @@ class Store:
                 if columns == _SAVED_COLUMNS:
                     rows = db.execute(f"SELECT {', '.join(_SAVED_COLUMNS)} FROM saved_sessions").fetchall()  # noqa: S608
                 db.execute("DROP TABLE saved_sessions")
-                last = db.execute("SELECT ts FROM events ORDER BY id DESC LIMIT 1").fetchone()
+                last = _last_event_ts(db)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the store {self.path}: {exc}{_why(self.path.parent, exc)}") from exc
         if columns != _SAVED_COLUMNS:
             log.warning("saved sessions in %s are not in this version's form: not restored", self.path)
             return []
         saved_at = max((row[-1] for row in rows if isinstance(row[-1], int)), default=0)
-        if rows and last is not None and isinstance(last[0], int) and last[0] > saved_at:
+        if rows and last is not None and last > saved_at:
             log.warning(
                 "the sessions saved in %s predate events stored since (another broker ran): not restored", self.path
             )
@@ -589,6 +587,12 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
+
+
+def _last_event_ts(db: sqlite3.Connection) -> int | None:
+    """The ``ts`` of the newest event stored (None: none, or not an int)."""
+    row = db.execute("SELECT ts FROM events ORDER BY id DESC LIMIT 1").fetchone()
+    return row[0] if row is not None and isinstance(row[0], int) else None
 
 
 def now_ms() -> int:
