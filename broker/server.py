@@ -854,7 +854,7 @@ class Broker:
                     answer = self.core.delivered(action)
                 else:
                     answer = self.core.undelivered(action, self._now, behind)
-                replies.setdefault(action.author, []).append(encode(answer))
+                replies.setdefault(self.core.answer_to(action), []).append(encode(answer))
             else:
                 assert isinstance(action, HistoryQuery)
                 self._send_owed(replies, action.identity)

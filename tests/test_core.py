@@ -916,8 +916,52 @@ def test_a_dm_the_recipients_connection_could_not_take_is_an_error_and_can_be_re
     # Resent: delivered again, not answered with the ack it never got.
     [again] = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 6)
     assert isinstance(again, Direct) and again.identity == B and again.ack["id"] == "d1"
+    assert core.delivered(again) == again.ack
     # Once delivered, a resend is only acknowledged again.
     assert only_reply(core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 7), A)["type"] == "ack"
+
+
+@pytest.mark.parametrize("takes", [False, True])
+def test_a_dm_sent_again_before_the_loop_handed_it_over_waits_for_its_fate(takes: bool) -> None:
+    """A pass may wait for a commit before the loop hands its DMs over. Its author may
+    resume on a new connection meanwhile and send the DM again: acknowledged at once
+    from the resend window, while the first copy's "undelivered" went to the old
+    connection, gone, the DM was lost though its author was told it arrived. Now the
+    copy sent again is not answered, and the first copy's answer goes to the author's
+    connection of the moment."""
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    token = core.by_name["alice"].token
+    [dm] = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 5)
+    assert isinstance(dm, Direct) and core.answer_to(dm) == A
+    resumed = core.handle(C, enc(type="hello", v=1, name="alice", resume=token), 6)
+    assert [r.env["type"] for r in replies(resumed) if r.identity == C] == ["welcome"]
+    assert core.handle(C, enc(type="dm", to="bob", text="psst", id="d1"), 7) == []
+    # Not another message under the same id, though: that is refused as ever.
+    other = core.handle(C, enc(type="dm", to="bob", text="other", id="d1"), 7)
+    assert error_code(other, C) == "bad_envelope"
+    assert core.answer_to(dm) == C
+    if takes:
+        assert core.delivered(dm)["type"] == "ack"
+        assert only_reply(core.handle(C, enc(type="dm", to="bob", text="psst", id="d1"), 8), C)["type"] == "ack"
+    else:
+        assert core.undelivered(dm, 8)["code"] == "undelivered"
+        [again] = core.handle(C, enc(type="dm", to="bob", text="psst", id="d1"), 9)
+        assert isinstance(again, Direct) and again.author == C and core.answer_to(again) == C
+
+
+def test_the_answer_for_a_dm_never_goes_to_another_session_of_its_authors_name() -> None:
+    """Its author's session ended while the DM waited, and a new one took the name: the
+    answer goes where the DM came from, not to a client that never sent it."""
+    core = make_core()
+    hello(core, A, "alice")
+    hello(core, B, "bob")
+    [dm] = core.handle(A, enc(type="dm", to="bob", text="psst", id="d1"), 5)
+    assert isinstance(dm, Direct)
+    core.handle(A, enc(type="bye"), 6)
+    hello(core, C, "alice", 7)
+    assert core.answer_to(dm) == A
 
 
 def test_a_dm_finds_its_recipient_in_any_case_and_names_it_as_it_spells_itself() -> None:
@@ -928,15 +972,19 @@ def test_a_dm_finds_its_recipient_in_any_case_and_names_it_as_it_spells_itself()
     assert isinstance(dm, Direct) and dm.identity == B
     # The ack names the recipient as the event does: its author's echo shows "Bob", not "bOB".
     assert (dm.env["to"], dm.env["from"], dm.ack["id"], dm.ack["to"]) == ("Bob", "alice", "d1", "Bob")
-    # A resend under either spelling is the same message: acknowledged again, not refused.
+    # A resend under either spelling is the same message: not refused, it waits for the first.
     for spelling in ("bob", "Bob"):
-        reply = only_reply(core.handle(A, enc(type="dm", to=spelling, text="psst", id="d1"), 6), A)
-        assert (reply["type"], reply["id"], reply["to"]) == ("ack", "d1", "Bob"), reply
+        assert core.handle(A, enc(type="dm", to=spelling, text="psst", id="d1"), 6) == []
     # Its connection could not take it: the error names the recipient, and a resend goes again.
     error = core.undelivered(dm, 6)
     assert error["code"] == "undelivered" and "Bob" in error["message"]
     [again] = core.handle(A, enc(type="dm", to="BOB", text="psst", id="d1"), 7)
     assert isinstance(again, Direct) and again.identity == B
+    core.delivered(again)
+    # Handed over: a resend under either spelling is acknowledged again, naming "Bob".
+    for spelling in ("bob", "Bob"):
+        reply = only_reply(core.handle(A, enc(type="dm", to=spelling, text="psst", id="d1"), 8), A)
+        assert (reply["type"], reply["id"], reply["to"]) == ("ack", "d1", "Bob"), reply
 
 
 def test_dm_to_self() -> None:

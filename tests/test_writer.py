@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import zmq
 
 from broker import server
+from broker.core import Direct, Reply
 from broker.store import Row, Store, StoreError
 from broker.writer import Writer
 from client.lib import Client
-from tests.conftest import HOST, RunningBroker, wait_for
+from tests.conftest import HOST, Raw, RunningBroker, wait_for
 
 
 @pytest.fixture
@@ -255,6 +257,79 @@ def test_the_loop_commits_itself_until_a_commit_waits_for_the_disk(
         assert texts == ["quick 0", "quick 1", "quick 2", "stalled", "handed off", "quick again"]
     finally:
         alice.close(0)
+        running.stop()
+
+
+class GatedStore(Store):
+    """Commits of rows wait for ``gate`` (a disk that stalls for as long as a test wants)."""
+
+    gate = threading.Event()
+
+    def append(self, rows: Iterable[Row]) -> None:
+        rows = list(rows)
+        if rows and not self.gate.wait(20):
+            raise StoreError("the test never opened the gate")
+        super().append(rows)
+
+
+@pytest.mark.timeout(60)
+def test_a_dm_sent_again_on_a_resumed_session_while_its_pass_waits_is_not_acked_before_its_fate(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DM is decided in a pass that waits for a commit; its author's connection goes,
+    and the client resumes on a new one and sends the DM again. That copy was acked at
+    once from the resend window; then the first copy could not be handed over (its
+    recipient's connection was gone), and the "undelivered" went to the old connection:
+    the author was told the DM arrived, and it never did. Now the new connection hears
+    the first copy's fate, and nothing else of it."""
+    caplog.set_level(logging.DEBUG, logger="zchat.broker")  # "client disconnected"
+    GatedStore.gate.set()
+    running = RunningBroker(tmp_path / "data", store_class=GatedStore).start()
+    broker = running.broker
+    writer = broker.writer
+    assert writer is not None
+    alice, bob = Raw(ctx, running.port), Raw(ctx, running.port)
+    back: Raw | None = None
+    try:
+        token = alice.request({"type": "hello", "v": 1, "name": "alice"})["resume"]
+        assert bob.request({"type": "hello", "v": 1, "name": "bob"})["type"] == "welcome"
+        assert alice.request({"type": "join", "room": "general"})["type"] == "joined"
+        bob.sock.close()
+        wait_for(lambda: any("client disconnected" in r.getMessage() for r in caplog.records), 5)
+        # From here each pass waits for the writer thread, whose commit waits for the gate.
+        GatedStore.gate.clear()
+        broker._handoff_until = float("inf")
+        alice.send({"type": "msg", "room": "general", "text": "stored late", "id": "m1"})
+        alice.send({"type": "dm", "to": "bob", "text": "psst", "id": "d1"})
+
+        def waits(kind: type, msg_id: str) -> Callable[[], bool]:
+            """Whether a pass that waits for its commit holds an action of ``kind`` about ``msg_id``."""
+            return lambda: any(
+                type(a) is kind and a.env.get("id") == msg_id for _t, acts, _pub in list(broker._waiting) for a in acts
+            )
+
+        wait_for(waits(Direct, "d1"), 5)
+        alice.sock.close()  # its client gives the connection up, and resumes on a new one
+        back = Raw(ctx, running.port)
+        back.send({"type": "hello", "v": 1, "name": "alice", "resume": token})
+        back.send({"type": "dm", "to": "bob", "text": "psst", "id": "d1"})  # sent again, unacked
+        back.send({"type": "ping", "id": "p1"})
+        wait_for(waits(Reply, "p1"), 5)
+        GatedStore.gate.set()
+        got = [back.recv()]
+        while got[-1].get("id") != "p1":
+            got.append(back.recv())
+        about_d1 = [(r["type"], r.get("code")) for r in got if r.get("id") == "d1"]
+        assert about_d1 == [("error", "undelivered")], got
+        assert "welcome" in [r["type"] for r in got], got
+        # Asked again, it is decided again (and bob is still away).
+        reply = back.request({"type": "dm", "to": "bob", "text": "psst", "id": "d1"})
+        assert (reply["type"], reply.get("code"), reply["id"]) == ("error", "undelivered", "d1"), reply
+    finally:
+        GatedStore.gate.set()
+        for raw in (alice, bob, back):
+            if raw is not None:
+                raw.sock.close(linger=0)
         running.stop()
 
 
