@@ -500,9 +500,10 @@ class Core:
         self.store_refusal: str | None = None
         #: (name, id) -> the ack first given for that message.
         self._acked = AckWindow(DEDUP_WINDOW)
-        #: (name, id) of the DMs decided and not yet handed over by the loop (see _resent):
-        #: added as a Direct is made, taken out by delivered() or undelivered().
-        self._dms_deciding: set[tuple[str, str]] = set()
+        #: (name, id) of the DMs decided and not yet handed over by the loop (see _resent),
+        #: with the connection that sent one again meanwhile (None until one does): added
+        #: as a Direct is made, taken out by delivered() or undelivered().
+        self._dms_deciding: dict[tuple[str, str], bytes | None] = {}
         for ack in recent_acks:  # oldest first, as the store hands them over
             # A message stored twice (its resend came after the window had passed the
             # first copy) was acked live with its second copy's ack from then on: so
@@ -999,12 +1000,14 @@ class Core:
                 f"id {msg_id!r} was already used for another message: ids must be unique per name",
             )
         if seq is None:
-            if (session.name, msg_id) in self._dms_deciding:
+            key = (session.name, msg_id)
+            if key in self._dms_deciding:
                 # Decided, and not handed over yet (its pass waits for a commit): whether
                 # it arrives is not known, and an ack now would be a promise the first
                 # copy may break (its "undelivered" then went to the connection it came
                 # on, gone if its author resumed since, and the DM was lost). The loop
-                # answers this DM once, to its author's connection of that moment.
+                # answers it once, here (see answer_to).
+                self._dms_deciding[key] = session.identity
                 return []
             return [Reply(session.identity, {"type": "ack", "id": msg_id, "to": first_where[1:], "ts": ts})]
         return [Reply(session.identity, {"type": "ack", "id": msg_id, "room": where, "seq": seq, "ts": ts})]
@@ -1092,7 +1095,7 @@ class Core:
         ack: Envelope = {"type": "ack", "id": env["id"], "to": to, "ts": now}
         self._remember_ack(session.name, ack, "@" + to, hash(env["text"]))
         self._keep_dm(target, event, now)
-        self._dms_deciding.add((session.name, env["id"]))
+        self._dms_deciding[(session.name, env["id"])] = None
         # Private: ROUTER to the recipient only, never PUB, never the store.
         return [Direct(target.identity, event, session.identity, ack)]
 
@@ -1190,19 +1193,17 @@ class Core:
                 del author.dm_holds[key]
 
     def answer_to(self, dm: Direct) -> bytes:
-        """The connection that hears whether ``dm`` was handed over: its author's now.
-        A pass may wait for a commit, and its author resume on a new connection meanwhile
-        (and send the DM again, which waits for this answer: see _resent)."""
-        author = self.by_name.get(dm.env["from"])
-        if author is not None and author.sender == dm.env["sender"] and author.identity:
-            return author.identity
-        return dm.author
+        """The connection that hears whether ``dm`` was handed over (ask before
+        :meth:`delivered` or :meth:`undelivered`): the last that sent it again while it
+        waited (see _resent), as its author resumed on a new connection meanwhile; else
+        the one it came on."""
+        return self._dms_deciding.get((dm.env["from"], dm.ack["id"])) or dm.author
 
     def delivered(self, dm: Direct) -> Envelope:
         """The loop handed ``dm`` to its recipient's connection: its ack, for its author.
         What the recipient's session keeps of its DMs (see _keep_dm) is held to its size,
         and the author's later DMs to them no longer wait for this one (see _dm_held)."""
-        self._dms_deciding.discard((dm.env["from"], dm.ack["id"]))
+        self._dms_deciding.pop((dm.env["from"], dm.ack["id"]), None)
         target = self.named(dm.env["to"])
         if target is not None and (kept := target.recent_dms):
             while kept and target.recent_dm_bytes > DM_KEPT_BYTES:
@@ -1220,7 +1221,7 @@ class Core:
         acknowledged again; the error is what its author gets instead."""
         msg_id: str = dm.ack["id"]
         self._acked.forget((dm.env["from"], msg_id))
-        self._dms_deciding.discard((dm.env["from"], msg_id))
+        self._dms_deciding.pop((dm.env["from"], msg_id), None)
         author = self.by_name.get(dm.env["from"])
         if author is not None and behind is None:
             # From now, not from when it was decided: a pass may wait seconds for a commit.

@@ -850,11 +850,12 @@ class Broker:
                 # ack depends on whether the recipient's connection took it.
                 self._send_owed(replies, action.identity)
                 behind = self.core.dm_held(action, self._now)
+                answer_to = self.core.answer_to(action)
                 if behind is None and self._send(action.identity, encode(action.env)):
                     answer = self.core.delivered(action)
                 else:
                     answer = self.core.undelivered(action, self._now, behind)
-                replies.setdefault(self.core.answer_to(action), []).append(encode(answer))
+                replies.setdefault(answer_to, []).append(encode(answer))
             else:
                 assert isinstance(action, HistoryQuery)
                 self._send_owed(replies, action.identity)

@@ -951,9 +951,10 @@ def test_a_dm_sent_again_before_the_loop_handed_it_over_waits_for_its_fate(takes
         assert isinstance(again, Direct) and again.author == C and core.answer_to(again) == C
 
 
-def test_the_answer_for_a_dm_never_goes_to_another_session_of_its_authors_name() -> None:
+def test_the_answer_for_a_dm_goes_only_to_a_connection_that_sent_it() -> None:
     """Its author's session ended while the DM waited, and a new one took the name: the
-    answer goes where the DM came from, not to a client that never sent it."""
+    answer goes where the DM came from, not to a client that never sent it; or, once
+    that one sends it too, to the last that did."""
     core = make_core()
     hello(core, A, "alice")
     hello(core, B, "bob")
@@ -962,6 +963,10 @@ def test_the_answer_for_a_dm_never_goes_to_another_session_of_its_authors_name()
     core.handle(A, enc(type="bye"), 6)
     hello(core, C, "alice", 7)
     assert core.answer_to(dm) == A
+    assert core.handle(C, enc(type="dm", to="bob", text="psst", id="d1"), 8) == []
+    assert core.answer_to(dm) == C
+    core.delivered(dm)
+    assert core.answer_to(dm) == A  # (asked before it is handed over, as the loop does)
 
 
 def test_a_dm_finds_its_recipient_in_any_case_and_names_it_as_it_spells_itself() -> None:
