@@ -128,6 +128,54 @@ def test_checkpoints_copy_the_wal_back_and_keep_it_bounded_under_constant_commit
         store.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_reader_of_an_old_snapshot_holds_no_commit_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WAL starts over (a RESTART checkpoint) only once every reader has the latest
+    snapshot. Run by the checkpointer, the RESTART waited for such a reader and held
+    every commit back meanwhile, up to the busy timeout (5 s) each; a commit that met
+    one also slept in SQLite's busy handler, in steps of up to 100 ms. The committing
+    connection makes the WAL start over now, and gives up at once when it cannot."""
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 64)
+    store = Store(tmp_path, "normal")
+    reader = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    wal = tmp_path / f"{DB_NAME}-wal"
+    try:
+
+        def rows(first: int) -> list[tuple[str, int, int, str, str, bytes]]:
+            return [("r", seq, seq, "ann", f"m{seq}", b"x" * 1000) for seq in range(first, first + 8)]
+
+        store.append(rows(1))
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (8,)  # a snapshot, held
+        slowest, seq = 0.0, 9
+        for _ in range(100):  # some 4 times WAL_RESTART_FRAMES pages, a checkpointer turn between two
+            started = time.monotonic()
+            store.append(rows(seq))
+            slowest = max(slowest, time.monotonic() - started)
+            seq += 8
+            time.sleep(2 * store_module.CHECKPOINT_S)
+        assert slowest < 1.0, f"a commit waited {slowest:.1f} s"
+        assert wal.stat().st_size > 4 * 64 * 4096, wal.stat().st_size  # the WAL could not start over
+        reader.execute("COMMIT")
+        for _ in range(100):  # the reader gone, it does
+            store.append(rows(seq))
+            seq += 8
+            time.sleep(2 * store_module.CHECKPOINT_S)
+
+        def frames() -> tuple[int] | None:
+            """Pages in the WAL since it last started over (None while the checkpointer's turn hides them)."""
+            busy, count, _copied = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return None if busy else (int(count),)
+
+        (count,) = wait_for(frames, 5, interval=0.001)
+        assert 0 <= count < 2 * 64, count
+        assert store._db.execute("PRAGMA busy_timeout").fetchone() == (5000,)  # as it was
+        assert store.history("r", seq - 9, 10) == [b"x" * 1000] * 8
+    finally:
+        reader.close()
+        store.close()
+
+
 @pytest.mark.timeout(30)
 def test_a_commit_after_an_idle_spell_is_checkpointed_too(tmp_path: Path) -> None:
     """The checkpointer sleeps while nothing is committed, and wakes up for the next commit."""
