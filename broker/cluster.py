@@ -31,8 +31,6 @@ from broker.core import (
     PeerInfo,
     Reply,
     Session,
-    _held_text,
-    _HeldBack,
     dm_where,
     rooms_full,
     sessions_text,
@@ -605,9 +603,7 @@ class ClusterCore(Core):
         owner, to = found  # as its owner spells it: its broker's inbox knows it so
         # Handed over here and now (to its broker's inbox): an earlier DM to them that
         # was refused goes first, as with a recipient of ours (Core._dm_held).
-        behind = self._dm_held(session, to, env["id"], now)
-        if behind is not None:
-            raise _HeldBack(ErrorCode.UNDELIVERED, _held_text(to, behind))
+        self._refuse_if_held(session, to, env["id"], now)
         self._check_text(env["text"])
         self._throttle_send(session, now, env["id"], dm=True)
         event = p.dm_event(session.name, session.sender, to, env["text"], now, env["id"])

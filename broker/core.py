@@ -1081,12 +1081,9 @@ class Core:
             # crash, the recipient is not online yet (a client retries this, for a while).
             self._dm_refused(session, to, env["id"], now)
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"{to!r} is not back yet since the broker restarted")
-        hold = None
-        if session.dm_holds:
-            hold = session.dm_holds.get(p.name_key(to))
-            behind = self._dm_held(session, to, env["id"], now, deciding=True)
-            if behind is not None:
-                raise _HeldBack(ErrorCode.UNDELIVERED, _held_text(to, behind))
+        hold = session.dm_holds.get(p.name_key(to)) if session.dm_holds else None
+        if hold is not None:
+            self._refuse_if_held(session, to, env["id"], now, deciding=True)
         self._check_text(env["text"])
         self._throttle_send(session, now, env["id"], dm=True)
         if hold is not None and hold.held_id == env["id"]:
@@ -1175,6 +1172,12 @@ class Core:
         if held.held_id == msg_id or (deciding and held.resent):
             return None
         return held.held_id
+
+    def _refuse_if_held(self, author: Session, to: str, msg_id: str, now: int, *, deciding: bool = False) -> None:
+        """Refuse DM ``msg_id`` ``undelivered`` if it must not overtake an earlier one (see _dm_held)."""
+        behind = self._dm_held(author, to, msg_id, now, deciding=deciding)
+        if behind is not None:
+            raise _HeldBack(ErrorCode.UNDELIVERED, _held_text(to, behind))
 
     def dm_held(self, dm: Direct, now: int) -> str | None:
         """For the loop, just before it hands ``dm`` over: the id of an earlier DM to the
