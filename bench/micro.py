@@ -3,6 +3,8 @@
     python -m bench.micro window   # resend window: plain dict, OrderedDict, AckWindow: us per message, longest
     python -m bench.micro gc       # GC pauses of the core over 300k messages
     python -m bench.micro commit   # store commit latency (p50/p99/p99.9/max) for small batches
+    python -m bench.micro stalls   # commits of 50 rows of 1 KiB at 1,000 a second for 10 s: the long ones
+                                   # (the WAL starting over every 32 MiB; on the disk, not /dev/shm)
     python -m bench.micro rows     # WAL bytes per stored row: schema 1 (WITHOUT ROWID) vs 2, 100 B and 1 KiB
     python -m bench.micro sessions # Python heap per session (hello + join), by tracemalloc
     python -m bench.micro append   # store CPU per row, commits of 3, 30 and 300 rows, with and without
@@ -153,6 +155,39 @@ def commit(batches: int = 6000, rows_per_batch: int = 5) -> None:
         )
 
 
+def stalls(seconds: float = 10.0, rows_per_commit: int = 50, per_second: int = 1000) -> None:
+    """Commit latency while the WAL grows fast (50k rows of 1 KiB a second: 80 MB of WAL a
+    second, so it starts over twice a second), durability full, in a directory on the disk."""
+    from broker.store import Store
+    from zchat import protocol as p
+
+    body = p.encode(p.msg_event("general", 1, 1_764_550_000_000, "alice", "0" * 16, "x" * 1024, "m1"))
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+        store = Store(Path(tmp), "full")
+        times: list[float] = []
+        seq, commits = 0, int(seconds * per_second)
+        began = time.perf_counter()
+        for i in range(commits):
+            rows = []
+            for _ in range(rows_per_commit):
+                seq += 1
+                rows.append(("general", seq, 1, "alice", f"m{seq}", body))
+            started = time.perf_counter()
+            store.append(rows)
+            times.append(time.perf_counter() - started)
+            while time.perf_counter() < began + (i + 1) / per_second:
+                pass  # paced: a broker that keeps up, not one that falls behind
+        store.close()
+    long = sorted(round(t * 1e3, 1) for t in times if t > 0.01)
+    times.sort()
+    k = len(times)
+    print(
+        f"{k} commits of {rows_per_commit} rows of 1 KiB: p50 {times[k // 2] * 1e3:.2f} ms, "
+        f"p99 {times[int(k * 0.99)] * 1e3:.2f} ms, p99.9 {times[int(k * 0.999)] * 1e3:.2f} ms, "
+        f"max {times[-1] * 1e3:.1f} ms; {len(long)} over 10 ms, {sum(long):.0f} ms in all: {long[-10:]}"
+    )
+
+
 _SCHEMA_1 = (
     "CREATE TABLE events (room TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, name TEXT, "
     "msg_id TEXT, body BLOB NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID"
@@ -301,6 +336,7 @@ def main(argv: list[str]) -> int:
         "window": window,
         "gc": gc_pauses,
         "commit": commit,
+        "stalls": stalls,
         "rows": rows,
         "sessions": sessions,
         "append": append,
