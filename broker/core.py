@@ -656,6 +656,19 @@ class Core:
                 hold.until += step_ms
         self._debts = {host: (owed, at + step_ms) for host, (owed, at) in self._debts.items()}
 
+    def unheard(self, gap_ms: int) -> None:
+        """The loop read nothing for ``gap_ms`` (its process was stopped, the machine paused
+        or starved of CPU): that silence was the broker's, not the sessions'.
+
+        Their pings of the moment wait unread in the sockets, and libzmq reads them
+        only once the process runs again, after the loop's first pass. Without this, a
+        broker stopped for longer than the expiry period ended every session on waking
+        (everyone seen to leave "timed out" and join again, their resumes refused);
+        now each session's silence counts only while the broker could hear it.
+        """
+        for session in itertools.chain(self.by_identity.values(), self._restored.values()):
+            session.last_seen += gap_ms
+
     def room_seq(self, room: str) -> int:
         return self.seqs.get(room, 0)
 

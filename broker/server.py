@@ -220,6 +220,10 @@ IDLE_WAKE_MS = 200
 #: most; a pass's two readings of the clocks are microseconds apart. A suspended
 #: machine shows as a jump forward (the monotonic clock stops while it sleeps).
 CLOCK_STEP_MS = 1000
+#: The loop read nothing for this much longer than its poll was asked to wait: the
+#: process was stopped (SIGSTOP, a debugger), its machine paused, or it was starved of
+#: CPU. That silence is not held against the sessions (Core.unheard).
+LOOP_STALL_MS = 1000
 #: A reading whose two monotonic readings around the wall clock's are further apart
 #: than this (the thread was preempted between them) is taken again, up to 3 times.
 CLOCK_READ_SLACK_MS = 50
@@ -351,6 +355,8 @@ class Broker:
         self.trims = 0
         #: Jumps of the wall clock seen (see CLOCK_STEP_MS).
         self.clock_steps = 0
+        #: Times the loop found it had not run for LOOP_STALL_MS or more.
+        self.loop_stalls = 0
         #: The wall clock as the current pass reads it (already judged for a jump), and
         #: the readings a jump is judged against: everything in a pass uses this one,
         #: never a fresh now_ms() that could see a jump the core has not been told of.
@@ -519,8 +525,11 @@ class Broker:
             wake_ms = IDLE_WAKE_MS
             if hold.held:
                 wake_ms = max(0, min(wake_ms, math.ceil(hold.due - time.monotonic() * 1000)))
+            polled_at = mono_ms
             ready = dict(poller.poll(wake_ms))
             now, mono_ms = self._read_clocks()
+            if (unheard := mono_ms - polled_at - wake_ms) >= LOOP_STALL_MS:
+                self._unheard(unheard)
             if ready:
                 worked = True
             if mono_ms - trimmed_at >= TRIM_EVERY_S * 1000:
@@ -645,6 +654,16 @@ class Broker:
             "" if step_ms < 0 else " (or the machine slept)",
         )
         self.core.clock_stepped(step_ms)
+
+    def _unheard(self, gap_ms: int) -> None:
+        """The loop did not run for ``gap_ms`` (see LOOP_STALL_MS)."""
+        self.loop_stalls += 1
+        log.warning(
+            "the broker did not run for %.1f s (stopped, paused or starved of CPU): "
+            "that silence is not counted against the sessions",
+            gap_ms / 1000,
+        )
+        self.core.unheard(gap_ms)
 
     def _trim_due(self) -> bool:
         """A trim for a broker that is never idle (see TRIM_EVERY_S); asked at most every TRIM_EVERY_S."""

@@ -624,6 +624,43 @@ def test_a_join_whose_backlog_is_cut_by_a_lost_connection_can_still_send(tmp_pat
 
 
 @pytest.mark.timeout(60)
+def test_a_stopped_broker_ends_no_session_for_its_own_silence(tmp_path: Path) -> None:
+    """A broker stopped (SIGSTOP, a paused VM) for longer than the expiry period did not
+    hear its clients' pings, which wait unread in its sockets: on waking it used to end
+    every session "timed out" before reading them, and everyone was seen to leave and
+    join again. Now the silence it caused is not counted against the sessions."""
+    broker = BrokerProcess(tmp_path / "data", extra=FAST).start()
+    assert broker.proc is not None
+    alice = Client("alice", HOST, broker.port, broker.pub_port, request_timeout=20)
+    bob = Client("bob", HOST, broker.port, broker.pub_port, request_timeout=20)
+    try:
+        for client in (alice, bob):
+            client.connect()
+            client.join("general")
+        bob.drain_events()  # alice's join, if it came after bob's
+        broker.proc.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)  # the stop itself: 3 x the expiry period of 0.9 s, and over LOOP_STALL_MS
+        broker.proc.send_signal(signal.SIGCONT)
+        alice.send_wait("general", "still here")
+        seen: list[Event] = []
+
+        def back() -> bool:
+            bob.pump(0.05)
+            seen.extend(bob.drain_events())
+            return any(e.type == "msg" and e.text == "still here" for e in seen)
+
+        wait_for(back, 20)
+        presence = [(e.name, e.event, e.reason) for e in seen if e.type == "presence"]
+        assert presence == [], "sessions ended for the broker's own silence"
+        wait_for(lambda: any("the broker did not run for" in line for line in broker.log), 5)
+    finally:
+        alice.close(0)
+        bob.close(0)
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.kill()
+
+
+@pytest.mark.timeout(60)
 def test_a_leave_cut_by_a_lost_connection_still_leaves(tmp_path: Path) -> None:
     """The reconnect in the middle of a leave does not rejoin the room being left."""
     broker = BrokerProcess(tmp_path / "data", extra=FAST).start()
