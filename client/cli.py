@@ -281,7 +281,7 @@ class Printer:
             return
         if event.type == "status":
             self.err(event.text or "")
-            if self.as_json and event.event == "skipped":
+            if self.as_json and event.event in ("skipped", "renumbered"):
                 # A gap in what a --json reader (an archiver, a bot) gets: said in its stream too.
                 self.out(render.json_line(event))
             return

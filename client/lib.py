@@ -472,8 +472,11 @@ class Event:
     ``status`` change of the connection (``event`` is "reconnecting" or "connected"),
     or a ``status`` "skipped": events of ``room`` up to ``seq`` that the broker no
     longer has (deleted by its retention, or lost from its store) were passed over,
-    or a ``status`` "no_room_events": right after connect(), the broker's room event
-    port refused or did not answer (room events then come late, by catch-up).
+    or a ``status`` "renumbered": after a reconnect, the broker numbers ``room`` from
+    ``seq``, below the events seen (its store was lost or replaced: the room's history
+    from before is gone), or a ``status`` "no_room_events": right after connect(), the
+    broker's room event port refused or did not answer (room events then come late, by
+    catch-up).
 
     ``name`` is who wrote or joined/left (the wire's ``from`` or ``name``).
     ``own`` marks your own messages (delivered on their ack); ``backlog``
@@ -2009,7 +2012,20 @@ class Client:
             # The broker lost its store (or numbers the room its own way): its
             # numbering starts again below ours. (Below what we had when the
             # connection was lost: events the new SUB brought since may be newer
-            # than this reply, which travels on the other socket.)
+            # than this reply, which travels on the other socket.) Said, as a gap is:
+            # what this room had is no longer in the broker's history.
+            self._events.append(
+                Event(
+                    type="status",
+                    event="renumbered",
+                    room=room,
+                    seq=top,
+                    text=(
+                        f"#{room} starts again at seq {top} on the broker, below the {before} seen here: "
+                        "its store was lost or replaced, and the room's history before now with it"
+                    ),
+                )
+            )
             self._release_own(state)
             state.last = top
             state.backlog_to = 0  # the numbers of a join's backlog mean nothing any more

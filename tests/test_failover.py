@@ -1052,6 +1052,10 @@ def test_a_rejoin_below_what_we_had_starts_from_the_new_numbering() -> None:
         alice.until(lambda: alice.client.unacked == 0 and "m2" in alice.texts() and "hi" in alice.texts())
         assert alice.texts() == ["m2", "hi"]
         assert [e.seq for e in alice.events if e.type == "msg"] == [2, 3]
+        # Said once, as a gap is: the room's history from before is gone from the broker.
+        said = [e for e in alice.events if e.type == "status" and e.event == "renumbered"]
+        assert [(e.room, e.seq) for e in said] == [("general", 1)]
+        assert said[0].text is not None and "starts again at seq 1" in said[0].text
     finally:
         alice.client.close(0)
         fake.stop()
