@@ -417,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         except ProtocolError as exc:
             printer.err(f"--send: {exc.message}")
             return 2
+    saved: SavedToken | None = None
+
+    def unsaved() -> None:
+        """Let go of the token file of a run that had no session (removed, if empty)."""
+        if saved is not None:
+            saved.close(ended=False)
+
     try:
         curve = None
         if args.key or args.broker_key:
@@ -441,21 +448,26 @@ def main(argv: list[str] | None = None) -> int:
         if saved is not None:
             client.on_resume_token = saved.write
     except RequestError as exc:
+        unsaved()
         printer.err(exc.message)
         return 2
     except ValueError as exc:
+        unsaved()
         printer.err(f"{envargs.given_as(args, 'host', '--host')}: {exc}")
         return 2
     except KeyboardInterrupt:  # Ctrl-C as its sockets connect (libzmq's connect may take a while)
+        unsaved()
         return 130
     try:
         client.connect()
     except KeyboardInterrupt:  # Ctrl-C while it connects: no line was read yet
         _close(client)
+        unsaved()
         return 130
     except BrokerUnreachable as exc:
         printer.err(f"{exc} (is zchat-broker running there?)" if exc.maybe_down else str(exc))
         client.close(settle=0)
+        unsaved()  # (no session: its file, empty, is removed)
         return 1
     except RequestError as exc:
         if exc.code == "name_taken":
@@ -471,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             printer.err(f"the broker at {client.endpoint} refused us: {exc.message}")
         client.close(settle=0)
+        unsaved()
         return 1
     printer.waiting = lambda: _keep_alive(client)
     for stale in client.resumed_rooms:

@@ -865,3 +865,12 @@ def test_a_mark_says_its_count_and_anything_else_is_none() -> None:
     assert p.mark_count(p.mark(0x1F4, "a" * 16)) == 500
     for value in (None, 7, "", "zz.1", "x" * (p.MAX_ID_CHARS + 1), b"1f4.aa"):
         assert p.mark_count(value) == -1, value
+
+
+def test_the_package_offers_the_client_library_lazily_and_lists_it() -> None:
+    """``from zchat import Client`` is the bots' import; ``dir(zchat)`` (a REPL's completion) shows it."""
+    import zchat
+    from client.lib import Client
+
+    assert zchat.Client is Client
+    assert set(zchat.__all__) <= set(dir(zchat))

@@ -49,3 +49,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(lib, name)
     raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    # What a REPL's completion and dir() offer: the lazy names too.
+    return sorted({*globals(), *__all__})
