@@ -31,7 +31,7 @@ commands:
   /history [N]       the last N events of the current room (default 20, at most 10,000)
   /lastlog TEXT      the chat lines shown so far (the last 2,000) that contain TEXT (any case; terminal only)
   /help              this help
-  /quit              leave the chat
+  /quit [TEXT]       leave the chat (TEXT first said in the current room, as IRC's quit message)
   (IRC's spellings work too: /j, /part, /query, /names, /action, /exit)"""
 
 #: The argument hint of each command, for usage lines and completion.
@@ -46,11 +46,11 @@ USAGE = {
     "history": "/history [N]",
     "lastlog": "/lastlog TEXT",
     "help": "/help",
-    "quit": "/quit",
+    "quit": "/quit [TEXT]",
 }
 #: The most words each command takes after its name; more are refused with its usage line,
 #: never ignored. Commands not listed take a text (/me, /msg, /lastlog): any number.
-#: (Not /quit: "/quit see you" is IRC's quit with a message, and quits; zchat sends no message.)
+#: (Not /quit: "/quit see you" is IRC's quit with a message: said in the room, then it quits.)
 MAX_WORDS = {"join": 1, "switch": 1, "leave": 1, "who": 1, "rooms": 0, "history": 1, "help": 0}
 #: Several words where one room goes: what a room name is (it has no spaces).
 ROOM_RULE = "a room name has no spaces: 1-32 of a-z 0-9 _ -"
@@ -249,6 +249,10 @@ class Commands:
                 self._no_room(line)
             return True
         if name == "quit":
+            if raw.strip():
+                # IRC shows a quit message in the quit line; zchat's leave carries no text,
+                # so it is said in the room first (the close waits for its ack), not lost.
+                self._say(raw.strip())
             return False
         if name == "help":
             text = HELP + ("\n" + self.help_extra if self.help_extra else "")

@@ -670,9 +670,17 @@ class CurveKeys:
         if not secret:
             raise RequestError("bad_key", f"{secret_file} holds no secret key (use the .key_secret file)")
         try:
-            server, _ = zmq.auth.load_certificate(broker_public_file)
+            server, server_secret = zmq.auth.load_certificate(broker_public_file)
         except (OSError, ValueError) as exc:
             raise RequestError("bad_key", f"cannot read the broker key {broker_public_file}: {exc}") from None
+        if server_secret:
+            # It would work, but the broker's secret does not belong on a client's machine:
+            # whoever holds it can pose as the broker. Said before it spreads further.
+            raise RequestError(
+                "bad_key",
+                f"{broker_public_file} holds the broker's secret key: give clients its public one "
+                "(broker.key, not broker.key_secret), and keep the secret on the broker only",
+            )
         return cls(public, secret, server)
 
 

@@ -136,6 +136,16 @@ def test_a_key_file_that_is_not_there_is_named(keys: Path) -> None:
     assert "no broker key file" in err.value.message and "missing.key" in err.value.message
 
 
+def test_the_brokers_secret_key_is_refused_where_its_public_one_goes(keys: Path) -> None:
+    """``--broker-key broker.key_secret`` worked (the public key is in it too), and so the
+    broker's secret, with which anyone can pose as the broker, went round the clients."""
+    with pytest.raises(RequestError) as err:
+        CurveKeys.load(keys / "users" / "alice.key_secret", keys / "keys" / "broker.key_secret")
+    assert err.value.code == "bad_key"
+    assert "holds the broker's secret key: give clients its public one (broker.key" in err.value.message
+    assert curve(keys, "alice").server_public  # the public one as ever
+
+
 def wait_until_cut_off(witness: Client, revoked: Client) -> None:
     """Until ``witness`` (in #general) sees ``revoked`` leave, and ``revoked`` is refused its key."""
     seen: list[Event] = []

@@ -1365,11 +1365,14 @@ def test_pipe_mode_understands_the_same_commands(alice: Client, bob: Client) -> 
     assert commands.handle("/switch general")
     assert not commands.handle("/quit")
     assert not commands.handle("/quit see you tomorrow"), "IRC's quit with a message quits"
+    # ... and its message is said in the room first (it was thrown away, unsaid).
+    said = next(e for e in bob.events(5) if e.type == "msg" and e.name == "alice" and e.room == "general")
+    assert (said.text, said.action) == ("see you tomorrow", False)
     assert not commands.handle("/exit now")
     text = Commands(alice, "general", out.append, err.append)
     text.handle("/history 1")
     assert out[-2] == "-!- #general: the last 1 event"
-    assert out[-1].endswith("#general * alice stretches")
+    assert out[-1].endswith("#general <alice> now")  # /exit's message
 
 
 def test_history_of_more_than_one_reply_holds(alice: Client, bob: Client) -> None:
