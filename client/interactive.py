@@ -576,14 +576,21 @@ class ChatUI:
 
     def _show(self, event: Event) -> None:
         """Track what an event tells us (members, unread rooms), then queue its line."""
+        if event.type != "presence" and event.room is not None:
+            self._flush_folded(event.room)  # what was summed up came before this line
         if event.type == "presence" and event.room and event.name:
             members = self.commands.members.setdefault(event.room, set())
             big = len(members) > FOLD_MEMBERS
+            folded = big and self._fold(event.room, event.name, event.event == "join")
+            if not folded:
+                # Summed-up joins and leaves came before this one: shown first, not after it
+                # (a room that shrank below FOLD_MEMBERS showed each later leave, then "12 left").
+                self._flush_folded(event.room)
             if event.event == "join":
                 members.add(event.name)
             else:
                 members.discard(event.name)
-            if big and self._fold(event.room, event.name, event.event == "join"):
+            if folded:
                 return
         elif event.type == "msg" and event.room and event.name:
             self.commands.members.setdefault(event.room, set()).add(event.name)
@@ -635,6 +642,11 @@ class ChatUI:
         for room, (joins, leaves) in self._folded.items():
             self._emit(self._folded_line(room, joins, leaves))
         self._folded.clear()
+
+    def _flush_folded(self, room: str) -> None:
+        """The room's summed-up joins and leaves, shown now if there are any."""
+        if (counts := self._folded.pop(room, None)) is not None:
+            self._emit(self._folded_line(room, *counts))
 
     def _folded_line(self, room: str, joins: int, leaves: int) -> render.Styled:
         said = [f"{count} {what}" for count, what in ((joins, "joined"), (leaves, "left")) if count]
@@ -706,10 +718,10 @@ class ChatUI:
             self._out(f"no longer leaving #{room}")
         if command in ("join", "leave"):
             self._stayed_in.discard(room)  # a backlog after this is one of a join of ours
-        if command == "leave" and (counts := self._folded.pop(room, None)) is not None:
+        if command == "leave":
             # Now, with the room's members: once left, we no longer know them (a line due
             # later said 0), and it came among the next room's lines.
-            self._emit(self._folded_line(room, *counts))
+            self._flush_folded(room)
         before = self.current
         try:
             keep_going = self.commands.handle(line)

@@ -1676,6 +1676,36 @@ def test_joins_and_leaves_summed_up_in_a_room_are_shown_when_the_user_leaves_it(
     run(main())
 
 
+def test_joins_and_leaves_summed_up_are_shown_before_the_next_line_of_their_room(
+    alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big room that shrank below FOLD_MEMBERS showed each later leave as its line, and
+    the earlier leaves' summed-up line up to FOLD_EVERY_S after them: out of order, with
+    the member count of the end. Now what was summed up is shown before the room's next
+    line, as it happened."""
+    monkeypatch.setattr(interactive, "FOLD_MEMBERS", 3)
+    monkeypatch.setattr(interactive, "FOLD_EVERY_S", 60.0)  # never due within the test
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            others = [make_client(name) for name in ("carol", "dave", "erin")]
+            for other in others:
+                other.join("general")
+            await t.shows("dave joined #general")
+            await until(lambda: t.ui._folded.get("general") == [1, 0], what=lambda: t.ui._folded)  # erin's: 5 now
+            for other in others[1:]:
+                other.leave("general")
+            await until(lambda: t.ui._folded.get("general", [0, 0])[1] == 2, what=lambda: t.ui._folded)
+            others[0].leave("general")  # 3 members now, no longer a big room: its own line
+            await t.shows("carol left #general")
+            shown = t.lines()
+            summed = [i for i, line in enumerate(shown) if "#general: 1 joined, 2 left (3 members" in line]
+            carol = [i for i, line in enumerate(shown) if "carol left #general" in line]
+            assert summed and carol and summed[0] < carol[0], shown
+
+    run(main())
+
+
 def test_joins_and_leaves_in_a_big_room_are_summed_up_but_not_of_who_spoke_lately(
     alice: Client, bob: Client, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
