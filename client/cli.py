@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat through a zchat broker. With a terminal on stdin: interactive. "
         "With a pipe: every input line is sent, every event is printed as one line.",
         epilog="Lines starting with / are commands: /msg NAME TEXT, /me ACTION, /join ROOM, /leave [ROOM], "
-        "/switch ROOM, /who [ROOM], /rooms, /history [N], /lastlog TEXT (interactive), /help, /quit "
+        "/switch ROOM, /who [ROOM], /rooms, /history [N], /lastlog TEXT (interactive), /help, /quit [TEXT] "
         "(//TEXT sends a text starting with /). The session's resume token is kept in "
         "$XDG_STATE_HOME/zchat/sessions (~/.local/state), so that a zchat killed and started again "
         "takes its session (and name) back at once.",
