@@ -220,9 +220,10 @@ IDLE_WAKE_MS = 200
 #: most; a pass's two readings of the clocks are microseconds apart. A suspended
 #: machine shows as a jump forward (the monotonic clock stops while it sleeps).
 CLOCK_STEP_MS = 1000
-#: The loop read nothing for this much longer than its poll was asked to wait: the
-#: process was stopped (SIGSTOP, a debugger), its machine paused, or it was starved of
-#: CPU. That silence is not held against the sessions (Core.unheard).
+#: The loop's poll returned this much later than it was asked to: the process was
+#: stopped (SIGSTOP, a debugger), its machine paused, or it was starved of CPU. That
+#: silence is not held against the sessions (Core.unheard). Only the poll is timed,
+#: where an idle loop spends its time: a stop that falls in a pass is not seen.
 LOOP_STALL_MS = 1000
 #: A reading whose two monotonic readings around the wall clock's are further apart
 #: than this (the thread was preempted between them) is taken again, up to 3 times.
@@ -525,7 +526,9 @@ class Broker:
             wake_ms = IDLE_WAKE_MS
             if hold.held:
                 wake_ms = max(0, min(wake_ms, math.ceil(hold.due - time.monotonic() * 1000)))
-            polled_at = mono_ms
+            # Only the poll is timed: a long pass of our own (a slow commit) is no stop, and
+            # counted as one it would keep a dead session from ever expiring.
+            polled_at = _mono_ms()
             ready = dict(poller.poll(wake_ms))
             now, mono_ms = self._read_clocks()
             if (unheard := mono_ms - polled_at - wake_ms) >= LOOP_STALL_MS:

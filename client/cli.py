@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     saved: SavedToken | None = None
 
     def unsaved() -> None:
-        """Let go of the token file of a run that had no session (removed, if empty)."""
+        """Let go of the token file (and its lock) of a run that had no session."""
         if saved is not None:
             saved.close(ended=False)
 
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerUnreachable as exc:
         printer.err(f"{exc} (is zchat-broker running there?)" if exc.maybe_down else str(exc))
         client.close(settle=0)
-        unsaved()  # (no session: its file, empty, is removed)
+        unsaved()
         return 1
     except RequestError as exc:
         if exc.code == "name_taken":

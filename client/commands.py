@@ -252,7 +252,11 @@ class Commands:
             if raw.strip():
                 # IRC shows a quit message in the quit line; zchat's leave carries no text,
                 # so it is said in the room first (the close waits for its ack), not lost.
-                self._say(raw.strip())
+                try:
+                    self._say(raw.strip())
+                except (ZchatError, ProtocolError) as exc:
+                    # Quits all the same (a pipe's later lines must not be sent), saying so.
+                    self.err(f"not sent, quitting anyway: {exc.code}: {exc.message}")
             return False
         if name == "help":
             text = HELP + ("\n" + self.help_extra if self.help_extra else "")

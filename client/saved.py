@@ -12,9 +12,8 @@ secret (with it, anyone who reaches the broker is that user until the session
 ends; with ``--keys``, only with that user's key too). A running ``zchat`` holds
 a lock on its file, so a second ``zchat --name NAME`` on this machine does not
 take the first one's session away from it: it says hello without the token and
-meets ``name_taken``, as before. A clean exit (a ``bye``) removes the file: that
-session is over (and a run that never had a session, one that could not connect,
-leaves none behind). A session resumes under the spelling of its name only (the
+meets ``name_taken``, as before. A clean exit (a ``bye``) empties the file: that
+session is over. A session resumes under the spelling of its name only (the
 broker's rule), so the file is the spelling's; a host name's case does not matter.
 """
 
@@ -87,12 +86,9 @@ class SavedToken:
             os.fsync(self._fd)  # written before a crash that it is there for
 
     def close(self, *, ended: bool) -> None:
-        """Release the lock; ``ended``: the session said bye, so its token is of no use.
-        A file with no token is removed, before the lock is let go: removed after, it
-        could be another run's, that took the lock meanwhile."""
+        """Release the lock; ``ended``: the session said bye, so its token is emptied.
+        (Emptied, not removed: a run that opened the file just before a removal would
+        lock a file no longer at its path, and a third run could then lock a new one.)"""
         if ended:
             self.write(None)
-        with contextlib.suppress(OSError):
-            if os.fstat(self._fd).st_size == 0:
-                self.path.unlink()
         os.close(self._fd)

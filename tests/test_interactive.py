@@ -1368,6 +1368,9 @@ def test_pipe_mode_understands_the_same_commands(alice: Client, bob: Client) -> 
     # ... and its message is said in the room first (it was thrown away, unsaid).
     said = next(e for e in bob.events(5) if e.type == "msg" and e.name == "alice" and e.room == "general")
     assert (said.text, said.action) == ("see you tomorrow", False)
+    # A text that cannot go still quits (a pipe's later lines must not be sent), and says so.
+    assert not commands.handle("/quit " + "x" * 4001)
+    assert err[-1].startswith("not sent, quitting anyway: too_large"), err
     assert not commands.handle("/exit now")
     text = Commands(alice, "general", out.append, err.append)
     text.handle("/history 1")
