@@ -356,8 +356,6 @@ class Broker:
         self.trims = 0
         #: Jumps of the wall clock seen (see CLOCK_STEP_MS).
         self.clock_steps = 0
-        #: Times the loop found it had not run for LOOP_STALL_MS or more.
-        self.loop_stalls = 0
         #: The wall clock as the current pass reads it (already judged for a jump), and
         #: the readings a jump is judged against: everything in a pass uses this one,
         #: never a fresh now_ms() that could see a jump the core has not been told of.
@@ -660,7 +658,6 @@ class Broker:
 
     def _unheard(self, gap_ms: int) -> None:
         """The loop did not run for ``gap_ms`` (see LOOP_STALL_MS)."""
-        self.loop_stalls += 1
         log.warning(
             "the broker did not run for %.1f s (stopped, paused or starved of CPU): "
             "that silence is not counted against the sessions",
