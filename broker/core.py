@@ -753,8 +753,6 @@ class Core:
         expiry_s = self.expiry_ms / 1000
         if holder is None:
             why = f"a session that ended without a bye holds its name up to {expiry_s:g} s"
-        elif holder.name != name:
-            why = f"{holder.name!r} is in use, and names that differ only in case are one name"
         else:
             silent_s = max(0, now - holder.last_seen) / 1000
             left_s = max(1, math.ceil(expiry_s - silent_s))
@@ -770,6 +768,8 @@ class Core:
                 )
             else:
                 why = f"by a session silent for {silent_s:.0f} s, which ends in {left_s} s unless its client comes back"
+            if holder.name != name:  # when it frees matters as much as whose it is
+                why = f"{holder.name!r} is in use, and names that differ only in case are one name: {why}"
         return why
 
     def _full(self, rid: str | None) -> ProtocolError | None:
