@@ -730,6 +730,8 @@ class ChatUI:
             keep_going = True
         if self.current != before and self.current is not None:
             self.switch(self.current)
+        elif command == "switch" and room == before:  # else it looks as if the command did nothing
+            self._out(f"already talking in #{room}")
         if not keep_going:
             self._quit = True
             self.session.app.exit(result="")

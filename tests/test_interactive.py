@@ -736,6 +736,8 @@ def test_switch_and_alt_digits_move_among_joined_rooms(alice: Client, bob: Clien
             t.keys("\x1b3")  # Alt-3
             await until(lambda: t.ui.current == "ops")
             assert "3:#ops(1)" not in t.toolbar() and "3:#ops" in t.toolbar()
+            t.line("/switch ops")  # the current one: said, not silence
+            await t.shows("already talking in #ops")
             t.keys("\x1b9")  # no ninth room: nothing happens
             t.line("/switch #nowhere")
             await t.shows("not in #nowhere")
