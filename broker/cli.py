@@ -102,7 +102,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = envargs.Parser(
         prog="zchat-broker",
         description="Run the zchat broker: clients send to --port (ROUTER) and listen on --pub-port (PUB).",
         epilog="Each setting also reads an environment variable, named in brackets; a flag wins over it.",

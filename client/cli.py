@@ -132,7 +132,7 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = envargs.Parser(
         prog="zchat",
         description="Chat through a zchat broker. With a terminal on stdin: interactive. "
         "With a pipe: every input line is sent, every event is printed as one line.",

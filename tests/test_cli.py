@@ -566,6 +566,11 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
         (["--backlog", "-5"], "argument --backlog: -5 is not a count (0 or more)"),
         (["--backlog", "all"], "argument --backlog: 'all' is not a count (0 or more)"),
         (["--send", "  \t "], "zchat: --send: the text is blank: nothing to send"),
+        # Taken for a flag: how to give it is said, not only that a value is missing.
+        (
+            ["--send", "-x"],
+            "argument --send: expected one argument (give it one; a value that starts with - goes as --send=VALUE)",
+        ),
     ):
         result = subprocess.run(
             [bin_path("zchat"), "--name", "bob", "--host", f"{HOST}:1:2", *args],

@@ -12,8 +12,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of a value starting with ``-`` (``--send -x``,
+    taken for a flag) says how to give one: else it only says a value is missing."""
+
+    def error(self, message: str) -> NoReturn:
+        missing = re.fullmatch(r"argument (--[\w-]+)(?:/\S+)?: expected one argument", message)
+        if missing is not None:
+            flag = missing.group(1)
+            message += f" (give it one; a value that starts with - goes as {flag}=VALUE)"
+        super().error(message)
 
 
 @dataclass(frozen=True)
