@@ -131,6 +131,12 @@ def _rss_kib() -> int:
 
 #: Most messages read from ROUTER in one pass (one transaction).
 BATCH = 1024
+#: A pass also stops reading after this long (seconds), looked at every
+#: PASS_CHECK_BYTES of requests read: every reply and event of a pass waits for its
+#: end, and a request can be slow to refuse (64 KiB of tiny values: ~3 ms to unpack),
+#: so a flood of those must not hold everyone else's answers for seconds.
+PASS_READ_S = 0.02
+PASS_CHECK_BYTES = 64 * 1024
 #: Passes whose rows may wait for the disk at once; past this the loop stops
 #: reading requests until commits catch up, and a disk that stalls holds
 #: clients back (in their own queues) instead of growing the broker's memory.
@@ -731,7 +737,12 @@ class Broker:
         handle = self.core.handle
         secured = self.keys is not None
         actions: list[Action] = []
+        unchecked, deadline = 0, time.monotonic() + PASS_READ_S
         for _ in range(BATCH):
+            if unchecked >= PASS_CHECK_BYTES:
+                if time.monotonic() > deadline:
+                    break  # the rest waits for the next pass (the poll finds it ready)
+                unchecked = 0
             try:
                 # Two recv() calls, not recv_multipart(): about twice as fast.
                 identity = recv(router, _NOBLOCK)
@@ -742,12 +753,13 @@ class Broker:
             # 0.2 us a message cheaper than a copy and a RCVMORE query.
             part = recv_frame(router, 0, False)
             frame = part.bytes
+            unchecked += len(frame)
             # With keys, the name the connection's key belongs to, set by our ZAP handler.
             user = (str(part.get("User-Id") or "") or None) if secured else None
             if part.more if _FRAME_KNOWS_MORE else router.get(_RCVMORE):
                 # The rest of the message is there (ROUTER delivers a message whole): read it all.
                 while router.get(_RCVMORE):
-                    router.recv()
+                    unchecked += len(router.recv()) + 64  # (a frame costs a call, however small)
                 actions.extend(self.core.several_frames(identity, now))
                 continue
             try:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -15,6 +17,7 @@ import pytest
 import zmq
 
 from broker.core import LOG_LINES_PER_S
+from broker.store import Row, Store, StoreError
 from client.lib import Client
 from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, published, recv_all, wait_for
 from zchat import protocol as p
@@ -69,6 +72,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("float", pack({"type": "ping", "x": 1.5}), "bad_envelope"),
     ("invalid utf-8", b"\x81\xa4type\xa4\xff\xfe\xfd\xfc", "bad_envelope"),
     ("trailing bytes", pack({"type": "ping"}) + b"\x00", "bad_envelope"),
+    ("too many values", pack({"type": "ping", "x": [0] * p.MAX_REQUEST_VALUES}), "bad_envelope"),
     ("over frame limit", pack({"type": "ping", "pad": "x" * (p.MAX_FRAME_BYTES + 1)}), "too_large"),
 ]
 
@@ -243,6 +247,70 @@ def test_flood_of_garbage_does_not_stop_others(raw: MakeRaw, broker: RunningBrok
     with Client("alice", HOST, broker.port, broker.pub_port) as alice:
         alice.join("general")
         assert alice.send_wait("general", "fine", timeout=10).seq is not None
+
+
+class HeldStore(Store):
+    """Commits of rows wait for ``gate``; ``held`` is set once one waits (the loop is stuck)."""
+
+    gate = threading.Event()
+    held = threading.Event()
+
+    def append(self, rows: Iterable[Row]) -> None:
+        rows = list(rows)
+        if rows:
+            self.held.set()
+            if not self.gate.wait(20):
+                raise StoreError("the test never opened the gate")
+        super().append(rows)
+
+
+@pytest.mark.timeout(60)
+def test_requests_slow_to_refuse_do_not_hold_everyone_elses_answers(
+    tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """64 KiB of tiny values takes some 3 ms to unpack (and took 19 ms to check before
+    the broker counted them), and a pass answers nobody until it ends: one connection's
+    flood of these, without a hello, held another client's pong for 16 s, past the point
+    where a client gives its broker up. A pass now stops reading after PASS_READ_S.
+    Here the loop is held in a commit while the flood fills its queue, so that the next
+    pass finds a ping among 1,000 of them."""
+    HeldStore.gate.set()
+    running = RunningBroker(tmp_path / "data", store_class=HeldStore).start()
+    victim = Raw(ctx, running.port)
+    flooder = ctx.socket(zmq.DEALER)
+    flooder.setsockopt(zmq.LINGER, 0)
+    flooder.setsockopt(zmq.SNDHWM, 1)  # a send blocks once the broker's queue is full
+    flooder.connect(f"tcp://{HOST}:{running.port}")
+    try:
+        assert victim.request(p.hello("victim", "h"))["type"] == "welcome"
+        assert victim.request({"type": "join", "room": "general", "id": "j"})["type"] == "joined"
+        HeldStore.gate.clear()
+        HeldStore.held.clear()
+        victim.send({"type": "msg", "room": "general", "text": "held", "id": "m"})
+        wait_for(HeldStore.held.is_set, 5)
+        frame = pack({"type": "ping", "x": [[{}] * 1000] * 64})
+        assert len(frame) <= p.MAX_FRAME_BYTES
+        sent = 0
+        while sent < 5000 and flooder.poll(500, zmq.POLLOUT):
+            flooder.send(frame, zmq.NOBLOCK)
+            sent += 1
+        assert sent > 1000, sent  # the broker's queue is full (1,000), its socket buffers too
+        victim.send({"type": "ping", "id": "p"})
+        started = time.monotonic()
+        HeldStore.gate.set()
+        assert victim.recv(10)["type"] == "ack"
+        # Without the pass's time limit: after some 1,000 of the flood's frames (2.7 s).
+        assert victim.recv(30)["type"] == "pong"
+        assert time.monotonic() - started < 1.0
+        refused = p.decode_many(flooder.recv(), p.MAX_REPLY_BYTES)[0]
+        assert (refused["code"], refused["message"]) == (
+            "bad_envelope",
+            f"more than {p.MAX_REQUEST_VALUES} values in one request",
+        ), refused
+    finally:
+        HeldStore.gate.set()
+        flooder.close(0)
+        running.stop()
 
 
 def test_a_dm_whose_recipient_connection_is_gone_is_an_error_not_an_ack(raw: MakeRaw) -> None:
