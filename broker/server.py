@@ -515,7 +515,8 @@ class Broker:
         next_disk_check = time.monotonic() + DISK_CHECK_S
         reading = True
         hold = self._hold
-        worked, trimmed_at = False, mono_ms - int(TRIM_EVERY_S * 1000)
+        worked, trimmed_at, idle = False, mono_ms - int(TRIM_EVERY_S * 1000), 0
+        pub = self.pub
         trim_asked_at = mono_ms
         while not self._stop.is_set():
             if writer is not None and reading != (len(self._waiting) < MAX_PASSES_WAITING):
@@ -538,9 +539,17 @@ class Broker:
             if (unheard := mono_ms - polled_at - wake_ms) >= LOOP_STALL_MS:
                 self._unheard(unheard)
             if ready:
-                worked = True
+                worked, idle = True, 0
+            else:
+                # libzmq does the PUB socket's chores (a subscriber's subscriptions in, a
+                # gone one's out of its trie, in two steps with its I/O thread between) only
+                # when the socket is used: with no publish, the trie of a subscriber that
+                # left, up to gigabytes of subscriptions, stayed for good.
+                pub.getsockopt(zmq.EVENTS)
+                idle += 1
             if mono_ms - trimmed_at >= TRIM_EVERY_S * 1000:
-                due = worked and not ready and wake_ms == IDLE_WAKE_MS
+                # The second idle wake-up: after the PUB socket's two steps.
+                due = worked and idle >= 2 and wake_ms == IDLE_WAKE_MS
                 if not due and mono_ms >= trim_asked_at + TRIM_EVERY_S * 1000:
                     trim_asked_at = mono_ms  # (a read of /proc: not at every pass)
                     due = self._trim_due()

@@ -152,6 +152,35 @@ def _rss_kib(pid: int) -> int:
 RSS_CEILING_KIB = 64 * 1024
 
 
+@pytest.mark.timeout(60)
+def test_a_subscribers_subscriptions_are_let_go_when_it_leaves_though_nothing_is_published(
+    tmp_path: Path,
+) -> None:
+    """libzmq keeps a PUB subscriber's topics in a trie of some 50 bytes per byte of topic,
+    and does its PUB socket's chores (taking them in, letting them go) only when the
+    socket is used: a peer's 25 MB of random topics grew a quiet broker by 1.1 GB, and
+    with nothing published that stayed after it left. The loop now does them when idle."""
+    broker = BrokerProcess(tmp_path / "d", extra=["--log-level", "warning"]).start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    try:
+        assert broker.proc is not None
+        pid = broker.proc.pid
+        before = _rss_kib(pid)
+        peer = ctx.socket(zmq.XSUB)
+        peer.setsockopt(zmq.SNDHWM, 0)
+        peer.connect(f"tcp://{HOST}:{broker.pub_port}")
+        for _ in range(1000):
+            peer.send(b"\x01" + os.urandom(500).hex().encode())
+        grown = 24 * 1024  # of the ~48 MiB these take
+        wait_for(lambda: _rss_kib(pid) - before > grown, 15, what=lambda: f"{_rss_kib(pid) - before} KiB")
+        peer.close()
+        wait_for(lambda: _rss_kib(pid) - before < 8 * 1024, 20, what=lambda: f"{_rss_kib(pid) - before} KiB")
+    finally:
+        ctx.destroy(0)  # (the peer too, when a wait failed)
+        broker.kill()
+
+
 @pytest.mark.timeout(120)
 def test_bogus_connections_and_garbage_leave_memory_bounded(tmp_path: Path) -> None:
     # (All from one address: the per-host limits off, so that 1,000 sessions are made at once.)
