@@ -114,8 +114,10 @@ class Gate:
         self.revoked: dict[bytes, str] = {}
         self.rate = rate
         self.burst = max(1, burst)
-        #: Handshakes one host may have waiting: more could not be answered in time.
-        self.max_waiting = max(self.burst, int(rate * HANDSHAKE_S))
+        #: Handshakes one host may have waiting: more could not be answered before libzmq
+        #: gives them up (they would time out unanswered, and their clients take that for
+        #: a network fault, not for being turned away).
+        self.max_waiting = max(1, int(rate * HANDSHAKE_S))
         self._ctx = ctx
         #: Each host's bucket of turns. (Its waiting handshakes are in ``_waiting``: an
         #: empty deque is 760 bytes, and every host that connects gets a bucket.)
