@@ -476,7 +476,9 @@ class Event:
     ``seq``, below the events seen (its store was lost or replaced: the room's history
     from before is gone), or a ``status`` "no_room_events": right after connect(), the
     broker's room event port refused or did not answer (room events then come late, by
-    catch-up).
+    catch-up), or a ``status`` "unavailable": the broker refused a message as
+    ``unavailable`` (its disk nearly full, or its backplane lost; the message is held
+    and sent again), said once until a ``status`` "available" says it takes them again.
 
     ``name`` is who wrote or joined/left (the wire's ``from`` or ``name``).
     ``own`` marks your own messages (delivered on their ack); ``backlog``

@@ -6,6 +6,8 @@ import _thread
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1639,3 +1641,48 @@ def test_a_program_behind_its_room_resends_its_message_lost_before_a_reconnect_i
     assert reader._backed_up() and lost
     got = _reader_texts(reader, texts, 1)  # (send_wait took its own line)
     assert got[-1] == "lost on the way" and got.count("lost on the way") == 1
+
+
+def _readme_bot() -> str:
+    """The bot of README.md's "Bots: the library", as printed."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Bots: the library", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.timeout(60)
+def test_the_readmes_bot_echoes_and_a_sigterm_frees_its_name_at_once(
+    broker: RunningBroker, make_client: MakeClient
+) -> None:
+    """Run as printed (on this broker's ports). Stopped as kill, systemctl and docker
+    stop it (SIGTERM), it says bye: without its handler Python exits on the spot, the
+    broker holds the name for 15 s, and the restart below is refused ``name_taken``."""
+    code = _readme_bot()
+    where = f'host="{HOST}"'
+    assert where in code
+    code = code.replace(where, f"{where}, port={broker.port}, pub_port={broker.pub_port}")
+    root = Path(__file__).parent.parent
+    alice = make_client("alice")
+    alice.join("general", backlog=0)
+
+    def presence(event: str) -> Event:
+        got = collect(alice, 1, 15, kind="presence")[0]
+        assert (got.name, got.event) == ("echobot", event), got
+        return got
+
+    for run in range(2):
+        bot = subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE, text=True)
+        try:
+            presence("join")  # (the second time: no name_taken)
+            if run == 0:
+                alice.send_wait("general", "!echo hi there")
+                echoed = collect(alice, 1, 10, kind="msg")[0]
+                assert (echoed.name, echoed.text) == ("echobot", "hi there"), echoed
+            bot.send_signal(signal.SIGTERM)
+            _, err = bot.communicate(timeout=15)
+            assert bot.returncode == 0, err
+            assert presence("leave").reason == "quit"
+        finally:
+            if bot.poll() is None:
+                bot.kill()
+                bot.wait()
