@@ -1446,11 +1446,24 @@ class Client:
         return self._wait_ack(self.dm(to, text), timeout)
 
     def history(self, room: str, after: int = 0, limit: int = p.DEFAULT_HISTORY_LIMIT) -> tuple[list[Event], int]:
-        """Events of ``room`` with seq > ``after`` (oldest first) and the room's current seq."""
+        """Events of ``room`` with seq > ``after``, oldest first, at most ``limit`` of them
+        (fewer where the broker's retention deleted some), and the room's current seq.
+        One reply of the broker holds at most MAX_HISTORY_LIMIT (500) events and 1 MiB:
+        a longer read is asked for page by page."""
         self._check_open()
-        reply = self._patient_request({"type": "history", "room": _room(room), "after": after, "limit": limit})
-        events = [Event.from_envelope(m, backlog=True) for m in reply["messages"] if _is_event(m)]
-        return events, int(reply["seq"])
+        room = _room(room)
+        events: list[Event] = []
+        counted = 0  # the events the broker gave (what its limit counts)
+        while True:
+            want = min(limit - counted, p.MAX_HISTORY_LIMIT) if counted else limit
+            reply = self._patient_request({"type": "history", "room": room, "after": after, "limit": want})
+            messages = [m for m in reply["messages"] if _is_event(m)]
+            top = int(reply["seq"])
+            events.extend(Event.from_envelope(m, backlog=True) for m in messages)
+            counted += len(messages)
+            if not messages or counted >= limit or messages[-1]["seq"] >= top:
+                return events, top
+            after = messages[-1]["seq"]
 
     def who(self, room: str) -> MemberList:
         """The names of ``room``'s members, sorted (any room; joining it is not needed);

@@ -261,6 +261,12 @@ def test_backlog_larger_than_one_history_page(make_client: MakeClient) -> None:
     late.join("big", backlog=1000)
     events = [e for e in late.drain_events() if e.type == "msg"]
     assert [e.text for e in events] == [f"m{i}" for i in range(700)]
+    # history() too: a reply holds 500 events at most, and a longer read is paged (it
+    # returned the first 500, without a word).
+    read, top = late.history("big", after=0, limit=1000)
+    assert [e.seq for e in read] == list(range(1, top + 1)) and top == 702  # (alice's and late's joins)
+    read, _ = late.history("big", after=100, limit=550)
+    assert [e.seq for e in read] == list(range(101, 651))
 
 
 def test_dm_reaches_only_the_recipient(make_client: MakeClient) -> None:
