@@ -2773,9 +2773,11 @@ class Client:
             if held >= self._max_queue:
                 # The program is behind: dropped unread, as SUB's high-water mark would
                 # (left unread, SUB and the broker's PUB would hold sub_hwm and pub_hwm
-                # frames of up to 16 KiB for us). The next event kept shows the gap, or
-                # the next pong the lost tail, and history fills it once the program
-                # has read (see MAX_QUEUE, _fetch).
+                # frames of up to 16 KiB for us). History fills the gap once the program
+                # has read (see MAX_QUEUE, _fetch, _retry_rooms): asked for then, not
+                # when a later event or the next pong shows it (a heartbeat later: a
+                # program waiting for events with a timeout took the room for quiet).
+                self._dropped_from(frames[0])
                 continue
             if len(frames) != 2:
                 continue
@@ -2791,6 +2793,7 @@ class Client:
             added = False
             for env in envs:
                 if held >= self._max_queue:
+                    self._dropped_from(frames[0])
                     break  # (the rest of a batch: dropped as above)
                 if not _is_event(env) or env.get("room") != room:
                     continue
@@ -2804,6 +2807,15 @@ class Client:
                     added = True
             if added:
                 self._flush(room, state)
+
+    def _dropped_from(self, topic: bytes) -> None:
+        """Room events of ``topic`` were dropped: fetched from history once the program reads."""
+        try:
+            state = self._rooms.get(p.topic_room(topic))
+        except ProtocolError:
+            return
+        if state is not None and not state.refetch_at:
+            state.refetch_at = time.monotonic()
 
     def _flush(self, room: str, state: _Room) -> None:
         """Deliver pending events in seq order; fetch from history across a gap."""

@@ -1692,3 +1692,31 @@ def test_the_readmes_bot_echoes_and_a_sigterm_frees_its_name_at_once(
             if bot.poll() is None:
                 bot.kill()
                 bot.wait()
+
+
+@pytest.mark.timeout(60)
+def test_events_dropped_past_max_queue_are_fetched_as_soon_as_the_program_reads(
+    tmp_path: Path, connect_to: ConnectTo
+) -> None:
+    """The events that came while the program had max_queue unread are dropped, and
+    fetched from history once it reads: then, not when a later event or the next pong
+    showed the gap (a heartbeat later, 20 s here: a bot reading with a timeout took the
+    room for quiet, with most of its events still to come)."""
+    running = RunningBroker(tmp_path / "data", heartbeat_ms=20_000).start()
+    try:
+        slow = connect_to(running, "slow", max_queue=50)
+        fast = connect_to(running, "fast")
+        fast.join("flood", backlog=0)
+        slow.join("flood", backlog=0)
+        for i in range(300):
+            fast.send("flood", f"f{i}")
+        wait_for(lambda: fast.pump(0.05) is not None and fast.unacked == 0, 20)
+        # The slow one holds max_queue events, and has read (and dropped) all the rest.
+        wait_for(lambda: slow.pump(0.05) is not None and len(slow._events) >= 50 and not slow._sub.poll(0), 10)
+        texts: list[str] = []
+        while (event := slow.next_event(timeout=2.0)) is not None and len(texts) < 300:
+            if event.type == "msg":
+                texts.append(event.text or "")
+        assert texts == [f"f{i}" for i in range(300)], (len(texts), texts[-1:])
+    finally:
+        running.stop()
