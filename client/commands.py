@@ -84,6 +84,10 @@ def _who_data(room: str, members: MemberList) -> dict[str, object]:
     return data
 
 
+def _rooms(rooms: list[str]) -> str:
+    return ", ".join(f"#{room}" for room in rooms)
+
+
 def last_events(client: Client, room: str, count: int) -> tuple[int, Iterator[Event]]:
     """The room's last seq, and its last ``count`` events from its history, oldest first,
     read page by page (one reply holds at most ``MAX_HISTORY_LIMIT``) as they are taken."""
@@ -208,12 +212,19 @@ class Commands:
                 self.failed = None
                 self.held_back.clear()
         if self.current is None:
-            self.err(f"not in a room: /join ROOM first{which}")
+            self.err(f"{self._no_current()}: /join ROOM first{which}")
             return
         if action:
             self.client.send(self.current, text, action=True)
         else:
             self.client.send(self.current, text)
+
+    def _no_current(self) -> str:
+        """Why there is no current room: none joined, or (pipe mode) the last /join or
+        /switch failed, while the rooms joined before are still joined."""
+        if self.failed is not None and self.client.rooms_joined:
+            return f"no current room since {self.failed!r} failed (still in {_rooms(self.client.rooms_joined)})"
+        return "not in a room"
 
     def _no_room(self, line: str) -> None:
         """``line`` (a /join or /switch) failed: what follows must not go to the room before."""
@@ -310,7 +321,7 @@ class Commands:
         elif name == "leave":
             target = args[0] if args else self.current
             if target is None:
-                self.err("not in a room: nothing to leave")
+                self.err(f"{self._no_current()}: nothing to leave (/leave ROOM)")
             else:
                 room = p.parse_room(target)
                 self.client.leave(room)
@@ -321,7 +332,7 @@ class Commands:
         elif name == "who":
             target = args[0] if args else self.current
             if target is None:
-                self.err("not in a room: /who ROOM")
+                self.err(f"{self._no_current()}: /who ROOM")
             else:
                 room = p.parse_room(target)
                 members = self.client.who(room)
@@ -363,7 +374,7 @@ class Commands:
             count = min(int(args[0]), HISTORY_MAX)
         room = self.current
         if room is None:
-            self.err("not in a room: /join ROOM first")
+            self.err(f"{self._no_current()}: /join or /switch first")
             return
         _, pages = last_events(self.client, room, count)
         events = list(pages)

@@ -388,13 +388,17 @@ def test_lines_after_a_refused_join_go_nowhere_and_the_exit_status_says_so(chats
     bob.expect_json(type="presence", name="bob")
     alice = chats("alice", "--json")
     bob.expect_json(type="presence", name="alice")
-    alice.say("/join BAD!", "meant for BAD!", "/join side", "in side", "/switch nowhere", "meant for nowhere")
+    alice.say("/join BAD!", "meant for BAD!", "/join side", "in side", "/switch nowhere", "meant for nowhere", "/who")
     alice.close_input()
     assert alice.proc.wait(timeout=15) == 1
     out = [json.loads(line) for line in alice.rest()]
     assert [(e["room"], e["text"]) for e in out if e["type"] == "msg"] == [("side", "in side")]
     refused = [e for e in alice.errors if "lines are refused until a /join or /switch succeeds" in e]
     assert len(refused) == 2 and "'/join BAD!' failed" in refused[0], alice.errors
+    # Which room /who means is not known, and the rooms are still joined: said so (it
+    # said "not in a room").
+    no_room = "zchat: no current room since '/switch nowhere' failed (still in #general, #side): /who ROOM"
+    assert alice.errors[-2] == no_room, alice.errors
     carol = chats("carol", "--json")
     carol.say("sentinel")
     seen = [json.loads(line) for line in bob.expect(lambda line: "sentinel" in line)]
