@@ -629,6 +629,9 @@ class _Room:
     search_retry_at: float = 0.0
     #: Events up to this seq are history, shown with ``backlog`` set (join with ``after``).
     backlog_to: int = 0
+    #: Joined by a session that was in the room already (resumed): the join published no
+    #: presence, so an own join at the room's top is an earlier run's, from before it.
+    stayed: bool = False
     #: (author, id) of the messages that history has shown (a copy stored twice shows once).
     backlog_seen: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
 
@@ -814,6 +817,8 @@ class Client:
         #: them): a program restarted after a crash joins them again, or leaves them (until
         #: it does, it is listed there and hears nothing). Empty for a new session.
         self.resumed_rooms: list[str] = []
+        #: Of those, the ones not joined or left since: a join of one publishes nothing.
+        self._stayed_in: set[str] = set()
         #: The highest ``mark`` of the large replies read, said in each request's ``read`` (see _send).
         self._read_mark: str | None = None
         #: The broker of the last welcome.
@@ -1234,7 +1239,8 @@ class Client:
             if not known.joined:
                 self._on_rejoin(room, reply)  # it was waiting for a retry: this was it
             return _members(reply)
-        state = self._rooms[room] = _Room()
+        state = self._rooms[room] = _Room(stayed=room in self._stayed_in)
+        self._stayed_in.discard(room)
         # Subscribe before asking, so nothing published after our join is missed.
         self._sub.subscribe(p.room_topic(room))
         try:
@@ -1282,7 +1288,11 @@ class Client:
                     break
                 read += got
                 cursor = got[-1]["seq"]
-            if wanted and since is None and not (read and read[-1]["seq"] == top and self._is_own_join(read[-1])):
+            if (
+                wanted
+                and since is None
+                and (state.stayed or not (read and read[-1]["seq"] == top and self._is_own_join(read[-1])))
+            ):
                 # The join published nothing (or its presence was not read): the newest
                 # ``backlog`` events, without the one read in case it had.
                 read = [env for env in read if env["seq"] > top - wanted]
@@ -1294,7 +1304,7 @@ class Client:
                     continue
                 # The join this call made (ours, the last event; or, its reply lost and
                 # asked again, the one SUB brought) is not from before it.
-                this_join = env["seq"] in (top, since) and self._is_own_join(env)
+                this_join = not state.stayed and env["seq"] in (top, since) and self._is_own_join(env)
                 before = (since is None or env["seq"] <= since) and not this_join
                 sent = self._stored_original(env)
                 # One of ours from before we left, its ack lost: stored, so acknowledged.
@@ -1358,6 +1368,7 @@ class Client:
         """
         self._check_open()
         room = _room(room)
+        self._stayed_in.discard(room)  # (a later join publishes one)
         state = self._rooms.get(room)
         if state is not None:
             self._settle_room(room)
@@ -1844,6 +1855,7 @@ class Client:
         if was != "reconnecting":
             rooms = welcome.get("in_rooms") if welcome.get("resumed") else None
             self.resumed_rooms = [r for r in rooms if p.is_room(r)] if isinstance(rooms, list) else []
+            self._stayed_in = set(self.resumed_rooms)
         self.state = "connected"
         if was == "reconnecting":
             # Everyone else lost the broker too, and takes up to 3 heartbeats to notice.
@@ -2830,7 +2842,7 @@ class Client:
             state.last += 1
             backlog = state.last <= state.backlog_to and not (
                 # the join that asked for this backlog: the moment it joined, not before
-                state.last == state.backlog_to and self._is_own_join(item)
+                state.last == state.backlog_to and not state.stayed and self._is_own_join(item)
             )
             self._deliver(item, state.backlog_seen if backlog else None)
         state.floor = state.last + 1  # (what is left is past it: the loop took each next one)

@@ -941,6 +941,29 @@ def test_a_restarted_bot_takes_its_session_back_with_its_resume_token(broker: Ru
         assert again.who("general") == ["bot"]
 
 
+def test_a_resumed_sessions_join_shows_its_killed_runs_join_as_from_before(broker: RunningBroker) -> None:
+    """The room's newest event is the killed run's join: the join now publishes nothing,
+    so that one is from before it, backlog like the rest (it came as this join's own)."""
+    with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+        alice.join("general")
+        for i in range(3):
+            alice.send_wait("general", f"m{i}")
+        doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        bot = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
+        bot.connect()
+        bot.join("general")
+        token = bot.resume_token
+        doomed.destroy(linger=0)  # no bye: its session stays, in the room
+        with Client("bot", HOST, broker.port, broker.pub_port, resume=token) as again:
+            again.join("general", backlog=3)
+            shown = [e for e in again.drain_events() if e.type != "status"]
+            assert [(e.type, e.text or e.name, e.backlog) for e in shown] == [
+                ("msg", "m1", True),
+                ("msg", "m2", True),
+                ("presence", "bot", True),
+            ], shown
+
+
 def bot_and_a_twin(broker: RunningBroker) -> tuple[Client, Client]:
     """A bot in #general, and a second client that took its session with its resume token."""
     first = Client("bot", HOST, broker.port, broker.pub_port)
