@@ -93,6 +93,11 @@ def _seed_routing_ids() -> None:
     srand(ctypes.c_uint(secrets.randbits(32)))
 
 
+def _tick_ms(heartbeat_ms: int) -> int:
+    """How often the loop does its timed chores (expiry, the PUB socket's, ...)."""
+    return max(50, heartbeat_ms // 4)
+
+
 def _find_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None (another C library, or none to reach)."""
     if _libc is None:
@@ -132,11 +137,14 @@ def _rss_kib() -> int:
 #: Most messages read from ROUTER in one pass (one transaction).
 BATCH = 1024
 #: A pass also stops reading after this long (seconds), looked at every
-#: PASS_CHECK_BYTES of requests read: every reply and event of a pass waits for its
-#: end, and a request can be slow to refuse (64 KiB of tiny values: ~3 ms to unpack),
-#: so a flood of those must not hold everyone else's answers for seconds.
+#: PASS_CHECK_BYTES of requests read, each request counted as at least
+#: PASS_CHECK_EACH (so every 64 or fewer) and each frame of a message of several as
+#: 64: every reply and event of a pass waits for its end, and a request can be slow to
+#: refuse (64 KiB of tiny values: ~3 ms to unpack; a message of a million empty
+#: frames: 2 s to read), so a flood of those must not hold everyone else's answers.
 PASS_READ_S = 0.02
 PASS_CHECK_BYTES = 64 * 1024
+PASS_CHECK_EACH = 1024
 #: Passes whose rows may wait for the disk at once; past this the loop stops
 #: reading requests until commits catch up, and a disk that stalls holds
 #: clients back (in their own queues) instead of growing the broker's memory.
@@ -369,6 +377,14 @@ class Broker:
         self._clock_base = (self._now, _mono_ms())
         self._trimmed_rss_kib = 0
         self._trimmed_recycles = 0
+        #: The connection whose message of several frames a pass's time limit cut short:
+        #: the next pass reads its other frames first (ROUTER hands a message out whole).
+        self._reading_rest: bytes | None = None
+        #: When a subscriber left (libzmq lets its subscriptions go at the PUB socket's next
+        #: uses), for a trim once that is done (see _trim_due); 0: none since the last.
+        self._subscriber_left_ms = 0
+        #: By when that is done: two ticks (the loop uses the socket at each), and a margin.
+        self._subscriptions_freed_ms = 2 * _tick_ms(config.heartbeat_ms) + 500
         self._fanin: zmq.Socket[bytes] | None = None
         self._listeners: list[threading.Thread] = []
         self.gate: Gate | None = None
@@ -507,7 +523,7 @@ class Broker:
             poller.register(writer.sock, zmq.POLLIN)
         cluster = self.core if isinstance(self.core, ClusterCore) else None
         router = self.router
-        tick_every = max(50, self.config.heartbeat_ms // 4)
+        tick_every = _tick_ms(self.config.heartbeat_ms)
         # The loop's own timers run on the monotonic clock (ms): a jump of the wall
         # clock neither brings them forward nor holds them back.
         mono_ms = _mono_ms()
@@ -544,7 +560,7 @@ class Broker:
                 # libzmq does the PUB socket's chores (a subscriber's subscriptions in, a
                 # gone one's out of its trie, in two steps with its I/O thread between) only
                 # when the socket is used: with no publish, the trie of a subscriber that
-                # left, up to gigabytes of subscriptions, stayed for good.
+                # left, up to gigabytes of subscriptions, stayed for good. Also each tick.
                 pub.getsockopt(zmq.EVENTS)
                 idle += 1
             if mono_ms - trimmed_at >= TRIM_EVERY_S * 1000:
@@ -554,7 +570,8 @@ class Broker:
                     trim_asked_at = mono_ms  # (a read of /proc: not at every pass)
                     due = self._trim_due()
                 if due:
-                    self._trim()
+                    # (Two idle wake-ups since the last event: a subscriber that left is let go.)
+                    self._trim(settled=idle >= 2)
                     worked, trimmed_at = False, mono_ms
             actions: list[Action] = []
             if router in ready:
@@ -567,6 +584,7 @@ class Broker:
                 if cluster is not None:
                     actions.extend(cluster.tick(now))
                 next_tick = mono_ms + tick_every
+                pub.getsockopt(zmq.EVENTS)  # (its chores, for a broker never idle: see below)
                 self._prune_aged(now)
                 hold.forget(time.monotonic() * 1000)
             if (mono := time.monotonic()) >= next_disk_check:
@@ -687,13 +705,18 @@ class Broker:
         gate = self.gate
         if gate is not None and gate.recycles != self._trimmed_recycles:
             return True
+        if self._subscriber_left_ms and _mono_ms() - self._subscriber_left_ms >= self._subscriptions_freed_ms:
+            return True  # its subscriptions are let go by now (a peer's may be gigabytes)
         return _rss_kib() >= self._trimmed_rss_kib + TRIM_GROWTH_KIB
 
-    def _trim(self) -> None:
-        """Hand the memory a burst freed back to the system (see TRIM_EVERY_S)."""
+    def _trim(self, settled: bool = False) -> None:
+        """Hand the memory a burst freed back to the system (see TRIM_EVERY_S); ``settled``:
+        the PUB socket has let go of every subscriber that left."""
         if _malloc_trim is not None:
             if self.gate is not None:
                 self._trimmed_recycles = self.gate.recycles
+            if settled or _mono_ms() - self._subscriber_left_ms >= self._subscriptions_freed_ms:
+                self._subscriber_left_ms = 0
             _malloc_trim(0)
             self.trims += 1
             self._trimmed_rss_kib = _rss_kib()
@@ -747,6 +770,11 @@ class Broker:
         secured = self.keys is not None
         actions: list[Action] = []
         unchecked, deadline = 0, time.monotonic() + PASS_READ_S
+        if self._reading_rest is not None:  # a message of many frames that the last pass left
+            identity, self._reading_rest = self._reading_rest, None
+            if not self._read_rest(identity, deadline):
+                return actions
+            actions.extend(self.core.several_frames(identity, now))
         for _ in range(BATCH):
             if unchecked >= PASS_CHECK_BYTES:
                 if time.monotonic() > deadline:
@@ -762,13 +790,14 @@ class Broker:
             # 0.2 us a message cheaper than a copy and a RCVMORE query.
             part = recv_frame(router, 0, False)
             frame = part.bytes
-            unchecked += len(frame)
+            unchecked += len(frame) + PASS_CHECK_EACH
             # With keys, the name the connection's key belongs to, set by our ZAP handler.
             user = (str(part.get("User-Id") or "") or None) if secured else None
             if part.more if _FRAME_KNOWS_MORE else router.get(_RCVMORE):
-                # The rest of the message is there (ROUTER delivers a message whole): read it all.
-                while router.get(_RCVMORE):
-                    unchecked += len(router.recv()) + 64  # (a frame costs a call, however small)
+                # The rest of the message is there (ROUTER delivers a message whole): read
+                # it all, and refuse it, once read; in the next pass if this one is over.
+                if not self._read_rest(identity, deadline):
+                    break
                 actions.extend(self.core.several_frames(identity, now))
                 continue
             try:
@@ -780,6 +809,23 @@ class Broker:
                     Reply(identity, p.error(ErrorCode.INTERNAL, "internal error; it has been logged", _id_of(frame)))
                 )
         return actions
+
+    def _read_rest(self, identity: bytes, deadline: float) -> bool:
+        """Read the frames left of ``identity``'s message; False if the pass's time ran
+        out first (the next pass reads on: ``_reading_rest``)."""
+        router, recv_frame = self.router, _recv_frame
+        unchecked = 0
+        more = bool(router.get(_RCVMORE))
+        while more:
+            part = recv_frame(router, 0, False)
+            more = part.more if _FRAME_KNOWS_MORE else bool(router.get(_RCVMORE))
+            unchecked += len(part) + 64  # (a frame costs a call, however small)
+            if unchecked >= PASS_CHECK_BYTES and more:
+                if time.monotonic() > deadline:
+                    self._reading_rest = identity
+                    return False
+                unchecked = 0
+        return True
 
     def _reload_keys(self, now: int) -> list[Action]:
         """Re-read the authorized users; end the sessions, and cut the connections, of removed ones."""
@@ -1128,6 +1174,8 @@ class Broker:
                     log.debug("%s connected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 peer = self._peers.pop(key, "an address not known")
+                if kind == "subscriber" and not self._subscriber_left_ms:
+                    self._subscriber_left_ms = _mono_ms()
                 if log.isEnabledFor(logging.DEBUG) and self._connections_log.allow(
                     int(time.monotonic()), logging.DEBUG
                 ):

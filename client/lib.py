@@ -1240,7 +1240,6 @@ class Client:
                 self._on_rejoin(room, reply)  # it was waiting for a retry: this was it
             return _members(reply)
         state = self._rooms[room] = _Room(stayed=room in self._stayed_in)
-        self._stayed_in.discard(room)
         # Subscribe before asking, so nothing published after our join is missed.
         self._sub.subscribe(p.room_topic(room))
         try:
@@ -1325,6 +1324,7 @@ class Client:
             if state.last < top and not state.pending:
                 self._fetch(room, state, state.last, min(top - state.last, p.MAX_HISTORY_LIMIT))
         state.next_probe = time.monotonic() + PROBE_INTERVAL_S
+        self._stayed_in.discard(room)  # (joined: a later one, after a leave, publishes; one that failed did not)
         self._flush(room, state)
         return _members(joined)
 
@@ -1368,7 +1368,6 @@ class Client:
         """
         self._check_open()
         room = _room(room)
-        self._stayed_in.discard(room)  # (a later join publishes one)
         state = self._rooms.get(room)
         if state is not None:
             self._settle_room(room)
@@ -1382,6 +1381,7 @@ class Client:
                 if state is not None:
                     state.leaving = False
                 raise
+        self._stayed_in.discard(room)  # (left: a later join publishes one)
         self._forget_room(room)
 
     def unacked_in(self, room: str) -> int:
@@ -1852,10 +1852,14 @@ class Client:
         self._welcomed_by = self.address
         self._auth_said = False
         was = self.state
+        rooms = welcome.get("in_rooms") if welcome.get("resumed") else None
+        in_rooms = [r for r in rooms if p.is_room(r)] if isinstance(rooms, list) else []
         if was != "reconnecting":
-            rooms = welcome.get("in_rooms") if welcome.get("resumed") else None
-            self.resumed_rooms = [r for r in rooms if p.is_room(r)] if isinstance(rooms, list) else []
-            self._stayed_in = set(self.resumed_rooms)
+            self.resumed_rooms = in_rooms
+            self._stayed_in = set(in_rooms)
+        else:
+            # A new session (the broker lost ours) is in no room: a join of one publishes.
+            self._stayed_in &= set(in_rooms)
         self.state = "connected"
         if was == "reconnecting":
             # Everyone else lost the broker too, and takes up to 3 heartbeats to notice.

@@ -73,6 +73,11 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("invalid utf-8", b"\x81\xa4type\xa4\xff\xfe\xfd\xfc", "bad_envelope"),
     ("trailing bytes", pack({"type": "ping"}) + b"\x00", "bad_envelope"),
     ("too many values", pack({"type": "ping", "x": [0] * p.MAX_REQUEST_VALUES}), "bad_envelope"),
+    (
+        "a msg of too many fields",
+        pack({"type": "msg", "id": "m", "room": "r", "text": "t", **{f"k{i}": "v" for i in range(600)}}),
+        "bad_envelope",
+    ),
     ("over frame limit", pack({"type": "ping", "pad": "x" * (p.MAX_FRAME_BYTES + 1)}), "too_large"),
 ]
 
@@ -155,6 +160,29 @@ def test_every_frame_of_a_refused_message_is_read_and_the_next_request_served(ra
         assert (reply["type"], reply["code"]) == ("error", "bad_envelope")
     welcome = sender.request(p.hello("mallory"))
     assert (welcome["type"], welcome["name"]) == ("welcome", "mallory")
+
+
+@pytest.mark.timeout(60)
+def test_a_message_of_many_frames_is_read_over_several_passes_and_refused_once(raw: MakeRaw) -> None:
+    """Half a million empty frames take the broker some 0.2 s to read: more than a pass's
+    time (PASS_READ_S), so the next passes read on where the last stopped (libzmq hands
+    the rest of a message out before anything else), and none of them is taken for a
+    routing id or a request. Others are served meanwhile and after."""
+    sender, other = raw(), registered(raw, "other")
+    sender.sock.setsockopt(zmq.SNDHWM, 0)
+    sender.send_frames([p.encode(p.hello("mallory")), *[b""] * 500_000])
+    sender.send({"type": "ping", "id": "after"})
+    assert other.request({"type": "ping", "id": "p"}, timeout=20)["type"] == "pong"
+    refused = sender.recv(20)
+    assert (refused["type"], refused["code"], refused["message"]) == (
+        "error",
+        "bad_envelope",
+        "expected exactly one frame",
+    ), refused
+    after = sender.recv(20)
+    assert (after["type"], after.get("id")) == ("error", "after"), after  # before hello: not_registered
+    assert after["code"] == "not_registered", after
+    assert sender.silent(0.3)
 
 
 def test_forged_from_and_sender_are_overwritten(raw: MakeRaw, broker: RunningBroker, spy: zmq.Socket[bytes]) -> None:
