@@ -1649,3 +1649,44 @@ def test_a_broker_that_refused_our_hello_is_not_said_to_be_silent() -> None:
         alice.client.close(0)
         one.stop()
         two.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_resumed_session_lost_in_a_broker_crash_joins_with_its_new_join_as_its_own(tmp_path: Path) -> None:
+    """A client resumed a killed run's session (in #general, whose join publishes
+    nothing); then the broker crashed, and the client's new session is in no room. Its
+    join publishes a presence again: that one is this join's (not backlog), and the
+    backlog is the N events before it (it was one short, its own join counted as one)."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--heartbeat-ms", "1000"]).start()
+    try:
+        with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+            alice.join("general")
+            for i in range(3):
+                alice.send_wait("general", f"m{i}")
+        doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        killed = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
+        killed.connect()
+        killed.join("general")
+        token = killed.resume_token
+        doomed.destroy(linger=0)  # no bye: its session stays, in the room
+        bot = Client("bot", HOST, broker.port, broker.pub_port, resume=token)
+        try:
+            bot.connect()
+            assert bot.resumed_rooms == ["general"]
+            epoch = bot.epoch
+            broker.kill()  # SIGKILL: the sessions are not saved
+            broker = broker.again()
+            wait_for(lambda: bot.pump(0.1) is not None and bot.state == "connected" and bot.epoch != epoch, 30)
+            bot.drain_events()
+            bot.join("general", backlog=3)
+            shown = [(e.type, e.text or e.name, e.backlog) for e in bot.drain_events() if e.type != "status"]
+            assert shown == [
+                ("msg", "m2", True),
+                ("presence", "alice", True),  # her leave
+                ("presence", "bot", True),  # the killed run's join
+                ("presence", "bot", False),  # this one
+            ], shown
+        finally:
+            bot.close(0, settle=0)
+    finally:
+        broker.kill()
