@@ -540,6 +540,15 @@ def test_name_taken_and_bad_name(chats: Any, broker_proc: BrokerProcess) -> None
         assert needle in result.stderr, result.stderr
 
 
+def test_python_dash_m_runs_both_commands() -> None:
+    """``python -m broker`` and ``python -m client``: for a Python whose scripts are not on PATH."""
+    for module, prog in (("broker", "zchat-broker"), ("client", "zchat")):
+        out = subprocess.run(
+            [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=15, check=False
+        )
+        assert out.returncode == 0 and out.stdout.startswith(f"{prog} "), (out.stdout, out.stderr)
+
+
 def test_broker_help_and_bad_port() -> None:
     out = subprocess.run([bin_path("zchat-broker"), "--help"], capture_output=True, text=True, timeout=15, check=True)
     for flag in ("--host", "--port", "--pub-port", "--data", "--log-level", "ZCHAT_DATA"):
