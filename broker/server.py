@@ -383,6 +383,9 @@ class Broker:
         #: When a subscriber left (libzmq lets its subscriptions go at the PUB socket's next
         #: uses), for a trim once that is done (see _trim_due); 0: none since the last.
         self._subscriber_left_ms = 0
+        #: When the last one left: a trim before its subscriptions are let go does not
+        #: cover it, so the next is due once they are (a second peer's may be gigabytes too).
+        self._last_subscriber_left_ms = 0
         #: By when that is done: two ticks (the loop uses the socket at each), and a margin.
         self._subscriptions_freed_ms = 2 * _tick_ms(config.heartbeat_ms) + 500
         self._fanin: zmq.Socket[bytes] | None = None
@@ -715,8 +718,10 @@ class Broker:
         if _malloc_trim is not None:
             if self.gate is not None:
                 self._trimmed_recycles = self.gate.recycles
-            if settled or _mono_ms() - self._subscriber_left_ms >= self._subscriptions_freed_ms:
+            if settled or _mono_ms() - self._last_subscriber_left_ms >= self._subscriptions_freed_ms:
                 self._subscriber_left_ms = 0
+            elif self._subscriber_left_ms:
+                self._subscriber_left_ms = self._last_subscriber_left_ms  # due once it is let go
             _malloc_trim(0)
             self.trims += 1
             self._trimmed_rss_kib = _rss_kib()
@@ -772,8 +777,10 @@ class Broker:
         unchecked, deadline = 0, time.monotonic() + PASS_READ_S
         if self._reading_rest is not None:  # a message of many frames that the last pass left
             identity, self._reading_rest = self._reading_rest, None
-            if not self._read_rest(identity, deadline):
+            rest = self._read_rest(identity, deadline, 0)
+            if rest is None:
                 return actions
+            unchecked = rest
             actions.extend(self.core.several_frames(identity, now))
         for _ in range(BATCH):
             if unchecked >= PASS_CHECK_BYTES:
@@ -796,8 +803,10 @@ class Broker:
             if part.more if _FRAME_KNOWS_MORE else router.get(_RCVMORE):
                 # The rest of the message is there (ROUTER delivers a message whole): read
                 # it all, and refuse it, once read; in the next pass if this one is over.
-                if not self._read_rest(identity, deadline):
+                rest = self._read_rest(identity, deadline, unchecked)
+                if rest is None:
                     break
+                unchecked = rest  # (its frames count: 1,023 of them a message doubled a pass)
                 actions.extend(self.core.several_frames(identity, now))
                 continue
             try:
@@ -810,11 +819,11 @@ class Broker:
                 )
         return actions
 
-    def _read_rest(self, identity: bytes, deadline: float) -> bool:
-        """Read the frames left of ``identity``'s message; False if the pass's time ran
-        out first (the next pass reads on: ``_reading_rest``)."""
+    def _read_rest(self, identity: bytes, deadline: float, unchecked: int) -> int | None:
+        """Read the frames left of ``identity``'s message; None if the pass's time ran out
+        first (the next pass reads on: ``_reading_rest``), else the pass's ``unchecked``
+        read (see _drain) with these frames."""
         router, recv_frame = self.router, _recv_frame
-        unchecked = 0
         more = bool(router.get(_RCVMORE))
         while more:
             part = recv_frame(router, 0, False)
@@ -823,9 +832,9 @@ class Broker:
             if unchecked >= PASS_CHECK_BYTES and more:
                 if time.monotonic() > deadline:
                     self._reading_rest = identity
-                    return False
+                    return None
                 unchecked = 0
-        return True
+        return unchecked
 
     def _reload_keys(self, now: int) -> list[Action]:
         """Re-read the authorized users; end the sessions, and cut the connections, of removed ones."""
@@ -1174,8 +1183,10 @@ class Broker:
                     log.debug("%s connected from %s (fd %d)", kind, peer, fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 peer = self._peers.pop(key, "an address not known")
-                if kind == "subscriber" and not self._subscriber_left_ms:
-                    self._subscriber_left_ms = _mono_ms()
+                if kind == "subscriber":
+                    self._last_subscriber_left_ms = _mono_ms()
+                    if not self._subscriber_left_ms:
+                        self._subscriber_left_ms = self._last_subscriber_left_ms
                 if log.isEnabledFor(logging.DEBUG) and self._connections_log.allow(
                     int(time.monotonic()), logging.DEBUG
                 ):

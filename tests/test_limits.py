@@ -199,6 +199,56 @@ def test_a_subscribers_subscriptions_are_let_go_when_it_leaves_though_nothing_is
         broker.kill()
 
 
+@pytest.mark.timeout(60)
+def test_a_subscriber_that_leaves_while_a_trim_waits_for_another_is_trimmed_for_too(
+    broker: RunningBroker, ctx: zmq.Context[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a broker never idle, the trim after a subscriber left waits until libzmq has let
+    its subscriptions go (three ticks here). A second one that left meanwhile was taken as
+    covered by that trim, which came before its own were let go: its 46 MB stayed. Its
+    trim now follows (the broker runs in this process: its RSS is ours)."""
+    from broker import server
+
+    monkeypatch.setattr(server, "TRIM_EVERY_S", 1.0)
+    pinger = Raw(ctx, broker.port)
+
+    def busy_for(seconds: float, until: Callable[[], bool] = lambda: False) -> bool:
+        """Ping every 20 ms (under the loop's idle wake-up: never idle) for ``seconds`` or until ``until()``."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pinger.send({"type": "ping"})  # (refused without a session: an answer all the same)
+            time.sleep(0.02)
+            while pinger.sock.poll(0):
+                pinger.sock.recv()
+            if until():
+                return True
+        return False
+
+    before = _rss_kib(os.getpid())
+    small = ctx.socket(zmq.SUB)
+    small.connect(f"tcp://{HOST}:{broker.pub_port}")
+    small.subscribe(b"general")
+    big = ctx.socket(zmq.XSUB)
+    big.setsockopt(zmq.SNDHWM, 0)
+    big.connect(f"tcp://{HOST}:{broker.pub_port}")
+    for _ in range(1000):
+        big.send(b"\x01" + os.urandom(500).hex().encode())
+
+    def grown() -> int:
+        return _rss_kib(os.getpid()) - before
+
+    assert busy_for(15, lambda: grown() > 24 * 1024), f"{grown()} KiB"
+    trims = broker.broker.trims
+    busy_for(3)  # its trims at the peak (its RSS grew): none is due for growth after
+    assert broker.broker.trims > trims
+    assert broker.broker._subscriptions_freed_ms == 3000  # (the fixture's 5 s heartbeat)
+    small.close()
+    # Its trim comes at the first check (one a second) from 3 s on: the big one's 0.5-1.5 s old then.
+    busy_for(2.5)
+    big.close()
+    assert busy_for(15, lambda: grown() < 8 * 1024), f"{grown()} KiB still, {broker.broker.trims - trims} trims"
+
+
 @pytest.mark.timeout(120)
 def test_bogus_connections_and_garbage_leave_memory_bounded(tmp_path: Path) -> None:
     # (All from one address: the per-host limits off, so that 1,000 sessions are made at once.)
