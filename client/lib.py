@@ -1858,8 +1858,12 @@ class Client:
             self.resumed_rooms = in_rooms
             self._stayed_in = set(in_rooms)
         else:
-            # A new session (the broker lost ours) is in no room: a join of one publishes.
+            # A new session (the broker lost ours) is in no room: a join of one publishes,
+            # a join in flight too (asked again on this session).
             self._stayed_in &= set(in_rooms)
+            for room, state in self._rooms.items():
+                if room not in self._stayed_in:
+                    state.stayed = False
         self.state = "connected"
         if was == "reconnecting":
             # Everyone else lost the broker too, and takes up to 3 heartbeats to notice.

@@ -165,6 +165,19 @@ def make_client(broker: RunningBroker, connect_to: Callable[..., Client]) -> Cal
     return functools.partial(connect_to, broker)
 
 
+def killed_session(port: int, pub_port: int, name: str, room: str) -> str:
+    """A run of ``name`` that joined ``room`` and died as a SIGKILL leaves it (no bye: its
+    session stays, in the room); its resume token, for a next run to take the session back."""
+    doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    killed = Client(name, HOST, port, pub_port, context=doomed)
+    killed.connect()
+    killed.join(room)
+    token = killed.resume_token
+    assert token is not None
+    doomed.destroy(linger=0)
+    return token
+
+
 class Inbox:
     """Everything one library client has shown, in order."""
 

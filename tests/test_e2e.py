@@ -19,7 +19,7 @@ import zmq
 
 import client.lib as client_lib
 from client.lib import BrokerUnreachable, Client, Event, RequestError, ZchatError, _Room
-from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, wait_for
+from tests.conftest import HOST, BrokerProcess, Raw, RunningBroker, killed_session, wait_for
 from zchat import protocol as p
 
 MakeClient = Callable[..., Client]
@@ -234,12 +234,7 @@ def test_pump_waits_on_a_file_descriptor_of_ours_given_twice(make_client: MakeCl
 def test_a_resumed_session_that_joins_its_room_again_gets_the_last_n_events(broker: RunningBroker) -> None:
     """Its session was in the room already: the join publishes nothing, and the backlog
     is the room's last N events (none of them dropped for a join of its own)."""
-    doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    bot = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
-    bot.connect()
-    bot.join("general")
-    token = bot.resume_token
-    doomed.destroy(linger=0)  # no bye: its session stays, in the room
+    token = killed_session(broker.port, broker.pub_port, "bot", "general")
     with Client("alice", HOST, broker.port, broker.pub_port) as alice:
         alice.join("general")
         for i in range(6):
@@ -948,12 +943,7 @@ def test_a_resumed_sessions_join_shows_its_killed_runs_join_as_from_before(broke
         alice.join("general")
         for i in range(3):
             alice.send_wait("general", f"m{i}")
-        doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        bot = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
-        bot.connect()
-        bot.join("general")
-        token = bot.resume_token
-        doomed.destroy(linger=0)  # no bye: its session stays, in the room
+        token = killed_session(broker.port, broker.pub_port, "bot", "general")
         with Client("bot", HOST, broker.port, broker.pub_port, resume=token) as again:
             again.join("general", backlog=3)
             shown = [e for e in again.drain_events() if e.type != "status"]

@@ -34,7 +34,7 @@ from client.lib import (
     parse_address,
     parse_hosts,
 )
-from tests.conftest import HOST, BrokerProcess, Inbox, RunningBroker, bin_path, wait_for
+from tests.conftest import HOST, BrokerProcess, Inbox, RunningBroker, bin_path, killed_session, wait_for
 from zchat import protocol as p
 
 FAST = ["--heartbeat-ms", "300"]
@@ -1651,6 +1651,60 @@ def test_a_broker_that_refused_our_hello_is_not_said_to_be_silent() -> None:
         two.stop()
 
 
+@pytest.mark.timeout(90)
+def test_a_join_in_flight_when_a_resumed_session_is_lost_in_a_crash_takes_its_new_join_as_its_own(
+    tmp_path: Path,
+) -> None:
+    """As below, with the join asked while the broker hangs, then crashes: the join is asked
+    again on the new session, where it publishes (it was marked as one that publishes
+    nothing, and the backlog was one short, its own join shown as from before it)."""
+    broker = BrokerProcess(tmp_path / "data", extra=["--heartbeat-ms", "1000"]).start()
+    holder = {"broker": broker}
+    try:
+        with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+            alice.join("general")
+            for i in range(3):
+                alice.send_wait("general", f"m{i}")
+        token = killed_session(broker.port, broker.pub_port, "bot", "general")
+        bot = Client("bot", HOST, broker.port, broker.pub_port, resume=token, request_timeout=30)
+        try:
+            bot.connect()
+            assert bot.resumed_rooms == ["general"]
+            bot.drain_events()
+            assert broker.proc is not None
+            os.kill(broker.proc.pid, signal.SIGSTOP)  # the join goes unanswered
+            lost = threading.Event()
+
+            def crash() -> None:
+                # Once the client gave the silent broker up (3 heartbeats), it is killed and
+                # started again: the client's next welcome is of a new session, in no room.
+                # (Its state read from here: a string, no socket of its.)
+                deadline = time.monotonic() + 20
+                while bot.state != "reconnecting" and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if bot.state == "reconnecting":
+                    lost.set()
+                holder["broker"].kill()
+                holder["broker"] = holder["broker"].again()
+
+            crasher = threading.Thread(target=crash)
+            crasher.start()
+            bot.join("general", backlog=3)
+            crasher.join()
+            assert lost.is_set()
+            shown = [(e.type, e.text or e.name, e.backlog) for e in bot.drain_events() if e.type != "status"]
+            assert shown == [
+                ("msg", "m2", True),
+                ("presence", "alice", True),  # her leave
+                ("presence", "bot", True),  # the killed run's join
+                ("presence", "bot", False),  # this one
+            ], shown
+        finally:
+            bot.close(0, settle=0)
+    finally:
+        holder["broker"].kill()
+
+
 @pytest.mark.timeout(60)
 def test_a_resumed_session_lost_in_a_broker_crash_joins_with_its_new_join_as_its_own(tmp_path: Path) -> None:
     """A client resumed a killed run's session (in #general, whose join publishes
@@ -1663,12 +1717,7 @@ def test_a_resumed_session_lost_in_a_broker_crash_joins_with_its_new_join_as_its
             alice.join("general")
             for i in range(3):
                 alice.send_wait("general", f"m{i}")
-        doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        killed = Client("bot", HOST, broker.port, broker.pub_port, context=doomed)
-        killed.connect()
-        killed.join("general")
-        token = killed.resume_token
-        doomed.destroy(linger=0)  # no bye: its session stays, in the room
+        token = killed_session(broker.port, broker.pub_port, "bot", "general")
         bot = Client("bot", HOST, broker.port, broker.pub_port, resume=token)
         try:
             bot.connect()

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 from prompt_toolkit.data_structures import Size
 from prompt_toolkit.input import PipeInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput, Output
@@ -37,7 +36,7 @@ from client import commands, interactive, render
 from client.commands import Commands
 from client.interactive import ChatUI, connection_status
 from client.lib import Client, Event
-from tests.conftest import HOST, BrokerProcess, RunningBroker, wait_for
+from tests.conftest import HOST, BrokerProcess, RunningBroker, killed_session, wait_for
 
 ENTER = "\r"
 UP, DOWN, LEFT = "\x1b[A", "\x1b[B", "\x1b[D"
@@ -595,12 +594,7 @@ def test_the_backlog_of_a_room_a_resumed_session_stayed_in_is_not_called_from_be
 ) -> None:
     """zchat killed and started again takes its session back (its saved token): that session
     never left #general, so the backlog there came before this start, not before a join."""
-    doomed: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    killed = Client("alice", HOST, broker.port, broker.pub_port, context=doomed)
-    killed.connect()
-    killed.join("general")
-    token = killed.resume_token
-    doomed.destroy(linger=0)  # as a SIGKILL would: no bye, the session stays in the room
+    token = killed_session(broker.port, broker.pub_port, "alice", "general")
     bob.send_wait("general", "while alice was away")
     bob.join("dev")
     alice = make_client("alice", resume=token)
