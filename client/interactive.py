@@ -310,6 +310,8 @@ class ChatUI:
         self._spoke_at: dict[tuple[str, str], float] = {}
         #: Folded joins and leaves (see FOLD_MEMBERS) by room, and when their line is due.
         self._folded: dict[str, list[int]] = {}
+        #: The time (ms) of each room's last folded event: its summed-up line's time and date.
+        self._folded_ts: dict[str, int | None] = {}
         self._fold_due = 0.0
         #: What the last Tab inserted, while the line is as it left it: Tab again cycles.
         self._cycle: _Cycle | None = None
@@ -581,7 +583,7 @@ class ChatUI:
         if event.type == "presence" and event.room and event.name:
             members = self.commands.members.setdefault(event.room, set())
             big = len(members) > FOLD_MEMBERS
-            folded = big and self._fold(event.room, event.name, event.event == "join")
+            folded = big and self._fold(event.room, event.name, event.event == "join", event.ts)
             if not folded:
                 # Summed-up joins and leaves came before this one: shown first, not after it
                 # (a room that shrank below FOLD_MEMBERS showed each later leave, then "12 left").
@@ -621,7 +623,7 @@ class ChatUI:
         if event.type in ("msg", "dm", "presence"):
             self._said.append(event)
 
-    def _fold(self, room: str, name: str, joined: bool) -> bool:
+    def _fold(self, room: str, name: str, joined: bool, ts: int | None) -> bool:
         """Count a join or leave of a big room into its summed-up line, unless it is ours or
         of someone who spoke there lately (whom a reader may be waiting for, or answering)."""
         now = time.monotonic()
@@ -633,26 +635,31 @@ class ChatUI:
         if not self._folded:
             self._fold_due = now + FOLD_EVERY_S
         self._folded.setdefault(room, [0, 0])[0 if joined else 1] += 1
+        self._folded_ts[room] = ts
         return True
 
     def _show_folded(self, *, now: bool = False) -> None:
         """The summed-up joins and leaves, once their line is due (or ``now``)."""
         if not self._folded or not (now or time.monotonic() >= self._fold_due):
             return
-        for room, (joins, leaves) in self._folded.items():
-            self._emit(self._folded_line(room, joins, leaves))
-        self._folded.clear()
+        for room in list(self._folded):
+            self._flush_folded(room)
 
     def _flush_folded(self, room: str) -> None:
         """The room's summed-up joins and leaves, shown now if there are any."""
         if (counts := self._folded.pop(room, None)) is not None:
-            self._emit(self._folded_line(room, *counts))
+            # Dated as the last of them: a backlog's from yesterday came before today's
+            # "Day changed" line, not after it.
+            ts = self._folded_ts.pop(room, None)
+            self._mark_day(ts)
+            joins, leaves = counts
+            self._emit(self._folded_line(room, joins, leaves, ts))
 
-    def _folded_line(self, room: str, joins: int, leaves: int) -> render.Styled:
+    def _folded_line(self, room: str, joins: int, leaves: int, ts: int | None) -> render.Styled:
         said = [f"{count} {what}" for count, what in ((joins, "joined"), (leaves, "left")) if count]
         members = len(self.commands.members.get(room, ()))
         text = f"-!- #{room}: {', '.join(said)} ({members} members; /who lists them)"
-        return render.Styled([("class:time", render.clock(None) + " "), ("class:presence", text)], 10)
+        return render.Styled([("class:time", render.clock(ts) + " "), ("class:presence", text)], 10)
 
     def _mark_backlog_ends(self, still_coming: set[str]) -> None:
         """After a join's backlog, a line that says where it ends: what follows is live.

@@ -445,6 +445,39 @@ def test_a_line_of_another_date_is_preceded_by_a_day_change_line(alice: Client) 
     run(main())
 
 
+def test_a_summed_up_line_comes_after_the_day_change_line_of_its_joins(
+    alice: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joins summed up after midnight, shown with the next line of their room, came before
+    that line's "Day changed" line, under the day before, and read the time they were shown
+    at. The summed-up line is dated as the last of them: after the day change, at its time."""
+    monkeypatch.setattr(interactive, "FOLD_MEMBERS", 2)
+    monkeypatch.setattr(interactive, "FOLD_EVERY_S", 60.0)  # never due within the test
+    now_ms = int(time.time() * 1000)
+    old_ms = now_ms - 2 * 86_400_000
+    midnight = time.localtime()
+    midnight_ms = int(time.mktime((*midnight[:3], 0, 0, 0, 0, 0, -1)) * 1000)
+    joined_ms = max(midnight_ms, now_ms - 3_600_000)  # today, and (after 00:01) another HH:MM than now's
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.ui.commands.members["big"] = {"m1", "m2", "m3"}
+            t.ui._show(Event(type="msg", room="big", seq=1, ts=old_ms, name="m1", text="old one"))
+            for seq, name in enumerate(("j1", "j2"), start=2):
+                t.ui._show(Event(type="presence", room="big", seq=seq, ts=joined_ms, name=name, event="join"))
+            assert t.ui._folded.get("big") == [2, 0]
+            t.ui._show(Event(type="msg", room="big", seq=4, ts=now_ms, name="m1", text="new one"))
+            await t.shows("<m1> new one")
+            lines = t.lines()
+            start = next(i for i, line in enumerate(lines) if "old one" in line)
+            summed = f"{render.clock(joined_ms)} -!- #big: 2 joined (5 members"
+            assert lines[start + 1] == f"--- Day changed to {render.day(now_ms)}", lines[start:]
+            assert lines[start + 2].startswith(summed), lines[start:]
+            assert "<m1> new one" in lines[start + 3], lines[start:]
+
+    run(main())
+
+
 def test_another_client_taking_the_session_ends_this_one_saying_why(
     alice: Client, make_client: Callable[..., Client], capsys: pytest.CaptureFixture[str]
 ) -> None:
