@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     def unsaved() -> None:
         """Let go of the token file (and its lock) of a run that had no session."""
         if saved is not None:
-            saved.close(ended=False)
+            saved.close()
 
     try:
         curve = None
@@ -531,10 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         _say_unacked(client, printer, signal.Signals(exc.signum).name)
         return 128 + exc.signum
     finally:
-        said_bye = client.state == "connected"  # (else the session may live on: the token is kept)
         _close(client)
         if saved is not None:
-            saved.close(ended=said_bye)
+            saved.close()
 
 
 def _keep_alive(client: Client) -> None:

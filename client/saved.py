@@ -85,10 +85,10 @@ class SavedToken:
             os.pwrite(self._fd, data, 0)
             os.fsync(self._fd)  # written before a crash that it is there for
 
-    def close(self, *, ended: bool) -> None:
-        """Release the lock; ``ended``: the session said bye, so its token is emptied.
-        (Emptied, not removed: a run that opened the file just before a removal would
-        lock a file no longer at its path, and a third run could then lock a new one.)"""
-        if ended:
-            self.write(None)
+    def close(self) -> None:
+        """Release the lock. The token stays, after a clean exit too: a bye sent as the
+        broker stopped (a reboot stops both) may never be read, and the broker then saves
+        the session for its next start, holding the name until its token takes it back
+        (emptied, the next run met name_taken for 15 s). The token of a session that did
+        end takes nothing: a hello with it makes a new session."""
         os.close(self._fd)

@@ -150,7 +150,9 @@ def test_a_zchat_killed_and_started_again_takes_its_session_back(
 ) -> None:
     """Killed (SIGKILL, a crash), zchat left its session, and its name, on the broker for
     3 heartbeats: started again at once it met name_taken. It keeps the session's token
-    (a secret: its user's only) and takes the session back. A clean exit empties it."""
+    (a secret: its user's only) and takes the session back. A clean exit keeps it (a bye a
+    stopping broker never read leaves a session saved for its next start), and the next
+    run, its session ended, starts a new one with it."""
     bob = chats("bob", "--json")
     bob.expect_json(type="presence", name="bob", event="join")
     bob.say("/join secret")
@@ -172,11 +174,28 @@ def test_a_zchat_killed_and_started_again_takes_its_session_back(
         check=False,
     )
     assert again.returncode == 0, again.stderr
-    assert saved.read_text() == ""  # its bye ended the session: the token is of no use now
+    assert saved.read_text() == token
+    third = subprocess.run(
+        [bin_path("zchat"), "--name", "bob", "--send", "third", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=broker_proc.env(),
+        check=False,
+    )
+    assert third.returncode == 0, third.stderr
+    assert saved.read_text() not in ("", token)  # a new session's
     with Client("watcher", port=broker_proc.port, pub_port=broker_proc.pub_port) as watcher:
         events, _ = watcher.history("general")
         said = [(e.name, e.event or e.text, e.reason) for e in events if e.name == "bob"]
-        assert said == [("bob", "join", None), ("bob", "back", None), ("bob", "leave", "quit")]
+        assert said == [
+            ("bob", "join", None),
+            ("bob", "back", None),
+            ("bob", "leave", "quit"),
+            ("bob", "join", None),
+            ("bob", "third", None),
+            ("bob", "leave", "quit"),
+        ]
         # The killed run's other room: this run is not in it, so it left it (listed there,
         # it would have heard nothing).
         secret, _ = watcher.history("secret")
