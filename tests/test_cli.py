@@ -603,6 +603,8 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
             ["--send", "-x"],
             "argument --send: expected one argument (give it one; a value that starts with - goes as --send=VALUE)",
         ),
+        # `--room #dev` unquoted: the shell took "#dev" for a comment.
+        (["--room"], "(give it one: a # starts a comment in the shell, so write --room dev or --room '#dev';"),
     ):
         result = subprocess.run(
             [bin_path("zchat"), "--name", "bob", "--host", f"{HOST}:1:2", *args],
@@ -612,6 +614,10 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
             check=False,
         )
         assert result.returncode == 2 and said in result.stderr, (args, result.stderr)
+    # A misspelt --name: "--name is required" alone sent the user looking for the wrong thing.
+    typo = subprocess.run([bin_path("zchat"), "--nmae", "bob"], capture_output=True, text=True, timeout=15, check=False)
+    assert typo.returncode == 2, typo.stderr
+    assert "required: --name (and not recognized: --nmae; a typo?)" in typo.stderr, typo.stderr
     usage = subprocess.run([bin_path("zchat"), "--help"], capture_output=True, text=True, timeout=15, check=True)
     assert "/lastlog TEXT (interactive)" in " ".join(usage.stdout.split())
     assert "pipe mode and --send: print each event as one JSON object" in " ".join(usage.stdout.split())

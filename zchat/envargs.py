@@ -13,20 +13,50 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse's parser, whose refusal of a value starting with ``-`` (``--send -x``,
-    taken for a flag) says how to give one: else it only says a value is missing."""
+    """argparse's parser, whose refusals say what went wrong, not only what is missing:
+    a value starting with ``-`` (``--send -x``, taken for a flag) says how to give one;
+    a room written ``--room #dev`` unquoted (the shell's comment) says to quote it; and
+    a missing required flag names the flags not recognized (``--nmae bob``: a typo)."""
+
+    #: Flags whose value people write with a leading ``#``.
+    ROOM_FLAGS = frozenset({"--room"})
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         missing = re.fullmatch(r"argument (--[\w-]+)(?:/\S+)?: expected one argument", message)
         if missing is not None:
             flag = missing.group(1)
-            message += f" (give it one; a value that starts with - goes as {flag}=VALUE)"
+            hint = "give it one"
+            if flag in self.ROOM_FLAGS:
+                # (The shell dropped "#dev" and what followed as a comment.)
+                hint += f": a # starts a comment in the shell, so write {flag} dev or {flag} '#dev'"
+            message += f" ({hint}; a value that starts with - goes as {flag}=VALUE)"
+        elif message.startswith("the following arguments are required") and (unknown := self._unknown_flags()):
+            message += f" (and not recognized: {', '.join(unknown)}; a typo?)"
         super().error(message)
+
+    def _unknown_flags(self) -> list[str]:
+        """The flags given that no option takes, even as the abbreviation argparse allows."""
+        known = list(self._option_string_actions)
+        unknown = []
+        for arg in getattr(self, "_argv", []):
+            if arg == "--":
+                break
+            if not arg.startswith("-") or arg == "-" or arg[1:2].isdigit():
+                continue  # a value (-5 included)
+            flag = arg.split("=", 1)[0]
+            if not any(option.startswith(flag) for option in known):
+                unknown.append(flag)
+        return unknown
 
 
 @dataclass(frozen=True)
