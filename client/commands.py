@@ -22,7 +22,7 @@ HELP = """\
 commands:
   TEXT               send TEXT to the current room (//TEXT sends a text starting with /)
   /me ACTION         an action in the current room, shown as * NAME ACTION
-  /msg NAME TEXT     direct message to NAME
+  /msg NAME TEXT     direct message to NAME (/msg #ROOM TEXT: to a room you are in)
   /join ROOM         join ROOM and make it the current room
   /switch ROOM       make ROOM (one you are in) the current room
   /leave [ROOM]      leave ROOM (default: the current room)
@@ -250,7 +250,7 @@ class Commands:
     def _command(self, line: str) -> bool:
         name, _, raw = line[1:].partition(" ")
         rest = raw.strip()
-        name = name.lower()
+        typed = name = name.lower()
         name = ALIASES.get(name, name)
         args = rest.split()
         if len(args) > MAX_WORDS.get(name, len(args)):
@@ -282,9 +282,18 @@ class Commands:
             # TEXT as typed after "NAME " (its spaces too), as /me and a plain line send theirs.
             to, _, text = raw.lstrip(" ").partition(" ")
             if not to or not text.strip():
-                self._usage(name)
+                if typed == "query":
+                    # (irssi's /query NAME opens a window for NAME: zchat has none.)
+                    self.err("usage: /query NAME TEXT (as /msg: zchat opens no query window; each DM is one such line)")
+                else:
+                    self._usage(name)
             elif to.startswith("#"):
-                self.err(f"/msg writes to a person; to write in {to}, /switch {to} (or /join it)")
+                # As irssi's /msg #channel: to a room we are in, wherever the current one is.
+                room = p.parse_room(to)
+                if room not in self.client.rooms_joined:
+                    self.err(f"/msg {to}: you are not in #{room} (/join #{room} first)")
+                else:
+                    self.client.send(room, text)
             else:
                 self.client.dm(to, text)
         elif name == "join":

@@ -547,6 +547,26 @@ def test_rooms_lists_rooms_with_members(alice: Client, bob: Client) -> None:
     run(main())
 
 
+def test_msg_to_a_room_one_is_in_writes_there_as_irssis_does(alice: Client, bob: Client) -> None:
+    """irssi's /msg #channel TEXT writes in that channel: zchat told the user to /switch to
+    it, even to the room it was in. Now it writes there, wherever the current room is;
+    /query NAME alone (irssi's query window) says how DMs go here."""
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.line("/join dev")
+            await t.shows("now talking in #dev")
+            t.line("/msg #General to general from dev")
+            got = await receive(bob, lambda e: e.type == "msg")
+            assert (got.room, got.name, got.text) == ("general", "alice", "to general from dev")
+            t.line("/query bob")
+            await t.shows("usage: /query NAME TEXT (as /msg: zchat opens no query window")
+            t.line("still in dev")
+            await t.shows("<alice> still in dev")
+
+    run(main())
+
+
 def test_lines_right_after_a_failed_join_are_not_sent_to_the_room_before(
     alice: Client, bob: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -564,7 +584,7 @@ def test_lines_right_after_a_failed_join_are_not_sent_to_the_room_before(
             assert "send it again to write it in #general" in said, said
             await until(lambda: len([x for x in t.lines() if "not sent:" in x]) == 2, what=t.lines)
             t.line("/msg #dev hi")
-            await t.shows("/msg writes to a person; to write in #dev, /switch #dev")
+            await t.shows("/msg #dev: you are not in #dev (/join #dev first)")
             await asyncio.sleep(1.1)
             t.line("meant for general after all")
             got = await receive(bob, lambda e: e.type == "msg")
