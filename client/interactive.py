@@ -890,6 +890,12 @@ class ChatUI:
 
             asyncio.ensure_future(run_in_terminal(stop)).add_done_callback(resumed)
 
+        # irssi's Ctrl-L redraws; prompt_toolkit's cleared the screen, and the chat lines
+        # above the prompt went with it (they are the terminal's, not ours to redraw).
+        @kb.add("c-l")
+        def _redraw(event: KeyPressEvent) -> None:
+            event.app.invalidate()
+
         @kb.add(Keys.Vt100MouseEvent)
         def _mouse(event: KeyPressEvent) -> None:
             # No mouse here. A colour escape typed or pasted without bracketed paste

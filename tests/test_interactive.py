@@ -547,6 +547,30 @@ def test_rooms_lists_rooms_with_members(alice: Client, bob: Client) -> None:
     run(main())
 
 
+def test_ctrl_l_redraws_without_clearing_the_chat_from_the_screen(alice: Client) -> None:
+    """prompt_toolkit's Ctrl-L erased the screen: the chat lines above the prompt (the
+    terminal's, not redrawn by us) went with it. irssi's redraws; so does ours."""
+
+    class Erasures(BellOutput):
+        erased = 0
+
+        def erase_screen(self) -> None:
+            self.erased += 1
+
+    output = Erasures()
+
+    async def main() -> None:
+        async with chat_ui(alice, output=output) as t:
+            t.keys("half typed")
+            await until(lambda: t.buffer.text == "half typed")
+            erased = output.erased
+            await t.handled("\x0c")  # Ctrl-L
+            assert output.erased == erased
+            assert t.buffer.text == "half typed"
+
+    run(main())
+
+
 def test_msg_to_a_room_one_is_in_writes_there_as_irssis_does(alice: Client, bob: Client) -> None:
     """irssi's /msg #channel TEXT writes in that channel: zchat told the user to /switch to
     it, even to the room it was in. Now it writes there, wherever the current room is;
