@@ -764,7 +764,7 @@ class ChatUI:
     def prompt(self) -> StyleAndTextTuples:
         state = connection_status(self.client)
         out: StyleAndTextTuples = [
-            ("class:prompt.room", f"[#{self.current or '-'}]"),
+            ("class:prompt.room", f"[#{self.current}]" if self.current else "[no room]"),
             ("", " "),
             ("class:prompt.name", self.client.name),
         ]
@@ -799,7 +799,9 @@ class ChatUI:
         room_width = self.session.app.output.get_size().columns - sum(
             render.text_width(fragment[1]) for fragment in out
         )
-        if sum(render.text_width(e.text) for e in entries) <= room_width:
+        if not entries:  # (an empty slot between two bars read as something missing)
+            out += [("class:bottom-toolbar.state.away", " in no room: /join ROOM "), ("", "| /help")]
+        elif sum(render.text_width(e.text) for e in entries) <= room_width:
             out += [(e.style, e.text) for e in entries]
             out.append(("", "  | /help"))
         else:

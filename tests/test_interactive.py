@@ -527,7 +527,8 @@ def test_leave_current_or_named_room(alice: Client, bob: Client) -> None:
             assert (got.room, got.name) == ("dev", "alice")
             t.line("/leave #general")
             await until(lambda: alice.rooms_joined == [])
-            assert t.ui.current is None and t.prompt() == "[#-] alice> "
+            assert t.ui.current is None and t.prompt() == "[no room] alice> "
+            assert "| in no room: /join ROOM | /help" in t.toolbar(), t.toolbar()  # (was "|  | /help")
             t.line("anyone?")
             await t.shows("not in a room: /join ROOM first")
 
