@@ -50,6 +50,22 @@ def _joins_emoji(text: str, i: int) -> bool:
     return j >= 0 and i + 1 < len(text) and _wide_emoji(text[j]) and _wide_emoji(text[i + 1])
 
 
+#: A message's line breaks the terminal shows as breaks, up to this many lines (a text of
+#: 4,000 newlines must not push the chat off the screen): past it, escaped as before.
+MAX_SHOWN_LINES = 20
+
+
+def clean_lines(text: str) -> str:
+    """:func:`clean`, but a message's first MAX_SHOWN_LINES line breaks are kept as ``\n``
+    (a bot's or a ``--send "$(git log -3)"``'s lines read as lines, not ``\x0a``)."""
+    if "\n" not in text:
+        return clean(text)
+    lines = text.replace("\r\n", "\n").split("\n")
+    if len(lines) > MAX_SHOWN_LINES:
+        lines[MAX_SHOWN_LINES - 1 :] = ["\n".join(lines[MAX_SHOWN_LINES - 1 :])]
+    return "\n".join(map(clean, lines))
+
+
 def clean(text: str) -> str:
     """Neutralise control characters so nobody can drive our terminal with escape codes."""
     if text.isprintable():
@@ -185,7 +201,7 @@ def styled(event: Event, me: str, current: str | None, colour: Callable[[str], i
     """
     when: Fragment = ("class:time", clock(event.ts) + " ")
     name = clean(event.name or "?")
-    text = clean(event.text or "")
+    text = clean_lines(event.text or "") if event.type in ("msg", "dm") else clean(event.text or "")
     fresh = not event.own and not event.backlog
     if event.type == "msg":
         head = [when]
@@ -290,9 +306,28 @@ def wrap(fragments: list[Fragment], width: int, indent: int = 0) -> list[list[Fr
     never straddles two lines. Continuation lines start with ``indent`` spaces
     (fewer when the terminal is narrow).
     """
+    if any("\n" in text for _, text in fragments):
+        # A message's own line breaks (clean_lines): each line after the first starts under
+        # the text, as a wrapped one does.
+        out: list[list[Fragment]] = []
+        for i, hard in enumerate(_split_lines(fragments)):
+            out += wrap([("", " " * _fit(width, indent)[1]), *hard] if i else hard, width, indent)
+        return out
     if all(text.isascii() for _, text in fragments):
         return _wrap_ascii(fragments, *_fit(width, indent))
     return _wrap_wide(fragments, *_fit(width, indent))
+
+
+def _split_lines(fragments: list[Fragment]) -> list[list[Fragment]]:
+    """``fragments`` cut at each ``\n`` (dropped), each piece keeping its style."""
+    lines: list[list[Fragment]] = [[]]
+    for style, text in fragments:
+        first, *rest = text.split("\n")
+        if first:
+            lines[-1].append((style, first))
+        for piece in rest:
+            lines.append([(style, piece)] if piece else [])
+    return lines
 
 
 def _fit(width: int, indent: int) -> tuple[int, int]:

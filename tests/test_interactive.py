@@ -1499,7 +1499,11 @@ def test_render_styles_own_others_dms_presence_actions_and_rooms() -> None:
 def test_render_neutralises_control_characters() -> None:
     line = render.styled(_event(name="bob", text="\x1b[2J\x1b]0;pwned\x07 \u202eevil\r\nnext"), "alice", "general")
     assert "\x1b" not in line.plain and "\x07" not in line.plain and "\u202e" not in line.plain
-    assert "\n" not in line.plain and "\r" not in line.plain
+    # A line break is kept as one, and what follows it is shown under the text, never at
+    # the start of a line, where it could pass for another line of the chat.
+    assert "\r" not in line.plain and line.plain.count("\n") == 1
+    second = "".join(t for _, t in render.wrap(line.fragments, 80, line.indent)[1])
+    assert second == " " * line.indent + "next", second
     assert "\\x1b[2J" in line.plain
     # No zero-width joiner reaches the terminal: terminals disagree on the width of what
     # it joins (tmux counted x+ZWJ+y one cell narrower than we did, and every receiver's
@@ -1589,6 +1593,23 @@ def test_wrap_counts_wide_characters_and_keeps_every_character() -> None:
     # Words are not cut when a space is available.
     lines = render.wrap([("", "aaaa bbbb cccc")], 10)
     assert ["".join(t for _, t in line) for line in lines] == ["aaaa bbbb", "cccc"]
+
+
+def test_a_message_of_several_lines_shows_them_under_its_text_up_to_a_bound() -> None:
+    """A message's line breaks showed as \\x0a. They are lines now, each under the text as a
+    wrapped line is; past MAX_SHOWN_LINES (a text of 4,000 newlines must not push the chat
+    off the screen) the rest is escaped as before, nothing of it dropped."""
+    event = Event(type="msg", room="general", seq=1, ts=0, name="ci", text="build 12:\r\n  ok\n\n\x07done")
+    line = render.styled(event, "bob", "general")
+    plain = ["".join(t for _, t in part) for part in render.wrap(line.fragments, 80, line.indent)]
+    under = " " * len("HH:MM <ci> ")
+    assert plain == [f"{render.clock(0)} <ci> build 12:", under + "  ok", "", under + "\\x07done"], plain
+    many = Event(type="msg", room="general", seq=1, ts=0, name="ci", text="\n".join(f"l{i}" for i in range(30)))
+    line = render.styled(many, "bob", "general")
+    plain = ["".join(t for _, t in part) for part in render.wrap(line.fragments, 200, line.indent)]
+    assert len(plain) == render.MAX_SHOWN_LINES, plain
+    assert plain[-1].strip() == "\\x0a".join(f"l{i}" for i in range(19, 30))
+    assert render.text_line(many).count("\n") == 0  # pipe mode: one event, one line
 
 
 def test_korean_written_decomposed_takes_the_cells_of_its_syllables() -> None:

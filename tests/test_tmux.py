@@ -265,6 +265,14 @@ def test_paste_wrap_rooms_and_alt_keys_in_a_real_terminal(
         shown = "".join(row[len(indent) :] for row in rows)
         assert shown.replace(" ", "") == long_text.replace(" ", ""), rows
 
+        # A message of several lines (a bot's, a --send "$(git log -3)") shows as lines under
+        # its text (it showed "\x0a"); an escape in it stays neutralised.
+        bob.send_wait("general", "three lines:\nsecond one\r\nthird \x1b[31mred")
+        wait_for(lambda: "third" in alice.text(), 10, what=alice.screen)
+        screen = alice.screen()
+        first = next(i for i, line in enumerate(screen) if "<bob> three lines:" in line)
+        assert screen[first + 1 : first + 3] == [indent + "second one", indent + "third \\x1b[31mred"], screen
+
         # /join makes #dev current; Alt-1 and Alt-2 switch; other rooms are labelled.
         alice.type("/join #dev")
         alice.keys("Enter")
