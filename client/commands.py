@@ -377,7 +377,7 @@ class Commands:
     def _history(self, args: list[str]) -> None:
         count = HISTORY_DEFAULT
         if args and not (args[0].isdigit() and int(args[0]) > 0):
-            self._usage("history")
+            self.err(f"usage: {USAGE['history']} (N: how many events, 1 to {HISTORY_MAX:,}; {args[0]!r} is not)")
             return
         if args:
             count = min(int(args[0]), HISTORY_MAX)

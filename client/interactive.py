@@ -85,9 +85,11 @@ keys:
   Tab / Shift-Tab    complete a command, a name or a #room; again: the next / previous match
                      (names: who spoke last first)
   Up / Down          recall earlier lines
-  Ctrl-R             search earlier lines (again: further back; Enter: take the line; Ctrl-C or Ctrl-G: cancel)
-  PgUp / PgDn        nothing (nor any key not listed here): the chat scrolls up into the terminal's own
-                     scrollback (in tmux: copy mode, prefix then [; elsewhere mostly Shift-PgUp)
+  Ctrl-R             search earlier lines (again: further back; Enter: take the line;
+                     Ctrl-C or Ctrl-G: cancel)
+  Ctrl-A/E, Ctrl-K/U/W, Alt-B/F ...  edit the line as readline does; Ctrl-L redraws it
+  PgUp / PgDn        nothing: the chat scrolls up into the terminal's own scrollback
+                     (in tmux: copy mode, prefix then [; elsewhere mostly Shift-PgUp)
   Enter / Ctrl-C     on a paste of over 5 lines, held: send it / drop it
   Ctrl-C             clear the line (on an empty line: quit); Ctrl-D on an empty line: quit
   Ctrl-Z             suspend (fg resumes; away for over 15 s, it reconnects and catches up; needs job control)"""

@@ -1169,8 +1169,11 @@ def test_pgup_pgdn_neither_scroll_nor_recall_but_up_down_do(alice: Client) -> No
         ("/switch", "usage: /switch ROOM"),
         ("/leave a b", "usage: /leave [ROOM] (a room name has no spaces"),
         ("/who a b", "usage: /who [ROOM] (a room name has no spaces"),
-        ("/history -1", "usage: /history [N]"),
-        ("/history x", "usage: /history [N]"),
+        ("/history -1", "usage: /history [N] (N: how many events, 1 to 10,000; '-1' is not)"),
+        ("/history x", "usage: /history [N] (N: how many events, 1 to 10,000; 'x' is not)"),
+        ("/history 0", "usage: /history [N] (N: how many events, 1 to 10,000; '0' is not)"),
+        ("/query bob", "usage: /query NAME TEXT (as /msg: zchat opens no query window"),
+        ("/msg #nowhere hi", "/msg #nowhere: you are not in #nowhere (/join #nowhere first)"),
         ("/history 5 6", "usage: /history [N] (one number at most)"),
         ("/me", "usage: /me ACTION"),
         # Words a command does not take are said, not ignored.
