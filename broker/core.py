@@ -762,9 +762,9 @@ class Core:
                 # Heard from lately, but whether its client still runs the broker cannot
                 # tell (a killed one's connection may look alive): both cases are said.
                 why = (
-                    f"in use by a session heard from {silent_s:.0f} s ago: free once its client quits; if that "
-                    f"client is gone (killed, say), {expiry_s:g} s after it was last heard, in {left_s} s; "
-                    "a client with the session's resume token takes it back at once"
+                    f"in use by a session heard from {silent_s:.0f} s ago: free once its client quits, or, "
+                    f"if that client is gone (killed, say), in {left_s} s; "
+                    "the session's resume token takes it back at once"
                 )
             else:
                 why = f"by a session silent for {silent_s:.0f} s, which ends in {left_s} s unless its client comes back"
