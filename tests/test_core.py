@@ -134,7 +134,8 @@ def test_names_that_differ_only_in_case_are_one_name() -> None:
         assert (env["type"], env["code"], env["id"]) == ("error", "name_taken", "h"), env
         assert f"the name {spelling!r} is taken ('bob' is in use" in env["message"], env
         assert "differ only in case" in env["message"], env
-        assert "heard from 0 s ago: free once its client quits, or, if that client is gone (killed, say), in 15 s" in env["message"], env  # and when it frees
+        # ... and when it frees
+        assert "free once its client quits, or, if that client is gone (killed, say), in 3 s" in env["message"], env
     assert B not in core.by_identity and core.by_name["bob"].identity == A
     core.handle(A, enc(type="bye"), 6)
     assert hello(core, B, "Bob", now=7)["name"] == "Bob"
