@@ -961,6 +961,16 @@ class ChatUI:
         rest = last + doc.text_after_cursor
         buffer.document = Document(rest, len(last))
         lines = [line for line in lines if line.strip()]
+        long = next(((i, line) for i, line in enumerate(lines, 1) if len(line) > p.MAX_TEXT_CHARS), None)
+        if long is not None:
+            # Sent all the same, the others reached the room and this one did not: readers
+            # saw the paste with a hole in it. A typed line that long is refused whole too.
+            self._err(
+                f"paste not sent: its line {long[0]} has {len(long[1]):,} characters, over the "
+                f"{p.MAX_TEXT_CHARS:,} of a message; nothing of it went (split that line, and paste again)"
+            )
+            buffer.document = doc  # the input line as it was
+            return
         if self._held or len(lines) > PASTE_CONFIRM_LINES:
             self._held += lines  # into the history only if Enter sends them
             # (Its last line, without a newline, waits in the input line: said, or the

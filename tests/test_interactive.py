@@ -389,6 +389,23 @@ def test_multi_line_paste_sends_each_line(alice: Client, bob: Client) -> None:
     run(main())
 
 
+def test_a_paste_with_a_line_too_long_for_a_message_sends_none_of_it(alice: Client, bob: Client) -> None:
+    """Its other lines went and that one was refused: the room read the paste with a hole
+    in it. None of it goes now, as a typed line that long is refused whole, and why is said."""
+
+    async def main() -> None:
+        async with chat_ui(alice) as t:
+            t.keys("typed")
+            t.keys(paste(f"paste A\n{'x' * 4100}\npaste C\nlast"))
+            await t.shows("paste not sent: its line 2 has 4,100 characters, over the 4,000 of a message")
+            assert t.buffer.text == "typed"  # as it was
+            t.keys(ENTER)
+            got = await receive(bob, lambda e: e.type == "msg")
+            assert got.text == "typed", got  # the next line: nothing of the paste came before it
+
+    run(main())
+
+
 def test_a_paste_of_many_lines_waits_for_enter_and_ctrl_c_drops_it(alice: Client, bob: Client) -> None:
     """Over 5 lines pasted (the wrong clipboard: a log, a config file) are held, as irssi
     asks: Ctrl-C drops them, Enter sends them, then the line being typed."""
