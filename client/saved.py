@@ -12,8 +12,9 @@ secret (with it, anyone who reaches the broker is that user until the session
 ends; with ``--keys``, only with that user's key too). A running ``zchat`` holds
 a lock on its file, so a second ``zchat --name NAME`` on this machine does not
 take the first one's session away from it: it says hello without the token and
-meets ``name_taken``, as before. A clean exit (a ``bye``) empties the file: that
-session is over. A session resumes under the spelling of its name only (the
+meets ``name_taken``, as before. The file stays after a clean exit too (see
+:meth:`SavedToken.close`); one that never got a token (a run that could not
+connect) is removed. A session resumes under the spelling of its name only (the
 broker's rule), so the file is the spelling's; a host name's case does not matter.
 """
 
@@ -56,17 +57,28 @@ class SavedToken:
         # (Names are safe in a file name; a host is whatever was typed.)
         host = re.sub(r"[^a-z0-9_.:\[\]-]", "_", address.host.lower())
         path = directory / f"{name}@{host}_{address.port}"
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        for _ in range(8):
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except OSError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return None
+            # A run that held it may have removed it (close) between our open and our lock:
+            # then ours is a lock on a file no longer at the path, and a third run could lock
+            # a new one there. Locked, the file must still be the path's; else open again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except OSError:
+                same = False
+            if same:
+                return cls(path, fd)
             os.close(fd)
-            return None
-        return cls(path, fd)
+        return None
 
     def read(self) -> str | None:
         """The saved token, if there is one."""
@@ -90,5 +102,10 @@ class SavedToken:
         broker stopped (a reboot stops both) may never be read, and the broker then saves
         the session for its next start, holding the name until its token takes it back
         (emptied, the next run met name_taken for 15 s). The token of a session that did
-        end takes nothing: a hello with it makes a new session."""
+        end takes nothing: a hello with it makes a new session. A file with no token (a
+        run that never connected: a mistyped port, say) is removed, under the lock (see
+        :meth:`open`): else one was left for every name and port ever tried."""
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_size == 0:
+                os.unlink(self.path)
         os.close(self._fd)

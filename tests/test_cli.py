@@ -539,6 +539,45 @@ def test_unreachable_broker_fails_fast_and_says_where(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert time.monotonic() - start < 10
     assert f"the zchat broker at tcp://{HOST}:{port}: connection refused" in result.stderr
+    # It got no token: no empty file is left behind (one per name and port ever tried was).
+    sessions = tmp_path / "xdg-state" / "zchat" / "sessions"
+    assert not sessions.exists() or not list(sessions.iterdir())
+
+
+def test_a_token_file_removed_as_it_is_locked_is_not_taken_for_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run without a token removes its file as it ends (under its lock). Another that
+    opened the file just before then locks a file no longer at the path, and a third would
+    lock a new one there: two runs of one name, each sure it holds the lock. Locked, the
+    file must still be the path's, or it is opened again."""
+    from client import saved
+    from client.lib import BrokerAddress
+
+    address = BrokerAddress(HOST, 5555, 5556)
+    real_flock = fcntl.flock
+    removed: list[str] = []
+
+    def flock_after_a_removal(fd: int, op: int) -> None:
+        if not removed:  # the first run's close, between this one's open and its lock
+            path = next((tmp_path / "s").iterdir())
+            path.unlink()
+            removed.append(path.name)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(saved.fcntl, "flock", flock_after_a_removal)
+    opened = saved.SavedToken.open("bob", address, tmp_path / "s")
+    assert opened is not None and removed == ["bob@127.0.0.1_5555"]
+    assert os.path.samestat(os.fstat(opened._fd), os.stat(opened.path))  # the file at the path
+    monkeypatch.setattr(saved.fcntl, "flock", real_flock)
+    assert saved.SavedToken.open("bob", address, tmp_path / "s") is None  # locked: the name's one run
+    opened.write("a-token")
+    opened.close()
+    assert opened.path.read_text() == "a-token"  # kept: see test_a_zchat_killed_and_started_again_...
+    empty = saved.SavedToken.open("alice", address, tmp_path / "s")
+    assert empty is not None
+    empty.close()
+    assert not empty.path.exists()  # never got a token: removed
 
 
 def test_name_taken_and_bad_name(chats: Any, broker_proc: BrokerProcess) -> None:
