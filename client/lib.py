@@ -1245,6 +1245,10 @@ class Client:
         try:
             joined = self._patient_request(request)
             state.joined = True
+            # Of the session that answered: one a failover made meanwhile is in no room, and
+            # its join published. (Not at that welcome: a room joined already keeps its mark,
+            # for the part of its backlog still to come, _flush.)
+            state.stayed = state.stayed and room in self._stayed_in
             top: int = joined["seq"]
             # A join whose reply was lost with the connection (and asked again after
             # the reconnect) was in force from its own presence event on: what
@@ -1859,11 +1863,8 @@ class Client:
             self._stayed_in = set(in_rooms)
         else:
             # A new session (the broker lost ours) is in no room: a join of one publishes,
-            # a join in flight too (asked again on this session).
+            # a join in flight too (asked again on this session: see join).
             self._stayed_in &= set(in_rooms)
-            for room, state in self._rooms.items():
-                if room not in self._stayed_in:
-                    state.stayed = False
         self.state = "connected"
         if was == "reconnecting":
             # Everyone else lost the broker too, and takes up to 3 heartbeats to notice.

@@ -1705,6 +1705,58 @@ def test_a_join_in_flight_when_a_resumed_session_is_lost_in_a_crash_takes_its_ne
         holder["broker"].kill()
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stop", ["crash", "clean"])
+def test_a_catch_up_under_way_across_a_failover_keeps_the_killed_runs_join_as_history(
+    tmp_path: Path, stop: str
+) -> None:
+    """A resumed session's join(after=0) of a room it stayed in: its catch-up still under
+    way (the client backed up) when the broker stops. A first fix of the case above unmarked
+    every room at a new session's welcome, and, as a join takes its room off the list of
+    those stayed in, at any welcome: the killed run's join, at the old top, then came live.
+    (Review, helper-110.)"""
+    broker = BrokerProcess(tmp_path / "data", extra=["--heartbeat-ms", "1000"]).start()
+    holder = {"broker": broker}
+    try:
+        with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+            alice.join("general")
+            for i in range(3):
+                alice.send_wait("general", f"m{i}")
+            alice.join("side")
+            alice.send_wait("side", "s0")
+        token = killed_session(broker.port, broker.pub_port, "bot", "general")
+        bot = Client("bot", HOST, broker.port, broker.pub_port, resume=token, max_queue=1)
+        try:
+            bot.connect()
+            assert bot.resumed_rooms == ["general"]
+            bot.drain_events()
+            bot.join("side", backlog=5)  # its backlog unread: the client is backed up (max_queue=1)
+            bot.join("general", after=0)  # its catch-up waits for the program to read
+            assert bot._rooms["general"].stayed
+            # crash: a new session, in no room; clean: the session saved, and resumed
+            holder["broker"].kill(signal.SIGKILL if stop == "crash" else signal.SIGTERM)
+            holder["broker"] = holder["broker"].again()
+            shown: list[Event] = []
+            # (A resumed session's rejoin publishes nothing; a new one's, its join.)
+            want = 2 if stop == "crash" else 1
+
+            def caught_up() -> bool:
+                bot.pump(0.05)
+                shown.extend(bot.drain_events())
+                return sum(e.type == "presence" and e.name == "bot" and e.room == "general" for e in shown) >= want
+
+            wait_for(caught_up, 30, what=lambda: shown)
+            connected = [e.text or "" for e in shown if e.type == "status" and e.event == "connected"]
+            assert connected and ("new session" if stop == "crash" else "session resumed") in connected[0], connected
+            bots = [e.backlog for e in shown if e.type == "presence" and e.name == "bot" and e.room == "general"]
+            # The killed run's join is history; the new session's join (after a crash) is live.
+            assert bots == ([True, False] if stop == "crash" else [True]), shown
+        finally:
+            bot.close(0, settle=0)
+    finally:
+        holder["broker"].kill()
+
+
 @pytest.mark.timeout(60)
 def test_a_resumed_session_lost_in_a_broker_crash_joins_with_its_new_join_as_its_own(tmp_path: Path) -> None:
     """A client resumed a killed run's session (in #general, whose join publishes

@@ -210,6 +210,7 @@ def test_a_subscriber_that_leaves_while_a_trim_waits_for_another_is_trimmed_for_
     from broker import server
 
     monkeypatch.setattr(server, "TRIM_EVERY_S", 1.0)
+    ctx.setsockopt(zmq.LINGER, 0)  # (for the sockets closed here: nothing of theirs to wait for)
     pinger = Raw(ctx, broker.port)
 
     def busy_for(seconds: float, until: Callable[[], bool] = lambda: False) -> bool:

@@ -196,6 +196,7 @@ def test_the_frames_of_a_message_read_whole_count_against_its_pass(
     from broker import server
 
     monkeypatch.setattr(server, "PASS_READ_S", -1.0)
+    ctx.setsockopt(zmq.LINGER, 0)
     broker = server.Broker(server.Config(host=HOST, port=0, pub_port=0), Store(tmp_path, "normal", None))
     try:
         sender = ctx.socket(zmq.DEALER)
