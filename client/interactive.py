@@ -960,17 +960,22 @@ class ChatUI:
         *lines, last = (doc.text_before_cursor + data).split("\n")
         rest = last + doc.text_after_cursor
         buffer.document = Document(rest, len(last))
-        lines = [line for line in lines if line.strip()]
-        long = next(((i, line) for i, line in enumerate(lines, 1) if len(line) > p.MAX_TEXT_CHARS), None)
+        # Its line as the message it sends (a command's checks are its own), its last one too,
+        # which waits in the input for Enter: the lines before it go now, or with it.
+        long = next(
+            ((i, n) for i, line in enumerate([*lines, rest], 1) if (n := _message_chars(line)) > p.MAX_TEXT_CHARS),
+            None,
+        )
         if long is not None:
             # Sent all the same, the others reached the room and this one did not: readers
             # saw the paste with a hole in it. A typed line that long is refused whole too.
             self._err(
-                f"paste not sent: its line {long[0]} has {len(long[1]):,} characters, over the "
+                f"paste not sent: its line {long[0]} has {long[1]:,} characters, over the "
                 f"{p.MAX_TEXT_CHARS:,} of a message; nothing of it went (split that line, and paste again)"
             )
             buffer.document = doc  # the input line as it was
             return
+        lines = [line for line in lines if line.strip()]
         if self._held or len(lines) > PASTE_CONFIRM_LINES:
             self._held += lines  # into the history only if Enter sends them
             # (Its last line, without a newline, waits in the input line: said, or the
@@ -986,6 +991,13 @@ class ChatUI:
             self.handle(line)
             if self._quit:
                 return
+
+
+def _message_chars(line: str) -> int:
+    """The length of the message ``line`` sends (0 for a command: it has checks of its own)."""
+    if line.startswith("//"):
+        return len(line) - 1
+    return 0 if line.startswith("/") else len(line)
 
 
 @dataclass

@@ -657,6 +657,12 @@ def test_client_arguments_that_cannot_work_are_refused_saying_why() -> None:
     typo = subprocess.run([bin_path("zchat"), "--nmae", "bob"], capture_output=True, text=True, timeout=15, check=False)
     assert typo.returncode == 2, typo.stderr
     assert "required: --name (and not recognized: --nmae; a typo?)" in typo.stderr, typo.stderr
+    # Values that start with "-" are not flags: argparse takes one with a space, or a number.
+    for value in ("-x y", "-.5", "--- notes ---"):
+        valued = subprocess.run(
+            [bin_path("zchat"), "--send", value], capture_output=True, text=True, timeout=15, check=False
+        )
+        assert "not recognized" not in valued.stderr and "required: --name" in valued.stderr, valued.stderr
     usage = subprocess.run([bin_path("zchat"), "--help"], capture_output=True, text=True, timeout=15, check=True)
     assert "/lastlog TEXT (interactive)" in " ".join(usage.stdout.split())
     assert "pipe mode and --send: print each event as one JSON object" in " ".join(usage.stdout.split())

@@ -402,6 +402,16 @@ def test_a_paste_with_a_line_too_long_for_a_message_sends_none_of_it(alice: Clie
             t.keys(ENTER)
             got = await receive(bob, lambda e: e.type == "msg")
             assert got.text == "typed", got  # the next line: nothing of the paste came before it
+            # Its last line, which waits in the input (no newline after it), counts too; and
+            # lines count as pasted, blank ones included. (Review, helper-112.)
+            t.keys(paste(f"A\n\nB\n{'y' * 4100}"))
+            await t.shows("paste not sent: its line 4 has 4,100 characters")
+            assert t.buffer.text == ""
+            # A line is measured as the message it sends: "//" sends one "/", "/me" is a
+            # command with its own checks.
+            t.keys(paste(f"//{'z' * 3999}\n/me {'w' * 3990}\n"))  # (a text of 4,000: /zz...)
+            got = await receive(bob, lambda e: e.type == "msg" and e.action)
+            assert got.text == "w" * 3990, got
 
     run(main())
 

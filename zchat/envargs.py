@@ -51,8 +51,8 @@ class Parser(argparse.ArgumentParser):
         for arg in getattr(self, "_argv", []):
             if arg == "--":
                 break
-            if not arg.startswith("-") or arg == "-" or arg[1:2].isdigit():
-                continue  # a value (-5 included)
+            if not arg.startswith("-") or arg == "-" or " " in arg or re.match(r"-\.?\d", arg):
+                continue  # a value: -5, -.5, and what argparse takes as one for its space ("-x y")
             flag = arg.split("=", 1)[0]
             if not any(option.startswith(flag) for option in known):
                 unknown.append(flag)
