@@ -165,25 +165,21 @@ def test_a_zchat_killed_and_started_again_takes_its_session_back(
     assert len(token) >= 16
     bob.proc.kill()
     bob.proc.wait(timeout=10)
-    again = subprocess.run(
-        [bin_path("zchat"), "--name", "bob", "--send", "back", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=broker_proc.env(),
-        check=False,
-    )
-    assert again.returncode == 0, again.stderr
+
+    def send_as_bob(text: str) -> None:
+        run = subprocess.run(
+            [bin_path("zchat"), "--name", "bob", "--send", text, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=broker_proc.env(),
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+
+    send_as_bob("back")
     assert saved.read_text() == token
-    third = subprocess.run(
-        [bin_path("zchat"), "--name", "bob", "--send", "third", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=broker_proc.env(),
-        check=False,
-    )
-    assert third.returncode == 0, third.stderr
+    send_as_bob("third")
     assert saved.read_text() not in ("", token)  # a new session's
     with Client("watcher", port=broker_proc.port, pub_port=broker_proc.pub_port) as watcher:
         events, _ = watcher.history("general")

@@ -1651,6 +1651,30 @@ def test_a_broker_that_refused_our_hello_is_not_said_to_be_silent() -> None:
         two.stop()
 
 
+def _three_said_and_a_killed_bot(broker: BrokerProcess, *, side: bool = False) -> str:
+    """alice says m0-m2 in #general (and s0 in #side) and leaves; a killed run of "bot"
+    stays in #general: its token."""
+    with Client("alice", HOST, broker.port, broker.pub_port) as alice:
+        alice.join("general")
+        for i in range(3):
+            alice.send_wait("general", f"m{i}")
+        if side:
+            alice.join("side")
+            alice.send_wait("side", "s0")
+    return killed_session(broker.port, broker.pub_port, "bot", "general")
+
+
+def _assert_joined_with_its_new_join_as_its_own(bot: Client) -> None:
+    """The backlog of bot's join(backlog=3) on a new session: 3 events, then its own join, live."""
+    shown = [(e.type, e.text or e.name, e.backlog) for e in bot.drain_events() if e.type != "status"]
+    assert shown == [
+        ("msg", "m2", True),
+        ("presence", "alice", True),  # her leave
+        ("presence", "bot", True),  # the killed run's join
+        ("presence", "bot", False),  # this one
+    ], shown
+
+
 @pytest.mark.timeout(90)
 def test_a_join_in_flight_when_a_resumed_session_is_lost_in_a_crash_takes_its_new_join_as_its_own(
     tmp_path: Path,
@@ -1661,11 +1685,7 @@ def test_a_join_in_flight_when_a_resumed_session_is_lost_in_a_crash_takes_its_ne
     broker = BrokerProcess(tmp_path / "data", extra=["--heartbeat-ms", "1000"]).start()
     holder = {"broker": broker}
     try:
-        with Client("alice", HOST, broker.port, broker.pub_port) as alice:
-            alice.join("general")
-            for i in range(3):
-                alice.send_wait("general", f"m{i}")
-        token = killed_session(broker.port, broker.pub_port, "bot", "general")
+        token = _three_said_and_a_killed_bot(broker)
         bot = Client("bot", HOST, broker.port, broker.pub_port, resume=token, request_timeout=30)
         try:
             bot.connect()
@@ -1692,13 +1712,7 @@ def test_a_join_in_flight_when_a_resumed_session_is_lost_in_a_crash_takes_its_ne
             bot.join("general", backlog=3)
             crasher.join()
             assert lost.is_set()
-            shown = [(e.type, e.text or e.name, e.backlog) for e in bot.drain_events() if e.type != "status"]
-            assert shown == [
-                ("msg", "m2", True),
-                ("presence", "alice", True),  # her leave
-                ("presence", "bot", True),  # the killed run's join
-                ("presence", "bot", False),  # this one
-            ], shown
+            _assert_joined_with_its_new_join_as_its_own(bot)
         finally:
             bot.close(0, settle=0)
     finally:
@@ -1718,13 +1732,7 @@ def test_a_catch_up_under_way_across_a_failover_keeps_the_killed_runs_join_as_hi
     broker = BrokerProcess(tmp_path / "data", extra=["--heartbeat-ms", "1000"]).start()
     holder = {"broker": broker}
     try:
-        with Client("alice", HOST, broker.port, broker.pub_port) as alice:
-            alice.join("general")
-            for i in range(3):
-                alice.send_wait("general", f"m{i}")
-            alice.join("side")
-            alice.send_wait("side", "s0")
-        token = killed_session(broker.port, broker.pub_port, "bot", "general")
+        token = _three_said_and_a_killed_bot(broker, side=True)
         bot = Client("bot", HOST, broker.port, broker.pub_port, resume=token, max_queue=1)
         try:
             bot.connect()
@@ -1765,11 +1773,7 @@ def test_a_resumed_session_lost_in_a_broker_crash_joins_with_its_new_join_as_its
     backlog is the N events before it (it was one short, its own join counted as one)."""
     broker = BrokerProcess(tmp_path / "data", extra=["--heartbeat-ms", "1000"]).start()
     try:
-        with Client("alice", HOST, broker.port, broker.pub_port) as alice:
-            alice.join("general")
-            for i in range(3):
-                alice.send_wait("general", f"m{i}")
-        token = killed_session(broker.port, broker.pub_port, "bot", "general")
+        token = _three_said_and_a_killed_bot(broker)
         bot = Client("bot", HOST, broker.port, broker.pub_port, resume=token)
         try:
             bot.connect()
@@ -1780,13 +1784,7 @@ def test_a_resumed_session_lost_in_a_broker_crash_joins_with_its_new_join_as_its
             wait_for(lambda: bot.pump(0.1) is not None and bot.state == "connected" and bot.epoch != epoch, 30)
             bot.drain_events()
             bot.join("general", backlog=3)
-            shown = [(e.type, e.text or e.name, e.backlog) for e in bot.drain_events() if e.type != "status"]
-            assert shown == [
-                ("msg", "m2", True),
-                ("presence", "alice", True),  # her leave
-                ("presence", "bot", True),  # the killed run's join
-                ("presence", "bot", False),  # this one
-            ], shown
+            _assert_joined_with_its_new_join_as_its_own(bot)
         finally:
             bot.close(0, settle=0)
     finally:
