@@ -150,14 +150,21 @@ class Commands:
         line = line.rstrip("\r\n")
         if not line.strip():
             return True
-        command = not self.literal and line.startswith("/") and not line.startswith("//")
+        text = self.message_text(line)
+        command = text is None
         try:
-            if command:
+            if text is None:
                 return self._command(line)
-            self._say(line[1:] if not self.literal and line.startswith("//") else line)
+            self._say(text)
         except (ZchatError, ProtocolError) as exc:  # refused, or the broker is away: say so, go on
             self._refused(line, command, exc)
         return True
+
+    def message_text(self, line: str) -> str | None:
+        """The text ``line`` sends as a message (``//`` sends one ``/``); None for a command."""
+        if self.literal or not line.startswith("/"):
+            return line
+        return line[1:] if line.startswith("//") else None
 
     def too_long(self, start: str, size: int) -> None:
         """Refuse, without acting on it, a line of ``size`` bytes that begins with ``start``:

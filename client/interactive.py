@@ -963,7 +963,11 @@ class ChatUI:
         # Its line as the message it sends (a command's checks are its own), its last one too,
         # which waits in the input for Enter: the lines before it go now, or with it.
         long = next(
-            ((i, n) for i, line in enumerate([*lines, rest], 1) if (n := _message_chars(line)) > p.MAX_TEXT_CHARS),
+            (
+                (i, n)
+                for i, line in enumerate([*lines, rest], 1)
+                if (n := len(self.commands.message_text(line) or "")) > p.MAX_TEXT_CHARS
+            ),
             None,
         )
         if long is not None:
@@ -991,13 +995,6 @@ class ChatUI:
             self.handle(line)
             if self._quit:
                 return
-
-
-def _message_chars(line: str) -> int:
-    """The length of the message ``line`` sends (0 for a command: it has checks of its own)."""
-    if line.startswith("//"):
-        return len(line) - 1
-    return 0 if line.startswith("/") else len(line)
 
 
 @dataclass
